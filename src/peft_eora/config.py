@@ -1,0 +1,120 @@
+"""``EoRAConfig``: a ``LoraConfig`` whose A/B are computed from the compression residual.
+
+    >>> from peft import get_peft_model
+    >>> from peft_eora import EoRAConfig, CalibrationConfig
+    >>> config = EoRAConfig(
+    ...     r=64,
+    ...     original_model="HuggingFaceTB/SmolLM2-135M-Instruct",  # path or Hub id, safetensors
+    ...     calibration=CalibrationConfig(dataset="builtin:c4", num_samples=128, seq_len=512),
+    ... )
+    >>> model = get_peft_model(quantized_model, config)  # computes the EoRA factors
+
+Everything in the config is JSON-serialisable; it is saved as ``adapter_config.json`` beside
+the adapter weights. In-memory original models and calibration batches go through the Python
+API instead (:func:`peft_eora.initialize_eora_weights`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from peft import LoraConfig
+
+from .decompose import DEFAULT_EIG_RTOL, METHODS
+
+#: Ridge damping chosen by measurement (benchmarks/recovery.py): see the README's table.
+DEFAULT_DAMPING = 0.01
+
+
+@dataclass
+class CalibrationConfig:
+    """Where calibration text comes from and how it is cut into samples.
+
+    ``dataset`` is a Hub dataset id (loaded with ``datasets.load_dataset``), a local file
+    (``.jsonl``/``.json``/``.txt``/``.parquet``/``.csv``) or folder, or ``"builtin:c4"`` (a
+    256-document C4 sample shipped with the package). ``column`` holds text, or lists of token
+    ids. Documents are shuffled with ``seed``, tokenised, joined with the EOS token and cut into
+    ``num_samples`` windows of ``seq_len`` tokens.
+    """
+
+    dataset: str = field(default="builtin:c4", metadata={"help": "Hub id, local file/folder, or 'builtin:c4'."})
+    subset: Optional[str] = field(default=None, metadata={"help": "Dataset configuration name (Hub datasets)."})
+    split: str = field(default="train", metadata={"help": "Dataset split."})
+    column: str = field(default="text", metadata={"help": "Column with text or token ids."})
+    num_samples: int = field(default=128, metadata={"help": "Number of calibration windows."})
+    seq_len: int = field(default=512, metadata={"help": "Tokens per calibration window."})
+    seed: int = field(default=0, metadata={"help": "Shuffle seed for documents."})
+    tokenizer: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer path/id; defaults to the original model's."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.num_samples <= 0 or self.seq_len <= 1:
+            raise ValueError(
+                f"Calibration needs num_samples ≥ 1 and seq_len ≥ 2, got num_samples={self.num_samples}, "
+                f"seq_len={self.seq_len}."
+            )
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_samples * self.seq_len
+
+
+@dataclass
+class EoRAConfig(LoraConfig):
+    """LoRA config whose adapters are initialised by EoRA (arXiv 2410.21271).
+
+    On top of ``LoraConfig`` (``r``, ``target_modules``, ``rank_pattern``, …):
+
+    - ``original_model``: path or Hub id of the uncompressed checkpoint (safetensors).
+    - ``calibration``: a :class:`CalibrationConfig` (or its dict form).
+    - ``method``: ``"eora"`` (default) or ``"svd"`` (plain SVD of the residual, the baseline).
+    - ``damping``: ridge ``δ`` added as ``δ·mean(diag H)·I`` to each input covariance.
+    - ``eig_rtol``: eigenvalues below ``eig_rtol·λ_max`` are dropped.
+    - ``sequential``: compute the modules of a block in execution order, each group seeing
+      inputs from the already-compensated groups before it (else one pass per block).
+
+    ``lora_alpha`` defaults to ``r`` (scaling 1). ``target_modules=None`` targets every linear
+    layer inside the decoder blocks whose type has a residual back-end.
+    """
+
+    r: int = field(default=64, metadata={"help": "EoRA rank."})
+    lora_alpha: Optional[int] = field(default=None, metadata={"help": "LoRA alpha; defaults to r (scaling 1)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout for further fine-tuning (0 = off)."})
+    original_model: Optional[str] = field(
+        default=None, metadata={"help": "Path or Hub id of the uncompressed model (safetensors)."}
+    )
+    calibration: Optional[Union[CalibrationConfig, dict[str, Any]]] = field(
+        default=None, metadata={"help": "Calibration data spec (CalibrationConfig or its dict)."}
+    )
+    method: Literal["eora", "svd"] = field(default="eora", metadata={"help": "'eora' or 'svd' (baseline)."})
+    damping: float = field(default=DEFAULT_DAMPING, metadata={"help": "Relative ridge added to H."})
+    eig_rtol: float = field(default=DEFAULT_EIG_RTOL, metadata={"help": "Relative eigenvalue cut-off."})
+    sequential: bool = field(default=True, metadata={"help": "Compensate groups within a block in order."})
+    init_eora: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the EoRA factors when the adapter is created. Set to False once computed, so "
+            "that loading a saved adapter never recomputes."
+        },
+    )
+    eora_stats: Optional[dict[str, Any]] = field(
+        default=None, metadata={"help": "Filled in after computing: timings, token count, per-module errors."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.lora_alpha is None:
+            self.lora_alpha = self.r
+        super().__post_init__()
+        from ._peft_compat import _extend_peft_type
+
+        self.peft_type = _extend_peft_type()
+        if isinstance(self.calibration, dict):
+            self.calibration = CalibrationConfig(**self.calibration)
+        if self.method not in METHODS:
+            raise ValueError(f"EoRAConfig.method must be one of {METHODS}, got {self.method!r}.")
+        if not (self.damping >= 0):
+            raise ValueError(f"EoRAConfig.damping must be ≥ 0, got {self.damping!r}.")
+        if self.use_dora:
+            raise ValueError("EoRA initialises plain LoRA factors; use_dora=True is not supported.")

@@ -1,0 +1,161 @@
+"""``EoRAModel``: PEFT's LoRA tuner whose adapters are initialised by EoRA after injection.
+
+    >>> import peft_eora                      # registers the "EORA" PEFT type
+    >>> from peft import get_peft_model
+    >>> model = get_peft_model(qmodel, peft_eora.EoRAConfig(r=64, original_model=path,
+    ...                                                    calibration=peft_eora.CalibrationConfig()))
+
+or, with an in-memory original model and your own batches (EVA-style two steps)::
+
+    >>> model = get_peft_model(qmodel, peft_eora.EoRAConfig(r=64))   # zero-initialised B
+    >>> peft_eora.initialize_eora_weights(model, original_model=fp_model, calibration=dataloader)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from typing import Any, Optional, Union
+
+from peft.tuners.lora import LoraModel
+from torch import nn
+
+from .calibration import CalibrationData, as_batches
+from .compensate import CompensationStats, compensate
+from .config import EoRAConfig
+from .original import OriginalWeights
+from .residual import is_supported
+
+logger = logging.getLogger(__name__)
+
+
+def decoder_blocks_path(model: nn.Module) -> str:
+    """Dotted path of the model's decoder-block ``ModuleList`` (the longest one holding linears)."""
+    best: Optional[tuple[int, str]] = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if any(isinstance(m, nn.Linear) or is_supported(m) for m in module[0].modules()):
+                if best is None or len(module) > best[0]:
+                    best = (len(module), name)
+    if best is None:
+        raise ValueError("Could not find the decoder blocks (a ModuleList of layers with linears); set target_modules.")
+    return best[1]
+
+
+def default_target_modules(model: nn.Module) -> str:
+    """A regex matching every supported linear inside the decoder blocks (not the LM head)."""
+    path = decoder_blocks_path(model)
+    blocks = model.get_submodule(path)
+    suffixes = sorted(
+        {name for block in blocks for name, m in block.named_modules() if name and is_supported(m)}
+    )
+    if not suffixes:
+        raise ValueError(f"No supported linear layer inside {path}; set target_modules explicitly.")
+    alternatives = "|".join(re.escape(s) for s in suffixes)
+    return rf"(.*\.)?{re.escape(path)}\.\d+\.({alternatives})"
+
+
+class EoRAModel(LoraModel):
+    """LoRA tuner that computes EoRA factors in ``_post_injection_hook`` when the config asks."""
+
+    prefix: str = "lora_"
+
+    def _pre_injection_hook(self, model: nn.Module, config: EoRAConfig, adapter_name: str) -> None:
+        super()._pre_injection_hook(model, config, adapter_name)
+        if config.target_modules is None and not config.target_parameters:
+            config.target_modules = default_target_modules(model)
+            logger.info("EoRA targets: %s", config.target_modules)
+
+    def _post_injection_hook(self, model: nn.Module, config: EoRAConfig, adapter_name: str) -> None:
+        super()._post_injection_hook(model, config, adapter_name)
+        if not getattr(config, "init_eora", False):
+            return
+        if config.original_model is None or config.calibration is None:
+            warnings.warn(
+                "EoRAConfig has no original_model/calibration: the adapter starts as a zero update. Compute it with "
+                "peft_eora.initialize_eora_weights(model, original_model=..., calibration=...).",
+                stacklevel=2,
+            )
+            return
+        _initialize(model, config, adapter_name, config.original_model, config.calibration)
+
+
+def _initialize(
+    model: nn.Module,
+    config: EoRAConfig,
+    adapter_name: str,
+    original_model: Union[str, nn.Module, OriginalWeights],
+    calibration: CalibrationData,
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> CompensationStats:
+    original = OriginalWeights.open(original_model)
+    if tokenizer is None and not _is_token_data(calibration):
+        tokenizer = _load_tokenizer(config, original_model, model)
+    batches = as_batches(calibration, tokenizer, batch_size=batch_size)
+    stats = compensate(
+        model,
+        adapter_name,
+        original,
+        batches,
+        method=config.method,
+        damping=config.damping,
+        eig_rtol=config.eig_rtol,
+        sequential=config.sequential,
+        progress=progress,
+    )
+    config.init_eora = False  # the weights now hold the factors; loading must not recompute
+    config.eora_stats = stats.summary()
+    return stats
+
+
+def _is_token_data(calibration: CalibrationData) -> bool:
+    from .config import CalibrationConfig
+
+    return not isinstance(calibration, (CalibrationConfig, dict))
+
+
+def _load_tokenizer(config: EoRAConfig, original_model: Any, model: nn.Module):
+    from transformers import AutoTokenizer
+
+    spec = config.calibration if not isinstance(config.calibration, dict) else None
+    candidates = [getattr(spec, "tokenizer", None)]
+    if isinstance(original_model, str):
+        candidates.append(original_model)
+    candidates.append(getattr(getattr(model, "config", None), "_name_or_path", None))
+    for name in [c for c in candidates if c]:
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except Exception as exc:  # try the next candidate
+            logger.debug("no tokenizer at %s: %s", name, exc)
+    raise ValueError("Calibration text needs a tokenizer: set CalibrationConfig(tokenizer=...) or pass tokenizer=.")
+
+
+def initialize_eora_weights(
+    peft_model: nn.Module,
+    original_model: Union[str, nn.Module, OriginalWeights, None] = None,
+    calibration: Optional[CalibrationData] = None,
+    adapter_name: str = "default",
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> CompensationStats:
+    """Compute EoRA factors for ``adapter_name`` of an existing PEFT model, in place.
+
+    ``original_model`` is a checkpoint path/Hub id or an in-memory uncompressed model;
+    ``calibration`` is a :class:`CalibrationConfig`, an ``(n, seq_len)`` token tensor, or an
+    iterable/``DataLoader`` of ``input_ids`` batches. Both default to the adapter's config.
+    """
+    tuner = getattr(peft_model, "base_model", peft_model)
+    if not isinstance(tuner, LoraModel):
+        raise TypeError("initialize_eora_weights expects a PeftModel (or LoraModel) made with an EoRAConfig.")
+    config = tuner.peft_config[adapter_name]
+    if not isinstance(config, EoRAConfig):
+        raise TypeError(f"Adapter {adapter_name!r} has a {type(config).__name__}; EoRA needs an EoRAConfig.")
+    original_model = original_model if original_model is not None else config.original_model
+    calibration = calibration if calibration is not None else config.calibration
+    if original_model is None or calibration is None:
+        raise ValueError("initialize_eora_weights needs original_model and calibration (in the call or the config).")
+    return _initialize(tuner.model, config, adapter_name, original_model, calibration, tokenizer, batch_size, progress)

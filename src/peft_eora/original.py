@@ -1,0 +1,128 @@
+"""The uncompressed reference weights, read one tensor at a time.
+
+    >>> from peft_eora.original import OriginalWeights
+    >>> ref = OriginalWeights.open("path/to/fp16-checkpoint")    # or a Hub id (cached / online)
+    >>> ref.shape("model.layers.0.mlp.up_proj")
+    (1536, 576)
+    >>> w = ref.get("model.layers.0.mlp.up_proj")               # float32, loaded lazily
+
+A checkpoint directory is read with ``safetensors.safe_open`` so a second full model never
+sits in memory; an in-memory ``nn.Module`` is also accepted (:meth:`OriginalWeights.from_module`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class ModelMismatchError(ValueError):
+    """The original model does not match the compressed one."""
+
+
+class OriginalWeights:
+    """Name → weight lookup over a safetensors checkpoint or a module (``name`` without ``.weight``)."""
+
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int, ...]],
+        loader: Callable[[str], torch.Tensor],
+        source: str,
+    ) -> None:
+        self._shapes = shapes
+        self._loader = loader
+        self.source = source
+
+    @classmethod
+    def open(cls, source: Union[str, Path, nn.Module], revision: Optional[str] = None) -> "OriginalWeights":
+        """Open a checkpoint folder, a Hub id (downloaded/cached safetensors) or wrap a module."""
+        if isinstance(source, OriginalWeights):
+            return source
+        if isinstance(source, nn.Module):
+            return cls.from_module(source)
+        path = Path(str(source)).expanduser()
+        if not path.is_dir():
+            from huggingface_hub import snapshot_download
+
+            try:
+                path = Path(snapshot_download(str(source), revision=revision, allow_patterns=["*.safetensors", "*.json"]))
+            except Exception as exc:
+                raise ModelMismatchError(
+                    f"Could not open the original model {source!r}: not a local folder and not available from the "
+                    f"Hub cache ({type(exc).__name__}: {exc}). Pass the folder of the uncompressed checkpoint."
+                ) from exc
+        return cls.from_safetensors_dir(path)
+
+    @classmethod
+    def from_safetensors_dir(cls, path: Path) -> "OriginalWeights":
+        from safetensors import safe_open
+
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ModelMismatchError(
+                f"No *.safetensors files in {path}. EoRA reads the original weights from safetensors; convert the "
+                "checkpoint with `model.save_pretrained(dir)` first."
+            )
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({path / f for f in weight_map.values()})
+        key_file: dict[str, Path] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    if key.endswith(".weight"):
+                        name = key[: -len(".weight")]
+                        key_file[name] = f
+                        shapes[name] = tuple(st.get_slice(key).get_shape())
+
+        def load(name: str) -> torch.Tensor:
+            with safe_open(str(key_file[name]), framework="pt") as st:
+                return st.get_tensor(name + ".weight")
+
+        return cls(shapes, load, str(path))
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "OriginalWeights":
+        params = {n[: -len(".weight")]: p for n, p in module.named_parameters() if n.endswith(".weight")}
+        return cls({n: tuple(p.shape) for n, p in params.items()}, lambda n: params[n].detach(), type(module).__name__)
+
+    def resolve(self, name: str) -> Optional[str]:
+        """The checkpoint's name for module ``name`` (tolerating a leading ``model.``-style prefix difference)."""
+        if name in self._shapes:
+            return name
+        candidates = [k for k in self._shapes if k.endswith("." + name) or name.endswith("." + k)]
+        return candidates[0] if len(candidates) == 1 else None
+
+    def shape(self, name: str) -> Optional[tuple[int, ...]]:
+        key = self.resolve(name)
+        return None if key is None else self._shapes[key]
+
+    def get(self, name: str, device: Union[str, torch.device, None] = None) -> torch.Tensor:
+        """Weight of module ``name`` as float32 on ``device``."""
+        key = self.resolve(name)
+        if key is None:
+            raise ModelMismatchError(f"The original model {self.source} has no weight for {name}.")
+        return self._loader(key).to(device=device, dtype=torch.float32)
+
+    def check(self, name: str, expected: tuple[int, int]) -> None:
+        """Raise :class:`ModelMismatchError` unless the original has ``name`` with shape ``expected``."""
+        shape = self.shape(name)
+        if shape is None:
+            raise ModelMismatchError(
+                f"The original model ({self.source}) has no weight for module {name} of the compressed model: the "
+                "two models do not match. Pass the uncompressed checkpoint the compressed model was made from."
+            )
+        if tuple(shape) != tuple(expected):
+            raise ModelMismatchError(
+                f"Shape mismatch for {name}: original ({self.source}) has {tuple(shape)}, compressed model has "
+                f"{tuple(expected)}. Pass the uncompressed checkpoint the compressed model was made from."
+            )

@@ -1,0 +1,60 @@
+"""The residual back-end protocol and registry."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+class UnsupportedModuleError(TypeError):
+    """A targeted module has no residual back-end."""
+
+
+@runtime_checkable
+class ResidualBackend(Protocol):
+    """Recognise one compression format and read its effective weight."""
+
+    name: str
+    description: str
+
+    def matches(self, module: nn.Module) -> bool:
+        """True if ``module`` is a layer of this format."""
+
+    def dequantize(self, module: nn.Module) -> torch.Tensor:
+        """The weight the layer's forward uses, as an (out, in) float32 tensor."""
+
+
+_REGISTRY: list[ResidualBackend] = []
+
+
+def register_backend(backend: ResidualBackend, first: bool = False) -> None:
+    """Add ``backend`` to the registry (checked in order; ``first`` puts it in front)."""
+    if not isinstance(backend, ResidualBackend):
+        raise TypeError(f"{backend!r} does not implement ResidualBackend (name, description, matches, dequantize).")
+    if any(b.name == backend.name for b in _REGISTRY):
+        raise ValueError(f"A residual back-end named {backend.name!r} is already registered.")
+    _REGISTRY.insert(0, backend) if first else _REGISTRY.append(backend)
+
+
+def registered() -> list[ResidualBackend]:
+    """The registered back-ends, in lookup order."""
+    return list(_REGISTRY)
+
+
+def is_supported(module: nn.Module) -> bool:
+    return any(b.matches(module) for b in _REGISTRY)
+
+
+def backend_for(module: nn.Module, name: str = "module") -> ResidualBackend:
+    """The back-end for ``module``; raises :class:`UnsupportedModuleError` listing the formats."""
+    for backend in _REGISTRY:
+        if backend.matches(module):
+            return backend
+    formats = "; ".join(f"{b.name} ({b.description})" for b in _REGISTRY)
+    raise UnsupportedModuleError(
+        f"{name} is a {type(module).__module__}.{type(module).__qualname__}, which no EoRA residual back-end "
+        f"supports. Supported formats: {formats}. Exclude it from target_modules or register a back-end with "
+        f"peft_eora.residual.register_backend."
+    )

@@ -1,0 +1,33 @@
+"""GPTQ layers from gptqmodel (what transformers 5.x loads GPTQ checkpoints into).
+
+The module is recognised by its class path, so gptqmodel is never imported here; its own
+``dequantize_weight()`` gives the weight its kernel uses (``(in, out)``, transposed here).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def has_gptqmodel_base(module: nn.Module, base: str) -> bool:
+    """True if ``module`` derives from gptqmodel's class named ``base`` (checked without importing it)."""
+    return any(c.__module__.startswith("gptqmodel.") and c.__name__ == base for c in type(module).__mro__)
+
+
+class GPTQBackend:
+    name = "gptq"
+    description = "gptqmodel GPTQ QuantLinear (TorchLinear on CPU; Marlin/ExLlama/Triton kernels on GPU)"
+
+    def matches(self, module: nn.Module) -> bool:
+        return has_gptqmodel_base(module, "GPTQQuantLinear") and hasattr(module, "dequantize_weight")
+
+    @torch.no_grad()
+    def dequantize(self, module: nn.Module) -> torch.Tensor:
+        w = module.dequantize_weight().T  # gptqmodel returns (in, out)
+        out_f, in_f = module.out_features, module.in_features
+        if w.shape != (out_f, in_f):
+            raise ValueError(
+                f"gptqmodel returned a dequantized weight of shape {tuple(w.shape)} for a {in_f}→{out_f} layer."
+            )
+        return w.float().contiguous()
