@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .calibration import Batch, count_tokens
 from .decompose import check_rank, eora_factors, weighted_error
 from .original import ModelMismatchError, OriginalWeights
-from .residual import backend_for
+from .residual import UnsupportedModuleError, backend_for
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +91,13 @@ class CompensationStats:
 
 def find_targets(model: nn.Module, adapter_name: str) -> tuple[nn.ModuleList, list[Target]]:
     """The decoder-block list and every LoRA layer carrying ``adapter_name`` inside it."""
-    named = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.r]
     if not named:
         raise ValueError(f"No LoRA layer with adapter {adapter_name!r} found: nothing to compensate.")
+    for name, layer in named:
+        if adapter_name not in layer.lora_A:  # embeddings/convs keep other LoRA parameter names
+            backend_for(layer.get_base_layer(), name)  # raises with the supported formats
+            raise UnsupportedModuleError(f"{name} ({type(layer).__name__}) is not a linear LoRA layer; EoRA needs linears.")
     blocks_path: Optional[str] = None
     targets: list[Target] = []
     for name, layer in named:
@@ -272,28 +276,34 @@ def compensate(
     for t in targets:  # adapters not yet computed must contribute nothing
         t.layer.lora_B[adapter_name].weight.zero_()
 
-    inputs = capture_block_inputs(model, blocks[0], batches)
-    masks = [b.get("attention_mask") for b in batches]
-    by_block: dict[int, list[Target]] = {}
-    for t in targets:
-        by_block.setdefault(t.block, []).append(t)
-    last = max(by_block)
+    try:
+        inputs = capture_block_inputs(model, blocks[0], batches)
+        masks = [b.get("attention_mask") for b in batches]
+        by_block: dict[int, list[Target]] = {}
+        for t in targets:
+            by_block.setdefault(t.block, []).append(t)
+        last = max(by_block)
 
-    for idx in tqdm(range(last + 1), desc=f"EoRA ({method})", unit="block", disable=not progress):
-        block = blocks[idx]
-        device = _device_of(block)
-        inputs = [(_to(h, device), _to(kw, device)) for h, kw in inputs]
-        block_targets = by_block.get(idx, [])
-        if block_targets:
-            groups = _input_groups(block, block_targets, inputs[0]) if sequential else [block_targets]
-            for group in groups:
-                H = _accumulate_covariances(block, group, inputs, masks)
-                for t in group:
-                    stats.modules.append(_install(t, adapter_name, original, H.pop(t.name), method, damping, eig_rtol))
-        if idx < last:
-            inputs = [(_block_output(block(h, **kw)), kw) for h, kw in inputs]
-
-    model.train(was_training)
+        for idx in tqdm(range(last + 1), desc=f"EoRA ({method})", unit="block", disable=not progress):
+            block = blocks[idx]
+            device = _device_of(block)
+            inputs = [(_to(h, device), _to(kw, device)) for h, kw in inputs]
+            block_targets = by_block.get(idx, [])
+            if block_targets:
+                groups = _input_groups(block, block_targets, inputs[0]) if sequential else [block_targets]
+                for group in groups:
+                    H = _accumulate_covariances(block, group, inputs, masks)
+                    for t in group:
+                        stats.modules.append(_install(t, adapter_name, original, H.pop(t.name), method, damping, eig_rtol))
+            if idx < last:
+                inputs = [(_block_output(block(h, **kw)), kw) for h, kw in inputs]
+    except BaseException:
+        # nothing half-written: a failure leaves every adapter as a zero update
+        for t in targets:
+            t.layer.lora_B[adapter_name].weight.zero_()
+        raise
+    finally:
+        model.train(was_training)
     stats.seconds = time.perf_counter() - start
     logger.info(
         "EoRA (%s, damping %g): %d modules in %.1f s over %d tokens", method, damping, len(stats.modules),

@@ -117,4 +117,4 @@ class EoRAConfig(LoraConfig):
         if not (self.damping >= 0):
             raise ValueError(f"EoRAConfig.damping must be ≥ 0, got {self.damping!r}.")
         if self.use_dora:
-            raise ValueError("EoRA initialises plain LoRA factors; use_dora=True is not supported.")
+            raise ValueError("EoRA initialises plain LoRA factors; DoRA (use_dora=True) is not supported.")

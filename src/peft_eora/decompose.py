@@ -166,6 +166,6 @@ def eora_factors(
 
 def weighted_error(delta: torch.Tensor, H: torch.Tensor, approx: torch.Tensor | None = None) -> float:
     """Activation-weighted error ``‖(delta − approx)·Xᵀ‖_F = sqrt(tr(E H Eᵀ))`` via H = Σ xᵀx."""
-    E = delta.double() if approx is None else delta.double() - approx.double()
-    val = float(torch.einsum("oi,ij,oj->", E, H.double(), E))
+    E = delta.detach().double() if approx is None else delta.detach().double() - approx.detach().double()
+    val = float(torch.einsum("oi,ij,oj->", E, H.detach().double(), E))
     return math.sqrt(max(val, 0.0))

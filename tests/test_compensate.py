@@ -1,0 +1,177 @@
+"""The layer-by-layer driver on a tiny random Llama with a dense (fake-quantized) base."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch.utils.data import DataLoader
+
+from peft_eora import CalibrationConfig, EoRAConfig, initialize_eora_weights
+from peft_eora.calibration import CalibrationError
+from peft_eora.compensate import _input_groups, capture_block_inputs, find_targets
+from peft_eora.decompose import weighted_error
+from peft_eora.original import ModelMismatchError
+from peft_eora.residual import UnsupportedModuleError
+
+
+def _logit_mse(model, reference, ids) -> float:
+    with torch.no_grad():
+        return float((model(input_ids=ids).logits - reference(input_ids=ids).logits).pow(2).mean())
+
+
+def _eora(quantized, original, ids, **cfg):
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(**{"r": 8, "damping": 0.0, **cfg}))
+    stats = initialize_eora_weights(pm, original_model=original, calibration=ids, progress=False)
+    return pm, stats
+
+
+def test_default_targets_every_block_linear_not_lm_head(tiny_llama):
+    original, quantized = tiny_llama
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, init_eora=False))
+    wrapped = sorted(n for n, m in pm.named_modules() if isinstance(m, LoraLayer))
+    assert len(wrapped) == 7 * original.config.num_hidden_layers
+    assert not any("lm_head" in n for n in wrapped)
+
+
+def test_groups_follow_execution_and_shared_inputs(tiny_llama, calib_ids):
+    original, quantized = tiny_llama
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, init_eora=False))
+    blocks, targets = find_targets(pm.base_model.model, "default")
+    inputs = capture_block_inputs(pm.base_model.model, blocks[0], [{"input_ids": calib_ids[:2]}])
+    groups = _input_groups(blocks[0], [t for t in targets if t.block == 0], inputs[0])
+    names = [[t.name.split(".")[-1] for t in g] for g in groups]
+    assert [sorted(g) for g in names] == [["k_proj", "q_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+
+
+def test_eora_beats_quantized_and_svd_on_heldout(tiny_llama, calib_ids):
+    original, quantized = tiny_llama
+    heldout = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(99))
+    eora, stats_e = _eora(quantized, original, calib_ids, method="eora")
+    svd, stats_s = _eora(quantized, original, calib_ids, method="svd")
+    base = _logit_mse(quantized, original, heldout)
+    assert _logit_mse(eora, original, heldout) < _logit_mse(svd, original, heldout) < base
+    # per module, on the calibration statistics, EoRA's weighted error never exceeds SVD's
+    for me, ms in zip(stats_e.modules, stats_s.modules):
+        assert me.name == ms.name
+        assert me.error_after <= ms.error_after * (1 + 1e-6)
+        assert me.error_after < me.error_before
+    assert pm_config_flipped(eora)
+
+
+def pm_config_flipped(pm) -> bool:
+    cfg = pm.peft_config["default"]
+    return cfg.init_eora is False and cfg.eora_stats["modules"] == 14 and cfg.eora_stats["calibration_tokens"] == 16 * 64
+
+
+def test_installed_factors_reproduce_the_decomposition(tiny_llama, calib_ids):
+    """B·A·scaling in the layer is the factor pair, whatever lora_alpha is."""
+    original, quantized = tiny_llama
+    pm, stats = _eora(quantized, original, calib_ids, lora_alpha=32)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    delta = original.model.layers[0].self_attn.q_proj.weight - layer.base_layer.weight
+    ba = layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]
+    assert layer.scaling["default"] == 4.0
+    # the first block sees the same inputs in both models: its weighted error is reproducible from the weights
+    x = original.model.embed_tokens(calib_ids)
+    x = original.model.layers[0].input_layernorm(x).reshape(-1, 64).double()
+    H = x.T @ x
+    rel = weighted_error(delta.detach(), H, ba.detach()) / weighted_error(delta.detach(), H)
+    assert rel == pytest.approx(stats.modules[0].error_after / stats.modules[0].error_before, rel=1e-3)
+
+
+def test_sequential_flag_and_dataloader_with_padding(tiny_llama, calib_ids):
+    original, quantized = tiny_llama
+    mask = torch.ones_like(calib_ids)
+    mask[:, 48:] = 0  # padded tail must not enter the statistics
+    loader = DataLoader([{"input_ids": i, "attention_mask": m} for i, m in zip(calib_ids, mask)], batch_size=4)
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, sequential=False))
+    stats = initialize_eora_weights(pm, original_model=original, calibration=loader, progress=False)
+    assert stats.tokens == 16 * 48
+    assert all(m.error_after < m.error_before for m in stats.modules)
+
+
+def test_config_driven_run_from_checkpoint_dir(tiny_llama, tmp_path, tiny_tokenizer_dir):
+    """get_peft_model alone computes the factors from a checkpoint path + calibration spec."""
+    original, quantized = tiny_llama
+    original.save_pretrained(tmp_path / "orig")
+    cfg = EoRAConfig(
+        r=8,
+        original_model=str(tmp_path / "orig"),
+        calibration=CalibrationConfig(dataset="builtin:c4", num_samples=4, seq_len=64, tokenizer=tiny_tokenizer_dir),
+    )
+    pm = get_peft_model(copy.deepcopy(quantized), cfg)
+    assert cfg.init_eora is False and cfg.eora_stats["calibration_tokens"] == 256
+    b = pm.base_model.model.model.layers[1].mlp.down_proj.lora_B["default"].weight
+    assert b.abs().sum() > 0
+
+
+def test_rank_too_large_fails_before_any_work(tiny_llama, calib_ids):
+    original, quantized = tiny_llama
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=32, rank_pattern={"k_proj": 32}, init_eora=False))
+    with pytest.raises(ValueError, match=r"rank r=32 is too large for .*k_proj \(32×64\)"):
+        initialize_eora_weights(pm, original_model=original, calibration=calib_ids, progress=False)
+
+
+def test_mismatched_original_names_the_module(tiny_llama, calib_ids):
+    original, quantized = tiny_llama
+    from tiny_models import tiny_llama_pair
+
+    other, _ = tiny_llama_pair(layers=2)
+    other.model.layers[1].mlp.up_proj = torch.nn.Linear(64, 96, bias=False)
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, init_eora=False))
+    with pytest.raises(ModelMismatchError, match=r"Shape mismatch for model\.layers\.1\.mlp\.up_proj"):
+        initialize_eora_weights(pm, original_model=other, calibration=calib_ids, progress=False)
+
+
+def test_nan_weight_leaves_nothing_half_written(tiny_llama, calib_ids):
+    original, quantized = tiny_llama
+    broken = copy.deepcopy(original)
+    with torch.no_grad():
+        broken.model.layers[1].mlp.gate_proj.weight[0, 0] = float("nan")
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, init_eora=False))
+    with pytest.raises(ModelMismatchError, match=r"original weight of model\.layers\.1\.mlp\.gate_proj contains NaN"):
+        initialize_eora_weights(pm, original_model=broken, calibration=calib_ids, progress=False)
+    assert all(
+        float(m.lora_B["default"].weight.abs().sum()) == 0 for m in pm.modules() if isinstance(m, LoraLayer)
+    )
+    assert pm.peft_config["default"].eora_stats is None
+
+
+@pytest.mark.parametrize("data", [torch.empty(0, 8, dtype=torch.long), [], [{"input_ids": torch.empty(1, 0)}]])
+def test_empty_calibration(tiny_llama, data):
+    original, quantized = tiny_llama
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, init_eora=False))
+    with pytest.raises(CalibrationError, match="empty"):
+        initialize_eora_weights(pm, original_model=original, calibration=data, progress=False)
+
+
+def test_too_short_calibration_text(tiny_llama, tmp_path, tiny_tokenizer_dir):
+    original, quantized = tiny_llama
+    (tmp_path / "c.jsonl").write_text('{"text": "only a few words"}\n')
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, init_eora=False))
+    spec = CalibrationConfig(dataset=str(tmp_path / "c.jsonl"), num_samples=2, seq_len=64, tokenizer=tiny_tokenizer_dir)
+    with pytest.raises(CalibrationError, match=r"has only \d+ tokens but num_samples×seq_len = 2×64 = 128"):
+        initialize_eora_weights(pm, original_model=original, calibration=spec, progress=False)
+
+
+def test_unsupported_module_lists_formats(tiny_llama, calib_ids):
+    original, quantized = tiny_llama
+    model = copy.deepcopy(quantized)
+    pm = get_peft_model(model, EoRAConfig(r=4, target_modules=["embed_tokens", "q_proj"], init_eora=False))
+    with pytest.raises((UnsupportedModuleError, ValueError), match=r"embed_tokens"):
+        initialize_eora_weights(pm, original_model=original, calibration=calib_ids, progress=False)
+
+
+def test_unsupported_block_module_type(tiny_llama, calib_ids):
+    original, quantized = tiny_llama
+    from peft_eora.residual import backend_for
+
+    class Weird(torch.nn.Module):
+        in_features, out_features = 4, 4
+
+    with pytest.raises(UnsupportedModuleError, match=r"Supported formats: gptq .*; dense"):
+        backend_for(Weird(), "model.layers.0.weird")

@@ -1,0 +1,80 @@
+"""The PEFT adaptation in peft_eora._peft_compat: fails loudly when a PEFT release changes it."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.lora import LoraModel
+from peft.utils.peft_types import PeftType
+
+import peft_eora
+from peft_eora import CalibrationConfig, EoRAConfig, EoRAModel
+
+
+def test_peft_type_is_a_real_enum_member():
+    assert PeftType.EORA is PeftType("EORA")
+    assert PeftType.EORA.value == "EORA"
+    assert "EORA" in [t.value for t in PeftType]
+    assert peft_eora.PEFT_TYPE is PeftType.EORA
+
+
+def test_lookup_tables_know_eora():
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.EORA] is EoRAConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.EORA] is EoRAModel
+    assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.EORA] == "lora_"
+    assert issubclass(EoRAModel, LoraModel)
+
+
+def test_public_registration_api_still_refuses_unknown_types():
+    """If PEFT opens register_peft_method to new names/shared prefixes, _peft_compat should use it."""
+    with pytest.raises((ValueError, KeyError)):
+        peft.utils.peft_types.register_peft_method(name="eora", config_cls=EoRAConfig, model_cls=EoRAModel, prefix="lora_")
+
+
+def test_config_round_trip_is_json(tmp_path):
+    cfg = EoRAConfig(
+        r=16,
+        original_model="some/model",
+        calibration=CalibrationConfig(dataset="builtin:c4", num_samples=4, seq_len=32, seed=3),
+        method="svd",
+        damping=0.1,
+    )
+    assert cfg.lora_alpha == 16 and cfg.peft_type is PeftType.EORA
+    cfg.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert raw["peft_type"] == "EORA" and raw["calibration"]["seq_len"] == 32 and raw["method"] == "svd"
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, EoRAConfig)
+    assert loaded.calibration == cfg.calibration and loaded.damping == 0.1 and loaded.original_model == "some/model"
+
+
+@pytest.mark.parametrize(
+    "kwargs, phrase",
+    [({"method": "qr"}, "method must be one of"), ({"damping": -1.0}, "damping must be"), ({"use_dora": True}, "DoRA")],
+)
+def test_config_rejects_bad_values(kwargs, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        EoRAConfig(r=8, **kwargs)
+
+
+def test_calibration_config_rejects_empty():
+    with pytest.raises(ValueError, match="num_samples"):
+        CalibrationConfig(num_samples=0)
+
+
+def test_get_peft_model_and_reload_through_peft(tiny_llama, tmp_path):
+    """get_peft_model, save_pretrained and PeftModel.from_pretrained all go through the registration."""
+    model, _ = tiny_llama
+    pm = get_peft_model(model, EoRAConfig(r=4, init_eora=False))
+    assert pm.peft_type is PeftType.EORA
+    assert isinstance(pm.base_model, EoRAModel)
+    pm.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").exists()
+    reloaded = PeftModel.from_pretrained(model.__class__(model.config), tmp_path)
+    assert isinstance(reloaded.base_model, EoRAModel)
+    assert isinstance(reloaded.peft_config["default"], EoRAConfig)
