@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import Batch, count_tokens
-from .decompose import check_rank, eora_factors, weighted_error
+from .decompose import check_rank, eigen_projection, eora_factors, weighted_error
 from .original import ModelMismatchError, OriginalWeights
 from .residual import UnsupportedModuleError, backend_for
 
@@ -217,30 +217,35 @@ def _input_groups(
 
 def _accumulate_covariances(
     block: nn.Module,
-    group: list[Target],
+    groups: list[list[Target]],
     inputs: list[tuple[torch.Tensor, dict[str, Any]]],
     masks: list[Optional[torch.Tensor]],
-) -> dict[str, torch.Tensor]:
-    """Σ xᵀx (float32) of each group member over all batches, stopping each pass after the group."""
-    H = {t.name: torch.zeros(t.shape[1], t.shape[1], dtype=torch.float32, device=_device_of(t.base)) for t in group}
-    seen: set[str] = set()
+) -> list[torch.Tensor]:
+    """Σ xᵀx (float32) of each group's shared input over all batches.
+
+    One hook per group (its first member); each pass stops as soon as every group was seen.
+    """
+    H = [torch.zeros(g[0].shape[1], g[0].shape[1], dtype=torch.float32, device=_device_of(g[0].base)) for g in groups]
+    seen: set[int] = set()
     current_mask: list[Optional[torch.Tensor]] = [None]
 
-    def make_hook(t: Target):
+    def make_hook(i: int):
         def hook(_m: nn.Module, args: tuple) -> None:
+            if i in seen:
+                return
             x = args[0].detach().reshape(-1, args[0].shape[-1])
             mask = current_mask[0]
             if mask is not None:
                 x = x[mask.reshape(-1).to(x.device).bool()]
             x = x.float()
-            H[t.name].addmm_(x.T, x)
-            seen.add(t.name)
-            if len(seen) == len(group):
+            H[i].addmm_(x.T, x)
+            seen.add(i)
+            if len(seen) == len(groups):
                 raise _StopForward
 
         return hook
 
-    handles = [t.layer.register_forward_pre_hook(make_hook(t)) for t in group]
+    handles = [g[0].layer.register_forward_pre_hook(make_hook(i)) for i, g in enumerate(groups)]
     with _hooks(handles):
         for (hidden, kwargs), mask in zip(inputs, masks):
             seen.clear()
@@ -267,9 +272,7 @@ def compensate(
     """Compute and install EoRA factors for every LoRA layer of ``adapter_name`` (see module doc)."""
     blocks, targets = find_targets(model, adapter_name)
     validate(targets, original)
-    stats = CompensationStats(method=method, damping=damping, tokens=count_tokens(batches))
-    if stats.tokens == 0:
-        raise ValueError("The calibration data is empty.")
+    stats = CompensationStats(method=method, damping=damping, tokens=count_tokens(batches) if method != "svd" else 0)
     start = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -277,26 +280,12 @@ def compensate(
         t.layer.lora_B[adapter_name].weight.zero_()
 
     try:
-        inputs = capture_block_inputs(model, blocks[0], batches)
-        masks = [b.get("attention_mask") for b in batches]
-        by_block: dict[int, list[Target]] = {}
-        for t in targets:
-            by_block.setdefault(t.block, []).append(t)
-        last = max(by_block)
-
-        for idx in tqdm(range(last + 1), desc=f"EoRA ({method})", unit="block", disable=not progress):
-            block = blocks[idx]
-            device = _device_of(block)
-            inputs = [(_to(h, device), _to(kw, device)) for h, kw in inputs]
-            block_targets = by_block.get(idx, [])
-            if block_targets:
-                groups = _input_groups(block, block_targets, inputs[0]) if sequential else [block_targets]
-                for group in groups:
-                    H = _accumulate_covariances(block, group, inputs, masks)
-                    for t in group:
-                        stats.modules.append(_install(t, adapter_name, original, H.pop(t.name), method, damping, eig_rtol))
-            if idx < last:
-                inputs = [(_block_output(block(h, **kw)), kw) for h, kw in inputs]
+        if method == "svd":  # the baseline needs no activations: no forward pass at all
+            for t in tqdm(targets, desc="SVD", unit="module", disable=not progress):
+                stats.modules.append(_install(t, adapter_name, original, None, None, method, eig_rtol))
+        else:
+            _compensate_blocks(model, blocks, targets, adapter_name, original, batches, stats, damping, eig_rtol,
+                               sequential, progress)
     except BaseException:
         # nothing half-written: a failure leaves every adapter as a zero update
         for t in targets:
@@ -312,23 +301,70 @@ def compensate(
     return stats
 
 
+def _compensate_blocks(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    targets: list[Target],
+    adapter_name: str,
+    original: OriginalWeights,
+    batches: list[Batch],
+    stats: CompensationStats,
+    damping: float,
+    eig_rtol: float,
+    sequential: bool,
+    progress: bool,
+) -> None:
+    if stats.tokens == 0:
+        raise ValueError("The calibration data is empty: no token to estimate the activation statistics from.")
+    inputs = capture_block_inputs(model, blocks[0], batches)
+    masks = [b.get("attention_mask") for b in batches]
+    by_block: dict[int, list[Target]] = {}
+    for t in targets:
+        by_block.setdefault(t.block, []).append(t)
+    last = max(by_block)
+    for idx in tqdm(range(last + 1), desc="EoRA", unit="block", disable=not progress):
+        block = blocks[idx]
+        device = _device_of(block)
+        inputs = [(_to(h, device), _to(kw, device)) for h, kw in inputs]
+        block_targets = by_block.get(idx, [])
+        if block_targets:
+            groups = _input_groups(block, block_targets, inputs[0])
+            passes = [[g] for g in groups] if sequential else [groups]
+            for pass_groups in passes:
+                for group, H in zip(pass_groups, _accumulate_covariances(block, pass_groups, inputs, masks)):
+                    projection = eigen_projection(H, damping, eig_rtol)  # shared by the group's members
+                    for t in group:
+                        stats.modules.append(_install(t, adapter_name, original, H, projection, "eora", eig_rtol))
+                    del H, projection
+        if idx < last:
+            inputs = [(_block_output(block(h, **kw)), kw) for h, kw in inputs]
+
+
 def _install(
-    t: Target, adapter_name: str, original: OriginalWeights, H: torch.Tensor, method: str, damping: float, eig_rtol: float
+    t: Target,
+    adapter_name: str,
+    original: OriginalWeights,
+    H: Optional[torch.Tensor],
+    projection: Optional[tuple[torch.Tensor, torch.Tensor, int]],
+    method: str,
+    eig_rtol: float,
 ) -> ModuleStats:
-    device = H.device
+    device = H.device if H is not None else _device_of(t.base)
     w_q = backend_for(t.base, t.name).dequantize(t.base).to(device)
     w_fp = original.get(t.name, device)
     for label, w in (("compressed", w_q), ("original", w_fp)):
         if not torch.isfinite(w).all():
             raise ModelMismatchError(f"The {label} weight of {t.name} contains NaN or inf; fix the checkpoint first.")
     delta = w_fp - w_q
-    factors = eora_factors(delta, H, t.rank, method=method, damping=damping, eig_rtol=eig_rtol, name=t.name)
+    factors = eora_factors(delta, H, t.rank, method=method, eig_rtol=eig_rtol, name=t.name, projection=projection)
     lora_A, lora_B = t.layer.lora_A[adapter_name], t.layer.lora_B[adapter_name]
     scaling = t.layer.scaling[adapter_name]
     lora_A.weight.copy_(factors.A.to(lora_A.weight))
     lora_B.weight.copy_((factors.B / scaling).to(lora_B.weight))
     approx = factors.B @ factors.A
-    before = weighted_error(delta, H)
-    after = weighted_error(delta, H, approx)
-    logger.debug("%s: weighted error %.4g -> %.4g (r=%d)", t.name, before, after, t.rank)
+    if H is not None:
+        before, after = weighted_error(delta, H), weighted_error(delta, H, approx)
+    else:  # plain SVD: the unweighted Frobenius error
+        before, after = float(delta.norm()), float((delta - approx).norm())
+    logger.debug("%s: error %.4g -> %.4g (r=%d)", t.name, before, after, t.rank)
     return ModuleStats(t.name, t.rank, before, after, factors.energy_retained, factors.kept_eigen)

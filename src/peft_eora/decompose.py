@@ -123,11 +123,14 @@ def eora_factors(
     damping: float = 0.0,
     eig_rtol: float = DEFAULT_EIG_RTOL,
     name: str = "layer",
+    projection: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> Factors:
     """Factor the residual ``delta`` (out × in) into ``B @ A`` of rank ``rank``.
 
     ``H`` is the (unnormalised or normalised, the scale does not matter) input second moment
-    ``Σ xᵀx``; it is ignored for ``method="svd"``. Returns float32 factors.
+    ``Σ xᵀx``; it is ignored for ``method="svd"``. Layers sharing one input (q/k/v) can share
+    the eigendecomposition: pass ``projection=eigen_projection(H, damping, eig_rtol)``.
+    Returns float32 factors.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown EoRA method {method!r}; choose one of {METHODS}.")
@@ -152,7 +155,7 @@ def eora_factors(
             raise ValueError(
                 f"{name}: covariance shape {tuple(H.shape)} does not match the layer's input size {in_f}."
             )
-        S, S_pinv, kept = eigen_projection(H.to(D.device), damping, eig_rtol)
+        S, S_pinv, kept = projection if projection is not None else eigen_projection(H.to(D.device), damping, eig_rtol)
         Dp = D @ S
 
     U, sv, Vh = torch.linalg.svd(Dp, full_matrices=False)

