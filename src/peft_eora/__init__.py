@@ -15,12 +15,26 @@ import logging
 
 from . import _peft_compat
 from .config import CalibrationConfig, EoRAConfig
+from .fingerprint import BaseMismatchError
+from .hub import AdapterFileError, export_lora
+from .hub import install as _install_save_and_push
 from .model import EoRAModel, initialize_eora_weights
 
 __version__ = "0.1.0"
 
 PEFT_TYPE = _peft_compat.register(EoRAConfig, EoRAModel)
+_install_save_and_push()  # model.save_pretrained/push_to_hub: atomic, safetensors-only, EoRA model card
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["CalibrationConfig", "EoRAConfig", "EoRAModel", "PEFT_TYPE", "initialize_eora_weights", "__version__"]
+__all__ = [
+    "AdapterFileError",
+    "BaseMismatchError",
+    "CalibrationConfig",
+    "EoRAConfig",
+    "EoRAModel",
+    "PEFT_TYPE",
+    "export_lora",
+    "initialize_eora_weights",
+    "__version__",
+]

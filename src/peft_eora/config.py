@@ -102,6 +102,17 @@ class EoRAConfig(LoraConfig):
     eora_stats: Optional[dict[str, Any]] = field(
         default=None, metadata={"help": "Filled in after computing: timings, token count, per-module errors."}
     )
+    base_fingerprint: Optional[dict[str, Any]] = field(
+        default=None,
+        metadata={"help": "Fingerprint of the quantized base the factors were computed against (checked on load)."},
+    )
+    allow_base_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Load onto a base whose fingerprint differs, with a warning. A loading choice: never saved; pass "
+            "it as PeftModel.from_pretrained(model, path, allow_base_mismatch=True)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.lora_alpha is None:
@@ -118,3 +129,25 @@ class EoRAConfig(LoraConfig):
             raise ValueError(f"EoRAConfig.damping must be ≥ 0, got {self.damping!r}.")
         if self.use_dora:
             raise ValueError("EoRA initialises plain LoRA factors; DoRA (use_dora=True) is not supported.")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data.pop("allow_base_mismatch", None)  # a loading choice, not a property of the adapter
+        return data
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
+        """Load a saved EoRA config (``PeftModel.from_pretrained`` calls this).
+
+        Also checks the adapter weights: ``adapter_model.safetensors`` must be intact (a truncated
+        or corrupted file raises :class:`peft_eora.hub.AdapterFileError` naming it) and a pickle
+        file is never loaded. ``allow_base_mismatch=True`` is honoured as a loading keyword.
+        """
+        allow_base_mismatch = kwargs.pop("allow_base_mismatch", None)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if allow_base_mismatch is not None:
+            config.allow_base_mismatch = bool(allow_base_mismatch)
+        from .hub import check_adapter_weights
+
+        check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        return config

@@ -24,6 +24,7 @@ from torch import nn
 from .calibration import CalibrationData, as_batches
 from .compensate import CompensationStats, compensate
 from .config import EoRAConfig
+from .fingerprint import record_fingerprint, verify_fingerprint
 from .original import OriginalWeights
 from .residual import is_supported
 
@@ -63,6 +64,8 @@ class EoRAModel(LoraModel):
 
     def _pre_injection_hook(self, model: nn.Module, config: EoRAConfig, adapter_name: str) -> None:
         super()._pre_injection_hook(model, config, adapter_name)
+        if not getattr(config, "init_eora", False):  # loading computed factors: same base?
+            verify_fingerprint(model, config, adapter_name)
         if config.target_modules is None and not config.target_parameters:
             config.target_modules = default_target_modules(model)
             logger.info("EoRA targets: %s", config.target_modules)
@@ -71,7 +74,7 @@ class EoRAModel(LoraModel):
         super()._post_injection_hook(model, config, adapter_name)
         if not getattr(config, "init_eora", False):
             return
-        if config.original_model is None or config.calibration is None:
+        if config.original_model is None or (config.calibration is None and config.method != "svd"):
             warnings.warn(
                 "EoRAConfig has no original_model/calibration: the adapter starts as a zero update. Compute it with "
                 "peft_eora.initialize_eora_weights(model, original_model=..., calibration=...).",
@@ -92,9 +95,12 @@ def _initialize(
     progress: bool = True,
 ) -> CompensationStats:
     original = OriginalWeights.open(original_model)
-    if tokenizer is None and not _is_token_data(calibration):
-        tokenizer = _load_tokenizer(config, original_model, model)
-    batches = as_batches(calibration, tokenizer, batch_size=batch_size)
+    if config.method == "svd":  # the plain-SVD baseline reads weights only
+        batches = []
+    else:
+        if tokenizer is None and not _is_token_data(calibration):
+            tokenizer = _load_tokenizer(calibration, original_model, model)
+        batches = as_batches(calibration, tokenizer, batch_size=batch_size)
     stats = compensate(
         model,
         adapter_name,
@@ -108,6 +114,7 @@ def _initialize(
     )
     config.init_eora = False  # the weights now hold the factors; loading must not recompute
     config.eora_stats = stats.summary()
+    record_fingerprint(model, config)
     return stats
 
 
@@ -117,11 +124,10 @@ def _is_token_data(calibration: CalibrationData) -> bool:
     return not isinstance(calibration, (CalibrationConfig, dict))
 
 
-def _load_tokenizer(config: EoRAConfig, original_model: Any, model: nn.Module):
+def _load_tokenizer(calibration: Any, original_model: Any, model: nn.Module):
     from transformers import AutoTokenizer
 
-    spec = config.calibration if not isinstance(config.calibration, dict) else None
-    candidates = [getattr(spec, "tokenizer", None)]
+    candidates = [calibration.get("tokenizer") if isinstance(calibration, dict) else getattr(calibration, "tokenizer", None)]
     if isinstance(original_model, str):
         candidates.append(original_model)
     candidates.append(getattr(getattr(model, "config", None), "_name_or_path", None))
@@ -156,6 +162,6 @@ def initialize_eora_weights(
         raise TypeError(f"Adapter {adapter_name!r} has a {type(config).__name__}; EoRA needs an EoRAConfig.")
     original_model = original_model if original_model is not None else config.original_model
     calibration = calibration if calibration is not None else config.calibration
-    if original_model is None or calibration is None:
+    if original_model is None or (calibration is None and config.method != "svd"):
         raise ValueError("initialize_eora_weights needs original_model and calibration (in the call or the config).")
     return _initialize(tuner.model, config, adapter_name, original_model, calibration, tokenizer, batch_size, progress)

@@ -1,0 +1,286 @@
+"""Base fingerprint: which quantized model an EoRA adapter was computed against.
+
+An EoRA adapter compensates the error of *one* compressed checkpoint, so loading it onto another
+base silently gives wrong outputs. When the factors are computed, a cheap, deterministic
+fingerprint of the base is stored in ``EoRAConfig.base_fingerprint``; when the adapter is loaded
+(``PeftModel.from_pretrained``), the base being wrapped is fingerprinted again and compared::
+
+    >>> from peft_eora.fingerprint import compute_fingerprint
+    >>> fp = compute_fingerprint(qmodel)
+    >>> fp.digest                      # 'eora-fp1:3f9c0a...'
+    >>> PeftModel.from_pretrained(other_qmodel, "adapter")            # raises BaseMismatchError
+    >>> PeftModel.from_pretrained(other_qmodel, "adapter", allow_base_mismatch=True)  # warns, loads
+
+What is hashed (SHA-256 over canonical JSON / float64 bytes), per part:
+
+- ``structure``: every module that owns tensors, by name (PEFT wrappers and adapter modules are
+  ignored, so the value is independent of any adapter), its kind (the residual back-end name for
+  quantized layers, else the class name) and shapes (logical ``out × in`` for quantized layers).
+- ``quantization``: ``bits``, ``group_size``, ``sym``, ``desc_act``, ``quant_method`` of the
+  model's ``config.quantization_config`` (``None`` for dense bases).
+- ``dense_weights``: 8 evenly spaced values of every tensor of the non-quantized modules
+  (embeddings, norms, dense linears), as float64, so the same checkpoint loaded in fp16 or fp32
+  gives the same value.
+- ``packed_weights``: 8 evenly spaced values of every tensor of the quantized modules, as stored
+  by the loaded kernel (``qweight``, ``scales``, ...).
+
+Kernels that repack at load time (gptqmodel's Marlin, ExLlama) store the same checkpoint in
+another layout, so ``packed_weights`` can only be compared between bases loaded with the same
+kernel classes (recorded in ``kernels``); across kernels it is skipped with a warning, while
+structure, quantization config and dense weights are still checked. The cost is a few small
+index operations per tensor: well under a second for 7B models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: Bump when what is hashed changes; fingerprints of another version are not compared.
+FINGERPRINT_VERSION = 1
+SAMPLES_PER_TENSOR = 8
+_QUANT_KEYS = ("quant_method", "bits", "group_size", "sym", "desc_act")
+_PARTS = ("structure", "quantization", "dense_weights", "packed_weights")
+
+
+class BaseMismatchError(ValueError):
+    """The adapter was computed against another quantized base than the one it is loaded onto."""
+
+
+class BaseMismatchWarning(UserWarning):
+    """Loading onto another base was allowed (``allow_base_mismatch=True``) or could not be fully checked."""
+
+
+@dataclass(frozen=True)
+class BaseFingerprint:
+    """The fingerprint of a (quantized) base model; ``to_dict()`` is what the config stores."""
+
+    digest: str
+    structure: str
+    quantization: str
+    dense_weights: Optional[str]
+    packed_weights: Optional[str]
+    kernels: list[str] = field(default_factory=list)
+    num_modules: int = 0
+    model: Optional[str] = None
+    version: int = FINGERPRINT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BaseFingerprint":
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a ``PeftModel`` or a PEFT tuner (else ``model`` itself)."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if isinstance(model, PeftModel):
+        model = model.get_base_model()
+    if isinstance(model, BaseTuner):
+        model = model.model
+    return model
+
+
+def _base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` of the base as if no adapter were injected (adapter modules skipped,
+    ``.base_layer`` removed from the names of PEFT-wrapped layers)."""
+    for name, module in model.named_modules():
+        parts = name.split(".") if name else []
+        if any(p.startswith("lora_") for p in parts):
+            continue
+        yield ".".join(p for p in parts if p != "base_layer"), module
+
+
+def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Parameters and persistent buffers held by ``module`` itself (not its children)."""
+    tensors = [(n, p) for n, p in module.named_parameters(recurse=False) if p is not None]
+    skip = getattr(module, "_non_persistent_buffers_set", set())
+    tensors += [(n, b) for n, b in module.named_buffers(recurse=False) if b is not None and n not in skip]
+    return sorted(tensors, key=lambda item: item[0])
+
+
+def _kind(module: nn.Module) -> tuple[str, bool]:
+    """(kind label, is quantized): the residual back-end name, or the class name for other modules."""
+    from .residual import registered
+
+    for backend in registered():
+        if backend.matches(module):
+            return backend.name, backend.name != "dense"
+    return type(module).__name__, False
+
+
+def _quantization_summary(model: nn.Module) -> Optional[dict[str, Any]]:
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is None:
+        return None
+    if not isinstance(qc, dict):
+        qc = qc.to_dict() if hasattr(qc, "to_dict") else vars(qc)
+    summary = {}
+    for key in _QUANT_KEYS:
+        value = qc.get(key)
+        if hasattr(value, "value"):  # enums
+            value = value.value
+        summary[key] = str(value).lower() if key == "quant_method" and value is not None else value
+    return summary
+
+
+def _sample(tensor: torch.Tensor, k: int) -> Optional[torch.Tensor]:
+    """``k`` evenly spaced values of ``tensor`` (flat order) as float64, or None if unreadable."""
+    if tensor.device.type == "meta":
+        return None
+    n = tensor.numel()
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    flat_idx = torch.tensor(sorted({(i * (n - 1)) // max(k - 1, 1) for i in range(min(k, n))}), dtype=torch.long)
+    coords = torch.unravel_index(flat_idx, tensor.shape) if tensor.dim() > 0 else ()
+    with torch.no_grad():
+        values = tensor.detach()[coords] if coords else tensor.detach().reshape(1)
+        try:
+            return values.to(torch.float64).cpu()
+        except (RuntimeError, TypeError):  # exotic packed dtypes: hash the raw bytes instead
+            return values.contiguous().view(torch.uint8).to(torch.float64).cpu()
+
+
+def _canonical_hash(obj: Any) -> str:
+    data = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def compute_fingerprint(model: nn.Module, samples_per_tensor: int = SAMPLES_PER_TENSOR) -> BaseFingerprint:
+    """Fingerprint the base of ``model`` (a transformers model, ``PeftModel`` or PEFT tuner).
+
+    Deterministic across processes and machines, independent of any injected adapter.
+    """
+    model = _unwrap(model)
+    structure: list[Any] = []
+    dense = hashlib.sha256()
+    packed = hashlib.sha256()
+    readable = {"dense": True, "packed": True}
+    kernels: set[str] = set()
+    count = 0
+    for name, module in _base_modules(model):
+        tensors = _own_tensors(module)
+        if not tensors:
+            continue
+        kind, quantized = _kind(module)
+        count += 1
+        if quantized:
+            kernels.add(type(module).__name__)
+            shape: Any = {
+                "out": int(getattr(module, "out_features", -1)),
+                "in": int(getattr(module, "in_features", -1)),
+            }
+        else:
+            shape = [[t_name, list(t.shape)] for t_name, t in tensors]
+        structure.append([name, kind, shape])
+        target, key = (packed, "packed") if quantized else (dense, "dense")
+        for t_name, t in tensors:
+            values = _sample(t, samples_per_tensor)
+            if values is None:
+                readable[key] = False
+                continue
+            target.update(f"{name}.{t_name}:{values.numel()};".encode())
+            target.update(values.numpy().astype("<f8").tobytes())
+    if count == 0:
+        raise ValueError("The model holds no parameters or buffers: nothing to fingerprint.")
+    parts = {
+        "structure": _canonical_hash(structure),
+        "quantization": _canonical_hash(_quantization_summary(model)),
+        "dense_weights": dense.hexdigest()[:16] if readable["dense"] else None,
+        "packed_weights": packed.hexdigest()[:16] if readable["packed"] else None,
+    }
+    digest = hashlib.sha256(f"v{FINGERPRINT_VERSION}|{json.dumps(parts, sort_keys=True)}".encode()).hexdigest()[:16]
+    return BaseFingerprint(
+        digest=f"eora-fp{FINGERPRINT_VERSION}:{digest}",
+        kernels=sorted(kernels),
+        num_modules=count,
+        model=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        **parts,
+    )
+
+
+def record_fingerprint(model: nn.Module, config: Any) -> BaseFingerprint:
+    """Compute the fingerprint of ``model``'s base and store it in ``config.base_fingerprint``."""
+    fp = compute_fingerprint(model)
+    config.base_fingerprint = fp.to_dict()
+    logger.info("EoRA base fingerprint %s (%d modules, kernels %s)", fp.digest, fp.num_modules, fp.kernels or "dense")
+    return fp
+
+
+def differences(recorded: BaseFingerprint, current: BaseFingerprint) -> tuple[list[str], list[str]]:
+    """(parts that differ, parts that could not be compared) between two fingerprints."""
+    differ, unchecked = [], []
+    for part in _PARTS:
+        a, b = getattr(recorded, part), getattr(current, part)
+        if a is None or b is None:
+            unchecked.append(f"{part} (weights not materialised)")
+        elif part == "packed_weights" and a != b and recorded.kernels != current.kernels:
+            unchecked.append(f"packed_weights (kernels {recorded.kernels} vs {current.kernels} store them differently)")
+        elif a != b:
+            differ.append(part)
+    return differ, unchecked
+
+
+def _describe(fp: BaseFingerprint) -> str:
+    return f"{fp.digest} ({fp.model})" if fp.model else fp.digest
+
+
+def verify_fingerprint(model: nn.Module, config: Any, adapter_name: str = "default") -> Optional[BaseFingerprint]:
+    """Check ``model``'s base against ``config.base_fingerprint``.
+
+    Raises :class:`BaseMismatchError` on a mismatch unless ``config.allow_base_mismatch`` is true
+    (then a :class:`BaseMismatchWarning` is emitted). Does nothing for configs without a recorded
+    fingerprint. Returns the current fingerprint when one was compared.
+    """
+    data = getattr(config, "base_fingerprint", None)
+    if not data:
+        logger.debug("adapter %r has no recorded base fingerprint; not checked", adapter_name)
+        return None
+    if data.get("version") != FINGERPRINT_VERSION:
+        warnings.warn(
+            f"Adapter {adapter_name!r} records a version-{data.get('version')} base fingerprint; this peft-eora "
+            f"computes version {FINGERPRINT_VERSION}, so the base could not be checked.",
+            BaseMismatchWarning,
+            stacklevel=3,
+        )
+        return None
+    recorded = BaseFingerprint.from_dict(data)
+    current = compute_fingerprint(model)
+    differ, unchecked = differences(recorded, current)
+    if not differ:
+        if unchecked:
+            warnings.warn(
+                f"EoRA adapter {adapter_name!r}: base matches {recorded.digest} on structure, quantization config and "
+                f"dense weights, but could not compare {', '.join(unchecked)}.",
+                BaseMismatchWarning,
+                stacklevel=3,
+            )
+        logger.debug("adapter %r: base fingerprint %s verified", adapter_name, current.digest)
+        return current
+    message = (
+        f"EoRA adapter {adapter_name!r} was computed against the quantized base {_describe(recorded)}, but the model "
+        f"it is being loaded onto is {_describe(current)} (differs in: {', '.join(differ)}). EoRA factors compensate "
+        "one specific compressed checkpoint; load the adapter onto that base"
+    )
+    if getattr(config, "allow_base_mismatch", False):
+        warnings.warn(message + ". Loading anyway because allow_base_mismatch=True.", BaseMismatchWarning, stacklevel=3)
+        return current
+    raise BaseMismatchError(
+        message + ", or pass allow_base_mismatch=True (PeftModel.from_pretrained(model, path, "
+        "allow_base_mismatch=True), or set it on the EoRAConfig) to load it anyway."
+    )
