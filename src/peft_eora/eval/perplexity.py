@@ -62,6 +62,10 @@ def load_text(source: str | Path, field: str = "text", max_chars: int | None = N
 
 def make_windows(token_ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """Cut a 1-D token tensor into ``(n, seq_len)`` non-overlapping windows from the start."""
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}.")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be a positive integer or None, got {max_windows!r}.")
     n = token_ids.numel() // seq_len
     if max_windows is not None:
         n = min(n, max_windows)
@@ -94,6 +98,11 @@ def perplexity_on_windows(
     model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True
 ) -> float:
     """Perplexity over pre-tokenised ``(n, seq_len)`` windows."""
+    if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(
+            f"Expected (n ≥ 1, seq_len ≥ 2) token windows, got shape {tuple(windows.shape)}: "
+            "a window needs at least two tokens to predict one."
+        )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -1,0 +1,536 @@
+"""Numerical tests of the EoRA decomposition (``peft_eora.decompose``): pure math, CPU, seconds.
+
+Every test builds its data from a fixed seed in float64 and asserts actual numbers: the optimum of
+the activation-weighted problem (Eckart–Young on ``ΔW·Xᵀ``), EoRA ≤ SVD at every rank, robustness
+to rank-deficient / dead / slightly indefinite covariances, the damping limits, scale invariance and
+the error messages.
+"""
+
+from __future__ import annotations
+
+import doctest
+import math
+
+import pytest
+import torch
+
+from peft_eora import decompose
+from peft_eora.decompose import (
+    DEFAULT_EIG_RTOL,
+    Factors,
+    check_rank,
+    damped,
+    eigen_projection,
+    eora_factors,
+    weighted_error,
+)
+
+F64 = torch.float64
+
+
+# --------------------------------------------------------------------------------------------
+# synthetic data
+# --------------------------------------------------------------------------------------------
+
+
+def make_case(
+    out_f: int = 24,
+    in_f: int = 32,
+    n: int = 256,
+    seed: int = 0,
+    decay: float = 3.0,
+    corr: float = 0.3,
+    delta_rank: int | None = None,
+):
+    """Return ``(delta, X, H)`` in float64 with anisotropic, correlated activations.
+
+    Column scales of X decay over ``decay`` decades and features are mixed by ``I + corr·G`` so
+    that H is far from a multiple of the identity (where EoRA would equal SVD).
+    """
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, -decay, in_f, dtype=F64)
+    mix = torch.eye(in_f, dtype=F64) + corr * torch.randn(in_f, in_f, generator=g, dtype=F64)
+    X = (torch.randn(n, in_f, generator=g, dtype=F64) * scales) @ mix
+    if delta_rank is None:
+        delta = torch.randn(out_f, in_f, generator=g, dtype=F64)
+    else:
+        delta = torch.randn(out_f, delta_rank, generator=g, dtype=F64) @ torch.randn(
+            delta_rank, in_f, generator=g, dtype=F64
+        )
+    return delta, X, X.T @ X
+
+
+def direct_error(delta: torch.Tensor, X: torch.Tensor, f: Factors) -> float:
+    """‖(ΔW − B·A)·Xᵀ‖_F computed from the activations themselves, in float64."""
+    approx = f.B.double() @ f.A.double()
+    return float(torch.linalg.matrix_norm((delta.double() - approx) @ X.double().T))
+
+
+def optimum(delta: torch.Tensor, X: torch.Tensor, rank: int) -> float:
+    """Brute-force optimum: Eckart–Young on ΔW·Xᵀ directly."""
+    sv = torch.linalg.svdvals(delta.double() @ X.double().T)
+    return float(sv[rank:].pow(2).sum().sqrt())
+
+
+def product(f: Factors) -> torch.Tensor:
+    return f.B.double() @ f.A.double()
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.matrix_norm(a - b) / torch.linalg.matrix_norm(b))
+
+
+# --------------------------------------------------------------------------------------------
+# basic contract
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["eora", "svd"])
+def test_shapes_dtypes_and_rank_property(method):
+    delta, _, H = make_case(out_f=20, in_f=12)
+    f = eora_factors(delta, H, rank=5, method=method)
+    assert f.B.shape == (20, 5) and f.A.shape == (5, 12)
+    assert f.B.dtype == f.A.dtype == f.singular_values.dtype == torch.float32
+    assert f.rank == 5
+    assert f.singular_values.shape == (12,)  # full spectrum, not just the kept rank
+    assert bool((f.singular_values[:-1] >= f.singular_values[1:]).all())
+    assert f.kept_eigen == 12
+
+
+def test_docstring_example_runs():
+    res = doctest.testmod(decompose, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert res.failed == 0 and res.attempted > 0
+
+
+def test_singular_values_are_those_of_delta_times_xt():
+    """‖M·Xᵀ‖ = ‖M·Q·√Λ‖ makes the projected spectrum exactly σ(ΔW·Xᵀ)."""
+    delta, X, H = make_case()
+    f = eora_factors(delta, H, rank=4)
+    ref = torch.linalg.svdvals(delta @ X.T)
+    torch.testing.assert_close(f.singular_values.double(), ref, rtol=1e-6, atol=1e-6 * float(ref[0]))
+    # and for method="svd" the spectrum is the plain one of ΔW (H ignored)
+    fs = eora_factors(delta, H, rank=4, method="svd")
+    ref_s = torch.linalg.svdvals(delta)
+    torch.testing.assert_close(fs.singular_values.double(), ref_s, rtol=1e-6, atol=1e-6 * float(ref_s[0]))
+
+
+def test_svd_method_is_truncated_svd_and_ignores_h():
+    delta, _, H = make_case(seed=3)
+    U, s, Vh = torch.linalg.svd(delta, full_matrices=False)
+    r = 7
+    ref = (U[:, :r] * s[:r]) @ Vh[:r]
+    for h in (H, None, torch.eye(delta.shape[1], dtype=F64) * 123.0):
+        f = eora_factors(delta, h, rank=r, method="svd")
+        assert rel_diff(product(f), ref) < 1e-6
+    # balanced split: B = U√S, A = √S Vᵀ  →  column norms of B equal row norms of A
+    f = eora_factors(delta, None, rank=r, method="svd")
+    torch.testing.assert_close(f.B.double().norm(dim=0), s[:r].sqrt(), rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(f.A.double().norm(dim=1), s[:r].sqrt(), rtol=1e-6, atol=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# optimality
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "out_f,in_f,seed",
+    [(24, 32, 0), (40, 16, 1), (16, 16, 2)],
+    ids=["wide", "tall", "square"],
+)
+def test_eora_beats_svd_at_every_rank(out_f, in_f, seed):
+    delta, X, H = make_case(out_f=out_f, in_f=in_f, n=4 * in_f, seed=seed)
+    limit = min(out_f, in_f)
+    strictly_better = 0
+    for r in range(1, limit):
+        e_eora = direct_error(delta, X, eora_factors(delta, H, r))
+        e_svd = direct_error(delta, X, eora_factors(delta, H, r, method="svd"))
+        assert e_eora <= e_svd * (1 + 1e-9), (r, e_eora, e_svd)
+        if e_eora < 0.9 * e_svd:
+            strictly_better += 1
+    # with 3 decades of column-scale decay EoRA is at least 10 % better at (nearly) every rank
+    assert strictly_better >= 0.8 * (limit - 1), strictly_better
+
+
+def test_eora_gain_is_large_on_anisotropic_activations():
+    """A concrete number: at r=8 on the default case, EoRA's weighted error is < 1/3 of SVD's."""
+    delta, X, H = make_case()
+    e_eora = direct_error(delta, X, eora_factors(delta, H, 8))
+    e_svd = direct_error(delta, X, eora_factors(delta, H, 8, method="svd"))
+    assert e_eora < e_svd / 3, (e_eora, e_svd)
+
+
+@pytest.mark.parametrize("out_f,in_f,seed", [(24, 32, 0), (40, 16, 5)], ids=["wide", "tall"])
+def test_eora_equals_eckart_young_optimum(out_f, in_f, seed):
+    """damping=0, full-rank H: EoRA's error is the brute-force optimum sqrt(Σ_{i>r} σ_i(ΔW·Xᵀ)²).
+
+    The factors are float32, but the error is stationary at the optimum, so the float32 rounding
+    of B and A (a perturbation of size ~eps32·‖ΔW·Xᵀ‖) only enters at second order:
+    err² = opt² + ‖perturbation‖², i.e. ~1e-8 relative accuracy still holds.
+    """
+    delta, X, H = make_case(out_f=out_f, in_f=in_f, n=8 * in_f, seed=seed)
+    assert float(torch.linalg.eigvalsh(H)[0]) > 0  # genuinely full rank
+    norm = float(torch.linalg.matrix_norm(delta @ X.T))
+    for r in range(1, min(out_f, in_f)):
+        f = eora_factors(delta, H, r, damping=0.0)
+        opt = optimum(delta, X, r)
+        err = direct_error(delta, X, f)
+        assert err >= opt * (1 - 1e-12), (r, err, opt)
+        assert err - opt <= 1e-7 * opt, (r, err, opt)
+        assert math.sqrt(max(err**2 - opt**2, 0.0)) <= 1e-6 * norm, (r, err, opt, norm)
+    # ...and no random rank-r competitor beats it
+    g = torch.Generator().manual_seed(seed + 100)
+    r = 3
+    best = direct_error(delta, X, eora_factors(delta, H, r))
+    for _ in range(20):
+        Bc = torch.randn(out_f, r, generator=g, dtype=F64)
+        # best A for a fixed B in the weighted norm is the least-squares fit of ΔW·Xᵀ
+        Ac = torch.linalg.lstsq(Bc, delta @ X.T).solution @ torch.linalg.pinv(X.T)
+        assert float(torch.linalg.matrix_norm((delta - Bc @ Ac) @ X.T)) >= best * (1 - 1e-9)
+
+
+def test_optimum_with_normalised_h():
+    """H = XᵀX / n (normalised) gives the same factors: the scale of H does not matter."""
+    delta, X, H = make_case(seed=7)
+    n = X.shape[0]
+    f1 = eora_factors(delta, H, 6)
+    f2 = eora_factors(delta, H / n, 6)
+    assert rel_diff(product(f2), product(f1)) < 1e-5
+    assert abs(direct_error(delta, X, f2) - optimum(delta, X, 6)) <= 1e-8 * optimum(delta, X, 6)
+
+
+# --------------------------------------------------------------------------------------------
+# weighted_error
+# --------------------------------------------------------------------------------------------
+
+
+def test_weighted_error_matches_direct_computation():
+    delta, X, H = make_case(seed=11)
+    g = torch.Generator().manual_seed(12)
+    approx = torch.randn(*delta.shape, generator=g, dtype=F64)
+    direct = float(torch.linalg.matrix_norm((delta - approx) @ X.T))
+    assert weighted_error(delta, H, approx) == pytest.approx(direct, rel=1e-10)
+    # approx=None is the error of the uncompensated residual
+    assert weighted_error(delta, H) == pytest.approx(float(torch.linalg.matrix_norm(delta @ X.T)), rel=1e-10)
+    # on EoRA factors (float32 inputs accepted; computed in float64)
+    for r in (1, 5, 20):
+        f = eora_factors(delta, H, r)
+        ref = direct_error(delta, X, f)
+        assert weighted_error(delta, H, product(f)) == pytest.approx(ref, rel=1e-9)
+        assert weighted_error(delta.float(), H.float(), f.B @ f.A) == pytest.approx(ref, rel=1e-3)
+    # exact approximation → 0, and never negative/NaN from round-off
+    assert weighted_error(delta, H, delta) == 0.0
+    assert weighted_error(delta, -1e-12 * torch.eye(H.shape[0], dtype=F64)) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# reconstruction
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["eora", "svd"])
+def test_reconstructs_low_rank_residual_exactly(method):
+    """ΔW of rank 5 < r: B·A == ΔW (to float32 precision) at r = 5 and r = min − 1."""
+    delta, _, H = make_case(out_f=24, in_f=32, delta_rank=5, seed=4)
+    assert int(torch.linalg.matrix_rank(delta)) == 5
+    for r in (5, 23):
+        f = eora_factors(delta, H, r, method=method)
+        assert torch.isfinite(f.A).all() and torch.isfinite(f.B).all()
+        assert rel_diff(product(f), delta) < 1e-6, (r, rel_diff(product(f), delta))
+        # the residual's energy is fully captured
+        assert f.energy_retained == pytest.approx(1.0, abs=1e-9)
+    # at r = 4 < rank ΔW, reconstruction is not exact
+    f = eora_factors(delta, H, 4, method=method)
+    assert rel_diff(product(f), delta) > 1e-3
+
+
+def test_factors_are_finite_and_bounded_for_full_rank_residual_at_max_rank():
+    delta, X, H = make_case(out_f=24, in_f=32, seed=9)
+    f = eora_factors(delta, H, 23)
+    assert torch.isfinite(f.A).all() and torch.isfinite(f.B).all()
+    # at r = min − 1 the weighted error is exactly the smallest singular value of ΔW·Xᵀ
+    sv = torch.linalg.svdvals(delta @ X.T)
+    assert direct_error(delta, X, f) == pytest.approx(float(sv[-1]), rel=1e-7)
+
+
+# --------------------------------------------------------------------------------------------
+# eigen projection (float64 core)
+# --------------------------------------------------------------------------------------------
+
+
+def test_eigen_projection_factorises_h_in_float64():
+    _, _, H = make_case(in_f=20, n=200, seed=21)
+    S, S_pinv, kept = eigen_projection(H)
+    assert S.dtype == S_pinv.dtype == F64 and kept == 20
+    torch.testing.assert_close(S @ S.T, H, rtol=1e-10, atol=1e-10 * float(H.abs().max()))
+    torch.testing.assert_close(S_pinv @ S, torch.eye(20, dtype=F64), rtol=0, atol=1e-9)
+    # with damping: S·Sᵀ = H + δ·mean(diag H)·I
+    S, _, _ = eigen_projection(H, damping=0.05)
+    ref = H + 0.05 * float(H.diagonal().mean()) * torch.eye(20, dtype=F64)
+    torch.testing.assert_close(S @ S.T, ref, rtol=1e-10, atol=1e-10 * float(H.abs().max()))
+
+
+def test_damped_symmetrises_and_adds_ridge():
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(6, 6, generator=g, dtype=F64)
+    H = M @ M.T
+    H = 0.5 * (H + H.T)  # bitwise symmetric
+    H_asym = H.clone()
+    H_asym[0, 1] += 1e-3
+    out = damped(H_asym.float(), 0.1)
+    assert out.dtype == F64
+    torch.testing.assert_close(out, out.T, rtol=0, atol=0)
+    ref = 0.5 * (H_asym.float().double() + H_asym.float().double().T) + 0.1 * float(
+        H_asym.float().double().diagonal().mean()
+    ) * torch.eye(6, dtype=F64)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    # zero damping and zero H: untouched
+    torch.testing.assert_close(damped(H, 0.0), H, rtol=0, atol=0)
+    assert torch.count_nonzero(damped(torch.zeros(4, 4), 1.0)) == 0
+
+
+def test_eig_rtol_cuts_weak_directions():
+    """Raising eig_rtol above the weakest eigenvalues drops exactly those directions."""
+    delta, X, H = make_case(in_f=16, out_f=20, n=128, seed=13)
+    lam = torch.linalg.eigvalsh(H)
+    thr = float(lam[3] / lam[-1]) * 1.0001  # between λ_3 and λ_4 (relative)
+    f = eora_factors(delta, H, 4, eig_rtol=thr)
+    assert f.kept_eigen == 12
+    assert f.singular_values.shape == (16,)
+    assert float(f.singular_values[11]) > 1e-3 * float(f.singular_values[0])
+    assert float(f.singular_values[-4:].abs().max()) < 1e-6 * float(f.singular_values[0])
+    assert eora_factors(delta, H, 4).kept_eigen == 16
+    assert DEFAULT_EIG_RTOL == pytest.approx(1e-10)
+
+
+# --------------------------------------------------------------------------------------------
+# degenerate covariances: never NaN / inf
+# --------------------------------------------------------------------------------------------
+
+
+def _degenerate_cases():
+    delta, X, _ = make_case(out_f=24, in_f=32, n=256, seed=31)
+    cases = {}
+    # fewer samples than features: rank(H) = 10 < 32
+    Xf = X[:10]
+    cases["few_samples"] = (delta, Xf, Xf.T @ Xf)
+    # dead channels: 8 input features never fire
+    Xd = X.clone()
+    dead = torch.tensor([0, 3, 4, 10, 17, 18, 25, 31])
+    Xd[:, dead] = 0.0
+    cases["dead_channels"] = (delta, Xd, Xd.T @ Xd)
+    # tiny negative eigenvalues from round-off in a rank-deficient H
+    g = torch.Generator().manual_seed(32)
+    N = torch.randn(32, 32, generator=g, dtype=F64)
+    cases["tiny_negative"] = (delta, Xf, Xf.T @ Xf - 1e-12 * (torch.eye(32, dtype=F64) + 0.1 * (N + N.T)))
+    # accumulated in float32 (as calibration does on GPU): round-off eigenvalues ≈ 1e-7·λ_max
+    cases["float32_rank_deficient"] = (delta, Xf, (Xf.float().T @ Xf.float()))
+    return cases, dead
+
+
+DEGENERATE, DEAD = _degenerate_cases()
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.01, 1.0])
+@pytest.mark.parametrize("case", sorted(DEGENERATE))
+def test_degenerate_h_never_gives_nan_and_stays_near_optimal(case, damping):
+    delta, X, H = DEGENERATE[case]
+    for r in (1, 5, 12, 23):
+        f = eora_factors(delta, H, r, damping=damping)
+        for t in (f.A, f.B, f.singular_values):
+            assert torch.isfinite(t).all(), (case, damping, r)
+        # factors stay of the residual's magnitude (no 1/√λ blow-up)
+        assert float(product(f).abs().max()) < 10 * float(delta.abs().max())
+        assert 0.0 <= f.energy_retained <= 1.0
+        err = direct_error(delta, X, f)
+        scale = float(torch.linalg.matrix_norm(delta @ X.T))
+        e_svd = direct_error(delta, X, eora_factors(delta, H, r, method="svd"))
+        assert err <= e_svd + 1e-6 * scale, (case, damping, r, err, e_svd)
+        if damping == 0.0:
+            # textbook EoRA still reaches the weighted optimum on the excited subspace
+            assert err <= optimum(delta, X, r) + 1e-5 * scale, (case, r, err, optimum(delta, X, r))
+
+
+def test_few_samples_kept_eigen_and_zero_error_past_data_rank():
+    delta, X, H = DEGENERATE["few_samples"]
+    f = eora_factors(delta, H, 10)
+    assert f.kept_eigen == 10
+    # rank(ΔW·Xᵀ) = 10: r = 10 already explains every calibration activation
+    scale = float(torch.linalg.matrix_norm(delta @ X.T))
+    assert direct_error(delta, X, f) < 1e-6 * scale
+    assert f.energy_retained == pytest.approx(1.0, abs=1e-9)
+    # with damping every direction is kept
+    assert eora_factors(delta, H, 10, damping=0.01).kept_eigen == 32
+
+
+def test_dead_channels_get_no_compensation_without_damping():
+    delta, X, H = DEGENERATE["dead_channels"]
+    f0 = eora_factors(delta, H, 8)
+    assert f0.kept_eigen == 32 - len(DEAD)
+    A0 = f0.A.double()
+    assert float(A0[:, DEAD].abs().max()) < 1e-6 * float(A0.abs().max())
+    # damping re-introduces them (blends toward SVD): A has real weight on dead inputs
+    f1 = eora_factors(delta, H, 8, damping=0.1)
+    assert f1.kept_eigen == 32
+    A1 = f1.A.double()
+    assert float(A1[:, DEAD].abs().max()) > 1e-2 * float(A1.abs().max())
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.5])
+@pytest.mark.parametrize(
+    "H_kind", ["zeros", "negative_tiny", "float32_zeros"], ids=["zeros", "neg_tiny", "f32_zeros"]
+)
+def test_no_signal_h_falls_back_to_plain_svd(H_kind, damping):
+    delta, _, _ = make_case(seed=41)
+    n = delta.shape[1]
+    H = {
+        "zeros": torch.zeros(n, n, dtype=F64),
+        "negative_tiny": -1e-12 * torch.eye(n, dtype=F64),
+        "float32_zeros": torch.zeros(n, n),
+    }[H_kind]
+    for r in (1, 6, 23):
+        f = eora_factors(delta, H, r, damping=damping)
+        fs = eora_factors(delta, None, r, method="svd")
+        assert torch.isfinite(f.A).all() and torch.isfinite(f.B).all()
+        assert f.kept_eigen == n
+        torch.testing.assert_close(f.B, fs.B, rtol=0, atol=0)
+        torch.testing.assert_close(f.A, fs.A, rtol=0, atol=0)
+        torch.testing.assert_close(f.singular_values, fs.singular_values, rtol=0, atol=0)
+
+
+def test_zero_residual_gives_zero_factors():
+    _, _, H = make_case()
+    f = eora_factors(torch.zeros(24, 32, dtype=F64), H, 4)
+    assert torch.count_nonzero(f.A) == 0 and torch.count_nonzero(f.B) == 0
+    assert f.energy_retained == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# damping and scale
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("r", [2, 8, 16])
+def test_huge_damping_tends_to_svd(r):
+    delta, _, H = make_case(seed=51)
+    ref = product(eora_factors(delta, H, r, method="svd"))
+    diffs = [rel_diff(product(eora_factors(delta, H, r, damping=d)), ref) for d in (1e-2, 1.0, 1e2, 1e8)]
+    assert diffs[-1] < 1e-5, diffs
+    # at δ = 1e-2 EoRA is still far from SVD on this anisotropic case, and it approaches SVD as δ grows
+    assert diffs[0] > 0.1, diffs
+    assert diffs[-1] < diffs[2] < diffs[0], diffs
+
+
+def test_tiny_damping_tends_to_undamped():
+    delta, X, H = make_case(seed=52)
+    f0 = eora_factors(delta, H, 6)
+    f1 = eora_factors(delta, H, 6, damping=1e-12)
+    assert rel_diff(product(f1), product(f0)) < 1e-5
+    # damping trades calibration-domain error for generality: never below the optimum
+    for d in (1e-3, 1e-1, 10.0):
+        assert direct_error(delta, X, eora_factors(delta, H, 6, damping=d)) >= optimum(delta, X, 6) * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.1])
+@pytest.mark.parametrize("c", [1e-6, 3.7, 1e6])
+def test_scale_invariance(c, damping):
+    delta, _, H = make_case(seed=61)
+    for r in (3, 12):
+        ref = product(eora_factors(delta, H, r, damping=damping))
+        got = product(eora_factors(delta, H * c, r, damping=damping))
+        assert rel_diff(got, ref) < 1e-5, (c, damping, r)
+    # also with a rank-deficient H: the eigenvalue cut-off is relative
+    delta, _, Hd = DEGENERATE["few_samples"]
+    f_ref = eora_factors(delta, Hd, 5, damping=damping)
+    f_c = eora_factors(delta, Hd * c, 5, damping=damping)
+    assert f_c.kept_eigen == f_ref.kept_eigen
+    assert rel_diff(product(f_c), product(f_ref)) < 1e-5
+
+
+def test_float32_and_float64_inputs_agree():
+    delta, _, H = make_case(seed=71)
+    f64 = eora_factors(delta, H, 6)
+    f32 = eora_factors(delta.float(), H.float(), 6)
+    assert rel_diff(product(f32), product(f64)) < 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# energy_retained
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["eora", "svd"])
+def test_energy_retained_bounded_and_monotone(method):
+    delta, X, H = make_case(seed=81)
+    energies = [eora_factors(delta, H, r, method=method).energy_retained for r in range(1, 24)]
+    assert all(0.0 <= e <= 1.0 for e in energies)
+    assert all(b > a for a, b in zip(energies, energies[1:])), energies
+    # exact value: share of σ² captured
+    f = eora_factors(delta, H, 5, method=method)
+    s2 = f.singular_values.double() ** 2
+    assert f.energy_retained == pytest.approx(float(s2[:5].sum() / s2.sum()), rel=1e-12)
+    if method == "eora":
+        # for EoRA it is 1 − (weighted error / weighted norm of ΔW)²
+        rel = direct_error(delta, X, f) / float(torch.linalg.matrix_norm(delta @ X.T))
+        assert f.energy_retained == pytest.approx(1 - rel**2, rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------
+
+
+def _bad_inputs():
+    delta, _, H = make_case(out_f=12, in_f=16, n=64, seed=91)
+    nan_delta = delta.clone()
+    nan_delta[2, 3] = float("nan")
+    inf_delta = delta.clone()
+    inf_delta[0, 0] = float("inf")
+    nan_H = H.clone()
+    nan_H[4, 4] = float("nan")
+    inf_H = H.clone()
+    inf_H[1, 2] = float("inf")
+    return [
+        ("rank_eq_min", dict(delta=delta, H=H, rank=12), "too large"),
+        ("rank_gt_min", dict(delta=delta, H=H, rank=40), "smaller than min(out, in) = 12"),
+        ("rank_zero", dict(delta=delta, H=H, rank=0), "positive integer"),
+        ("rank_negative", dict(delta=delta, H=H, rank=-3), "positive integer"),
+        ("rank_float", dict(delta=delta, H=H, rank=2.0), "positive integer"),
+        ("nan_delta", dict(delta=nan_delta, H=H, rank=2), "residual contains NaN or inf"),
+        ("inf_delta", dict(delta=inf_delta, H=H, rank=2), "residual contains NaN or inf"),
+        ("nan_H", dict(delta=delta, H=nan_H, rank=2), "covariance contains NaN or inf"),
+        ("nan_H_damped", dict(delta=delta, H=nan_H, rank=2, damping=0.1), "covariance contains NaN or inf"),
+        ("inf_H", dict(delta=delta, H=inf_H, rank=2), "covariance contains NaN or inf"),
+        ("H_shape", dict(delta=delta, H=H[:12, :12], rank=2), "does not match the layer's input size 16"),
+        ("H_nonsquare", dict(delta=delta, H=H[:, :12], rank=2), "covariance shape (16, 12)"),
+        ("H_for_out_dim", dict(delta=delta, H=torch.eye(12, dtype=F64), rank=2), "does not match"),
+        ("unknown_method", dict(delta=delta, H=H, rank=2, method="qr"), "Unknown EoRA method 'qr'"),
+        ("negative_damping", dict(delta=delta, H=H, rank=2, damping=-0.1), "damping must be a finite number"),
+        ("nan_damping", dict(delta=delta, H=H, rank=2, damping=float("nan")), "damping must be"),
+        ("inf_damping", dict(delta=delta, H=H, rank=2, damping=float("inf")), "damping must be"),
+        ("eora_without_H", dict(delta=delta, H=None, rank=2), "needs the activation covariance"),
+        ("delta_1d", dict(delta=delta[0], H=H, rank=2), "2-D matrix"),
+        ("delta_3d", dict(delta=delta[None], H=H, rank=2), "2-D matrix"),
+    ]
+
+
+@pytest.mark.parametrize("kwargs,phrase", [c[1:] for c in _bad_inputs()], ids=[c[0] for c in _bad_inputs()])
+def test_invalid_inputs_raise_value_error(kwargs, phrase):
+    with pytest.raises(ValueError) as exc:
+        eora_factors(**kwargs)
+    assert phrase in str(exc.value), str(exc.value)
+
+
+def test_error_messages_name_the_module():
+    delta, _, H = make_case(out_f=12, in_f=16, n=64)
+    name = "model.layers.3.self_attn.q_proj"
+    with pytest.raises(ValueError) as exc:
+        eora_factors(delta, H, 12, name=name)
+    msg = str(exc.value)
+    assert name in msg and "(12×16)" in msg and "rank_pattern={'q_proj': <r>}" in msg
+    with pytest.raises(ValueError, match="q_proj: covariance shape"):
+        eora_factors(delta, H[:3, :3], 2, name=name)
+    # check_rank on its own
+    check_rank(11, 12, 16)
+    with pytest.raises(ValueError, match="too large"):
+        check_rank(12, 16, 12)
