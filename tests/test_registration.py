@@ -78,3 +78,12 @@ def test_get_peft_model_and_reload_through_peft(tiny_llama, tmp_path):
     reloaded = PeftModel.from_pretrained(model.__class__(model.config), tmp_path)
     assert isinstance(reloaded.base_model, EoRAModel)
     assert isinstance(reloaded.peft_config["default"], EoRAConfig)
+
+
+def test_import_does_not_need_gptqmodel():
+    """gptqmodel is an optional extra: importing peft_eora must not import it."""
+    import subprocess
+    import sys
+
+    code = "import sys; import peft_eora; assert 'gptqmodel' not in sys.modules, 'gptqmodel imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)

@@ -1,0 +1,86 @@
+// Launch helpers shared by the per-bit-width translation units (gptq_lora_b{2,3,4,8}.cu).
+// Splitting the 24 kernel instantiations over four files lets ninja compile them in parallel.
+#pragma once
+
+#include <c10/util/Exception.h>
+#include <cuda_runtime.h>
+
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <utility>
+
+#include "gptq_lora_kernel.cuh"
+
+#define PE_CUDA_CHECK(expr)                                                                   \
+  do {                                                                                        \
+    cudaError_t err__ = (expr);                                                               \
+    TORCH_CHECK(err__ == cudaSuccess, "peft_eora CUDA error: ", cudaGetErrorString(err__)); \
+  } while (0)
+
+namespace peft_eora {
+
+// Resident-CTA capacity of one kernel instantiation on one device (cached, thread-safe).
+inline int capacity(const void* func, int device, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, size_t>, int> cache;
+  static std::map<std::pair<const void*, int>, size_t> smem_limit;  // opt-in limit set so far
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(func, device, smem);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  size_t& limit = smem_limit[std::make_pair(func, device)];
+  if (smem > 48 * 1024 && smem > limit) {  // only ever raise the per-function limit
+    PE_CUDA_CHECK(cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    limit = smem;
+  }
+  int per_sm = 0;
+  PE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, func, kThreads, smem));
+  int sms = 0;
+  PE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  TORCH_CHECK(per_sm > 0, "peft_eora: kernel cannot be resident (shared memory ", smem, " bytes)");
+  const int cap = per_sm * sms;
+  cache.emplace(key, cap);
+  return cap;
+}
+
+template <typename T, int BITS, int MAXM>
+void launch(Params& p, bool two_pass, int64_t ws_ints, int device, cudaStream_t stream) {
+  const void* func = reinterpret_cast<const void*>(&gptq_lora_kernel<T, BITS, MAXM>);
+  const int cap = capacity(func, device, smem_bytes(MAXM, p.M, p.R));
+  const LaunchPlan plan = make_plan(p, MAXM, cap, two_pass);
+  TORCH_CHECK(ws_ints >= plan.ws_ints, "peft_eora: workspace has ", ws_ints, " int32 words, needs ", plan.ws_ints);
+  for (int i = 0; i < plan.launches; ++i) {
+    p.mode = plan.mode[i];
+    gptq_lora_kernel<T, BITS, MAXM><<<plan.grid[i], kThreads, plan.smem, stream>>>(p);
+    PE_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+// All M variants for one code width. Instantiated (for __half and __nv_bfloat16) only in
+// gptq_lora_b<BITS>.cu; other translation units see the extern declarations below.
+template <typename T, int BITS>
+void launch_bits(Params& p, bool two_pass, int64_t ws_ints, int device, cudaStream_t stream) {
+  if (p.M <= 1) {
+    launch<T, BITS, 1>(p, two_pass, ws_ints, device, stream);
+  } else if (p.M <= 4) {
+    launch<T, BITS, 4>(p, two_pass, ws_ints, device, stream);
+  } else {
+    launch<T, BITS, 16>(p, two_pass, ws_ints, device, stream);
+  }
+}
+
+#define PEFT_EORA_LAUNCH_BITS(PREFIX, T, BITS) \
+  PREFIX template void launch_bits<T, BITS>(Params&, bool, int64_t, int, cudaStream_t);
+#define PEFT_EORA_LAUNCH_BITS_BOTH(PREFIX, BITS)     \
+  PEFT_EORA_LAUNCH_BITS(PREFIX, __half, BITS)        \
+  PEFT_EORA_LAUNCH_BITS(PREFIX, __nv_bfloat16, BITS)
+
+#ifndef PEFT_EORA_BITS_UNIT
+PEFT_EORA_LAUNCH_BITS_BOTH(extern, 2)
+PEFT_EORA_LAUNCH_BITS_BOTH(extern, 3)
+PEFT_EORA_LAUNCH_BITS_BOTH(extern, 4)
+PEFT_EORA_LAUNCH_BITS_BOTH(extern, 8)
+#endif
+
+}  // namespace peft_eora

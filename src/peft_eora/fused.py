@@ -1,0 +1,378 @@
+"""Swap PEFT's GPTQ LoRA layers for a fused quantized-GEMM + low-rank forward, and back.
+
+    >>> from peft_eora.fused import fuse, unfuse
+    >>> report = fuse(peft_model)         # in place; CUDA -> Triton -> torch by availability
+    >>> report.fused[:2], report.skipped  # doctest: +SKIP
+    >>> with torch.no_grad():
+    ...     out = peft_model.generate(**inputs)  # doctest: +SKIP
+    >>> unfuse(peft_model)                # the original PEFT modules, exactly, are back
+
+``fuse`` replaces every ``peft.tuners.lora.gptq.GPTQLoraLinear`` (what EoRA/LoRA adapters on a
+GPTQ model become) whose base is a plain-GPTQ gptqmodel module (``TorchLinear`` or
+``TritonV2Linear``: the packed layout is read directly, gptqmodel is not called) and which has
+exactly one active vanilla-LoRA adapter, by a :class:`FusedGPTQLoraLinear`. That subclass
+shares the original's submodules and parameters (same ``state_dict`` keys, ``.to()`` moves
+both) and computes ``base(x) + lora_B(lora_A(x))·scaling`` with one call of
+``torch.ops.peft_eora.gptq_lora_linear``. Anything else is left alone and logged with the
+reason (``report.skipped``). Bases that gptqmodel repacks for its GPU kernels (Marlin,
+ExLlama, ...) are skipped: load the checkpoint with the ``torch`` or ``triton`` gptqmodel
+backend to fuse it.
+
+On CPU with ``backend="auto"`` fused layers keep PEFT's forward (the op's CPU path is the
+float32 reference, slower than gptqmodel's CPU kernel); pass ``backend="torch"``/``"triton"`` to
+force the op there. At call time a fused layer also falls back to the plain PEFT forward
+whenever the fused op would not compute the same thing: gradients needed (the op has no
+backward: use ``torch.no_grad()``, as ``generate`` does), dropout active (training mode),
+adapters disabled, another adapter set active, or extra forward arguments. Because it *is* a ``GPTQLoraLinear``, PEFT's
+``disable_adapter()``/``set_adapter()`` keep working on fused models.
+
+Tolerance: against the unfused PEFT model the fused output differs only by rounding: the
+kernels dequantize in float32 (gptqmodel's ``TorchLinear`` in the scales' float16) and the
+LoRA factors are used in the activation dtype (PEFT runs them in their own, often float32).
+Asserted on CPU (``tests/test_fused.py``): max error ≤ 1e-3·max|y| for float32 activations
+(observed ~2e-7), ≤ 1e-2·max|y| for float16 (observed ~6e-4, one output ulp). ``adapter_bits=8``/``4`` swaps in int8/int4 per-channel factors
+(:mod:`peft_eora.kernels.lowbit`), which changes the result by the factor quantization error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+from peft.tuners.lora.gptq import GPTQLoraLinear
+from torch import nn
+
+from .kernels import ops as _ops  # registers torch.ops.peft_eora.gptq_lora_linear
+from .kernels.lowbit import quantize_per_channel
+from .kernels.reference import SUPPORTED_BITS, packed_len
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_BASES",
+    "FuseReport",
+    "FusedGPTQLoraLinear",
+    "fuse",
+    "unfuse",
+    "fused_modules",
+    "base_layer_reason",
+]
+
+#: gptqmodel classes whose in-memory tensors are the plain GPTQ layout with "v2" zeros.
+DEFAULT_BASES: tuple[str, ...] = ("TorchLinear", "TritonV2Linear")
+
+# nn.Module bookkeeping that must be per-instance (copied, not shared) between the
+# original PEFT layer and its fused twin.
+_MODULE_INTERNALS = (
+    "_parameters",
+    "_buffers",
+    "_non_persistent_buffers_set",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+    "_modules",
+)
+_FUSED_ATTRS = ("_fused_original", "_fused_adapter", "_fused_backend", "_fused_adapter_bits", "_fused_meta",
+                "_fused_cache")
+
+
+@dataclass
+class FuseReport:
+    """What :func:`fuse` did: qualified names fused, and skipped names with the reason."""
+
+    fused: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.fused)
+
+
+@dataclass(frozen=True)
+class _BaseMeta:
+    bits: int
+    in_features: int
+    out_features: int
+    group_size: int
+    zero_offset: int
+    act_order: bool
+
+
+def _gptqmodel_class_name(module: nn.Module) -> Optional[str]:
+    cls = type(module)
+    return cls.__name__ if cls.__module__.startswith("gptqmodel.") else None
+
+
+def base_layer_reason(base: nn.Module, supported: Iterable[str] = DEFAULT_BASES) -> Optional[str]:
+    """None if the fused op can read ``base``'s packed tensors directly, else why not."""
+    name = _gptqmodel_class_name(base)
+    if name is None or name not in tuple(supported):
+        return f"base layer {type(base).__name__} is not a plain-GPTQ gptqmodel module ({', '.join(supported)})"
+    bits = getattr(base, "bits", None)
+    if bits not in SUPPORTED_BITS:
+        return f"unsupported bits={bits}"
+    if getattr(base, "planar", False):
+        return "planar (gptq_p) packing is not supported"
+    if getattr(base, "pack_dtype", torch.int32) != torch.int32:
+        return f"pack_dtype {getattr(base, 'pack_dtype', None)} is not int32"
+    if getattr(base, "adapter", None):
+        return "base layer carries its own gptqmodel adapter"
+    if getattr(base, "had_K", None) is not None or getattr(base, "online_full_had", False):
+        return "base layer applies an online Hadamard rotation"
+    for attr in ("qweight", "qzeros", "scales", "g_idx"):
+        if not isinstance(getattr(base, attr, None), torch.Tensor):
+            return f"base layer has no {attr} tensor"
+    k, n = base.in_features, base.out_features
+    if tuple(base.qweight.shape) != (packed_len(k, bits), n) or base.qweight.dtype != torch.int32:
+        return f"qweight {tuple(base.qweight.shape)} is not the GPTQ layout for {k}x{n} at {bits} bits"
+    if base.g_idx.numel() != k:
+        return f"g_idx has {base.g_idx.numel()} entries for in_features={k}"
+    if base.qzeros.shape[0] != base.scales.shape[0] or base.qzeros.shape[1] < packed_len(n, bits):
+        return f"qzeros {tuple(base.qzeros.shape)} does not match scales {tuple(base.scales.shape)}"
+    return None
+
+
+def _base_meta(base: nn.Module) -> _BaseMeta:
+    k = int(base.in_features)
+    group_size = int(getattr(base, "group_size", -1))
+    if group_size <= 0:
+        group_size = k
+    trivial = torch.equal(
+        base.g_idx.detach().to("cpu", torch.long), torch.arange(k, dtype=torch.long) // group_size
+    )
+    # Modules that REQUIRES_FORMAT_V2 keep true zero points in memory (converted on load);
+    # others keep the checkpoint's v1 zeros (stored minus one) unless converted.
+    v2 = getattr(type(base), "REQUIRES_FORMAT_V2", False)
+    if not v2 and hasattr(base, "qzero_format"):
+        v2 = base.qzero_format() == 2
+    return _BaseMeta(
+        bits=int(base.bits),
+        in_features=k,
+        out_features=int(base.out_features),
+        group_size=group_size,
+        zero_offset=0 if v2 else 1,
+        act_order=not trivial,
+    )
+
+
+def _adapter_reason(layer: GPTQLoraLinear) -> tuple[Optional[str], Optional[str]]:
+    """(reason, adapter): reason is None when the layer's adapter state can be fused."""
+    if layer.merged:
+        return "adapter weights are merged", None
+    if layer.disable_adapters:
+        return "adapters are disabled", None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return f"needs exactly one active LoRA adapter, found {len(active)}", None
+    name = active[0]
+    if name in getattr(layer, "lora_variant", {}):
+        return f"adapter {name!r} uses a LoRA variant ({type(layer.lora_variant[name]).__name__})", None
+    if not isinstance(layer.lora_A[name], nn.Linear) or not isinstance(layer.lora_B[name], nn.Linear):
+        return f"adapter {name!r} factors are not nn.Linear", None
+    if layer.lora_A[name].bias is not None:
+        return f"adapter {name!r} lora_A has a bias", None
+    return None, name
+
+
+class FusedGPTQLoraLinear(GPTQLoraLinear):
+    """A ``GPTQLoraLinear`` whose forward runs the fused GPTQ + low-rank op (see module docs).
+
+    Built by :func:`fuse` (never directly): it shares submodules, parameters and PEFT adapter
+    dictionaries with the original layer, which it keeps for :func:`unfuse`.
+    """
+
+    _fused_original: GPTQLoraLinear
+    _fused_adapter: str
+    _fused_backend: str
+    _fused_adapter_bits: int
+    _fused_meta: _BaseMeta
+    _fused_cache: dict
+
+    @classmethod
+    def from_peft(
+        cls, layer: GPTQLoraLinear, adapter: str, backend: str = "auto", adapter_bits: int = 16
+    ) -> "FusedGPTQLoraLinear":
+        """Twin of ``layer`` (not registered anywhere yet) computing ``adapter`` through the fused op."""
+        new = cls.__new__(cls)
+        state = dict(layer.__dict__)
+        for key in _MODULE_INTERNALS:
+            if key in state:
+                state[key] = type(state[key])(state[key])  # per-instance copy (same entries)
+        new.__dict__.update(state)
+        object.__setattr__(new, "_fused_original", layer)
+        object.__setattr__(new, "_fused_adapter", adapter)
+        object.__setattr__(new, "_fused_backend", backend)
+        object.__setattr__(new, "_fused_adapter_bits", int(adapter_bits))
+        object.__setattr__(new, "_fused_meta", _base_meta(layer.get_base_layer()))
+        object.__setattr__(new, "_fused_cache", {})
+        return new
+
+    @property
+    def original(self) -> GPTQLoraLinear:
+        """The PEFT layer this one replaced (restored by :func:`unfuse`)."""
+        return self._fused_original
+
+    def refresh(self) -> None:
+        """Drop cached dtype/device copies (call after editing the adapter or base tensors in place)."""
+        self._fused_cache.clear()
+
+    def _can_fuse_call(self, x: torch.Tensor) -> bool:
+        name = self._fused_adapter
+        if self.disable_adapters or self.merged or self.active_adapters != [name] or name not in self.lora_A:
+            return False
+        if name in getattr(self, "lora_variant", {}):
+            return False
+        dropout = self.lora_dropout[name]
+        if self.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            return False
+        if torch.is_grad_enabled() and (
+            x.requires_grad or self.lora_A[name].weight.requires_grad or self.lora_B[name].weight.requires_grad
+        ):
+            return False
+        if x.shape[-1] != self._fused_meta.in_features:
+            return False
+        # On CPU the fused op only has the float32 reference path, slower than gptqmodel's own
+        # CPU kernel: with backend "auto" keep PEFT's forward there (same result).
+        return not (x.device.type == "cpu" and self._fused_backend == "auto"
+                    and os.environ.get(_ops.ENV_BACKEND, "auto") in ("", "auto"))
+
+    def _prepared(self, x: torch.Tensor) -> dict[str, Any]:
+        key = (x.dtype, x.device)
+        cached = self._fused_cache.get(key)
+        if cached is not None:
+            return cached
+        self._fused_cache.clear()  # one live copy: dtype/device changed
+        meta = self._fused_meta
+        base = self.get_base_layer()
+        name = self._fused_adapter
+        dev = x.device
+        compute = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+        lora_a = self.lora_A[name].weight.detach()
+        lora_b = self.lora_B[name].weight.detach()
+        scaling = float(self.scaling[name])
+        bias = base.bias.detach().to(dev, torch.float32) if getattr(base, "bias", None) is not None else None
+        if self.lora_B[name].bias is not None:  # lora_bias=True: folded into the output bias
+            lb = self.lora_B[name].bias.detach().to(dev, torch.float32) * scaling
+            bias = lb if bias is None else bias + lb
+        prepared: dict[str, Any] = dict(
+            qweight=base.qweight.detach().to(dev).contiguous(),
+            qzeros=base.qzeros.detach().to(dev).contiguous(),
+            scales=base.scales.detach().to(dev, compute).contiguous(),
+            g_idx=base.g_idx.detach().to(dev, torch.int32).contiguous() if meta.act_order else None,
+            bias=bias.to(compute) if bias is not None else None,
+            scaling=scaling,
+        )
+        if self._fused_adapter_bits == 16:
+            prepared.update(
+                lora_a=lora_a.to(dev, compute).contiguous(), lora_b=lora_b.to(dev, compute).contiguous(),
+                lora_a_scale=None, lora_b_scale=None,
+            )
+        else:
+            qa = quantize_per_channel(lora_a, self._fused_adapter_bits)
+            qb = quantize_per_channel(lora_b, self._fused_adapter_bits)
+            prepared.update(
+                lora_a=qa.data.to(dev), lora_b=qb.data.to(dev),
+                lora_a_scale=qa.scale.to(dev), lora_b_scale=qb.scale.to(dev),
+            )
+        self._fused_cache[key] = prepared
+        return prepared
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs or not self._can_fuse_call(x):
+            return super().forward(x, *args, **kwargs)
+        p = self._prepared(x)
+        meta = self._fused_meta
+        # eager: call the op body directly (no dispatcher round trip); traced: the custom op
+        op = torch.ops.peft_eora.gptq_lora_linear if torch.compiler.is_compiling() else _ops.gptq_lora_linear_eager
+        return op(
+            x, p["qweight"], p["qzeros"], p["scales"], p["g_idx"], p["bias"],
+            p["lora_a"], p["lora_b"], p["lora_a_scale"], p["lora_b_scale"],
+            bits=meta.bits, group_size=meta.group_size, lora_bits=self._fused_adapter_bits,
+            scaling=p["scaling"], zero_offset=meta.zero_offset, backend=self._fused_backend,
+        )
+
+    def extra_repr(self) -> str:
+        m = self._fused_meta
+        return (
+            f"fused: adapter={self._fused_adapter!r}, bits={m.bits}, group_size={m.group_size}, "
+            f"act_order={m.act_order}, adapter_bits={self._fused_adapter_bits}, backend={self._fused_backend!r}"
+        )
+
+
+def _parent(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
+    if "." not in qualified:
+        return model, qualified
+    parent_name, child = qualified.rsplit(".", 1)
+    return model.get_submodule(parent_name), child
+
+
+def fuse(
+    model: nn.Module,
+    *,
+    backend: str = "auto",
+    adapter_bits: int = 16,
+    supported_bases: Iterable[str] = DEFAULT_BASES,
+) -> FuseReport:
+    """Replace fusable GPTQ LoRA/EoRA layers of ``model`` in place; returns a :class:`FuseReport`.
+
+    ``backend``: ``"auto"`` (CUDA → Triton → torch), or force ``"cuda"``/``"triton"``/``"torch"``.
+    ``adapter_bits``: 16 keeps the factors in the activation dtype; 8/4 uses int8/int4
+    per-channel copies (quantized once, at the first call per dtype/device).
+    """
+    if backend not in _ops.BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: expected one of {_ops.BACKENDS}")
+    if adapter_bits not in (16, 8, 4):
+        raise ValueError(f"unsupported adapter_bits={adapter_bits}: expected 16, 8 or 4")
+    supported = tuple(supported_bases)
+    report = FuseReport()
+    targets = []
+    for name, module in model.named_modules():
+        if not isinstance(module, GPTQLoraLinear) or isinstance(module, FusedGPTQLoraLinear):
+            continue
+        reason = base_layer_reason(module.get_base_layer(), supported)
+        adapter = None
+        if reason is None:
+            reason, adapter = _adapter_reason(module)
+        if reason is not None:
+            report.skipped[name] = reason
+            logger.info("not fusing %s: %s", name, reason)
+            continue
+        targets.append((name, module, adapter))
+    for name, module, adapter in targets:
+        parent, child = _parent(model, name)
+        setattr(parent, child, FusedGPTQLoraLinear.from_peft(module, adapter, backend, adapter_bits))
+        report.fused.append(name)
+    logger.info("fused %d GPTQ LoRA layer(s), skipped %d", len(report.fused), len(report.skipped))
+    return report
+
+
+def unfuse(model: nn.Module) -> int:
+    """Put the original PEFT layers back (with the adapter state changed meanwhile); returns how many."""
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, FusedGPTQLoraLinear)]
+    for name, fused in targets:
+        original = fused._fused_original
+        for key, value in fused.__dict__.items():  # carry adapter state (active adapter, enabled, mode)
+            if key in _MODULE_INTERNALS or key in _FUSED_ATTRS:
+                continue
+            original.__dict__[key] = value
+        parent, child = _parent(model, name)
+        setattr(parent, child, original)
+    if targets:
+        logger.info("unfused %d layer(s)", len(targets))
+    return len(targets)
+
+
+def fused_modules(model: nn.Module) -> dict[str, FusedGPTQLoraLinear]:
+    """Fused layers of ``model`` by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, FusedGPTQLoraLinear)}
+

@@ -1,0 +1,294 @@
+"""The ``peft_eora::gptq_lora_linear`` custom operator (``torch.library``), dispatching CUDA → Triton → torch.
+
+    >>> import torch
+    >>> from peft_eora.kernels import ops
+    >>> y = torch.ops.peft_eora.gptq_lora_linear(
+    ...     x, qweight, qzeros, scales, g_idx, bias, lora_a, lora_b, None, None,
+    ...     bits=4, group_size=128, scaling=1.0)  # doctest: +SKIP
+
+computes ``x·dequant(W) + scaling·(x·Aᵀ)·Bᵀ + bias`` (see
+:func:`~peft_eora.kernels.reference.gptq_lora_linear_reference` for the exact contract;
+``lora_a``/``lora_b`` may be None for the plain quantized GEMM). The op has a fake (meta)
+implementation, so ``torch.compile(fullgraph=True)`` traces through it, and its CUDA path is
+a single kernel launch with no host synchronisation, so it can be captured in CUDA graphs.
+It is inference-only (no autograd formula).
+
+Backend choice (``backend="auto"``, or the ``PEFT_EORA_BACKEND`` environment variable):
+
+* CUDA tensors: the JIT-built CUDA kernel for decode batches (≤ 16 rows, ``in % 32 == 0``,
+  float16/bfloat16), else the Triton kernel, else dequantize + matmul in torch;
+* CPU tensors: torch, or the Triton kernel in the interpreter when asked for
+  (``backend="triton"`` with ``TRITON_INTERPRET=1`` set before Triton was imported).
+
+An explicitly requested backend that cannot run raises ``RuntimeError`` with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import cuda_ext
+from .reference import check_bits, gptq_lora_linear_torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BACKENDS",
+    "ENV_BACKEND",
+    "ENV_TWO_PASS",
+    "gptq_lora_linear",
+    "gptq_lora_linear_eager",
+    "select_backend",
+    "triton_available",
+    "cuda_kernel_supports",
+]
+
+BACKENDS: tuple[str, ...] = ("auto", "cuda", "triton", "torch")
+ENV_BACKEND = "PEFT_EORA_BACKEND"
+#: ``1`` makes the CUDA path use two launches (A·x, then GEMV + B·t) instead of the in-kernel barrier.
+ENV_TWO_PASS = "PEFT_EORA_CUDA_TWO_PASS"
+CUDA_MAX_M = 16
+CUDA_MAX_RANK = (256 - 2) * 8
+
+_workspaces: dict[int, Tensor] = {}
+# Every workspace ever handed to a kernel stays alive: a CUDA graph captured with an older
+# (smaller) one keeps its pointer, so growing must never free it.
+_retired_workspaces: list[Tensor] = []
+_ws_lock = threading.Lock()
+#: int32 words allocated at least (covers M = 16, r = 256 with the maximal K split).
+_WS_MIN_INTS = 256 + 16 * 256 * 33
+
+
+def triton_available(device: torch.device) -> bool:
+    """Whether the Triton kernel can run on ``device`` (GPU build, or the interpreter on CPU)."""
+    try:
+        from . import triton_gptq_lora
+    except Exception as exc:  # triton missing or broken
+        logger.debug("Triton unavailable: %s", exc)
+        return False
+    if device.type == "cpu":
+        return triton_gptq_lora.interpreter_active()
+    return device.type == "cuda"
+
+
+def cuda_kernel_supports(
+    x: Tensor, bits: int, lora_a: Optional[Tensor], lora_bits: int
+) -> Optional[str]:
+    """None if the CUDA kernel handles this call, else the reason it does not."""
+    if x.device.type != "cuda":
+        return "x is not on a CUDA device"
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return f"the CUDA kernel takes float16/bfloat16 activations, got {x.dtype}"
+    rows = x.numel() // max(1, x.shape[-1])
+    if rows < 1 or rows > CUDA_MAX_M:
+        return f"the CUDA kernel handles 1..{CUDA_MAX_M} rows (decode), got {rows}"
+    if x.shape[-1] % 32:
+        return f"the CUDA kernel needs in_features % 32 == 0, got {x.shape[-1]}"
+    if bits not in (2, 3, 4, 8):
+        return f"unsupported bits={bits}"
+    if lora_a is not None and not 1 <= lora_a.shape[0] <= CUDA_MAX_RANK:
+        return f"the CUDA kernel handles ranks 1..{CUDA_MAX_RANK}, got {lora_a.shape[0]}"
+    if lora_bits not in (16, 8, 4):
+        return f"unsupported lora_bits={lora_bits}"
+    return None
+
+
+def select_backend(
+    x: Tensor, bits: int, lora_a: Optional[Tensor], lora_bits: int, requested: str = "auto"
+) -> str:
+    """Resolve ``requested`` (or ``$PEFT_EORA_BACKEND``) to ``"cuda"``, ``"triton"`` or ``"torch"``."""
+    if requested == "auto":
+        requested = os.environ.get(ENV_BACKEND, "auto") or "auto"
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r}: expected one of {BACKENDS}")
+    if requested == "torch":
+        return "torch"
+    if requested in ("auto", "cuda"):
+        reason = cuda_kernel_supports(x, bits, lora_a, lora_bits)
+        if reason is None:
+            try:
+                cuda_ext.load_extension()
+                return "cuda"
+            except cuda_ext.CudaExtensionUnavailable as exc:
+                reason = str(exc)
+        if requested == "cuda":
+            raise RuntimeError(f"backend='cuda' requested but unusable: {reason}")
+        logger.debug("CUDA kernel not used: %s", reason)
+    if requested in ("auto", "triton"):
+        if x.device.type == "cuda" or requested == "triton":
+            if triton_available(x.device):
+                return "triton"
+            if requested == "triton":
+                hint = " or TRITON_INTERPRET=1 was not set before Triton was imported" if x.device.type == "cpu" else ""
+                raise RuntimeError(f"backend='triton' requested but unusable: Triton is missing{hint}")
+    return "torch"
+
+
+def _workspace(device: torch.device, ints: int) -> Tensor:
+    """Per-device int32 workspace of the in-kernel barrier (zero-initialised; the kernel resets it)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ws = _workspaces.get(index)
+    if ws is None or ws.numel() < ints:
+        with _ws_lock:
+            ws = _workspaces.get(index)
+            if ws is None or ws.numel() < ints:
+                if ws is not None:
+                    _retired_workspaces.append(ws)
+                ws = torch.zeros(max(ints, _WS_MIN_INTS), dtype=torch.int32, device=torch.device("cuda", index))
+                _workspaces[index] = ws
+    return ws
+
+
+def _aligned(t: Optional[Tensor]) -> Optional[Tensor]:
+    """Contiguous and 16-byte aligned (the kernel's vector loads), copying only when needed."""
+    if t is None:
+        return None
+    if not t.is_contiguous() or t.data_ptr() % 16:
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+def _run_cuda(
+    x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Optional[Tensor], bias: Optional[Tensor],
+    lora_a: Optional[Tensor], lora_b: Optional[Tensor], lora_a_scale: Optional[Tensor],
+    lora_b_scale: Optional[Tensor], bits: int, group_size: int, lora_bits: int, scaling: float, zero_offset: int,
+) -> Tensor:
+    ext = cuda_ext.load_extension()
+    in_features = x.shape[-1]
+    x2 = _aligned(x.reshape(-1, in_features))
+    if scales.dtype != x.dtype:
+        scales = scales.to(x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if lora_a is not None and lora_bits == 16:
+        lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    lora_a = _aligned(lora_a)
+    if g_idx is not None:
+        g_idx = _aligned(g_idx.to(torch.int32))
+    rank = lora_a.shape[0] if lora_a is not None else 0
+    if rank:
+        ws = _workspace(x.device, ext.workspace_ints(x2.shape[0], rank))
+    else:
+        ws = x2.new_empty(0, dtype=torch.int32)
+    two_pass = os.environ.get(ENV_TWO_PASS, "0") not in ("", "0", "false", "False")
+    out = ext.gptq_lora_forward(
+        x2, qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), g_idx, int(group_size), bias,
+        lora_a, lora_b, lora_a_scale, lora_b_scale, int(bits), int(lora_bits), float(scaling), int(zero_offset),
+        ws, two_pass,
+    )
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _check_args(
+    x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, lora_a: Optional[Tensor], lora_b: Optional[Tensor],
+    bits: int, lora_bits: int,
+) -> None:
+    check_bits(bits)
+    if lora_bits not in (16, 8, 4):
+        raise ValueError(f"unsupported lora_bits={lora_bits}: expected 16, 8 or 4")
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
+        raise ValueError(f"qweight/qzeros must be int32, got {qweight.dtype}/{qzeros.dtype}")
+    if scales.dim() != 2 or qweight.dim() != 2 or qweight.shape[1] != scales.shape[1]:
+        raise ValueError(f"qweight {tuple(qweight.shape)} and scales {tuple(scales.shape)} disagree on out_features")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("lora_a and lora_b must both be given or both be None")
+    if lora_b is not None and lora_b.shape[0] != scales.shape[1]:
+        raise ValueError(f"lora_b has {lora_b.shape[0]} rows, expected out_features={scales.shape[1]}")
+
+
+def gptq_lora_linear_eager(
+    x: Tensor,
+    qweight: Tensor,
+    qzeros: Tensor,
+    scales: Tensor,
+    g_idx: Optional[Tensor],
+    bias: Optional[Tensor],
+    lora_a: Optional[Tensor],
+    lora_b: Optional[Tensor],
+    lora_a_scale: Optional[Tensor],
+    lora_b_scale: Optional[Tensor],
+    bits: int,
+    group_size: int = -1,
+    lora_bits: int = 16,
+    scaling: float = 1.0,
+    zero_offset: int = 0,
+    backend: str = "auto",
+) -> Tensor:
+    """Body of the custom op, callable directly in eager mode (skips the dispatcher, ~µs per call).
+
+    Use ``torch.ops.peft_eora.gptq_lora_linear`` under ``torch.compile``/tracing.
+    """
+    _check_args(x, qweight, qzeros, scales, lora_a, lora_b, bits, lora_bits)
+    if lora_a is None:
+        lora_a_scale = lora_b_scale = None
+    chosen = select_backend(x, bits, lora_a, lora_bits, backend)
+    args = (x, qweight, qzeros, scales, g_idx, bias, lora_a, lora_b, lora_a_scale, lora_b_scale)
+    kwargs = dict(bits=bits, group_size=group_size, lora_bits=lora_bits, scaling=scaling, zero_offset=zero_offset)
+    if chosen == "cuda":
+        return _run_cuda(*args, **kwargs)
+    if chosen == "triton":
+        from .triton_gptq_lora import gptq_lora_linear_triton
+
+        return gptq_lora_linear_triton(*args, **kwargs)
+    if lora_a is None:  # torch path without LoRA: a zero-rank factor pair
+        in_features = x.shape[-1]
+        lora_a = x.new_zeros((0, in_features), dtype=torch.float32)
+        lora_b = x.new_zeros((scales.shape[1], 0), dtype=torch.float32)
+        kwargs["lora_bits"] = 16
+        args = (x, qweight, qzeros, scales, g_idx, bias, lora_a, lora_b, None, None)
+    return gptq_lora_linear_torch(*args, **kwargs)
+
+
+@torch.library.custom_op("peft_eora::gptq_lora_linear", mutates_args=())
+def gptq_lora_linear(
+    x: Tensor,
+    qweight: Tensor,
+    qzeros: Tensor,
+    scales: Tensor,
+    g_idx: Optional[Tensor],
+    bias: Optional[Tensor],
+    lora_a: Optional[Tensor],
+    lora_b: Optional[Tensor],
+    lora_a_scale: Optional[Tensor],
+    lora_b_scale: Optional[Tensor],
+    bits: int,
+    group_size: int = -1,
+    lora_bits: int = 16,
+    scaling: float = 1.0,
+    zero_offset: int = 0,
+    backend: str = "auto",
+) -> Tensor:
+    """``x·dequant(W_gptq) + scaling·(x·Aᵀ)·Bᵀ + bias`` through the best available backend."""
+    return gptq_lora_linear_eager(
+        x, qweight, qzeros, scales, g_idx, bias, lora_a, lora_b, lora_a_scale, lora_b_scale,
+        bits, group_size, lora_bits, scaling, zero_offset, backend,
+    )
+
+
+@gptq_lora_linear.register_fake
+def _gptq_lora_linear_fake(
+    x: Tensor,
+    qweight: Tensor,
+    qzeros: Tensor,
+    scales: Tensor,
+    g_idx: Optional[Tensor],
+    bias: Optional[Tensor],
+    lora_a: Optional[Tensor],
+    lora_b: Optional[Tensor],
+    lora_a_scale: Optional[Tensor],
+    lora_b_scale: Optional[Tensor],
+    bits: int,
+    group_size: int = -1,
+    lora_bits: int = 16,
+    scaling: float = 1.0,
+    zero_offset: int = 0,
+    backend: str = "auto",
+) -> Tensor:
+    _check_args(x, qweight, qzeros, scales, lora_a, lora_b, bits, lora_bits)
+    return x.new_empty((*x.shape[:-1], scales.shape[1]))

@@ -1,0 +1,282 @@
+"""``peft_eora.fused.fuse/unfuse`` on a real PEFT model over gptqmodel ``TorchLinear`` bases.
+
+Fused and unfused outputs are compared on CPU through the torch path (and the Triton path in
+the interpreter). Stated tolerance (documented in ``peft_eora.fused``): max |fused − unfused|
+≤ 1e-3·max|y| for float32 activations, ≤ 1e-2·max|y| for float16.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+import pytest  # noqa: E402
+from torch import nn  # noqa: E402
+
+pytest.importorskip("gptqmodel", reason="gptqmodel provides the GPTQ base layers PEFT wraps")
+from gptqmodel.nn_modules.qlinear.torch import TorchLinear  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from peft.tuners.lora.gptq import GPTQLoraLinear  # noqa: E402
+
+from peft_eora.fused import FusedGPTQLoraLinear, base_layer_reason, fuse, fused_modules, unfuse  # noqa: E402
+from peft_eora.kernels.reference import pack_cols, pack_rows, trivial_g_idx  # noqa: E402
+
+F32_TOL = 1e-3
+F16_TOL = 1e-2
+
+
+def _triton_cpu() -> bool:
+    if torch.cuda.is_available():
+        return False
+    try:
+        from peft_eora.kernels.triton_gptq_lora import interpreter_active
+    except Exception:
+        return False
+    return interpreter_active()
+
+
+def gptq_layer(k: int, n: int, bits: int, group_size: int, act_order: bool, bias: bool, seed: int) -> TorchLinear:
+    """A gptqmodel TorchLinear holding random packed codes (what a loaded checkpoint looks like in memory)."""
+    gen = torch.Generator().manual_seed(seed)
+    m = TorchLinear(bits=bits, group_size=group_size, sym=False, desc_act=act_order, in_features=k, out_features=n,
+                    bias=bias).eval()
+    groups = math.ceil(k / group_size)
+    m.qweight.copy_(pack_rows(torch.randint(0, 2**bits, (k, n), generator=gen), bits))
+    m.qzeros.copy_(pack_cols(torch.randint(0, 2**bits, (groups, n), generator=gen), bits))
+    m.scales.copy_((torch.rand(groups, n, generator=gen) * 0.02 + 0.002).half())
+    g = trivial_g_idx(k, group_size)
+    if act_order:
+        g = g[torch.randperm(k, generator=gen)]
+    m.g_idx.copy_(g)
+    if bias:
+        m.bias.copy_(torch.randn(n, generator=gen).half())
+    return m
+
+
+class TinyBlock(nn.Module):
+    """norm → q (4-bit, bias) → act → down (3-bit, act-order) → plus an unquantized lm_head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(128)
+        self.q = gptq_layer(128, 256, bits=4, group_size=32, act_order=False, bias=True, seed=1)
+        self.down = gptq_layer(256, 128, bits=3, group_size=64, act_order=True, bias=False, seed=2)
+        self.lm_head = nn.Linear(128, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.down(torch.nn.functional.silu(self.q(self.norm(x)))))
+
+
+def peft_model(r: int = 8, seed: int = 0, **lora_kwargs):
+    torch.manual_seed(seed)
+    model = TinyBlock()
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q", "down", "lm_head"], init_lora_weights=False,
+                     **lora_kwargs)
+    pm = get_peft_model(model, cfg).eval()
+    with torch.no_grad():  # EoRA-like non-zero factors of a realistic scale
+        for mod in pm.modules():
+            if isinstance(mod, GPTQLoraLinear):
+                for name in mod.lora_B:
+                    mod.lora_B[name].weight.normal_(0.0, 0.05)
+    return pm
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def test_peft_wraps_torchlinear_with_gptq_lora_layer():
+    pm = peft_model()
+    inner = pm.base_model.model
+    assert isinstance(inner.q, GPTQLoraLinear) and isinstance(inner.down, GPTQLoraLinear)
+    assert base_layer_reason(inner.q.get_base_layer()) is None
+    assert "not a plain-GPTQ" in base_layer_reason(nn.Linear(4, 4))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, F32_TOL), (torch.float16, F16_TOL)])
+def test_fused_matches_unfused_torch_path(dtype, tol):
+    pm = peft_model()
+    if dtype != torch.float32:
+        pm = pm.to(dtype)
+    x = torch.randn(2, 3, 128).to(dtype)
+    with torch.no_grad():
+        ref = pm(x)
+        report = fuse(pm, backend="torch")
+        assert sorted(report.fused) == ["base_model.model.down", "base_model.model.q"]
+        assert report.skipped == {}  # lm_head is a plain LoRA Linear: not a candidate at all
+        out = pm(x)
+    assert out.dtype == ref.dtype
+    err = rel_err(out, ref)
+    assert err <= tol, err
+    q = pm.base_model.model.q
+    assert isinstance(q, FusedGPTQLoraLinear) and q._fused_cache
+
+
+TRITON_CPU = _triton_cpu()
+
+
+@pytest.mark.skipif(
+    not TRITON_CPU,
+    reason="Triton interpreter inactive in this process (TRITON_INTERPRET=1 must precede Triton's import); "
+    "covered by test_triton_fused_in_subprocess",
+)
+def test_fused_matches_unfused_triton_interpreter():
+    pm = peft_model(r=16, seed=3)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        ref = pm(x)
+        fuse(pm, backend="triton")
+        out = pm(x)
+        assert rel_err(out, ref) <= F32_TOL
+        unfuse(pm)
+        fuse(pm, backend="torch")
+        out_torch = pm(x)
+    assert rel_err(out, out_torch) <= 1e-5
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() or TRITON_CPU or os.environ.get("PEFT_EORA_TRITON_SUBPROCESS") == "1",
+    reason="the Triton fused test runs in this process",
+)
+def test_triton_fused_in_subprocess():
+    """Re-run the Triton fused test with TRITON_INTERPRET=1 set before anything imports Triton."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PEFT_EORA_TRITON_SUBPROCESS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", __file__, "-k",
+         "test_fused_matches_unfused_triton_interpreter"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("bits,tol", [(8, 2e-2), (4, 1.5e-1)])
+def test_fused_with_quantized_adapters(bits, tol):
+    pm = peft_model(seed=4)
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        ref = pm(x)
+        fuse(pm, backend="torch", adapter_bits=bits)
+        out = pm(x)
+        fused = fused_modules(pm)["base_model.model.q"]
+        cache = next(iter(fused._fused_cache.values()))
+        assert cache["lora_a"].dtype == (torch.int8 if bits == 8 else torch.uint8)
+        # the LoRA term is what changes: its error is bounded by the factor quantization
+        assert rel_err(out, ref) <= tol
+
+
+def test_unfuse_restores_exact_modules_and_state():
+    pm = peft_model()
+    inner = pm.base_model.model
+    originals = (inner.q, inner.down)
+    keys = list(pm.state_dict().keys())
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        ref = pm(x)
+        fuse(pm, backend="torch")
+        assert list(pm.state_dict().keys()) == keys  # same parameter names while fused
+        assert inner.q.lora_A is originals[0].lora_A and inner.q.base_layer is originals[0].base_layer
+        pm.train()
+        pm.eval()
+        assert unfuse(pm) == 2
+        assert inner.q is originals[0] and inner.down is originals[1]
+        assert type(inner.q) is GPTQLoraLinear and not fused_modules(pm)
+        assert torch.equal(pm(x), ref)
+    assert list(pm.state_dict().keys()) == keys
+    assert unfuse(pm) == 0
+
+
+def test_fallbacks_follow_peft_semantics():
+    pm = peft_model(lora_dropout=0.1)
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        ref = pm(x)
+        with pm.disable_adapter():
+            ref_base = pm(x)
+    fuse(pm, backend="torch")
+    with torch.no_grad():
+        out = pm(x)
+        assert rel_err(out, ref) <= F32_TOL
+        with pm.disable_adapter():  # PEFT reaches fused layers: they are GPTQLoraLinear too
+            assert torch.equal(pm(x), ref_base)
+    # gradients requested: the plain PEFT forward runs (the op has no backward)
+    out_grad = pm(x)
+    assert out_grad.requires_grad
+    out_grad.sum().backward()
+    assert pm.base_model.model.q.lora_B["default"].weight.grad is not None
+    assert torch.equal(out_grad.detach(), ref)
+    # training mode with dropout: PEFT forward (random), never the fused op
+    pm.train()
+    with torch.no_grad():
+        a, b = pm(x), pm(x)
+    assert not torch.equal(a, b)
+
+
+def test_auto_backend_on_cpu_keeps_peft_forward(monkeypatch):
+    monkeypatch.delenv("PEFT_EORA_BACKEND", raising=False)
+    pm = peft_model()
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        ref = pm(x)
+        fuse(pm)  # backend="auto"
+        assert torch.equal(pm(x), ref)
+    assert not pm.base_model.model.q._fused_cache  # the op was not used on CPU
+
+
+def test_skips_with_reasons():
+    pm = peft_model()
+    pm.base_model.model.q.get_base_layer().bits = 5  # pretend an unsupported width
+    pm.add_adapter("other", LoraConfig(r=4, target_modules=["down"]))
+    pm.base_model.set_adapter(["default", "other"])
+    report = fuse(pm)
+    assert report.fused == []
+    assert "bits=5" in report.skipped["base_model.model.q"]
+    assert "exactly one active" in report.skipped["base_model.model.down"]
+    pm.base_model.model.q.get_base_layer().bits = 4
+    pm.base_model.set_adapter("default")
+    assert len(fuse(pm)) == 2
+    assert len(fuse(pm)) == 0  # already fused
+    with pytest.raises(ValueError, match="adapter_bits"):
+        fuse(pm, adapter_bits=3)
+
+
+def test_dora_is_not_fused():
+    torch.manual_seed(0)
+    model = TinyBlock()
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q"], use_dora=False)).eval()
+    pm.base_model.model.q.lora_variant["default"] = object()  # stands in for a DoRA/QALoRA variant
+    report = fuse(pm)
+    assert "variant" in report.skipped["base_model.model.q"]
+
+
+def test_fused_model_compiles():
+    pm = peft_model()
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        ref = pm(x)
+        fuse(pm, backend="torch")
+        compiled = torch.compile(pm, backend="aot_eager", fullgraph=False)
+        out = compiled(x)
+    assert rel_err(out, ref) <= F32_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_matches_unfused_on_gpu(dtype):
+    pm = peft_model().to("cuda", dtype)
+    with torch.no_grad():
+        for m in (1, 4, 16, 40):
+            x = torch.randn(m, 128, device="cuda", dtype=dtype)
+            ref = pm(x)
+            fuse(pm)
+            out = pm(x)
+            assert rel_err(out, ref) <= (F16_TOL if dtype == torch.float16 else 3e-2)
+            unfuse(pm)
