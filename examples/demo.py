@@ -40,9 +40,9 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=3, choices=(2, 3, 4, 8), help="GPTQ bits (group size 128)")
     parser.add_argument("--rank", type=int, default=64, help="EoRA rank r")
     parser.add_argument("--method", default="eora", choices=("eora", "svd"), help="'svd' = plain-SVD baseline")
-    parser.add_argument("--calib-samples", type=int, default=64, help="calibration windows (C4 sample)")
+    parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows (C4 sample)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration / evaluation window")
-    parser.add_argument("--eval-windows", type=int, default=32, help="WikiText-2 windows for perplexity")
+    parser.add_argument("--eval-windows", type=int, default=16, help="WikiText-2 windows for perplexity")
     parser.add_argument("--out", default="eora-adapter", help="where to save the adapter")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -56,12 +56,14 @@ def main() -> None:
     def ppl(model) -> float:
         return perplexity(model, tokenizer, text, seq_len=args.seq_len, max_windows=args.eval_windows)
 
-    original = AutoModelForCausalLM.from_pretrained(original_dir, dtype=torch.bfloat16).eval()
+    # CPU: fp32 compute (bf16 matmuls are ~30x slower without bf16 units); the GPTQ layers keep their
+    # fp16 scales and dequantize exactly as their kernel does. On a GPU, use dtype=torch.float16.
+    original = AutoModelForCausalLM.from_pretrained(original_dir, dtype=torch.float32).eval()
     ppl_fp = ppl(original)
     gen_fp = generate(original, tokenizer)
     del original
 
-    qmodel = load_quantized(quantized_dir, dtype=torch.bfloat16)
+    qmodel = load_quantized(quantized_dir, dtype=torch.float16, compute_dtype=torch.float32)
     ppl_q = ppl(qmodel)
     gen_q = generate(qmodel, tokenizer)
 

@@ -27,14 +27,27 @@ _install_save_and_push()  # model.save_pretrained/push_to_hub: atomic, safetenso
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+
+def __getattr__(name: str):
+    # the fused path (kernels, Triton) is imported on first use only
+    if name in ("fuse", "unfuse", "FuseReport"):
+        from . import fused
+
+        return getattr(fused, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "AdapterFileError",
     "BaseMismatchError",
     "CalibrationConfig",
     "EoRAConfig",
     "EoRAModel",
+    "FuseReport",
     "PEFT_TYPE",
     "export_lora",
+    "fuse",
     "initialize_eora_weights",
+    "unfuse",
     "__version__",
 ]
