@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--gptqmodel-ranks", type=int, nargs="*", default=None,
                     help="ranks at which gptqmodel's EoRA runs (default: all --ranks)")
     ap.add_argument("--no-fp16", action="store_true", help="skip the original model's row")
+    ap.add_argument("--no-quantized-row", action="store_true", help="skip the quantized model's own row")
     ap.add_argument("--append", action="store_true", help="add rows to an existing <out>.json")
     ap.add_argument("--damping", type=float, default=None, help="EoRA ridge (default: EoRAConfig's)")
     ap.add_argument("--damping-sweep", type=float, nargs="*", default=[0.0, 1e-3, 1e-2, 1e-1, 1.0],
@@ -195,7 +196,8 @@ def main() -> None:
     for bits in args.bits:
         qdir = quantize_gptq(original_dir, bits=bits, group_size=128)
         qmodel = load_quantized(qdir, dtype=torch.float16, compute_dtype=torch.float32)
-        add({"bits": bits, "method": "gptq", "rank": 0, **ppl_row(qmodel, sets, args.batch_size)})
+        if not args.no_quantized_row:
+            add({"bits": bits, "method": "gptq", "rank": 0, **ppl_row(qmodel, sets, args.batch_size)})
 
         def ours(method: str, rank: int, damp: float):
             cfg = EoRAConfig(r=rank, method=method, damping=damp, original_model=str(original_dir))
