@@ -106,6 +106,20 @@ def make_temp_dir(final: Path, kind: str = "tmp") -> Path:
     return tmp
 
 
+def remove_stale_temps(final: Path, max_age_s: float = 6 * 3600) -> None:
+    """Delete temporary siblings of ``final`` left by killed runs (older than ``max_age_s``)."""
+    if not final.parent.is_dir():
+        return
+    now = time.time()
+    for path in final.parent.glob(f".{final.name}.*-*"):
+        try:
+            if path.is_dir() and now - path.stat().st_mtime > max_age_s:
+                logger.info("Removing stale temporary folder %s", path)
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def original_dir(dtype: torch.dtype = torch.float16, num_layers: int | None = None) -> Path:
     """Where :func:`export_original` puts (or finds) a given export."""
     suffix = f"-{num_layers}l" if num_layers is not None else ""
@@ -162,6 +176,7 @@ def export_original(dtype: torch.dtype = torch.float16, num_layers: int | None =
     ):
         raise RuntimeError("tie_word_embeddings=True but lm_head and embed_tokens are not shared")
 
+    remove_stale_temps(final)
     tmp = make_temp_dir(final)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -174,4 +189,5 @@ def export_original(dtype: torch.dtype = torch.float16, num_layers: int | None =
     return final
 
 
-__all__ = ["embedded_gguf", "cache_dir", "export_original", "original_dir", "is_complete", "atomic_publish", "make_temp_dir"]
+__all__ = ["embedded_gguf", "cache_dir", "export_original", "original_dir", "is_complete", "atomic_publish", "make_temp_dir",
+           "remove_stale_temps"]

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .embedded import atomic_publish, cache_dir, dtype_name, is_complete, make_temp_dir
+from .embedded import atomic_publish, cache_dir, dtype_name, is_complete, make_temp_dir, remove_stale_temps
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +106,40 @@ def gptq_calibration(
     return [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
 
 
+def _redirect_gptqmodel_logs(folder: Path):
+    """Point gptqmodel's per-run layer logs (``./logs/gptq_log_*.log`` relative to the working
+    directory) at ``folder``; returns a function that restores the previous location.
+    The per-module losses also land in ``quant_log.csv`` inside the checkpoint."""
+    try:
+        from gptqmodel.looper import loop_processor
+    except ImportError:  # layout of another gptqmodel release: leave it alone
+        return lambda: None
+    previous = getattr(loop_processor, "_PROJECT_LOG_DIR", None)
+    if previous is None:
+        return lambda: None
+    loop_processor._PROJECT_LOG_DIR = folder
+
+    def restore() -> None:
+        loop_processor._PROJECT_LOG_DIR = previous
+
+    return restore
+
+
+def scrub_offload_path(checkpoint: str | Path) -> None:
+    """Drop the quantization-time ``offload_to_disk_path`` that gptqmodel writes into
+    ``quantize_config.json`` and ``config.json``: gptqmodel would reuse that (temporary) folder
+    when it later offloads modules of this checkpoint, e.g. for its own EoRA generation."""
+    for name, key in (("quantize_config.json", None), ("config.json", "quantization_config")):
+        path = Path(checkpoint) / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        cfg = data.get(key) if key else data
+        meta = (cfg or {}).get("meta") or {}
+        if meta.pop("offload_to_disk_path", None) is not None:
+            path.write_text(json.dumps(data, indent=2, sort_keys=key is not None) + "\n")
+
+
 def gptq_dir(
     model_dir: str | Path,
     bits: int = 4,
@@ -130,6 +164,7 @@ def quantize_gptq(
     *,
     dtype: torch.dtype = torch.float32,
     batch_size: int = 1,
+    device: str = "cpu",
     **kw: Any,
 ) -> Path:
     """GPTQ-quantize the checkpoint at ``model_dir`` with gptqmodel; return the output folder.
@@ -137,8 +172,8 @@ def quantize_gptq(
     ``QuantizeConfig(bits=bits, group_size=group_size, **kw)``: everything else is
     gptqmodel's default (recorded in ``peft_eora_quantize.json``). Calibration:
     :func:`gptq_calibration` (``num_samples`` windows of ``seq_len`` C4 tokens). The weights
-    are loaded in ``dtype`` for quantization. A complete output folder is returned at once;
-    one made with different bits or group size raises ``ValueError``.
+    are loaded in ``dtype`` on ``device`` for quantization. A complete output folder is
+    returned at once; one made with different bits or group size raises ``ValueError``.
 
     >>> q3 = quantize_gptq(export_original(), bits=3, group_size=128)
     """
@@ -163,8 +198,10 @@ def quantize_gptq(
     examples = gptq_calibration(tokenizer, num_samples, seq_len)
     n_tokens = sum(len(e["input_ids"]) for e in examples)
 
+    remove_stale_temps(final)
     tmp = make_temp_dir(final)
     offload = make_temp_dir(final, "offload")
+    restore_log_dir = _redirect_gptqmodel_logs(offload / "logs")
     try:
         qcfg = QuantizeConfig(bits=bits, group_size=group_size, offload_to_disk_path=str(offload), **kw)
         logger.info(
@@ -172,11 +209,12 @@ def quantize_gptq(
             bits, group_size, model_dir, len(examples), seq_len, n_tokens, final,
         )
         start = time.perf_counter()
-        model = GPTQModel.load(str(model_dir), qcfg, device="cpu", dtype=dtype)
+        model = GPTQModel.load(str(model_dir), qcfg, device=device, dtype=dtype)
         load_s = time.perf_counter() - start
         model.quantize(examples, batch_size=batch_size, tokenizer=tokenizer)
         quant_s = time.perf_counter() - start - load_s
         model.save(str(tmp))
+        scrub_offload_path(tmp)
         tokenizer.save_pretrained(tmp)
         wall = time.perf_counter() - start
         meta = {
@@ -209,7 +247,7 @@ def quantize_gptq(
                 "transformers": __import__("transformers").__version__,
                 "python": platform.python_version(),
             },
-            "device": "cpu",
+            "device": device,
             "cpu_count": os.cpu_count(),
             "wall_time_s": {"load": round(load_s, 2), "quantize": round(quant_s, 2), "total": round(wall, 2)},
         }
@@ -220,13 +258,14 @@ def quantize_gptq(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        restore_log_dir()
         shutil.rmtree(offload, ignore_errors=True)
     return final
 
 
 def load_quantized(
     path: str | Path,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     backend: str = "gptq_torch",
     compute_dtype: torch.dtype | None = None,
@@ -241,7 +280,9 @@ def load_quantized(
     ``dequantize_weight()`` returns garbage) and fails when ``in_features`` is not a multiple of
     the group size (SmolLM2's 576 with g128).
 
-    ``dtype`` is the model dtype (activations, embeddings, norms). gptqmodel keeps the
+    ``dtype`` is the model dtype (activations, embeddings, norms); ``None`` picks float32 on
+    CPU (exact and by far the fastest there: CPUs without AVX-512-BF16/AMX run bfloat16 and
+    float16 matmuls ~100x slower than float32) and bfloat16 elsewhere. gptqmodel keeps the
     quantized layers' ``scales`` in float16 whatever ``dtype`` is, so ``dequantize_weight()``
     is float16 and the forward casts it to the activation dtype: in float32 and float16 a
     layer computes exactly ``x @ dequantize_weight()``; in bfloat16 the weight is additionally
@@ -260,6 +301,8 @@ def load_quantized(
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
     from transformers import AutoConfig, AutoModelForCausalLM, GPTQConfig
 
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     stored = AutoConfig.from_pretrained(str(path)).quantization_config
     qcfg = GPTQConfig(bits=stored["bits"], group_size=stored.get("group_size", 128), backend=backend)
     model = AutoModelForCausalLM.from_pretrained(
@@ -272,4 +315,38 @@ def load_quantized(
     return model.eval()
 
 
-__all__ = ["import_gptqmodel", "gptq_calibration", "gptq_dir", "quantize_gptq", "load_quantized", "upcast_unquantized"]
+def upcast_unquantized(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Cast every floating tensor outside the quantized layers (embeddings, norms, lm_head)
+    to ``dtype`` in place; quantized layers keep their packed weights and scales. For a model
+    loaded elsewhere; :func:`load_quantized` does this with ``compute_dtype``.
+
+    >>> upcast_unquantized(model_loaded_in_fp16)   # float32 activations, fp16 scales
+    """
+    import_gptqmodel()
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    quant = [m for m in model.modules() if isinstance(m, BaseQuantLinear)]
+    inside = {id(t) for m in quant for t in (*m.parameters(), *m.buffers())}
+    for module in model.modules():
+        if isinstance(module, BaseQuantLinear):
+            continue
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and id(param) not in inside and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.is_floating_point() and id(buf) not in inside and buf.dtype != dtype:
+                setattr(module, name, buf.to(dtype))
+    if hasattr(model, "config"):
+        model.config.dtype = dtype
+    return model
+
+
+__all__ = [
+    "import_gptqmodel",
+    "gptq_calibration",
+    "gptq_dir",
+    "quantize_gptq",
+    "load_quantized",
+    "upcast_unquantized",
+    "scrub_offload_path",
+]
