@@ -172,6 +172,37 @@ def test_fused_with_quantized_adapters(bits, tol):
         assert rel_err(out, ref) <= tol
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fuse_reads_eora_adapter_bits_exactly(bits):
+    """EoRAConfig(adapter_bits=b) factors are already on the grid: the fused int path is as exact as float."""
+    import warnings
+
+    from peft_eora import EoRAConfig
+    from peft_eora.adapter_quant import quantize_adapter_
+
+    torch.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no original/calibration: zero-initialised, filled below
+        pm = get_peft_model(TinyBlock(), EoRAConfig(r=8, target_modules=["q", "down"], adapter_bits=bits)).eval()
+    with torch.no_grad():
+        for mod in pm.modules():
+            if isinstance(mod, GPTQLoraLinear):
+                mod.lora_B["default"].weight.normal_(0.0, 0.05)
+    quantize_adapter_(pm, "default", bits)
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        ref = pm(x)
+        report = fuse(pm, backend="torch")
+        out = pm(x)
+        assert len(report.fused) == 2
+        assert all(m._fused_adapter_bits == bits for m in fused_modules(pm).values())
+        unfuse(pm)
+        fuse(pm, backend="torch", adapter_bits=16)
+        out_float = pm(x)
+    assert rel_err(out, ref) <= F32_TOL  # the base GEMM's own fused-vs-gptqmodel difference
+    assert rel_err(out, out_float) <= 1e-6  # int codes reproduce the float grid values
+
+
 def test_unfuse_restores_exact_modules_and_state():
     pm = peft_model()
     inner = pm.base_model.model

@@ -74,6 +74,8 @@ class EoRAConfig(LoraConfig):
     - ``eig_rtol``: eigenvalues below ``eig_rtol·λ_max`` are dropped.
     - ``sequential``: compute the modules of a block in execution order, each group seeing
       inputs from the already-compensated groups before it (else one pass per block).
+    - ``adapter_bits``: 16 (float factors), 8 or 4 (factors rounded to int8/int4 with
+      per-channel scales and saved as codes; see :mod:`peft_eora.adapter_quant`).
 
     ``lora_alpha`` defaults to ``r`` (scaling 1). ``target_modules=None`` targets every linear
     layer inside the decoder blocks whose type has a residual back-end.
@@ -92,6 +94,13 @@ class EoRAConfig(LoraConfig):
     damping: float = field(default=DEFAULT_DAMPING, metadata={"help": "Relative ridge added to H."})
     eig_rtol: float = field(default=DEFAULT_EIG_RTOL, metadata={"help": "Relative eigenvalue cut-off."})
     sequential: bool = field(default=True, metadata={"help": "Compensate groups within a block in order."})
+    adapter_bits: int = field(
+        default=16,
+        metadata={
+            "help": "Storage of the factors: 16 keeps them in float; 8 or 4 rounds A and B onto a symmetric "
+            "per-channel int8/int4 grid after computing and saves codes + scales (see peft_eora.adapter_quant)."
+        },
+    )
     init_eora: bool = field(
         default=True,
         metadata={
@@ -129,6 +138,9 @@ class EoRAConfig(LoraConfig):
             raise ValueError(f"EoRAConfig.damping must be ≥ 0, got {self.damping!r}.")
         if self.use_dora:
             raise ValueError("EoRA initialises plain LoRA factors; DoRA (use_dora=True) is not supported.")
+        from .adapter_quant import check_bits
+
+        self.adapter_bits = check_bits(self.adapter_bits)
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()

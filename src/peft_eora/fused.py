@@ -320,19 +320,22 @@ def fuse(
     model: nn.Module,
     *,
     backend: str = "auto",
-    adapter_bits: int = 16,
+    adapter_bits: Optional[int] = None,
     supported_bases: Iterable[str] = DEFAULT_BASES,
 ) -> FuseReport:
     """Replace fusable GPTQ LoRA/EoRA layers of ``model`` in place; returns a :class:`FuseReport`.
 
     ``backend``: ``"auto"`` (CUDA → Triton → torch), or force ``"cuda"``/``"triton"``/``"torch"``.
     ``adapter_bits``: 16 keeps the factors in the activation dtype; 8/4 uses int8/int4
-    per-channel copies (quantized once, at the first call per dtype/device).
+    per-channel copies (quantized once, at the first call per dtype/device). ``None`` (default)
+    takes each adapter's ``EoRAConfig.adapter_bits`` (16 for other LoRA configs): factors that
+    EoRA already rounded onto that grid are read back as the very same codes.
     """
     if backend not in _ops.BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: expected one of {_ops.BACKENDS}")
-    if adapter_bits not in (16, 8, 4):
+    if adapter_bits is not None and adapter_bits not in (16, 8, 4):
         raise ValueError(f"unsupported adapter_bits={adapter_bits}: expected 16, 8 or 4")
+    configs = getattr(model, "peft_config", {}) or {}
     supported = tuple(supported_bases)
     report = FuseReport()
     targets = []
@@ -350,7 +353,8 @@ def fuse(
         targets.append((name, module, adapter))
     for name, module, adapter in targets:
         parent, child = _parent(model, name)
-        setattr(parent, child, FusedGPTQLoraLinear.from_peft(module, adapter, backend, adapter_bits))
+        bits = adapter_bits if adapter_bits is not None else int(getattr(configs.get(adapter), "adapter_bits", 16))
+        setattr(parent, child, FusedGPTQLoraLinear.from_peft(module, adapter, backend, bits))
         report.fused.append(name)
     logger.info("fused %d GPTQ LoRA layer(s), skipped %d", len(report.fused), len(report.skipped))
     return report

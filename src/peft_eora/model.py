@@ -22,6 +22,7 @@ from peft.tuners.lora import LoraModel
 from torch import nn
 
 from .calibration import CalibrationData, as_batches
+from .adapter_quant import is_packed, pack_adapter_state_dict, quantize_adapter_, unpack_adapter_state_dict
 from .compensate import CompensationStats, compensate
 from .config import EoRAConfig
 from .fingerprint import record_fingerprint, verify_fingerprint
@@ -70,6 +71,19 @@ class EoRAModel(LoraModel):
             config.target_modules = default_target_modules(model)
             logger.info("EoRA targets: %s", config.target_modules)
 
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's selection of this adapter's entries; int8/int4 codes + scales when ``adapter_bits`` < 16."""
+        out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        return pack_adapter_state_dict(out, getattr(config, "adapter_bits", 16))
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Dequantize saved int8/int4 factors to their grid values, then PEFT's key remapping."""
+        if is_packed(state_dict):
+            state_dict = unpack_adapter_state_dict(state_dict)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
     def _post_injection_hook(self, model: nn.Module, config: EoRAConfig, adapter_name: str) -> None:
         super()._post_injection_hook(model, config, adapter_name)
         if not getattr(config, "init_eora", False):
@@ -112,6 +126,7 @@ def _initialize(
         sequential=config.sequential,
         progress=progress,
     )
+    quantize_adapter_(model, adapter_name, config.adapter_bits)  # no-op for adapter_bits=16
     config.init_eora = False  # the weights now hold the factors; loading must not recompute
     config.eora_stats = stats.summary()
     record_fingerprint(model, config)
