@@ -1,0 +1,325 @@
+"""The ``peft-eora`` command line, end to end on the tiny real model (2-layer SmolLM2 + its GPTQ 3-bit).
+
+compute → eval → sweep → push run in-process through ``cli.main``; their outputs are checked
+against the Python API and against log-likelihoods computed by hand. Bad input must exit non-zero
+with one ``peft-eora <command>: error: …`` line and no traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peft_eora import cli
+from peft_eora.eval import load_text, perplexity
+from peft_eora.eval.tasks import load_examples
+
+DATA = Path(__file__).parent / "data" / "tasks"
+RANK = 8
+
+
+def run(argv: list) -> tuple[int, str, str]:
+    """``cli.main(argv)`` in-process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_one_error_line(code: int, out: str, err: str, expected_code: int, match: str) -> None:
+    assert code == expected_code, err
+    assert out == ""
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and err.rstrip("\n").splitlines()[-1] == errors[0], err
+    assert errors[0].startswith("peft-eora") and match in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def ppl_text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "heldout.txt"
+    path.write_text(load_text("wikitext2", max_chars=4000), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_opts(tiny_original_dir, tiny_gptq3_dir) -> list:
+    return [
+        "--original", tiny_original_dir, "--compressed", tiny_gptq3_dir, "--target-modules", "q_proj", "v_proj",
+        "--num-samples", 4, "--seq-len", 64, "--no-progress",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def eval_opts(ppl_text) -> list:
+    return [
+        "--tasks", "arc_easy", "--task-data", DATA, "--limit", 4,
+        "--ppl", ppl_text, "--ppl-seq-len", 32, "--ppl-windows", 2, "--no-progress",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def computed(tmp_path_factory, model_opts) -> tuple[Path, dict]:
+    adapter = tmp_path_factory.mktemp("compute") / "adapter"
+    code, out, err = run(["compute", *model_opts, "--rank", RANK, "--out", adapter])
+    assert code == 0, err
+    return adapter, json.loads(out)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, computed, tiny_gptq3_dir, eval_opts) -> dict:
+    adapter, _ = computed
+    result = tmp_path_factory.mktemp("eval") / "result.json"
+    code, out, err = run(["eval", "--model", tiny_gptq3_dir, "--adapter", adapter, *eval_opts, "--details", "--out", result])
+    assert code == 0, err
+    assert out == ""  # --out: the JSON goes to the file
+    return json.loads(result.read_text())
+
+
+def _qmodel(path):
+    from peft_eora.quantize import load_quantized
+
+    return load_quantized(path, dtype=torch.float16, compute_dtype=torch.float32)
+
+
+def _lora_params_per_rank(config_dir) -> int:
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(config_dir)
+    kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    return c.num_hidden_layers * ((c.hidden_size + c.hidden_size) + (c.hidden_size + kv))  # q_proj + v_proj
+
+
+def test_compute_saves_the_factors_of_the_python_api(computed, tiny_original_dir, tiny_gptq3_dir):
+    from peft import get_peft_model
+
+    from peft_eora import CalibrationConfig, EoRAConfig, initialize_eora_weights
+
+    adapter, result = computed
+    saved = load_file(adapter / "adapter_model.safetensors")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "EORA" and config["r"] == RANK and config["init_eora"] is False
+    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+
+    def factors(model) -> dict:
+        return {n.replace(".default.weight", ".weight"): p.detach() for n, p in model.named_parameters() if ".lora_" in n}
+
+    def eora_config(**kw) -> EoRAConfig:
+        return EoRAConfig(
+            r=RANK, target_modules=["q_proj", "v_proj"], original_model=str(tiny_original_dir),
+            calibration=CalibrationConfig(num_samples=4, seq_len=64), **kw,
+        )  # fmt: skip
+
+    # two steps (inject, then initialize_eora_weights): what the CLI runs, bit for bit
+    model = get_peft_model(_qmodel(tiny_gptq3_dir), eora_config(init_eora=False))
+    initialize_eora_weights(model, progress=False)
+    expected = factors(model)
+    assert set(saved) == set(expected) and len(saved) == 8  # 2 layers × (q, v) × (A, B)
+    for name, tensor in saved.items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
+    # one step (get_peft_model computes): the same factors up to float16 rounding, because PEFT creates the
+    # LoRA weights in the GPTQ layer's float16 during the computation and casts them to float32 afterwards
+    one_step = factors(get_peft_model(_qmodel(tiny_gptq3_dir), eora_config()))
+    for name, tensor in saved.items():
+        torch.testing.assert_close(tensor, one_step[name], rtol=2e-3, atol=2e-4)
+    assert result["lora_parameters"] == RANK * _lora_params_per_rank(tiny_original_dir) == sum(t.numel() for t in saved.values())
+    stats = model.peft_config["default"].eora_stats
+    assert result["eora_stats"]["calibration_tokens"] == stats["calibration_tokens"] == 4 * 64
+    assert result["eora_stats"]["mean_relative_error_after"] == pytest.approx(stats["mean_relative_error_after"])
+
+
+def test_eval_accuracy_and_perplexity_match_a_direct_computation(evaluated, computed, tiny_gptq3_dir, tokenizer, ppl_text):
+    from peft import PeftModel
+
+    adapter, _ = computed
+    model = PeftModel.from_pretrained(_qmodel(tiny_gptq3_dir), str(adapter)).eval()
+    task = evaluated["tasks"]["arc_easy"]
+    examples = load_examples("arc_easy", DATA, limit=4)
+    assert task["num_examples"] == 4 and evaluated["lora_parameters"] > 0
+    preds, golds = [], []
+    for ex, row in zip(examples, task["details"]):
+        lls = []
+        for choice in ex.choices:  # by hand: one unpadded sequence per choice
+            ctx = tokenizer(ex.context)["input_ids"]
+            cont = tokenizer(ex.context + " " + choice)["input_ids"][len(ctx) :]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].double(), -1)
+            lls.append(sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont)))
+        assert row["loglikelihoods"] == pytest.approx(lls, abs=2e-3)
+        preds.append(max(range(len(lls)), key=lls.__getitem__))
+        golds.append(ex.gold)
+    assert task["acc"] == sum(p == g for p, g in zip(preds, golds)) / 4
+    ppl = perplexity(model, tokenizer, load_text(ppl_text), seq_len=32, max_windows=2, progress=False)
+    assert evaluated["perplexity"][str(ppl_text)]["perplexity"] == pytest.approx(ppl, rel=1e-5)
+
+
+def test_adapter_changes_the_evaluated_model(evaluated, tiny_gptq3_dir, eval_opts):
+    code, out, err = run(["eval", "--model", tiny_gptq3_dir, *eval_opts])
+    assert code == 0, err
+    base = json.loads(out)  # no --out: JSON on stdout
+    assert base["adapter"] is None and base["lora_parameters"] == 0
+    key = next(iter(base["perplexity"]))
+    assert base["perplexity"][key]["perplexity"] != pytest.approx(evaluated["perplexity"][key]["perplexity"], rel=1e-4)
+
+
+@pytest.mark.slow  # ~20-25 s: 6 model loads, 4 computes, 6 evaluations
+def test_sweep_writes_json_table_and_plot(tmp_path, model_opts, eval_opts, evaluated, tiny_original_dir):
+    out_dir = tmp_path / "sweep"
+    code, out, err = run(["sweep", *model_opts, "--ranks", 4, RANK, "--methods", "eora", "svd", *eval_opts, "--out-dir", out_dir])
+    assert code == 0, err
+    summary = json.loads((out_dir / "sweep.json").read_text())
+    rows = {r["label"]: r for r in summary["rows"]}
+    assert list(rows) == ["original", "compressed", "eora r=4", "eora r=8", "svd r=4", "svd r=8"]
+    per_rank = _lora_params_per_rank(tiny_original_dir)
+    for method in ("eora", "svd"):
+        for rank in (4, RANK):
+            row = rows[f"{method} r={rank}"]
+            assert row["lora_parameters"] == rank * per_rank
+            assert row["lora_parameters_pct"] == pytest.approx(100 * rank * per_rank / summary["original_parameters"])
+            assert Path(row["adapter"], "adapter_model.safetensors").is_file()
+    # the sweep's eora r=8 adapter is the one `compute` made: same metrics as `eval` measured
+    metrics = rows[f"eora r={RANK}"]["metrics"]
+    assert metrics == pytest.approx(cli.flat_metrics(evaluated), rel=1e-6)
+    assert set(metrics) == {f"ppl/{Path(eval_opts[eval_opts.index('--ppl') + 1]).name}", "arc_easy/acc", "arc_easy/acc_norm"}
+    ppl = next(k for k in metrics if k.startswith("ppl/"))
+    assert rows["compressed"]["metrics"][ppl] != pytest.approx(metrics[ppl], rel=1e-4)
+    assert rows["svd r=4"]["metrics"][ppl] != pytest.approx(rows["eora r=4"]["metrics"][ppl], rel=1e-4)
+    table = (out_dir / "sweep.md").read_text().splitlines()
+    assert table[0].startswith("| model | rank | LoRA params | % of original | ppl/") and len(table) == 2 + 6
+    assert table[5].startswith(f"| eora r=8 | 8 | {RANK * per_rank:,} |")
+    assert (out_dir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(out)["files"]["plot"] == str(out_dir / "sweep.png")
+
+
+def test_push_uploads_the_adapter_to_the_hub(computed, tmp_path, monkeypatch):
+    from hub_server import HubTestServer, point_client_at
+
+    adapter, _ = computed
+    with HubTestServer() as hub:
+        point_client_at(hub.url, str(tmp_path / "hf-cache"), monkeypatch)
+        code, out, err = run(["push", adapter, "test-user/cli-eora", "--ppl-before", 30.5, "--ppl-after", 25.25, "--no-progress"])
+        assert code == 0, err
+        files = hub.files("test-user/cli-eora")
+        assert json.loads(out)["commit"] == hub.history("test-user/cli-eora")[0]
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    assert json.loads(files["adapter_config.json"])["peft_type"] == "EORA"
+    assert "30.5 → 25.25" in files["README.md"].decode()
+    pushed = files["adapter_model.safetensors"]
+    local = load_file(adapter / "adapter_model.safetensors")
+    from safetensors.torch import load
+
+    for name, tensor in load(pushed).items():
+        assert torch.equal(tensor, local[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: non-zero exit, one line
+# ---------------------------------------------------------------------------------------------
+
+
+def test_missing_paths_fail_before_loading_anything(tmp_path, tiny_gptq3_dir, tiny_original_dir):
+    missing = tmp_path / "no-such-model"
+    code, out, err = run(["compute", "--original", missing, "--compressed", tiny_gptq3_dir, "--rank", 4, "--out", tmp_path / "a"])
+    assert_one_error_line(code, out, err, 1, f"Original model {missing}: no such folder")
+    assert len(err.splitlines()) == 1
+    code, out, err = run(["eval", "--model", tiny_gptq3_dir, "--adapter", missing, "--tasks", "arc_easy", "--task-data", DATA])
+    assert_one_error_line(code, out, err, 1, "no adapter_config.json")
+    code, out, err = run(["eval", "--model", tiny_gptq3_dir, "--tasks", "piqa", "--task-data", tmp_path])
+    assert_one_error_line(code, out, err, 1, "Data file for piqa not found")
+    code, out, err = run(["eval", "--model", tiny_gptq3_dir, "--ppl", missing])
+    assert_one_error_line(code, out, err, 1, f"--ppl {missing}: no such file")
+    code, out, err = run(["compute", "--compressed", tiny_gptq3_dir, "--rank", 4, "--out", tmp_path / "a"])
+    assert_one_error_line(code, out, err, 1, "--original required")
+    with pytest.raises(cli.CLIError):  # --debug: the exception (and its traceback) propagates
+        run(["compute", "--original", missing, "--compressed", tiny_original_dir, "--rank", 4, "--out", tmp_path, "--debug"])
+
+
+def test_bad_rank_and_options(tmp_path, model_opts, eval_opts):
+    code, out, err = run(["compute", *model_opts, "--rank", 0, "--out", tmp_path / "a"])
+    assert_one_error_line(code, out, err, 2, "argument --rank: expected a positive integer, got 0")
+    assert len(err.splitlines()) == 1
+    code, out, err = run(["compute", *model_opts, "--rank", "ten", "--out", tmp_path / "a"])
+    assert_one_error_line(code, out, err, 2, "expected a positive integer, got 'ten'")
+    code, out, err = run(["compute", *model_opts, "--rank", 4, "--damping", -1, "--out", tmp_path / "a"])
+    assert_one_error_line(code, out, err, 2, "--damping")
+    code, out, err = run(["sweep", *model_opts, "--ranks", 4, *eval_opts, "--plot-metric", "hellaswag/acc", "--out-dir", tmp_path])
+    assert_one_error_line(code, out, err, 1, "--plot-metric hellaswag/acc: not measured")
+    # a rank larger than a layer allows is found by the EoRA code itself, after loading
+    code, out, err = run(["compute", *model_opts, "--rank", 1000, "--method", "svd", "--out", tmp_path / "big"])
+    assert_one_error_line(code, out, err, 1, "rank")
+    assert not (tmp_path / "big").exists()
+
+
+def test_empty_calibration_data(tmp_path, model_opts):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n{"text": ""}\n')
+    code, out, err = run(["compute", *model_opts, "--rank", 4, "--dataset", empty, "--out", tmp_path / "a"])
+    assert_one_error_line(code, out, err, 1, "is empty")
+    short = tmp_path / "short.jsonl"
+    short.write_text('{"text": "only a few words"}\n')
+    code, out, err = run(["compute", *model_opts, "--rank", 4, "--dataset", short, "--out", tmp_path / "a"])
+    assert_one_error_line(code, out, err, 1, "lower num_samples or seq_len")
+    assert not (tmp_path / "a").exists()
+
+
+def test_console_entry_runs_as_a_module():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "peft_eora", "--help"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for command in ("compute", "eval", "sweep", "push", "lm-eval"):
+        assert command in proc.stdout
+
+
+@pytest.mark.slow
+def test_console_entry_prints_clean_json(computed, evaluated, tiny_gptq3_dir, eval_opts):
+    """In a fresh process gptqmodel prints a banner on import: it must not end up in the JSON on stdout."""
+    adapter, _ = computed
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    argv = [sys.executable, "-m", "peft_eora", "eval", "--model", tiny_gptq3_dir, "--adapter", adapter, *eval_opts]
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert cli.flat_metrics(result) == pytest.approx(cli.flat_metrics(evaluated), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_lm_eval_wrapper_loads_eora_adapters_and_agrees_with_our_scores(computed, evaluated, tiny_gptq3_dir, tmp_path):
+    """``peft-eora lm-eval`` (lm-evaluation-harness with peft_eora imported) on a local copy of ARC-Easy:
+    lm-eval's per-choice log-likelihoods equal ours, so acc/acc_norm agree."""
+    pytest.importorskip("lm_eval")
+    adapter, _ = computed
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "arc_easy_local.yaml").write_text(
+        "task: arc_easy_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {DATA / 'arc/arc_easy_test.jsonl'}\n"
+        "output_type: multiple_choice\ntest_split: test\n"
+        'doc_to_text: "{{query}}\\nAnswer:"\ndoc_to_target: "{{gold}}"\ndoc_to_choice: "{{choices}}"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    argv = [
+        sys.executable, "-m", "peft_eora", "lm-eval", "--model", "hf",
+        "--model_args", f"pretrained={tiny_gptq3_dir},peft={adapter},dtype=float32", "--include_path", tasks,
+        "--tasks", "arc_easy_local", "--limit", 4, "--batch_size", 8, "--device", "cpu",
+        "--output_path", tmp_path / "out", "--log_samples",
+    ]  # fmt: skip
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (samples,) = (tmp_path / "out").rglob("samples_arc_easy_local_*.jsonl")
+    rows = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda r: r["doc_id"])
+    ours = evaluated["tasks"]["arc_easy"]["details"]
+    assert len(rows) == len(ours) == 4
+    for theirs, mine in zip(rows, ours):
+        assert [float(r[0]) for r in theirs["filtered_resps"]] == pytest.approx(mine["loglikelihoods"], abs=2e-3)
+        assert theirs["acc"] == float(mine["pred"] == mine["gold"])
+        assert theirs["acc_norm"] == float(mine["pred_norm"] == mine["gold"])
