@@ -92,6 +92,26 @@ def tiny_gptq3_dir(tiny_original_dir: Path) -> Path:
     return _tiny_gptq(tiny_original_dir, 3)
 
 
+#: AWQ group size of the tiny fixture: AWQ needs whole groups and SmolLM2's 576 is not a multiple of 128.
+TINY_AWQ_GROUP_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def tiny_awq4_dir(tiny_original_dir: Path) -> Path:
+    """AWQ w4 g64 checkpoint of the tiny model (gptqmodel, GEMM layout, zero point; ~3 min once on
+    2 cores, then cached as ...-float32-2l-awq-w4g64-n8x64), with its recorded smoothing scales."""
+    _require_gptqmodel()
+    from peft_eora.quantize import quantize_awq
+
+    return quantize_awq(
+        tiny_original_dir,
+        bits=4,
+        group_size=TINY_AWQ_GROUP_SIZE,
+        num_samples=TINY_CALIB_SAMPLES,
+        seq_len=TINY_CALIB_SEQ_LEN,
+    )
+
+
 # Tiny random models with a dense (fake-quantized) base: fast tests of the driver and PEFT plumbing.
 from fixtures_tiny import calib_ids, tiny_llama  # noqa: E402,F401
 

@@ -143,6 +143,10 @@ def _sample(tensor: torch.Tensor, k: int) -> Optional[torch.Tensor]:
     """``k`` evenly spaced values of ``tensor`` (flat order) as float64, or None if unreadable."""
     if tensor.device.type == "meta":
         return None
+    if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        # tensor subclasses (torchao quantized weights) cannot be indexed: sample their inner tensors
+        inner = [_sample(getattr(tensor, attr), k) for attr in tensor.__tensor_flatten__()[0]]
+        return None if any(v is None for v in inner) else torch.cat([v.reshape(-1) for v in inner])
     n = tensor.numel()
     if n == 0:
         return torch.zeros(0, dtype=torch.float64)

@@ -8,17 +8,28 @@ adapter must compensate::
     >>> backend = backend_for(module)          # raises UnsupportedModuleError listing formats
     >>> w_q = backend.dequantize(module)       # (out_features, in_features), float32
 
-Register a new format with :func:`register_backend`.
+Registered formats: GPTQ and AWQ (gptqmodel), bitsandbytes 4-bit, HQQ, torchao weight-only,
+and dense float layers (pruned or fake-quantized). Back-ends recognise modules by class path:
+none of these libraries is imported until a layer of its kind is dequantized. Register a new
+format with :func:`register_backend`.
 """
 
 from __future__ import annotations
 
+from .awq import AWQBackend
 from .base import ResidualBackend, UnsupportedModuleError, backend_for, is_supported, register_backend, registered
+from .bnb import BnB4bitBackend
 from .dense import DenseBackend
 from .gptq import GPTQBackend
+from .hqq import HQQBackend
+from .torchao import TorchAOBackend
 
 register_backend(GPTQBackend())
-register_backend(DenseBackend())
+register_backend(AWQBackend())
+register_backend(BnB4bitBackend())
+register_backend(HQQBackend())
+register_backend(TorchAOBackend())
+register_backend(DenseBackend())  # last: a plain nn.Linear check
 
 __all__ = [
     "ResidualBackend",
