@@ -173,3 +173,91 @@ def test_unsupported_block_module_type(tiny_llama, calib_ids):
 
     with pytest.raises(UnsupportedModuleError, match=r"Supported formats: gptq .*; dense"):
         backend_for(Weird(), "model.layers.0.weird")
+
+
+# --------------------------------------------------------------------------------------------
+# damping="auto"
+# --------------------------------------------------------------------------------------------
+
+from peft_eora.decompose import AUTO_DAMPING_GRID, eora_factors_auto  # noqa: E402
+
+
+def test_auto_damping_chooses_per_module_on_heldout_windows(tiny_llama, calib_ids):
+    """Every 4th window is held out; block 0's choice and factors are reproducible from the activations."""
+    original, quantized = tiny_llama
+    pm, stats = _eora(quantized, original, calib_ids, damping="auto")  # 16 windows in 2 batches of 8
+    summary = pm.peft_config["default"].eora_stats
+    assert summary["damping"] == "auto" and summary["calibration_tokens"] == 16 * 64
+    assert summary["heldout_tokens"] == 4 * 64
+    assert summary["damping_per_module"] == {m.name: m.damping for m in stats.modules}
+    assert sum(summary["damping_counts"].values()) == 14
+    for m in stats.modules:
+        assert m.damping in AUTO_DAMPING_GRID and set(m.heldout_errors) == set(AUTO_DAMPING_GRID)
+        assert m.heldout_errors[m.damping] == min(m.heldout_errors.values())
+        assert m.error_after < m.error_before
+    name = "model.layers.0.self_attn.q_proj"
+    layer = pm.base_model.model.get_submodule(name)
+    with torch.no_grad():
+        x = original.model.layers[0].input_layernorm(original.model.embed_tokens(calib_ids)).double()
+    held = torch.arange(16) % 4 == 3
+    xf, xv = x[~held].reshape(-1, 64), x[held].reshape(-1, 64)
+    delta = (original.get_submodule(name).weight - layer.base_layer.weight).detach()
+    f, choice = eora_factors_auto(delta, xf.T @ xf, xv.T @ xv, 8)
+    module = next(m for m in stats.modules if m.name == name)
+    assert choice.damping == module.damping
+    for d in AUTO_DAMPING_GRID:
+        assert module.heldout_errors[d] == pytest.approx(choice.errors[d], rel=1e-3)
+    ba = (layer.lora_B["default"].weight @ layer.lora_A["default"].weight * layer.scaling["default"]).detach().double()
+    ref = f.B.double() @ f.A.double()
+    assert float((ba - ref).norm() / ref.norm()) < 1e-3
+
+
+def test_fixed_damping_is_recorded_per_module(tiny_llama, calib_ids):
+    original, quantized = tiny_llama
+    pm, stats = _eora(quantized, original, calib_ids, damping=0.1)
+    assert {m.damping for m in stats.modules} == {0.1}
+    assert all(m.heldout_errors is None for m in stats.modules)
+    summary = pm.peft_config["default"].eora_stats
+    assert summary["damping"] == 0.1 and "damping_per_module" not in summary and "heldout_tokens" not in summary
+
+
+def test_auto_damping_needs_windows_to_hold_out(tiny_llama, calib_ids):
+    original, quantized = tiny_llama
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, damping="auto", init_eora=False))
+    with pytest.raises(ValueError, match=r"needs at least 4 windows; got 3"):
+        initialize_eora_weights(pm, original_model=original, calibration=calib_ids[:3], progress=False)
+    # held-out windows that are all padding: nothing to choose on
+    mask = torch.ones(4, 64, dtype=torch.long)
+    mask[3] = 0
+    with pytest.raises(ValueError, match=r"found 192 fit and 0 held-out calibration tokens"):
+        initialize_eora_weights(
+            pm, original_model=original, calibration=[{"input_ids": calib_ids[:4], "attention_mask": mask}], progress=False
+        )
+    assert all(float(m.lora_B["default"].weight.detach().abs().sum()) == 0 for m in pm.modules() if isinstance(m, LoraLayer))
+    # caught in the config when the calibration spec is known
+    with pytest.raises(ValueError, match=r"needs num_samples ≥ 4; the calibration has 2"):
+        EoRAConfig(r=4, damping="auto", calibration=CalibrationConfig(num_samples=2, seq_len=64))
+    EoRAConfig(r=4, damping="auto", method="svd", calibration=CalibrationConfig(num_samples=2, seq_len=64))  # unused
+
+
+@pytest.mark.parametrize(
+    "kwargs,phrase",
+    [
+        ({"damping": "Auto"}, "number ≥ 0 or 'auto', got the string 'Auto'"),
+        ({"damping": "0.01"}, "got the string '0.01'"),
+        ({"damping": -0.1}, "finite number ≥ 0 or 'auto', got -0.1"),
+        ({"damping": float("nan")}, "got nan"),
+        ({"damping": float("inf")}, "got inf"),
+        ({"damping": True}, "got True"),
+        ({"rank_allocation": "greedy"}, "'uniform', 'spectrum' or 'spectrum_absolute', got 'greedy'"),
+        ({"rank_budget": 1000}, "rank_budget only applies with rank_allocation='spectrum'"),
+        ({"rank_min": 2}, "rank_min only applies"),
+        ({"rank_allocation": "spectrum", "rank_budget": 0}, "rank_budget must be a positive integer, got 0"),
+        ({"rank_allocation": "spectrum", "rank_min": 1.5}, "rank_min must be a positive integer"),
+        ({"rank_allocation": "spectrum", "rank_min": 8, "rank_max": 4}, "rank_max (4) is smaller than rank_min (8)"),
+    ],
+)
+def test_config_rejects_bad_damping_and_allocation(kwargs, phrase):
+    with pytest.raises(ValueError) as exc:
+        EoRAConfig(r=8, **kwargs)
+    assert phrase in str(exc.value), str(exc.value)

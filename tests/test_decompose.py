@@ -534,3 +534,239 @@ def test_error_messages_name_the_module():
     check_rank(11, 12, 16)
     with pytest.raises(ValueError, match="too large"):
         check_rank(12, 16, 12)
+
+
+# --------------------------------------------------------------------------------------------
+# damping="auto": ridge chosen on held-out tokens
+# --------------------------------------------------------------------------------------------
+
+from peft_eora.decompose import (  # noqa: E402
+    AUTO_DAMPING_GRID,
+    allocate_ranks,
+    captured_energy,
+    eigen,
+    eora_factors_auto,
+    projected_spectrum,
+    select_damping,
+)
+
+
+def _shifted_case(seed: int = 0, out_f: int = 24, in_f: int = 32, n_fit: int = 128, n_val: int = 256):
+    """Fit activations concentrated on a few directions; two held-out sets: the same
+    distribution, and one whose energy sits in the directions the fit data barely excited."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, -3, in_f, dtype=F64)
+    mix = torch.linalg.qr(torch.randn(in_f, in_f, generator=g, dtype=F64))[0]
+    X_fit = (torch.randn(n_fit, in_f, generator=g, dtype=F64) * scales) @ mix
+    X_same = (torch.randn(n_val, in_f, generator=g, dtype=F64) * scales) @ mix
+    X_shift = (torch.randn(n_val, in_f, generator=g, dtype=F64) * scales.flip(0)) @ mix
+    delta = torch.randn(out_f, in_f, generator=g, dtype=F64)
+    return delta, X_fit, X_same, X_shift
+
+
+def test_eigen_shift_equals_damped_eigendecomposition():
+    """One eigh + shifted eigenvalues gives the factors of eigh(H + δ·mean(diag H)·I), for every δ."""
+    delta, _, H = make_case(seed=101)
+    e = eigen(H)
+    for d in AUTO_DAMPING_GRID + (3.0,):
+        ref = product(eora_factors(delta, H, 6, damping=d))
+        got = product(eora_factors(delta, H, 6, projection=e.projection(d)))
+        assert rel_diff(got, ref) < 1e-9, d
+    # rank-deficient H: same cut-off and kept count
+    delta, _, Hd = DEGENERATE["few_samples"]
+    for d in (0.0, 0.01):
+        ref = eora_factors(delta, Hd, 5, damping=d)
+        got = eora_factors(delta, Hd, 5, projection=eigen(Hd).projection(d))
+        assert got.kept_eigen == ref.kept_eigen
+        assert rel_diff(product(got), product(ref)) < 1e-7
+    # no signal: a rotation, i.e. plain SVD
+    z = eigen(torch.zeros(32, 32, dtype=F64))
+    f = eora_factors(delta, torch.zeros(32, 32, dtype=F64), 5, projection=z.projection(0.1))
+    assert rel_diff(product(f), product(eora_factors(delta, None, 5, method="svd"))) < 1e-6
+
+
+def test_select_damping_scores_are_heldout_errors_and_argmin():
+    delta, X_fit, X_val, _ = _shifted_case(seed=1)
+    H_fit, H_val = X_fit.T @ X_fit, X_val.T @ X_val
+    choice = select_damping(delta, H_fit, H_val, rank=6)
+    assert set(choice.errors) == set(AUTO_DAMPING_GRID)
+    for d, err in choice.errors.items():
+        direct = direct_error(delta, X_val, eora_factors(delta, H_fit, 6, damping=d))
+        assert err == pytest.approx(direct, rel=1e-5), (d, err, direct)
+    assert choice.errors[choice.damping] == min(choice.errors.values())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("rank", [4, 10])
+def test_auto_damping_grows_when_heldout_differs_and_beats_every_fixed_value(seed, rank):
+    delta, X_fit, X_same, X_shift = _shifted_case(seed=seed)
+    H_fit = X_fit.T @ X_fit
+    same = select_damping(delta, H_fit, X_same.T @ X_same, rank)
+    shift = select_damping(delta, H_fit, X_shift.T @ X_shift, rank)
+    assert shift.damping > same.damping, (same, shift)
+    assert shift.damping >= 0.1, shift
+    # the chosen δ's held-out error is ≤ that of every fixed grid value (fitted independently)
+    for choice, X_val in ((same, X_same), (shift, X_shift)):
+        fixed = {d: direct_error(delta, X_val, eora_factors(delta, H_fit, rank, damping=d)) for d in AUTO_DAMPING_GRID}
+        assert fixed[choice.damping] <= min(fixed.values()) * (1 + 1e-6), (choice.damping, fixed)
+
+
+def test_eora_factors_auto_refits_on_all_tokens():
+    delta, X_fit, _, X_shift = _shifted_case(seed=5)
+    H_fit, H_val = X_fit.T @ X_fit, X_shift.T @ X_shift
+    f, choice = eora_factors_auto(delta, H_fit, H_val, 6)
+    ref = eora_factors(delta, H_fit + H_val, 6, damping=choice.damping)
+    assert rel_diff(product(f), product(ref)) < 1e-7
+    # sharing precomputed decompositions gives the same result
+    f2, c2 = eora_factors_auto(delta, H_fit, H_val, 6, fit=eigen(H_fit), full=eigen(H_fit + H_val))
+    assert c2 == choice and rel_diff(product(f2), product(f)) < 1e-9
+
+
+def test_auto_damping_ties_go_to_the_larger_ridge():
+    """Isotropic H: every δ only rescales H, so all candidates tie and the largest wins."""
+    delta, _, _ = make_case(seed=7)
+    H = 5.0 * torch.eye(32, dtype=F64)
+    choice = select_damping(delta, H, 2.0 * H, 6)
+    assert choice.damping == max(AUTO_DAMPING_GRID)
+    assert max(choice.errors.values()) <= min(choice.errors.values()) * (1 + 1e-9)
+
+
+@pytest.mark.parametrize(
+    "kwargs,phrase",
+    [
+        (dict(grid=()), "grid is empty"),
+        (dict(grid=(0.0, -0.1)), "damping must be a finite number"),
+        (dict(grid=(float("nan"),)), "damping must be a finite number"),
+        (dict(H_val=torch.zeros(32, 32, dtype=F64)), "held-out covariance is zero"),
+        (dict(H_val=torch.eye(31, dtype=F64)), "held-out covariance shape (31, 31)"),
+        (dict(H_fit=torch.eye(30, dtype=F64)), "fit covariance shape (30, 30)"),
+        (dict(rank=24), "too large"),
+    ],
+    ids=["empty_grid", "negative", "nan", "zero_val", "val_shape", "fit_shape", "rank"],
+)
+def test_select_damping_rejects_bad_input(kwargs, phrase):
+    delta, X_fit, X_val, _ = _shifted_case(seed=0)
+    args = {"delta": delta, "H_fit": X_fit.T @ X_fit, "H_val": X_val.T @ X_val, "rank": 4, **kwargs}
+    with pytest.raises(ValueError) as exc:
+        select_damping(**args)
+    assert phrase in str(exc.value), str(exc.value)
+
+
+# --------------------------------------------------------------------------------------------
+# rank allocation under a parameter budget
+# --------------------------------------------------------------------------------------------
+
+
+def test_projected_spectrum_is_that_of_delta_times_xt():
+    delta, X, H = make_case(seed=111)
+    s = projected_spectrum(delta, H)
+    assert s.dtype == F64 and s.shape == (24,)
+    ref = torch.linalg.svdvals(delta @ X.T)
+    torch.testing.assert_close(s, ref, rtol=1e-7, atol=1e-7 * float(ref[0]))
+    torch.testing.assert_close(
+        projected_spectrum(delta, H, damping=0.1), eora_factors(delta, H, 3, damping=0.1).singular_values.double(),
+        rtol=1e-5, atol=1e-5 * float(ref[0]),
+    )
+    torch.testing.assert_close(projected_spectrum(delta, None, method="svd"), torch.linalg.svdvals(delta), rtol=1e-7, atol=1e-9)
+    with pytest.raises(ValueError, match="needs the activation covariance"):
+        projected_spectrum(delta, None)
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.01, 1.0])
+@pytest.mark.parametrize(
+    "case", ["wide", "tall", "few_samples", "dead_channels", "zeros"],
+)
+def test_projected_spectrum_without_eigh_matches_the_factors_spectrum(case, damping):
+    """The eigh-free paths (ΔW·H·ΔWᵀ, Cholesky) and the fallback give EoRA's own spectrum."""
+    if case in ("wide", "tall"):
+        delta, _, H = make_case(out_f=24 if case == "wide" else 48, in_f=32, seed=121)
+    elif case == "zeros":
+        delta, _, _ = make_case(out_f=48, in_f=32, seed=122)
+        H = torch.zeros(32, 32, dtype=F64)
+    else:
+        delta, _, H = DEGENERATE[case]
+        delta = torch.cat([delta, delta.flip(0)]) if damping == 0.0 else delta  # tall: the Cholesky/fallback path
+    ref = eora_factors(delta, H, 3, damping=damping).singular_values.double()
+    got = projected_spectrum(delta, H, damping=damping)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref[0]))
+    exact = projected_spectrum(delta, H, projection=eigen_projection(H, damping))
+    torch.testing.assert_close(got, exact, rtol=1e-6, atol=1e-6 * float(ref[0]))
+
+
+def _brute_force(spectra, costs, budget, min_rank, caps):
+    """Best captured energy over every rank vector within bounds and budget (exhaustive)."""
+    names = list(spectra)
+    grids = torch.meshgrid(*[torch.arange(min_rank, caps[n] + 1) for n in names], indexing="ij")
+    cost = sum(g * costs[n] for g, n in zip(grids, names))
+    energy = sum(torch.cat([torch.zeros(1, dtype=F64), spectra[n].double().pow(2).cumsum(0)])[g] for g, n in zip(grids, names))
+    ok = cost <= budget
+    return float(energy[ok].max()) if bool(ok.any()) else -1.0
+
+
+def _random_spectra(seed: int, layers: int = 4, length: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(layers):
+        s = torch.rand(length, generator=g, dtype=F64) * torch.logspace(0, -torch.rand(1, generator=g).item() * 3, length, dtype=F64)
+        out[f"layer{i}"] = s.sort(descending=True).values * (1 + 4 * torch.rand(1, generator=g, dtype=F64))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_allocation_is_optimal_for_equal_costs(seed):
+    spectra = _random_spectra(seed)
+    costs = {n: 3 for n in spectra}
+    caps = {n: 5 for n in spectra}  # len − 1
+    for budget in (12, 20, 33, 45, 60):
+        ranks = allocate_ranks(spectra, costs, budget)
+        spent = sum(ranks[n] * costs[n] for n in ranks)
+        assert spent <= budget
+        assert budget - spent < 3 or all(ranks[n] == caps[n] for n in ranks)  # budget used up to one rank
+        assert captured_energy(spectra, ranks) == pytest.approx(_brute_force(spectra, costs, budget, 1, caps), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_greedy_allocation_with_unequal_costs_is_near_optimal(seed):
+    """Unequal costs (a knapsack): never above the optimum, never below the optimum for one
+    most expensive rank less of budget, and the budget is respected from below."""
+    spectra = _random_spectra(seed + 50)
+    costs = {"layer0": 2, "layer1": 3, "layer2": 5, "layer3": 7}
+    caps = {n: 5 for n in spectra}
+    c_max = max(costs.values())
+    exact = 0
+    for budget in range(17, 90, 6):
+        ranks = allocate_ranks(spectra, costs, budget)
+        assert sum(ranks[n] * costs[n] for n in ranks) <= budget
+        got = captured_energy(spectra, ranks)
+        opt = _brute_force(spectra, costs, budget, 1, caps)
+        assert got <= opt * (1 + 1e-12)
+        assert got >= _brute_force(spectra, costs, budget - c_max + 1, 1, caps) * (1 - 1e-12)
+        exact += got >= opt * (1 - 1e-12)
+    assert exact >= 6  # and it is exactly optimal for most budgets
+
+
+def test_allocation_bounds_budget_and_errors():
+    spectra = _random_spectra(3)
+    costs = {n: 4 for n in spectra}
+    r = allocate_ranks(spectra, costs, budget=4 * 12, min_rank=2, max_rank=4)
+    assert all(2 <= v <= 4 for v in r.values()) and sum(r.values()) == 12
+    r = allocate_ranks(spectra, costs, budget=10_000, max_rank={"layer0": 2})
+    assert r["layer0"] == 2 and all(r[n] == 5 for n in r if n != "layer0")  # capped at len − 1 = 5
+    # zero gains (past the data rank) are never bought: the budget is under-spent
+    flat = {"a": torch.tensor([3.0, 1.0, 0.0, 0.0, 0.0], dtype=F64), "b": torch.tensor([2.0, 0.0, 0.0], dtype=F64)}
+    r = allocate_ranks(flat, {"a": 1, "b": 1}, budget=100)
+    assert r == {"a": 2, "b": 1}
+    # a cheap layer's rank is bought over an expensive one of equal gain
+    r = allocate_ranks({"big": torch.ones(4, dtype=F64), "small": torch.ones(4, dtype=F64)}, {"big": 10, "small": 2}, 16)
+    assert r == {"big": 1, "small": 3}
+    with pytest.raises(ValueError, match=r"cannot give every one of the 4 layers its minimum rank 2 \(32 parameters\)"):
+        allocate_ranks(spectra, costs, budget=31, min_rank=2)
+    with pytest.raises(ValueError, match=r"layer0: min_rank=6 exceeds its largest allowed rank 5"):
+        allocate_ranks(spectra, costs, budget=10_000, min_rank=6)
+    with pytest.raises(ValueError, match="min_rank must be an integer"):
+        allocate_ranks(spectra, costs, budget=100, min_rank=0)
+    with pytest.raises(ValueError, match="same layers"):
+        allocate_ranks(spectra, {"layer0": 1}, budget=100)
+    with pytest.raises(ValueError, match="cost per rank must be positive"):
+        allocate_ranks(spectra, {**costs, "layer1": 0}, budget=100)

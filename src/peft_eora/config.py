@@ -70,7 +70,19 @@ class EoRAConfig(LoraConfig):
     - ``original_model``: path or Hub id of the uncompressed checkpoint (safetensors).
     - ``calibration``: a :class:`CalibrationConfig` (or its dict form).
     - ``method``: ``"eora"`` (default) or ``"svd"`` (plain SVD of the residual, the baseline).
-    - ``damping``: ridge ``δ`` added as ``δ·mean(diag H)·I`` to each input covariance.
+    - ``damping``: ridge ``δ`` added as ``δ·mean(diag H)·I`` to each input covariance, or
+      ``"auto"``: per layer, the δ in ``(0, 1e-3, 1e-2, 1e-1, 1)`` whose factors, fitted on 3/4 of
+      the calibration windows, best predict the held-out quarter (every 4th window); then refitted
+      on all windows. Needs ≥ 4 calibration windows; the chosen δ are in ``eora_stats``.
+    - ``rank_allocation``: ``"uniform"`` (every layer gets ``r``/``rank_pattern``) or
+      ``"spectrum"``: per-layer ranks bought greedily by ``(s_k² / ‖W·Xᵀ‖²_F) / (in + out)``
+      (``s_k``: the layer's projected residual spectrum; the ratio is what the k-th rank removes
+      from its squared relative output error), within the parameter count of the configured
+      ranks (or ``rank_budget`` parameters), each in ``[rank_min, rank_max]`` (default 1 and
+      ``min(out, in) − 1``). ``"spectrum_absolute"`` ranks by ``s_k² / (in + out)`` (measured
+      worse: it piles ranks onto layers with large activations). Costs one extra uncompensated
+      statistics pass; the ranks end up in ``rank_pattern`` (and ``alpha_pattern``, keeping each
+      layer's scale) and the budget in ``rank_budget``, so saved adapters reload and export as usual.
     - ``eig_rtol``: eigenvalues below ``eig_rtol·λ_max`` are dropped.
     - ``sequential``: compute the modules of a block in execution order, each group seeing
       inputs from the already-compensated groups before it (else one pass per block).
@@ -91,7 +103,28 @@ class EoRAConfig(LoraConfig):
         default=None, metadata={"help": "Calibration data spec (CalibrationConfig or its dict)."}
     )
     method: Literal["eora", "svd"] = field(default="eora", metadata={"help": "'eora' or 'svd' (baseline)."})
-    damping: float = field(default=DEFAULT_DAMPING, metadata={"help": "Relative ridge added to H."})
+    damping: Union[float, str] = field(
+        default=DEFAULT_DAMPING,
+        metadata={"help": "Relative ridge added to H, or 'auto' (chosen per layer on held-out calibration windows)."},
+    )
+    rank_allocation: Literal["uniform", "spectrum", "spectrum_absolute"] = field(
+        default="uniform",
+        metadata={
+            "help": "'uniform' (r / rank_pattern), 'spectrum' (per-layer ranks under a parameter budget, by relative "
+            "output-error reduction) or 'spectrum_absolute' (by absolute output-error reduction)."
+        },
+    )
+    rank_budget: Optional[int] = field(
+        default=None,
+        metadata={"help": "rank_allocation='spectrum': total LoRA parameters; default: those of the configured ranks."},
+    )
+    rank_min: Optional[int] = field(
+        default=None, metadata={"help": "rank_allocation='spectrum': smallest rank per layer (default 1)."}
+    )
+    rank_max: Optional[int] = field(
+        default=None,
+        metadata={"help": "rank_allocation='spectrum': largest rank per layer (default min(out, in) − 1)."},
+    )
     eig_rtol: float = field(default=DEFAULT_EIG_RTOL, metadata={"help": "Relative eigenvalue cut-off."})
     sequential: bool = field(default=True, metadata={"help": "Compensate groups within a block in order."})
     adapter_bits: int = field(
@@ -134,13 +167,44 @@ class EoRAConfig(LoraConfig):
             self.calibration = CalibrationConfig(**self.calibration)
         if self.method not in METHODS:
             raise ValueError(f"EoRAConfig.method must be one of {METHODS}, got {self.method!r}.")
-        if not (self.damping >= 0):
-            raise ValueError(f"EoRAConfig.damping must be ≥ 0, got {self.damping!r}.")
+        self._check_damping_and_allocation()
         if self.use_dora:
             raise ValueError("EoRA initialises plain LoRA factors; DoRA (use_dora=True) is not supported.")
         from .adapter_quant import check_bits
 
         self.adapter_bits = check_bits(self.adapter_bits)
+
+    def _check_damping_and_allocation(self) -> None:
+        from .decompose import AUTO_HOLDOUT_EVERY
+
+        d = self.damping
+        if isinstance(d, str):
+            if d != "auto":
+                raise ValueError(f"EoRAConfig.damping must be a number ≥ 0 or 'auto', got the string {d!r}.")
+            n = getattr(self.calibration, "num_samples", None)
+            if self.method == "eora" and n is not None and n < AUTO_HOLDOUT_EVERY:
+                raise ValueError(
+                    f"damping='auto' holds out every {AUTO_HOLDOUT_EVERY}th calibration window to choose the damping, "
+                    f"so it needs num_samples ≥ {AUTO_HOLDOUT_EVERY}; the calibration has {n}. Use more samples or a "
+                    "fixed damping such as 0.01."
+                )
+        elif isinstance(d, bool) or not isinstance(d, (int, float)) or not (0 <= d < float("inf")):
+            raise ValueError(f"EoRAConfig.damping must be a finite number ≥ 0 or 'auto', got {d!r}.")
+        if self.rank_allocation not in ("uniform", "spectrum", "spectrum_absolute"):
+            raise ValueError(
+                "EoRAConfig.rank_allocation must be 'uniform', 'spectrum' or 'spectrum_absolute', got "
+                f"{self.rank_allocation!r}."
+            )
+        for key in ("rank_budget", "rank_min", "rank_max"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if self.rank_allocation == "uniform":
+                raise ValueError(f"EoRAConfig.{key} only applies with rank_allocation='spectrum' (or 'spectrum_absolute').")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EoRAConfig.{key} must be a positive integer, got {value!r}.")
+        if self.rank_min is not None and self.rank_max is not None and self.rank_max < self.rank_min:
+            raise ValueError(f"EoRAConfig.rank_max ({self.rank_max}) is smaller than rank_min ({self.rank_min}).")
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()

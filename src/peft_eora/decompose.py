@@ -24,10 +24,19 @@ small δ blends towards plain SVD. Eigenvalues below ``eig_rtol·λ_max`` (inclu
 ones from round-off) are treated as zero: their directions are dropped from the projection
 (pseudo-inverse), so rank-deficient or dead-channel covariances never yield NaN or inf.
 ``method="svd"`` is the baseline: the same code path with ``H = I``.
+
+``damping="auto"`` (:func:`select_damping`, :func:`eora_factors_auto`): fit the factors on part of
+the calibration tokens for each δ in :data:`AUTO_DAMPING_GRID` (one eigendecomposition, shifted
+eigenvalues), keep the δ with the smallest activation-weighted error on the held-out tokens,
+refit on all tokens. Rank allocation (:func:`projected_spectrum`, :func:`allocate_ranks`): the
+k-th rank of a layer removes ``s_k²`` (its k-th squared singular value of ``ΔW'``) from the
+squared weighted error at a cost of ``in + out`` parameters; ranks are bought greedily by gain
+per parameter under a total budget.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
 from collections.abc import Iterator
@@ -130,16 +139,25 @@ def eigen_projection(
     if not torch.isfinite(Hd).all():
         raise ValueError("The activation covariance contains NaN or inf; check the calibration inputs.")
     lam, Q = _eigh(Hd)
-    lam_max = float(lam.max()) if n else 0.0
-    if lam_max <= 0.0:
+    scales = _root_scales(lam, eig_rtol)
+    if scales is None:
         eye = torch.eye(n, dtype=torch.float64, device=Hd.device)
         return eye, eye, n
+    sqrt_lam, inv_sqrt, kept = scales
+    S = Q * sqrt_lam  # Q @ diag(√λ)
+    S_pinv = inv_sqrt[:, None] * Q.T  # diag(1/√λ) @ Qᵀ
+    return S, S_pinv, kept
+
+
+def _root_scales(lam: torch.Tensor, eig_rtol: float) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """``(√λ, 1/√λ, kept)`` with eigenvalues below ``eig_rtol·λ_max`` zeroed in both; None if λ_max ≤ 0."""
+    lam_max = float(lam.max()) if lam.numel() else 0.0
+    if lam_max <= 0.0:
+        return None
     keep = lam > eig_rtol * lam_max
     sqrt_lam = torch.where(keep, lam.clamp_min(0).sqrt(), torch.zeros_like(lam))
     inv_sqrt = torch.where(keep, 1.0 / torch.where(keep, sqrt_lam, torch.ones_like(lam)), torch.zeros_like(lam))
-    S = Q * sqrt_lam  # Q @ diag(√λ)
-    S_pinv = inv_sqrt[:, None] * Q.T  # diag(1/√λ) @ Qᵀ
-    return S, S_pinv, int(keep.sum())
+    return sqrt_lam, inv_sqrt, int(keep.sum())
 
 
 def eora_factors(
@@ -224,3 +242,307 @@ def weighted_error(delta: torch.Tensor, H: torch.Tensor, approx: torch.Tensor | 
     E = delta.detach().double() if approx is None else delta.detach().double() - approx.detach().double()
     val = float(((E @ H.detach().double()) * E).sum())
     return math.sqrt(max(val, 0.0))
+
+
+# --------------------------------------------------------------------------------------------
+# damping="auto": the ridge strength chosen on held-out calibration tokens
+# --------------------------------------------------------------------------------------------
+
+#: Ridge strengths (relative to ``mean(diag H)``) that ``damping="auto"`` chooses from.
+AUTO_DAMPING_GRID: tuple[float, ...] = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
+
+#: ``damping="auto"`` holds out calibration window ``i`` (counted over all batches) when
+#: ``i % AUTO_HOLDOUT_EVERY == AUTO_HOLDOUT_EVERY − 1``: a deterministic quarter of the windows.
+AUTO_HOLDOUT_EVERY = 4
+
+#: Held-out errors within this relative distance of the best count as a tie, won by the larger δ
+#: (closer to plain SVD, i.e. less fitted to the calibration domain, at no measurable cost).
+AUTO_DAMPING_TIE_RTOL = 1e-9
+
+
+@dataclass(frozen=True)
+class Eigen:
+    """``H = Q·diag(lam)·Qᵀ`` of a symmetrised covariance (float64) and ``mean(diag H)``.
+
+    A ridge only shifts the eigenvalues (``H + c·I`` has the eigenvectors of ``H``), so one
+    decomposition serves every damping::
+
+        e = eigen(H)
+        S, S_pinv, kept = e.projection(0.01)     # same as eigen_projection(H, 0.01)
+    """
+
+    lam: torch.Tensor
+    Q: torch.Tensor
+    mean_diag: float
+
+    def scales(self, damping: float, eig_rtol: float = DEFAULT_EIG_RTOL) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(√λ_δ, 1/√λ_δ, kept)`` of ``H + δ·mean(diag H)·I`` (cut-off as in :func:`eigen_projection`).
+
+        An H without signal (λ_max ≤ 0) gives ones: the projection is a rotation, i.e. plain SVD.
+        """
+        _check_damping(damping)
+        lam = self.lam + damping * self.mean_diag if damping > 0 and self.mean_diag > 0 else self.lam
+        scales = _root_scales(lam, eig_rtol)
+        if scales is None:
+            ones = torch.ones_like(self.lam)
+            return ones, ones, ones.numel()
+        return scales
+
+    def projection(self, damping: float, eig_rtol: float = DEFAULT_EIG_RTOL) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(S, S_pinv, kept)`` for ``eora_factors(..., projection=...)`` at ridge ``damping``."""
+        sqrt_lam, inv_sqrt, kept = self.scales(damping, eig_rtol)
+        return self.Q * sqrt_lam, inv_sqrt[:, None] * self.Q.T, kept
+
+
+def eigen(H: torch.Tensor) -> Eigen:
+    """Eigendecompose the symmetrised ``H`` once in float64 (see :class:`Eigen`)."""
+    Hd = damped(H, 0.0)
+    if not torch.isfinite(Hd).all():
+        raise ValueError("The activation covariance contains NaN or inf; check the calibration inputs.")
+    lam, Q = _eigh(Hd)
+    mean_diag = float(torch.diagonal(Hd).mean()) if Hd.shape[0] else 0.0
+    return Eigen(lam=lam, Q=Q, mean_diag=mean_diag)
+
+
+@dataclass(frozen=True)
+class DampingChoice:
+    """The ridge ``damping`` chosen on held-out tokens and the held-out error of every candidate.
+
+    ``errors[δ]`` is ``‖(ΔW − B_δ·A_δ)·X_valᵀ‖_F`` with ``B_δ, A_δ`` fitted on the other tokens.
+    """
+
+    damping: float
+    errors: dict[float, float]
+
+
+def _check_damping(damping: float) -> None:
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping < 0:
+        raise ValueError(f"damping must be a finite number ≥ 0, got {damping!r}.")
+
+
+def _check_residual(delta: torch.Tensor, rank: int, name: str) -> torch.Tensor:
+    if delta.ndim != 2:
+        raise ValueError(f"{name}: the residual must be a 2-D matrix, got shape {tuple(delta.shape)}.")
+    check_rank(rank, *delta.shape, name)
+    D = delta.double()
+    if not torch.isfinite(D).all():
+        raise ValueError(f"{name}: the weight residual contains NaN or inf; check both models' weights.")
+    return D
+
+
+def _check_cov(H: torch.Tensor, in_f: int, name: str, label: str = "covariance") -> None:
+    if H.shape != (in_f, in_f):
+        raise ValueError(f"{name}: {label} shape {tuple(H.shape)} does not match the layer's input size {in_f}.")
+
+
+def select_damping(
+    delta: torch.Tensor,
+    H_fit: torch.Tensor,
+    H_val: torch.Tensor,
+    rank: int,
+    grid: tuple[float, ...] = AUTO_DAMPING_GRID,
+    eig_rtol: float = DEFAULT_EIG_RTOL,
+    name: str = "layer",
+    fit: Eigen | None = None,
+) -> DampingChoice:
+    """Choose the ridge δ in ``grid`` whose rank-``rank`` factors, fitted on ``H_fit``, have the
+    smallest activation-weighted error on held-out tokens (``H_val = Σ x_valᵀx_val``)::
+
+        choice = select_damping(delta, X_fit.T @ X_fit, X_val.T @ X_val, rank=8)
+        choice.damping, choice.errors          # e.g. 0.01, {0.0: 3.1, 0.001: 2.9, ...}
+
+    ``H_fit`` is decomposed once (pass ``fit=eigen(H_fit)`` to share it across layers with one
+    input); each candidate costs one truncated SVD and one ``out × in × in`` product. Ties (within
+    ``AUTO_DAMPING_TIE_RTOL``) go to the larger δ.
+    """
+    D = _check_residual(delta, rank, name)
+    out_f, in_f = D.shape
+    _check_cov(H_fit, in_f, name, "fit covariance")
+    _check_cov(H_val, in_f, name, "held-out covariance")
+    if not grid:
+        raise ValueError("The damping grid is empty.")
+    for d in grid:
+        _check_damping(d)
+    fit = eigen(H_fit.to(D.device)) if fit is None else fit
+    Hv = damped(H_val.to(D.device), 0.0)
+    if not torch.isfinite(Hv).all():
+        raise ValueError(f"{name}: the held-out covariance contains NaN or inf; check the calibration inputs.")
+    if float(torch.diagonal(Hv).sum()) <= 0.0:
+        raise ValueError(f"{name}: the held-out covariance is zero (no held-out token): cannot choose the damping.")
+    Q = fit.Q.to(D.device)
+    DQ = D @ Q  # the residual in H_fit's eigenbasis, shared by every candidate
+    Hv_rot = Q.T @ Hv @ Q
+    errors: dict[float, float] = {}
+    for d in grid:
+        sqrt_lam, inv_sqrt, _ = fit.scales(float(d), eig_rtol)
+        U, sv, Vh = truncated_svd(DQ * sqrt_lam, rank)
+        root = sv[:rank].sqrt()
+        B = U[:, :rank] * root
+        A_rot = (root[:, None] * Vh[:rank]) * inv_sqrt  # A·Q: still in the eigenbasis
+        E = DQ - B @ A_rot
+        errors[float(d)] = math.sqrt(max(float(((E @ Hv_rot) * E).sum()), 0.0))
+    best = min(errors.values())
+    chosen = max(d for d, e in errors.items() if e <= best * (1 + AUTO_DAMPING_TIE_RTOL))
+    return DampingChoice(damping=chosen, errors=errors)
+
+
+def eora_factors_auto(
+    delta: torch.Tensor,
+    H_fit: torch.Tensor,
+    H_val: torch.Tensor,
+    rank: int,
+    grid: tuple[float, ...] = AUTO_DAMPING_GRID,
+    eig_rtol: float = DEFAULT_EIG_RTOL,
+    name: str = "layer",
+    fit: Eigen | None = None,
+    full: Eigen | None = None,
+) -> tuple[Factors, DampingChoice]:
+    """``damping="auto"``: choose δ on held-out tokens, then refit on all of them::
+
+        factors, choice = eora_factors_auto(delta, H_fit, H_val, rank=8)
+
+    The final factors are ``eora_factors(delta, H_fit + H_val, rank, damping=choice.damping)``
+    (computed from ``full=eigen(H_fit + H_val)`` when given, shared across a group's layers).
+    """
+    choice = select_damping(delta, H_fit, H_val, rank, grid, eig_rtol, name, fit)
+    H_all = H_fit.double().to(delta.device) + H_val.double().to(delta.device)
+    full = eigen(H_all) if full is None else full
+    factors = eora_factors(
+        delta, H_all, rank, damping=choice.damping, eig_rtol=eig_rtol, name=name,
+        projection=full.projection(choice.damping, eig_rtol),
+    )
+    return factors, choice
+
+
+# --------------------------------------------------------------------------------------------
+# rank allocation under a parameter budget
+# --------------------------------------------------------------------------------------------
+
+
+def projected_spectrum(
+    delta: torch.Tensor,
+    H: torch.Tensor | None,
+    method: Method = "eora",
+    damping: float = 0.0,
+    eig_rtol: float = DEFAULT_EIG_RTOL,
+    projection: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+) -> torch.Tensor:
+    """Singular values (float64, descending, ``min(out, in)`` of them) of ``ΔW' = ΔW·Q·diag(√λ)``.
+
+    ``s_k²`` is exactly what the k-th rank removes from the squared activation-weighted error
+    ``‖(ΔW − BA)·Xᵀ‖²_F`` (``method="svd"``: from ``‖ΔW − BA‖²_F``, H ignored)::
+
+        s = projected_spectrum(delta, X.T @ X, damping=0.01)
+
+    Without ``projection`` no eigendecomposition of H is needed: ``s²`` are the eigenvalues of
+    ``ΔW·H_δ·ΔWᵀ`` (out ≤ in) or of ``Lᵀ·ΔWᵀΔW·L`` with ``H_δ = L·Lᵀ`` (Cholesky; out > in),
+    ``H_δ = H + δ·mean(diag H)·I``. This ignores the ``eig_rtol`` cut-off, whose directions carry
+    at most ``eig_rtol·λ_max·‖ΔW‖²`` of energy; an H that is not positive definite (δ = 0,
+    rank-deficient) falls back to the eigendecomposition.
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown EoRA method {method!r}; choose one of {METHODS}.")
+    if delta.ndim != 2:
+        raise ValueError(f"The residual must be a 2-D matrix, got shape {tuple(delta.shape)}.")
+    D = delta.double()
+    m, n = D.shape
+    G: torch.Tensor | None = None
+    if method == "eora":
+        if H is None and projection is None:
+            raise ValueError("method 'eora' needs the activation covariance H.")
+        if projection is None:
+            _check_damping(damping)
+            Hd = damped(H.to(D.device), damping)
+            if not torch.isfinite(Hd).all():
+                raise ValueError("The activation covariance contains NaN or inf; check the calibration inputs.")
+            if float(torch.diagonal(Hd).max()) <= 0.0:  # no signal: plain SVD, as eigen_projection does
+                projection = (torch.eye(n, dtype=torch.float64, device=D.device),)  # type: ignore[assignment]
+            elif m <= n:
+                G = D @ Hd @ D.T
+            else:
+                L, info = torch.linalg.cholesky_ex(Hd)
+                if int(info) == 0:
+                    M = D @ L
+                    G = M.T @ M
+                else:
+                    projection = eigen_projection(Hd, 0.0, eig_rtol)
+        if G is None:
+            D = D @ projection[0].to(D.device)
+    if G is None:
+        G = D @ D.T if m <= n else D.T @ D
+    with _lapack_threads(G):
+        lam = torch.linalg.eigvalsh(0.5 * (G + G.T))
+    return lam.flip(0).clamp_min(0).sqrt()
+
+
+def allocate_ranks(
+    spectra: dict[str, torch.Tensor],
+    costs: dict[str, int],
+    budget: int,
+    min_rank: int = 1,
+    max_rank: int | dict[str, int] | None = None,
+) -> dict[str, int]:
+    """Per-layer ranks maximising the captured energy ``Σ_l Σ_{k<r_l} s_{l,k}²`` under
+    ``Σ_l r_l·costs[l] ≤ budget`` (``costs[l] = in + out``: parameters per rank)::
+
+        >>> allocate_ranks({"q": torch.tensor([3., 1., .5]), "v": torch.tensor([2., 2., 1.])},
+        ...                {"q": 1, "v": 1}, budget=3, max_rank=2)
+        {'q': 1, 'v': 2}
+
+    Every layer starts at ``min_rank``; then ranks are added greedily by gain per parameter
+    ``s_{l,k}² / costs[l]``. Each layer's gains decrease with k, so as long as nothing was skipped
+    the greedy set is optimal for the parameters it spends (equal costs: optimal for the budget);
+    once a layer's next rank does not fit, smaller layers fill the rest. Ranks that capture
+    nothing (s = 0, e.g. past the data rank) are never bought, so the budget may be under-spent.
+    ``max_rank`` (an int or per layer) defaults to ``len(spectrum) − 1``, the package's limit.
+    """
+    names = list(spectra)
+    if set(costs) != set(names):
+        raise ValueError("spectra and costs must name the same layers.")
+    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
+        raise ValueError(f"min_rank must be an integer ≥ 1, got {min_rank!r}.")
+    caps: dict[str, int] = {}
+    for name in names:
+        limit = int(spectra[name].numel()) - 1
+        cap = max_rank.get(name, limit) if isinstance(max_rank, dict) else (limit if max_rank is None else max_rank)
+        caps[name] = min(int(cap), limit)
+        if int(costs[name]) <= 0:
+            raise ValueError(f"{name}: the cost per rank must be positive, got {costs[name]!r}.")
+        if caps[name] < min_rank:
+            raise ValueError(
+                f"{name}: min_rank={min_rank} exceeds its largest allowed rank {caps[name]} "
+                f"(rank < min(out, in) = {limit + 1}); lower the minimum rank."
+            )
+    ranks = {name: min_rank for name in names}
+    spent = sum(min_rank * int(costs[n]) for n in names)
+    if spent > budget:
+        raise ValueError(
+            f"The rank budget of {budget:,} parameters cannot give every one of the {len(names)} layers its "
+            f"minimum rank {min_rank} ({spent:,} parameters); raise the budget or lower the minimum rank."
+        )
+    sq = {name: spectra[name].double().cpu() ** 2 for name in names}
+    heap: list[tuple[float, int, str]] = []
+
+    def push(i: int, name: str) -> None:
+        k = ranks[name]
+        if k < caps[name]:
+            gain = float(sq[name][k])
+            if gain > 0.0:
+                heapq.heappush(heap, (-gain / int(costs[name]), i, name))
+
+    for i, name in enumerate(names):
+        push(i, name)
+    while heap:
+        _, i, name = heapq.heappop(heap)
+        c = int(costs[name])
+        if spent + c > budget:
+            continue  # its further ranks cost the same: none fits any more
+        ranks[name] += 1
+        spent += c
+        push(i, name)
+    return ranks
+
+
+def captured_energy(spectra: dict[str, torch.Tensor], ranks: dict[str, int]) -> float:
+    """``Σ_l Σ_{k<r_l} s_{l,k}²``: the squared weighted error removed by ``ranks``."""
+    return float(sum(float((spectra[n].double()[: ranks[n]] ** 2).sum()) for n in ranks))

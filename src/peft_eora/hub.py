@@ -350,11 +350,17 @@ def _eora_section(
     fingerprint = f"`{digest}`" if digest else "not recorded"
     method = getattr(config, "method", "eora")
     damping = getattr(config, "damping", None)
+    if isinstance(damping, str):  # "auto": chosen per module; show what was picked
+        counts = ((getattr(config, "eora_stats", None) or {}).get("damping_counts") or {})
+        picked = ", ".join(f"{k}×{v}" for k, v in sorted(counts.items(), key=lambda kv: float(kv[0])))
+        damping_text = f" (damping {damping}" + (f": {picked}" if picked else "") + ")"
+    else:
+        damping_text = f" (damping {damping:g})" if damping is not None else ""
     rows = [
         ("Compressed base model", base_text if base_id else "not recorded"),
         ("Original (uncompressed) model", f"`{config.original_model}`" if config.original_model else "not recorded"),
         ("Compression", _describe_quant(quant)),
-        ("Method", f"{method}" + (f" (damping {damping:g})" if damping is not None else "")),
+        ("Method", f"{method}{damping_text}"),
         ("Rank", f"{rank_text} (lora_alpha {_fmt(config.lora_alpha)})"),
         ("Target modules", f"{len(layers)} linear layers ({', '.join(suffixes)})"),
         ("Calibration data", calib_text),

@@ -14,17 +14,19 @@ or, with an in-memory original model and your own batches (EVA-style two steps):
 from __future__ import annotations
 
 import logging
+import math
 import re
 import warnings
 from typing import Any, Optional, Union
 
-from peft.tuners.lora import LoraModel
+import torch
+from peft.tuners.lora import LoraLayer, LoraModel
 from torch import nn
 
 from .calibration import CalibrationData, as_batches
 from .adapter_quant import is_packed, pack_adapter_state_dict, quantize_adapter_, unpack_adapter_state_dict
-from .compensate import CompensationStats, compensate
-from .config import EoRAConfig
+from .compensate import CompensationStats, RankPlan, compensate, find_targets, plan_ranks
+from .config import DEFAULT_DAMPING, EoRAConfig
 from .fingerprint import record_fingerprint, verify_fingerprint
 from .original import OriginalWeights
 from .residual import is_supported
@@ -95,6 +97,9 @@ class EoRAModel(LoraModel):
                 stacklevel=2,
             )
             return
+        # PEFT creates the factors in the base layer's dtype (float16 on GPTQ layers) and upcasts them only
+        # after this hook: upcast first, so the factors are stored at the precision they were computed in
+        self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=True)
         _initialize(model, config, adapter_name, config.original_model, config.calibration)
 
 
@@ -115,6 +120,19 @@ def _initialize(
         if tokenizer is None and not _is_token_data(calibration):
             tokenizer = _load_tokenizer(calibration, original_model, model)
         batches = as_batches(calibration, tokenizer, batch_size=batch_size)
+    plan: Optional[RankPlan] = None
+    allocation = getattr(config, "rank_allocation", "uniform")
+    if allocation != "uniform":
+        # statistics pass (uncompensated); "auto" damping is chosen later, per layer: rank with the default ridge
+        spectrum_damping = DEFAULT_DAMPING if config.damping == "auto" else config.damping
+        plan = plan_ranks(
+            model, adapter_name, original, batches, method=config.method, damping=spectrum_damping,
+            eig_rtol=config.eig_rtol, budget=config.rank_budget, min_rank=config.rank_min or 1,
+            max_rank=config.rank_max, gain="absolute" if allocation == "spectrum_absolute" else "relative",
+            progress=progress,
+        )
+        apply_ranks(model, config, adapter_name, plan.ranks)
+        config.rank_budget = plan.budget  # recorded: a recomputation keeps this budget, not the allocated ranks
     stats = compensate(
         model,
         adapter_name,
@@ -126,11 +144,69 @@ def _initialize(
         sequential=config.sequential,
         progress=progress,
     )
+    if plan is not None:
+        stats.allocation = plan.summary()
     quantize_adapter_(model, adapter_name, config.adapter_bits)  # no-op for adapter_bits=16
     config.init_eora = False  # the weights now hold the factors; loading must not recompute
     config.eora_stats = stats.summary()
     record_fingerprint(model, config)
     return stats
+
+
+def apply_ranks(model: nn.Module, config: EoRAConfig, adapter_name: str, ranks: dict[str, int]) -> None:
+    """Give each LoRA layer of ``adapter_name`` its rank from ``ranks`` (module name → rank), in place.
+
+        >>> apply_ranks(peft_model.base_model.model, config, "default", plan.ranks)
+
+    Layers whose rank changes get fresh ``lora_A``/``lora_B`` (``B`` zero: a zero update until
+    computed) on the old device/dtype; each layer keeps its scale (``lora_alpha/r``, or
+    ``/√r`` with rsLoRA), so ``lora_alpha`` is rescaled. ``config.rank_pattern`` and
+    ``config.alpha_pattern`` are rewritten with the full module names whose rank/alpha differ
+    from ``r``/``lora_alpha``, which is what PEFT reads to rebuild the layers on load.
+    """
+    _, targets = find_targets(model, adapter_name)
+    missing = [t.name for t in targets if t.name not in ranks]
+    if missing:
+        raise ValueError(f"No rank given for {missing[:3]} ({len(missing)} module(s)).")
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, Union[int, float]] = {}
+    for t in targets:
+        r_new = int(ranks[t.name])
+        layer = t.layer
+        use_rslora = bool(layer.use_rslora.get(adapter_name, False))
+        alpha = _number(float(layer.scaling[adapter_name]) * (math.sqrt(r_new) if use_rslora else r_new))
+        if r_new != int(layer.r[adapter_name]):
+            _resize_adapter(layer, adapter_name, r_new, alpha)
+        if r_new != config.r:
+            rank_pattern[t.name] = r_new
+        if alpha != config.lora_alpha:
+            alpha_pattern[t.name] = alpha
+    config.rank_pattern = rank_pattern
+    config.alpha_pattern = alpha_pattern
+
+
+def _number(x: float) -> Union[int, float]:
+    """An integral float as int (JSON- and PEFT-friendly), else rounded to 12 significant digits."""
+    rounded = float(f"{x:.12g}")
+    return int(rounded) if rounded.is_integer() else rounded
+
+
+@torch.no_grad()
+def _resize_adapter(layer: LoraLayer, adapter_name: str, r: int, alpha: Union[int, float]) -> None:
+    old_a, old_b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+    new_a = nn.Linear(layer.in_features, r, bias=False, device=old_a.weight.device, dtype=old_a.weight.dtype)
+    new_b = nn.Linear(r, layer.out_features, bias=old_b.bias is not None, device=old_b.weight.device,
+                      dtype=old_b.weight.dtype)
+    new_b.weight.zero_()
+    if old_b.bias is not None:
+        new_b.bias.copy_(old_b.bias)
+    new_a.weight.requires_grad_(old_a.weight.requires_grad)
+    for p_new, p_old in zip(new_b.parameters(), old_b.parameters()):
+        p_new.requires_grad_(p_old.requires_grad)
+    layer.lora_A[adapter_name], layer.lora_B[adapter_name] = new_a, new_b
+    layer.r[adapter_name] = r
+    layer.lora_alpha[adapter_name] = alpha
+    layer.scaling[adapter_name] = alpha / (math.sqrt(r) if layer.use_rslora.get(adapter_name, False) else r)
 
 
 def _is_token_data(calibration: CalibrationData) -> bool:
