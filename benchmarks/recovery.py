@@ -9,7 +9,7 @@ with CRLF→LF, lines joined by "\\n"; GSM8K test rows as "question\\nanswer" jo
 lines). Calibration: ``--calib-samples`` × ``--seq-len`` tokens of the shipped C4 validation
 sample (shuffled documents, seed 0), the same token windows for every method, gptqmodel's included.
 Compute time is wall-clock of the whole EoRA step (loading the original weights included);
-peak memory is the peak process RSS above the level before the step (sampled every 10 ms).
+peak memory is the process's peak RSS during the step (kernel high-water mark, reset before it).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import platform
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -37,31 +36,29 @@ logger = logging.getLogger("recovery")
 
 
 class PeakRSS:
-    """Peak resident memory (MiB) above the starting level while the context is open."""
+    """Peak resident memory of this process while the context is open (Linux).
 
-    def __init__(self) -> None:
-        import psutil
-
-        self._proc = psutil.Process()
-        self.peak_mib = 0.0
+    The kernel's high-water mark (``VmHWM``) is reset on entry by writing ``5`` to
+    ``/proc/self/clear_refs`` and read on exit, so the figure is the true peak RSS of the step
+    (model, original weights read so far, activations, covariances), not a sampled estimate.
+    ``rise_mib`` is that peak minus the RSS at entry.
+    """
 
     def __enter__(self) -> "PeakRSS":
-        self._base = self._proc.memory_info().rss
-        self._peak = self._base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        Path("/proc/self/clear_refs").write_text("5")
+        self.start_mib = _status_mib("VmRSS")
         return self
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.01):
-            self._peak = max(self._peak, self._proc.memory_info().rss)
-
     def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, self._proc.memory_info().rss)
-        self.peak_mib = (self._peak - self._base) / 2**20
+        self.peak_mib = _status_mib("VmHWM")
+        self.rise_mib = self.peak_mib - self.start_mib
+
+
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def eval_sets(tokenizer, seq_len: int, windows: int) -> dict[str, torch.Tensor]:
@@ -83,11 +80,14 @@ def eval_sets(tokenizer, seq_len: int, windows: int) -> dict[str, torch.Tensor]:
 
 
 def measure(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    """(result, wall seconds, peak RSS MiB) of ``fn()``; logs the 1-min load average after it."""
     gc.collect()
     with PeakRSS() as mem:
         start = time.perf_counter()
         result = fn()
         seconds = time.perf_counter() - start
+    logger.info("step: %.1f s, peak RSS %.0f MiB, load average %.2f (%d CPUs)", seconds, mem.peak_mib,
+                os.getloadavg()[0], os.cpu_count())
     return result, seconds, mem.peak_mib
 
 
@@ -95,6 +95,22 @@ def ppl_row(model, sets: dict[str, torch.Tensor], batch_size: int) -> dict[str, 
     from peft_eora.eval import perplexity_on_windows
 
     return {name: round(perplexity_on_windows(model, w, batch_size=batch_size, progress=False), 4) for name, w in sets.items()}
+
+
+def _row_key(row: dict[str, Any]) -> tuple:
+    return tuple(row.get(k) for k in ("bits", "method", "rank", "damping", "adapter_bits"))
+
+
+def ppl_with_adapter_bits(pm, bits: int, sets: dict[str, torch.Tensor], batch_size: int) -> dict[str, float]:
+    """Perplexities with the EoRA factors rounded to int``bits`` (per-channel), weights restored after."""
+    from peft_eora.adapter_quant import quantize_adapter_
+
+    saved = {k: v.detach().clone() for k, v in pm.state_dict().items() if ".lora_" in k}
+    try:
+        quantize_adapter_(pm, "default", bits)
+        return ppl_row(pm, sets, batch_size)
+    finally:
+        pm.load_state_dict(saved, strict=False)
 
 
 def run_gptqmodel_eora(original_dir: Path, quantized_dir: Path, rank: int, calib: torch.Tensor, tokenizer, workdir: Path) -> Path:
@@ -137,6 +153,10 @@ def main() -> None:
                     help="dampings measured at --sweep-bits/--sweep-rank (empty: skip)")
     ap.add_argument("--sweep-bits", type=int, default=3)
     ap.add_argument("--sweep-rank", type=int, default=64)
+    ap.add_argument("--adapter-bits", type=int, nargs="*", default=[8, 4],
+                    help="also evaluate EoRA rows with A/B rounded to these int widths (accuracy cost of quantized adapters)")
+    ap.add_argument("--adapter-bits-ranks", type=int, nargs="*", default=[128],
+                    help="ranks at which --adapter-bits rows are measured")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16, help="windows per evaluation set")
@@ -184,6 +204,8 @@ def main() -> None:
         results["rows"], results["damping_sweep"] = previous["rows"], previous["damping_sweep"]
 
     def add(row: dict[str, Any]) -> None:
+        key = _row_key(row)  # a re-measured configuration replaces its old row
+        results["rows"] = [r for r in results["rows"] if _row_key(r) != key]
         results["rows"].append(row)
         logger.info("%s", row)
         write(results, Path(args.out))
@@ -200,20 +222,28 @@ def main() -> None:
             add({"bits": bits, "method": "gptq", "rank": 0, **ppl_row(qmodel, sets, args.batch_size)})
 
         def ours(method: str, rank: int, damp: float):
-            cfg = EoRAConfig(r=rank, method=method, damping=damp, original_model=str(original_dir))
+            # original_model goes to the call, not the config: with it in the config, get_peft_model would
+            # already compute the (calibration-free) SVD baseline and the call below would redo it
+            cfg = EoRAConfig(r=rank, method=method, damping=damp)
             pm = get_peft_model(qmodel, cfg)
             from peft_eora import initialize_eora_weights
 
-            initialize_eora_weights(pm, calibration=calib, batch_size=args.batch_size, progress=False)
+            initialize_eora_weights(pm, original_model=str(original_dir), calibration=calib,
+                                    batch_size=args.batch_size, progress=False)
             return pm
 
         for rank in args.ranks:
             for method in args.methods:
                 pm, seconds, mem = measure(lambda: ours(method, rank, damping))
                 row = {"bits": bits, "method": method, "rank": rank, "damping": damping,
-                       **ppl_row(pm, sets, args.batch_size), "seconds": round(seconds, 2), "peak_rss_mib": round(mem, 1)}
-                qmodel = pm.unload()
+                       **ppl_row(pm, sets, args.batch_size), "seconds": round(seconds, 2), "peak_rss_mib": round(mem, 1),
+                       "load_avg_1min": round(os.getloadavg()[0], 2)}
                 add(row)
+                if method == "eora" and rank in args.adapter_bits_ranks:
+                    for lowbit in args.adapter_bits:
+                        add({**{k: v for k, v in row.items() if k in ("bits", "method", "rank", "damping")},
+                             "adapter_bits": lowbit, **ppl_with_adapter_bits(pm, lowbit, sets, args.batch_size)})
+                qmodel = pm.unload()
             if not args.no_gptqmodel and (args.gptqmodel_ranks is None or rank in args.gptqmodel_ranks):
                 path, seconds, mem = measure(lambda: run_gptqmodel_eora(original_dir, qdir, rank, calib, tokenizer, workdir))
                 pm = PeftModel.from_pretrained(qmodel, path)
@@ -227,7 +257,8 @@ def main() -> None:
             for damp in args.damping_sweep:
                 pm, seconds, mem = measure(lambda: ours("eora", args.sweep_rank, damp))
                 row = {"bits": bits, "method": "eora", "rank": args.sweep_rank, "damping": damp,
-                       **ppl_row(pm, sets, args.batch_size), "seconds": round(seconds, 2)}
+                       **ppl_row(pm, sets, args.batch_size), "seconds": round(seconds, 2), "peak_rss_mib": round(mem, 1),
+                       "load_avg_1min": round(os.getloadavg()[0], 2)}
                 qmodel = pm.unload()
                 results["damping_sweep"].append(row)
                 logger.info("sweep %s", row)
@@ -264,7 +295,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for r in results["rows"]:
         lines.append(
-            f"| {r['bits']} | {r['method']} | {r['rank'] or '-'} | " + " | ".join(f"{r.get(s, float('nan')):.3f}" for s in sets)
+            f"| {r['bits']} | {r['method']}{' (int%d A/B)' % r['adapter_bits'] if r.get('adapter_bits') else ''} | {r['rank'] or '-'} | " + " | ".join(f"{r.get(s, float('nan')):.3f}" for s in sets)
             + f" | {r.get('seconds', '-')} | {r.get('peak_rss_mib', '-')} |"
         )
     if results.get("damping_sweep"):
