@@ -44,7 +44,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recovery import eval_sets, measure, ppl_row  # noqa: E402  (shared evaluation helpers)
+from recovery import eval_sets, measure, ppl_row, write as write_results  # noqa: E402  (shared helpers)
 
 REPO = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("formats")
@@ -172,7 +172,7 @@ def main() -> None:
     def add(row: dict[str, Any]) -> None:
         results["rows"].append(row)
         logger.info("%s", row)
-        write(results, out)
+        write_results(results, out, markdown)
 
     if not any(r["format"] == "original" for r in results["rows"]):
         original = AutoModelForCausalLM.from_pretrained(original_dir, dtype=torch.float32).eval()
@@ -206,16 +206,10 @@ def main() -> None:
         del qmodel
         gc.collect()
 
-    write(results, out)
+    write_results(results, out, markdown)
     logger.info("wrote %s and %s", out.with_suffix(".json"), out.with_suffix(".md"))
 
 
-def write(results: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out.with_suffix(".json"))
-    out.with_suffix(".md").write_text(markdown(results))
 
 
 def _recovered(row: dict[str, Any], base: dict[str, Any] | None, original: dict[str, Any] | None, s: str) -> str:

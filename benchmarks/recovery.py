@@ -271,12 +271,13 @@ def main() -> None:
     print(json.dumps(results, indent=2))
 
 
-def write(results: dict[str, Any], out: Path) -> None:
+def write(results: dict[str, Any], out: Path, render: Callable[[dict[str, Any]], str] | None = None) -> None:
+    """``<out>.json`` (atomically) and ``<out>.md`` rendered by ``render`` (default: this table)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     os.replace(tmp, out.with_suffix(".json"))
-    out.with_suffix(".md").write_text(markdown(results))
+    out.with_suffix(".md").write_text((render or markdown)(results))
 
 
 def markdown(results: dict[str, Any]) -> str:

@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .embedded import atomic_publish, cache_dir, dtype_name, is_complete, make_temp_dir, remove_stale_temps
-from .quantize import C4_SAMPLE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, META_FILE, _versions, gptq_calibration
+from .quantize import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, META_FILE, _versions, calibration_metadata, gptq_calibration
 
 logger = logging.getLogger(__name__)
 
@@ -342,14 +342,7 @@ def prune(
             "compute_dtype": "float32",
             "saved_dtype": dtype_name(source_dtype),
             "source_model": str(model_dir.resolve()),
-            "calibration": {
-                "data": f"peft_eora/data/{C4_SAMPLE.name}",
-                "recipe": "docs in file order, no special tokens, EOS-joined, consecutive windows",
-                "num_samples": len(examples),
-                "seq_len": seq_len,
-                "tokens": n_tokens,
-                "batch_size": batch_size,
-            },
+            "calibration": calibration_metadata(len(examples), seq_len, n_tokens, batch_size),
             "versions": _versions(),
             "device": device,
             "cpu_count": os.cpu_count(),

@@ -257,14 +257,7 @@ def _quantize_with_gptqmodel(
             "user_overrides": {k: repr(v) for k, v in user_kw.items()},
             "quantize_dtype": dtype_name(dtype),
             "source_model": str(model_dir.resolve()),
-            "calibration": {
-                "data": f"peft_eora/data/{C4_SAMPLE.name}",
-                "recipe": "docs in file order, no special tokens, EOS-joined, consecutive windows",
-                "num_samples": len(examples),
-                "seq_len": seq_len,
-                "tokens": n_tokens,
-                "batch_size": batch_size,
-            },
+            "calibration": calibration_metadata(len(examples), seq_len, n_tokens, batch_size),
             **extra,
             "versions": _versions(gptqmodel=getattr(gptqmodel, "__version__", "unknown")),
             "device": device,
@@ -281,6 +274,18 @@ def _quantize_with_gptqmodel(
         restore_log_dir()
         shutil.rmtree(offload, ignore_errors=True)
     return final
+
+
+def calibration_metadata(num_samples: int, seq_len: int, tokens: int, batch_size: int) -> dict[str, Any]:
+    """How :func:`gptq_calibration` windows were made, for a compressed checkpoint's metadata file."""
+    return {
+        "data": f"peft_eora/data/{C4_SAMPLE.name}",
+        "recipe": "docs in file order, no special tokens, EOS-joined, consecutive windows",
+        "num_samples": num_samples,
+        "seq_len": seq_len,
+        "tokens": tokens,
+        "batch_size": batch_size,
+    }
 
 
 def _versions(**extra: str) -> dict[str, str]:
