@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 
 from . import _peft_compat
-from .config import CalibrationConfig, EoRAConfig
+from .config import CalibrationConfig, CalibrationSource, EoRAConfig
 from .fingerprint import BaseMismatchError
 from .hub import AdapterFileError, export_lora
 from .hub import install as _install_save_and_push
@@ -41,6 +41,7 @@ __all__ = [
     "AdapterFileError",
     "BaseMismatchError",
     "CalibrationConfig",
+    "CalibrationSource",
     "EoRAConfig",
     "EoRAModel",
     "FuseReport",

@@ -22,12 +22,17 @@ from typing import Any, Union
 
 import torch
 
-from .config import CalibrationConfig
+from .config import CalibrationConfig, CalibrationSource
 
 logger = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-BUILTIN_DATASETS = {"builtin:c4": DATA_DIR / "c4_validation_256.jsonl"}
+BUILTIN_DATASETS = {
+    "builtin:c4": DATA_DIR / "c4_validation_256.jsonl",
+    "builtin:gsm8k": DATA_DIR / "gsm8k_train_512.jsonl",
+}
+#: How a built-in set without a ``text`` column becomes text (the perplexity convention of GSM8K).
+BUILTIN_TEMPLATES = {"builtin:gsm8k": "{question}\n{answer}"}
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
 
 Batch = dict[str, torch.Tensor]
@@ -38,50 +43,96 @@ class CalibrationError(ValueError):
     """Calibration data is missing, empty or too short."""
 
 
-def load_documents(spec: CalibrationConfig) -> list[Any]:
-    """Rows of ``spec.column`` from the dataset the spec names (text or token-id lists)."""
+def load_documents(source: Union[CalibrationConfig, CalibrationSource]) -> list[Any]:
+    """Documents of one source: its ``column`` (text or token-id lists) or its ``template`` filled per row."""
     import datasets
 
-    source = spec.dataset
-    path = BUILTIN_DATASETS.get(source, Path(source).expanduser())
+    name = source.dataset
+    path = BUILTIN_DATASETS.get(name, Path(name).expanduser())
     try:
         if path.exists():
             if path.is_dir():
-                ds = datasets.load_dataset(str(path), spec.subset, split=spec.split)
+                ds = datasets.load_dataset(str(path), source.subset, split=source.split)
             else:
                 builder = _FILE_BUILDERS.get(path.suffix.lower())
                 if builder is None:
                     raise CalibrationError(
                         f"Calibration file {path} has an unsupported extension; use one of {sorted(_FILE_BUILDERS)}."
                     )
-                ds = datasets.load_dataset(builder, data_files={spec.split: str(path)}, split=spec.split)
-        elif source.startswith("builtin:"):
-            raise CalibrationError(f"Unknown built-in calibration set {source!r}; choose one of {sorted(BUILTIN_DATASETS)}.")
+                ds = datasets.load_dataset(builder, data_files={source.split: str(path)}, split=source.split)
+        elif name.startswith("builtin:"):
+            raise CalibrationError(f"Unknown built-in calibration set {name!r}; choose one of {sorted(BUILTIN_DATASETS)}.")
         else:
-            ds = datasets.load_dataset(source, spec.subset, split=spec.split)
+            ds = datasets.load_dataset(name, source.subset, split=source.split)
     except CalibrationError:
         raise
     except Exception as exc:  # datasets raises many types; give one actionable message
         raise CalibrationError(
-            f"Could not load calibration dataset {source!r} (split {spec.split!r}): {exc}. Pass a local file, "
-            "'builtin:c4', or a Hub id that is cached (offline) / reachable."
+            f"Could not load calibration dataset {name!r} (split {source.split!r}): {exc}. Pass a local file, "
+            f"one of {sorted(BUILTIN_DATASETS)}, or a Hub id that is cached (offline) / reachable."
         ) from exc
-    if spec.column not in ds.column_names:
+    template = source.template
+    if template is None and source.column not in ds.column_names:
+        template = BUILTIN_TEMPLATES.get(name)
+    if template is not None:
+        try:
+            rows = [template.format(**row) for row in ds]
+        except (KeyError, IndexError, ValueError) as exc:
+            raise CalibrationError(
+                f"Calibration template {template!r} does not fit dataset {name!r} ({exc!r}); its columns are "
+                f"{ds.column_names}. Name columns as {{column}}."
+            ) from exc
+    elif source.column not in ds.column_names:
         raise CalibrationError(
-            f"Calibration dataset {source!r} has no column {spec.column!r}; its columns are {ds.column_names}."
+            f"Calibration dataset {name!r} has no column {source.column!r}; its columns are {ds.column_names}. "
+            "Set column=, or template= to combine columns."
         )
-    rows = [r for r in ds[spec.column] if r is not None and len(r) > 0]
+    else:
+        rows = ds[source.column]
+    rows = [r for r in rows if r is not None and len(r) > 0]
     if not rows:
-        raise CalibrationError(f"Calibration dataset {source!r} (column {spec.column!r}) is empty.")
+        raise CalibrationError(f"Calibration dataset {name!r} (column {source.column!r}) is empty.")
     return rows
 
 
+def share_windows(weights: list[float], total: int) -> list[int]:
+    """Split ``total`` windows in proportion to ``weights`` (largest remainder; ties to the earlier source)."""
+    whole = sum(weights)
+    exact = [total * w / whole for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
 def load_calibration_tokens(spec: CalibrationConfig, tokenizer=None) -> torch.Tensor:
-    """Shuffle documents with ``spec.seed``, tokenise, join with EOS and cut ``(num_samples, seq_len)``."""
-    rows = load_documents(spec)
+    """``(num_samples, seq_len)`` token windows from the spec's source(s).
+
+    Each source's documents are shuffled with ``spec.seed``, tokenised, joined with EOS and cut
+    into its share of the windows; with ``mix``, the windows of all sources are then shuffled
+    together (seeded), so every part of the data (e.g. damping='auto''s held-out windows) sees
+    the mixture.
+    """
+    sources = spec.sources
+    counts = share_windows([s.weight for s in sources], spec.num_samples)
+    parts = [
+        _windows(source, count, spec.seq_len, spec.seed, tokenizer, mixed=len(sources) > 1)
+        for source, count in zip(sources, counts)
+        if count > 0
+    ]
+    tokens = torch.cat(parts)
+    if len(sources) > 1:
+        order = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(spec.seed))
+        tokens = tokens[order]
+    return tokens
+
+
+def _windows(source: CalibrationSource, count: int, seq_len: int, seed: int, tokenizer, mixed: bool) -> torch.Tensor:
+    rows = load_documents(source)
     order = list(range(len(rows)))
-    random.Random(spec.seed).shuffle(order)
-    need = spec.num_samples * spec.seq_len
+    random.Random(seed).shuffle(order)
+    need = count * seq_len
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     ids: list[int] = []
     for i in order:
@@ -97,11 +148,12 @@ def load_calibration_tokens(spec: CalibrationConfig, tokenizer=None) -> torch.Te
         if len(ids) >= need:
             break
     if len(ids) < need:
+        share = " (its share of the mix)" if mixed else ""
         raise CalibrationError(
-            f"Calibration data {spec.dataset!r} has only {len(ids)} tokens but num_samples×seq_len = "
-            f"{spec.num_samples}×{spec.seq_len} = {need} are needed; lower num_samples or seq_len, or add data."
+            f"Calibration data {source.dataset!r} has only {len(ids)} tokens but num_samples×seq_len{share} = "
+            f"{count}×{seq_len} = {need} are needed; lower num_samples or seq_len, or add data."
         )
-    return torch.tensor(ids[:need], dtype=torch.long).view(spec.num_samples, spec.seq_len)
+    return torch.tensor(ids[:need], dtype=torch.long).view(count, seq_len)
 
 
 def as_batches(data: CalibrationData, tokenizer=None, batch_size: int = 8) -> list[Batch]:

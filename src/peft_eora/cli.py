@@ -56,6 +56,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
 
+def _mix_source(text: str) -> dict[str, Any]:
+    """``--mix``: a dataset name/path, or a JSON object of CalibrationSource fields."""
+    from .config import CalibrationSource
+
+    if not text.lstrip().startswith("{"):
+        return {"dataset": text}
+    try:
+        entry = json.loads(text)
+        CalibrationSource(**entry)
+    except (json.JSONDecodeError, TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected a dataset or a JSON object with keys dataset, subset, split, column, template, weight; {exc}"
+        ) from None
+    return entry
+
+
+def _calibration_summary(calibration) -> dict[str, Any]:
+    import dataclasses
+
+    return {k: v for k, v in dataclasses.asdict(calibration).items() if k != "tokenizer"}
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -136,6 +158,16 @@ def _add_calibration(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--subset", default=None, help="Dataset configuration name (Hub datasets), e.g. 'en'.")
     group.add_argument("--split", default="train", help="Dataset split to read (local files accept any name).")
     group.add_argument("--column", default="text", help="Column holding the text (or lists of token ids).")
+    group.add_argument(
+        "--template", default=None,
+        help="Build each document from several columns instead, e.g. 'Question: {question}\\nAnswer: {answer}'.",
+    )  # fmt: skip
+    group.add_argument(
+        "--mix", action="append", type=_mix_source, default=None, metavar="SOURCE",
+        help="Add a calibration source (repeatable): a dataset as for --dataset (e.g. builtin:gsm8k), or a JSON "
+        "object with keys dataset, subset, split, column, template, weight. Windows are shared by weight (the "
+        "main source's is 1), e.g. --mix builtin:gsm8k gives half C4, half GSM8K train (the paper's task calibration).",
+    )  # fmt: skip
     group.add_argument("--num-samples", type=_positive_int, default=128, help="Number of calibration windows.")
     group.add_argument("--seq-len", type=_positive_int, default=512, help="Tokens per calibration window (≥ 2).")
     group.add_argument("--seed", type=int, default=0, help="Seed for shuffling the calibration documents.")
@@ -446,10 +478,13 @@ def _models_from_args(args: argparse.Namespace) -> tuple[str, str]:
 def _calibration(args: argparse.Namespace):
     from .config import CalibrationConfig
 
-    return CalibrationConfig(
-        dataset=args.dataset, subset=args.subset, split=args.split, column=args.column,
-        num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
-    )  # fmt: skip
+    try:
+        return CalibrationConfig(
+            dataset=args.dataset, subset=args.subset, split=args.split, column=args.column, template=args.template,
+            mix=args.mix, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
 
 
 def _check_calibration(calibration, tokenizer) -> None:
@@ -702,7 +737,7 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
         gc.collect()
     summary = {
         "original": str(original), "compressed": str(compressed), "original_parameters": n_original,
-        "calibration": {k: getattr(calibration, k) for k in ("dataset", "subset", "split", "column", "num_samples", "seq_len", "seed")},
+        "calibration": _calibration_summary(calibration),
         "methods": args.methods, "ranks": sorted(set(args.ranks)), "damping": args.damping,
         "target_modules": _target_modules(args.target_modules), "rows": rows,
     }  # fmt: skip

@@ -27,18 +27,56 @@ from .decompose import DEFAULT_EIG_RTOL, METHODS
 DEFAULT_DAMPING = 0.01
 
 
+_SOURCE_KEYS = ("dataset", "subset", "split", "column", "template", "weight")
+
+
+@dataclass
+class CalibrationSource:
+    """One more source of calibration text for :attr:`CalibrationConfig.mix`.
+
+    Same meaning as the fields of :class:`CalibrationConfig`; ``weight`` is this source's share
+    of the windows relative to the others (the main source's is ``CalibrationConfig.weight``).
+    """
+
+    dataset: str
+    subset: Optional[str] = None
+    split: str = "train"
+    column: str = "text"
+    template: Optional[str] = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_weight(self.weight, self.dataset)
+
+
+def _check_weight(weight: float, dataset: str) -> None:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (0 <= weight < float("inf")):
+        raise ValueError(f"Calibration weight of {dataset!r} must be a finite number ≥ 0, got {weight!r}.")
+
+
 @dataclass
 class CalibrationConfig:
     """Where calibration text comes from and how it is cut into samples.
 
     ``dataset`` is a Hub dataset id (loaded with ``datasets.load_dataset``), a local file
-    (``.jsonl``/``.json``/``.txt``/``.parquet``/``.csv``) or folder, or ``"builtin:c4"`` (a
-    256-document C4 sample shipped with the package). ``column`` holds text, or lists of token
-    ids. Documents are shuffled with ``seed``, tokenised, joined with the EOS token and cut into
-    ``num_samples`` windows of ``seq_len`` tokens.
+    (``.jsonl``/``.json``/``.txt``/``.parquet``/``.csv``) or folder, or a sample shipped with the
+    package: ``"builtin:c4"`` (256 C4 documents) or ``"builtin:gsm8k"`` (512 GSM8K training
+    problems, each ``"{question}\\n{answer}"``). ``column`` holds text or lists of token ids;
+    ``template`` (e.g. ``"Question: {question}\\nAnswer: {answer}"``) builds the text from
+    several columns instead. Documents are shuffled with ``seed``, tokenised, joined with the
+    EOS token and cut into ``num_samples`` windows of ``seq_len`` tokens.
+
+    ``mix`` adds sources (:class:`CalibrationSource` or dicts with the same keys); the windows
+    are shared out by ``weight`` (largest remainder), each window cut from one source, and the
+    windows shuffled together with ``seed``. The paper's task calibration, half task data and
+    half C4::
+
+        CalibrationConfig("builtin:c4", num_samples=64, mix=[{"dataset": "builtin:gsm8k"}])
     """
 
-    dataset: str = field(default="builtin:c4", metadata={"help": "Hub id, local file/folder, or 'builtin:c4'."})
+    dataset: str = field(
+        default="builtin:c4", metadata={"help": "Hub id, local file/folder, 'builtin:c4' or 'builtin:gsm8k'."}
+    )
     subset: Optional[str] = field(default=None, metadata={"help": "Dataset configuration name (Hub datasets)."})
     split: str = field(default="train", metadata={"help": "Dataset split."})
     column: str = field(default="text", metadata={"help": "Column with text or token ids."})
@@ -48,6 +86,13 @@ class CalibrationConfig:
     tokenizer: Optional[str] = field(
         default=None, metadata={"help": "Tokenizer path/id; defaults to the original model's."}
     )
+    template: Optional[str] = field(
+        default=None, metadata={"help": "Format string over a row's columns, e.g. '{question}\\n{answer}'."}
+    )
+    weight: float = field(default=1.0, metadata={"help": "Share of the windows from this source when mixing."})
+    mix: Optional[list[Union[CalibrationSource, dict[str, Any]]]] = field(
+        default=None, metadata={"help": "Further sources (dataset, subset, split, column, template, weight)."}
+    )
 
     def __post_init__(self) -> None:
         if self.num_samples <= 0 or self.seq_len <= 1:
@@ -55,10 +100,37 @@ class CalibrationConfig:
                 f"Calibration needs num_samples ≥ 1 and seq_len ≥ 2, got num_samples={self.num_samples}, "
                 f"seq_len={self.seq_len}."
             )
+        _check_weight(self.weight, self.dataset)
+        if self.mix:
+            sources = []
+            for entry in self.mix:
+                if isinstance(entry, dict):
+                    unknown = sorted(set(entry) - set(_SOURCE_KEYS))
+                    if unknown or "dataset" not in entry:
+                        raise ValueError(
+                            f"CalibrationConfig.mix entries take the keys {list(_SOURCE_KEYS)} (dataset required), "
+                            f"got {sorted(entry)}."
+                        )
+                    entry = CalibrationSource(**entry)
+                elif not isinstance(entry, CalibrationSource):
+                    raise ValueError(f"CalibrationConfig.mix entries must be dicts or CalibrationSource, got {entry!r}.")
+                sources.append(entry)
+            self.mix = sources
+            if sum(s.weight for s in self.sources) <= 0:
+                raise ValueError("CalibrationConfig: every source has weight 0; give at least one a positive weight.")
 
     @property
     def num_tokens(self) -> int:
         return self.num_samples * self.seq_len
+
+    @property
+    def sources(self) -> list[CalibrationSource]:
+        """The main source followed by the ``mix`` sources."""
+        main = CalibrationSource(
+            dataset=self.dataset, subset=self.subset, split=self.split, column=self.column,
+            template=self.template, weight=self.weight,
+        )  # fmt: skip
+        return [main, *(self.mix or [])]
 
 
 @dataclass

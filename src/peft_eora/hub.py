@@ -330,7 +330,12 @@ def _eora_section(
     calib = getattr(config, "calibration", None)
     tokens = stats.get("calibration_tokens") or (calib.num_tokens if calib is not None else None)
     if calib is not None:
-        calib_text = f"`{calib.dataset}`" + (f" ({calib.subset})" if calib.subset else "")
+        sources = calib.sources
+        whole = sum(s.weight for s in sources)
+        calib_text = " + ".join(
+            f"`{s.dataset}`" + (f" ({s.subset})" if s.subset else "") + (f" {s.weight / whole:.0%}" if len(sources) > 1 else "")
+            for s in sources
+        )
         calib_text += f", {calib.num_samples} × {calib.seq_len}-token windows"
     else:
         calib_text = "token batches passed to `initialize_eora_weights`" if tokens else "not recorded"

@@ -1,0 +1,103 @@
+"""Calibration specs: templates, mixing sources by weight, JSON round trip, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from peft_eora import CalibrationConfig, CalibrationSource, EoRAConfig
+from peft_eora.calibration import CalibrationError, load_calibration_tokens, share_windows
+from peft_eora.cli import _mix_source
+
+
+def _ids_file(path: Path, token: int, rows: int = 20, length: int = 10) -> str:
+    """A jsonl file whose documents are token-id lists filled with ``token`` (no tokenizer needed)."""
+    path.write_text("".join(json.dumps({"ids": [token] * length}) + "\n" for _ in range(rows)))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "weights, total, expected",
+    [([1, 1], 5, [3, 2]), ([1, 0, 2], 7, [2, 0, 5]), ([0.5, 0.25, 0.25], 4, [2, 1, 1]), ([3], 4, [4])],
+)
+def test_share_windows_largest_remainder(weights, total, expected):
+    assert share_windows(weights, total) == expected
+    assert sum(share_windows(weights, total)) == total
+
+
+def test_mix_shares_windows_by_weight_and_shuffles_them(tmp_path):
+    a, b = _ids_file(tmp_path / "a.jsonl", 7), _ids_file(tmp_path / "b.jsonl", 9)
+    spec = CalibrationConfig(a, column="ids", num_samples=6, seq_len=8, mix=[{"dataset": b, "column": "ids", "weight": 2}])
+    tokens = load_calibration_tokens(spec)
+    assert tokens.shape == (6, 8)
+    # every window comes from one source: 1/3 of them from a, 2/3 from b
+    per_window = [set(row.tolist()) for row in tokens]
+    assert sorted(tuple(s) for s in per_window) == [(7,)] * 2 + [(9,)] * 4
+    # shuffled together (not a's windows then b's), deterministically for a seed
+    assert [next(iter(s)) for s in per_window] != [7, 7, 9, 9, 9, 9]
+    assert torch.equal(tokens, load_calibration_tokens(spec))
+    # a source with weight 0 contributes nothing
+    only_b = CalibrationConfig(a, column="ids", weight=0, num_samples=3, seq_len=8, mix=[{"dataset": b, "column": "ids"}])
+    assert set(load_calibration_tokens(only_b).unique().tolist()) == {9}
+
+
+def test_single_source_unchanged_by_mix_support(tmp_path):
+    """Without ``mix`` the windows are the source's documents in shuffled order, not reshuffled windows."""
+    path = tmp_path / "seq.jsonl"
+    path.write_text("".join(json.dumps({"ids": list(range(10 * i, 10 * i + 10))}) + "\n" for i in range(8)))
+    tokens = load_calibration_tokens(CalibrationConfig(str(path), column="ids", num_samples=4, seq_len=10))
+    # each window is one whole document (10 ids, no tokenizer so no EOS): consecutive ids
+    assert all(torch.equal(row, torch.arange(int(row[0]), int(row[0]) + 10)) for row in tokens)
+
+
+def test_template_and_builtin_gsm8k(tokenizer):
+    spec = CalibrationConfig("builtin:gsm8k", template="Q: {question}\nA: {answer}", num_samples=2, seq_len=256)
+    text = tokenizer.decode(load_calibration_tokens(spec, tokenizer)[0])
+    assert text.startswith("Q: ") and "\nA: " in text
+    # without a template the built-in GSM8K sample is "{question}\n{answer}" (the perplexity convention)
+    plain = tokenizer.decode(load_calibration_tokens(CalibrationConfig("builtin:gsm8k", num_samples=1, seq_len=256), tokenizer)[0])
+    assert plain.startswith("Nurse Missy") and "her patients?\nNurse Missy has" in plain  # question, newline, answer
+
+
+def test_calibration_errors(tmp_path, tokenizer):
+    with pytest.raises(CalibrationError, match=r"template '\{question\} \{missing\}' does not fit .*columns are \['question', 'answer'\]"):
+        load_calibration_tokens(CalibrationConfig("builtin:gsm8k", template="{question} {missing}", num_samples=1, seq_len=8), tokenizer)
+    with pytest.raises(CalibrationError, match=r"no column 'body'.*template="):
+        load_calibration_tokens(CalibrationConfig("builtin:c4", column="body", num_samples=1, seq_len=8), tokenizer)
+    with pytest.raises(ValueError, match=r"mix entries take the keys .*got \['path'\]"):
+        CalibrationConfig(mix=[{"path": "x"}])
+    with pytest.raises(ValueError, match="weight of 'builtin:gsm8k' must be a finite number"):
+        CalibrationConfig(mix=[{"dataset": "builtin:gsm8k", "weight": -1}])
+    with pytest.raises(ValueError, match="every source has weight 0"):
+        CalibrationConfig(weight=0, mix=[{"dataset": "builtin:gsm8k", "weight": 0}])
+    short = _ids_file(tmp_path / "short.jsonl", 3, rows=2, length=4)
+    spec = CalibrationConfig("builtin:c4", num_samples=4, seq_len=16, mix=[{"dataset": short, "column": "ids"}])
+    with pytest.raises(CalibrationError, match=r"has only 10 tokens but num_samples×seq_len \(its share of the mix\) = 2×16"):
+        load_calibration_tokens(spec, tokenizer)
+
+
+def test_mixed_spec_json_round_trip(tmp_path):
+    spec = CalibrationConfig(
+        "builtin:c4", num_samples=8, seq_len=64,
+        mix=[CalibrationSource("builtin:gsm8k", template="{question}\n{answer}", weight=0.5)],
+    )  # fmt: skip
+    EoRAConfig(r=4, calibration=spec).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())["calibration"]
+    assert saved["mix"] == [
+        {"dataset": "builtin:gsm8k", "subset": None, "split": "train", "column": "text",
+         "template": "{question}\n{answer}", "weight": 0.5}
+    ]  # fmt: skip
+    again = EoRAConfig(r=4, calibration=saved).calibration  # what loading the adapter config does
+    assert again == spec and isinstance(again.mix[0], CalibrationSource)
+
+
+def test_cli_mix_argument():
+    assert _mix_source("builtin:gsm8k") == {"dataset": "builtin:gsm8k"}
+    assert _mix_source('{"dataset": "d.jsonl", "weight": 3}') == {"dataset": "d.jsonl", "weight": 3}
+    import argparse
+
+    with pytest.raises(argparse.ArgumentTypeError, match="JSON object with keys dataset"):
+        _mix_source('{"path": "x"}')
