@@ -88,7 +88,14 @@ def test_dequantize_matches_forward(case, tiny_original_dir):
     library, factory, backend_name = ON_THE_FLY_CASES[case]
     _require(library)
     model = factory(tiny_original_dir)()
-    assert check_dequantize_matches_forward(model, backend_name, rtol=1e-5) == 14
+    ids = torch.arange(1, 17)[None]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits  # (bitsandbytes repacks its CPU weights on the first forward)
+    # bitsandbytes' AVX512-BF16 CPU layout multiplies in bfloat16: its forward is only that close to any float weight
+    rtol = 5e-3 if _bnb_cpu_packed(model) else 1e-5
+    assert check_dequantize_matches_forward(model, backend_name, rtol=rtol) == 14
+    with torch.no_grad():  # dequantizing leaves the layers as they were (bnb's CPU unpacking once did not)
+        assert torch.equal(model(input_ids=ids).logits, before)
     # and it is a compressed weight: close to the original, not equal to it
     from peft_eora.original import OriginalWeights
 
@@ -98,6 +105,49 @@ def test_dequantize_matches_forward(case, tiny_original_dir):
     w, w0 = backend_for(module).dequantize(module), original.get(name)
     rel = float((w - w0).norm() / w0.norm())
     assert 1e-4 < rel < 0.5, rel
+
+
+def _bnb_cpu_packed(model) -> bool:
+    return any(getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
+               for m in model.modules())
+
+
+@pytest.mark.parametrize("case", ["bnb-nf4", "bnb-fp4-double"])
+def test_bnb_cpu_layout_unpacks_to_the_same_weight(case, tiny_original_dir):
+    """After bitsandbytes repacks a layer for AVX512-BF16 CPUs, its dequantized weight is the one before
+    repacking up to the bfloat16 rounding of the block scales (absmax) that the layout stores."""
+    library, factory, backend_name = ON_THE_FLY_CASES[case]
+    _require(library)
+    from peft_eora.fingerprint import compute_fingerprint
+
+    model = factory(tiny_original_dir)()
+    names = target_names(model)
+    fresh = {n: backend_for(model.get_submodule(n)).dequantize(model.get_submodule(n)) for n in names}
+    fingerprint = compute_fingerprint(model)
+    with torch.no_grad():
+        model(input_ids=torch.arange(1, 17)[None])
+    if not _bnb_cpu_packed(model):
+        pytest.skip("bitsandbytes did not repack on this CPU (no AVX512-BF16): nothing to unpack")
+    for n in names:
+        w = backend_for(model.get_submodule(n)).dequantize(model.get_submodule(n))
+        rel = float((w - fresh[n]).norm() / fresh[n].norm())
+        assert rel < 3e-3, (n, rel)  # was 0.57 when the transposed absmax was read as is
+    # the base fingerprint reads both layouts the same way, so an adapter saved before the first
+    # forward still loads onto the same checkpoint after it
+    assert compute_fingerprint(model) == fingerprint
+    # bitsandbytes' own state_dict() un-repacks with a transposed absmax (the layer then computes
+    # garbage); restore_cpu_layouts, run by every EoRA save, makes that a no-op
+    from peft_eora.residual.bnb import restore_cpu_layouts
+
+    ids = torch.arange(1, 17)[None]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    assert restore_cpu_layouts(model) == len(names)
+    model.state_dict()
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert float((after - before).abs().max() / before.abs().max()) < 1e-2
+    assert compute_fingerprint(model) == fingerprint
 
 
 def test_awq_dequantize_matches_forward(tiny_awq4_dir):

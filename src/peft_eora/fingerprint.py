@@ -22,7 +22,9 @@ What is hashed (SHA-256 over canonical JSON / float64 bytes), per part:
   (embeddings, norms, dense linears), as float64, so the same checkpoint loaded in fp16 or fp32
   gives the same value.
 - ``packed_weights``: 8 evenly spaced values of every tensor of the quantized modules, as stored
-  by the loaded kernel (``qweight``, ``scales``, ...).
+  by the loaded kernel (``qweight``, ``scales``, ...), or in the canonical layout the back-end's
+  optional ``fingerprint_tensors(module)`` gives for kernels that repack lazily (bitsandbytes on
+  AVX512-BF16 CPUs repacks on the first forward).
 
 Kernels that repack at load time (gptqmodel's Marlin, ExLlama) store the same checkpoint in
 another layout, so ``packed_weights`` can only be compared between bases loaded with the same
@@ -114,14 +116,14 @@ def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return sorted(tensors, key=lambda item: item[0])
 
 
-def _kind(module: nn.Module) -> tuple[str, bool]:
-    """(kind label, is quantized): the residual back-end name, or the class name for other modules."""
+def _kind(module: nn.Module) -> tuple[str, Any]:
+    """(kind label, back-end if quantized else None): the residual back-end name, or the class name."""
     from .residual import registered
 
     for backend in registered():
         if backend.matches(module):
-            return backend.name, backend.name != "dense"
-    return type(module).__name__, False
+            return backend.name, (backend if backend.name != "dense" else None)
+    return type(module).__name__, None
 
 
 def _quantization_summary(model: nn.Module) -> Optional[dict[str, Any]]:
@@ -181,7 +183,8 @@ def compute_fingerprint(model: nn.Module, samples_per_tensor: int = SAMPLES_PER_
         tensors = _own_tensors(module)
         if not tensors:
             continue
-        kind, quantized = _kind(module)
+        kind, backend = _kind(module)
+        quantized = backend is not None
         count += 1
         if quantized:
             kernels.add(type(module).__name__)
@@ -193,6 +196,8 @@ def compute_fingerprint(model: nn.Module, samples_per_tensor: int = SAMPLES_PER_
             shape = [[t_name, list(t.shape)] for t_name, t in tensors]
         structure.append([name, kind, shape])
         target, key = (packed, "packed") if quantized else (dense, "dense")
+        if quantized and hasattr(backend, "fingerprint_tensors"):  # layouts that change after loading
+            tensors = backend.fingerprint_tensors(module)
         for t_name, t in tensors:
             values = _sample(t, samples_per_tensor)
             if values is None:

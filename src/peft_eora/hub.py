@@ -499,6 +499,9 @@ def _eora_adapter_names(model: nn.Module, selected: Optional[list[str]] = None) 
 def _peft_save(model: nn.Module, directory: str, **kwargs: Any) -> None:
     from peft import PeftModel
 
+    from .residual.bnb import restore_cpu_layouts
+
+    restore_cpu_layouts(model)  # else bitsandbytes' state_dict() corrupts its CPU-repacked layers
     save = _ORIGINAL.get("save_pretrained", PeftModel.save_pretrained)
     save(model, directory, **kwargs)
 

@@ -26,6 +26,12 @@ class ResidualBackend(Protocol):
         """The weight the layer's forward uses, as an (out, in) float32 tensor."""
 
 
+# Optional back-end method, looked up with hasattr (not part of the runtime-checked protocol):
+#   fingerprint_tensors(module) -> list[(name, tensor)]
+# the tensors the base fingerprint hashes for a layer whose kernel changes its stored layout after
+# loading (bitsandbytes repacks lazily on CPU); without it, the layer's own tensors are hashed.
+
+
 _REGISTRY: list[ResidualBackend] = []
 
 
