@@ -8,7 +8,8 @@ Writes ``<out>.json`` and ``<out>.md``. Perplexity convention: :mod:`peft_eora.e
 with CRLF→LF, lines joined by "\\n"; GSM8K test rows as "question\\nanswer" joined by blank
 lines). Calibration: ``--calib-samples`` × ``--seq-len`` tokens of the shipped C4 validation
 sample (shuffled documents, seed 0), the same token windows for every method, gptqmodel's included.
-Compute time is wall-clock of the whole EoRA step (loading the original weights included);
+``--task-calib builtin:gsm8k`` adds rows calibrated on half GSM8K *train*, half C4 (the paper's
+task calibration; GSM8K is evaluated on its *test* split). Compute time is wall-clock of the whole EoRA step (loading the original weights included);
 peak memory is the process's peak RSS during the step (kernel high-water mark, reset before it).
 """
 
@@ -158,6 +159,9 @@ def main() -> None:
     ap.add_argument("--adapter-bits-ranks", type=int, nargs="*", default=[128],
                     help="ranks at which --adapter-bits rows are measured")
     ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--task-calib", default=None, metavar="SOURCE",
+                    help="also measure EoRA calibrated on half SOURCE (e.g. builtin:gsm8k, GSM8K *train*), half C4, "
+                         "same token count, as 'eora-taskcal' rows beside the C4-calibrated ones")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16, help="windows per evaluation set")
     ap.add_argument("--batch-size", type=int, default=8)
@@ -181,6 +185,11 @@ def main() -> None:
     sets = eval_sets(tokenizer, args.seq_len, args.eval_windows)
     calib_spec = CalibrationConfig(dataset="builtin:c4", num_samples=args.calib_samples, seq_len=args.seq_len, seed=0)
     calib = load_calibration_tokens(calib_spec, tokenizer)
+    task_calib = None
+    if args.task_calib:
+        task_spec = CalibrationConfig(dataset="builtin:c4", num_samples=args.calib_samples, seq_len=args.seq_len,
+                                      seed=0, mix=[{"dataset": args.task_calib}])
+        task_calib = load_calibration_tokens(task_spec, tokenizer)
     workdir = Path(tempfile.mkdtemp(prefix="peft-eora-bench-"))
 
     results: dict[str, Any] = {
@@ -190,6 +199,8 @@ def main() -> None:
                     "compute_dtype": "float32 activations; GPTQ layers dequantize with their fp16 scales"},
         "calibration": {"data": "peft_eora/data/c4_validation_256.jsonl (C4 en validation sample)",
                         "num_samples": args.calib_samples, "seq_len": args.seq_len, "tokens": int(calib.numel()), "seed": 0},
+        **({"task_calibration": {"data": f"half {args.task_calib}, half the C4 sample (windows shuffled together)",
+                                 "tokens": int(task_calib.numel()), "method": "eora-taskcal"}} if args.task_calib else {}),
         "evaluation": {name: {"windows": int(w.shape[0]), "seq_len": args.seq_len, "tokens": int(w.numel())} for name, w in sets.items()},
         "damping": damping,
         "rows": [],
@@ -221,20 +232,24 @@ def main() -> None:
         if not args.no_quantized_row:
             add({"bits": bits, "method": "gptq", "rank": 0, **ppl_row(qmodel, sets, args.batch_size)})
 
-        def ours(method: str, rank: int, damp: float):
+        def ours(method: str, rank: int, damp: float, windows: torch.Tensor = calib):
             # original_model goes to the call, not the config: with it in the config, get_peft_model would
             # already compute the (calibration-free) SVD baseline and the call below would redo it
             cfg = EoRAConfig(r=rank, method=method, damping=damp)
             pm = get_peft_model(qmodel, cfg)
             from peft_eora import initialize_eora_weights
 
-            initialize_eora_weights(pm, original_model=str(original_dir), calibration=calib,
+            initialize_eora_weights(pm, original_model=str(original_dir), calibration=windows,
                                     batch_size=args.batch_size, progress=False)
             return pm
 
         for rank in args.ranks:
-            for method in args.methods:
-                pm, seconds, mem = measure(lambda: ours(method, rank, damping))
+            methods = args.methods + (["eora-taskcal"] if task_calib is not None else [])
+            for method in methods:
+                if method == "eora-taskcal":
+                    pm, seconds, mem = measure(lambda: ours("eora", rank, damping, task_calib))
+                else:
+                    pm, seconds, mem = measure(lambda: ours(method, rank, damping))
                 row = {"bits": bits, "method": method, "rank": rank, "damping": damping,
                        **ppl_row(pm, sets, args.batch_size), "seconds": round(seconds, 2), "peak_rss_mib": round(mem, 1),
                        "load_avg_1min": round(os.getloadavg()[0], 2)}
@@ -289,7 +304,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['machine']['compute_dtype']} compute. Calibration: {results['calibration']['tokens']} tokens "
         f"({results['calibration']['num_samples']}×{results['calibration']['seq_len']}) of {results['calibration']['data']}. "
         "Evaluation: " + ", ".join(f"{n} {v['windows']}×{v['seq_len']} tokens" for n, v in results["evaluation"].items())
-        + f". EoRA damping {results['damping']}.",
+        + f". EoRA damping {results['damping']}."
+        + (f" `eora-taskcal`: calibrated on {results['task_calibration']['tokens']} tokens, "
+           f"{results['task_calibration']['data']}." if results.get("task_calibration") else ""),
         "",
         "| bits | method | rank | " + " | ".join(f"{s} ppl" for s in sets) + " | compute s | peak RSS MiB |",
         "|---|---|---|" + "---|" * len(sets) + "---|---|",
