@@ -243,8 +243,8 @@ def main() -> None:
                                     batch_size=args.batch_size, progress=False)
             return pm
 
+        methods = args.methods + (["eora-taskcal"] if task_calib is not None else [])
         for rank in args.ranks:
-            methods = args.methods + (["eora-taskcal"] if task_calib is not None else [])
             for method in methods:
                 if method == "eora-taskcal":
                     pm, seconds, mem = measure(lambda: ours("eora", rank, damping, task_calib))

@@ -24,16 +24,14 @@ import json
 import logging
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_eora import CalibrationConfig, EoRAConfig
-from peft_eora.calibration import BUILTIN_DATASETS
 from peft_eora.embedded import export_original
-from peft_eora.finetune import gsm8k_sft_dataset, mean_loss, plot_losses, train_losses
+from peft_eora.finetune import gsm8k_calibration_source, gsm8k_sft_dataset, mean_loss, plot_losses, train_losses
 from peft_eora.quantize import load_and_quantize
 
 FORMATS = {"nf4": ("bnb-nf4", 4, 64), "hqq-w3": ("hqq", 3, 64), "hqq-w4": ("hqq", 4, 64)}
@@ -61,12 +59,12 @@ def main() -> None:
     method, bits, group = FORMATS[args.format]
     original_dir = export_original(torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(original_dir)
-    train = gsm8k_sft_dataset(tokenizer, num_examples=args.train_examples, max_length=args.max_length)
-    heldout = gsm8k_sft_dataset(tokenizer, num_examples=args.heldout, max_length=args.max_length,
-                                offset=512 - args.heldout)
     if args.train_examples > 512 - args.heldout:
         parser.error(f"--train-examples + --heldout must be ≤ 512 (the shipped GSM8K rows), got "
                      f"{args.train_examples} + {args.heldout}.")
+    train = gsm8k_sft_dataset(tokenizer, num_examples=args.train_examples, max_length=args.max_length)
+    heldout = gsm8k_sft_dataset(tokenizer, num_examples=args.heldout, max_length=args.max_length,
+                                offset=512 - args.heldout)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     report: dict = {"format": args.format, "rank": args.rank, "steps": args.steps, "lr": args.lr,
                     "batch_size": args.batch_size, "train_examples": args.train_examples, "heldout_examples": args.heldout}
@@ -76,11 +74,8 @@ def main() -> None:
     del original
 
     # task calibration on the training rows only (the held-out rows stay unseen)
-    train_file = Path(tempfile.mkdtemp(prefix="eora-ft-")) / "gsm8k_train_rows.jsonl"
-    with open(BUILTIN_DATASETS["builtin:gsm8k"], encoding="utf-8") as f:
-        train_file.write_text("".join(f.readlines()[: args.train_examples]), encoding="utf-8")
     calibration = CalibrationConfig(dataset="builtin:c4", num_samples=args.calib_samples, seq_len=args.calib_seq_len,
-                                    mix=[{"dataset": str(train_file), "template": "{question}\n{answer}"}])
+                                    mix=[gsm8k_calibration_source(args.train_examples, tempfile.mkdtemp(prefix="eora-ft-"))])
     runs = {
         "EoRA init": lambda base: get_peft_model(base, EoRAConfig(r=args.rank, target_modules=TARGETS,
                                                                   original_model=str(original_dir),
@@ -91,7 +86,7 @@ def main() -> None:
     curves = {}
     for name, make in runs.items():
         base = load_and_quantize(original_dir, method, bits=bits, group_size=group)
-        if "quantized" not in report:
+        if "heldout_loss_quantized" not in report:
             report["heldout_loss_quantized"] = round(mean_loss(base, heldout, pad_token_id=pad), 4)
         start = time.perf_counter()
         model = make(base)

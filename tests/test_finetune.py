@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from peft_eora.calibration import BUILTIN_DATASETS
-from peft_eora.finetune import GSM8K_PROMPT, gsm8k_sft_dataset, mean_loss, plot_losses, train_losses
+from peft_eora.finetune import GSM8K_PROMPT, gsm8k_calibration_source, gsm8k_sft_dataset, mean_loss, plot_losses, train_losses
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -82,10 +82,8 @@ def test_eora_init_fine_tunes_ahead_of_zero_init_lora(tokenizer, tmp_path):
     pad = tokenizer.eos_token_id
     train = gsm8k_sft_dataset(tokenizer, num_examples=STEPS * BATCH, max_length=MAX_LEN)
     heldout = gsm8k_sft_dataset(tokenizer, num_examples=HELDOUT, max_length=MAX_LEN, offset=512 - HELDOUT)
-    rows = open(BUILTIN_DATASETS["builtin:gsm8k"], encoding="utf-8").readlines()[: STEPS * BATCH]
-    (tmp_path / "train.jsonl").write_text("".join(rows))
     calibration = CalibrationConfig(dataset="builtin:c4", num_samples=8, seq_len=128,
-                                    mix=[{"dataset": str(tmp_path / "train.jsonl"), "template": "{question}\n{answer}"}])
+                                    mix=[gsm8k_calibration_source(STEPS * BATCH, tmp_path)])
     quantized_loss = None
     result = {}
     for name in ("eora", "lora"):

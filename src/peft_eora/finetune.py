@@ -72,6 +72,22 @@ def gsm8k_sft_dataset(
     return rows.map(encode, remove_columns=rows.column_names)
 
 
+def gsm8k_calibration_source(num_examples: int, folder: Union[str, Path]) -> dict[str, Any]:
+    """A calibration ``mix`` entry holding only the first ``num_examples`` shipped GSM8K train rows.
+
+    Task calibration for a fine-tuning run should see the training rows only, never the held-out
+    ones; the rows are copied to ``folder/gsm8k_train_rows.jsonl``::
+
+        >>> CalibrationConfig(dataset="builtin:c4", mix=[gsm8k_calibration_source(160, tmp)])
+    """
+    from .calibration import BUILTIN_DATASETS, BUILTIN_TEMPLATES
+
+    path = Path(folder) / "gsm8k_train_rows.jsonl"
+    with open(BUILTIN_DATASETS["builtin:gsm8k"], encoding="utf-8") as f:
+        path.write_text("".join(f.readlines()[:num_examples]), encoding="utf-8")
+    return {"dataset": str(path), "template": BUILTIN_TEMPLATES["builtin:gsm8k"]}
+
+
 def _collate(pad_id: int):
     def collate(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         length = max(len(f["input_ids"]) for f in features)

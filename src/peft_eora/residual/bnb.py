@@ -90,21 +90,20 @@ def restore_cpu_layouts(model: nn.Module) -> int:
 
         >>> restore_cpu_layouts(model); model.save_pretrained("adapter")
     """
-    layers = [m for m in model.modules() if _has_base(m, "Linear4bit")]
-    restored = 0
-    for module in layers:
-        state = getattr(module.weight, "quant_state", None)
-        if state is None or not getattr(state, "packing_format_for_cpu", False):
-            continue
-        import bitsandbytes.functional as F
+    packed = [m for m in model.modules() if _has_base(m, "Linear4bit")
+              and getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False)]
+    if not packed:
+        return 0
+    import bitsandbytes.functional as F
 
+    for module in packed:
+        state = module.weight.quant_state
         codes, plain = _unpack_cpu_layout(F, module.weight.data, state)
         if getattr(state, "original_storage_type", None):
             codes = codes.view(state.original_storage_type)
         module.weight.data = codes
         module.weight.quant_state = plain
-        restored += 1
-    return restored
+    return len(packed)
 
 
 def _unpack_cpu_layout(F, data: torch.Tensor, state):
