@@ -15,12 +15,15 @@ Formats (``--formats``), each compressed from the fp16 export of the embedded mo
 
 - ``gptq-w3``, ``gptq-w4``: gptqmodel GPTQ g128, 128×512 C4 calibration (cached; ~30-40 min each once).
 - ``awq-w4``: gptqmodel AWQ g64 (AWQ needs whole groups: 576 is not a multiple of 128), same
-  calibration (cached; 30+ min once). EoRA and SVD compare against the AWQ-smoothed original
+  calibration, run in bfloat16 (float16 matmuls are ~50× slower on CPUs; cached, ~1 h once). EoRA and SVD compare against the AWQ-smoothed original
   (:func:`peft_eora.quantize.awq_smoothed_original`); the AWQ layers multiply in float32 by
   their exact float16 dequantized weights (the CPU kernel's float16 matmul is ~60× slower).
 - ``bnb-nf4``, ``bnb-fp4``: bitsandbytes 4-bit, blocksize 64, quantized at load (seconds).
 - ``hqq-w2``, ``hqq-w3``, ``hqq-w4``: HQQ g64, at load. ``torchao-w3``, ``torchao-w4``: torchao
-  ``IntxWeightOnlyConfig`` g64, at load.
+  ``IntxWeightOnlyConfig`` g64, at load. ``torchao-fp8``: torchao ``Float8WeightOnlyConfig``
+  (e4m3, a scale per output row), at load.
+- ``ct-w4``, ``ct-w8``: compressed-tensors W4A16/W8A16 (symmetric int, g64, pack-quantized,
+  round to nearest; :func:`peft_eora.quantize.quantize_compressed_tensors`, cached, seconds).
 - ``wanda-2of4``, ``sparsegpt-2of4``, ``wanda-u50``: pruned with :mod:`peft_eora.prune`, 128×512
   C4 calibration (cached). Dense float bases.
 """
@@ -51,10 +54,10 @@ logger = logging.getLogger("formats")
 
 DEFAULT_FORMATS = [
     "gptq-w3", "gptq-w4", "awq-w4", "bnb-nf4", "bnb-fp4", "hqq-w3", "hqq-w4", "torchao-w3", "torchao-w4",
-    "wanda-2of4", "sparsegpt-2of4", "wanda-u50",
+    "torchao-fp8", "ct-w4", "wanda-2of4", "sparsegpt-2of4", "wanda-u50",
 ]
 SMOKE_FORMATS = ["gptq-w4", "awq-w4", "bnb-nf4", "hqq-w3", "torchao-w4", "wanda-2of4"]
-FORMAT_RE = re.compile(r"(gptq|awq)-w[2-8]|bnb-(nf4|fp4)|hqq-w[1-8]|torchao-w[1-8]|(wanda|sparsegpt)-(2of4|u[1-9][0-9]?)")
+FORMAT_RE = re.compile(r"(gptq|awq)-w[2-8]|bnb-(nf4|fp4)|hqq-w[1-8]|torchao-(w[1-8]|fp8)|ct-w[48]|(wanda|sparsegpt)-(2of4|u[1-9][0-9]?)")
 
 
 @dataclass
@@ -80,11 +83,27 @@ def build(fmt: str, original_dir: Path, quant_samples: int, quant_seq_len: int) 
                           bits, f"gptqmodel GPTQ g128 ({qdir.name})")
     if kind == "awq":
         bits = int(arg.removeprefix("w"))
-        qdir = quantize_awq(original_dir, bits=bits, group_size=64, **n)
+        # gptqmodel's AWQ runs in float16 or bfloat16 only; on this CPU float16 matmuls run ~50x slower than
+        # bfloat16 ones (1.5 vs 75 GFLOP/s per core), so the benchmark (CPU only) quantizes in bfloat16
+        dtype = torch.bfloat16
+        qdir = quantize_awq(original_dir, bits=bits, group_size=64, dtype=dtype, **n)
         return Compressed(lambda: load_quantized(qdir, compute_dtype=torch.float32), awq_smoothed_original(qdir), bits,
-                          f"gptqmodel AWQ g64 ({qdir.name}); residual vs the AWQ-smoothed original; fp32 matmul")
+                          f"gptqmodel AWQ g64 ({qdir.name}), quantized in {str(dtype).removeprefix('torch.')}; "
+                          "residual vs the AWQ-smoothed original; fp32 matmul")
     if kind == "bnb":
         return Compressed(lambda: load_and_quantize(original_dir, fmt), original_dir, 4, f"bitsandbytes {arg.upper()}, blocksize 64")
+    if kind == "ct":
+        from transformers import AutoModelForCausalLM
+
+        from peft_eora.quantize import quantize_compressed_tensors
+
+        bits = int(arg.removeprefix("w"))
+        qdir = quantize_compressed_tensors(original_dir, bits=bits, group_size=64)
+        return Compressed(lambda: AutoModelForCausalLM.from_pretrained(qdir, dtype=torch.float32).eval(), original_dir,
+                          bits, f"compressed-tensors W{bits}A16 g64 RTN, pack-quantized ({qdir.name})")
+    if fmt == "torchao-fp8":
+        return Compressed(lambda: load_and_quantize(original_dir, fmt), original_dir, 8,
+                          "torchao float8 e4m3 weight-only, per-row scale, at load")
     if kind in ("hqq", "torchao"):
         bits = int(arg.removeprefix("w"))
         return Compressed(lambda: load_and_quantize(original_dir, kind, bits=bits, group_size=64), original_dir, bits,

@@ -1,5 +1,5 @@
 """Residual back-ends beyond GPTQ on the tiny real model (the first 2 layers of the embedded SmolLM2):
-AWQ (gptqmodel), bitsandbytes 4-bit, HQQ, torchao weight-only.
+AWQ (gptqmodel), bitsandbytes 4-bit, HQQ, torchao weight-only (int and float8), compressed-tensors.
 
 Per format: (a) the back-end's dequantized weight reproduces the layer's own forward; (b) EoRA
 through ``get_peft_model`` brings the hidden states measurably closer to the original's on
@@ -28,7 +28,7 @@ from eora_checks import (
 )
 from peft_eora.residual import UnsupportedModuleError, backend_for, registered
 
-INSTALL = {"bitsandbytes": "bnb", "hqq": "hqq", "torchao": "torchao", "gptqmodel": "gptq"}
+INSTALL = {"bitsandbytes": "bnb", "hqq": "hqq", "torchao": "torchao", "gptqmodel": "gptq", "compressed_tensors": "ct"}
 
 
 def _require(library: str) -> None:
@@ -64,7 +64,8 @@ def _on_the_fly(path, method: str, bits: int = 4, group_size: int = 64, **kw):
 
 
 #: PEFT's LoRA layer for each back-end (its quantized-base dispatch, all working on CPU here).
-PEFT_LAYER = {"bnb-4bit": "Linear4bit", "hqq": "HqqLoraLinear", "torchao": "TorchaoLoraLinear", "awq": "AwqLoraLinear"}
+PEFT_LAYER = {"bnb-4bit": "Linear4bit", "hqq": "HqqLoraLinear", "torchao": "TorchaoLoraLinear", "awq": "AwqLoraLinear",
+              "compressed-tensors": "Linear"}
 
 # (format id, library, factory(tiny_original_dir) -> model maker, backend name)
 ON_THE_FLY_CASES = {
@@ -76,6 +77,7 @@ ON_THE_FLY_CASES = {
     "torchao-int4g64": ("torchao", lambda p: _on_the_fly(p, "torchao", 4, 64), "torchao"),
     "torchao-int3g32": ("torchao", lambda p: _on_the_fly(p, "torchao", 3, 32), "torchao"),
     "torchao-int8": ("torchao", lambda p: _on_the_fly(p, "torchao", 8), "torchao"),
+    "torchao-fp8": ("torchao", lambda p: _on_the_fly(p, "torchao-fp8", 8), "torchao"),
 }
 
 
@@ -224,6 +226,69 @@ def test_smoothed_original_computes_the_original_function(tiny_awq4_dir, origina
     assert not torch.allclose(smoothed.model.layers[0].input_layernorm.weight, g0, rtol=1e-2)
 
 
+@pytest.fixture(scope="module")
+def tiny_ct4_dir(tiny_original_dir):
+    """compressed-tensors W4A16 (symmetric int4, group 64, pack-quantized) of the 2-layer model (cached)."""
+    _require("compressed_tensors")
+    from peft_eora.quantize import quantize_compressed_tensors
+
+    return quantize_compressed_tensors(tiny_original_dir, bits=4, group_size=64)
+
+
+def _load_ct(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_compressed_tensors_dequantize_matches_forward(tiny_ct4_dir, tiny_original_dir):
+    """Loaded compressed (packed int32, no weight), the back-end decompresses copies; preparing the model
+    runs compressed-tensors' own decompress-on-first-forward hook; both give the weight the forward uses."""
+    from peft_eora.fingerprint import compute_fingerprint
+    from peft_eora.original import OriginalWeights
+    from peft_eora.residual import prepare_model
+
+    model = _load_ct(tiny_ct4_dir)
+    name = "model.layers.0.mlp.down_proj"
+    module = model.get_submodule(name)
+    assert "weight" not in module._parameters and "weight_packed" in module._parameters
+    names = target_names(model)
+    assert len(names) == 14 and all(backend_for(model.get_submodule(n)).name == "compressed-tensors" for n in names)
+    packed = {n: backend_for(model.get_submodule(n)).dequantize(model.get_submodule(n)) for n in names}
+    assert "weight" not in module._parameters  # dequantizing changed nothing
+    fingerprint = compute_fingerprint(model)
+    with torch.no_grad():  # what a plain forward gives (transformers' hook decompresses on the first call)
+        logits = _load_ct(tiny_ct4_dir)(input_ids=torch.arange(1, 17)[None]).logits
+    prepare_model(model)
+    assert "weight" in module._parameters and not hasattr(model, "ct_decompress_hook")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=torch.arange(1, 17)[None]).logits, logits)
+    assert check_dequantize_matches_forward(model, "compressed-tensors", rtol=1e-5) == 14
+    for n in names:
+        assert torch.equal(backend_for(model.get_submodule(n)).dequantize(model.get_submodule(n)), packed[n]), n
+    assert compute_fingerprint(model) == fingerprint  # same base, compressed or decompressed
+    w0 = OriginalWeights.open(str(tiny_original_dir)).get(name)
+    rel = float((packed[name] - w0).norm() / w0.norm())
+    assert 0.01 < rel < 0.3, rel  # int4 grid values: close to the original, not equal to it
+    # every int4 group is a multiple of its scale with |code| <= 8
+    scale = module.weight_scale.detach().float().repeat_interleave(64, dim=1)
+    codes = packed[name] / scale
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.abs().max() <= 8
+
+
+def test_compressed_tensors_checkpoint_is_cached_and_validated(tiny_ct4_dir, tiny_original_dir, tmp_path):
+    from peft_eora.quantize import quantize_compressed_tensors
+
+    assert quantize_compressed_tensors(tiny_original_dir, bits=4, group_size=64) == tiny_ct4_dir
+    meta = __import__("json").loads((tiny_ct4_dir / "peft_eora_quantize.json").read_text())
+    assert (meta["method"], meta["bits"], meta["group_size"], meta["quantized_linears"]) == ("compressed-tensors", 4, 64, 14)
+    with pytest.raises(ValueError, match="group_size=100 must divide"):
+        quantize_compressed_tensors(tiny_original_dir, bits=4, group_size=100, out_dir=tmp_path / "x")
+    with pytest.raises(ValueError, match="4 or 8 bits"):
+        quantize_compressed_tensors(tiny_original_dir, bits=3, out_dir=tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # (b) + (c) EoRA on each compressed base
 
@@ -240,7 +305,7 @@ def _assert_compensates(result: dict, name: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["bnb-nf4", "hqq-w3g64", "torchao-int4g64"])
+@pytest.mark.parametrize("case", ["bnb-nf4", "hqq-w3g64", "torchao-int4g64", "torchao-fp8"])
 def test_eora_compensates_on_the_fly_formats(case, tiny_original_dir, reference, texts, tmp_path):
     library, factory, backend_name = ON_THE_FLY_CASES[case]
     _require(library)
@@ -270,6 +335,25 @@ def test_eora_compensates_awq(tiny_awq4_dir, reference, texts):
     assert sum(isinstance(m, AwqLoraLinear) for m in result["eora_model"].modules()) == 14
 
 
+@pytest.mark.slow
+def test_eora_compensates_compressed_tensors(tiny_ct4_dir, tiny_original_dir, reference, texts, tmp_path):
+    from peft_eora.residual import prepare_model
+
+    def decompressed():  # the helpers run the inner decoder, which transformers' decompress hook does not see
+        model = _load_ct(tiny_ct4_dir)
+        prepare_model(model)
+        return model
+
+    calib, heldout = texts
+    result = eora_vs_svd(decompressed, tiny_original_dir, reference, heldout, calib)
+    _assert_compensates(result, "compressed-tensors")
+    assert result["lora_layers"] == [PEFT_LAYER["compressed-tensors"]]
+    # the adapter reloads onto a freshly loaded, still compressed base (PeftModel.from_pretrained prepares it):
+    # the fingerprint reads both states alike
+    compressed = lambda: _load_ct(tiny_ct4_dir)  # noqa: E731
+    assert check_reload(result["eora_model"], compressed, tmp_path / "adapter", heldout["c4"][:2]) <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # (d) errors and optional imports
 
@@ -282,7 +366,7 @@ def test_unknown_module_lists_every_format():
         backend_for(Mystery(), "model.layers.0.mlp.down_proj")
     message = str(info.value)
     assert message.count("Supported formats") == 1 and "model.layers.0.mlp.down_proj" in message
-    for name in ("gptq", "awq", "bnb-4bit", "hqq", "torchao", "dense"):
+    for name in ("gptq", "awq", "bnb-4bit", "hqq", "torchao", "compressed-tensors", "dense"):
         assert f"{name} (" in message, name
     assert [b.name for b in registered()][-1] == "dense"
 
@@ -293,8 +377,37 @@ def test_activation_quantized_torchao_is_refused_not_treated_as_dense():
 
     model = nn.Sequential(nn.Linear(64, 32))
     quantize_(model, Int8DynamicActivationInt8WeightConfig())
-    with pytest.raises(UnsupportedModuleError, match="torchao"):
+    with pytest.raises(UnsupportedModuleError, match=r"torchao .* quantizes the activations too .*weight-only"):
         backend_for(model[0], "lin")
+
+
+@pytest.mark.parametrize("preset", ["W8A8", "FP8_DYNAMIC"])
+def test_activation_quantized_compressed_tensors_is_refused(preset):
+    _require("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
+
+    model = nn.Sequential(nn.Linear(64, 32))
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    apply_quantization_config(model, QuantizationConfig(config_groups={"g": scheme}), show_progress=False)
+    with pytest.raises(UnsupportedModuleError, match=r"compressed-tensors scheme quantizes the activations too.*W4A16"):
+        backend_for(model[0], "lin")
+
+
+def test_fp8_weights_with_separate_scales_are_refused_not_treated_as_dense():
+    """transformers' FineGrainedFP8 layer is an nn.Linear whose float8 weight means nothing without its scales."""
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    layer = FP8Linear(64, 32, block_size=(32, 32))
+    with pytest.raises(UnsupportedModuleError, match=r"stored as torch.float8_e4m3fn with scales kept elsewhere"):
+        backend_for(layer, "lin")
+
+
+def test_llm_int8_is_refused_with_the_reason():
+    _require("bitsandbytes")
+    import bitsandbytes as bnb
+
+    with pytest.raises(UnsupportedModuleError, match=r"LLM.int8 \(Linear8bitLt\) quantizes the activations too"):
+        backend_for(bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False), "lin")
 
 
 def test_repacking_awq_kernel_is_refused():
@@ -309,16 +422,16 @@ def test_repacking_awq_kernel_is_refused():
 
 
 def test_peft_eora_works_without_the_format_libraries(tiny_original_dir):
-    """With bitsandbytes, hqq, torchao and gptqmodel unimportable, peft_eora imports, every back-end
+    """With bitsandbytes, hqq, torchao, compressed-tensors and gptqmodel unimportable, peft_eora imports, every back-end
     is registered, dense layers resolve, and asking for a missing format names its install command."""
     code = f"""
 import sys
-for name in ("bitsandbytes", "hqq", "torchao", "gptqmodel"):
+for name in ("bitsandbytes", "hqq", "torchao", "gptqmodel", "compressed_tensors"):
     sys.modules[name] = None          # import fails, find_spec says 'not installed'
 import torch, peft_eora
 from peft_eora.residual import backend_for, registered
 from peft_eora import prune, quantize
-assert [b.name for b in registered()] == ["gptq", "awq", "bnb-4bit", "hqq", "torchao", "dense"]
+assert [b.name for b in registered()] == ["gptq", "awq", "bnb-4bit", "hqq", "torchao", "compressed-tensors", "dense"]
 assert backend_for(torch.nn.Linear(4, 4)).name == "dense"
 try:
     quantize.load_and_quantize({str(tiny_original_dir)!r}, "hqq")

@@ -29,7 +29,7 @@ from .compensate import CompensationStats, RankPlan, compensate, find_targets, p
 from .config import DEFAULT_DAMPING, EoRAConfig
 from .fingerprint import record_fingerprint, verify_fingerprint
 from .original import OriginalWeights
-from .residual import is_supported
+from .residual import is_supported, prepare_model
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class EoRAModel(LoraModel):
 
     def _pre_injection_hook(self, model: nn.Module, config: EoRAConfig, adapter_name: str) -> None:
         super()._pre_injection_hook(model, config, adapter_name)
+        prepare_model(model)  # e.g. decompress a compressed-tensors model, as its first forward would
         if not getattr(config, "init_eora", False):  # loading computed factors: same base?
             verify_fingerprint(model, config, adapter_name)
         if config.target_modules is None and not config.target_parameters:

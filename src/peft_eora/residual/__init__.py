@@ -9,7 +9,7 @@ adapter must compensate::
     >>> w_q = backend.dequantize(module)       # (out_features, in_features), float32
 
 Registered formats: GPTQ and AWQ (gptqmodel), bitsandbytes 4-bit, HQQ, torchao weight-only,
-and dense float layers (pruned or fake-quantized). Back-ends recognise modules by class path:
+compressed-tensors weight-only (llm-compressor / vLLM checkpoints), and dense float layers (pruned or fake-quantized). Back-ends recognise modules by class path:
 none of these libraries is imported until a layer of its kind is dequantized. Register a new
 format with :func:`register_backend`.
 """
@@ -17,8 +17,17 @@ format with :func:`register_backend`.
 from __future__ import annotations
 
 from .awq import AWQBackend
-from .base import ResidualBackend, UnsupportedModuleError, backend_for, is_supported, register_backend, registered
+from .base import (
+    ResidualBackend,
+    UnsupportedModuleError,
+    backend_for,
+    is_supported,
+    prepare_model,
+    register_backend,
+    registered,
+)
 from .bnb import BnB4bitBackend
+from .compressed_tensors import CompressedTensorsBackend
 from .dense import DenseBackend
 from .gptq import GPTQBackend
 from .hqq import HQQBackend
@@ -29,6 +38,7 @@ register_backend(AWQBackend())
 register_backend(BnB4bitBackend())
 register_backend(HQQBackend())
 register_backend(TorchAOBackend())
+register_backend(CompressedTensorsBackend())
 register_backend(DenseBackend())  # last: a plain nn.Linear check
 
 __all__ = [
@@ -36,6 +46,7 @@ __all__ = [
     "UnsupportedModuleError",
     "backend_for",
     "is_supported",
+    "prepare_model",
     "register_backend",
     "registered",
 ]

@@ -30,6 +30,12 @@ class ResidualBackend(Protocol):
 #   fingerprint_tensors(module) -> list[(name, tensor)]
 # the tensors the base fingerprint hashes for a layer whose kernel changes its stored layout after
 # loading (bitsandbytes repacks lazily on CPU); without it, the layer's own tensors are hashed.
+#   refusal(module) -> str | None
+# for a layer of this library that the back-end deliberately does not handle, why (put into the
+# UnsupportedModuleError), e.g. schemes that quantize activations too;
+#   prepare_model(model) -> None
+# called on the whole model before PEFT wraps its layers (computing or loading an adapter): brings
+# layers into the state their forward runs in (compressed-tensors decompresses on the first forward).
 
 
 _REGISTRY: list[ResidualBackend] = []
@@ -49,6 +55,14 @@ def registered() -> list[ResidualBackend]:
     return list(_REGISTRY)
 
 
+def prepare_model(model: nn.Module) -> None:
+    """Give every registered back-end with a ``prepare_model`` hook the model (before injection)."""
+    for backend in _REGISTRY:
+        hook = getattr(backend, "prepare_model", None)
+        if hook is not None:
+            hook(model)
+
+
 def is_supported(module: nn.Module) -> bool:
     return any(b.matches(module) for b in _REGISTRY)
 
@@ -58,9 +72,11 @@ def backend_for(module: nn.Module, name: str = "module") -> ResidualBackend:
     for backend in _REGISTRY:
         if backend.matches(module):
             return backend
+    reasons = [r for b in _REGISTRY if hasattr(b, "refusal") and (r := b.refusal(module))]
+    why = f" ({reasons[0]})" if reasons else ""
     formats = "; ".join(f"{b.name} ({b.description})" for b in _REGISTRY)
     raise UnsupportedModuleError(
         f"{name} is a {type(module).__module__}.{type(module).__qualname__}, which no EoRA residual back-end "
-        f"supports. Supported formats: {formats}. Exclude it from target_modules or register a back-end with "
+        f"supports{why}. Supported formats: {formats}. Exclude it from target_modules or register a back-end with "
         f"peft_eora.residual.register_backend."
     )

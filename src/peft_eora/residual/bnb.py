@@ -31,6 +31,12 @@ class BnB4bitBackend:
     def matches(self, module: nn.Module) -> bool:
         return _has_base(module, "Linear4bit")
 
+    def refusal(self, module: nn.Module) -> str | None:
+        if _has_base(module, "Linear8bitLt"):
+            return ("bitsandbytes LLM.int8 (Linear8bitLt) quantizes the activations too (outlier decomposition), so no "
+                    "single weight matrix describes its forward; load in 4 bits (BitsAndBytesConfig(load_in_4bit=True))")
+        return None
+
     @torch.no_grad()
     def dequantize(self, module: nn.Module) -> torch.Tensor:
         try:

@@ -16,13 +16,27 @@ class DenseBackend:
     def dequantize(self, module: nn.Module) -> torch.Tensor:
         return module.weight.detach().float()
 
+    def refusal(self, module: nn.Module) -> str | None:
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and isinstance(weight, torch.Tensor) and weight.dtype not in _DENSE_DTYPES:
+            return (f"its weight is stored as {weight.dtype} with scales kept elsewhere (e.g. transformers' FP8Linear, "
+                    "which also quantizes activations), not a plain float weight; use a weight-only format such as "
+                    "torchao Float8WeightOnlyConfig or compressed-tensors W8A16")
+        return None
+
+
+_DENSE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
 
 def _is_quantized(module: nn.Module) -> bool:
     # bitsandbytes/hqq subclasses of nn.Linear hold packed weights, and torchao (or any other
     # tensor-subclass scheme) keeps nn.Linear but swaps the weight's class: their own back-ends.
     if type(module).__module__.split(".")[0] in {"bitsandbytes", "torchao", "hqq"}:
         return True
+    # compressed-tensors keeps nn.Linear and attaches its scheme (a quantizing forward, maybe no weight)
+    if hasattr(module, "quantization_scheme"):
+        return True
     weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+    if not isinstance(weight, torch.Tensor) or weight.dtype not in _DENSE_DTYPES:  # float8 codes need their scales
         return True
     return type(weight) not in (torch.Tensor, nn.Parameter)

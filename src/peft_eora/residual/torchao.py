@@ -2,8 +2,9 @@
 
 Recognised by the weight's class path (torchao is never imported here). The weight is the
 tensor's own ``dequantize()``, what its weight-only ``F.linear`` computes with: CPU layouts
-``IntxUnpackedToInt8Tensor`` (``IntxWeightOnlyConfig``, int1-8 per group) and ``Int8Tensor``
-(``Int8WeightOnlyConfig``); the CUDA int4 layouts dequantize the same way. Subclasses that also
+``IntxUnpackedToInt8Tensor`` (``IntxWeightOnlyConfig``, int1-8 per group), ``Int8Tensor``
+(``Int8WeightOnlyConfig``) and ``Float8Tensor`` (``Float8WeightOnlyConfig``: float8 e4m3, a
+scale per row); the CUDA int4 layouts dequantize the same way. Subclasses that also
 quantize the *activations* (dynamic-activation configs) are not matched: no single weight
 matrix describes their forward.
 
@@ -30,11 +31,19 @@ def quantizes_activations(weight: object) -> bool:
 
 class TorchAOBackend:
     name = "torchao"
-    description = "torchao weight-only tensor subclass on nn.Linear (IntxWeightOnlyConfig, Int8WeightOnlyConfig, ...)"
+    description = ("torchao weight-only tensor subclass on nn.Linear (IntxWeightOnlyConfig, Int8WeightOnlyConfig, "
+                   "Float8WeightOnlyConfig, ...)")
 
     def matches(self, module: nn.Module) -> bool:
         weight = getattr(module, "weight", None)
         return isinstance(module, nn.Linear) and is_torchao_tensor(weight) and not quantizes_activations(weight)
+
+    def refusal(self, module: nn.Module) -> str | None:
+        weight = getattr(module, "weight", None)
+        if is_torchao_tensor(weight) and quantizes_activations(weight):
+            return (f"torchao {type(weight).__name__} quantizes the activations too (a dynamic-activation config), so no "
+                    "single weight matrix describes its forward; quantize weight-only (e.g. IntxWeightOnlyConfig)")
+        return None
 
     @torch.no_grad()
     def dequantize(self, module: nn.Module) -> torch.Tensor:
