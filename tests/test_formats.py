@@ -276,6 +276,55 @@ def test_compressed_tensors_dequantize_matches_forward(tiny_ct4_dir, tiny_origin
     assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.abs().max() <= 8
 
 
+@pytest.mark.parametrize("fmt", ["pack-quantized", "naive-quantized", "float-quantized"])
+def test_compressed_tensors_weight_only_formats(fmt):
+    """int4 groups (packed int32), int8 and FP8 per channel: in each lifecycle state of a layer (frozen: the
+    forward fake-quantizes; compressed: codes only; decompressed) the back-end gives the one weight the
+    forward multiplies by."""
+    _require("compressed_tensors")
+    from compressed_tensors.compressors import compress_module, decompress_module
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = {
+        "pack-quantized": QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32),
+        "naive-quantized": QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel"),
+        "float-quantized": QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel"),
+    }[fmt]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32))
+    w0 = model[0].weight.detach().clone()
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    apply_quantization_config(model, QuantizationConfig(config_groups={"g": scheme}), show_progress=False)
+    layer = model[0]
+    grouped = w0.unflatten(-1, (2, 32)) if args.strategy == "group" else w0[:, None, :]
+    scale, _ = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args)
+    layer.weight_scale.data.copy_(scale.reshape(layer.weight_scale.shape))
+    layer.quantization_status = QuantizationStatus.FROZEN
+    backend = backend_for(layer, "lin")
+    assert backend.name == "compressed-tensors"
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        weights = [backend.dequantize(layer)]
+        y = layer(x)
+        compress_module(layer, fmt)
+        assert layer.weight_scale.shape[0] == 32 and ("weight_packed" in layer._parameters) == (fmt == "pack-quantized")
+        weights.append(backend.dequantize(layer))
+        decompress_module(layer)
+        weights.append(backend.dequantize(layer))
+        assert torch.equal(weights[0], weights[1]) and torch.equal(weights[1], weights[2])
+        torch.testing.assert_close(layer(x), x @ weights[2].T + layer.bias, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+    rel = float((weights[2] - w0).norm() / w0.norm())
+    assert 1e-4 < rel < 0.2, rel
+
+
 def test_compressed_tensors_checkpoint_is_cached_and_validated(tiny_ct4_dir, tiny_original_dir, tmp_path):
     from peft_eora.quantize import quantize_compressed_tensors
 
