@@ -272,6 +272,19 @@ def quantization_info(model: nn.Module) -> dict[str, Any]:
         value = qc.get(key)
         if value is not None:
             info[key] = getattr(value, "value", value)
+    groups = qc.get("config_groups")  # compressed-tensors: the scheme sits in its config groups
+    if isinstance(groups, dict) and groups:
+        weights = [g.get("weights") if isinstance(g, dict) else getattr(g, "weights", None) for g in groups.values()]
+        weights = [w if isinstance(w, dict) else (w.model_dump() if hasattr(w, "model_dump") else None) for w in weights]
+        if weights and all(w for w in weights) and len({(w.get("num_bits"), w.get("group_size")) for w in weights}) == 1:
+            w = weights[0]
+            info.setdefault("bits", w.get("num_bits"))
+            if w.get("group_size") is not None:
+                info.setdefault("group_size", w.get("group_size"))
+            if w.get("symmetric") is not None:
+                info.setdefault("sym", w.get("symmetric"))
+            if qc.get("format"):
+                info.setdefault("checkpoint_format", qc.get("format"))
     return info
 
 
