@@ -3,11 +3,12 @@
     python benchmarks/gptqmodel_side_by_side.py                  # 2-layer SmolLM2, GPTQ 3-bit (CPU-sized)
     python benchmarks/gptqmodel_side_by_side.py --layers 0 --calib-samples 32 --seq-len 512   # full model
 
-gptqmodel's EoRA only runs in bfloat16/float16 on CPU (its ``TorchLinear`` refuses float32), and
-bfloat16 matmuls are ~30× slower than float32 on CPUs without AVX-512-BF16/AMX, so on this
-project's 2-core CPU machine the full 30-layer model does not fit in a session (an extrapolated
-~15 h); the default compares the first ``--layers`` decoder layers of the embedded model, GPTQ
-3-bit g128, which both tools handle in minutes. Both adapters are evaluated the same way: loaded
+gptqmodel's EoRA only runs in bfloat16/float16 on CPU (its ``TorchLinear`` refuses float32).
+On a CPU without AVX512-BF16/AMX, bfloat16 matmuls are ~30× slower than float32 and the full
+30-layer model takes hours; with AVX512-BF16 it takes minutes, and ``benchmarks/recovery.py
+--gptqmodel-ranks ...`` compares full-model perplexities. This script compares hidden-state errors
+of the first ``--layers`` decoder layers of the embedded model, GPTQ 3-bit g128, in minutes on
+either kind of CPU. Both adapters are evaluated the same way: loaded
 onto the same quantized model, float32 compute, relative error of the last hidden state against
 the original model on held-out C4 documents (not in the calibration set) and WikiText-2, and the
 perplexity of the truncated model on WikiText-2 windows (comparative only: a 2-layer model is not

@@ -301,12 +301,16 @@ def markdown(results: dict[str, Any]) -> str:
         f"# Recovery: {results['model']}",
         "",
         f"Machine: {results['machine']['platform']}, {results['machine']['cpus']} CPUs, torch {results['machine']['torch']}, "
-        f"{results['machine']['compute_dtype']} compute. Calibration: {results['calibration']['tokens']} tokens "
+        f"compute: {results['machine']['compute_dtype']}. Calibration: {results['calibration']['tokens']} tokens "
         f"({results['calibration']['num_samples']}×{results['calibration']['seq_len']}) of {results['calibration']['data']}. "
         "Evaluation: " + ", ".join(f"{n} {v['windows']}×{v['seq_len']} tokens" for n, v in results["evaluation"].items())
         + f". EoRA damping {results['damping']}."
         + (f" `eora-taskcal`: calibrated on {results['task_calibration']['tokens']} tokens, "
-           f"{results['task_calibration']['data']}." if results.get("task_calibration") else ""),
+           f"{results['task_calibration']['data']}." if results.get("task_calibration") else "")
+        + (" `gptqmodel-eora`: gptqmodel's own `GPTQModel.adapter.generate` on the same checkpoint and calibration "
+           "windows, run in bfloat16 (its CPU kernel refuses float32), its adapter evaluated on the same float32 model."
+           if any(r["method"] == "gptqmodel-eora" for r in results["rows"]) else "")
+        + " Compute s: wall clock of the adapter step, loading the original weights included (gptqmodel: loading both models).",
         "",
         "| bits | method | rank | " + " | ".join(f"{s} ppl" for s in sets) + " | compute s | peak RSS MiB |",
         "|---|---|---|" + "---|" * len(sets) + "---|---|",
