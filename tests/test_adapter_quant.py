@@ -133,7 +133,7 @@ def test_quantized_adapter_cost_is_small(tiny_llama, calib_ids):
 
 def test_export_of_quantized_adapter_is_plain_float_lora(tiny_llama, calib_ids, tmp_path):
     pm = _eora(tiny_llama, calib_ids, 4)
-    peft_eora.hub.export_lora(pm, tmp_path / "plain")
+    peft_eora.export_lora(pm, tmp_path / "plain")
     with safe_open(str(tmp_path / "plain" / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
         assert all(k.endswith(".weight") for k in keys)

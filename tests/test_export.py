@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import peft_eora
 from peft_eora import EoRAConfig, export_lora
-from peft_eora.hub import check_safetensors
+from peft_eora.safe_files import check_safetensors
 from tiny_models import tiny_llama_pair
 
 INPUT = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(1))

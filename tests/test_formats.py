@@ -267,7 +267,7 @@ def test_compressed_tensors_dequantize_matches_forward(tiny_ct4_dir, tiny_origin
     for n in names:
         assert torch.equal(backend_for(model.get_submodule(n)).dequantize(model.get_submodule(n)), packed[n]), n
     assert compute_fingerprint(model) == fingerprint  # same base, compressed or decompressed
-    from peft_eora.hub import quantization_info  # what the model card says about the base
+    from peft_eora.card import quantization_info  # what the model card says about the base
 
     assert quantization_info(model) == {"format": "compressed-tensors", "bits": 4, "group_size": 64, "sym": True,
                                         "checkpoint_format": "pack-quantized"}

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 import peft_eora
 from hub_server import HubTestServer, point_client_at
 from peft_eora import AdapterFileError, EoRAConfig
-from peft_eora.hub import CARD_BEGIN, build_model_card
+from peft_eora.card import CARD_BEGIN, build_model_card
 from tiny_models import tiny_llama_pair
 
 INPUT = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(1))

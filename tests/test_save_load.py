@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import peft_eora
 from peft_eora import AdapterFileError, CalibrationConfig, EoRAConfig
-from peft_eora.hub import atomic_directory, check_safetensors
+from peft_eora.safe_files import atomic_directory, check_safetensors
 from tiny_models import tiny_llama_pair
 
 INPUT = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(1))

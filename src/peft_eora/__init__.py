@@ -15,15 +15,19 @@ import logging
 
 from . import _peft_compat
 from .config import CalibrationConfig, CalibrationSource, EoRAConfig
+from .export import export_lora
 from .fingerprint import BaseMismatchError
-from .hub import AdapterFileError, export_lora
-from .hub import install as _install_save_and_push
+from .hub import push_to_hub as _push_to_hub
 from .model import EoRAModel, initialize_eora_weights
+from .safe_files import AdapterFileError
+from .saving import eora_adapter_names as _eora_adapter_names
+from .saving import save_pretrained as _save_pretrained
 
 __version__ = "0.1.0"
 
 PEFT_TYPE = _peft_compat.register(EoRAConfig, EoRAModel)
-_install_save_and_push()  # model.save_pretrained/push_to_hub: atomic, safetensors-only, EoRA model card
+# model.save_pretrained/push_to_hub of EoRA adapters: atomic, safetensors-only, EoRA model card
+_peft_compat.patch_peft_model(lambda m, sel: bool(_eora_adapter_names(m, sel)), _save_pretrained, _push_to_hub)
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -10,18 +10,26 @@ stays readable by LoRA tooling), so we:
 2. insert EoRA into the three lookup tables that ``register_peft_method`` fills (config, tuner,
    prefix), keeping the ``lora_`` prefix.
 
+PEFT has no hook for how a model is saved or pushed (atomic writes, the EoRA model card), so
+:func:`patch_peft_model` wraps ``PeftModel.save_pretrained``/``push_to_hub`` at class level:
+models without an EoRA adapter keep PEFT's behaviour unchanged.
+
 ``tests/test_registration.py`` fails loudly if a PEFT release changes any of this.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+from typing import Any, Callable, Optional
 
 from peft.utils.peft_types import PeftType
 
 logger = logging.getLogger(__name__)
 
 EORA_NAME = "EORA"
+_ORIGINAL: dict[str, Callable[..., Any]] = {}
 
 
 def _extend_peft_type(name: str = EORA_NAME) -> PeftType:
@@ -54,3 +62,52 @@ def register(config_cls: type, model_cls: type) -> PeftType:
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = model_cls.prefix
     logger.debug("registered PEFT method %s -> %s", peft_type.value, model_cls.__name__)
     return peft_type
+
+
+def peft_save_pretrained(model: Any, save_directory: str, **kwargs: Any) -> None:
+    """PEFT's own ``PeftModel.save_pretrained`` (bypassing :func:`patch_peft_model`)."""
+    from peft import PeftModel
+
+    _ORIGINAL.get("save_pretrained", PeftModel.save_pretrained)(model, save_directory, **kwargs)
+
+
+def patch_peft_model(
+    owns: Callable[[Any, Optional[list[str]]], bool],
+    save_pretrained: Callable[..., Any],
+    push_to_hub: Callable[..., Any],
+) -> None:
+    """Route ``PeftModel.save_pretrained``/``push_to_hub`` to ``save_pretrained(model, directory, **kw)``
+    and ``push_to_hub(model, repo_id, **kw)`` when ``owns(model, selected_adapters)`` is true.
+
+    Other models keep PEFT's behaviour unchanged. Idempotent.
+    """
+    from peft import PeftModel
+
+    if getattr(PeftModel.save_pretrained, "_peft_eora", False):
+        return
+    original_save = PeftModel.save_pretrained
+    original_push = PeftModel.push_to_hub
+    _ORIGINAL.update(save_pretrained=original_save, push_to_hub=original_push)
+    save_signature = inspect.signature(original_save)
+
+    @functools.wraps(original_save)
+    def save_pretrained_(self, save_directory, *args, **kwargs):
+        bound = save_signature.bind(self, save_directory, *args, **kwargs)
+        arguments = dict(bound.arguments)
+        arguments.pop("self")
+        extra = arguments.pop("kwargs", {})
+        if not owns(self, arguments.get("selected_adapters")):
+            return original_save(self, save_directory, *args, **kwargs)
+        save_directory = arguments.pop("save_directory")
+        save_pretrained(self, save_directory, **arguments, **extra)
+
+    @functools.wraps(original_push)
+    def push_to_hub_(self, repo_id, *args, **kwargs):
+        if args or not owns(self, None):
+            return original_push(self, repo_id, *args, **kwargs)
+        return push_to_hub(self, repo_id, **kwargs)
+
+    save_pretrained_._peft_eora = True  # type: ignore[attr-defined]
+    push_to_hub_._peft_eora = True  # type: ignore[attr-defined]
+    PeftModel.save_pretrained = save_pretrained_
+    PeftModel.push_to_hub = push_to_hub_

@@ -642,7 +642,7 @@ def expected_metrics(args: argparse.Namespace) -> list[str]:
 def _load_adapter(base, adapter: Path, allow_base_mismatch: bool):
     from peft import PeftModel
 
-    from .hub import check_adapter_weights
+    from .safe_files import check_adapter_weights
 
     if not adapter.is_dir():
         raise CLIError(f"Adapter folder {adapter} not found.")
@@ -874,7 +874,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from .calibration import CalibrationError
     from .fingerprint import BaseMismatchError
-    from .hub import AdapterFileError
+    from .safe_files import AdapterFileError
     from .original import ModelMismatchError
     from .residual import UnsupportedModuleError
 

@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, Union
 from peft import LoraConfig
 
 from .decompose import DEFAULT_EIG_RTOL, METHODS
+from .safe_files import check_adapter_weights
 
 #: Ridge damping chosen by measurement (benchmarks/recovery.py): see the README's table.
 DEFAULT_DAMPING = 0.01
@@ -288,14 +289,12 @@ class EoRAConfig(LoraConfig):
         """Load a saved EoRA config (``PeftModel.from_pretrained`` calls this).
 
         Also checks the adapter weights: ``adapter_model.safetensors`` must be intact (a truncated
-        or corrupted file raises :class:`peft_eora.hub.AdapterFileError` naming it) and a pickle
+        or corrupted file raises :class:`peft_eora.AdapterFileError` naming it) and a pickle
         file is never loaded. ``allow_base_mismatch=True`` is honoured as a loading keyword.
         """
         allow_base_mismatch = kwargs.pop("allow_base_mismatch", None)
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         if allow_base_mismatch is not None:
             config.allow_base_mismatch = bool(allow_base_mismatch)
-        from .hub import check_adapter_weights
-
         check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         return config

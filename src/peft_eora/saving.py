@@ -1,0 +1,90 @@
+"""Saving EoRA adapters: PEFT's files, written atomically, safetensors only, with the EoRA model card.
+
+    >>> import peft_eora
+    >>> model.save_pretrained("eora-adapter")          # runs save_pretrained below (see _peft_compat)
+    >>> save_pretrained(model, "eora-adapter")         # the same, called directly
+
+A new directory appears complete or not at all; into an existing directory each file is
+replaced atomically (weights first, config and card last) and other files are kept.
+``safe_serialization=False`` is refused: peft-eora never loads pickle files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Optional
+
+from huggingface_hub import ModelCard
+from torch import nn
+
+from .card import build_model_card
+from .config import EoRAConfig
+from .safe_files import README_NAME, PathLike, atomic_directory
+
+logger = logging.getLogger(__name__)
+
+
+def eora_adapter_names(model: nn.Module, selected: Optional[list[str]] = None) -> list[str]:
+    """Names of the EoRA adapters of ``model`` (among ``selected`` when given)."""
+    configs = getattr(model, "peft_config", {}) or {}
+    names = list(configs) if selected is None else [n for n in selected if n in configs]
+    return [n for n in names if isinstance(configs[n], EoRAConfig)]
+
+
+def _peft_save(model: nn.Module, directory: str, **kwargs: Any) -> None:
+    from ._peft_compat import peft_save_pretrained
+    from .residual.bnb import restore_cpu_layouts
+
+    restore_cpu_layouts(model)  # else bitsandbytes' state_dict() corrupts its CPU-repacked layers
+    peft_save_pretrained(model, directory, **kwargs)
+
+
+def save_pretrained(
+    model: nn.Module,
+    save_directory: PathLike,
+    *,
+    safe_serialization: bool = True,
+    selected_adapters: Optional[list[str]] = None,
+    is_main_process: bool = True,
+    repo_id: Optional[str] = None,
+    existing_card: Optional[ModelCard] = None,
+    card_kwargs: Optional[dict[str, Any]] = None,
+    **kwargs: Any,
+) -> str:
+    """Save a PEFT model holding EoRA adapters: PEFT's files, written atomically, plus the EoRA card.
+
+    This is what ``model.save_pretrained(dir)`` runs once ``peft_eora`` is imported. ``kwargs`` go
+    to PEFT's ``save_pretrained``; ``card_kwargs`` to :func:`build_model_card`.
+    """
+    if not safe_serialization:
+        raise ValueError(
+            "EoRA adapters are saved as safetensors only: safe_serialization=False would write a pickle file, "
+            "which peft-eora refuses to load."
+        )
+    save_directory = os.fspath(save_directory)
+    if not is_main_process:
+        return save_directory
+    names = eora_adapter_names(model, selected_adapters) or list(getattr(model, "peft_config", {}))
+    card_adapter = "default" if "default" in names else names[0]
+    readme = os.path.join(save_directory, README_NAME)
+    keep_readme = False
+    if existing_card is None and os.path.isfile(readme):
+        try:
+            existing_card = ModelCard.load(readme)
+        except Exception as exc:  # unparsable metadata: leave the user's file alone
+            logger.warning("Not updating %s: its metadata could not be parsed (%s).", readme, exc)
+            keep_readme = True
+    with atomic_directory(save_directory) as tmp:
+        _peft_save(
+            model, tmp, safe_serialization=True, selected_adapters=selected_adapters, is_main_process=True, **kwargs
+        )
+        if keep_readme:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(tmp, README_NAME))
+        else:
+            card = build_model_card(model, card_adapter, repo_id=repo_id, existing=existing_card, **(card_kwargs or {}))
+            card.save(os.path.join(tmp, README_NAME))
+    logger.info("Saved EoRA adapter(s) %s to %s", names, save_directory)
+    return save_directory
