@@ -186,7 +186,7 @@ def test_greedy_generation_is_unaffected_by_left_padding(model, tokenizer):
 
 
 def test_gsm8k_exact_match_from_completions(model, tokenizer, monkeypatch):
-    import peft_eora.eval.tasks as tasks
+    import peft_eora.eval.generation as generation
 
     examples = load_examples("gsm8k", DATA, limit=3)
     canned = [" 16 - 3 - 4 = 9, 9 * 2 = 18\n#### 18", " It takes 2 + 1 = 3 bolts.", " #### 7"]
@@ -196,7 +196,7 @@ def test_gsm8k_exact_match_from_completions(model, tokenizer, monkeypatch):
         seen["prompts"] = prompts
         return canned
 
-    monkeypatch.setattr(tasks, "generate_greedy", fake_generate)
+    monkeypatch.setattr(generation, "generate_greedy", fake_generate)
     pool = load_gsm8k(DATA / "gsm8k/train.jsonl")
     result = evaluate_gsm8k(model, tokenizer, examples, num_fewshot=2, fewshot_pool=pool, details=True)
     assert result["exact_match_strict"] == pytest.approx(1 / 3)  # only the first has "#### 18"

@@ -20,9 +20,10 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from tqdm.auto import tqdm
+if TYPE_CHECKING:  # torch is imported where it is used: reading texts and names stays light
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,6 @@ def make_windows(token_ids: torch.Tensor, seq_len: int, max_windows: int | None 
     return token_ids[: n * seq_len].view(n, seq_len)
 
 
-@torch.no_grad()
 def perplexity(
     model: torch.nn.Module,
     tokenizer,
@@ -88,12 +88,13 @@ def perplexity(
     progress: bool = True,
 ) -> float:
     """Perplexity of ``model`` on ``text`` (see the module docstring for the convention)."""
+    import torch
+
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     windows = make_windows(ids, seq_len, max_windows)
     return perplexity_on_windows(model, windows, batch_size=batch_size, progress=progress)
 
 
-@torch.no_grad()
 def perplexity_on_windows(
     model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True
 ) -> float:
@@ -103,6 +104,9 @@ def perplexity_on_windows(
             f"Expected (n ≥ 1, seq_len ≥ 2) token windows, got shape {tuple(windows.shape)}: "
             "a window needs at least two tokens to predict one."
         )
+    import torch
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -110,7 +114,8 @@ def perplexity_on_windows(
     batches = windows.split(batch_size)
     for batch in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
         batch = batch.to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()
+        with torch.no_grad():
+            logits = model(input_ids=batch).logits[:, :-1].float()
         target = batch[:, 1:]
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
