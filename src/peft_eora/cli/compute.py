@@ -1,0 +1,163 @@
+"""``peft-eora compute``: compute one EoRA (or SVD) adapter and save it.
+
+    peft-eora compute --embedded --rank 64 --num-samples 32 --out eora-w3-r64
+    peft-eora compute --original ORIG --compressed PRUNED --rank 32 --method svd --out a
+
+Also the helpers ``sweep`` shares: the :class:`~peft_eora.EoRAConfig` of the options
+(:func:`eora_config`) and the computation itself (:func:`compute_adapter`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .models import (
+    EMBEDDED,
+    checkpoint_parameter_count,
+    count_lora_parameters,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    resolve_model,
+)
+from .options import CLIError, add_calibration, add_eora, add_model_pair, output_folder
+
+logger = logging.getLogger("peft_eora.cli")
+
+_REGEX_CHARS = set("*?()[]|\\^$+{}")
+
+
+def add_parser(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``compute`` verb's parser (a subparser of ``peft-eora``)."""
+    p = subparsers.add_parser(
+        "compute", parents=[common], help="Compute an EoRA adapter and save it (PeftModel.save_pretrained).",
+        description="Compute EoRA (or SVD) factors of the compression residual and save them as a PEFT adapter.",
+    )  # fmt: skip
+    add_model_pair(p)
+    add_eora(p, sweep=False)
+    add_calibration(p)
+    p.add_argument("--out", required=True, help="Adapter folder to write (created or updated atomically).")
+    p.set_defaults(handler=run)
+    return p
+
+
+def calibration_summary(calibration) -> dict[str, Any]:
+    """The calibration settings as JSON-ready data (the tokenizer left out)."""
+    return {k: v for k, v in dataclasses.asdict(calibration).items() if k != "tokenizer"}
+
+
+def target_modules(values: Optional[list[str]]) -> Union[list[str], str, None]:
+    """``--target-modules``: a list of suffixes (comma-separated allowed) or one regular expression."""
+    if not values:
+        return None
+    if len(values) == 1 and _REGEX_CHARS & set(values[0]):
+        return values[0]
+    names = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    if not names:
+        raise CLIError("--target-modules: no module name given.")
+    return names
+
+
+def models_from_args(args: argparse.Namespace) -> tuple[str, str]:
+    """(original, compressed) model specs from ``--original``/``--compressed``/``--embedded``."""
+    original = args.original or (EMBEDDED if args.embedded else None)
+    compressed = args.compressed or ("gptq-w3g128" if args.embedded else None)
+    if original is None or compressed is None:
+        missing = " and ".join(n for n, v in (("--original", original), ("--compressed", compressed)) if v is None)
+        raise CLIError(f"{missing} required (or --embedded for the embedded SmolLM2 and its GPTQ 3-bit version).")
+    return original, compressed
+
+
+def calibration_from_args(args: argparse.Namespace):
+    """The :class:`~peft_eora.CalibrationConfig` of the calibration options."""
+    from ..config import CalibrationConfig
+
+    try:
+        return CalibrationConfig(
+            dataset=args.dataset, subset=args.subset, split=args.split, column=args.column, template=args.template,
+            mix=args.mix, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+
+
+def check_calibration(calibration, tokenizer) -> None:
+    """Load and tokenize the calibration data before any model is loaded (fails fast, one error)."""
+    from ..calibration import load_calibration_tokens
+
+    tokens = load_calibration_tokens(calibration, tokenizer)
+    logger.info("Calibration: %d × %d tokens from %s", tokens.shape[0], tokens.shape[1], calibration.dataset)
+
+
+def eora_config(args: argparse.Namespace, rank: int, method: str, original: Union[Path, str], calibration):
+    """The :class:`~peft_eora.EoRAConfig` of the options, for one rank and method."""
+    from ..config import EoRAConfig
+
+    kwargs: dict[str, Any] = {}
+    if args.damping is not None:
+        kwargs["damping"] = args.damping
+    return EoRAConfig(
+        r=rank,
+        method=method,
+        target_modules=target_modules(args.target_modules),
+        original_model=str(original),
+        calibration=calibration if method == "eora" else None,
+        **kwargs,
+    )
+
+
+def compute_adapter(args: argparse.Namespace, compressed: Union[Path, str], config, device: str, tokenizer):
+    """Load the compressed model, inject the adapter and compute its factors; (PeftModel, seconds)."""
+    from peft import get_peft_model
+
+    from ..model import initialize_eora_weights
+
+    qmodel = load_model(compressed, device, args.dtype)
+    start = time.perf_counter()
+    # Inject first (init_eora=False: a zero update), then compute with this command's batch size and
+    # progress setting; initialize_eora_weights runs the same computation get_peft_model would.
+    config.init_eora = False
+    model = get_peft_model(qmodel, config)
+    initialize_eora_weights(
+        model,
+        original_model=config.original_model,
+        calibration=config.calibration,
+        tokenizer=tokenizer,
+        batch_size=args.calib_batch_size,
+        progress=not args.no_progress,
+    )
+    return model, time.perf_counter() - start
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Compute one adapter and save it to ``--out``."""
+    original_spec, compressed_spec = models_from_args(args)
+    out = output_folder(args.out, "--out")
+    calibration = calibration_from_args(args)
+    original = resolve_model(original_spec, "Original")
+    compressed = resolve_model(compressed_spec, "Compressed")
+    config = eora_config(args, args.rank, args.method, original, calibration)
+    tokenizer = load_tokenizer(original, compressed)
+    if args.method == "eora":
+        check_calibration(calibration, tokenizer)
+    device = pick_device(args.device)
+    model, seconds = compute_adapter(args, compressed, config, device, tokenizer)
+    model.save_pretrained(str(out))
+    stats = model.peft_config["default"].eora_stats
+    logger.info("Saved the %s r=%d adapter to %s (%.1f s)", args.method, args.rank, out, seconds)
+    return {
+        "adapter": str(out),
+        "original": str(original),
+        "compressed": str(compressed),
+        "method": args.method,
+        "rank": args.rank,
+        "lora_parameters": count_lora_parameters(model),
+        "original_parameters": checkpoint_parameter_count(original),
+        "seconds": round(seconds, 2),
+        "eora_stats": stats,
+    }

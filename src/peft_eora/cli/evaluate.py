@@ -1,0 +1,133 @@
+"""``peft-eora eval``: perplexity and task accuracy of a model, optionally with an adapter.
+
+    peft-eora eval --model gptq-w3g128 --adapter eora-w3-r64 --ppl wikitext2 --ppl-windows 16 \\
+        --tasks arc_easy piqa --task-data ../shared/data --limit 200
+
+Also what ``sweep`` shares: :func:`evaluate` (every measurement the options ask for) and
+:func:`flat_metrics` (one number per metric name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from .models import count_lora_parameters, load_adapter, load_model, load_tokenizer, pick_device, resolve_model
+from .options import CLIError, add_evaluation
+
+
+def add_parser(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``eval`` verb's parser (a subparser of ``peft-eora``)."""
+    p = subparsers.add_parser(
+        "eval", parents=[common], help="Perplexity and task accuracy of a model (optionally with an adapter).",
+        description="Evaluate a model, optionally with a saved EoRA/LoRA adapter, on perplexity texts and tasks.",
+    )  # fmt: skip
+    p.add_argument(
+        "--model", required=True,
+        help="Base model: checkpoint folder, cached Hub id, 'embedded' or 'gptq-w3g128'/'gptq-w4g128'.",
+    )  # fmt: skip
+    p.add_argument("--adapter", default=None, help="Adapter folder (EoRA or plain LoRA) to apply to the base model.")
+    p.add_argument(
+        "--allow-base-mismatch", action="store_true",
+        help="Load the adapter even if its recorded base fingerprint differs (warning instead of error).",
+    )  # fmt: skip
+    add_evaluation(p)
+    p.add_argument("--details", action="store_true", help="Include per-example predictions in the JSON.")
+    p.add_argument("--out", default=None, help="Write the JSON result to this file instead of stdout.")
+    p.set_defaults(handler=run)
+    return p
+
+
+def check_eval_inputs(args: argparse.Namespace) -> None:
+    """Every ``--ppl`` file and task data file exists (one clear error before any model is loaded)."""
+    from ..eval.perplexity import BUILTIN_TEXTS
+    from ..eval.tasks import task_file
+
+    for source in args.ppl:
+        if source not in BUILTIN_TEXTS and not Path(source).expanduser().is_file():
+            raise CLIError(f"--ppl {source}: no such file (nor one of {sorted(BUILTIN_TEXTS)}).")
+    for task in args.tasks:
+        task_file(task, args.task_data)
+    if "gsm8k" in args.tasks and args.num_fewshot:
+        from ..eval.tasks import GSM8K_TRAIN_FILE, resolve_data_dir
+
+        pool = resolve_data_dir(args.task_data) / GSM8K_TRAIN_FILE
+        if not pool.is_file():
+            raise CLIError(f"--num-fewshot {args.num_fewshot}: the GSM8K few-shot pool {pool} is missing.")
+    if not args.ppl and not args.tasks:
+        raise CLIError("Nothing to evaluate: give --ppl TEXT… and/or --tasks TASK….")
+
+
+def evaluate(model, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
+    """Perplexities and task results of ``model`` for the evaluation options in ``args``."""
+    from ..eval.perplexity import load_text, perplexity
+    from ..eval.tasks import evaluate_task
+
+    progress = not args.no_progress
+    result: dict[str, Any] = {"perplexity": {}, "tasks": {}}
+    for source in args.ppl:
+        start = time.perf_counter()
+        value = perplexity(
+            model, tokenizer, load_text(source), seq_len=args.ppl_seq_len, max_windows=args.ppl_windows,
+            batch_size=args.ppl_batch_size, progress=progress,
+        )  # fmt: skip
+        result["perplexity"][source] = {
+            "perplexity": value, "seq_len": args.ppl_seq_len, "max_windows": args.ppl_windows,
+            "seconds": round(time.perf_counter() - start, 2),
+        }  # fmt: skip
+    for task in args.tasks:
+        start = time.perf_counter()
+        res = evaluate_task(
+            model, tokenizer, task, data_dir=args.task_data, limit=args.limit, batch_size=args.batch_size,
+            num_fewshot=args.num_fewshot, max_new_tokens=args.max_new_tokens,
+            generation_batch_size=args.gen_batch_size, progress=progress, details=getattr(args, "details", False),
+        )  # fmt: skip
+        res["seconds"] = round(time.perf_counter() - start, 2)
+        result["tasks"][task] = res
+    return result
+
+
+def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """``{"ppl/wikitext2": …, "arc_easy/acc": …, "arc_easy/acc_norm": …, "gsm8k/exact_match_strict": …}``."""
+    flat: dict[str, float] = {}
+    for source, entry in result.get("perplexity", {}).items():
+        flat[f"ppl/{Path(source).name}"] = entry["perplexity"]
+    for task, entry in result.get("tasks", {}).items():
+        for key in ("acc", "acc_norm", "exact_match_strict", "exact_match_flexible"):
+            if key in entry:
+                flat[f"{task}/{key}"] = entry[key]
+    return flat
+
+
+def expected_metrics(args: argparse.Namespace) -> list[str]:
+    """The metric names :func:`flat_metrics` will produce for these evaluation options."""
+    names = [f"ppl/{Path(source).name}" for source in args.ppl]
+    for task in args.tasks:
+        keys = ("exact_match_strict", "exact_match_flexible") if task == "gsm8k" else ("acc", "acc_norm")
+        names += [f"{task}/{k}" for k in keys]
+    return names
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate ``--model`` (plus ``--adapter``)."""
+    check_eval_inputs(args)
+    adapter = Path(args.adapter).expanduser() if args.adapter else None
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise CLIError(f"--adapter {adapter}: no adapter_config.json there (not a PEFT adapter folder).")
+    path = resolve_model(args.model, "The")
+    device = pick_device(args.device)
+    tokenizer = load_tokenizer(path, adapter)
+    model = load_model(path, device, args.dtype)
+    if adapter is not None:
+        model = load_adapter(model, adapter, args.allow_base_mismatch)
+    start = time.perf_counter()
+    result = evaluate(model, tokenizer, args)
+    return {
+        "model": str(path),
+        "adapter": str(adapter) if adapter else None,
+        "lora_parameters": count_lora_parameters(model) if adapter else 0,
+        **result,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
