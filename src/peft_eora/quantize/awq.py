@@ -1,0 +1,289 @@
+"""AWQ with gptqmodel: quantization, its recorded smoothing scales, the smoothed original EoRA needs,
+and a float32 forward for CPUs.
+
+    >>> a4 = quantize_awq(export_original(torch.float32), bits=4, group_size=64)
+    >>> original = awq_smoothed_original(a4)          # pass as EoRAConfig(original_model=...)
+    >>> model = load_quantized(a4, compute_dtype=torch.float32)   # awq_float32_forward_ applied
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..embedded import atomic_publish, cache_dir, is_complete, make_temp_dir, remove_stale_temps
+from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
+from .checkpoints import META_FILE, _cached, awq_dir
+from .gptqmodel_run import _quantize_with_gptqmodel
+
+logger = logging.getLogger("peft_eora.quantize")
+
+#: AWQ's per-channel smoothing scales, recorded by :func:`quantize_awq` inside the checkpoint.
+AWQ_SCALES_FILE = "peft_eora_awq_scales.safetensors"
+
+
+def quantize_awq(
+    model_dir: str | Path,
+    bits: int = 4,
+    group_size: int = 128,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    out_dir: str | Path | None = None,
+    *,
+    dtype: torch.dtype = torch.float16,
+    batch_size: int = 1,
+    device: str = "cpu",
+    **kw: Any,
+) -> Path:
+    """AWQ-quantize the checkpoint at ``model_dir`` with gptqmodel (GEMM layout, zero point);
+    return the output folder (``cache_dir()/models/<name>-awq-w<bits>g<group>[-n<N>x<L>]``).
+
+    Same calibration, caching and metadata as :func:`quantize_gptq`
+    (``QuantizeConfig(method="awq", format="gemm", sym=False, bits, group_size, **kw)``).
+    gptqmodel's AWQ kernels hold float16/bfloat16 scales only, so ``dtype`` must be one of
+    those (float32 is refused before any work). ~3 min for the 2-layer test model on 2 CPU cores.
+
+    AWQ *rescales the float model* before quantizing it: per input channel, a norm's weight is
+    divided by ``s`` and the following linears' columns multiplied by it (or a linear's rows
+    divided, e.g. ``up_proj`` for ``down_proj``). The quantized linears therefore approximate
+    ``diag(1/s_out)·W·diag(s_in)``, not ``W``. The scales are recorded here
+    (``peft_eora_awq_scales.safetensors``) so that :func:`awq_smoothed_original` can write the
+    original model in the same coordinates; pass *that* as EoRA's ``original_model``.
+
+    >>> q4 = quantize_awq(export_original(torch.float32, num_layers=2), bits=4, group_size=64)
+    >>> original = awq_smoothed_original(q4)            # what EoRA must compare against
+    """
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"AWQ quantization needs dtype float16 or bfloat16 (gptqmodel's AWQ kernels), got {dtype}.")
+    model_dir = Path(model_dir)
+    final = Path(out_dir) if out_dir is not None else awq_dir(model_dir, bits, group_size, num_samples, seq_len)
+    if _cached(final, "awq", bits, group_size):
+        return final
+    config_file = model_dir / "config.json"
+    if group_size > 0 and config_file.is_file():  # AWQ stores one zero/scale row per whole group
+        config = json.loads(config_file.read_text())
+        dims = {k: config[k] for k in ("hidden_size", "intermediate_size") if isinstance(config.get(k), int)}
+        bad = {k: v for k, v in dims.items() if v % group_size}
+        if bad:
+            raise ValueError(
+                f"AWQ group_size={group_size} must divide every linear's input size; {model_dir.name} has {bad}. "
+                f"Use a divisor of {math.gcd(*dims.values())} (e.g. 64 for SmolLM2)."
+            )
+
+    def describe(qcfg: Any) -> dict[str, Any]:
+        return {"sym": qcfg.sym, "zero_point": not qcfg.sym, "desc_act": qcfg.desc_act,
+                "true_sequential": qcfg.true_sequential}
+
+    qcfg_kw = {"method": "awq", "format": "gemm", "sym": False}
+    qcfg_kw.update({k: kw.pop(k) for k in list(kw) if k in qcfg_kw})
+    return _quantize_with_gptqmodel(
+        model_dir, final, "awq", bits, group_size, num_samples, seq_len, dtype, batch_size, device, qcfg_kw, kw,
+        describe, recorder=_AwqScaleRecorder,
+    )
+
+
+class _AwqScaleRecorder:
+    """Context manager around gptqmodel's AWQ ``quantize()`` that records every ``apply_scale``
+    call (which norm/linear was divided by which scales, which linears multiplied) with full
+    module names; ``save(folder)`` writes them to :data:`AWQ_SCALES_FILE`."""
+
+    def __init__(self, gptq_model: Any) -> None:
+        self.model = gptq_model.model  # the transformers model being quantized
+        self.records: list[dict[str, Any]] = []
+
+    def __enter__(self) -> "_AwqScaleRecorder":
+        from gptqmodel.looper import awq_processor
+
+        self._module = awq_processor
+        self._original = awq_processor.apply_scale
+
+        def recording_apply_scale(module: torch.nn.Module, scales_list: list, input_feat_dict: Any = None) -> Any:
+            self._record(module, scales_list)
+            return self._original(module, scales_list, input_feat_dict=input_feat_dict)
+
+        awq_processor.apply_scale = recording_apply_scale
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._module.apply_scale = self._original
+
+    def _record(self, block: torch.nn.Module, scales_list: list) -> None:
+        prefix = next((n for n, m in self.model.named_modules() if m is block), None)
+        if prefix is None:
+            raise RuntimeError("AWQ scaled a module outside the model being quantized; cannot record its scales.")
+        for prev_name, layer_names, scales, _loss in scales_list:
+            prev = block.get_submodule(prev_name)
+            if isinstance(prev, torch.nn.Linear):
+                kind = "linear"
+            elif "gemma" in type(prev).__name__.lower() and "norm" in type(prev).__name__.lower():
+                kind = "gemma_norm"  # weight stored as (w - 1)
+            elif hasattr(prev, "weight") and "norm" in type(prev).__name__.lower():
+                kind = "norm"
+            else:
+                raise NotImplementedError(
+                    f"AWQ scaled {type(prev).__name__} {prefix}.{prev_name} (an activation function): EoRA's smoothed "
+                    "original supports norm→linear and linear→linear scaling only (Llama-family models)."
+                )
+            self.records.append({
+                "prev": f"{prefix}.{prev_name}" if prefix else prev_name,
+                "kind": kind,
+                "layers": [f"{prefix}.{n}" if prefix else n for n in layer_names],
+                "scales": scales.detach().to("cpu", torch.float32).clone(),
+            })
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        from safetensors.torch import save_file
+
+        tensors = {f"{i}": r["scales"] for i, r in enumerate(self.records)}
+        index = [{k: r[k] for k in ("prev", "kind", "layers")} for r in self.records]
+        save_file(tensors, str(folder / AWQ_SCALES_FILE), metadata={"records": json.dumps(index)})
+        return {"awq_scales": {"file": AWQ_SCALES_FILE, "groups": len(self.records)}}
+
+
+def read_awq_scales(awq_path: str | Path) -> list[dict[str, Any]]:
+    """The scaling groups recorded by :func:`quantize_awq`: ``[{"prev", "kind", "layers", "scales"}]``
+    in the order AWQ applied them. ``FileNotFoundError`` for AWQ checkpoints made elsewhere."""
+    from safetensors import safe_open
+
+    path = Path(awq_path) / AWQ_SCALES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{awq_path} has no {AWQ_SCALES_FILE}: its AWQ smoothing scales are unknown, so the original weights "
+            "cannot be expressed in its coordinates. Quantize with peft_eora.quantize.quantize_awq, which records them."
+        )
+    with safe_open(str(path), framework="pt") as st:
+        index = json.loads(st.metadata()["records"])
+        return [{**rec, "scales": st.get_tensor(str(i))} for i, rec in enumerate(index)]
+
+
+def smooth_state_dict(state: dict[str, torch.Tensor], records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Apply AWQ's recorded scalings to a float state dict (in place, float32 math), exactly as
+    gptqmodel's ``apply_scale`` does: the model computes the same function, and each linear
+    now holds the weight its AWQ-quantized counterpart approximates.
+
+    >>> smooth_state_dict(state, read_awq_scales(q4))
+    """
+    def get(name: str, what: str = "weight") -> torch.Tensor:
+        key = f"{name}.{what}"
+        if key not in state:
+            raise KeyError(f"The original checkpoint has no {key}, which AWQ rescaled; is it the model AWQ quantized?")
+        return state[key]
+
+    for rec in records:
+        s = rec["scales"].double()
+        prev = rec["prev"]
+        if rec["kind"] == "linear":
+            w = get(prev)
+            w[-s.numel():] = (w[-s.numel():].double() / s[:, None]).to(w.dtype)
+            if f"{prev}.bias" in state:
+                state[f"{prev}.bias"] = (state[f"{prev}.bias"].double() / s).to(state[f"{prev}.bias"].dtype)
+        else:
+            w = get(prev)
+            if rec["kind"] == "gemma_norm":
+                state[f"{prev}.weight"] = (((w.double() + 1) / s) - 1).to(w.dtype)
+            else:
+                state[f"{prev}.weight"] = (w.double() / s).to(w.dtype)
+            if f"{prev}.bias" in state:
+                state[f"{prev}.bias"] = (state[f"{prev}.bias"].double() / s).to(state[f"{prev}.bias"].dtype)
+        for layer in rec["layers"]:
+            w = get(layer)
+            if w.shape[1] != s.numel():
+                raise ValueError(f"AWQ scales of length {s.numel()} do not fit {layer} of shape {tuple(w.shape)}.")
+            state[f"{layer}.weight"] = (w.double() * s[None, :]).to(w.dtype)
+    return state
+
+
+def awq_smoothed_original(
+    awq_path: str | Path, original_dir: str | Path | None = None, out_dir: str | Path | None = None
+) -> Path:
+    """Write (once, cached next to the AWQ checkpoint as ``<awq name>-smoothed-original``) the
+    original float model with the AWQ scales of ``awq_path`` folded in, and return its folder.
+
+    It computes the same function as the original but its linears live in the AWQ model's
+    coordinates, so ``W_smoothed − W_awq`` is the true compression residual: pass this folder
+    as ``EoRAConfig(original_model=...)`` for AWQ bases. ``original_dir`` defaults to the
+    ``source_model`` recorded by :func:`quantize_awq`.
+
+    >>> get_peft_model(load_quantized(q4), EoRAConfig(r=64, original_model=str(awq_smoothed_original(q4)), ...))
+    """
+    from safetensors.torch import load_file, save_file
+
+    awq_path = Path(awq_path)
+    final = Path(out_dir) if out_dir is not None else cache_dir() / "models" / f"{awq_path.name}-smoothed-original"
+    if is_complete(final):
+        return final
+    records = read_awq_scales(awq_path)
+    if original_dir is None:
+        original_dir = json.loads((awq_path / META_FILE).read_text())["source_model"]
+    original_dir = Path(original_dir)
+    files = sorted(original_dir.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ValueError(f"{original_dir}: expected one model.safetensors file, found {[f.name for f in files]}.")
+    state = load_file(str(files[0]))
+    smooth_state_dict(state, records)
+    remove_stale_temps(final)
+    tmp = make_temp_dir(final)
+    try:
+        for item in original_dir.iterdir():
+            if item.is_file() and item.suffix != ".safetensors" and not item.name.startswith("."):
+                shutil.copy2(item, tmp / item.name)
+        save_file(state, str(tmp / files[0].name), metadata={"format": "pt"})
+        (tmp / "peft_eora_smoothed.json").write_text(json.dumps({
+            "source_model": str(original_dir.resolve()), "awq_checkpoint": str(awq_path.resolve()),
+            "groups": len(records),
+        }, indent=2) + "\n")
+        atomic_publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("AWQ-smoothed original (%d scaling groups) written to %s", len(records), final)
+    return final
+
+
+def awq_float32_forward_(model: torch.nn.Module) -> int:
+    """Make every GEMM-layout AWQ layer of ``model`` multiply in float32 (in place); returns the count.
+
+    gptqmodel's ``AwqTorchLinear`` casts float32 inputs to float16 and multiplies in float16,
+    which CPUs without float16 matrix units run ~60× slower than float32 (measured here: 2.6 s
+    vs 0.05 s for 1024×576 @ 576×1536). This CPU emulation multiplies by the *same* weights
+    (the kernel's float16 dequantized values, unpacked once by the ``awq`` residual back-end and
+    kept as a float32 copy) in float32; only the float16 rounding of inputs and accumulation
+    is gone. The packed buffers are untouched (checkpoints and fingerprints are unchanged).
+    ``load_quantized(awq_path, compute_dtype=torch.float32)`` applies it.
+
+    >>> awq_float32_forward_(load_quantized(a4))
+    """
+    import types
+
+    from ..residual.awq import AWQBackend
+
+    backend = AWQBackend()
+    count = 0
+    for module in model.modules():
+        if backend.matches(module):
+            module.forward = types.MethodType(_awq_forward_float32, module)
+            count += 1
+    return count
+
+
+def _awq_forward_float32(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from ..residual.awq import AWQBackend
+
+    key = (self.qweight.data_ptr(), self.qzeros.data_ptr(), self.scales.data_ptr(), self.scales.dtype)
+    cached = getattr(self, "_peft_eora_w32", None)
+    if cached is None or cached[0] != key:
+        cached = (key, AWQBackend().dequantize(self).T.contiguous())  # (in, out) float32
+        self._peft_eora_w32 = cached
+    x_flat = x.reshape(-1, x.shape[-1]).float()
+    out = x_flat @ cached[1].to(x.device)
+    if self.bias is not None:
+        out = out + self.bias.float()
+    if getattr(self, "adapter", None):
+        out = self.adapter.apply(x=x_flat, out=out)
+    return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

@@ -1,0 +1,73 @@
+"""Where compressed checkpoints are cached, and the metadata file that says what made them.
+
+    >>> gptq_dir(export_original(), bits=3)     # cache_dir()/models/<name>-gptq-w3g128
+    >>> json.loads((gptq_dir(...) / META_FILE).read_text())["wall_time_s"]
+
+Each quantizer writes ``peft_eora_quantize.json`` (method, bits, group size, settings, versions,
+calibration, timings) into its checkpoint; a complete folder with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from ..embedded import cache_dir, is_complete
+from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
+
+META_FILE = "peft_eora_quantize.json"
+
+
+def _checkpoint_dir(model_dir: str | Path, method: str, bits: int, group_size: int, num_samples: int, seq_len: int) -> Path:
+    name = f"{Path(model_dir).name}-{method}-w{bits}g{group_size}"
+    if (num_samples, seq_len) != (DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN):
+        name += f"-n{num_samples}x{seq_len}"
+    return cache_dir() / "models" / name
+
+
+def gptq_dir(
+    model_dir: str | Path,
+    bits: int = 4,
+    group_size: int = 128,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+) -> Path:
+    """Default output folder of :func:`quantize_gptq` for these settings."""
+    return _checkpoint_dir(model_dir, "gptq", bits, group_size, num_samples, seq_len)
+
+
+def awq_dir(
+    model_dir: str | Path,
+    bits: int = 4,
+    group_size: int = 128,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+) -> Path:
+    """Default output folder of :func:`quantize_awq` for these settings."""
+    return _checkpoint_dir(model_dir, "awq", bits, group_size, num_samples, seq_len)
+
+
+def _cached(final: Path, method: str, bits: int, group_size: int) -> bool:
+    """True if ``final`` is a complete checkpoint of these settings; ``ValueError`` if it holds others."""
+    if not is_complete(final):
+        return False
+    meta = json.loads((final / META_FILE).read_text())
+    found = (meta.get("method", "gptq"), meta.get("bits"), meta.get("group_size"))
+    if found != (method, bits, group_size):
+        raise ValueError(
+            f"{final} holds a {found[0]} w{found[1]}g{found[2]} checkpoint, not {method} w{bits}g{group_size}: "
+            "pass another out_dir or delete it"
+        )
+    return True
+
+
+def _versions(**extra: str) -> dict[str, str]:
+    return {
+        **extra,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "python": platform.python_version(),
+    }
