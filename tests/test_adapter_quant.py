@@ -11,6 +11,7 @@ from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 
 import peft_eora
+from peft_eora.adapter_format import QUANTIZED_PEFT_TYPE
 from peft_eora.adapter_quant import (
     is_packed,
     pack_adapter_state_dict,
@@ -76,7 +77,8 @@ def test_config_validates_and_round_trips(tmp_path):
         peft_eora.EoRAConfig(r=8, adapter_bits=3)
     cfg = peft_eora.EoRAConfig(r=8, adapter_bits=4)
     cfg.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["adapter_bits"] == 4
+    assert json.loads((tmp_path / "eora_config.json").read_text())["adapter_bits"] == 4
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == QUANTIZED_PEFT_TYPE
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -65,8 +65,9 @@ def test_spectrum_allocation_keeps_the_budget_and_reloads(tiny_llama, calib_ids,
     # save → reload: PEFT rebuilds every layer at its allocated rank from rank_pattern
     pm.save_pretrained(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert saved["rank_pattern"] == cfg.rank_pattern and saved["rank_allocation"] == "spectrum"
-    assert saved["init_eora"] is False
+    eora = json.loads((tmp_path / "adapter" / "eora_config.json").read_text())
+    assert saved["rank_pattern"] == cfg.rank_pattern and eora["rank_allocation"] == "spectrum"
+    assert eora["init_eora"] is False
     reloaded = PeftModel.from_pretrained(copy.deepcopy(quantized), tmp_path / "adapter")
     assert {n: int(m.r["default"]) for n, m in _layers(reloaded).items()} == ranks
     ids = calib_ids[:2]

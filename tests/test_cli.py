@@ -106,9 +106,10 @@ def test_compute_saves_the_factors_of_the_python_api(computed, tiny_original_dir
 
     adapter, result = computed
     saved = load_file(adapter / "adapter_model.safetensors")
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["peft_type"] == "EORA" and config["r"] == RANK and config["init_eora"] is False
-    assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    lora = json.loads((adapter / "adapter_config.json").read_text())
+    config = json.loads((adapter / "eora_config.json").read_text())
+    assert lora["peft_type"] == "LORA" and lora["r"] == RANK and config["init_eora"] is False
+    assert sorted(lora["target_modules"]) == ["q_proj", "v_proj"]
 
     def factors(model) -> dict:
         return {n.replace(".default.weight", ".weight"): p.detach() for n, p in model.named_parameters() if ".lora_" in n}
@@ -210,8 +211,8 @@ def test_push_uploads_the_adapter_to_the_hub(computed, tmp_path, monkeypatch):
         assert code == 0, err
         files = hub.files("test-user/cli-eora")
         assert json.loads(out)["commit"] == hub.history("test-user/cli-eora")[0]
-    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)
-    assert json.loads(files["adapter_config.json"])["peft_type"] == "EORA"
+    assert {"README.md", "adapter_config.json", "eora_config.json", "adapter_model.safetensors"} <= set(files)
+    assert json.loads(files["adapter_config.json"])["peft_type"] == "LORA"
     assert "30.5 → 25.25" in files["README.md"].decode()
     pushed = files["adapter_model.safetensors"]
     local = load_file(adapter / "adapter_model.safetensors")

@@ -5,9 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import peft_eora
 from peft_eora import EoRAConfig, export_lora
 from peft_eora.safe_files import check_safetensors
+from child_process import WarmChild
 from tiny_models import tiny_llama_pair
 
 INPUT = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -34,54 +32,9 @@ SHAPES = {  # (out, in) of the tiny Llama's linears
 MIXED = {"rank_pattern": {"down_proj": 4}, "alpha_pattern": {"q_proj": 16}}
 
 
-class WarmChild:
-    """A fresh Python process started early, so that its slow imports overlap this process's work.
-
-    The child runs ``code`` up to ``args = wait_for_job()``, which blocks until :meth:`run`
-    hands it a JSON job; :meth:`run` returns the JSON object the child prints last.
-    """
-
-    PRELUDE = textwrap.dedent(
-        """
-        import json, os, sys, time
-
-        def wait_for_job(timeout=600):
-            deadline = time.monotonic() + timeout
-            while not os.path.exists(sys.argv[1]):
-                if time.monotonic() > deadline:
-                    raise SystemExit("no job arrived")
-                time.sleep(0.05)
-            with open(sys.argv[1]) as f:
-                return json.load(f)
-        """
-    )
-
-    def __init__(self, code: str, workdir: Path, env: dict[str, str]) -> None:
-        self.job, self.stdout, self.stderr = workdir / "job.json", workdir / "stdout.txt", workdir / "stderr.txt"
-        with open(self.stdout, "w") as out, open(self.stderr, "w") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", self.PRELUDE + textwrap.dedent(code), str(self.job)],
-                stdout=out, stderr=err, env=env,
-            )  # fmt: skip
-
-    def run(self, job: dict, timeout: float = 300) -> dict:
-        tmp = self.job.with_suffix(".tmp")
-        tmp.write_text(json.dumps(job))
-        os.replace(tmp, self.job)
-        returncode = self.proc.wait(timeout)
-        assert returncode == 0, self.stderr.read_text()[-3000:]
-        return json.loads(self.stdout.read_text().strip().splitlines()[-1])
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 STOCK_PEFT_TEST = "test_export_loads_with_stock_peft_in_a_process_without_peft_eora"
 #: Runs in a fresh interpreter where ``import peft_eora`` fails: stock PEFT only.
 STOCK_PEFT_CHILD = """
-    sys.modules["peft_eora"] = None  # make peft-eora unimportable in this process
     import torch
     from peft import PeftConfig, PeftModel
     from safetensors.torch import load_file, save_file
@@ -115,7 +68,8 @@ def stock_peft_child(request, tmp_path_factory):
     if not any(item.originalname == STOCK_PEFT_TEST for item in request.session.items):
         yield None
         return
-    child = WarmChild(STOCK_PEFT_CHILD, tmp_path_factory.mktemp("child"), {**os.environ, "HF_HUB_OFFLINE": "1"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    child = WarmChild(STOCK_PEFT_CHILD, tmp_path_factory.mktemp("child"), env, block_peft_eora=True)
     yield child
     child.close()
 

@@ -45,7 +45,7 @@ def test_recorded_when_factors_are_computed_and_saved(computed):
     assert recorded == compute_fingerprint(quantized).to_dict()
     assert recorded["version"] == 1 and recorded["digest"].startswith("eora-fp1:")
     assert recorded["kernels"] == [] and recorded["num_modules"] == 2 * 9 + 3  # 7 linears + 2 norms per block
-    saved = json.loads((path / "adapter_config.json").read_text())["base_fingerprint"]
+    saved = json.loads((path / "eora_config.json").read_text())["base_fingerprint"]
     assert saved == recorded
 
 
@@ -112,7 +112,7 @@ def test_allow_base_mismatch_loads_with_a_warning(computed, tmp_path):
     assert sum(isinstance(m, LoraLayer) for m in loaded.modules()) == 14
     # the flag is a loading choice: saving again records the original fingerprint, not the flag
     loaded.save_pretrained(tmp_path / "again")
-    saved = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    saved = json.loads((tmp_path / "again" / "eora_config.json").read_text())
     assert "allow_base_mismatch" not in saved
     assert saved["base_fingerprint"] == model.peft_config["default"].base_fingerprint
     # the same through an explicit config object

@@ -67,8 +67,11 @@ def test_push_creates_repo_with_adapter_and_model_card(hub, client, computed):
     quantized, model = computed
     commit = model.push_to_hub("test-user/eora-card")
     files = hub.files("test-user/eora-card")
-    assert set(files) == {".gitattributes", "README.md", "adapter_config.json", "adapter_model.safetensors"}
-    assert json.loads(files["adapter_config.json"])["peft_type"] == "EORA"
+    assert set(files) == {
+        ".gitattributes", "README.md", "adapter_config.json", "eora_config.json", "adapter_model.safetensors",
+    }  # fmt: skip
+    assert json.loads(files["adapter_config.json"])["peft_type"] == "LORA"
+    assert json.loads(files["eora_config.json"])["base_fingerprint"] == model.peft_config["default"].base_fingerprint
     assert commit.oid == hub.history("test-user/eora-card")[0] == model_info("test-user/eora-card").sha
 
     card = ModelCard.load("test-user/eora-card")  # downloaded through the client
@@ -147,16 +150,19 @@ def test_damaged_or_pickle_adapters_on_the_hub_are_refused(client, computed, tmp
     local = tmp_path / "adapter"
     model.save_pretrained(local)
     config = (local / "adapter_config.json").read_bytes()
+    eora = (local / "eora_config.json").read_bytes()
     weights = (local / "adapter_model.safetensors").read_bytes()
 
     client.create_repo("test-user/eora-truncated")
-    for path, data in (("adapter_config.json", config), ("adapter_model.safetensors", weights[:-100])):
+    for path, data in (
+        ("adapter_config.json", config), ("eora_config.json", eora), ("adapter_model.safetensors", weights[:-100]),
+    ):  # fmt: skip
         client.upload_file(path_or_fileobj=data, path_in_repo=path, repo_id="test-user/eora-truncated")
     with pytest.raises(AdapterFileError, match=r"adapter_model\.safetensors is truncated"):
         pull(quantized, "test-user/eora-truncated")
 
     client.create_repo("test-user/eora-pickle")
-    for path, data in (("adapter_config.json", config), ("adapter_model.bin", b"not loaded")):
+    for path, data in (("adapter_config.json", config), ("eora_config.json", eora), ("adapter_model.bin", b"not loaded")):
         client.upload_file(path_or_fileobj=data, path_in_repo=path, repo_id="test-user/eora-pickle")
     with pytest.raises(AdapterFileError, match="never loads pickle"):
         pull(quantized, "test-user/eora-pickle")

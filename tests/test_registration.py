@@ -46,8 +46,10 @@ def test_config_round_trip_is_json(tmp_path):
     )
     assert cfg.lora_alpha == 16 and cfg.peft_type is PeftType.EORA
     cfg.save_pretrained(tmp_path)
-    raw = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert raw["peft_type"] == "EORA" and raw["calibration"]["seq_len"] == 32 and raw["method"] == "svd"
+    lora = json.loads((tmp_path / "adapter_config.json").read_text())
+    raw = json.loads((tmp_path / "eora_config.json").read_text())
+    assert lora["peft_type"] == "LORA" and lora["r"] == 16 and "method" not in lora
+    assert raw["calibration"]["seq_len"] == 32 and raw["method"] == "svd"
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, EoRAConfig)
     assert loaded.calibration == cfg.calibration and loaded.damping == 0.1 and loaded.original_model == "some/model"

@@ -22,7 +22,7 @@ from tiny_models import tiny_llama_pair
 
 INPUT = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(1))
 CALIB = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(2))
-FILES = {"adapter_model.safetensors", "adapter_config.json", "README.md"}
+FILES = {"adapter_model.safetensors", "adapter_config.json", "eora_config.json", "README.md"}
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +57,15 @@ def temp_leftovers(parent: Path) -> list[str]:
 def test_round_trip_restores_identical_logits(computed, saved):
     quantized, model = computed
     assert set(os.listdir(saved)) == FILES
-    config = json.loads((saved / "adapter_config.json").read_text())
-    assert config["peft_type"] == "EORA"
+    lora = json.loads((saved / "adapter_config.json").read_text())
+    assert lora["peft_type"] == "LORA" and lora["r"] == 8 and lora["lora_alpha"] == 8  # plain LoRA for every tool
+    config = json.loads((saved / "eora_config.json").read_text())
+    assert config["format"] == "peft-eora" and config["format_version"] == 1
     assert config["init_eora"] is False
     assert config["eora_stats"]["calibration_tokens"] == CALIB.numel()
     assert config["base_fingerprint"]["digest"].startswith("eora-fp1:")
     assert "allow_base_mismatch" not in config  # a loading choice, never saved
+    assert not set(config) & set(lora)  # each field in one file
     tensors = load_file(saved / "adapter_model.safetensors")
     assert len(tensors) == 2 * 14 and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in tensors)
 
@@ -83,10 +86,10 @@ def test_load_recomputes_nothing_and_needs_no_sources(computed, saved, tmp_path,
     adapter.mkdir()
     for name in FILES:
         (adapter / name).write_bytes((saved / name).read_bytes())
-    config = json.loads((adapter / "adapter_config.json").read_text())
+    config = json.loads((adapter / "eora_config.json").read_text())
     config["original_model"] = str(tmp_path / "no-such-original")
     config["calibration"] = {"dataset": str(tmp_path / "no-such-data.jsonl"), "num_samples": 4, "seq_len": 8}
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    (adapter / "eora_config.json").write_text(json.dumps(config))
 
     def forbidden(*args, **kwargs):
         raise AssertionError("loading must not compute EoRA factors or open the original model")
@@ -204,7 +207,8 @@ def test_damaged_safetensors_gives_one_clear_error(computed, saved, tmp_path, da
 def test_pickle_file_is_never_loaded(computed, saved, tmp_path, monkeypatch):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_bytes((saved / "adapter_config.json").read_bytes())
+    for name in ("adapter_config.json", "eora_config.json"):
+        (adapter / name).write_bytes((saved / name).read_bytes())
     torch.save(load_file(saved / "adapter_model.safetensors"), adapter / "adapter_model.bin")
 
     def no_pickle(*args, **kwargs):

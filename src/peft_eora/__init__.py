@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 
 from . import _peft_compat
+from .adapter_format import QUANTIZED_PEFT_TYPE as _QUANTIZED_PEFT_TYPE
+from .adapter_format import is_eora_adapter as _is_eora_adapter
 from .config import CalibrationConfig, CalibrationSource, EoRAConfig
 from .export import export_lora
 from .fingerprint import BaseMismatchError
@@ -25,7 +27,9 @@ from .saving import save_pretrained as _save_pretrained
 
 __version__ = "0.1.0"
 
-PEFT_TYPE = _peft_compat.register(EoRAConfig, EoRAModel)
+PEFT_TYPE = _peft_compat.register(EoRAConfig, EoRAModel, config_aliases=(_QUANTIZED_PEFT_TYPE,))
+# PeftConfig/LoraConfig.from_pretrained of a folder holding eora_config.json: the EoRA config
+_peft_compat.patch_config_loading(EoRAConfig, _is_eora_adapter)
 # model.save_pretrained/push_to_hub of EoRA adapters: atomic, safetensors-only, EoRA model card
 _peft_compat.patch_peft_model(lambda m, sel: bool(_eora_adapter_names(m, sel)), _save_pretrained, _push_to_hub)
 

@@ -14,6 +14,13 @@ PEFT has no hook for how a model is saved or pushed (atomic writes, the EoRA mod
 :func:`patch_peft_model` wraps ``PeftModel.save_pretrained``/``push_to_hub`` at class level:
 models without an EoRA adapter keep PEFT's behaviour unchanged.
 
+Float EoRA adapters are saved as plain LoRA (``peft_type: "LORA"``) with their EoRA fields in a
+separate ``eora_config.json``, so that tools without peft-eora load them. PEFT picks the config
+class from ``peft_type`` alone, so :func:`patch_config_loading` wraps
+``PeftConfigMixin.from_pretrained`` (what ``PeftModel.from_pretrained``, ``load_adapter`` and
+transformers' ``load_adapter`` call): for a folder that is an EoRA adapter it returns the EoRA
+config, so the tuner is EoRA's (base check, metadata); every other adapter loads unchanged.
+
 ``tests/test_registration.py`` fails loudly if a PEFT release changes any of this.
 """
 
@@ -49,8 +56,12 @@ def _extend_peft_type(name: str = EORA_NAME) -> PeftType:
     return member
 
 
-def register(config_cls: type, model_cls: type) -> PeftType:
-    """Make PEFT's ``get_peft_model``/``PeftConfig``/``PeftModel`` know the EoRA method."""
+def register(config_cls: type, model_cls: type, config_aliases: tuple[str, ...] = ()) -> PeftType:
+    """Make PEFT's ``get_peft_model``/``PeftConfig``/``PeftModel`` know the EoRA method.
+
+    ``config_aliases`` are further ``peft_type`` strings of saved adapter configs that load as
+    ``config_cls`` (PEFT looks the saved string up in its config table; nothing else sees them).
+    """
     from peft import mapping
 
     peft_type = _extend_peft_type()
@@ -58,6 +69,8 @@ def register(config_cls: type, model_cls: type) -> PeftType:
     if current is not None and current is not model_cls:
         raise RuntimeError(f"Another tuner ({current!r}) is already registered as PEFT type {peft_type.value}.")
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
+    for alias in config_aliases:
+        mapping.PEFT_TYPE_TO_CONFIG_MAPPING[alias] = config_cls
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = model_cls.prefix
     logger.debug("registered PEFT method %s -> %s", peft_type.value, model_cls.__name__)
@@ -111,3 +124,28 @@ def patch_peft_model(
     push_to_hub_._peft_eora = True  # type: ignore[attr-defined]
     PeftModel.save_pretrained = save_pretrained_
     PeftModel.push_to_hub = push_to_hub_
+
+
+def patch_config_loading(config_cls: type, is_own_adapter: Callable[..., bool]) -> None:
+    """Make ``PeftConfig.from_pretrained``/``LoraConfig.from_pretrained`` return ``config_cls.from_pretrained(...)``
+    for adapters where ``is_own_adapter(model_id, subfolder, **kwargs)`` is true.
+
+    Only the classes ``config_cls`` derives from are redirected (a ``LoraConfig`` subclass of
+    someone else's keeps its behaviour). Idempotent.
+    """
+    from peft.config import PeftConfigMixin
+
+    current = PeftConfigMixin.__dict__["from_pretrained"]
+    if getattr(current.__func__, "_peft_eora", False):
+        return
+    original = current.__func__
+    redirected = {c for c in config_cls.__mro__ if c is not config_cls}
+
+    @functools.wraps(original)
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
+        if cls in redirected and is_own_adapter(pretrained_model_name_or_path, subfolder, **kwargs):
+            return config_cls.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        return original(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    from_pretrained._peft_eora = True  # type: ignore[attr-defined]
+    PeftConfigMixin.from_pretrained = classmethod(from_pretrained)

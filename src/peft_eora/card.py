@@ -142,6 +142,7 @@ def _eora_section(
             ppl += f" on {stats['ppl_dataset']}"
     else:
         ppl = "not measured"
+    original = getattr(config, "original_model", None)  # a plain LoRA adapter (export_lora) has none
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{config.r} (per module {ranks[0]}–{ranks[-1]})"
     digest = (getattr(config, "base_fingerprint", None) or {}).get("digest")
     fingerprint = f"`{digest}`" if digest else "not recorded"
@@ -155,7 +156,7 @@ def _eora_section(
         damping_text = f" (damping {damping:g})" if damping is not None else ""
     rows = [
         ("Compressed base model", base_text if base_id else "not recorded"),
-        ("Original (uncompressed) model", f"`{config.original_model}`" if config.original_model else "not recorded"),
+        ("Original (uncompressed) model", f"`{original}`" if original else "not recorded"),
         ("Compression", _describe_quant(quant)),
         ("Method", f"{method}{damping_text}"),
         ("Rank", f"{rank_text} (lora_alpha {_fmt(config.lora_alpha)})"),
@@ -179,10 +180,26 @@ model = PeftModel.from_pretrained(base, "{where}")
 LoRA-serving engines (vLLM-style loaders) read `adapter_model.safetensors` and `adapter_config.json`
 directly: the effective scale `lora_alpha / r` is the same for every module. Apply it only to
 the compressed base above; the base fingerprint is not checked in this format."""
-    else:
-        kind = "a standard LoRA adapter at inference time"
+    elif int(getattr(config, "adapter_bits", 16)) == 16:
+        kind = "saved as a plain LoRA adapter (`peft_type: LORA`) that every LoRA tool loads"
         usage = f"""```python
-import peft_eora  # registers the EORA adapter type
+from peft import PeftModel  # stock PEFT; peft-eora is not needed
+from transformers import AutoModelForCausalLM
+
+base = AutoModelForCausalLM.from_pretrained("{load_id}")
+model = PeftModel.from_pretrained(base, "{where}")
+```
+
+transformers (`base.load_adapter("{where}")`) and lm-evaluation-harness
+(`--model_args pretrained={load_id},peft={where}`) load it the same way. The EoRA settings and
+statistics are in `eora_config.json`: with peft-eora installed (`import peft_eora` before loading),
+loading also checks the base fingerprint, so the adapter is never applied to another checkpoint.
+For vLLM-style serving engines, export it: `peft_eora.export_lora(model, "lora-export")`."""
+    else:
+        bits = int(config.adapter_bits)
+        kind = f"with int{bits} factors (codes + per-row scales), which need peft-eora to load"
+        usage = f"""```python
+import peft_eora  # unpacks the int{bits} factors (pip install peft-eora)
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -190,8 +207,8 @@ base = AutoModelForCausalLM.from_pretrained("{load_id}")
 model = PeftModel.from_pretrained(base, "{where}")
 ```
 
-Loading checks the base against the recorded fingerprint. Without peft-eora (or for vLLM-style
-serving engines), export a plain LoRA adapter: `peft_eora.export_lora(model, "lora-export")`."""
+Loading checks the base against the recorded fingerprint. Without peft-eora, or for vLLM-style
+serving engines, export a float LoRA adapter: `peft_eora.export_lora(model, "lora-export")`."""
     return f"""{CARD_BEGIN}
 ## EoRA adapter
 

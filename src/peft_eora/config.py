@@ -9,9 +9,11 @@
     ... )
     >>> model = get_peft_model(quantized_model, config)  # computes the EoRA factors
 
-Everything in the config is JSON-serialisable; it is saved as ``adapter_config.json`` beside
-the adapter weights. In-memory original models and calibration batches go through the Python
-API instead (:func:`peft_eora.initialize_eora_weights`).
+Everything in the config is JSON-serialisable. It is saved as two files beside the adapter
+weights: ``adapter_config.json``, a plain LoRA config that every LoRA tool reads, and
+``eora_config.json`` with the EoRA fields (see :mod:`peft_eora.adapter_format`). In-memory
+original models and calibration batches go through the Python API instead
+(:func:`peft_eora.initialize_eora_weights`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Literal, Optional, Union
 
 from peft import LoraConfig
 
+from . import adapter_format
 from .decompose import DEFAULT_EIG_RTOL, METHODS
 from .safe_files import check_adapter_weights
 
@@ -284,16 +287,34 @@ class EoRAConfig(LoraConfig):
         data.pop("allow_base_mismatch", None)  # a loading choice, not a property of the adapter
         return data
 
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write ``adapter_config.json`` (plain LoRA) and ``eora_config.json`` (EoRA fields) into ``save_directory``.
+
+            >>> config.save_pretrained("eora-adapter")
+
+        Float adapters get ``peft_type: "LORA"``, so stock PEFT, transformers and lm-eval load
+        them; int8/int4 adapters get :data:`~peft_eora.adapter_format.QUANTIZED_PEFT_TYPE`.
+        ``PeftModel.save_pretrained`` calls this.
+        """
+        super().save_pretrained(save_directory, **kwargs)
+        adapter_format.write_split(save_directory)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
-        """Load a saved EoRA config (``PeftModel.from_pretrained`` calls this).
+        """Load a saved EoRA config (``PeftModel.from_pretrained`` calls this), local or from the Hub.
 
-        Also checks the adapter weights: ``adapter_model.safetensors`` must be intact (a truncated
-        or corrupted file raises :class:`peft_eora.AdapterFileError` naming it) and a pickle
-        file is never loaded. ``allow_base_mismatch=True`` is honoured as a loading keyword.
+            >>> EoRAConfig.from_pretrained("me/smollm2-gptq4-eora", revision="<commit sha>")
+
+        Reads ``adapter_config.json`` and ``eora_config.json`` (or the single file of adapters
+        saved by peft-eora 0.1.0). Also checks the adapter weights: ``adapter_model.safetensors``
+        must be intact (a truncated or corrupted file raises :class:`peft_eora.AdapterFileError`
+        naming it) and a pickle file is never loaded. ``allow_base_mismatch=True`` is honoured as
+        a loading keyword; ``kwargs`` may hold Hub download options (``revision``, ``token``, …).
         """
         allow_base_mismatch = kwargs.pop("allow_base_mismatch", None)
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        data = adapter_format.read(pretrained_model_name_or_path, subfolder, **kwargs)
+        _, class_kwargs, _ = cls._split_kwargs(kwargs)
+        config = cls.from_peft_type(**cls.check_kwargs(**{**class_kwargs, **data}))
         if allow_base_mismatch is not None:
             config.allow_base_mismatch = bool(allow_base_mismatch)
         check_adapter_weights(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

@@ -65,6 +65,18 @@ class EoRAModel(LoraModel):
 
     prefix: str = "lora_"
 
+    def __init__(self, model: nn.Module, config: Any, adapter_name: str = "default", **kwargs: Any) -> None:
+        if isinstance(config, EoRAConfig) and not config.init_eora and config.adapter_bits != 16:
+            # PeftModel passes {name: config}; a bare config comes from inject_adapter_in_model, which is how
+            # transformers' model.load_adapter loads: it then reads the weights itself and would skip the codes
+            raise ValueError(
+                f"This EoRA adapter stores int{config.adapter_bits} factors (adapter_bits={config.adapter_bits}), which "
+                "only peft-eora's PEFT loading path unpacks: load it with peft.PeftModel.from_pretrained(model, path) "
+                "(after import peft_eora) rather than transformers' model.load_adapter, or export a float LoRA with "
+                "peft_eora.export_lora."
+            )
+        super().__init__(model, config, adapter_name, **kwargs)
+
     def _pre_injection_hook(self, model: nn.Module, config: EoRAConfig, adapter_name: str) -> None:
         super()._pre_injection_hook(model, config, adapter_name)
         prepare_model(model)  # e.g. decompress a compressed-tensors model, as its first forward would
