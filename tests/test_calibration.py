@@ -10,7 +10,7 @@ import torch
 
 from peft_eora import CalibrationConfig, CalibrationSource, EoRAConfig
 from peft_eora.calibration import CalibrationError, load_calibration_tokens, share_windows
-from peft_eora.cli import _mix_source
+from peft_eora.cli.options import mix_source as _mix_source
 
 
 def _ids_file(path: Path, token: int, rows: int = 20, length: int = 10) -> str:
@@ -85,7 +85,7 @@ def test_mixed_spec_json_round_trip(tmp_path):
         mix=[CalibrationSource("builtin:gsm8k", template="{question}\n{answer}", weight=0.5)],
     )  # fmt: skip
     EoRAConfig(r=4, calibration=spec).save_pretrained(tmp_path)
-    saved = json.loads((tmp_path / "adapter_config.json").read_text())["calibration"]
+    saved = json.loads((tmp_path / "eora_config.json").read_text())["calibration"]
     assert saved["mix"] == [
         {"dataset": "builtin:gsm8k", "subset": None, "split": "train", "column": "text",
          "template": "{question}\n{answer}", "weight": 0.5}

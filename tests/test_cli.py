@@ -272,12 +272,48 @@ def test_empty_calibration_data(tmp_path, model_opts):
     assert not (tmp_path / "a").exists()
 
 
+#: ``--help`` in a fresh process: which heavy libraries did it import?
+HELP_CHILD = """
+import contextlib, io, json, sys
+from peft_eora.cli import main
+with contextlib.redirect_stdout(io.StringIO()):
+    codes = [main(["--help"]), main(["compute", "--help"]), main(["eval", "--help"])]
+heavy = ("torch", "peft", "transformers", "gptqmodel", "torchao", "bitsandbytes", "huggingface_hub", "datasets")
+print(json.dumps({"codes": codes, "imported": [m for m in heavy if m in sys.modules]}))
+"""
+
+
 def test_console_entry_runs_as_a_module():
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "peft_eora", "--help"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no library warnings before the help text
     for command in ("compute", "eval", "sweep", "push", "lm-eval"):
         assert command in proc.stdout
+
+
+def test_help_imports_no_heavy_library():
+    """``peft-eora --help`` is fast because it imports neither torch nor PEFT nor transformers."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", HELP_CHILD], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"codes": [0, 0, 0], "imported": []}
+
+
+def test_library_warnings_stay_quiet_ours_are_shown(computed, tiny_gptq4_dir, ppl_text):
+    """Loading the 3-bit adapter onto the 4-bit base: our base-mismatch warning is shown, nothing from the
+    libraries (transformers' quantization_config and deprecation warnings) is."""
+    adapter, _ = computed
+    argv = ["eval", "--model", tiny_gptq4_dir, "--adapter", adapter, "--allow-base-mismatch", "--ppl", ppl_text,
+            "--ppl-seq-len", 32, "--ppl-windows", 1, "--no-progress"]  # fmt: skip
+    code, out, err = run(argv)
+    assert code == 0, err
+    assert "BaseMismatchWarning" in err and "Loading anyway because allow_base_mismatch=True" in err
+    assert "FutureWarning" not in err and "You passed `quantization_config`" not in err
+    ours = ("INFO peft_eora", "WARNING peft_eora", "DEBUG peft_eora")
+    assert all(line.startswith(ours) or "BaseMismatch" in line for line in err.splitlines() if line.strip()), err
+    code, out, debug_err = run([*argv, "--debug"])  # --debug: the libraries speak again (gptqmodel's logs here)
+    assert code == 0 and [line for line in debug_err.splitlines() if line.strip() and not line.startswith(ours)]
 
 
 @pytest.mark.slow
@@ -290,6 +326,9 @@ def test_console_entry_prints_clean_json(computed, evaluated, tiny_gptq3_dir, ev
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert cli.flat_metrics(result) == pytest.approx(cli.flat_metrics(evaluated), rel=1e-6)
+    # and nothing but our own log lines on stderr: no torch/transformers/gptqmodel warnings, banners or bars
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and all(line.startswith("INFO peft_eora") for line in lines), proc.stderr[-3000:]
 
 
 @pytest.mark.slow

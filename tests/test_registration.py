@@ -83,9 +83,44 @@ def test_get_peft_model_and_reload_through_peft(tiny_llama, tmp_path):
 
 
 def test_import_does_not_need_gptqmodel():
-    """gptqmodel is an optional extra: importing peft_eora must not import it."""
+    """gptqmodel is an optional extra: importing peft_eora (and PEFT) must not import it."""
     import subprocess
     import sys
 
-    code = "import sys; import peft_eora; assert 'gptqmodel' not in sys.modules, 'gptqmodel imported'"
+    code = "import sys; import peft, peft_eora; assert 'gptqmodel' not in sys.modules, 'gptqmodel imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
+
+
+_REGISTERED = (
+    "from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING as C, PEFT_TYPE_TO_TUNER_MAPPING as T\n"
+    "assert 'EORA' in C and T['EORA'].__name__ == 'EoRAModel', 'EoRA not registered'\n"
+    "assert not [f for f in sys.meta_path if type(f).__name__ == '_AfterImport'], 'import hook left behind'\n"
+)
+#: Fresh interpreters, each importing in another order: PEFT knows EoRA as soon as both are imported.
+IMPORT_ORDERS = {
+    "peft_eora alone imports nothing heavy": "import peft_eora\n"
+    "assert not {'torch', 'peft', 'transformers'} & set(sys.modules), sorted(sys.modules)\n",
+    "peft_eora, then peft": "import peft_eora\nimport peft\n" + _REGISTERED,
+    "peft, then peft_eora": "import peft\nimport peft_eora\n" + _REGISTERED,
+    "a config module first": "from peft_eora.config import EoRAConfig\n" + _REGISTERED,
+    "the tuner module first": "from peft_eora.model import EoRAModel\n" + _REGISTERED,
+    "a module without PEFT, then peft": "import peft_eora.residual\nimport peft\n" + _REGISTERED,
+    "a public name": "import peft_eora\nassert peft_eora.PEFT_TYPE.value == 'EORA'\n" + _REGISTERED,
+}
+
+
+@pytest.mark.slow
+def test_registration_whatever_the_import_order():
+    import subprocess
+    import sys
+
+    procs = {
+        name: subprocess.Popen([sys.executable, "-c", "import sys\n" + code], stderr=subprocess.PIPE, text=True)
+        for name, code in IMPORT_ORDERS.items()
+    }
+    failed = {}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=600)
+        if proc.returncode:
+            failed[name] = err.strip().splitlines()[-1]
+    assert not failed

@@ -5,44 +5,73 @@
     >>> model = get_peft_model(quantized_model, peft_eora.EoRAConfig(
     ...     r=64, original_model="path/to/original", calibration=peft_eora.CalibrationConfig()))
 
-Importing the package registers the ``EORA`` PEFT type, so ``PeftConfig.from_pretrained`` and
-``PeftModel.from_pretrained`` load saved EoRA adapters.
+Importing the package makes PEFT know EoRA: the ``EORA`` PEFT type, saving/pushing with the
+EoRA model card, and loading saved EoRA adapters through ``PeftConfig.from_pretrained`` and
+``PeftModel.from_pretrained``. Importing it is instant: nothing heavy (torch, PEFT, transformers)
+is imported until used, and the PEFT registration happens as soon as PEFT itself is imported —
+right away if it already was (see :func:`peft_eora._peft_compat.when_peft_ready`). The names below
+are imported on first access.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+from typing import Any
 
 from . import _peft_compat
-from .adapter_format import QUANTIZED_PEFT_TYPE as _QUANTIZED_PEFT_TYPE
-from .adapter_format import is_eora_adapter as _is_eora_adapter
-from .config import CalibrationConfig, CalibrationSource, EoRAConfig
-from .export import export_lora
-from .fingerprint import BaseMismatchError
-from .hub import push_to_hub as _push_to_hub
-from .model import EoRAModel, initialize_eora_weights
-from .safe_files import AdapterFileError
-from .saving import eora_adapter_names as _eora_adapter_names
-from .saving import save_pretrained as _save_pretrained
 
 __version__ = "0.1.0"
 
-PEFT_TYPE = _peft_compat.register(EoRAConfig, EoRAModel, config_aliases=(_QUANTIZED_PEFT_TYPE,))
-# PeftConfig/LoraConfig.from_pretrained of a folder holding eora_config.json: the EoRA config
-_peft_compat.patch_config_loading(EoRAConfig, _is_eora_adapter)
-# model.save_pretrained/push_to_hub of EoRA adapters: atomic, safetensors-only, EoRA model card
-_peft_compat.patch_peft_model(lambda m, sel: bool(_eora_adapter_names(m, sel)), _save_pretrained, _push_to_hub)
-
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+#: public name → module that defines it (imported on first access)
+_LAZY = {
+    "AdapterFileError": "safe_files",
+    "BaseMismatchError": "fingerprint",
+    "CalibrationConfig": "config",
+    "CalibrationSource": "config",
+    "EoRAConfig": "config",
+    "EoRAModel": "model",
+    "FuseReport": "fused",
+    "export_lora": "export",
+    "fuse": "fused",
+    "initialize_eora_weights": "model",
+    "unfuse": "fused",
+}
 
-def __getattr__(name: str):
-    # the fused path (kernels, Triton) is imported on first use only
-    if name in ("fuse", "unfuse", "FuseReport"):
-        from . import fused
 
-        return getattr(fused, name)
+def _install() -> Any:
+    """Wire peft-eora into PEFT (idempotent); returns ``PeftType.EORA``. Runs once PEFT is imported."""
+    from .adapter_format import QUANTIZED_PEFT_TYPE, is_eora_adapter
+    from .config import EoRAConfig
+    from .hub import push_to_hub
+    from .model import EoRAModel
+    from .saving import eora_adapter_names, save_pretrained
+
+    peft_type = _peft_compat.register(EoRAConfig, EoRAModel, config_aliases=(QUANTIZED_PEFT_TYPE,))
+    # PeftConfig/LoraConfig.from_pretrained of a folder holding eora_config.json: the EoRA config
+    _peft_compat.patch_config_loading(EoRAConfig, is_eora_adapter)
+    # model.save_pretrained/push_to_hub of EoRA adapters: atomic, safetensors-only, EoRA model card
+    _peft_compat.patch_peft_model(lambda m, sel: bool(eora_adapter_names(m, sel)), save_pretrained, push_to_hub)
+    return peft_type
+
+
+_peft_compat.when_peft_ready(_install)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "PEFT_TYPE":
+        return _peft_compat.install_now(_install)
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | {"PEFT_TYPE"})
 
 
 __all__ = [

@@ -21,17 +21,25 @@ class from ``peft_type`` alone, so :func:`patch_config_loading` wraps
 transformers' ``load_adapter`` call): for a folder that is an EoRA adapter it returns the EoRA
 config, so the tuner is EoRA's (base check, metadata); every other adapter loads unchanged.
 
+``import peft_eora`` imports none of this (nor PEFT, torch or transformers): :func:`when_peft_ready`
+runs the wiring as soon as PEFT is imported — at once if it already is, else from an import
+hook that watches ``peft`` and ``peft_eora.*`` imports and removes itself afterwards.
+
 ``tests/test_registration.py`` fails loudly if a PEFT release changes any of this.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.abc
 import inspect
 import logging
-from typing import Any, Callable, Optional
+import sys
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from peft.utils.peft_types import PeftType
+if TYPE_CHECKING:
+    from peft.utils.peft_types import PeftType
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +49,8 @@ _ORIGINAL: dict[str, Callable[..., Any]] = {}
 
 def _extend_peft_type(name: str = EORA_NAME) -> PeftType:
     """Return ``PeftType[name]``, adding the member to the (closed) enum if needed."""
+    from peft.utils.peft_types import PeftType
+
     if name in PeftType.__members__:
         return PeftType[name]
     member = str.__new__(PeftType, name)
@@ -149,3 +159,97 @@ def patch_config_loading(config_cls: type, is_own_adapter: Callable[..., bool]) 
 
     from_pretrained._peft_eora = True  # type: ignore[attr-defined]
     PeftConfigMixin.from_pretrained = classmethod(from_pretrained)
+
+
+# --------------------------------------------------------------------------------------------
+# Wiring once PEFT is imported
+# --------------------------------------------------------------------------------------------
+
+_LOCK = threading.RLock()
+_STATE: dict[str, Any] = {"done": False, "running": False, "result": None, "callback": None}
+
+
+def _initializing(module: Any) -> bool:
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+def _ready(loaded: Any = None) -> bool:
+    """PEFT is fully imported and no ``peft_eora`` submodule is half-way through its import
+    (``loaded``: a module whose code has just run, complete although its import has not returned yet)."""
+    peft = sys.modules.get("peft")
+    if peft is None or (peft is not loaded and _initializing(peft)):
+        return False
+    return not any(
+        name.startswith("peft_eora.") and module is not loaded and _initializing(module)
+        for name, module in list(sys.modules.items())
+    )
+
+
+def install_now(callback: Callable[[], Any]) -> Any:
+    """Run ``callback`` once (imports PEFT if needed) and return its result; later calls return the same."""
+    with _LOCK:
+        if _STATE["done"] or _STATE["running"]:
+            return _STATE["result"]
+        _STATE["running"] = True
+        try:
+            _STATE["result"] = callback()
+            _STATE["done"] = True
+        finally:
+            _STATE["running"] = False
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _AfterImport)]
+        return _STATE["result"]
+
+
+def _maybe_install(loaded: Any = None) -> None:
+    callback = _STATE["callback"]
+    if callback is not None and not _STATE["done"] and not _STATE["running"] and _ready(loaded):
+        install_now(callback)
+
+
+def when_peft_ready(callback: Callable[[], Any]) -> None:
+    """Run ``callback()`` as soon as PEFT is imported and no ``peft_eora`` module is half-imported.
+
+    Right away if that holds now; otherwise after the import of ``peft`` or of a ``peft_eora``
+    submodule that makes it hold (a config module that imports PEFT registers once it is complete).
+    """
+    _STATE["callback"] = callback
+    if _ready():
+        install_now(callback)
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport())
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds ``peft`` and ``peft_eora.*`` with the other finders and runs :func:`_maybe_install` after each loads."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != "peft" and not fullname.startswith("peft_eora."):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module") and not isinstance(spec.loader, _ThenInstall):
+            spec.loader = _ThenInstall(spec.loader)
+        return spec
+
+
+class _ThenInstall:
+    """A loader that runs the wrapped loader, then :func:`_maybe_install`; everything else is the wrapped loader's."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self._loader.exec_module(module)
+        _maybe_install(module)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)

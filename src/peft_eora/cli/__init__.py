@@ -14,14 +14,13 @@ shared option groups in :mod:`.options`, model loading in :mod:`.models`. Models
 checkpoint folders or Hub ids (offline: cached); ``embedded`` names the embedded
 SmolLM2-135M-Instruct (float16 export) and ``gptq-w<bits>g<group>`` its cached GPTQ checkpoint
 (quantized on first use, ~15-40 min on a 2-core CPU). Results are JSON on stdout (or ``--out``);
-logs and progress bars go to stderr. Bad input exits with status 1 (2 for bad arguments) and one
+logs and progress bars go to stderr, libraries stay quiet unless ``--debug`` (:mod:`.terminal`). Bad input exits with status 1 (2 for bad arguments) and one
 ``peft-eora <command>: error: …`` line; ``--debug`` shows the traceback and third-party warnings.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
@@ -32,6 +31,7 @@ from ..safe_files import atomic_write_text
 from . import compute, evaluate, lm_eval, push, sweep
 from .evaluate import flat_metrics
 from .options import CLIError, Parser, common_options, mix_source, one_line
+from .terminal import terminal
 
 logger = logging.getLogger("peft_eora.cli")
 
@@ -77,23 +77,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )  # fmt: skip
 
 
-@contextlib.contextmanager
-def _logging(args: argparse.Namespace):
-    root = logging.getLogger()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    level = logging.DEBUG if (args.verbose or args.debug) else logging.WARNING if args.quiet else logging.INFO
-    handler.setLevel(level)
-    previous = root.level
-    root.addHandler(handler)
-    root.setLevel(min(level, previous) if previous else level)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(previous)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``peft-eora`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
@@ -110,11 +93,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     handler: Callable[[argparse.Namespace], dict[str, Any]] = args.handler
     stdout = sys.stdout
-    with _logging(args):
+    with terminal(args):
         try:
-            # libraries that print (gptqmodel's banner) must not mix with the JSON on stdout
-            with contextlib.redirect_stdout(sys.stderr):
-                result = handler(args)
+            result = handler(args)
         except KeyboardInterrupt:
             sys.stderr.write(f"peft-eora {args.command}: interrupted\n")
             return 130

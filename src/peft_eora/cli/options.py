@@ -102,8 +102,11 @@ def common_options() -> argparse.ArgumentParser:
     )
     group.add_argument("--no-progress", action="store_true", help="Hide the tqdm progress bars.")
     group.add_argument("-q", "--quiet", action="store_true", help="Log warnings and errors only.")
-    group.add_argument("-v", "--verbose", action="store_true", help="Log debug messages.")
-    group.add_argument("--debug", action="store_true", help="Show the full traceback of an error (and debug logs).")
+    group.add_argument("-v", "--verbose", action="store_true", help="Log debug messages (and show what libraries print).")
+    group.add_argument(
+        "--debug", action="store_true",
+        help="Show the full traceback of an error, debug logs, and the warnings and logs of third-party libraries.",
+    )  # fmt: skip
     return common
 
 
