@@ -63,8 +63,9 @@ def _on_the_fly(path, method: str, bits: int = 4, group_size: int = 64, **kw):
     return lambda: load_and_quantize(path, method, bits=bits, group_size=group_size, **kw)
 
 
-#: PEFT's LoRA layer for each back-end (its quantized-base dispatch, all working on CPU here).
-PEFT_LAYER = {"bnb-4bit": "Linear4bit", "hqq": "HqqLoraLinear", "torchao": "TorchaoLoraLinear", "awq": "AwqLoraLinear",
+#: PEFT's LoRA layer for each back-end (its quantized-base dispatch, all working on CPU here); on AWQ (and GPTQ)
+#: EoRA uses the subclass that also serves mixed batches (peft_eora.layer).
+PEFT_LAYER = {"bnb-4bit": "Linear4bit", "hqq": "HqqLoraLinear", "torchao": "TorchaoLoraLinear", "awq": "MixedBatchAwqLoraLinear",
               "compressed-tensors": "Linear"}
 
 # (format id, library, factory(tiny_original_dir) -> model maker, backend name)
@@ -386,6 +387,15 @@ def test_eora_compensates_awq(tiny_awq4_dir, reference, texts):
     # PEFT wrapped the gptqmodel AWQ layers in its AWQ LoRA layer
     assert result["lora_layers"] == [PEFT_LAYER["awq"]]
     assert sum(isinstance(m, AwqLoraLinear) for m in result["eora_model"].modules()) == 14
+    # the AWQ LoRA layers serve mixed batches too (PEFT's own take x only): row 0 adapted, row 1 the base
+    model, ids = result["eora_model"].eval(), heldout["c4"][:1, :16].repeat(2, 1)
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=["default", "__base__"]).logits
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            plain = model(input_ids=ids).logits
+    assert (adapted - plain).abs().max() > 1e-3
+    assert (mixed[0] - adapted[0]).abs().max() <= 1e-4 and (mixed[1] - plain[1]).abs().max() <= 1e-4
 
 
 @pytest.mark.slow

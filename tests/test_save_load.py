@@ -225,6 +225,7 @@ def test_pickle_file_is_never_loaded(computed, saved, tmp_path, monkeypatch):
 def test_named_adapter_saves_into_subfolder_and_loads(computed, tmp_path):
     quantized, model = computed
     model.save_pretrained(tmp_path / "multi")
+    top_card = (tmp_path / "multi" / "README.md").read_text()
     config = copy.deepcopy(model.peft_config["default"])
     model.add_adapter("second", config)
     try:
@@ -238,5 +239,8 @@ def test_named_adapter_saves_into_subfolder_and_loads(computed, tmp_path):
         model.set_adapter("default")
     assert (tmp_path / "multi" / "second" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "multi" / "adapter_model.safetensors").is_file()  # the first save is untouched
+    assert (tmp_path / "multi" / "README.md").read_text() == top_card
+    assert "<!-- peft-eora:begin -->" in (tmp_path / "multi" / "second" / "README.md").read_text()  # its own card
+    assert (tmp_path / "multi" / "second" / "eora_config.json").is_file()
     loaded = load(quantized, tmp_path / "multi", subfolder="second", adapter_name="second")
     assert (logits(loaded) - logits(model)).abs().max().item() <= 1e-5

@@ -9,6 +9,12 @@ or, with an in-memory original model and your own batches (EVA-style two steps):
 
     >>> model = get_peft_model(qmodel, peft_eora.EoRAConfig(r=64))   # zero-initialised B
     >>> peft_eora.initialize_eora_weights(model, original_model=fp_model, calibration=dataloader)
+
+Several adapters on one base (e.g. one calibrated per task) are computed one at a time: while one
+is computed, it is the only active adapter, so the others never shape its calibration inputs::
+
+    >>> model.add_adapter("gsm8k", peft_eora.EoRAConfig(r=64, original_model=path, calibration=gsm8k_calib))
+    >>> model(input_ids=batch, adapter_names=["default", "gsm8k"])    # one adapter per row (see layer.py)
 """
 
 from __future__ import annotations
@@ -17,10 +23,13 @@ import logging
 import math
 import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Optional, Union
 
 import torch
 from peft.tuners.lora import LoraLayer, LoraModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .calibration import CalibrationData, as_batches
@@ -28,6 +37,7 @@ from .adapter_quant import is_packed, pack_adapter_state_dict, quantize_adapter_
 from .compensate import CompensationStats, RankPlan, compensate, find_targets, plan_ranks
 from .config import DEFAULT_DAMPING, EoRAConfig
 from .fingerprint import record_fingerprint, verify_fingerprint
+from .layer import with_mixed_batch
 from .original import OriginalWeights
 from .residual import is_supported, prepare_model
 
@@ -51,13 +61,19 @@ def default_target_modules(model: nn.Module) -> str:
     """A regex matching every supported linear inside the decoder blocks (not the LM head)."""
     path = decoder_blocks_path(model)
     blocks = model.get_submodule(path)
-    suffixes = sorted(
-        {name for block in blocks for name, m in block.named_modules() if name and is_supported(m)}
-    )
+    suffixes = sorted(  # the base layers' names, also when adapters already wrap them (a second adapter)
+        {_unwrapped(name) for block in blocks for name, m in block.named_modules()
+         if name and is_supported(m) and not any(part.startswith("lora_") for part in name.split("."))}
+    )  # fmt: skip
     if not suffixes:
         raise ValueError(f"No supported linear layer inside {path}; set target_modules explicitly.")
     alternatives = "|".join(re.escape(s) for s in suffixes)
     return rf"(.*\.)?{re.escape(path)}\.\d+\.({alternatives})"
+
+
+def _unwrapped(name: str) -> str:
+    """``mlp.down_proj.base_layer`` → ``mlp.down_proj``: the name the layer had before PEFT wrapped it."""
+    return ".".join(part for part in name.split(".") if part != "base_layer")
 
 
 class EoRAModel(LoraModel):
@@ -76,6 +92,21 @@ class EoRAModel(LoraModel):
                 "peft_eora.export_lora."
             )
         super().__init__(model, config, adapter_name, **kwargs)
+        self._eora_initialised = True  # from now on inject_adapter runs the hooks itself (add/load_adapter)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """PEFT's injection; for adapters added later (``add_adapter``, ``load_adapter``) with EoRA's hooks too.
+
+        PEFT runs ``_pre_injection_hook``/``_post_injection_hook`` only for the tuner's first adapter;
+        without this a second EoRA adapter would be neither checked against the base nor computed.
+        """
+        later = getattr(self, "_eora_initialised", False)
+        config = self.peft_config[adapter_name]
+        if later:
+            self._pre_injection_hook(model, config, adapter_name)
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if later:
+            self._post_injection_hook(model, config, adapter_name)
 
     def _pre_injection_hook(self, model: nn.Module, config: EoRAConfig, adapter_name: str) -> None:
         super()._pre_injection_hook(model, config, adapter_name)
@@ -85,6 +116,11 @@ class EoRAModel(LoraModel):
         if config.target_modules is None and not config.target_parameters:
             config.target_modules = default_target_modules(model)
             logger.info("EoRA targets: %s", config.target_modules)
+
+    @staticmethod
+    def _create_new_module(lora_config, adapter_name, target, **kwargs):
+        """PEFT's LoRA layer for ``target``; on GPTQ/AWQ bases one that also serves mixed batches."""
+        return with_mixed_batch(LoraModel._create_new_module(lora_config, adapter_name, target, **kwargs))
 
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
@@ -125,6 +161,41 @@ def _initialize(
     tokenizer: Any = None,
     batch_size: int = 8,
     progress: bool = True,
+) -> CompensationStats:
+    with only_active(model, adapter_name):  # other adapters on the model must not feed the calibration passes
+        return _compute(model, config, adapter_name, original_model, calibration, tokenizer, batch_size, progress)
+
+
+@contextmanager
+def only_active(model: nn.Module, adapter_name: str) -> Iterator[None]:
+    """Make ``adapter_name`` the only active adapter of every LoRA layer while the block runs.
+
+        >>> with only_active(peft_model.base_model.model, "gsm8k"):
+        ...     logits = peft_model(input_ids).logits      # as if "gsm8k" were the only adapter
+
+    The active adapters are restored afterwards (``requires_grad`` is left alone, unlike
+    ``set_adapter``). Layers without ``adapter_name`` contribute nothing meanwhile.
+    """
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [(layer, layer._active_adapter) for layer in layers]
+    try:
+        for layer in layers:
+            layer._active_adapter = adapter_name
+        yield
+    finally:
+        for layer, active in saved:
+            layer._active_adapter = active
+
+
+def _compute(
+    model: nn.Module,
+    config: EoRAConfig,
+    adapter_name: str,
+    original_model: Union[str, nn.Module, OriginalWeights],
+    calibration: CalibrationData,
+    tokenizer: Any,
+    batch_size: int,
+    progress: bool,
 ) -> CompensationStats:
     original = OriginalWeights.open(original_model)
     if config.method == "svd":  # the plain-SVD baseline reads weights only

@@ -67,24 +67,41 @@ def save_pretrained(
     if not is_main_process:
         return save_directory
     names = eora_adapter_names(model, selected_adapters) or list(getattr(model, "peft_config", {}))
-    card_adapter = "default" if "default" in names else names[0]
-    readme = os.path.join(save_directory, README_NAME)
-    keep_readme = False
-    if existing_card is None and os.path.isfile(readme):
-        try:
-            existing_card = ModelCard.load(readme)
-        except Exception as exc:  # unparsable metadata: leave the user's file alone
-            logger.warning("Not updating %s: its metadata could not be parsed (%s).", readme, exc)
-            keep_readme = True
+    card_kwargs = dict(card_kwargs or {}, repo_id=repo_id)
     with atomic_directory(save_directory) as tmp:
         _peft_save(
             model, tmp, safe_serialization=True, selected_adapters=selected_adapters, is_main_process=True, **kwargs
         )
-        if keep_readme:
+        # PEFT writes the default adapter at the top and every other one into a subfolder of its name:
+        # each gets its EoRA card beside its files
+        for name in names:
+            if name != "default":
+                _write_card(model, name, os.path.join(tmp, name), os.path.join(save_directory, name), None, card_kwargs)
+        if "default" in names or not os.path.isfile(os.path.join(save_directory, README_NAME)):
+            _write_card(model, "default" if "default" in names else names[0], tmp, save_directory, existing_card, card_kwargs)
+        else:  # saving named adapters only: the card at the top stays as it is
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(tmp, README_NAME))
-        else:
-            card = build_model_card(model, card_adapter, repo_id=repo_id, existing=existing_card, **(card_kwargs or {}))
-            card.save(os.path.join(tmp, README_NAME))
     logger.info("Saved EoRA adapter(s) %s to %s", names, save_directory)
     return save_directory
+
+
+def _write_card(
+    model: nn.Module,
+    adapter_name: str,
+    folder: str,
+    target: str,
+    existing: Optional[ModelCard],
+    card_kwargs: dict[str, Any],
+) -> None:
+    """The EoRA card of ``adapter_name`` into ``folder``, keeping the text of ``existing`` or of ``target``'s card."""
+    readme = os.path.join(target, README_NAME)
+    if existing is None and os.path.isfile(readme):
+        try:
+            existing = ModelCard.load(readme)
+        except Exception as exc:  # unparsable metadata: leave the user's file alone
+            logger.warning("Not updating %s: its metadata could not be parsed (%s).", readme, exc)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, README_NAME))
+            return
+    build_model_card(model, adapter_name, existing=existing, **card_kwargs).save(os.path.join(folder, README_NAME))
