@@ -20,8 +20,7 @@ import logging
 from typing import Any
 
 from . import _peft_compat
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

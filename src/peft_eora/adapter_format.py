@@ -68,7 +68,7 @@ def split(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     :data:`QUANTIZED_PEFT_TYPE` (``adapter_bits`` 8/4); the other fields to the second, with the
     format version and a signature of the LoRA settings they belong to.
     """
-    from . import __version__
+    from ._version import __version__
 
     lora = _lora_fields()
     adapter = {k: v for k, v in data.items() if k in lora}

@@ -105,7 +105,7 @@ def _eora_section(
     import peft
     import transformers
 
-    from . import __version__
+    from ._version import __version__
 
     base, tuner = peft_model_parts(model)
     config = tuner.peft_config[adapter_name]

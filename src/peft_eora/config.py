@@ -23,7 +23,8 @@ from typing import Any, Literal, Optional, Union
 
 from peft import LoraConfig
 
-from . import adapter_format
+from .adapter_format import read as read_saved_config
+from .adapter_format import write_split
 from .decompose import DEFAULT_EIG_RTOL, METHODS
 from .safe_files import check_adapter_weights
 
@@ -297,7 +298,7 @@ class EoRAConfig(LoraConfig):
         ``PeftModel.save_pretrained`` calls this.
         """
         super().save_pretrained(save_directory, **kwargs)
-        adapter_format.write_split(save_directory)
+        write_split(save_directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
@@ -312,7 +313,7 @@ class EoRAConfig(LoraConfig):
         a loading keyword; ``kwargs`` may hold Hub download options (``revision``, ``token``, …).
         """
         allow_base_mismatch = kwargs.pop("allow_base_mismatch", None)
-        data = adapter_format.read(pretrained_model_name_or_path, subfolder, **kwargs)
+        data = read_saved_config(pretrained_model_name_or_path, subfolder, **kwargs)
         _, class_kwargs, _ = cls._split_kwargs(kwargs)
         config = cls.from_peft_type(**cls.check_kwargs(**{**class_kwargs, **data}))
         if allow_base_mismatch is not None:

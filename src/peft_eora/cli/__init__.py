@@ -46,7 +46,7 @@ __all__ = ["CLIError", "VERBS", "build_parser", "flat_metrics", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``peft-eora`` argument parser (subcommands compute, eval, sweep, push, lm-eval)."""
-    from .. import __version__
+    from .._version import __version__
 
     parser = Parser(
         prog="peft-eora",
