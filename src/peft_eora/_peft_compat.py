@@ -21,6 +21,10 @@ class from ``peft_type`` alone, so :func:`patch_config_loading` wraps
 transformers' ``load_adapter`` call): for a folder that is an EoRA adapter it returns the EoRA
 config, so the tuner is EoRA's (base check, metadata); every other adapter loads unchanged.
 
+While an adapter is computed, :func:`only_active` makes it the only active one on every LoRA
+layer through PEFT's private ``_active_adapter`` (``set_adapter`` would also change
+``requires_grad``).
+
 ``import peft_eora`` imports none of this (nor PEFT, torch or transformers): :func:`when_peft_ready`
 runs the wiring as soon as PEFT is imported — at once if it already is, else from an import
 hook that watches ``peft`` and ``peft_eora.*`` imports and removes itself afterwards.
@@ -30,16 +34,19 @@ hook that watches ``peft`` and ``peft_eora.*`` imports and removes itself afterw
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.abc
 import inspect
 import logging
 import sys
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 if TYPE_CHECKING:
     from peft.utils.peft_types import PeftType
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +166,30 @@ def patch_config_loading(config_cls: type, is_own_adapter: Callable[..., bool]) 
 
     from_pretrained._peft_eora = True  # type: ignore[attr-defined]
     PeftConfigMixin.from_pretrained = classmethod(from_pretrained)
+
+
+@contextlib.contextmanager
+def only_active(model: nn.Module, adapter_name: str) -> Iterator[None]:
+    """Make ``adapter_name`` the only active adapter of every LoRA layer while the block runs.
+
+        >>> with only_active(peft_model.base_model.model, "gsm8k"):
+        ...     logits = peft_model(input_ids).logits      # as if "gsm8k" were the only adapter
+
+    The active adapters are restored afterwards (``requires_grad`` is left alone, unlike
+    ``set_adapter``, hence PEFT's private ``_active_adapter``). Layers without ``adapter_name``
+    contribute nothing meanwhile. EoRA computes each adapter inside this.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [(layer, layer._active_adapter) for layer in layers]
+    try:
+        for layer in layers:
+            layer._active_adapter = adapter_name
+        yield
+    finally:
+        for layer, active in saved:
+            layer._active_adapter = active
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,17 +23,15 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Optional, Union
 
 import torch
 from peft.tuners.lora import LoraLayer, LoraModel
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .calibration import CalibrationData, as_batches
+from ._peft_compat import only_active
 from .adapter_quant import is_packed, pack_adapter_state_dict, quantize_adapter_, unpack_adapter_state_dict
+from .calibration import CalibrationData, as_batches
 from .compensate import CompensationStats, RankPlan, compensate, find_targets, plan_ranks
 from .config import DEFAULT_DAMPING, EoRAConfig
 from .fingerprint import record_fingerprint, verify_fingerprint
@@ -164,27 +162,6 @@ def _initialize(
 ) -> CompensationStats:
     with only_active(model, adapter_name):  # other adapters on the model must not feed the calibration passes
         return _compute(model, config, adapter_name, original_model, calibration, tokenizer, batch_size, progress)
-
-
-@contextmanager
-def only_active(model: nn.Module, adapter_name: str) -> Iterator[None]:
-    """Make ``adapter_name`` the only active adapter of every LoRA layer while the block runs.
-
-        >>> with only_active(peft_model.base_model.model, "gsm8k"):
-        ...     logits = peft_model(input_ids).logits      # as if "gsm8k" were the only adapter
-
-    The active adapters are restored afterwards (``requires_grad`` is left alone, unlike
-    ``set_adapter``). Layers without ``adapter_name`` contribute nothing meanwhile.
-    """
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    saved = [(layer, layer._active_adapter) for layer in layers]
-    try:
-        for layer in layers:
-            layer._active_adapter = adapter_name
-        yield
-    finally:
-        for layer, active in saved:
-            layer._active_adapter = active
 
 
 def _compute(
