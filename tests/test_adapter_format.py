@@ -174,42 +174,22 @@ def test_stock_peft_transformers_and_lm_eval_load_float_eora_adapters(models, sa
 def test_stock_lm_eval_harness_loads_the_float_adapter(tiny_gptq3_dir, tiny_original_dir, tmp_path):
     """lm-evaluation-harness itself (``lm_eval --model hf --model_args peft=...``) in a process without peft-eora."""
     pytest.importorskip("lm_eval")
-    import subprocess
+    from transformers import AutoTokenizer
 
+    from lm_eval_run import ARC_EASY, run_arc_easy
     from peft_eora.eval.multiple_choice import score_choices
-    from peft_eora.eval.task_data import load_examples
+    from peft_eora.eval.task_data import load_arc
     from peft_eora.quantize import load_quantized
 
-    data = Path(__file__).parent / "data" / "tasks"
     base = load_quantized(tiny_gptq3_dir, dtype=torch.float16, compute_dtype=torch.float32)
     config = EoRAConfig(r=8, target_modules=["q_proj", "v_proj"], original_model=str(tiny_original_dir),
                         calibration=peft_eora.CalibrationConfig(num_samples=4, seq_len=64))  # fmt: skip
     model = get_peft_model(base, config).eval()
     model.save_pretrained(tmp_path / "adapter")
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_original_dir)
-    ours = score_choices(model, tokenizer, load_examples("arc_easy", data, limit=4), progress=False)
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "arc_easy_local.yaml").write_text(
-        "task: arc_easy_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {data / 'arc/arc_easy_test.jsonl'}\n"
-        "output_type: multiple_choice\ntest_split: test\n"
-        'doc_to_text: "{{query}}\\nAnswer:"\ndoc_to_target: "{{gold}}"\ndoc_to_choice: "{{choices}}"\n'
-        "metric_list:\n  - metric: acc\n"
-    )
+    ours = score_choices(model, tokenizer, load_arc(ARC_EASY)[:4], progress=False)
     code = BLOCK_PEFT_EORA + "import sys\nfrom lm_eval.__main__ import cli_evaluate\nsys.argv[0] = 'lm_eval'\ncli_evaluate()\n"
-    argv = [
-        sys.executable, "-c", code, "--model", "hf",
-        "--model_args", f"pretrained={tiny_gptq3_dir},peft={tmp_path / 'adapter'},dtype=float32",
-        "--include_path", tmp_path / "tasks", "--tasks", "arc_easy_local", "--limit", 4, "--batch_size", 8,
-        "--device", "cpu", "--output_path", tmp_path / "out", "--log_samples",
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (samples,) = (tmp_path / "out").rglob("samples_arc_easy_local_*.jsonl")
-    rows = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda r: r["doc_id"])
+    rows = run_arc_easy([sys.executable, "-c", code], tiny_gptq3_dir, tmp_path / "adapter", tmp_path)
     assert len(rows) == 4
     for theirs, mine in zip(rows, ours):
         assert [float(r[0]) for r in theirs["filtered_resps"]] == pytest.approx(mine, abs=2e-3)

@@ -336,27 +336,10 @@ def test_lm_eval_wrapper_loads_eora_adapters_and_agrees_with_our_scores(computed
     """``peft-eora lm-eval`` (lm-evaluation-harness with peft_eora imported) on a local copy of ARC-Easy:
     lm-eval's per-choice log-likelihoods equal ours, so acc/acc_norm agree."""
     pytest.importorskip("lm_eval")
+    from lm_eval_run import run_arc_easy
+
     adapter, _ = computed
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "arc_easy_local.yaml").write_text(
-        "task: arc_easy_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {DATA / 'arc/arc_easy_test.jsonl'}\n"
-        "output_type: multiple_choice\ntest_split: test\n"
-        'doc_to_text: "{{query}}\\nAnswer:"\ndoc_to_target: "{{gold}}"\ndoc_to_choice: "{{choices}}"\n'
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    argv = [
-        sys.executable, "-m", "peft_eora", "lm-eval", "--model", "hf",
-        "--model_args", f"pretrained={tiny_gptq3_dir},peft={adapter},dtype=float32", "--include_path", tasks,
-        "--tasks", "arc_easy_local", "--limit", 4, "--batch_size", 8, "--device", "cpu",
-        "--output_path", tmp_path / "out", "--log_samples",
-    ]  # fmt: skip
-    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (samples,) = (tmp_path / "out").rglob("samples_arc_easy_local_*.jsonl")
-    rows = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda r: r["doc_id"])
+    rows = run_arc_easy([sys.executable, "-m", "peft_eora", "lm-eval"], tiny_gptq3_dir, adapter, tmp_path)
     ours = evaluated["tasks"]["arc_easy"]["details"]
     assert len(rows) == len(ours) == 4
     for theirs, mine in zip(rows, ours):
