@@ -11,7 +11,7 @@ using namespace peft_eora;
 template <typename T, int BITS, int MAXM>
 int run(Params p, int capacity, bool two_pass, int64_t ws_ints) {
   const LaunchPlan plan = make_plan(p, MAXM, capacity, two_pass);
-  if (p.R > 0 && ws_ints < plan.ws_ints) return -2;
+  if (ws_ints < plan.ws_ints) return -2;
   for (int i = 0; i < plan.launches; ++i) {
     p.mode = plan.mode[i];
     const Params q = p;
@@ -22,8 +22,7 @@ int run(Params p, int capacity, bool two_pass, int64_t ws_ints) {
 
 template <typename T, int BITS>
 int by_m(const Params& p, int capacity, bool two_pass, int64_t ws_ints) {
-  if (p.M <= 1) return run<T, BITS, 1>(p, capacity, two_pass, ws_ints);
-  if (p.M <= 4) return run<T, BITS, 4>(p, capacity, two_pass, ws_ints);
+  if (p.M <= 8) return run<T, BITS, 8>(p, capacity, two_pass, ws_ints);
   return run<T, BITS, 16>(p, capacity, two_pass, ws_ints);
 }
 
@@ -77,5 +76,16 @@ int pe_emu_gptq_lora(int dtype, const void* x, const int32_t* qweight, const int
 
 int pe_emu_max_m() { return kMaxM; }
 int pe_emu_max_rank() { return kMaxRank; }
-int64_t pe_emu_workspace_ints(int M, int R) { return workspace_ints_for(M, R); }
+int64_t pe_emu_workspace_ints(int M, int R, int N) { return workspace_ints_for(M, R, N); }
+
+// The plan's K split of the GEMV (for tests of the planner): ksplit * 1000 + units (capped).
+int pe_emu_plan(int M, int K, int N, int R, int capacity) {
+  Params p{};
+  p.M = M;
+  p.K = K;
+  p.N = N;
+  p.R = R;
+  const LaunchPlan plan = make_plan(p, M <= 8 ? 8 : 16, capacity, false);
+  return p.ksplit * 100000 + (plan.grid[0] < 99999 ? plan.grid[0] : 99999);
+}
 }

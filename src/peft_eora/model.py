@@ -28,6 +28,7 @@ from .adapter_quant import is_packed, pack_adapter_state_dict, quantize_adapter_
 from .compensate import CompensationStats, RankPlan, compensate, find_targets, plan_ranks
 from .config import DEFAULT_DAMPING, EoRAConfig
 from .fingerprint import record_fingerprint, verify_fingerprint
+from .kernels.gptq_linear import GPTQLinear, register_gptq_linear
 from .original import OriginalWeights
 from .residual import is_supported, prepare_model
 
@@ -67,6 +68,8 @@ class EoRAModel(LoraModel):
 
     def _pre_injection_hook(self, model: nn.Module, config: EoRAConfig, adapter_name: str) -> None:
         super()._pre_injection_hook(model, config, adapter_name)
+        if any(isinstance(m, GPTQLinear) for m in model.modules()):
+            register_gptq_linear(config)  # PEFT wraps our packed GPTQ layers like gptqmodel's
         prepare_model(model)  # e.g. decompress a compressed-tensors model, as its first forward would
         if not getattr(config, "init_eora", False):  # loading computed factors: same base?
             verify_fingerprint(model, config, adapter_name)
