@@ -78,14 +78,18 @@ int pe_emu_max_m() { return kMaxM; }
 int pe_emu_max_rank() { return kMaxRank; }
 int64_t pe_emu_workspace_ints(int M, int R, int N) { return workspace_ints_for(M, R, N); }
 
-// The plan's K split of the GEMV (for tests of the planner): ksplit * 1000 + units (capped).
-int pe_emu_plan(int M, int K, int N, int R, int capacity) {
+// The plan for one call (tests of the planner): out = {ksplit, grid, p1_ctas, ksplit_a, ws_ints}.
+void pe_emu_plan(int M, int K, int N, int R, int capacity, int64_t* out) {
   Params p{};
   p.M = M;
   p.K = K;
   p.N = N;
   p.R = R;
   const LaunchPlan plan = make_plan(p, M <= 8 ? 8 : 16, capacity, false);
-  return p.ksplit * 100000 + (plan.grid[0] < 99999 ? plan.grid[0] : 99999);
+  out[0] = p.ksplit;
+  out[1] = plan.grid[0];
+  out[2] = p.p1_ctas;
+  out[3] = p.ksplit_a;
+  out[4] = plan.ws_ints;
 }
 }

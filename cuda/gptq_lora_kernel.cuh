@@ -41,14 +41,17 @@
 // them up in a fixed order -- deterministic, no float atomics -- and runs the epilogue.
 //
 // Low-rank term (phase 1). t = A.x is needed complete before any output can add B.t, a
-// grid-wide dependency. Every CTA first does a small slice of A.x (chunks of 8 rank rows x
-// a K slice), publishes it (partials + per-row-group arrival counter; the last arriving
-// chunk of a row group reduces the K slices in a fixed order) and only waits for t in the
-// epilogue of the first tile it finalises -- by then every other CTA has long finished its
-// tiny phase 1. The weight stream is not delayed by phase 1: each CTA first asks L2 to
-// prefetch its first unit. Waiting needs all CTAs co-resident: the host caps the grid at
-// the occupancy-derived capacity and CTAs loop over units (PEFT_EORA_CUDA_TWO_PASS=1 runs
-// phase 1 as its own launch instead, for MPS limits or persistent kernels beside ours).
+// grid-wide dependency. A.x is cut into chunks of 8 rank rows x a K slice; each chunk's
+// partial is published (partials + per-row-group arrival counter; the last arriving chunk
+// of a row group reduces the K slices in a fixed order), and GEMV CTAs only wait for t in
+// the epilogue of the first tile they finalise. Where the GPU has room beside the GEMV units
+// (the usual decode case), dedicated CTAs with the lowest indices do the chunks, so the
+// weight stream never waits for phase 1; otherwise every CTA first does a share of the
+// chunks after asking L2 to prefetch its first unit. The tile's B rows are prefetched into
+// L2 when its first slice starts, so the epilogue reads them from L2. Waiting needs all
+// CTAs co-resident: the host caps the grid at the occupancy-derived capacity and CTAs loop
+// over units (PEFT_EORA_CUDA_TWO_PASS=1 runs phase 1 as its own launch instead, for MPS
+// limits or persistent kernels beside ours).
 // The barrier counters live in a workspace that the last CTA out (phase 1) or the last
 // slice of a tile (split-K) resets to zero, so the op needs no memset launch and stays
 // capturable in CUDA graphs. One workspace must not serve two launches at once (the host
@@ -77,6 +80,12 @@ constexpr int kMaxM = 16;                // decode batch handled by this kernel
 constexpr int kWsHeader = 256;           // int32 words: [0] t done, [1] exit, [2 + i] arrivals of row group i
 constexpr int kMaxRank = (kWsHeader - 2) * kRowsPerChunk;
 constexpr int kMaxSplitUnits = 1024;     // tiles x K slices when K is split (bounds the partials area)
+constexpr int kMaxTileCounters = 4096;   // split-K arrival counters (tiles); wider layers are not split
+// Workspace (int32 words): [0, kWsHeader) phase-1 counters, [kWsHeader, kWsData) tile counters,
+// then float data (t, phase-1 partials, phase-2 partials) whose offsets depend on the shape. The
+// counter words never hold data of another shape: every launch finds them zero (each is reset
+// by the last CTA that uses it), whatever ran on the workspace before.
+constexpr int kWsData = kWsHeader + kMaxTileCounters;
 
 enum Mode : int { kModeFused = 0, kModePhase1 = 1, kModePhase2 = 2 };
 
@@ -104,6 +113,7 @@ struct Params {
   int ksplit_a, kslice_a;  // phase-1 K split (kslice_a multiple of 256)
   int nrg;                 // number of 8-row groups of A = ceil(R / 8)
   int ws_tiles;            // int32 offset of the per-tile arrival counters
+  int p1_ctas;             // CTAs [0, p1_ctas) only do phase 1 (0: every CTA does its share first)
   int ws_t;                // float offset of t [M, R]
   int ws_part_a;           // float offset of the phase-1 partials [ksplit_a, M, R]
   int ws_part_y;           // float offset of the phase-2 partials [num_units, M, 32]
@@ -359,6 +369,7 @@ __device__ void lora_a_chunk(const Params& p, int chunk, int* s_flag) {
   for (int r = 0; r < 2; ++r) {
     const int j = rg * kRowsPerChunk + warp + r * kWarps;
     if (j < p.R) {
+#pragma unroll 4
       for (int k = kbeg + lane * 8; k < kend; k += 32 * 8) {
         float a[8];
         load_a8<T>(p, j, k, a);
@@ -739,6 +750,20 @@ __device__ __forceinline__ void epilogue(const Params& p, int tile, float* red0,
   __syncthreads();
 }
 
+// L2 prefetch of a tile's B rows (read by the epilogue of whichever slice arrives last): the
+// rows of a tile are one contiguous byte range of the row-major B.
+__device__ __forceinline__ void prefetch_b_rows(const Params& p, int tile) {
+  const size_t row_bytes = p.lora_bits == 16 ? static_cast<size_t>(p.R) * 2
+                                             : (p.lora_bits == 8 ? static_cast<size_t>(p.R) : (p.R + 1) / 2);
+  const int n0 = tile * kTileN;
+  const int n1 = min(p.N, n0 + kTileN);
+  const size_t begin = (static_cast<size_t>(n0) * row_bytes) & ~static_cast<size_t>(127);
+  const size_t end = static_cast<size_t>(n1) * row_bytes;
+  const char* base = reinterpret_cast<const char*>(p.lora_b);
+  for (size_t off = begin + static_cast<size_t>(threadIdx.x) * 128; off < end; off += static_cast<size_t>(kThreads) * 128)
+    prefetch_l2(base + off);
+}
+
 // ---- the kernel ---------------------------------------------------------------------------
 
 template <typename T, int BITS, int MAXM>
@@ -757,19 +782,30 @@ __global__ void __launch_bounds__(kThreads, (BITS >= 8 ? 2 : 4)) gptq_lora_kerne
   float* wsf = reinterpret_cast<float*>(p.ws);
   const bool has_lora = p.R > 0;
 
-  // ---- phase 1: my share of t = scaling * A.x (weight stream already requested) ---------
-  if (has_lora && p.mode == kModeFused && static_cast<int>(blockIdx.x) < p.num_units)
-    prefetch_unit<BITS>(p, blockIdx.x);
+  // ---- phase 1: t = scaling * A.x ---------------------------------------------------------
+  const int bid = static_cast<int>(blockIdx.x);
+  const bool p1_only = p.mode == kModeFused && bid < p.p1_ctas;  // a dedicated phase-1 CTA
   if (has_lora && p.mode != kModePhase2) {
     const int chunks = p.nrg * p.ksplit_a;
-    for (int c = blockIdx.x; c < chunks; c += gridDim.x) lora_a_chunk<T, MAXM>(p, c, &s_flag);
+    if (p.p1_ctas > 0 && p.mode == kModeFused) {
+      if (p1_only) {
+        for (int c = bid; c < chunks; c += p.p1_ctas) lora_a_chunk<T, MAXM>(p, c, &s_flag);
+      }
+    } else {
+      // every CTA takes a share (weight stream of its first unit requested first)
+      if (p.mode == kModeFused && bid < p.num_units) prefetch_unit<BITS>(p, bid);
+      for (int c = bid; c < chunks; c += gridDim.x) lora_a_chunk<T, MAXM>(p, c, &s_flag);
+    }
   }
 
   // ---- phase 2: units (tile, K slice) -------------------------------------------------------
-  if (p.mode != kModePhase1) {
+  if (p.mode != kModePhase1 && !p1_only) {
     bool t_ready = false;
-    for (int u = blockIdx.x; u < p.num_units; u += gridDim.x) {
+    const int first = p.mode == kModeFused ? bid - p.p1_ctas : bid;
+    const int stride = p.mode == kModeFused ? static_cast<int>(gridDim.x) - p.p1_ctas : static_cast<int>(gridDim.x);
+    for (int u = first; u < p.num_units; u += stride) {
       const int tile = u / p.ksplit, ks = u % p.ksplit;
+      if (has_lora && ks == 0) prefetch_b_rows(p, tile);
       gemv_unit<T, BITS, MAXM>(p, tile, ks, red);
       __syncthreads();
       for (int idx = threadIdx.x; idx < p.M * kTileN; idx += kThreads) {
@@ -846,13 +882,13 @@ inline size_t smem_bytes(int maxm, int M, int R) {
 
 // Upper bound of the workspace any plan for (M, R, N) needs (what the host allocates).
 inline int64_t workspace_ints_for(int M, int R, int N) {
-  const int64_t tiles = (N + kTileN - 1) / kTileN;
-  return kWsHeader + tiles + static_cast<int64_t>(M) * (R > 0 ? R : 0) * (1 + kMaxKSplit) +
+  (void)N;
+  return kWsData + static_cast<int64_t>(M) * (R > 0 ? R : 0) * (1 + kMaxKSplit) +
          static_cast<int64_t>(kMaxSplitUnits) * M * kTileN;
 }
 
-// Phase-2 K split: fewest waves x steps per warp over the resident CTAs (ties: fewer slices).
-inline void plan_ksplit(Params& p, int capacity) {
+// Phase-2 K split: fewest waves x steps per warp over `ctas` CTAs (ties: fewer slices).
+inline void plan_ksplit(Params& p, int ctas) {
   const int max_steps = (p.K + kStepK - 1) / kStepK;
   int best_ks = 1, best_slice = max_steps * kStepK;
   int64_t best_cost = -1;
@@ -862,8 +898,8 @@ inline void plan_ksplit(Params& p, int capacity) {
     const int eff = (p.K + slice - 1) / slice;
     if (eff != ks) continue;  // the same split as a smaller ks
     const int64_t units = static_cast<int64_t>(p.num_tiles) * eff;
-    if (eff > 1 && units > kMaxSplitUnits) break;
-    const int64_t waves = (units + capacity - 1) / capacity;
+    if (eff > 1 && (units > kMaxSplitUnits || p.num_tiles > kMaxTileCounters)) break;
+    const int64_t waves = (units + ctas - 1) / ctas;
     const int64_t iters = (steps_per + kWarps - 1) / kWarps;
     const int64_t cost = waves * iters;
     if (best_cost < 0 || cost < best_cost) {
@@ -877,28 +913,8 @@ inline void plan_ksplit(Params& p, int capacity) {
   p.num_units = p.num_tiles * best_ks;
 }
 
-// Fill the planned fields of `p` and return the launch sequence. `capacity` is the number of
-// CTAs that can be resident at once: the fused (single-launch) grid never exceeds it.
-inline LaunchPlan make_plan(Params& p, int maxm, int capacity, bool two_pass) {
-  LaunchPlan plan{};
-  if (capacity < 1) capacity = 1;
-  plan.smem = smem_bytes(maxm, p.M, p.R);
-  p.num_tiles = (p.N + kTileN - 1) / kTileN;
-  plan_ksplit(p, capacity);
-  const int gemv_grid = p.num_units < capacity ? p.num_units : capacity;
-  p.ws_tiles = kWsHeader;
-  p.ws_t = kWsHeader + p.num_tiles;
-  if (p.R <= 0) {
-    p.nrg = p.ksplit_a = p.kslice_a = 0;
-    p.ws_part_a = p.ws_t;
-    p.ws_part_y = p.ws_t;
-    plan.ws_ints = p.ksplit > 1 ? p.ws_part_y + static_cast<int64_t>(p.num_units) * p.M * kTileN : 0;
-    plan.launches = 1;
-    plan.grid[0] = gemv_grid;
-    plan.mode[0] = kModePhase2;
-    return plan;
-  }
-  const int target = two_pass ? capacity : gemv_grid;
+// Phase-1 K split into `target` chunks at most (slices of whole 256-element steps).
+inline void plan_phase1(Params& p, int target) {
   p.nrg = (p.R + kRowsPerChunk - 1) / kRowsPerChunk;
   int ks = target / p.nrg;
   if (ks < 1) ks = 1;
@@ -908,20 +924,59 @@ inline LaunchPlan make_plan(Params& p, int maxm, int capacity, bool two_pass) {
   slice = ((slice + 255) / 256) * 256;
   p.kslice_a = slice;
   p.ksplit_a = (p.K + slice - 1) / slice;
-  p.ws_part_a = p.ws_t + p.M * p.R;
-  p.ws_part_y = p.ws_part_a + p.ksplit_a * p.M * p.R;
-  plan.ws_ints = p.ws_part_y + (p.ksplit > 1 ? static_cast<int64_t>(p.num_units) * p.M * kTileN : 0);
+}
+
+// Fill the planned fields of `p` and return the launch sequence. `capacity` is the number of
+// CTAs that can be resident at once: the fused (single-launch) grid never exceeds it.
+inline LaunchPlan make_plan(Params& p, int maxm, int capacity, bool two_pass) {
+  LaunchPlan plan{};
+  if (capacity < 1) capacity = 1;
+  plan.smem = smem_bytes(maxm, p.M, p.R);
+  p.num_tiles = (p.N + kTileN - 1) / kTileN;
+  p.ws_tiles = kWsHeader;
+  p.ws_t = kWsData;
+  p.p1_ctas = 0;
+  if (p.R <= 0) {
+    plan_ksplit(p, capacity);
+    p.nrg = p.ksplit_a = p.kslice_a = 0;
+    p.ws_part_a = p.ws_part_y = kWsData;
+    plan.ws_ints = p.ksplit > 1 ? kWsData + static_cast<int64_t>(p.num_units) * p.M * kTileN : 0;
+    plan.launches = 1;
+    plan.grid[0] = p.num_units < capacity ? p.num_units : capacity;
+    plan.mode[0] = kModePhase2;
+    return plan;
+  }
+  const int nrg = (p.R + kRowsPerChunk - 1) / kRowsPerChunk;
   if (two_pass) {
+    plan_ksplit(p, capacity);
+    plan_phase1(p, capacity);
     plan.launches = 2;
     plan.grid[0] = p.nrg * p.ksplit_a;
     plan.mode[0] = kModePhase1;
     plan.grid[1] = p.num_units;
     plan.mode[1] = kModePhase2;
   } else {
+    plan_ksplit(p, capacity);
+    const int spare = capacity - p.num_units;
+    if (spare >= nrg) {  // room beside the units: dedicated phase-1 CTAs, one wave of units
+      plan_phase1(p, spare);
+      p.p1_ctas = p.nrg * p.ksplit_a;
+      plan.grid[0] = p.num_units + p.p1_ctas;
+    } else if (capacity >= 4 * nrg) {  // full GPU: reserve one CTA per row group, units loop on the rest
+      plan_ksplit(p, capacity - nrg);
+      plan_phase1(p, nrg);
+      p.p1_ctas = p.nrg * p.ksplit_a;
+      plan.grid[0] = capacity;
+    } else {  // tiny capacity: every CTA does a share of phase 1 first
+      plan.grid[0] = p.num_units < capacity ? p.num_units : capacity;
+      plan_phase1(p, plan.grid[0]);
+    }
     plan.launches = 1;
-    plan.grid[0] = gemv_grid;
     plan.mode[0] = kModeFused;
   }
+  p.ws_part_a = p.ws_t + p.M * p.R;
+  p.ws_part_y = p.ws_part_a + p.ksplit_a * p.M * p.R;
+  plan.ws_ints = p.ws_part_y + (p.ksplit > 1 ? static_cast<int64_t>(p.num_units) * p.M * kTileN : 0);
   return plan;
 }
 
