@@ -3,7 +3,7 @@
 # end-to-end decode benchmarks, the linear-algebra probe and the EoRA-at-scale benchmark.
 # JSON results and one log go to a single folder (default: $OUT, else benchmarks/results/gpu).
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR]                 # everything (~6-7 min on an H200)
+#   bash benchmarks/gpu_check.sh [OUT_DIR]                 # everything (~7 min on an H200)
 #   GPU_CHECK_STEPS="build tests kernel" bash benchmarks/gpu_check.sh /tmp/out   # a subset
 #
 # Wheels placed in .whl/ (e.g. the peft/transformers versions this repo is tested with) are
@@ -18,7 +18,7 @@ LOG="$OUT_DIR/gpu_check.log"
 SUMMARY="$OUT_DIR/summary.txt"
 : > "$LOG"
 : > "$SUMMARY"
-STEPS="${GPU_CHECK_STEPS:-build tests kernel linalg scale}"
+STEPS="${GPU_CHECK_STEPS:-build tests kernel linalg scale offload}"
 PY="${PYTHON:-python3}"
 
 if ls .whl/*.whl > /dev/null 2>&1; then
@@ -51,4 +51,7 @@ step tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider $TESTS
 step kernel 330 "$PY" benchmarks/kernel.py --out "$OUT_DIR/kernel.json"
 step linalg 120 "$PY" benchmarks/linalg.py --out "$OUT_DIR/linalg.json"
 step scale 240 "$PY" benchmarks/scale.py --gpu-8b --out "$OUT_DIR/scale.json"
+# a 1.1B shape kept on the CPU, its blocks visiting the GPU one at a time
+step offload 180 "$PY" benchmarks/scale.py --offload --hidden 2048 --intermediate 5632 --layers 16 --heads 16 \
+  --kv-heads 16 --vocab 32000 --samples 64 --seq-len 1024 --out "$OUT_DIR/scale_offload.json"
 echo "total $SECONDS s" | tee -a "$SUMMARY"
