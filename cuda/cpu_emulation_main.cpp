@@ -46,7 +46,7 @@ int pe_emu_gptq_lora(int dtype, const void* x, const int32_t* qweight, const int
                      const int32_t* g_idx, const void* bias, const void* lora_a, const void* lora_b,
                      const float* a_scale, const float* b_scale, void* out, int32_t* ws, int64_t ws_ints, int M,
                      int K, int N, int R, int qz_cols, int group_size, int zero_offset, int lora_bits, float scaling,
-                     int bits, int capacity, int two_pass) {
+                     int bits, int capacity, int two_pass, int a_group) {
   Params p{};
   p.x = x;
   p.qweight = qweight;
@@ -69,6 +69,7 @@ int pe_emu_gptq_lora(int dtype, const void* x, const int32_t* qweight, const int
   p.zero_offset = zero_offset;
   p.lora_bits = lora_bits;
   p.scaling = scaling;
+  p.a_group = a_group;
   if (M < 1 || M > kMaxM || K % 32 != 0) return -3;
   return dtype == 0 ? by_bits<__half>(p, bits, capacity, two_pass != 0, ws_ints)
                     : by_bits<__nv_bfloat16>(p, bits, capacity, two_pass != 0, ws_ints);

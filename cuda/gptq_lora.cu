@@ -122,7 +122,14 @@ at::Tensor gptq_lora_forward(const at::Tensor& x, const at::Tensor& qweight, con
       TORCH_CHECK(lora_a_scale.has_value() && lora_b_scale.has_value(), "peft_eora: quantized LoRA needs scales");
       sa_c = lora_a_scale->to(at::kFloat).contiguous();
       sb_c = lora_b_scale->to(at::kFloat).contiguous();
-      TORCH_CHECK(sa_c.numel() == R && sb_c.numel() == N, "peft_eora: LoRA scales must be [r] and [out]");
+      TORCH_CHECK(sb_c.numel() == N, "peft_eora: lora_b_scale must be [out]");
+      if (sa_c.dim() == 2) {  // grouped: [r, K / group]
+        TORCH_CHECK(sa_c.size(0) == R && sa_c.size(1) > 0 && K % sa_c.size(1) == 0 && (K / sa_c.size(1)) % 8 == 0,
+                    "peft_eora: a grouped lora_a_scale must be [r, in / g] with g a multiple of 8");
+        p.a_group = static_cast<int>(K / sa_c.size(1));
+      } else {
+        TORCH_CHECK(sa_c.numel() == R, "peft_eora: lora_a_scale must be [r] or [r, in / g]");
+      }
       p.a_scale = sa_c.data_ptr<float>();
       p.b_scale = sb_c.data_ptr<float>();
     }

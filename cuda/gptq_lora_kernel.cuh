@@ -1,7 +1,8 @@
 // peft-eora: fused GPTQ GEMV/GEMM + low-rank (EoRA/LoRA) term for decode-sized batches.
 //
 //     y[m, n] = sum_k x[m, k] * W[k, n] + sum_j B[n, j] * t[m, j] + bias[n],
-//     t[m, j] = scaling * a_scale[j] * sum_k A[j, k] * x[m, k],
+//     t[m, j] = scaling * sum_k a_scale[j, g(k)] * A[j, k] * x[m, k]   (one A scale per row, or per
+//               row and group of a_group inputs),
 //     W[k, n] = scales[g(k), n] * (q[k, n] - (z[g(k), n] + zero_offset)),
 //
 // with GPTQ-packed q/z (2/3/4/8 bits, int32 words, codes packed along `in` for qweight and
@@ -98,13 +99,14 @@ struct Params {
   const void* bias;        // [N] scalar_t or nullptr
   const void* lora_a;      // [R, K] (16/8 bit) or [R, K/2] bytes (4 bit); nullptr when R == 0
   const void* lora_b;      // [N, R] or [N, ceil(R/2)] bytes
-  const float* a_scale;    // [R] (8/4 bit)
+  const float* a_scale;    // [R] (8/4 bit), or [R, K / a_group] when a_group > 0
   const float* b_scale;    // [N] (8/4 bit)
   void* out;               // [M, N] scalar_t
   int32_t* ws;             // workspace (see make_plan)
   int M, K, N, R;
   int qz_cols, group_size, zero_offset;
   int lora_bits;           // 16, 8, 4
+  int a_group;             // 0: one A scale per rank row; else per row and a_group inputs (a multiple of 8)
   int mode;                // Mode
   // planned by make_plan:
   int num_tiles;           // ceil(N / 32)
@@ -373,13 +375,18 @@ __device__ void lora_a_chunk(const Params& p, int chunk, int* s_flag) {
       for (int k = kbeg + lane * 8; k < kend; k += 32 * 8) {
         float a[8];
         load_a8<T>(p, j, k, a);
+        // grouped scales: the lane's 8 inputs lie in one group (a_group % 8 == 0)
+        const float gs = p.a_group > 0 ? __ldg(p.a_scale + static_cast<size_t>(j) * (p.K / p.a_group) + k / p.a_group)
+                                       : 1.f;
 #pragma unroll
         for (int m = 0; m < MAXM; ++m) {
           if (m < p.M) {
             float xv[8];
             load8<T>(x + static_cast<size_t>(m) * p.K + k, xv);
+            float d = 0.f;
 #pragma unroll
-            for (int i = 0; i < 8; ++i) acc[r][m] = fmaf(a[i], xv[i], acc[r][m]);
+            for (int i = 0; i < 8; ++i) d = fmaf(a[i], xv[i], d);
+            acc[r][m] = fmaf(gs, d, acc[r][m]);
           }
         }
       }
@@ -414,7 +421,7 @@ __device__ void lora_a_chunk(const Params& p, int chunk, int* s_flag) {
       if (jj < p.R) {
         float s = 0.f;
         for (int q = 0; q < p.ksplit_a; ++q) s += __ldcg(part + (static_cast<size_t>(q) * p.M + m) * p.R + jj);
-        const float sa = p.lora_bits == 16 ? 1.f : __ldg(p.a_scale + jj);
+        const float sa = (p.lora_bits == 16 || p.a_group > 0) ? 1.f : __ldg(p.a_scale + jj);
         t[static_cast<size_t>(m) * p.R + jj] = s * sa * p.scaling;
       }
     }

@@ -85,13 +85,18 @@ def make_gptq(k: int, n: int, group_size: int, bits: int, act_order: bool, seed:
                 g_idx=g_idx, bits=bits, group_size=group_size)
 
 
-def make_lora(k: int, n: int, r: int, lora_bits: int, seed: int = 1, dtype: torch.dtype = torch.float32):
+def make_lora(k: int, n: int, r: int, lora_bits: int, seed: int = 1, dtype: torch.dtype = torch.float32,
+              per_row: bool = False):
+    """Random factors: float, or int8/int4 as stored (int4 A grouped by 32 inputs unless ``per_row``)."""
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(r, k, generator=gen) / math.sqrt(k)
     b = torch.randn(n, r, generator=gen) * 0.2
     if lora_bits == 16:
         return a.to(dtype), b.to(dtype), None, None
-    qa, qb = quantize_lora_pair(a, b, lora_bits)
+    if per_row:
+        qa, qb = quantize_per_channel(a, lora_bits), quantize_per_channel(b, lora_bits)
+    else:
+        qa, qb = quantize_lora_pair(a, b, lora_bits)
     return qa.data, qb.data, qa.scale, qb.scale
 
 
@@ -107,7 +112,9 @@ def dense_expected(x, layer, lora, scaling, bias=None, g_idx=True):
     else:
         ca = a.double() if a.dtype == torch.int8 else unpack_int4(a, k).double()
         cb = b.double() if b.dtype == torch.int8 else unpack_int4(b, r).double()
-        af, bf = ca * sa.double()[:, None], cb * sb.double()[:, None]
+        sad = sa.double()
+        sad = sad.repeat_interleave(k // sad.shape[1], dim=1) if sad.dim() == 2 else sad[:, None]
+        af, bf = ca * sad, cb * sb.double()[:, None]
     xd = x.double()
     y = xd @ w + scaling * (xd @ af.T) @ bf.T
     if bias is not None:
@@ -559,7 +566,7 @@ def _emu_lib() -> ctypes.CDLL:
     so = ctypes.CDLL(str(lib))
     P = ctypes.c_void_p
     so.pe_emu_gptq_lora.argtypes = (
-        [ctypes.c_int] + [P] * 12 + [ctypes.c_int64] + [ctypes.c_int] * 8 + [ctypes.c_float] + [ctypes.c_int] * 3
+        [ctypes.c_int] + [P] * 12 + [ctypes.c_int64] + [ctypes.c_int] * 8 + [ctypes.c_float] + [ctypes.c_int] * 4
     )
     so.pe_emu_gptq_lora.restype = ctypes.c_int
     so.pe_emu_workspace_ints.restype = ctypes.c_int64
@@ -602,7 +609,7 @@ def _run_emulated(so, x, layer, g_idx, bias, lora, lora_bits, scaling, capacity,
             0 if x.dtype == torch.float16 else 1, _ptr(x), _ptr(layer["qweight"]), _ptr(layer["qzeros"]),
             _ptr(layer["scales"]), _ptr(g_idx), _ptr(bias), _ptr(a), _ptr(b), _ptr(sa), _ptr(sb), _ptr(out),
             _ptr(ws), ws.numel(), m, k, n, r, layer["qzeros"].shape[1], gs, 0, lora_bits, scaling,
-            layer["bits"], capacity, int(two_pass),
+            layer["bits"], capacity, int(two_pass), (k // sa.shape[1]) if sa is not None and sa.dim() == 2 else 0,
         )
         assert rc > 0, rc
         assert int(ws[: 256 + 4096].abs().sum()) == 0, "barrier counters were not reset by the last CTA"
@@ -626,6 +633,7 @@ EMU_CASES = [
     (4, 32, False, 16, 16, 40, 8, torch.bfloat16, 4, False, 352),   # partial tile and partial last step
     (2, 32, False, 8, 7, 96, 24, torch.bfloat16, 16, False, 2048),   # K split in 4
     (4, 64, False, 16, 2, 320, 8, torch.float16, 4, False, 256),    # full GPU: 1 phase-1 CTA, 10 tiles on 3
+    (4, 64, False, 4, 3, 64, 16, torch.float16, 8, False, 512),     # int4 A in groups of 32, K split
 ]
 
 

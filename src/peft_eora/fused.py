@@ -48,7 +48,7 @@ from torch import nn
 
 from .kernels import ops as _ops  # registers torch.ops.peft_eora.gptq_lora_linear
 from .kernels.gptq_linear import GPTQLinear
-from .kernels.lowbit import quantize_per_channel
+from .kernels.lowbit import quantize_lora_pair
 from .kernels.reference import SUPPORTED_BITS, packed_len
 
 logger = logging.getLogger(__name__)
@@ -282,8 +282,7 @@ class FusedGPTQLoraLinear(GPTQLoraLinear):
                 lora_a_scale=None, lora_b_scale=None,
             )
         else:
-            qa = quantize_per_channel(lora_a, self._fused_adapter_bits)
-            qb = quantize_per_channel(lora_b, self._fused_adapter_bits)
+            qa, qb = quantize_lora_pair(lora_a, lora_b, self._fused_adapter_bits)
             prepared.update(
                 lora_a=qa.data.to(dev), lora_b=qb.data.to(dev),
                 lora_a_scale=qa.scale.to(dev), lora_b_scale=qb.scale.to(dev),

@@ -92,12 +92,12 @@ def _zero_codes(qz_ptr, rows, offs_n, mask, QZ_COLS, stride_qz, BITS: tl.constex
 
 @triton.jit
 def _partials_kernel(
-    x_ptr, qw_ptr, qz_ptr, sc_ptr, gidx_ptr, bias_ptr, out_ptr, part_ptr, a_ptr, tpart_ptr,
+    x_ptr, qw_ptr, qz_ptr, sc_ptr, gidx_ptr, bias_ptr, out_ptr, part_ptr, a_ptr, tpart_ptr, ascale_ptr,
     M, N, K, R, QW_ROWS, QZ_COLS, group_size, zero_offset,
     stride_xm, stride_qw, stride_qz, stride_sc, stride_a, stride_om,
     n_tiles, ksplit, kslice, ka_split, ka_slice,
     BITS: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr,
-    HAS_LORA: tl.constexpr, LORA_BITS: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_LORA: tl.constexpr, LORA_BITS: tl.constexpr, DOT_FP32: tl.constexpr, A_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_KA: tl.constexpr,
 ):
@@ -164,6 +164,10 @@ def _partials_kernel(
                     a = tl.where(code >= 8, code - 16, code).to(tl.float32)
                 else:
                     a = tl.load(a_ptr + offs_r[None, :] * stride_a + offs_k[:, None], mask=amask, other=0).to(tl.float32)
+                if A_GROUP > 0:  # one scale per rank row and group of A_GROUP inputs
+                    sa = tl.load(ascale_ptr + offs_r[None, :] * (K // A_GROUP) + offs_k[:, None] // A_GROUP,
+                                 mask=amask, other=0.0)
+                    a = a * sa
                 tacc = tl.dot(x.to(tl.float32), a, tacc, input_precision="ieee")
             tl.store(tpart_ptr + (ka * M + offs_m[:, None]) * R + offs_r[None, :], tacc,
                      mask=mask_m[:, None] & mask_r[None, :])
@@ -173,7 +177,7 @@ def _partials_kernel(
 def _epilogue_kernel(
     part_ptr, tpart_ptr, b_ptr, ascale_ptr, bscale_ptr, bias_ptr, out_ptr,
     M, N, R, ksplit, ka_split, scaling, stride_b, stride_om,
-    HAS_LORA: tl.constexpr, LORA_BITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr, LORA_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, A_GROUPED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -194,7 +198,7 @@ def _epilogue_kernel(
             for ka in range(0, ka_split):
                 t += tl.load(tpart_ptr + (ka * M + offs_m[:, None]) * R + offs_r[None, :],
                              mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-            if LORA_BITS != 16:
+            if LORA_BITS != 16 and not A_GROUPED:
                 t = t * tl.load(ascale_ptr + offs_r, mask=mask_r, other=0.0)[None, :]
             t = t * scaling
             rn_mask = mask_r[:, None] & mask_n[None, :]
@@ -346,29 +350,31 @@ def _launch(x2, qweight, qzeros, scales, gidx_t, has_gidx, bias, lora_a, lora_b,
     part = x2.new_empty((pl["ksplit"], m, n), dtype=torch.float32) if not final else out
     tpart = x2.new_empty((pl["ka_split"], m, rank), dtype=torch.float32) if has_lora else part
     a = lora_a if has_lora else x2
+    a_scale = lora_a_scale.float().contiguous() if has_lora and lora_bits != 16 else x2
+    a_group = k // a_scale.shape[1] if has_lora and lora_bits != 16 and a_scale.dim() == 2 else 0
     units = pl["n_tiles"] * pl["ksplit"]
     grid1 = units + (pl["n_rank_blocks"] * pl["ka_split"] if has_lora else 0)
     bias_t = bias.contiguous() if bias is not None else x2
     warps = {} if interpret else dict(num_warps=4, num_stages=3)
     _partials_kernel[(grid1,)](
-        x2, qweight, qzeros, scales, gidx_t, bias_t, out, part, a, tpart,
+        x2, qweight, qzeros, scales, gidx_t, bias_t, out, part, a, tpart, a_scale,
         m, n, k, rank, qweight.shape[0], qzeros.shape[1], group_size, int(zero_offset),
         x2.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), a.stride(0), out.stride(0),
         pl["n_tiles"], pl["ksplit"], pl["kslice"], max(pl["ka_split"], 1), pl["ka_slice"],
         BITS=bits, HAS_GIDX=has_gidx, HAS_BIAS=bias is not None, FINAL=final, HAS_LORA=has_lora,
-        LORA_BITS=lora_bits, DOT_FP32=x2.dtype == torch.float32, BLOCK_M=pl["block_m"], BLOCK_N=pl["block_n"],
+        LORA_BITS=lora_bits, DOT_FP32=x2.dtype == torch.float32, A_GROUP=a_group,
+        BLOCK_M=pl["block_m"], BLOCK_N=pl["block_n"],
         BLOCK_K=pl["block_k"], BLOCK_R=pl["block_r"], BLOCK_KA=pl["block_ka"], **warps,
     )
     if final:
         return
-    a_scale = lora_a_scale.float().contiguous() if has_lora and lora_bits != 16 else x2
     b_scale = lora_b_scale.float().contiguous() if has_lora and lora_bits != 16 else x2
     b = lora_b if has_lora else x2
     block_n2 = 32 if interpret else 64
     _epilogue_kernel[(triton.cdiv(n, block_n2),)](
         part, tpart, b, a_scale, b_scale, bias_t, out,
         m, n, rank, pl["ksplit"], max(pl["ka_split"], 1), float(scaling), b.stride(0), out.stride(0),
-        HAS_LORA=has_lora, LORA_BITS=lora_bits, HAS_BIAS=bias is not None,
+        HAS_LORA=has_lora, LORA_BITS=lora_bits, HAS_BIAS=bias is not None, A_GROUPED=a_group > 0,
         BLOCK_M=pl["block_m"], BLOCK_N=block_n2, BLOCK_R=16 if interpret else 32,
         **({} if interpret else dict(num_warps=4)),
     )
