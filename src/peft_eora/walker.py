@@ -46,6 +46,11 @@ logger = logging.getLogger(__name__)
 Inputs = list[tuple[torch.Tensor, dict[str, Any]]]
 
 
+#: Parked activations above this (estimate of :meth:`BlockVisit.parked_bytes`) re-run the block
+#: per group instead (CPU). 4 GiB covers the 135M demo's 16k tokens many times over.
+PARK_LIMIT_BYTES = 4 * 2**30
+
+
 class StopForward(Exception):
     """Raised by a hook to cut a forward pass short once the needed inputs were seen."""
 
@@ -248,11 +253,14 @@ class BlockVisit:
 
         ``park`` chooses how groups see the compensated groups before them: ``True`` (default on
         CPU): one forward per batch, parked at each group (all batches' activations stay alive
-        meanwhile); ``False`` (default on GPUs, where memory is scarce and forwards cheap): one
-        forward per group, cut short after the group's input, then one plain forward for the
-        outputs. Both give the same numbers.
+        meanwhile); ``False`` (default on GPUs, where memory is scarce and forwards cheap, and on
+        CPU when the parked activations would exceed :data:`PARK_LIMIT_BYTES`): one forward per
+        group, cut short after the group's input, then one plain forward for the outputs. Both
+        give the same numbers.
         """
-        if on_group is not None and (park if park is not None else self.device.type == "cpu") is False:
+        if park is None:
+            park = self.device.type == "cpu" and self.parked_bytes() <= PARK_LIMIT_BYTES
+        if on_group is not None and not park:
             self._run_per_group(first_modules, collect, on_group, keep_outputs)
             return
         runner = PausingRunner(len(self.inputs), self._forward)
@@ -292,6 +300,11 @@ class BlockVisit:
     def _forward(self, i: int) -> Any:
         hidden, kwargs = self.inputs[i]
         return self.block(hidden, **kwargs)
+
+    def parked_bytes(self) -> int:
+        """A generous estimate of the activations all batches hold while parked (8× their inputs:
+        the MLP's wide intermediate, attention, residual)."""
+        return 8 * sum(h.numel() * h.element_size() for h, _ in self.inputs)
 
     def _run_per_group(self, first_modules: list[nn.Module], collect: Callable[[int, torch.Tensor, int], None],
                        on_group: Callable[[int], None], keep_outputs: bool) -> None:
