@@ -62,6 +62,10 @@ def _status_mib(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _damping_arg(text: str) -> Any:
+    return "auto" if text == "auto" else float(text)
+
+
 def eval_sets(tokenizer, seq_len: int, windows: int) -> dict[str, torch.Tensor]:
     from peft_eora.eval import load_text, make_windows
 
@@ -149,7 +153,8 @@ def main() -> None:
     ap.add_argument("--no-fp16", action="store_true", help="skip the original model's row")
     ap.add_argument("--no-quantized-row", action="store_true", help="skip the quantized model's own row")
     ap.add_argument("--append", action="store_true", help="add rows to an existing <out>.json")
-    ap.add_argument("--damping", type=float, default=None, help="EoRA ridge (default: EoRAConfig's)")
+    ap.add_argument("--damping", type=_damping_arg, default=None,
+                    help="EoRA ridge, a number or 'auto' (default: EoRAConfig's)")
     ap.add_argument("--damping-sweep", type=float, nargs="*", default=[0.0, 1e-3, 1e-2, 1e-1, 1.0],
                     help="dampings measured at --sweep-bits/--sweep-rank (empty: skip)")
     ap.add_argument("--sweep-bits", type=int, default=3)

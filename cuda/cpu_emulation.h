@@ -5,13 +5,18 @@
 // std::barrier per CTA and warp shuffles exchange through a per-warp buffer. This runs the
 // real kernel source on a CPU to check indexing, unpacking, the split-phase barrier
 // protocol and the counter reset; it says nothing about GPU memory ordering or speed.
+// mma.m16n8k16 is emulated from the fragment layouts of the PTX ISA ("Matrix Fragments for
+// mma.m16n8k16 with floating point type"): the warp's fragments are gathered into the full
+// A (16x16), B (16x8) matrices, and each lane computes its own D elements in fp32.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <vector_functions.h>
 #include <vector_types.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <atomic>
 #include <cmath>
 #include <barrier>
@@ -41,6 +46,8 @@ struct Warp {
   explicit Warp() : bar(32) {}
   std::barrier<> bar;
   float buf[32];
+  uint32_t a[32][4];  // mma fragments, per lane
+  uint32_t b[32][2];
 };
 
 struct Block {
@@ -101,6 +108,14 @@ inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   return r;
 }
 
+// __byte_perm(x, y, s): byte i of the result is byte (s >> 4i) & 7 of the 8 bytes {y:x}.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t v = static_cast<uint64_t>(x) | (static_cast<uint64_t>(y) << 32);
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) r |= static_cast<unsigned>((v >> (8 * ((s >> (4 * i)) & 7u))) & 0xFFu) << (8 * i);
+  return r;
+}
+
 template <class T>
 inline T __ldg(const T* p) {
   return *p;
@@ -124,6 +139,48 @@ inline float __uint_as_float(unsigned u) {
 using std::fmaf;
 using std::max;
 using std::min;
+
+namespace peft_eora_emu {
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d (4 fp32) += A (16x16) . B (16x8).
+// `to_f` turns a 16-bit element pattern into float. Layouts (groupID = lane >> 2,
+// tig = lane % 4), element i of a lane's fragment:
+//   A a_i: row = groupID (+8 for i in {2,3,6,7}), col = 2 tig + (i & 1) (+8 for i >= 4)
+//   B b_i: row = 2 tig + (i & 1) (+8 for i >= 2), col = groupID
+//   C c_i: row = groupID (+8 for i >= 2), col = 2 tig + (i & 1)
+// Register r of A holds elements a_{2r} (low 16 bits) and a_{2r+1}; likewise for B.
+template <class F>
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], F to_f) {
+  const unsigned lane = threadIdx.x & 31u;
+  Warp& w = *tl_blk->warps[threadIdx.x >> 5];
+  for (int r = 0; r < 4; ++r) w.a[lane][r] = a[r];
+  for (int r = 0; r < 2; ++r) w.b[lane][r] = b[r];
+  w.bar.arrive_and_wait();
+  float A[16][16], B[16][8];
+  for (unsigned l = 0; l < 32; ++l) {
+    const unsigned gid = l >> 2, tig = l & 3u;
+    for (int i = 0; i < 8; ++i) {
+      const unsigned bits = (w.a[l][i >> 1] >> (16 * (i & 1))) & 0xFFFFu;
+      const unsigned row = gid + ((i == 2 || i == 3 || i == 6 || i == 7) ? 8u : 0u);
+      const unsigned col = 2 * tig + (i & 1) + (i >= 4 ? 8u : 0u);
+      A[row][col] = to_f(bits);
+    }
+    for (int i = 0; i < 4; ++i) {
+      const unsigned bits = (w.b[l][i >> 1] >> (16 * (i & 1))) & 0xFFFFu;
+      const unsigned row = 2 * tig + (i & 1) + (i >= 2 ? 8u : 0u);
+      B[row][gid] = to_f(bits);
+    }
+  }
+  w.bar.arrive_and_wait();
+  const unsigned gid = lane >> 2, tig = lane & 3u;
+  for (int i = 0; i < 4; ++i) {
+    const unsigned row = gid + (i >= 2 ? 8u : 0u);
+    const unsigned col = 2 * tig + (i & 1);
+    float acc = 0.f;
+    for (int k = 0; k < 16; ++k) acc = std::fmaf(A[row][k], B[k][col], acc);
+    d[i] += acc;
+  }
+}
+}  // namespace peft_eora_emu
 
 namespace peft_eora {
 inline uint32_t ld_acquire(const int32_t* p) {

@@ -11,7 +11,7 @@ using namespace peft_eora;
 template <typename T, int BITS, int MAXM>
 int run(Params p, int capacity, bool two_pass, int64_t ws_ints) {
   const LaunchPlan plan = make_plan(p, MAXM, capacity, two_pass);
-  if (p.R > 0 && ws_ints < plan.ws_ints) return -2;
+  if (ws_ints < plan.ws_ints) return -2;
   for (int i = 0; i < plan.launches; ++i) {
     p.mode = plan.mode[i];
     const Params q = p;
@@ -22,8 +22,7 @@ int run(Params p, int capacity, bool two_pass, int64_t ws_ints) {
 
 template <typename T, int BITS>
 int by_m(const Params& p, int capacity, bool two_pass, int64_t ws_ints) {
-  if (p.M <= 1) return run<T, BITS, 1>(p, capacity, two_pass, ws_ints);
-  if (p.M <= 4) return run<T, BITS, 4>(p, capacity, two_pass, ws_ints);
+  if (p.M <= 8) return run<T, BITS, 8>(p, capacity, two_pass, ws_ints);
   return run<T, BITS, 16>(p, capacity, two_pass, ws_ints);
 }
 
@@ -47,7 +46,7 @@ int pe_emu_gptq_lora(int dtype, const void* x, const int32_t* qweight, const int
                      const int32_t* g_idx, const void* bias, const void* lora_a, const void* lora_b,
                      const float* a_scale, const float* b_scale, void* out, int32_t* ws, int64_t ws_ints, int M,
                      int K, int N, int R, int qz_cols, int group_size, int zero_offset, int lora_bits, float scaling,
-                     int bits, int capacity, int two_pass) {
+                     int bits, int capacity, int two_pass, int a_group) {
   Params p{};
   p.x = x;
   p.qweight = qweight;
@@ -70,6 +69,7 @@ int pe_emu_gptq_lora(int dtype, const void* x, const int32_t* qweight, const int
   p.zero_offset = zero_offset;
   p.lora_bits = lora_bits;
   p.scaling = scaling;
+  p.a_group = a_group;
   if (M < 1 || M > kMaxM || K % 32 != 0) return -3;
   return dtype == 0 ? by_bits<__half>(p, bits, capacity, two_pass != 0, ws_ints)
                     : by_bits<__nv_bfloat16>(p, bits, capacity, two_pass != 0, ws_ints);
@@ -77,5 +77,20 @@ int pe_emu_gptq_lora(int dtype, const void* x, const int32_t* qweight, const int
 
 int pe_emu_max_m() { return kMaxM; }
 int pe_emu_max_rank() { return kMaxRank; }
-int64_t pe_emu_workspace_ints(int M, int R) { return workspace_ints_for(M, R); }
+int64_t pe_emu_workspace_ints(int M, int R, int N) { return workspace_ints_for(M, R, N); }
+
+// The plan for one call (tests of the planner): out = {ksplit, grid, p1_ctas, ksplit_a, ws_ints}.
+void pe_emu_plan(int M, int K, int N, int R, int capacity, int64_t* out) {
+  Params p{};
+  p.M = M;
+  p.K = K;
+  p.N = N;
+  p.R = R;
+  const LaunchPlan plan = make_plan(p, M <= 8 ? 8 : 16, capacity, false);
+  out[0] = p.ksplit;
+  out[1] = plan.grid[0];
+  out[2] = p.p1_ctas;
+  out[3] = p.ksplit_a;
+  out[4] = plan.ws_ints;
+}
 }

@@ -40,6 +40,7 @@ at::Tensor gptq_lora_forward(const at::Tensor& x, const at::Tensor& qweight, con
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(M >= 1 && M <= kMaxM, "peft_eora: the CUDA kernel handles 1..", kMaxM, " rows, got ", M);
   TORCH_CHECK(K % 32 == 0, "peft_eora: in_features must be a multiple of 32, got ", K);
+  TORCH_CHECK(qweight.dim() == 2 && qweight.size(1) % 4 == 0, "peft_eora: out_features must be a multiple of 4");
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "peft_eora: unsupported bits=", bits);
   TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.is_contiguous() && qweight.dim() == 2,
               "peft_eora: qweight must be contiguous int32 [in*bits/32, out]");
@@ -54,6 +55,8 @@ at::Tensor gptq_lora_forward(const at::Tensor& x, const at::Tensor& qweight, con
                   qzeros.size(1) * 32 >= N * bits,
               "peft_eora: qzeros must be contiguous int32 [groups, ceil(out*bits/32)]");
   TORCH_CHECK(aligned16(x.data_ptr()), "peft_eora: x must be 16-byte aligned");
+  TORCH_CHECK(aligned16(qweight.data_ptr()), "peft_eora: qweight must be 16-byte aligned");
+  TORCH_CHECK((reinterpret_cast<uintptr_t>(scales.data_ptr()) & 7u) == 0, "peft_eora: scales must be 8-byte aligned");
 
   c10::cuda::CUDAGuard guard(x.device());
   at::Tensor gidx;
@@ -119,16 +122,24 @@ at::Tensor gptq_lora_forward(const at::Tensor& x, const at::Tensor& qweight, con
       TORCH_CHECK(lora_a_scale.has_value() && lora_b_scale.has_value(), "peft_eora: quantized LoRA needs scales");
       sa_c = lora_a_scale->to(at::kFloat).contiguous();
       sb_c = lora_b_scale->to(at::kFloat).contiguous();
-      TORCH_CHECK(sa_c.numel() == R && sb_c.numel() == N, "peft_eora: LoRA scales must be [r] and [out]");
+      TORCH_CHECK(sb_c.numel() == N, "peft_eora: lora_b_scale must be [out]");
+      if (sa_c.dim() == 2) {  // grouped: [r, K / group]
+        TORCH_CHECK(sa_c.size(0) == R && sa_c.size(1) > 0 && K % sa_c.size(1) == 0 && (K / sa_c.size(1)) % 8 == 0,
+                    "peft_eora: a grouped lora_a_scale must be [r, in / g] with g a multiple of 8");
+        p.a_group = static_cast<int>(K / sa_c.size(1));
+      } else {
+        TORCH_CHECK(sa_c.numel() == R, "peft_eora: lora_a_scale must be [r] or [r, in / g]");
+      }
       p.a_scale = sa_c.data_ptr<float>();
       p.b_scale = sb_c.data_ptr<float>();
     }
     p.lora_a = a_c.data_ptr();
     p.lora_b = b_c.data_ptr();
     p.R = static_cast<int>(R);
-    TORCH_CHECK(workspace.is_cuda() && workspace.scalar_type() == at::kInt && workspace.is_contiguous() &&
-                    workspace.device() == x.device(),
-                "peft_eora: workspace must be a contiguous int32 tensor on x's device");
+  }
+  TORCH_CHECK(workspace.scalar_type() == at::kInt && workspace.is_contiguous(), "peft_eora: workspace must be contiguous int32");
+  if (workspace.numel() > 0) {
+    TORCH_CHECK(workspace.is_cuda() && workspace.device() == x.device(), "peft_eora: workspace must be on x's device");
     p.ws = workspace.data_ptr<int32_t>();
   }
 
@@ -136,7 +147,7 @@ at::Tensor gptq_lora_forward(const at::Tensor& x, const at::Tensor& qweight, con
   p.out = out.data_ptr();
   const int device = x.get_device();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  const int64_t ws_ints = p.R > 0 ? workspace.numel() : 0;
+  const int64_t ws_ints = workspace.numel();
   if (x.scalar_type() == at::kHalf) {
     dispatch_bits<__half>(p, static_cast<int>(bits), two_pass, ws_ints, device, stream);
   } else {
@@ -145,6 +156,8 @@ at::Tensor gptq_lora_forward(const at::Tensor& x, const at::Tensor& qweight, con
   return out;
 }
 
-int64_t workspace_ints(int64_t M, int64_t R) { return workspace_ints_for(static_cast<int>(M), static_cast<int>(R)); }
+int64_t workspace_ints(int64_t M, int64_t R, int64_t N) {
+  return workspace_ints_for(static_cast<int>(M), static_cast<int>(R), static_cast<int>(N));
+}
 
 }  // namespace peft_eora

@@ -1,7 +1,8 @@
 // peft-eora: fused GPTQ GEMV/GEMM + low-rank (EoRA/LoRA) term for decode-sized batches.
 //
 //     y[m, n] = sum_k x[m, k] * W[k, n] + sum_j B[n, j] * t[m, j] + bias[n],
-//     t[m, j] = scaling * a_scale[j] * sum_k A[j, k] * x[m, k],
+//     t[m, j] = scaling * sum_k a_scale[j, g(k)] * A[j, k] * x[m, k]   (one A scale per row, or per
+//               row and group of a_group inputs),
 //     W[k, n] = scales[g(k), n] * (q[k, n] - (z[g(k), n] + zero_offset)),
 //
 // with GPTQ-packed q/z (2/3/4/8 bits, int32 words, codes packed along `in` for qweight and
@@ -10,49 +11,52 @@
 // x, scales, bias, out: fp16 or bf16 (same type). A/B: same float type, int8, or packed int4
 // (two codes per byte, low nibble first) with float32 per-row scales. Accumulation is fp32.
 //
-// This header has no torch dependency (the compile-only test builds it with plain nvcc).
+// This header has no torch dependency (the compile-only test builds it with plain nvcc, and
+// the CPU emulation test runs it on host threads).
 //
 // ---------------------------------------------------------------------------------------
-// Design: ONE launch, split-phase grid barrier.
+// Design (version 2: tensor cores, split-K, one launch)
 //
-// The low-rank term needs t = A.x completely reduced over K before any output can add
-// B.t, which is a grid-wide dependency. Options considered:
-//   (a) every CTA recomputes t itself in a prologue: reads all of A (r x K) per CTA; with
-//       ~130 CTAs that is ~130x the bytes of A through L2 -- too slow for r = 128.
-//   (b) two launches (t = A.x, then GEMV + B.t): correct and simple, but the second launch
-//       costs a launch gap (~2-4 us eager, ~1 us in a CUDA graph), which is the same order as
-//       the whole 4096x4096 4-bit GEMV at batch 1 (~3-5 us); it would blow the 1.25x budget.
-//   (c) chosen: each CTA first does a small slice of A.x (phase 1: "chunks" of 8 rank rows x
-//       a K-slice, ~1/G of A), publishes it (partial sums + per-row-group arrival counter;
-//       the last arriving CTA of a row group reduces the K-slices in a fixed order, so the
-//       result is deterministic -- no float atomics), then streams its weight tile (phase 2,
-//       the bulk of the work), and only then waits for t. By the time a CTA finishes its
-//       weight tile, every other CTA has long finished its tiny phase 1, so the wait is one
-//       L2 round trip. This is a split (arrive early / wait late) grid barrier.
-// Phase 1 must not delay the weight stream: before it, each CTA issues L2 prefetches for its
-// first weight tile, so the HBM fetch of the bulk data overlaps the A.x work.
-// Deadlock freedom needs all CTAs of the grid to be co-resident eventually: the host caps
-// the grid at the occupancy-derived capacity (blocks/SM x SMs) and CTAs loop over tiles.
-// A CTA only ever waits after it has finished its own phase-1 work, so as long as every CTA
-// can become resident, all arrivals happen. (Under MPS SM limits or a persistent kernel on
-// another stream occupying SMs forever this assumption can break: the host offers the
-// two-launch variant, PEFT_EORA_CUDA_TWO_PASS=1, which uses the same code with mode flags.)
-// The barrier counters live in a small workspace that the last CTA to exit resets to zero,
-// so the op needs no memset launch and stays capturable in CUDA graphs (replays start from
-// zeroed counters). Consequently one workspace must not be used by two launches at once
-// (the host keeps one per device; launches on one stream are ordered).
+// Weight stream (phase 2). The GEMV runs on tensor cores with the weights as the A operand
+// of mma.m16n8k16 ("swap AB": rows of A = output columns, B = x^T, the batch is mma's n = 8),
+// so one mma consumes 16 columns x 16 k of weights and a decode batch of up to 8 rows (two
+// mmas for 9..16). A warp owns a tile of 32 output columns; lane (g = lane/4, t = lane%4)
+// loads, with one 16-byte load per packed word row, the words of 4 adjacent columns
+// 4g..4g+3 for its own 32-row run of k (t selects the run: a warp step covers 4 runs = 128
+// rows), i.e. `bits` 128-bit loads per step, every warp load instruction reading whole
+// 128-byte lines. No repacking at fuse() time is needed: instead of moving the codes to
+// where the mma fragment wants them, the k order inside each run is permuted to where the
+// codes already are (a dot product does not care about the order of k, as long as x uses
+// the same order). For 2/4/8 bits the pair of codes a fragment register holds is
+// (code j, code j + 16/bits) of one word, so ((w >> bits*j) & mask) | magic turns a word
+// into two fp16/bf16 values 1024+q / 128+q with one shift and one LOP3 (the magic-number
+// trick), then (v - (magic+z)) * s in half2 (exact subtraction, one rounding); x gets the
+// same permutation with one byte-permute per pair. 3-bit runs straddle words and take the
+// generic code extraction. Act-order (g_idx) dequantizes code by code in fp32.
 //
-// Phase 2 tiling (decode, M <= 16): a CTA owns 32 output columns (one per lane, so a warp
-// reads one 128-byte line of qweight per packed row); its 8 warps split K into contiguous
-// ranges of 32-row blocks; per block a lane loads `bits` int32 words of its column,
-// unpacks 32 codes in registers with constant shifts (3-bit cross-word codes included),
-// converts code - zero to float exactly with the 0x4B000000 magic-number trick, and does
-// fp32 FMAs against x (read as 16-byte broadcast loads, L1 resident). The group scale is
-// applied once per block (or per row under act-order). Warps reduce through shared
-// memory, then the CTA adds B.t for its 32 columns (lanes split r, shuffle reduction), bias,
-// and stores once. Weights are loaded with the streaming cache hint (read once).
-// For M up to 16 this is CUDA-core math; at M = 16 it becomes compute-bound (a tensor-core
-// mma path would be the next step), at M = 1..4 it is bandwidth-bound, which is the target.
+// Enough parallelism at batch 1. Work units are (column tile, K slice) pairs; the K split is
+// chosen per shape so that the units fill the resident CTAs (4 warps each) in as few waves
+// as possible. Each lane double-buffers its weight words in registers (the next step's
+// loads are in flight while the current step's mmas run). The partial sums of a tile's K
+// slices meet in a workspace; the last slice to arrive (an atomic counter per tile) adds
+// them up in a fixed order -- deterministic, no float atomics -- and runs the epilogue.
+//
+// Low-rank term (phase 1). t = A.x is needed complete before any output can add B.t, a
+// grid-wide dependency. A.x is cut into chunks of 8 rank rows x a K slice; each chunk's
+// partial is published (partials + per-row-group arrival counter; the last arriving chunk
+// of a row group reduces the K slices in a fixed order), and GEMV CTAs only wait for t in
+// the epilogue of the first tile they finalise. Where the GPU has room beside the GEMV units
+// (the usual decode case), dedicated CTAs with the lowest indices do the chunks, so the
+// weight stream never waits for phase 1; otherwise every CTA first does a share of the
+// chunks after asking L2 to prefetch its first unit. The tile's B rows are prefetched into
+// L2 when its first slice starts, so the epilogue reads them from L2. Waiting needs all
+// CTAs co-resident: the host caps the grid at the occupancy-derived capacity and CTAs loop
+// over units (PEFT_EORA_CUDA_TWO_PASS=1 runs phase 1 as its own launch instead, for MPS
+// limits or persistent kernels beside ours).
+// The barrier counters live in a workspace that the last CTA out (phase 1) or the last
+// slice of a tile (split-K) resets to zero, so the op needs no memset launch and stays
+// capturable in CUDA graphs. One workspace must not serve two launches at once (the host
+// keeps one per device; launches on one stream are ordered).
 // ---------------------------------------------------------------------------------------
 #pragma once
 
@@ -66,39 +70,59 @@
 
 namespace peft_eora {
 
-constexpr int kWarps = 8;
+constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kTileN = 32;            // output columns per tile: one per lane
-constexpr int kRowsPerChunk = kWarps;  // LoRA-A rows per phase-1 chunk: one per warp
-constexpr int kMaxKSplit = 32;        // at most this many K-slices per row group
-constexpr int kMaxM = 16;             // decode batch handled by this kernel
-constexpr int kWsHeader = 256;        // int32 words: [0] done, [1] exit, [2 + i] arrivals of row group i
+constexpr int kTileN = 32;               // output columns per tile (one warp covers them all)
+constexpr int kRunK = 32;                // k rows of one lane's run (one GPTQ 32-code run)
+constexpr int kStepK = 4 * kRunK;        // k rows of one warp step (4 runs, one per t)
+constexpr int kRowsPerChunk = 8;         // LoRA-A rows per phase-1 chunk (two per warp)
+constexpr int kMaxKSplit = 32;           // at most this many K slices (both phases)
+constexpr int kMaxM = 16;                // decode batch handled by this kernel
+constexpr int kWsHeader = 256;           // int32 words: [0] t done, [1] exit, [2 + i] arrivals of row group i
 constexpr int kMaxRank = (kWsHeader - 2) * kRowsPerChunk;
+constexpr int kMaxSplitUnits = 1024;     // tiles x K slices when K is split (bounds the partials area)
+constexpr int kMaxTileCounters = 4096;   // split-K arrival counters (tiles); wider layers are not split
+// Workspace (int32 words): [0, kWsHeader) phase-1 counters, [kWsHeader, kWsData) tile counters,
+// then float data (t, phase-1 partials, phase-2 partials) whose offsets depend on the shape. The
+// counter words never hold data of another shape: every launch finds them zero (each is reset
+// by the last CTA that uses it), whatever ran on the workspace before.
+constexpr int kWsData = kWsHeader + kMaxTileCounters;
 
 enum Mode : int { kModeFused = 0, kModePhase1 = 1, kModePhase2 = 2 };
 
 struct Params {
-  const void* x;        // [M, K] scalar_t, contiguous, 16-byte aligned
-  const int32_t* qweight;  // [ceil(K*bits/32), N]
+  const void* x;           // [M, K] scalar_t, contiguous, 16-byte aligned
+  const int32_t* qweight;  // [K*bits/32, N], 16-byte aligned, N % 4 == 0
   const int32_t* qzeros;   // [G, qz_cols]
-  const void* scales;   // [G, N] scalar_t
-  const int32_t* g_idx; // [K] or nullptr (then g = k / group_size, group_size % 32 == 0)
-  const void* bias;     // [N] scalar_t or nullptr
-  const void* lora_a;   // [R, K] (16/8 bit) or [R, K/2] bytes (4 bit); nullptr when R == 0
-  const void* lora_b;   // [N, R] or [N, ceil(R/2)] bytes
-  const float* a_scale; // [R] (8/4 bit)
-  const float* b_scale; // [N] (8/4 bit)
-  void* out;            // [M, N] scalar_t
-  int32_t* ws;          // workspace: header counters, then float t[M*R], then float part[KS*M*R]
+  const void* scales;      // [G, N] scalar_t, 8-byte aligned
+  const int32_t* g_idx;    // [K] or nullptr (then g = k / group_size, group_size % 32 == 0)
+  const void* bias;        // [N] scalar_t or nullptr
+  const void* lora_a;      // [R, K] (16/8 bit) or [R, K/2] bytes (4 bit); nullptr when R == 0
+  const void* lora_b;      // [N, R] or [N, ceil(R/2)] bytes
+  const float* a_scale;    // [R] (8/4 bit), or [R, K / a_group] when a_group > 0
+  const float* b_scale;    // [N] (8/4 bit)
+  void* out;               // [M, N] scalar_t
+  int32_t* ws;             // workspace (see make_plan)
   int M, K, N, R;
   int qz_cols, group_size, zero_offset;
-  int lora_bits;        // 16, 8, 4
-  int mode;             // Mode
-  int num_tiles;
-  int ksplit, kslice;   // phase-1 K split (kslice multiple of 256)
-  int nrg;              // number of 8-row groups of A = ceil(R / 8)
+  int lora_bits;           // 16, 8, 4
+  int a_group;             // 0: one A scale per rank row; else per row and a_group inputs (a multiple of 8)
+  int mode;                // Mode
+  // planned by make_plan:
+  int num_tiles;           // ceil(N / 32)
+  int ksplit, kslice;      // phase-2 K split (kslice multiple of kStepK)
+  int num_units;           // num_tiles * ksplit
+  int ksplit_a, kslice_a;  // phase-1 K split (kslice_a multiple of 256)
+  int nrg;                 // number of 8-row groups of A = ceil(R / 8)
+  int ws_tiles;            // int32 offset of the per-tile arrival counters
+  int p1_ctas;             // CTAs [0, p1_ctas) only do phase 1 (0: every CTA does its share first)
+  int ws_t;                // float offset of t [M, R]
+  int ws_part_a;           // float offset of the phase-1 partials [ksplit_a, M, R]
+  int ws_part_y;           // float offset of the phase-2 partials [num_units, M, 32]
   float scaling;
 };
+
+// ---- element conversions --------------------------------------------------------------
 
 template <typename T>
 __device__ __forceinline__ float to_f(T v);
@@ -114,6 +138,34 @@ __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// float of the 16-bit pattern `h` of a T.
+template <typename T>
+__device__ __forceinline__ float bits_to_f(uint32_t h);
+template <>
+__device__ __forceinline__ float bits_to_f<__half>(uint32_t h) {
+  __half_raw r;
+  r.x = static_cast<unsigned short>(h);
+  return __half2float(__half(r));
+}
+template <>
+__device__ __forceinline__ float bits_to_f<__nv_bfloat16>(uint32_t h) {
+  return __uint_as_float(h << 16);
+}
+
+// 16-bit pattern of float `v` rounded to T (round to nearest even).
+template <typename T>
+__device__ __forceinline__ uint32_t f_to_bits(float v);
+template <>
+__device__ __forceinline__ uint32_t f_to_bits<__half>(float v) {
+  const __half h = __float2half_rn(v);
+  return static_cast<__half_raw>(h).x;
+}
+template <>
+__device__ __forceinline__ uint32_t f_to_bits<__nv_bfloat16>(float v) {
+  const __nv_bfloat16 h = __float2bfloat16_rn(v);
+  return static_cast<__nv_bfloat16_raw>(h).x;
+}
+
 // 8 consecutive elements (16 bytes) as floats; `p` must be 16-byte aligned.
 template <typename T>
 __device__ __forceinline__ void load8(const T* p, float (&o)[8]) {
@@ -122,6 +174,28 @@ __device__ __forceinline__ void load8(const T* p, float (&o)[8]) {
 #pragma unroll
   for (int i = 0; i < 8; ++i) o[i] = to_f<T>(h[i]);
 }
+
+// ---- code extraction and dequantization ------------------------------------------------
+
+// The magic-number exponent: fp16 1024 + q (0x6400 | q), bf16 128 + q (0x4300 | q).
+template <typename T>
+struct Magic;
+template <>
+struct Magic<__half> {
+  static constexpr uint32_t kBits = 0x6400u;
+  static constexpr int kMaxCode = 1023;
+};
+template <>
+struct Magic<__nv_bfloat16> {
+  static constexpr uint32_t kBits = 0x4300u;
+  static constexpr int kMaxCode = 127;
+};
+
+// Whether (T, BITS) takes the half2 magic-number path (else: fp32 per code).
+template <typename T, int BITS>
+struct FastDequant {
+  static constexpr bool value = ((1 << BITS) + 1) <= Magic<T>::kMaxCode;  // codes and zero + 1 fit
+};
 
 // Code `i` (compile-time after unrolling) of a 32-code run held in BITS words.
 template <int BITS>
@@ -134,20 +208,107 @@ __device__ __forceinline__ uint32_t code_of(const uint32_t (&w)[BITS], int i) {
   return v & ((1u << BITS) - 1u);
 }
 
-// Zero-point code of column n in one qzeros row (runtime n; 3-bit codes may straddle words).
+// Position (0..31) inside a run of the code in slot `e` (0..31) of the pair sequence: pair q
+// holds slots 2q (low half) and 2q+1 (high half). For 2/4/8 bits pair q is
+// (code j, code j + half) of word q / half, half = 16 / bits: one shift and mask extract it.
 template <int BITS>
-__device__ __forceinline__ uint32_t zero_code(const int32_t* row, int n) {
+__host__ __device__ constexpr int slot_code(int e) {
+  if (BITS == 3) return e;
+  const int per_word = 32 / BITS;
+  const int half = per_word / 2;
+  const int q = e >> 1;
+  const int word = q / half;
+  const int j = q % half;
+  return word * per_word + j + ((e & 1) ? half : 0);
+}
+
+// Pair q of a run as a 32-bit value: low code in bits 0.., high code in bits 16..
+template <int BITS>
+__device__ __forceinline__ uint32_t code_pair(const uint32_t (&w)[BITS], int q) {
+  if constexpr (BITS == 3) {
+    return code_of<3>(w, 2 * q) | (code_of<3>(w, 2 * q + 1) << 16);
+  } else {
+    constexpr int half = 16 / BITS;
+    constexpr uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u;
+    return (w[q / half] >> (BITS * (q % half))) & mask;
+  }
+}
+
+// (code - zero) * scale for both halves of `pair`, rounded to T once: `zz` holds the T
+// pattern of (magic + zero) twice, `ss` the scale's pattern twice.
+template <typename T>
+__device__ __forceinline__ uint32_t dq_pair(uint32_t pair, uint32_t zz, uint32_t ss) {
+  const uint32_t v = pair | (Magic<T>::kBits * 0x00010001u);
+#ifdef PEFT_EORA_CPU_EMULATION
+  // exact subtraction of small integers, then one correctly rounded product (fp32 holds the
+  // exact product of two 16-bit floats): bit-identical to __hsub2 then __hmul2
+  const float lo = (bits_to_f<T>(v & 0xFFFFu) - bits_to_f<T>(zz & 0xFFFFu)) * bits_to_f<T>(ss & 0xFFFFu);
+  const float hi = (bits_to_f<T>(v >> 16) - bits_to_f<T>(zz >> 16)) * bits_to_f<T>(ss >> 16);
+  return f_to_bits<T>(lo) | (f_to_bits<T>(hi) << 16);
+#else
+  if constexpr (sizeof(T) == 2 && Magic<T>::kBits == 0x6400u) {
+    __half2 h = __hsub2(*reinterpret_cast<const __half2*>(&v), *reinterpret_cast<const __half2*>(&zz));
+    h = __hmul2(h, *reinterpret_cast<const __half2*>(&ss));
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    __nv_bfloat162 h =
+        __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v), *reinterpret_cast<const __nv_bfloat162*>(&zz));
+    h = __hmul2(h, *reinterpret_cast<const __nv_bfloat162*>(&ss));
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+#endif
+}
+
+// Two fp32 values as one T pair (low, high).
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  return f_to_bits<T>(lo) | (f_to_bits<T>(hi) << 16);
+}
+
+// Zero-point codes of 4 adjacent columns n..n+3 in one qzeros row (runtime n).
+template <int BITS>
+__device__ __forceinline__ void zero_codes4(const int32_t* row, int qz_cols, int n, int (&z)[4]) {
   const int pos = n * BITS;
   const int wi = pos >> 5;
   const int off = pos & 31;
-  uint32_t v = static_cast<uint32_t>(__ldg(row + wi)) >> off;
-  if (BITS == 3 && off + BITS > 32) v |= static_cast<uint32_t>(__ldg(row + wi + 1)) << (32 - off);
-  return v & ((1u << BITS) - 1u);
+  uint64_t v = static_cast<uint32_t>(__ldg(row + wi));
+  if (off + 4 * BITS > 32 && wi + 1 < qz_cols) v |= static_cast<uint64_t>(static_cast<uint32_t>(__ldg(row + wi + 1))) << 32;
+  v >>= off;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) z[c] = static_cast<int>((v >> (c * BITS)) & ((1u << BITS) - 1u));
 }
 
-// float(code) exactly: 0x4B000000 is 2^23, whose mantissa LSB has weight 1.
-__device__ __forceinline__ float magic_f(uint32_t code) { return __uint_as_float(0x4B000000u | code); }
-constexpr float kMagic = 8388608.0f;
+// ---- warp-level tensor-core op ---------------------------------------------------------
+
+// d += a . b with mma.m16n8k16 (row.col), fp32 accumulators; a: 4 regs, b: 2 regs of T pairs.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#ifdef PEFT_EORA_CPU_EMULATION
+  peft_eora_emu::mma_m16n8k16(d, a, b, &bits_to_f<T>);
+#else
+  if constexpr (Magic<T>::kBits == 0x6400u) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#endif
+}
+
+// Pair (x[slot_code(2q)], x[slot_code(2q+1)]) of a 32-element run held as 16 T-pair words.
+template <int BITS>
+__device__ __forceinline__ uint32_t x_pair(const uint32_t (&xw)[16], int q) {
+  const int lo = slot_code<BITS>(2 * q), hi = slot_code<BITS>(2 * q + 1);
+  const uint32_t sel = ((lo & 1) ? 0x0032u : 0x0010u) | ((hi & 1) ? 0x7600u : 0x5400u);
+  return __byte_perm(xw[lo >> 1], xw[hi >> 1], sel);
+}
 
 #ifndef PEFT_EORA_CPU_EMULATION
 __device__ __forceinline__ uint32_t ld_acquire(const int32_t* p) {
@@ -163,10 +324,7 @@ __device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("pre
 inline void prefetch_l2(const void*) {}
 #endif
 
-// Weights are read exactly once: streaming (evict-first) loads keep x, A, B in cache.
-__device__ __forceinline__ uint32_t ld_stream(const int32_t* p) {
-  return static_cast<uint32_t>(__ldcs(p));
-}
+// ---- phase 1: t = scaling * A.x ---------------------------------------------------------
 
 // Decode 8 LoRA-A entries A[j, k .. k+8) to float (scale applied later).
 template <typename T>
@@ -190,72 +348,80 @@ __device__ __forceinline__ void load_a8(const Params& p, int j, int k, float (&a
   }
 }
 
-// B[n, j] as float (without its per-row scale).
-template <typename T>
-__device__ __forceinline__ float load_b(const Params& p, int n, int j) {
-  if (p.lora_bits == 16) return to_f<T>(reinterpret_cast<const T*>(p.lora_b)[static_cast<size_t>(n) * p.R + j]);
-  if (p.lora_bits == 8)
-    return static_cast<float>(reinterpret_cast<const int8_t*>(p.lora_b)[static_cast<size_t>(n) * p.R + j]);
-  const uint8_t byte = reinterpret_cast<const uint8_t*>(p.lora_b)[static_cast<size_t>(n) * ((p.R + 1) / 2) + j / 2];
-  const int c = (byte >> (4 * (j & 1))) & 0xF;
-  return static_cast<float>(c >= 8 ? c - 16 : c);
-}
-
-// Phase 1: partial t for one chunk (8 rank rows x one K-slice); the last K-slice to arrive
-// for a row group reduces the slices in order and publishes t for those rows.
+// Partial t for one chunk (8 rank rows x one K slice); the last K slice to arrive for a row
+// group reduces the slices in order and publishes t for those rows.
 template <typename T, int MAXM>
-__device__ void lora_a_chunk(const Params& p, int chunk, float* part, float* t, int32_t* counters,
-                             int* s_flag) {
+__device__ void lora_a_chunk(const Params& p, int chunk, int* s_flag) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int rg = chunk / p.ksplit, ks = chunk % p.ksplit;
-  const int j = rg * kRowsPerChunk + warp;
-  const int kbeg = ks * p.kslice;
-  const int kend = min(p.K, kbeg + p.kslice);
+  int32_t* counters = p.ws;
+  float* wsf = reinterpret_cast<float*>(p.ws);
+  float* t = wsf + p.ws_t;
+  float* part = wsf + p.ws_part_a;
+  const int rg = chunk / p.ksplit_a, ks = chunk % p.ksplit_a;
+  const int kbeg = ks * p.kslice_a;
+  const int kend = min(p.K, kbeg + p.kslice_a);
   const T* x = reinterpret_cast<const T*>(p.x);
-  float acc[MAXM];
+  float acc[2][MAXM];
 #pragma unroll
-  for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
-  if (j < p.R) {
-    for (int k = kbeg + lane * 8; k < kend; k += 32 * 8) {
-      float a[8];
-      load_a8<T>(p, j, k, a);
+  for (int r = 0; r < 2; ++r) {
 #pragma unroll
-      for (int m = 0; m < MAXM; ++m) {
-        if (m < p.M) {
-          float xv[8];
-          load8<T>(x + static_cast<size_t>(m) * p.K + k, xv);
+    for (int m = 0; m < MAXM; ++m) acc[r][m] = 0.f;
+  }
 #pragma unroll
-          for (int i = 0; i < 8; ++i) acc[m] = fmaf(a[i], xv[i], acc[m]);
+  for (int r = 0; r < 2; ++r) {
+    const int j = rg * kRowsPerChunk + warp + r * kWarps;
+    if (j < p.R) {
+#pragma unroll 4
+      for (int k = kbeg + lane * 8; k < kend; k += 32 * 8) {
+        float a[8];
+        load_a8<T>(p, j, k, a);
+        // grouped scales: the lane's 8 inputs lie in one group (a_group % 8 == 0)
+        const float gs = p.a_group > 0 ? __ldg(p.a_scale + static_cast<size_t>(j) * (p.K / p.a_group) + k / p.a_group)
+                                       : 1.f;
+#pragma unroll
+        for (int m = 0; m < MAXM; ++m) {
+          if (m < p.M) {
+            float xv[8];
+            load8<T>(x + static_cast<size_t>(m) * p.K + k, xv);
+            float d = 0.f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) d = fmaf(a[i], xv[i], d);
+            acc[r][m] = fmaf(gs, d, acc[r][m]);
+          }
         }
       }
     }
   }
 #pragma unroll
-  for (int m = 0; m < MAXM; ++m) {
+  for (int r = 0; r < 2; ++r) {
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], o);
-  }
-  if (lane == 0 && j < p.R) {
+    for (int m = 0; m < MAXM; ++m) {
 #pragma unroll
-    for (int m = 0; m < MAXM; ++m)
-      if (m < p.M) part[(static_cast<size_t>(ks) * p.M + m) * p.R + j] = acc[m];
+      for (int o = 16; o > 0; o >>= 1) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], o);
+    }
+    const int j = rg * kRowsPerChunk + warp + r * kWarps;
+    if (lane == 0 && j < p.R) {
+#pragma unroll
+      for (int m = 0; m < MAXM; ++m)
+        if (m < p.M) part[(static_cast<size_t>(ks) * p.M + m) * p.R + j] = acc[r][m];
+    }
   }
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
     const int prev = atomicAdd(counters + 2 + rg, 1);
-    *s_flag = (prev == p.ksplit - 1);
+    *s_flag = (prev == p.ksplit_a - 1);
   }
   __syncthreads();
-  if (*s_flag) {  // last K-slice of this row group: reduce in a fixed order, publish t
+  if (*s_flag) {  // last K slice of this row group: reduce in a fixed order, publish t
     __threadfence();
     for (int idx = threadIdx.x; idx < p.M * kRowsPerChunk; idx += kThreads) {
       const int m = idx / kRowsPerChunk;
       const int jj = rg * kRowsPerChunk + idx % kRowsPerChunk;
       if (jj < p.R) {
         float s = 0.f;
-        for (int q = 0; q < p.ksplit; ++q) s += __ldcg(part + (static_cast<size_t>(q) * p.M + m) * p.R + jj);
-        const float sa = p.lora_bits == 16 ? 1.f : __ldg(p.a_scale + jj);
+        for (int q = 0; q < p.ksplit_a; ++q) s += __ldcg(part + (static_cast<size_t>(q) * p.M + m) * p.R + jj);
+        const float sa = (p.lora_bits == 16 || p.a_group > 0) ? 1.f : __ldg(p.a_scale + jj);
         t[static_cast<size_t>(m) * p.R + jj] = s * sa * p.scaling;
       }
     }
@@ -266,103 +432,229 @@ __device__ void lora_a_chunk(const Params& p, int chunk, float* part, float* t, 
   __syncthreads();
 }
 
-// Phase 2: one 32-row block of one column (codes in `w`), accumulated into acc[0..M).
-// `cur_g`, `s`, `zm` cache the group scale and (2^23 + zero) across blocks of one group.
-template <typename T, int BITS, int MAXM>
-__device__ __forceinline__ void gemv_block(const Params& p, const uint32_t (&w)[BITS], int b, int nc, int& cur_g,
-                                           float& s, float& zm, float (&acc)[MAXM]) {
-  const T* x = reinterpret_cast<const T*>(p.x);
-  const T* scales = reinterpret_cast<const T*>(p.scales);
-  const int k0 = b * 32;
-  float wv[32];
-  float sb = 1.f;
+// ---- phase 2: the quantized GEMV on tensor cores ----------------------------------------
+
+// What one lane loads for one run: the words of its 4 columns, their group's scales and
+// the qzeros words holding their zero points.
+template <int BITS>
+struct RunLoad {
+  uint4 w[BITS];
+  uint2 s;
+  int z[4];
+};
+
+template <typename T, int BITS>
+__device__ __forceinline__ void load_run(const Params& p, int run, bool valid, int ncol, RunLoad<BITS>& L) {
+  if (!valid) {
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) L.w[i] = make_uint4(0u, 0u, 0u, 0u);
+    L.s = make_uint2(0u, 0u);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) L.z[c] = 0;
+    return;
+  }
+  const int32_t* src = p.qweight + static_cast<size_t>(run / 32) * BITS * p.N + ncol;
+#pragma unroll
+  for (int i = 0; i < BITS; ++i) L.w[i] = __ldcs(reinterpret_cast<const uint4*>(src + static_cast<size_t>(i) * p.N));
   if (p.g_idx == nullptr) {
-    const int g = k0 / p.group_size;
-    if (g != cur_g) {
-      cur_g = g;
-      s = to_f<T>(scales[static_cast<size_t>(g) * p.N + nc]);
-      zm = kMagic + static_cast<float>(
-                        static_cast<int>(zero_code<BITS>(p.qzeros + static_cast<size_t>(g) * p.qz_cols, nc)) +
-                        p.zero_offset);
-    }
-    sb = s;
+    const int grp = run / p.group_size;
+    L.s = __ldg(reinterpret_cast<const uint2*>(reinterpret_cast<const T*>(p.scales) + static_cast<size_t>(grp) * p.N + ncol));
+    zero_codes4<BITS>(p.qzeros + static_cast<size_t>(grp) * p.qz_cols, p.qz_cols, ncol, L.z);
+  }
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& u, int c) {
+  return c == 0 ? u.x : (c == 1 ? u.y : (c == 2 ? u.z : u.w));
+}
+
+// Dequantized pairs q (for the 4 columns) of one run: fast half2 path (group per run).
+template <typename T, int BITS>
+struct RunDequant {
+  uint32_t w[4][BITS];  // words per column
+  uint32_t zz[4], ss[4];
+
+  __device__ __forceinline__ void init(const Params& p, const RunLoad<BITS>& L) {
 #pragma unroll
-    for (int i = 0; i < 32; ++i) wv[i] = magic_f(code_of<BITS>(w, i)) - zm;
-  } else {
-    // act-order: every row may belong to another group (scale and zero per row)
+    for (int c = 0; c < 4; ++c) {
 #pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      const int4 gi = __ldg(reinterpret_cast<const int4*>(p.g_idx + k0) + c);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int g = e == 0 ? gi.x : (e == 1 ? gi.y : (e == 2 ? gi.z : gi.w));
-        const float sg = to_f<T>(scales[static_cast<size_t>(g) * p.N + nc]);
-        const float zg = kMagic + static_cast<float>(
-            static_cast<int>(zero_code<BITS>(p.qzeros + static_cast<size_t>(g) * p.qz_cols, nc)) + p.zero_offset);
-        wv[c * 4 + e] = (magic_f(code_of<BITS>(w, c * 4 + e)) - zg) * sg;
-      }
+      for (int i = 0; i < BITS; ++i) w[c][i] = word_of(L.w[i], c);
+      const uint32_t sbits = ((c < 2 ? L.s.x : L.s.y) >> (16 * (c & 1))) & 0xFFFFu;
+      ss[c] = sbits * 0x00010001u;
+      zz[c] = (Magic<T>::kBits + static_cast<uint32_t>(L.z[c] + p.zero_offset)) * 0x00010001u;
     }
   }
+  __device__ __forceinline__ uint32_t pair(int c, int q) const {
+    return dq_pair<T>(code_pair<BITS>(w[c], q), zz[c], ss[c]);
+  }
+};
+
+// Slow exact path: act-order (group per code) or codes too wide for T's magic number.
+// Every code is (q - z) * s in fp32 (exact), rounded to T once.
+template <typename T, int BITS>
+__device__ __forceinline__ void dq_pairs_slow(const Params& p, int run, int ncol, bool valid, const RunLoad<BITS>& L,
+                                              int q, uint32_t (&out)[4]) {
+  float v[2][4];
 #pragma unroll
-  for (int m = 0; m < MAXM; ++m) {
-    if (m < p.M) {
-      const T* xr = x + static_cast<size_t>(m) * p.K + k0;
-      float d = 0.f;
+  for (int h = 0; h < 2; ++h) {
+    const int e = slot_code<BITS>(2 * q + h);
+    float sc[4];
+    int z[4];
+    if (p.g_idx != nullptr) {
+      if (valid) {
+        const int grp = __ldg(p.g_idx + run + e);
+        const uint2 su = __ldg(reinterpret_cast<const uint2*>(reinterpret_cast<const T*>(p.scales) +
+                                                              static_cast<size_t>(grp) * p.N + ncol));
+        zero_codes4<BITS>(p.qzeros + static_cast<size_t>(grp) * p.qz_cols, p.qz_cols, ncol, z);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) sc[c] = bits_to_f<T>(((c < 2 ? su.x : su.y) >> (16 * (c & 1))) & 0xFFFFu);
+      } else {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          sc[c] = 0.f;
+          z[c] = 0;
+        }
+      }
+    } else {
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        float xv[8];
-        load8<T>(xr + c * 8, xv);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) d = fmaf(wv[c * 8 + i], xv[i], d);
+        sc[c] = bits_to_f<T>(((c < 2 ? L.s.x : L.s.y) >> (16 * (c & 1))) & 0xFFFFu);
+        z[c] = L.z[c];
       }
-      acc[m] = fmaf(sb, d, acc[m]);
+    }
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      uint32_t w[BITS];
+#pragma unroll
+      for (int i = 0; i < BITS; ++i) w[i] = word_of(L.w[i], c);
+      const int code = static_cast<int>(code_of<BITS>(w, e));
+      v[h][c] = static_cast<float>(code - z[c] - p.zero_offset) * sc[c];
     }
   }
+#pragma unroll
+  for (int c = 0; c < 4; ++c) out[c] = pack_pair<T>(v[0][c], v[1][c]);
 }
 
-// Phase 2 for one tile: per-thread partial sums over this warp's contiguous K range.
+// One run of one lane: 8 k-substeps x 2 column halves of mma (x2 for 9..16 batch rows).
+// `run_ok`: the run lies inside the K slice (x is loaded: this lane's x feeds every column of
+// the warp); `w_ok`: also the lane's columns exist (its weights were loaded).
 template <typename T, int BITS, int MAXM>
-__device__ __forceinline__ void gemv_tile(const Params& p, int n, bool col_ok, float (&acc)[MAXM]) {
-  const int warp = threadIdx.x >> 5;
-  const int nblocks = p.K / 32;
-  const int b_begin = (warp * nblocks) / kWarps;
-  const int b_end = ((warp + 1) * nblocks) / kWarps;
-  const int nc = col_ok ? n : 0;  // out-of-range lanes read column 0 and discard
-  constexpr int UNROLL = BITS <= 4 ? 4 : 2;  // blocks of loads in flight per thread
-  int cur_g = -1;
-  float s = 0.f, zm = 0.f;
-  int b = b_begin;
-  for (; b + UNROLL <= b_end; b += UNROLL) {
-    uint32_t w[UNROLL][BITS];
+__device__ __forceinline__ void compute_run(const Params& p, int run, bool run_ok, bool w_ok, int ncol,
+                                            const RunLoad<BITS>& L, float (&acc)[2][(MAXM > 8) ? 2 : 1][4]) {
+  constexpr int NT = (MAXM > 8) ? 2 : 1;
+  const int lane = threadIdx.x & 31, g = lane >> 2;
+  const T* x = reinterpret_cast<const T*>(p.x);
+  uint32_t xw[NT][16];
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int32_t* src = p.qweight + static_cast<size_t>(b + u) * BITS * p.N + nc;
+  for (int nt = 0; nt < NT; ++nt) {
+    const int m = g + 8 * nt;
+    if (run_ok && m < p.M) {
+      const uint4* src = reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * p.K + run);
 #pragma unroll
-      for (int i = 0; i < BITS; ++i) w[u][i] = ld_stream(src + static_cast<size_t>(i) * p.N);
+      for (int i = 0; i < 4; ++i) {
+        const uint4 u = __ldg(src + i);
+        xw[nt][4 * i + 0] = u.x;
+        xw[nt][4 * i + 1] = u.y;
+        xw[nt][4 * i + 2] = u.z;
+        xw[nt][4 * i + 3] = u.w;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) xw[nt][i] = 0u;
+    }
+  }
+  constexpr bool kFast = FastDequant<T, BITS>::value;
+  const bool fast = kFast && p.g_idx == nullptr;
+  RunDequant<T, BITS> dq;
+  if (fast) dq.init(p, L);
+#pragma unroll
+  for (int s = 0; s < 8; ++s) {
+    uint32_t pa[2][4];  // [pair 2s / 2s+1][column]
+    if (fast) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) pa[h][c] = dq.pair(c, 2 * s + h);
+      }
+    } else {
+      dq_pairs_slow<T, BITS>(p, run, ncol, w_ok, L, 2 * s, pa[0]);
+      dq_pairs_slow<T, BITS>(p, run, ncol, w_ok, L, 2 * s + 1, pa[1]);
+    }
+    uint32_t b[NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      b[nt][0] = x_pair<BITS>(xw[nt], 2 * s);
+      b[nt][1] = x_pair<BITS>(xw[nt], 2 * s + 1);
     }
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) gemv_block<T, BITS, MAXM>(p, w[u], b + u, nc, cur_g, s, zm, acc);
-  }
-  for (; b < b_end; ++b) {
-    uint32_t w[BITS];
-    const int32_t* src = p.qweight + static_cast<size_t>(b) * BITS * p.N + nc;
+    for (int i = 0; i < 2; ++i) {
+      // A rows g / g+8 are columns 4g+2i / 4g+2i+1; A cols (2t,2t+1) / (2t+8,2t+9) are pairs 2s / 2s+1
+      const uint32_t a[4] = {pa[0][2 * i], pa[0][2 * i + 1], pa[1][2 * i], pa[1][2 * i + 1]};
 #pragma unroll
-    for (int i = 0; i < BITS; ++i) w[i] = ld_stream(src + static_cast<size_t>(i) * p.N);
-    gemv_block<T, BITS, MAXM>(p, w, b, nc, cur_g, s, zm, acc);
+      for (int nt = 0; nt < NT; ++nt) mma16816<T>(acc[i][nt], a, b[nt]);
+    }
   }
 }
 
-// L2 prefetch of this warp's share of one tile's packed weights (one line per 32-column row;
-// a second line when the tile's 128 bytes straddle two lines).
+// One work unit (tile, K slice): per-warp partial sums into red[warp][m][col].
+template <typename T, int BITS, int MAXM>
+__device__ __forceinline__ void gemv_unit(const Params& p, int tile, int ks, float* red) {
+  constexpr int NT = (MAXM > 8) ? 2 : 1;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int ncol = tile * kTileN + 4 * g;
+  const bool col_ok = ncol < p.N;  // N % 4 == 0: the 4 columns are valid together
+  const int kbeg = ks * p.kslice;
+  const int kend = min(p.K, kbeg + p.kslice);
+  const int steps = (kend - kbeg + kStepK - 1) / kStepK;
+  float acc[2][NT][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][nt][e] = 0.f;
+    }
+  }
+  int st = warp;
+  int run = kbeg + st * kStepK + t * kRunK;
+  RunLoad<BITS> cur, nxt;
+  load_run<T, BITS>(p, run, col_ok && st < steps && run < kend, ncol, cur);
+  while (st < steps) {  // warp-uniform: every lane takes part in the mmas
+    const int st_n = st + kWarps;
+    const int run_n = kbeg + st_n * kStepK + t * kRunK;
+    load_run<T, BITS>(p, run_n, col_ok && st_n < steps && run_n < kend, ncol, nxt);
+    compute_run<T, BITS, MAXM>(p, run, run < kend, col_ok && run < kend, ncol, cur, acc);
+    cur = nxt;
+    st = st_n;
+    run = run_n;
+  }
+  // D fragment of column half i, batch tile nt: c0 = (col 4g+2i, m 2t), c1 = (4g+2i, 2t+1),
+  // c2 = (4g+2i+1, 2t), c3 = (4g+2i+1, 2t+1), m offset by 8 nt.
+  float* mine = red + warp * MAXM * kTileN;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = 8 * nt + 2 * t + (e & 1);
+        const int col = 4 * g + 2 * i + (e >> 1);
+        if (m < p.M) mine[m * kTileN + col] = acc[i][nt][e];
+      }
+    }
+  }
+}
+
+// L2 prefetch of one unit's packed weights (one 128-byte line per packed row of the tile; a
+// second line when the tile's 128 bytes straddle two lines).
 template <int BITS>
-__device__ __forceinline__ void prefetch_tile(const Params& p, int tile) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int nblocks = p.K / 32;
-  const int row_begin = ((warp * nblocks) / kWarps) * BITS;
-  const int row_end = (((warp + 1) * nblocks) / kWarps) * BITS;
+__device__ __forceinline__ void prefetch_unit(const Params& p, int unit) {
+  const int tile = unit / p.ksplit, ks = unit % p.ksplit;
+  const int kbeg = ks * p.kslice;
+  const int kend = min(p.K, kbeg + p.kslice);
+  const int row_begin = (kbeg / 32) * BITS, row_end = (kend / 32) * BITS;
   const int n0 = tile * kTileN;
   const int n1 = min(p.N, n0 + kTileN) - 1;
-  for (int row = row_begin + lane; row < row_end; row += 32) {
+  for (int row = row_begin + static_cast<int>(threadIdx.x); row < row_end; row += kThreads) {
     const int32_t* base = p.qweight + static_cast<size_t>(row) * p.N;
     prefetch_l2(base + n0);
     if (((reinterpret_cast<uintptr_t>(base + n0) ^ reinterpret_cast<uintptr_t>(base + n1)) >> 7) != 0)
@@ -370,8 +662,119 @@ __device__ __forceinline__ void prefetch_tile(const Params& p, int tile) {
   }
 }
 
+// ---- epilogue: + B.t (LoRA), + bias, store ----------------------------------------------
+
+// B[n, j0 .. j0+8) as floats (without the per-row scale); j0 % 8 == 0, R % 8 == 0.
+template <typename T>
+__device__ __forceinline__ void load_b8(const Params& p, int n, int j0, float (&b)[8]) {
+  if (p.lora_bits == 16) {
+    load8<T>(reinterpret_cast<const T*>(p.lora_b) + static_cast<size_t>(n) * p.R + j0, b);
+  } else if (p.lora_bits == 8) {
+    const uint2 u = __ldg(reinterpret_cast<const uint2*>(reinterpret_cast<const int8_t*>(p.lora_b) +
+                                                         static_cast<size_t>(n) * p.R + j0));
+    const int8_t* c = reinterpret_cast<const int8_t*>(&u);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) b[i] = static_cast<float>(c[i]);
+  } else {
+    const uint32_t u = __ldg(reinterpret_cast<const uint32_t*>(reinterpret_cast<const uint8_t*>(p.lora_b) +
+                                                               static_cast<size_t>(n) * ((p.R + 1) / 2) + j0 / 2));
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int c = static_cast<int>((u >> (4 * i)) & 0xFu);
+      b[i] = static_cast<float>(c >= 8 ? c - 16 : c);
+    }
+  }
+}
+
+// B[n, j] as float (without its per-row scale): any R.
+template <typename T>
+__device__ __forceinline__ float load_b(const Params& p, int n, int j) {
+  if (p.lora_bits == 16) return to_f<T>(reinterpret_cast<const T*>(p.lora_b)[static_cast<size_t>(n) * p.R + j]);
+  if (p.lora_bits == 8)
+    return static_cast<float>(reinterpret_cast<const int8_t*>(p.lora_b)[static_cast<size_t>(n) * p.R + j]);
+  const uint8_t byte = reinterpret_cast<const uint8_t*>(p.lora_b)[static_cast<size_t>(n) * ((p.R + 1) / 2) + j / 2];
+  const int c = (byte >> (4 * (j & 1))) & 0xF;
+  return static_cast<float>(c >= 8 ? c - 16 : c);
+}
+
+// y (red0[m][col], fully reduced) + B.t + bias -> out for one tile.
+template <typename T, int MAXM>
+__device__ __forceinline__ void epilogue(const Params& p, int tile, float* red0, const float* ts) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (p.R > 0) {
+    // 8 columns per warp: lane/4 picks the column, lane%4 a quarter of the rank
+    const int col = warp * 8 + (lane >> 2), jq = lane & 3;
+    const int n = tile * kTileN + col;
+    float l[MAXM];
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) l[m] = 0.f;
+    if (n < p.N) {
+      if ((p.R & 7) == 0) {
+        for (int j0 = jq * 8; j0 < p.R; j0 += 32) {
+          float b[8];
+          load_b8<T>(p, n, j0, b);
+#pragma unroll
+          for (int m = 0; m < MAXM; ++m) {
+            if (m < p.M) {
+#pragma unroll
+              for (int i = 0; i < 8; ++i) l[m] = fmaf(b[i], ts[m * p.R + j0 + i], l[m]);
+            }
+          }
+        }
+      } else {
+        for (int j = jq; j < p.R; j += 4) {
+          const float bv = load_b<T>(p, n, j);
+#pragma unroll
+          for (int m = 0; m < MAXM; ++m)
+            if (m < p.M) l[m] = fmaf(bv, ts[m * p.R + j], l[m]);
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m) {
+      l[m] += __shfl_xor_sync(0xffffffffu, l[m], 1);
+      l[m] += __shfl_xor_sync(0xffffffffu, l[m], 2);
+    }
+    if (jq == 0 && n < p.N) {
+      const float sb = p.lora_bits == 16 ? 1.f : __ldg(p.b_scale + n);
+#pragma unroll
+      for (int m = 0; m < MAXM; ++m)
+        if (m < p.M) red0[m * kTileN + col] += sb * l[m];
+    }
+    __syncthreads();
+  }
+  T* out = reinterpret_cast<T*>(p.out);
+  const T* bias = reinterpret_cast<const T*>(p.bias);
+  for (int idx = threadIdx.x; idx < p.M * kTileN; idx += kThreads) {
+    const int m = idx / kTileN, col = idx % kTileN;
+    const int nn = tile * kTileN + col;
+    if (nn < p.N) {
+      float v = red0[m * kTileN + col];
+      if (bias != nullptr) v += to_f<T>(bias[nn]);
+      out[static_cast<size_t>(m) * p.N + nn] = from_f<T>(v);
+    }
+  }
+  __syncthreads();
+}
+
+// L2 prefetch of a tile's B rows (read by the epilogue of whichever slice arrives last): the
+// rows of a tile are one contiguous byte range of the row-major B.
+__device__ __forceinline__ void prefetch_b_rows(const Params& p, int tile) {
+  const size_t row_bytes = p.lora_bits == 16 ? static_cast<size_t>(p.R) * 2
+                                             : (p.lora_bits == 8 ? static_cast<size_t>(p.R) : (p.R + 1) / 2);
+  const int n0 = tile * kTileN;
+  const int n1 = min(p.N, n0 + kTileN);
+  const size_t begin = (static_cast<size_t>(n0) * row_bytes) & ~static_cast<size_t>(127);
+  const size_t end = static_cast<size_t>(n1) * row_bytes;
+  const char* base = reinterpret_cast<const char*>(p.lora_b);
+  for (size_t off = begin + static_cast<size_t>(threadIdx.x) * 128; off < end; off += static_cast<size_t>(kThreads) * 128)
+    prefetch_l2(base + off);
+}
+
+// ---- the kernel ---------------------------------------------------------------------------
+
 template <typename T, int BITS, int MAXM>
-__global__ void __launch_bounds__(kThreads, 2) gptq_lora_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, (BITS >= 8 ? 2 : 4)) gptq_lora_kernel(const Params p) {
 #ifdef PEFT_EORA_CPU_EMULATION
   float* smem = peft_eora_emu::block_smem();
   int& s_flag = peft_eora_emu::block_flag();
@@ -379,96 +782,82 @@ __global__ void __launch_bounds__(kThreads, 2) gptq_lora_kernel(const Params p) 
   extern __shared__ float smem[];
   __shared__ int s_flag;
 #endif
-  float* red = smem;                           // [kWarps][MAXM][32]
-  float* ts = smem + kWarps * MAXM * kTileN;   // [M][R]
+  float* red = smem;                          // [kWarps][MAXM][32]
+  float* ts = smem + kWarps * MAXM * kTileN;  // [M][R]
 
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int32_t* counters = p.ws;
-  float* t_glob = reinterpret_cast<float*>(p.ws + kWsHeader);
-  float* part = t_glob + static_cast<size_t>(p.M) * p.R;
+  float* wsf = reinterpret_cast<float*>(p.ws);
   const bool has_lora = p.R > 0;
 
-  // ---- phase 1: my share of t = scaling * A.x ------------------------------------------
-  if (has_lora && p.mode == kModeFused && blockIdx.x < p.num_tiles) prefetch_tile<BITS>(p, blockIdx.x);
+  // ---- phase 1: t = scaling * A.x ---------------------------------------------------------
+  const int bid = static_cast<int>(blockIdx.x);
+  const bool p1_only = p.mode == kModeFused && bid < p.p1_ctas;  // a dedicated phase-1 CTA
   if (has_lora && p.mode != kModePhase2) {
-    const int chunks = p.nrg * p.ksplit;
-    for (int c = blockIdx.x; c < chunks; c += gridDim.x) lora_a_chunk<T, MAXM>(p, c, part, t_glob, counters, &s_flag);
-  }
-
-  // ---- phase 2: weight tiles ---------------------------------------------------------------
-  if (p.mode != kModePhase1) {
-    bool t_ready = false;
-    for (int tile = blockIdx.x; tile < p.num_tiles; tile += gridDim.x) {
-      const int n = tile * kTileN + lane;
-      const bool col_ok = n < p.N;
-      float acc[MAXM];
-#pragma unroll
-      for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
-      gemv_tile<T, BITS, MAXM>(p, n, col_ok, acc);
-#pragma unroll
-      for (int m = 0; m < MAXM; ++m) red[(warp * MAXM + m) * kTileN + lane] = acc[m];
-      __syncthreads();
-      for (int idx = threadIdx.x; idx < p.M * kTileN; idx += kThreads) {
-        const int m = idx / kTileN, col = idx % kTileN;
-        float s = 0.f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) s += red[(w * MAXM + m) * kTileN + col];
-        red[m * kTileN + col] = s;  // row (w = 0, m): only this thread touches (m, col)
+    const int chunks = p.nrg * p.ksplit_a;
+    if (p.p1_ctas > 0 && p.mode == kModeFused) {
+      if (p1_only) {
+        for (int c = bid; c < chunks; c += p.p1_ctas) lora_a_chunk<T, MAXM>(p, c, &s_flag);
       }
-
-      if (has_lora) {
-        if (!t_ready) {  // wait for the whole grid's phase 1 (normally already complete)
-          if (p.mode == kModeFused && threadIdx.x == 0) {
-            while (ld_acquire(counters + 0) < static_cast<uint32_t>(p.nrg)) __nanosleep(64);
-          }
-          __syncthreads();
-          for (int idx = threadIdx.x; idx < p.M * p.R; idx += kThreads) ts[idx] = __ldcg(t_glob + idx);
-          t_ready = true;
-        }
-        __syncthreads();
-        // B.t for this tile: each warp takes kTileN / kWarps columns, lanes split r.
-        for (int col = warp; col < kTileN; col += kWarps) {
-          const int nn = tile * kTileN + col;
-          if (nn >= p.N) continue;  // warp-uniform
-          float l[MAXM];
-#pragma unroll
-          for (int m = 0; m < MAXM; ++m) l[m] = 0.f;
-          for (int j = lane; j < p.R; j += 32) {
-            const float bv = load_b<T>(p, nn, j);
-#pragma unroll
-            for (int m = 0; m < MAXM; ++m)
-              if (m < p.M) l[m] = fmaf(bv, ts[m * p.R + j], l[m]);
-          }
-          const float sb = p.lora_bits == 16 ? 1.f : __ldg(p.b_scale + nn);
-#pragma unroll
-          for (int m = 0; m < MAXM; ++m) {
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) l[m] += __shfl_xor_sync(0xffffffffu, l[m], o);
-          }
-          if (lane == 0) {
-#pragma unroll
-            for (int m = 0; m < MAXM; ++m)
-              if (m < p.M) red[m * kTileN + col] += sb * l[m];
-          }
-        }
-      }
-      __syncthreads();
-      T* out = reinterpret_cast<T*>(p.out);
-      const T* bias = reinterpret_cast<const T*>(p.bias);
-      for (int idx = threadIdx.x; idx < p.M * kTileN; idx += kThreads) {
-        const int m = idx / kTileN, col = idx % kTileN;
-        const int nn = tile * kTileN + col;
-        if (nn < p.N) {
-          float v = red[m * kTileN + col];
-          if (bias != nullptr) v += to_f<T>(bias[nn]);
-          out[static_cast<size_t>(m) * p.N + nn] = from_f<T>(v);
-        }
-      }
-      __syncthreads();
+    } else {
+      // every CTA takes a share (weight stream of its first unit requested first)
+      if (p.mode == kModeFused && bid < p.num_units) prefetch_unit<BITS>(p, bid);
+      for (int c = bid; c < chunks; c += gridDim.x) lora_a_chunk<T, MAXM>(p, c, &s_flag);
     }
   }
 
-  // ---- exit: the last CTA out resets the barrier counters for the next launch ------------
+  // ---- phase 2: units (tile, K slice) -------------------------------------------------------
+  if (p.mode != kModePhase1 && !p1_only) {
+    bool t_ready = false;
+    const int first = p.mode == kModeFused ? bid - p.p1_ctas : bid;
+    const int stride = p.mode == kModeFused ? static_cast<int>(gridDim.x) - p.p1_ctas : static_cast<int>(gridDim.x);
+    for (int u = first; u < p.num_units; u += stride) {
+      const int tile = u / p.ksplit, ks = u % p.ksplit;
+      if (has_lora && ks == 0) prefetch_b_rows(p, tile);
+      gemv_unit<T, BITS, MAXM>(p, tile, ks, red);
+      __syncthreads();
+      for (int idx = threadIdx.x; idx < p.M * kTileN; idx += kThreads) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) s += red[w * MAXM * kTileN + idx];
+        red[idx] = s;  // red[0]: only this thread touches index idx
+      }
+      if (p.ksplit > 1) {
+        float* part = wsf + p.ws_part_y;
+        for (int idx = threadIdx.x; idx < p.M * kTileN; idx += kThreads)
+          part[static_cast<size_t>(u) * p.M * kTileN + idx] = red[idx];
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) {
+          const int prev = atomicAdd(counters + p.ws_tiles + tile, 1);
+          s_flag = (prev == p.ksplit - 1);
+        }
+        __syncthreads();
+        if (!s_flag) continue;  // block-uniform
+        __threadfence();
+        for (int idx = threadIdx.x; idx < p.M * kTileN; idx += kThreads) {
+          float s = 0.f;
+          for (int q = 0; q < p.ksplit; ++q)
+            s += __ldcg(part + (static_cast<size_t>(tile) * p.ksplit + q) * p.M * kTileN + idx);
+          red[idx] = s;  // fixed order over the K slices: deterministic
+        }
+        if (threadIdx.x == 0) counters[p.ws_tiles + tile] = 0;  // every slice of this tile has arrived
+      }
+      __syncthreads();
+      if (has_lora && !t_ready) {  // wait for the whole grid's phase 1 (normally long complete)
+        if (p.mode == kModeFused && threadIdx.x == 0) {
+          while (ld_acquire(counters + 0) < static_cast<uint32_t>(p.nrg)) __nanosleep(64);
+        }
+        __syncthreads();
+        const float* t_glob = wsf + p.ws_t;
+        for (int idx = threadIdx.x; idx < p.M * p.R; idx += kThreads) ts[idx] = __ldcg(t_glob + idx);
+        t_ready = true;
+        __syncthreads();
+      }
+      epilogue<T, MAXM>(p, tile, red, ts);
+    }
+  }
+
+  // ---- exit: the last CTA out resets the phase-1 counters for the next launch -------------
   if (has_lora && p.mode != kModePhase2) {
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -487,36 +876,52 @@ __global__ void __launch_bounds__(kThreads, 2) gptq_lora_kernel(const Params p) 
 // ---- host-side planning (shared by the CUDA launcher and the CPU emulation) ------------
 
 struct LaunchPlan {
-  int launches;   // 1 (fused or no LoRA) or 2 (two-pass)
+  int launches;     // 1 (fused or no LoRA) or 2 (two-pass)
   int grid[2];
   int mode[2];
-  size_t smem;    // dynamic shared memory bytes
-  int64_t ws_ints;  // workspace int32 words needed (0 without LoRA)
+  size_t smem;      // dynamic shared memory bytes
+  int64_t ws_ints;  // workspace int32 words needed
 };
 
 inline size_t smem_bytes(int maxm, int M, int R) {
-  return (static_cast<size_t>(kWarps) * maxm * kTileN + static_cast<size_t>(M) * R) * sizeof(float);
+  return (static_cast<size_t>(kWarps) * maxm * kTileN + static_cast<size_t>(M) * (R > 0 ? R : 0)) * sizeof(float);
 }
 
-inline int64_t workspace_ints_for(int M, int R) {
-  return kWsHeader + static_cast<int64_t>(M) * R * (1 + kMaxKSplit);
+// Upper bound of the workspace any plan for (M, R, N) needs (what the host allocates).
+inline int64_t workspace_ints_for(int M, int R, int N) {
+  (void)N;
+  return kWsData + static_cast<int64_t>(M) * (R > 0 ? R : 0) * (1 + kMaxKSplit) +
+         static_cast<int64_t>(kMaxSplitUnits) * M * kTileN;
 }
 
-// Fill the tiling fields of `p` and return the launch sequence. `capacity` is the number of
-// CTAs that can be resident at once: the fused (single-launch) grid never exceeds it.
-inline LaunchPlan make_plan(Params& p, int maxm, int capacity, bool two_pass) {
-  LaunchPlan plan{};
-  plan.smem = smem_bytes(maxm, p.M, p.R);
-  p.num_tiles = (p.N + kTileN - 1) / kTileN;
-  if (p.R <= 0) {
-    p.nrg = p.ksplit = p.kslice = 0;
-    plan.launches = 1;
-    plan.grid[0] = p.num_tiles;
-    plan.mode[0] = kModePhase2;
-    return plan;
+// Phase-2 K split: fewest waves x steps per warp over `ctas` CTAs (ties: fewer slices).
+inline void plan_ksplit(Params& p, int ctas) {
+  const int max_steps = (p.K + kStepK - 1) / kStepK;
+  int best_ks = 1, best_slice = max_steps * kStepK;
+  int64_t best_cost = -1;
+  for (int ks = 1; ks <= kMaxKSplit && ks <= max_steps; ++ks) {
+    const int steps_per = (max_steps + ks - 1) / ks;
+    const int slice = steps_per * kStepK;
+    const int eff = (p.K + slice - 1) / slice;
+    if (eff != ks) continue;  // the same split as a smaller ks
+    const int64_t units = static_cast<int64_t>(p.num_tiles) * eff;
+    if (eff > 1 && (units > kMaxSplitUnits || p.num_tiles > kMaxTileCounters)) break;
+    const int64_t waves = (units + ctas - 1) / ctas;
+    const int64_t iters = (steps_per + kWarps - 1) / kWarps;
+    const int64_t cost = waves * iters;
+    if (best_cost < 0 || cost < best_cost) {
+      best_cost = cost;
+      best_ks = eff;
+      best_slice = slice;
+    }
   }
-  const int fused_grid = p.num_tiles < capacity ? p.num_tiles : capacity;
-  const int target = two_pass ? capacity : fused_grid;
+  p.ksplit = best_ks;
+  p.kslice = best_slice;
+  p.num_units = p.num_tiles * best_ks;
+}
+
+// Phase-1 K split into `target` chunks at most (slices of whole 256-element steps).
+inline void plan_phase1(Params& p, int target) {
   p.nrg = (p.R + kRowsPerChunk - 1) / kRowsPerChunk;
   int ks = target / p.nrg;
   if (ks < 1) ks = 1;
@@ -524,20 +929,61 @@ inline LaunchPlan make_plan(Params& p, int maxm, int capacity, bool two_pass) {
   if (ks > (p.K + 255) / 256) ks = (p.K + 255) / 256;
   int slice = (p.K + ks - 1) / ks;
   slice = ((slice + 255) / 256) * 256;
-  p.kslice = slice;
-  p.ksplit = (p.K + slice - 1) / slice;
-  plan.ws_ints = kWsHeader + static_cast<int64_t>(p.M) * p.R * (1 + p.ksplit);
+  p.kslice_a = slice;
+  p.ksplit_a = (p.K + slice - 1) / slice;
+}
+
+// Fill the planned fields of `p` and return the launch sequence. `capacity` is the number of
+// CTAs that can be resident at once: the fused (single-launch) grid never exceeds it.
+inline LaunchPlan make_plan(Params& p, int maxm, int capacity, bool two_pass) {
+  LaunchPlan plan{};
+  if (capacity < 1) capacity = 1;
+  plan.smem = smem_bytes(maxm, p.M, p.R);
+  p.num_tiles = (p.N + kTileN - 1) / kTileN;
+  p.ws_tiles = kWsHeader;
+  p.ws_t = kWsData;
+  p.p1_ctas = 0;
+  if (p.R <= 0) {
+    plan_ksplit(p, capacity);
+    p.nrg = p.ksplit_a = p.kslice_a = 0;
+    p.ws_part_a = p.ws_part_y = kWsData;
+    plan.ws_ints = p.ksplit > 1 ? kWsData + static_cast<int64_t>(p.num_units) * p.M * kTileN : 0;
+    plan.launches = 1;
+    plan.grid[0] = p.num_units < capacity ? p.num_units : capacity;
+    plan.mode[0] = kModePhase2;
+    return plan;
+  }
+  const int nrg = (p.R + kRowsPerChunk - 1) / kRowsPerChunk;
   if (two_pass) {
+    plan_ksplit(p, capacity);
+    plan_phase1(p, capacity);
     plan.launches = 2;
-    plan.grid[0] = p.nrg * p.ksplit;
+    plan.grid[0] = p.nrg * p.ksplit_a;
     plan.mode[0] = kModePhase1;
-    plan.grid[1] = p.num_tiles;
+    plan.grid[1] = p.num_units;
     plan.mode[1] = kModePhase2;
   } else {
+    plan_ksplit(p, capacity);
+    const int spare = capacity - p.num_units;
+    if (spare >= nrg) {  // room beside the units: dedicated phase-1 CTAs, one wave of units
+      plan_phase1(p, spare);
+      p.p1_ctas = p.nrg * p.ksplit_a;
+      plan.grid[0] = p.num_units + p.p1_ctas;
+    } else if (capacity >= 4 * nrg) {  // full GPU: reserve one CTA per row group, units loop on the rest
+      plan_ksplit(p, capacity - nrg);
+      plan_phase1(p, nrg);
+      p.p1_ctas = p.nrg * p.ksplit_a;
+      plan.grid[0] = capacity;
+    } else {  // tiny capacity: every CTA does a share of phase 1 first
+      plan.grid[0] = p.num_units < capacity ? p.num_units : capacity;
+      plan_phase1(p, plan.grid[0]);
+    }
     plan.launches = 1;
-    plan.grid[0] = fused_grid;
     plan.mode[0] = kModeFused;
   }
+  p.ws_part_a = p.ws_t + p.M * p.R;
+  p.ws_part_y = p.ws_part_a + p.ksplit_a * p.M * p.R;
+  plan.ws_ints = p.ws_part_y + (p.ksplit > 1 ? static_cast<int64_t>(p.num_units) * p.M * kTileN : 0);
   return plan;
 }
 

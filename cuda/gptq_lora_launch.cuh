@@ -1,5 +1,5 @@
 // Launch helpers shared by the per-bit-width translation units (gptq_lora_b{2,3,4,8}.cu).
-// Splitting the 24 kernel instantiations over four files lets ninja compile them in parallel.
+// Splitting the 16 kernel instantiations over four files lets ninja compile them in parallel.
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -50,6 +50,7 @@ void launch(Params& p, bool two_pass, int64_t ws_ints, int device, cudaStream_t 
   const int cap = capacity(func, device, smem_bytes(MAXM, p.M, p.R));
   const LaunchPlan plan = make_plan(p, MAXM, cap, two_pass);
   TORCH_CHECK(ws_ints >= plan.ws_ints, "peft_eora: workspace has ", ws_ints, " int32 words, needs ", plan.ws_ints);
+  TORCH_CHECK(plan.ws_ints == 0 || p.ws != nullptr, "peft_eora: this call needs a workspace");
   for (int i = 0; i < plan.launches; ++i) {
     p.mode = plan.mode[i];
     gptq_lora_kernel<T, BITS, MAXM><<<plan.grid[i], kThreads, plan.smem, stream>>>(p);
@@ -57,14 +58,13 @@ void launch(Params& p, bool two_pass, int64_t ws_ints, int device, cudaStream_t 
   }
 }
 
-// All M variants for one code width. Instantiated (for __half and __nv_bfloat16) only in
-// gptq_lora_b<BITS>.cu; other translation units see the extern declarations below.
+// Both M variants for one code width (one mma batch tile for M <= 8, two for 9..16).
+// Instantiated (for __half and __nv_bfloat16) only in gptq_lora_b<BITS>.cu; other
+// translation units see the extern declarations below.
 template <typename T, int BITS>
 void launch_bits(Params& p, bool two_pass, int64_t ws_ints, int device, cudaStream_t stream) {
-  if (p.M <= 1) {
-    launch<T, BITS, 1>(p, two_pass, ws_ints, device, stream);
-  } else if (p.M <= 4) {
-    launch<T, BITS, 4>(p, two_pass, ws_ints, device, stream);
+  if (p.M <= 8) {
+    launch<T, BITS, 8>(p, two_pass, ws_ints, device, stream);
   } else {
     launch<T, BITS, 16>(p, two_pass, ws_ints, device, stream);
   }

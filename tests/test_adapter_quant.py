@@ -18,7 +18,7 @@ from peft_eora.adapter_quant import (
     quantize_adapter_,
     unpack_adapter_state_dict,
 )
-from peft_eora.kernels.lowbit import quantize_per_channel
+from peft_eora.kernels.lowbit import factor_group_size, quantize_per_channel
 
 
 def _lora_weights(model) -> dict[str, torch.Tensor]:
@@ -87,7 +87,10 @@ def test_eora_factors_on_grid_saved_as_codes_and_reloaded_exactly(tiny_llama, ca
     weights = _lora_weights(pm)
     assert weights and all(torch.isfinite(w).all() for w in weights.values())
     for key, w in weights.items():  # already on the grid: re-rounding changes nothing
-        assert torch.equal(quantize_per_channel(w, bits).dequantize(), w), key
+        kind = "lora_A" if ".lora_A" in key else "lora_B"
+        group = factor_group_size(kind, bits, w.shape[1])
+        assert group == (32 if (kind == "lora_A" and bits == 4) else 0)  # int4 A: one scale per 32 inputs
+        assert torch.equal(quantize_per_channel(w, bits, group).dequantize(), w), key
     x = calib_ids[4:6, :32]
     with torch.no_grad():
         ref = pm(x).logits

@@ -505,9 +505,8 @@ def _bad_inputs():
         ("H_nonsquare", dict(delta=delta, H=H[:, :12], rank=2), "covariance shape (16, 12)"),
         ("H_for_out_dim", dict(delta=delta, H=torch.eye(12, dtype=F64), rank=2), "does not match"),
         ("unknown_method", dict(delta=delta, H=H, rank=2, method="qr"), "Unknown EoRA method 'qr'"),
-        ("negative_damping", dict(delta=delta, H=H, rank=2, damping=-0.1), "damping must be a finite number"),
+        ("negative_damping", dict(delta=delta, H=H, rank=2, damping=-0.1), "damping must be a number ≥ 0"),
         ("nan_damping", dict(delta=delta, H=H, rank=2, damping=float("nan")), "damping must be"),
-        ("inf_damping", dict(delta=delta, H=H, rank=2, damping=float("inf")), "damping must be"),
         ("eora_without_H", dict(delta=delta, H=None, rank=2), "needs the activation covariance"),
         ("delta_1d", dict(delta=delta[0], H=H, rank=2), "2-D matrix"),
         ("delta_3d", dict(delta=delta[None], H=H, rank=2), "2-D matrix"),
@@ -568,10 +567,14 @@ def test_eigen_shift_equals_damped_eigendecomposition():
     """One eigh + shifted eigenvalues gives the factors of eigh(H + δ·mean(diag H)·I), for every δ."""
     delta, _, H = make_case(seed=101)
     e = eigen(H)
-    for d in AUTO_DAMPING_GRID + (3.0,):
+    for d in [g for g in AUTO_DAMPING_GRID if math.isfinite(g)] + [10.0]:
         ref = product(eora_factors(delta, H, 6, damping=d))
         got = product(eora_factors(delta, H, 6, projection=e.projection(d)))
         assert rel_diff(got, ref) < 1e-9, d
+    # the grid's δ = inf is plain SVD of the residual
+    assert math.inf in AUTO_DAMPING_GRID
+    svd = product(eora_factors(delta, None, 6, method="svd"))
+    assert rel_diff(product(eora_factors(delta, H, 6, projection=e.projection(math.inf))), svd) < 1e-6
     # rank-deficient H: same cut-off and kept count
     delta, _, Hd = DEGENERATE["few_samples"]
     for d in (0.0, 0.01):
@@ -770,3 +773,33 @@ def test_allocation_bounds_budget_and_errors():
         allocate_ranks(spectra, {"layer0": 1}, budget=100)
     with pytest.raises(ValueError, match="cost per rank must be positive"):
         allocate_ranks(spectra, {**costs, "layer1": 0}, budget=100)
+
+
+# --------------------------------------------------------------------------------------------
+# Cholesky projection (the fast exact path for a positive ridge)
+
+
+def test_cholesky_projection_gives_the_eigen_factors():
+    from peft_eora.decompose import Projection, cholesky_projection, projection_for
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 48, generator=gen, dtype=F64) * torch.logspace(0, -4, 48, dtype=F64)
+    x[:, 5] = 0.0  # a dead channel
+    H = x.T @ x
+    delta = torch.randn(24, 48, generator=gen, dtype=F64)
+    for d in (1e-3, 0.01, 1.0):
+        chol = cholesky_projection(H, d)
+        assert isinstance(chol, Projection) and chol.lower
+        S, S_pinv, kept = eigen_projection(H, d)
+        eig = Projection(S=S, kept=kept, S_pinv=S_pinv)
+        f_c = eora_factors(delta, H, 6, projection=chol)
+        f_e = eora_factors(delta, H, 6, projection=eig)
+        ref = f_e.B.double() @ f_e.A.double()
+        got = f_c.B.double() @ f_c.A.double()
+        assert (got - ref).norm() <= 1e-5 * ref.norm()  # float32 factors: same product
+        assert torch.allclose(f_c.singular_values, f_e.singular_values, rtol=1e-5)
+        assert projection_for(H, d).lower
+    # no ridge (or one below the eigenvalue cut-off): the eigendecomposition with its pseudo-inverse
+    assert cholesky_projection(H, 0.0) is None and not projection_for(H, 0.0).lower
+    assert cholesky_projection(H, 1e-12) is None
+    assert cholesky_projection(torch.zeros(8, 8, dtype=F64), 0.1) is None  # no signal: plain SVD fallback

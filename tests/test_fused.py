@@ -98,7 +98,7 @@ def test_peft_wraps_torchlinear_with_gptq_lora_layer():
     inner = pm.base_model.model
     assert isinstance(inner.q, GPTQLoraLinear) and isinstance(inner.down, GPTQLoraLinear)
     assert base_layer_reason(inner.q.get_base_layer()) is None
-    assert "not a plain-GPTQ" in base_layer_reason(nn.Linear(4, 4))
+    assert "nor a plain-GPTQ gptqmodel module" in base_layer_reason(nn.Linear(4, 4))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, F32_TOL), (torch.float16, F16_TOL)])

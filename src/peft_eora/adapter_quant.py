@@ -1,8 +1,8 @@
 """Quantized EoRA adapters: ``lora_A``/``lora_B`` kept on an int8 or int4 grid.
 
-``EoRAConfig(adapter_bits=8 | 4)`` rounds every factor onto a symmetric per-channel grid right
-after EoRA computes it (one float32 scale per row: per rank direction for ``A``, per output
-feature for ``B``; see :mod:`peft_eora.kernels.lowbit`). In memory the factors stay ordinary
+``EoRAConfig(adapter_bits=8 | 4)`` rounds every factor onto a symmetric grid right after EoRA
+computes it (one float32 scale per row: per rank direction for ``A``, per output feature for
+``B``; int4 ``A`` has one scale per row and 32 input columns; see :mod:`peft_eora.kernels.lowbit`). In memory the factors stay ordinary
 float ``nn.Linear`` weights holding grid values, so PEFT's forward, merging and training work
 unchanged and what you evaluate is exactly what is saved. On disk each factor is stored as codes
 plus scales, 4× (int8) or ~8× (int4) smaller than float32::
@@ -14,7 +14,8 @@ plus scales, 4× (int8) or ~8× (int4) smaller than float32::
 
 Saved keys (``X`` = ``base_model.model.<module>.lora_A`` or ``.lora_B``): ``X.qweight`` (int8
 codes, or uint8 with two int4 codes per byte, even column in the low nibble), ``X.qscale``
-(float32, one per row) and ``X.qshape`` (int64 ``[rows, cols]``). The fused kernels read the same
+(float32, one per row, or ``[rows, cols / 32]`` for int4 ``lora_A``) and ``X.qshape`` (int64
+``[rows, cols]``). The fused kernels read the same
 layout (``peft_eora.fuse(model, adapter_bits=...)``). After fine-tuning, saving re-rounds the
 trained factors onto the grid (lossy); set ``adapter_bits=16`` to keep them exact.
 """
@@ -28,7 +29,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .kernels.lowbit import LOWBIT_BITS, LowBitTensor, dequantize_per_channel, quantize_per_channel
+from .kernels.lowbit import LOWBIT_BITS, LowBitTensor, dequantize_per_channel, factor_group_size, quantize_per_channel
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,13 @@ def check_bits(bits: int) -> int:
     return int(bits)
 
 
-def _round_to_grid(w: torch.Tensor, bits: int) -> torch.Tensor:
-    return dequantize_per_channel(quantize_per_channel(w, bits), torch.float32).to(w.dtype)
+def _kind(stem: str) -> str:
+    return "lora_A" if ".lora_A" in stem else "lora_B"
+
+
+def _round_to_grid(w: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
+    q = quantize_per_channel(w, bits, factor_group_size(kind, bits, w.shape[1]))
+    return dequantize_per_channel(q, torch.float32).to(w.dtype)
 
 
 def _factor_modules(model: nn.Module, adapter_name: str) -> Iterable[tuple[str, nn.Linear]]:
@@ -75,8 +81,8 @@ def quantize_adapter_(model: nn.Module, adapter_name: str = "default", bits: int
     if check_bits(bits) == 16:
         return 0
     count = 0
-    for _, factor in _factor_modules(model, adapter_name):
-        factor.weight.copy_(_round_to_grid(factor.weight.detach(), bits))
+    for name, factor in _factor_modules(model, adapter_name):
+        factor.weight.copy_(_round_to_grid(factor.weight.detach(), bits, _kind(name)))
         count += 1
     logger.info("rounded %d factor(s) of adapter %r to int%d", count, adapter_name, bits)
     return count
@@ -97,8 +103,8 @@ def pack_adapter_state_dict(state_dict: dict[str, torch.Tensor], bits: int) -> d
             continue
         if not torch.isfinite(value).all():
             raise ValueError(f"{key} holds NaN or inf values; refusing to save a broken adapter.")
-        q = quantize_per_channel(value, bits)
         stem = m["stem"]
+        q = quantize_per_channel(value, bits, factor_group_size(_kind(stem), bits, value.shape[1]))
         out[f"{stem}.{CODES}"] = q.data.contiguous()
         out[f"{stem}.{SCALE}"] = q.scale.contiguous()
         out[f"{stem}.{SHAPE}"] = torch.tensor(q.shape, dtype=torch.int64)
@@ -138,8 +144,12 @@ def unpack_adapter_state_dict(
         else:
             raise ValueError(f"quantized adapter factor {stem}: codes {codes.dtype} {tuple(codes.shape)} do not match "
                              f"shape {(rows, cols)} (int8 codes or uint8 packed int4 expected).")
-        if tuple(p[SCALE].shape) != (rows,):
-            raise ValueError(f"quantized adapter factor {stem}: {tuple(p[SCALE].shape)} scales for {rows} rows.")
-        low = LowBitTensor(data=codes, scale=p[SCALE].to(torch.float32), bits=bits, shape=(rows, cols))
+        scale = p[SCALE]
+        group = 0
+        if scale.dim() == 2 and scale.shape[0] == rows and scale.shape[1] > 0 and cols % scale.shape[1] == 0:
+            group = cols // scale.shape[1]
+        elif tuple(scale.shape) != (rows,):
+            raise ValueError(f"quantized adapter factor {stem}: {tuple(scale.shape)} scales for {rows} rows.")
+        low = LowBitTensor(data=codes, scale=scale.to(torch.float32), bits=bits, shape=(rows, cols), group_size=group)
         out[f"{stem}.weight"] = dequantize_per_channel(low, dtype)
     return out

@@ -5,11 +5,17 @@
 
 ``model`` is a transformers model whose target linears are already wrapped in PEFT LoRA
 layers (``get_peft_model`` does that; :func:`peft_eora.initialize_eora_weights` is the public
-entry point). The inputs of decoder block 0 are captured once; then, block by block, the input
-second moment ``H = Σ xᵀx`` (float32) of each targeted linear is accumulated, the factors are
-computed and installed, and the *compensated* block's outputs feed the next block. Within a
-block, modules are processed in execution order by groups sharing one input (q/k/v, o,
-gate/up, down in a Llama block), so each group sees the compensated groups before it.
+entry point). The inputs of decoder block 0 are captured once; then, block by block
+(:class:`~peft_eora.walker.BlockWalker`), the input second moment ``H = Σ xᵀx`` (float32) of
+each targeted linear is accumulated, the factors are computed and installed, and the
+*compensated* block's outputs feed the next block. Within a block, modules are processed in
+execution order by groups sharing one input (q/k/v, o, gate/up, down in a Llama block), so
+each group sees the compensated groups before it — all in one forward of the block per
+calibration batch (the batches park at each group while its factors are installed).
+
+``device`` runs the blocks there (the model may stay on the CPU: offload, one block at a time);
+``checkpoint`` (a :class:`~peft_eora.checkpoint.Checkpoint`) makes the run resumable;
+``times`` (a :class:`~peft_eora.walker.PhaseTimes`) records seconds per phase.
 
 ``damping="auto"`` splits the calibration windows (every ``AUTO_HOLDOUT_EVERY``-th window held
 out) and accumulates two covariances per group in the same forward passes; each layer's ridge
@@ -27,7 +33,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
 import torch
@@ -38,24 +44,43 @@ from tqdm.auto import tqdm
 from .calibration import Batch, count_tokens
 from .decompose import (
     AUTO_HOLDOUT_EVERY,
+    Projection,
     allocate_ranks,
     captured_energy,
     check_rank,
     eigen,
-    eigen_projection,
     eora_factors,
     eora_factors_auto,
     projected_spectrum,
+    projection_for,
     weighted_error,
 )
 from .original import ModelMismatchError, OriginalWeights
 from .residual import UnsupportedModuleError, backend_for
+from .walker import (
+    NO_TIMES,
+    BlockVisit,
+    BlockWalker,
+    PhaseTimes,
+    capture_block_inputs,
+    device_of,
+    has_offload_hooks,
+)
+
+__all__ = [
+    "CompensationStats",
+    "ModuleStats",
+    "RankPlan",
+    "Target",
+    "capture_block_inputs",
+    "collect_spectra",
+    "compensate",
+    "find_targets",
+    "plan_ranks",
+    "validate",
+]
 
 logger = logging.getLogger(__name__)
-
-
-class _StopForward(Exception):
-    """Raised by a hook to cut a forward pass short once the needed inputs were seen."""
 
 
 @dataclass
@@ -104,6 +129,7 @@ class CompensationStats:
     modules: list[ModuleStats] = field(default_factory=list)
     heldout_tokens: int = 0
     allocation: Optional[dict[str, Any]] = None
+    current_block: Optional[int] = None  # the block being computed (error messages)
 
     def summary(self) -> dict[str, Any]:
         rel = [m.error_after / m.error_before for m in self.modules if m.error_before > 0]
@@ -119,8 +145,8 @@ class CompensationStats:
             chosen = {m.name: m.damping for m in self.modules}
             counts = Counter(chosen.values())
             out["heldout_tokens"] = self.heldout_tokens
-            out["damping_counts"] = {f"{d:g}": counts[d] for d in sorted(counts)}
-            out["damping_per_module"] = chosen
+            out["damping_counts"] = {f"{d:g}": counts[d] for d in sorted(counts)}  # "inf": plain SVD
+            out["damping_per_module"] = {n: (d if d is None or math.isfinite(d) else "inf") for n, d in chosen.items()}
         if self.allocation is not None:
             out["rank_allocation"] = self.allocation
         return out
@@ -199,68 +225,10 @@ def _split_tokens(batches: list[Batch], rows: list[torch.Tensor]) -> tuple[int, 
     return fit, val
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
-@contextmanager
-def _hooks(handles: list) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def capture_block_inputs(
-    model: nn.Module, first_block: nn.Module, batches: list[Batch]
-) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-    """Run the model up to ``first_block`` for each batch; return (hidden_states, kwargs) per batch."""
-    captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
-
-    def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        rest.pop("past_key_values", None)
-        rest.pop("past_key_value", None)
-        rest["use_cache"] = False
-        captured.append((hidden.detach(), rest))
-        raise _StopForward
-
-    device = _device_of(model)
-    with _hooks([first_block.register_forward_pre_hook(pre_hook, with_kwargs=True)]):
-        for batch in batches:
-            try:
-                model(**_to(batch, device), use_cache=False)
-            except _StopForward:
-                pass
-            else:  # pragma: no cover - the hook always fires for decoder models
-                raise RuntimeError("The first decoder block was never called; is this a decoder model?")
-    return captured
-
-
-def _block_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def _input_groups(
     block: nn.Module, targets: list[Target], sample: tuple[torch.Tensor, dict[str, Any]]
 ) -> list[list[Target]]:
-    """Targets of a block in execution order, grouped by shared input tensor."""
+    """Targets of a block in execution order, grouped by shared input tensor (one probe forward)."""
     order: list[tuple[Target, torch.Tensor]] = []  # holding the inputs keeps their identity unambiguous
     handles = []
     for t in targets:
@@ -268,9 +236,13 @@ def _input_groups(
             if all(o[0] is not t for o in order):
                 order.append((t, args[0]))
         handles.append(t.layer.register_forward_pre_hook(hook))
-    with _hooks(handles), torch.no_grad():
-        hidden, kwargs = sample
-        block(hidden, **kwargs)
+    try:
+        with torch.no_grad():
+            hidden, kwargs = sample
+            block(hidden, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
     missing = [t.name for t in targets if all(o[0] is not t for o in order)]
     if missing:
         raise RuntimeError(f"These targeted modules are never called in the forward pass: {missing}.")
@@ -285,69 +257,71 @@ def _input_groups(
     return groups
 
 
-def _accumulate_covariances(
-    block: nn.Module,
-    groups: list[list[Target]],
-    inputs: list[tuple[torch.Tensor, dict[str, Any]]],
-    masks: list[Optional[torch.Tensor]],
-    holdout: Optional[list[torch.Tensor]] = None,
-) -> list[list[torch.Tensor]]:
-    """Σ xᵀx (float32) of each group's shared input over all batches: ``[H]`` per group, or
-    ``[H_fit, H_val]`` when ``holdout`` (per batch, a bool mask of held-out rows) is given.
+def accumulate_gram(H: torch.Tensor, x: torch.Tensor) -> None:
+    """``H += xᵀx`` in float32. On CUDA, half-precision activations are multiplied as they are
+    with float32 accumulation (products of two half values are exact in float32), ~12× faster
+    than upcasting first (``benchmarks/linalg.py``); elsewhere ``x`` is upcast."""
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _HALF_GRAM[0]:
+        try:
+            H.add_(torch.mm(x.T, x, out_dtype=torch.float32))
+            return
+        except (TypeError, RuntimeError, NotImplementedError) as exc:  # older torch: no out_dtype
+            logger.debug("half-precision XᵀX unavailable (%s): upcasting", exc)
+            _HALF_GRAM[0] = False
+    xf = x.float()
+    H.addmm_(xf.T, xf)
 
-    One hook per group (its first member); each pass stops as soon as every group was seen.
-    """
-    parts = 1 if holdout is None else 2
-    H = [
-        [torch.zeros(g[0].shape[1], g[0].shape[1], dtype=torch.float32, device=_device_of(g[0].base)) for _ in range(parts)]
-        for g in groups
-    ]
-    seen: set[int] = set()
-    current_mask: list[Optional[torch.Tensor]] = [None]
-    current_rows: list[Optional[torch.Tensor]] = [None]
 
-    def make_hook(i: int):
-        def hook(_m: nn.Module, args: tuple) -> None:
-            if i in seen:
-                return
-            inp = args[0].detach()
+_HALF_GRAM = [True]
+
+
+class _Covariances:
+    """Per group, ``[H]`` or ``[H_fit, H_val]`` (``damping="auto"``), filled by a visit's hooks."""
+
+    def __init__(self, groups: list[list[Target]], device: torch.device, masks: list[Optional[torch.Tensor]],
+                 holdout: Optional[list[torch.Tensor]], times: PhaseTimes) -> None:
+        self.parts = 1 if holdout is None else 2
+        self.H: list[Optional[list[torch.Tensor]]] = [
+            [torch.zeros(g[0].shape[1], g[0].shape[1], dtype=torch.float32, device=device) for _ in range(self.parts)]
+            for g in groups
+        ]
+        self.groups = groups
+        self.masks = masks
+        self.holdout = holdout
+        self.times = times
+        self.device = device
+        self.seen: set[tuple[int, int]] = set()
+
+    def collect(self, g: int, inp: torch.Tensor, batch: int) -> None:
+        if (g, batch) in self.seen:  # a module called twice in one forward: its first input counts
+            return
+        self.seen.add((g, batch))
+        with self.times.phase("covariance", self.device):
             x = inp.reshape(-1, inp.shape[-1])
-            mask = current_mask[0]
-            if parts == 1:
+            mask = self.masks[batch]
+            H = self.H[g]
+            assert H is not None, "covariance requested after its group was finished"
+            if self.parts == 1:
                 if mask is not None:
                     x = x[mask.reshape(-1).to(x.device).bool()]
-                x = x.float()
-                H[i][0].addmm_(x.T, x)
-            else:
-                rows = current_rows[0]
-                assert rows is not None
-                if inp.ndim < 3 or inp.shape[0] != rows.numel():
-                    raise RuntimeError(
-                        f"damping='auto' needs (batch, seq, features) inputs to split windows; {groups[i][0].name} "
-                        f"got shape {tuple(inp.shape)} for a batch of {rows.numel()}. Use a fixed damping."
-                    )
-                val = rows.to(x.device).view(-1, *([1] * (inp.ndim - 2))).expand(inp.shape[:-1]).reshape(-1)
-                keep = mask.reshape(-1).to(x.device).bool() if mask is not None else torch.ones_like(val)
-                for part, sel in ((0, keep & ~val), (1, keep & val)):
-                    xs = x[sel].float()
-                    H[i][part].addmm_(xs.T, xs)
-            seen.add(i)
-            if len(seen) == len(groups):
-                raise _StopForward
+                accumulate_gram(H[0], x)
+                return
+            rows = self.holdout[batch]
+            if inp.ndim < 3 or inp.shape[0] != rows.numel():
+                raise RuntimeError(
+                    f"damping='auto' needs (batch, seq, features) inputs to split windows; {self.groups[g][0].name} "
+                    f"got shape {tuple(inp.shape)} for a batch of {rows.numel()}. Use a fixed damping."
+                )
+            val = rows.to(x.device).view(-1, *([1] * (inp.ndim - 2))).expand(inp.shape[:-1]).reshape(-1)
+            keep = mask.reshape(-1).to(x.device).bool() if mask is not None else torch.ones_like(val)
+            for part, sel in ((0, keep & ~val), (1, keep & val)):
+                accumulate_gram(H[part], x[sel])
 
-        return hook
-
-    handles = [g[0].layer.register_forward_pre_hook(make_hook(i)) for i, g in enumerate(groups)]
-    with _hooks(handles):
-        for j, ((hidden, kwargs), mask) in enumerate(zip(inputs, masks)):
-            seen.clear()
-            current_mask[0] = mask
-            current_rows[0] = holdout[j] if holdout is not None else None
-            try:
-                block(hidden, **kwargs)
-            except _StopForward:
-                pass
-    return H
+    def take(self, g: int) -> list[torch.Tensor]:
+        """The finished covariance(s) of group ``g`` (released here: the group is done)."""
+        H, self.H[g] = self.H[g], None
+        assert H is not None
+        return H
 
 
 @torch.no_grad()
@@ -361,32 +335,41 @@ def compensate(
     eig_rtol: float = 1e-10,
     sequential: bool = True,
     progress: bool = True,
+    device: Union[str, torch.device, None] = None,
+    checkpoint: Any = None,
+    times: Optional[PhaseTimes] = None,
 ) -> CompensationStats:
     """Compute and install EoRA factors for every LoRA layer of ``adapter_name`` (see module doc).
 
     ``damping`` is a ridge ``δ ≥ 0`` or ``"auto"`` (chosen per layer on held-out windows).
     """
     _check_damping_arg(damping)
+    times = times if times is not None else NO_TIMES
     blocks, targets = find_targets(model, adapter_name)
     validate(targets, original)
     stats = CompensationStats(method=method, damping=damping, tokens=count_tokens(batches) if method != "svd" else 0)
     start = time.perf_counter()
     was_training = model.training
     model.eval()
+    materialize_adapters(targets, adapter_name)
     for t in targets:  # adapters not yet computed must contribute nothing
         t.layer.lora_B[adapter_name].weight.zero_()
 
     try:
         if method == "svd":  # the baseline needs no activations: no forward pass at all
             for t in tqdm(targets, desc="SVD", unit="module", disable=not progress):
-                stats.modules.append(_install(t, adapter_name, original, None, None, method, eig_rtol))
+                dev = torch.device(device) if device is not None else device_of(t.base)
+                stats.modules.append(_install(t, adapter_name, original, None, None, method, eig_rtol, device=dev,
+                                              times=times))
         else:
             _compensate_blocks(model, blocks, targets, adapter_name, original, batches, stats, damping, eig_rtol,
-                               sequential, progress)
-    except BaseException:
+                               sequential, progress, device, checkpoint, times)
+    except BaseException as exc:
         # nothing half-written: a failure leaves every adapter as a zero update
         for t in targets:
             t.layer.lora_B[adapter_name].weight.zero_()
+        if _is_oom(exc):
+            raise _oom_error(exc, stats, device) from exc
         raise
     finally:
         model.train(was_training)
@@ -398,11 +381,38 @@ def compensate(
     return stats
 
 
+def _is_oom(exc: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return oom is not None and isinstance(exc, oom)
+
+
+class EoRAOutOfMemoryError(RuntimeError):
+    """The accelerator ran out of memory while computing EoRA factors (the message says what to lower)."""
+
+
+def _oom_error(exc: BaseException, stats: CompensationStats, device: Any) -> EoRAOutOfMemoryError:
+    where = stats.current_block if stats.current_block is not None else "before the first block"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return EoRAOutOfMemoryError(
+        f"Out of GPU memory in decoder block {where} ({first}). Lower the calibration batch size "
+        "(initialize_eora_weights(batch_size=...), CLI --batch-size), the calibration tokens (num_samples × seq_len), "
+        "or keep the model on the CPU so that only one block at a time visits the GPU (execution_device='cuda'). "
+        "No adapter was changed."
+    )
+
+
 def _check_damping_arg(damping: Union[float, str]) -> None:
     if damping == "auto":
         return
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not (0 <= damping < float("inf")):
         raise ValueError(f"damping must be a finite number ≥ 0 or 'auto', got {damping!r}.")
+
+
+def _by_block(targets: list[Target]) -> dict[int, list[Target]]:
+    by_block: dict[int, list[Target]] = {}
+    for t in targets:
+        by_block.setdefault(t.block, []).append(t)
+    return by_block
 
 
 def _compensate_blocks(
@@ -417,6 +427,9 @@ def _compensate_blocks(
     eig_rtol: float,
     sequential: bool,
     progress: bool,
+    device: Union[str, torch.device, None],
+    checkpoint: Any,
+    times: PhaseTimes,
 ) -> None:
     if stats.tokens == 0:
         raise ValueError("The calibration data is empty: no token to estimate the activation statistics from.")
@@ -429,40 +442,108 @@ def _compensate_blocks(
                 f"damping='auto' found {fit_tokens} fit and {stats.heldout_tokens} held-out calibration tokens (every "
                 f"{AUTO_HOLDOUT_EVERY}th window held out, padding excluded); both must be non-empty."
             )
-    inputs = capture_block_inputs(model, blocks[0], batches)
     masks = [b.get("attention_mask") for b in batches]
-    by_block: dict[int, list[Target]] = {}
-    for t in targets:
-        by_block.setdefault(t.block, []).append(t)
+    by_block = _by_block(targets)
     last = max(by_block)
-    for idx in tqdm(range(last + 1), desc="EoRA", unit="block", disable=not progress):
-        block = blocks[idx]
-        device = _device_of(block)
-        inputs = [(_to(h, device), _to(kw, device)) for h, kw in inputs]
-        block_targets = by_block.get(idx, [])
+    walker = BlockWalker(model, blocks, batches, device=device, times=times, checkpoint=checkpoint)
+    first, inputs = 0, None
+    if checkpoint is not None and checkpoint.done >= 0:
+        _restore(checkpoint, by_block, adapter_name, stats)
+        if checkpoint.done >= last:
+            return
+        first = checkpoint.done + 1
+        captured = walker.first_inputs()  # the block kwargs (masks, positions) are the same for every block
+        hidden = checkpoint.load_inputs(first)
+        if len(hidden) != len(captured):
+            raise ValueError(f"The checkpoint holds {len(hidden)} calibration batches, this run has {len(captured)}.")
+        inputs = [(h.to(hc.device, hc.dtype), kw) for h, (hc, kw) in zip(hidden, captured)]
+        del captured
+    bar = tqdm(total=last + 1, initial=first, desc="EoRA", unit="block", disable=not progress)
+    for visit in walker.visits(last, first, inputs):
+        stats.current_block = visit.index
+        block_targets = by_block.get(visit.index, [])
         if block_targets:
-            groups = _input_groups(block, block_targets, inputs[0])
-            passes = [[g] for g in groups] if sequential else [groups]
-            for pass_groups in passes:
-                for group, Hs in zip(pass_groups, _accumulate_covariances(block, pass_groups, inputs, masks, holdout)):
-                    if auto:  # one eigh of H_fit (every δ) and one of H_fit + H_val, shared by the group's members
-                        H_fit, H_val = Hs
-                        H = H_fit + H_val
-                        shared = (H_fit, H_val, eigen(H_fit), eigen(H))
-                        for t in group:
-                            stats.modules.append(_install(t, adapter_name, original, H, None, "eora", eig_rtol, auto=shared))
-                        del shared
-                    else:
-                        H = Hs[0]
-                        projection = eigen_projection(H, damping, eig_rtol)  # shared by the group's members
-                        for t in group:
-                            stats.modules.append(
-                                _install(t, adapter_name, original, H, projection, "eora", eig_rtol, damping=damping)
-                            )
-                        del projection
-                    del H, Hs
-        if idx < last:
-            inputs = [(_block_output(block(h, **kw)), kw) for h, kw in inputs]
+            n_before = len(stats.modules)
+            _compensate_visit(visit, block_targets, adapter_name, original, stats, damping, eig_rtol, sequential,
+                              masks, holdout, keep_outputs=visit.index < last, times=times)
+            if checkpoint is not None:
+                with times.phase("checkpoint"):
+                    done = stats.modules[n_before:]
+                    checkpoint.save_block(visit.index, {t.name: _factors_of(t, adapter_name) for t in block_targets},
+                                          [asdict(m) for m in done])
+        bar.update(1)
+    bar.close()
+    stats.current_block = None
+
+
+def _compensate_visit(
+    visit: BlockVisit,
+    block_targets: list[Target],
+    adapter_name: str,
+    original: OriginalWeights,
+    stats: CompensationStats,
+    damping: Union[float, str],
+    eig_rtol: float,
+    sequential: bool,
+    masks: list[Optional[torch.Tensor]],
+    holdout: Optional[list[torch.Tensor]],
+    keep_outputs: bool,
+    times: PhaseTimes,
+) -> None:
+    groups = _input_groups(visit.block, block_targets, visit.inputs[0])
+    cov = _Covariances(groups, visit.device, masks, holdout, times)
+
+    def finish(g: int) -> None:
+        Hs = cov.take(g)
+        if holdout is not None:  # one eigh of H_fit (every δ) and one of H_fit + H_val, shared by the group
+            H_fit, H_val = Hs
+            H = H_fit + H_val
+            with times.phase("decomposition", visit.device):
+                shared = (H_fit, H_val, eigen(H_fit), None)  # the refit: Cholesky where δ allows it
+            for t in groups[g]:
+                stats.modules.append(_install(t, adapter_name, original, H, None, "eora", eig_rtol, auto=shared,
+                                              device=visit.device, times=times))
+        else:
+            H = Hs[0]
+            with times.phase("decomposition", visit.device):
+                projection = projection_for(H, float(damping), eig_rtol)  # shared by the group's members
+            for t in groups[g]:
+                stats.modules.append(_install(t, adapter_name, original, H, projection, "eora", eig_rtol,
+                                              damping=float(damping), device=visit.device, times=times))
+
+    first_modules = [g[0].layer for g in groups]
+    if sequential:  # one forward: the batches park at each group while its factors are installed
+        visit.run(first_modules, cov.collect, on_group=finish, keep_outputs=keep_outputs)
+    else:  # every group from the uncompensated block; the walker then forwards the compensated block
+        visit.run(first_modules, cov.collect, on_group=None, keep_outputs=False)
+        for g in range(len(groups)):
+            finish(g)
+
+
+def _factors_of(t: Target, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The installed ``(lora_A, lora_B)`` weights of ``t`` (what a checkpoint stores)."""
+    return t.layer.lora_A[adapter_name].weight.detach(), t.layer.lora_B[adapter_name].weight.detach()
+
+
+def _restore(checkpoint: Any, by_block: dict[int, list[Target]], adapter_name: str, stats: CompensationStats) -> None:
+    """Install the factors and stats of the checkpoint's finished blocks."""
+    for idx in sorted(by_block):
+        if idx > checkpoint.done:
+            break
+        factors, block_stats = checkpoint.load_block(idx)
+        for t in by_block[idx]:
+            if t.name not in factors:
+                raise ValueError(f"The checkpoint has no factors for {t.name}: it was made for other target modules.")
+            a, b = factors[t.name]
+            lora_A, lora_B = t.layer.lora_A[adapter_name], t.layer.lora_B[adapter_name]
+            if tuple(a.shape) != tuple(lora_A.weight.shape) or tuple(b.shape) != tuple(lora_B.weight.shape):
+                raise ValueError(f"The checkpoint's factors for {t.name} have another rank; start a new folder.")
+            lora_A.weight.copy_(a.to(lora_A.weight))
+            lora_B.weight.copy_(b.to(lora_B.weight))
+        for m in block_stats:
+            if m.get("heldout_errors") is not None:
+                m["heldout_errors"] = {float(k): v for k, v in m["heldout_errors"].items()}
+            stats.modules.append(ModuleStats(**m))
 
 
 def _install(
@@ -470,31 +551,37 @@ def _install(
     adapter_name: str,
     original: OriginalWeights,
     H: Optional[torch.Tensor],
-    projection: Optional[tuple[torch.Tensor, torch.Tensor, int]],
+    projection: Optional[Projection],
     method: str,
     eig_rtol: float,
     damping: Optional[float] = None,
     auto: Optional[tuple[torch.Tensor, torch.Tensor, Any, Any]] = None,
+    device: Optional[torch.device] = None,
+    times: PhaseTimes = NO_TIMES,
 ) -> ModuleStats:
-    device = H.device if H is not None else _device_of(t.base)
-    delta = _residual(t, original, device)
+    device = device if device is not None else (H.device if H is not None else device_of(t.base))
+    delta = _residual(t, original, device, times)
     heldout_errors = None
-    if auto is not None:
-        H_fit, H_val, fit, full = auto
-        factors, choice = eora_factors_auto(delta, H_fit, H_val, t.rank, eig_rtol=eig_rtol, name=t.name, fit=fit, full=full)
-        damping, heldout_errors = choice.damping, choice.errors
-        logger.debug("%s: damping %g chosen, held-out errors %s", t.name, damping, heldout_errors)
-    else:
-        factors = eora_factors(delta, H, t.rank, method=method, eig_rtol=eig_rtol, name=t.name, projection=projection)
-    lora_A, lora_B = t.layer.lora_A[adapter_name], t.layer.lora_B[adapter_name]
-    scaling = t.layer.scaling[adapter_name]
-    lora_A.weight.copy_(factors.A.to(lora_A.weight))
-    lora_B.weight.copy_((factors.B / scaling).to(lora_B.weight))
-    approx = factors.B @ factors.A
-    if H is not None:
-        before, after = weighted_error(delta, H), weighted_error(delta, H, approx)
-    else:  # plain SVD: the unweighted Frobenius error
-        before, after = float(delta.norm()), float((delta - approx).norm())
+    with times.phase("factors", device):
+        if auto is not None:
+            H_fit, H_val, fit, full = auto
+            factors, choice = eora_factors_auto(delta, H_fit, H_val, t.rank, eig_rtol=eig_rtol, name=t.name, fit=fit,
+                                                full=full)
+            damping, heldout_errors = choice.damping, choice.errors
+            logger.debug("%s: damping %g chosen, held-out errors %s", t.name, damping, heldout_errors)
+        else:
+            factors = eora_factors(delta, H, t.rank, method=method, eig_rtol=eig_rtol, name=t.name,
+                                   projection=projection)
+    with times.phase("install", device):
+        lora_A, lora_B = t.layer.lora_A[adapter_name], t.layer.lora_B[adapter_name]
+        scaling = t.layer.scaling[adapter_name]
+        lora_A.weight.copy_(factors.A.to(lora_A.weight))
+        lora_B.weight.copy_((factors.B / scaling).to(lora_B.weight))
+        approx = factors.B @ factors.A
+        if H is not None:
+            before, after = weighted_error(delta, H), weighted_error(delta, H, approx)
+        else:  # plain SVD: the unweighted Frobenius error
+            before, after = float(delta.norm()), float((delta - approx).norm())
     logger.debug("%s: error %.4g -> %.4g (r=%d)", t.name, before, after, t.rank)
     return ModuleStats(
         t.name, t.rank, before, after, factors.energy_retained, factors.kept_eigen,
@@ -502,16 +589,42 @@ def _install(
     )
 
 
-def _residual(t: Target, original: OriginalWeights, device: torch.device) -> torch.Tensor:
+def _residual(t: Target, original: OriginalWeights, device: torch.device, times: PhaseTimes = NO_TIMES) -> torch.Tensor:
     """``ΔW = W_original − W_compressed`` of one target (float, on ``device``), NaN/inf refused."""
-    w_fp, w_q = _weights(t, original, device)
+    w_fp, w_q = _weights(t, original, device, times)
     return w_fp - w_q
 
 
-def _weights(t: Target, original: OriginalWeights, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def materialize_adapters(targets: list[Target], adapter_name: str) -> None:
+    """Give adapters of offloaded layers real storage (PEFT leaves them on ``meta`` when the base
+    layer's weights are offloaded by accelerate): on the layer's execution device, zeros."""
+    for t in targets:
+        for mod in (t.layer.lora_A[adapter_name], t.layer.lora_B[adapter_name]):
+            if any(p.device.type == "meta" for p in mod.parameters()):
+                mod.to_empty(device=device_of(t.base))
+                for p in mod.parameters():
+                    p.data.zero_()
+
+
+@contextmanager
+def _weights_on(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """Within the block, ``module``'s own weights are real tensors (accelerate offload loads them)."""
+    if not has_offload_hooks(module):
+        yield
+        return
+    from accelerate.utils import align_module_device
+
+    with align_module_device(module, device):
+        yield
+
+
+def _weights(t: Target, original: OriginalWeights, device: torch.device,
+             times: PhaseTimes = NO_TIMES) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W_original, W_compressed)`` of one target (float, on ``device``), NaN/inf refused."""
-    w_q = backend_for(t.base, t.name).dequantize(t.base).to(device)
-    w_fp = original.get(t.name, device)
+    with times.phase("residual", device), _weights_on(t.base, device):
+        w_q = backend_for(t.base, t.name).dequantize(t.base).to(device)
+    with times.phase("original_reads", device):
+        w_fp = original.get(t.name, device)
     for label, w in (("compressed", w_q), ("original", w_fp)):
         if not torch.isfinite(w).all():
             raise ModelMismatchError(f"The {label} weight of {t.name} contains NaN or inf; fix the checkpoint first.")
@@ -557,16 +670,19 @@ def collect_spectra(
     damping: float = 0.0,
     eig_rtol: float = 1e-10,
     progress: bool = True,
+    device: Union[str, torch.device, None] = None,
+    times: Optional[PhaseTimes] = None,
 ) -> tuple[list[Target], dict[str, torch.Tensor], dict[str, float]]:
     """The targets, the spectrum of each one's projected residual ``ΔW·Q·diag(√λ)`` and each
     one's output energy ``‖W_original·Xᵀ‖²_F = tr(W·H·Wᵀ)`` (``‖W‖²_F`` for SVD), uncompensated.
 
-    One pass over the blocks with every adapter a zero update (its ``lora_B`` is zeroed): per
+    One walk over the blocks with every adapter a zero update (its ``lora_B`` is zeroed): per
     block, one forward over the calibration batches accumulates one covariance per input group
-    (all groups at once); per layer, a product with H, at most one Cholesky and one ``eigvalsh``
-    of a ``min(out, in)``-square matrix (no eigendecomposition of H). ``method="svd"`` needs no
-    forward pass (spectrum of ``ΔW``).
+    (all groups at once) and gives the next block's inputs; per layer, a product with H, at
+    most one Cholesky and one ``eigvalsh`` of a ``min(out, in)``-square matrix (no
+    eigendecomposition of H). ``method="svd"`` needs no forward pass (spectrum of ``ΔW``).
     """
+    times = times if times is not None else NO_TIMES
     blocks, targets = find_targets(model, adapter_name)
     validate(targets, original, check_ranks=False)
     was_training = model.training
@@ -578,34 +694,33 @@ def collect_spectra(
     try:
         if method == "svd":
             for t in tqdm(targets, desc="Spectra", unit="module", disable=not progress):
-                w_fp, w_q = _weights(t, original, _device_of(t.base))
-                spectra[t.name] = projected_spectrum(w_fp - w_q, None, method="svd")
+                dev = torch.device(device) if device is not None else device_of(t.base)
+                w_fp, w_q = _weights(t, original, dev, times)
+                spectra[t.name] = projected_spectrum(w_fp - w_q, None, method="svd").cpu()
                 energy[t.name] = float(w_fp.double().pow(2).sum())
             return targets, spectra, energy
         if count_tokens(batches) == 0:
             raise ValueError("The calibration data is empty: no token to estimate the activation statistics from.")
-        inputs = capture_block_inputs(model, blocks[0], batches)
         masks = [b.get("attention_mask") for b in batches]
-        by_block: dict[int, list[Target]] = {}
-        for t in targets:
-            by_block.setdefault(t.block, []).append(t)
+        by_block = _by_block(targets)
         last = max(by_block)
-        for idx in tqdm(range(last + 1), desc="Spectra", unit="block", disable=not progress):
-            block = blocks[idx]
-            device = _device_of(block)
-            inputs = [(_to(h, device), _to(kw, device)) for h, kw in inputs]
-            block_targets = by_block.get(idx, [])
-            if block_targets:
-                groups = _input_groups(block, block_targets, inputs[0])
-                for group, (H,) in zip(groups, _accumulate_covariances(block, groups, inputs, masks)):
-                    for t in group:  # no eigendecomposition: a Cholesky at most (see projected_spectrum)
-                        w_fp, w_q = _weights(t, original, H.device)
+        walker = BlockWalker(model, blocks, batches, device=device, times=times)
+        for visit in tqdm(walker.visits(last), total=last + 1, desc="Spectra", unit="block", disable=not progress):
+            block_targets = by_block.get(visit.index, [])
+            if not block_targets:
+                continue
+            groups = _input_groups(visit.block, block_targets, visit.inputs[0])
+            cov = _Covariances(groups, visit.device, masks, None, times)
+            visit.run([g[0].layer for g in groups], cov.collect, on_group=None, keep_outputs=visit.index < last)
+            for g, group in enumerate(groups):
+                (H,) = cov.take(g)
+                for t in group:  # no eigendecomposition: a Cholesky at most (see projected_spectrum)
+                    w_fp, w_q = _weights(t, original, H.device, times)
+                    with times.phase("factors", H.device):
                         spectra[t.name] = projected_spectrum(w_fp - w_q, H, damping=damping, eig_rtol=eig_rtol).cpu()
                         w = w_fp.double()
                         energy[t.name] = float(((w @ H.double()) * w).sum())
-                    del H
-            if idx < last:
-                inputs = [(_block_output(block(h, **kw)), kw) for h, kw in inputs]
+                del H
     finally:
         model.train(was_training)
     return targets, spectra, energy
@@ -624,6 +739,8 @@ def plan_ranks(
     max_rank: Optional[int] = None,
     gain: str = "relative",
     progress: bool = True,
+    device: Union[str, torch.device, None] = None,
+    times: Optional[PhaseTimes] = None,
 ) -> RankPlan:
     """Allocate per-layer ranks under a parameter budget from each layer's residual spectrum::
 
@@ -645,7 +762,8 @@ def plan_ranks(
     budget = uniform_params if budget is None else int(budget)
     # bounds and budget checked before any work (a dry run on empty spectra)
     allocate_ranks({t.name: torch.zeros(min(t.shape)) for t in targets}, costs, budget, min_rank, max_rank)
-    targets, spectra, energy = collect_spectra(model, adapter_name, original, batches, method, damping, eig_rtol, progress)
+    targets, spectra, energy = collect_spectra(model, adapter_name, original, batches, method, damping, eig_rtol, progress,
+                                               device=device, times=times)
     if gain == "relative":  # s_k / ‖W·Xᵀ‖: the greedy then ranks by reduction of squared relative error
         spectra = {n: s / math.sqrt(energy[n]) if energy[n] > 0 else s for n, s in spectra.items()}
     configured = {t.name: t.rank for t in targets}

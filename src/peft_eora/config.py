@@ -138,6 +138,10 @@ class CalibrationConfig:
         return [main, *(self.mix or [])]
 
 
+#: Fields that steer one run or one load and are never written to adapter_config.json.
+_RUN_CHOICES = ("allow_base_mismatch", "execution_device", "checkpoint_dir", "resume")
+
+
 @dataclass
 class EoRAConfig(LoraConfig):
     """LoRA config whose adapters are initialised by EoRA (arXiv 2410.21271).
@@ -165,6 +169,9 @@ class EoRAConfig(LoraConfig):
       inputs from the already-compensated groups before it (else one pass per block).
     - ``adapter_bits``: 16 (float factors), 8 or 4 (factors rounded to int8/int4 with
       per-channel scales and saved as codes; see :mod:`peft_eora.adapter_quant`).
+    - run choices (never saved): ``execution_device`` (``"auto"``: a model on the CPU of a GPU
+      machine visits the GPU one decoder block at a time), ``checkpoint_dir`` + ``resume``
+      (each finished block is saved atomically; an interrupted run continues where it stopped).
 
     ``lora_alpha`` defaults to ``r`` (scaling 1). ``target_modules=None`` targets every linear
     layer inside the decoder blocks whose type has a residual back-end.
@@ -224,6 +231,25 @@ class EoRAConfig(LoraConfig):
     base_fingerprint: Optional[dict[str, Any]] = field(
         default=None,
         metadata={"help": "Fingerprint of the quantized base the factors were computed against (checked on load)."},
+    )
+    execution_device: Optional[str] = field(
+        default="auto",
+        metadata={
+            "help": "Run choice, never saved: where decoder blocks compute. 'auto': on the model's own devices, except "
+            "that a model sitting on the CPU of a machine with a GPU visits the GPU one block at a time (offload); "
+            "None: always on the model's devices; or a device such as 'cuda', 'cuda:1', 'cpu'."
+        },
+    )
+    checkpoint_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Run choice, never saved: folder where each finished block's factors and the next block's inputs "
+            "are written atomically, so an interrupted run can resume (see resume)."
+        },
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Run choice, never saved: continue the run held in checkpoint_dir (else it must be empty)."},
     )
     allow_base_mismatch: bool = field(
         default=False,
@@ -285,7 +311,8 @@ class EoRAConfig(LoraConfig):
 
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
-        data.pop("allow_base_mismatch", None)  # a loading choice, not a property of the adapter
+        for key in _RUN_CHOICES:  # how a run was executed or loaded, not properties of the adapter
+            data.pop(key, None)
         return data
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:

@@ -78,6 +78,32 @@ def _eigh(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass(frozen=True)
+class Projection:
+    """A square root ``S`` of the damped covariance (``S·Sᵀ = H_δ``) and how to undo it.
+
+    ``project(ΔW) = ΔW·S``; ``unproject(M) = M·S⁺``. From the eigendecomposition
+    (:func:`eigen_projection`) ``S = Q·diag(√λ)`` and ``S⁺ = diag(1/√λ)·Qᵀ`` (small eigenvalues
+    cut); from a Cholesky factorisation (:func:`cholesky_projection`) ``S = L`` and ``S⁺ = L⁻¹``,
+    applied by a triangular solve. Any square root gives the same rank-r optimum of
+    ``‖(ΔW − BA)·Xᵀ‖_F``, so the two give the same factors up to round-off.
+    """
+
+    S: torch.Tensor
+    kept: int
+    S_pinv: torch.Tensor | None = None
+    lower: bool = False  # S is a Cholesky factor
+
+    def project(self, D: torch.Tensor) -> torch.Tensor:
+        return D @ self.S.to(D.device)
+
+    def unproject(self, M: torch.Tensor) -> torch.Tensor:
+        if self.lower:
+            L = self.S.to(M.device)
+            return torch.linalg.solve_triangular(L.T, M.T, upper=True).T
+        return M @ self.S_pinv.to(M.device)
+
+
+@dataclass(frozen=True)
 class Factors:
     """Low-rank factors with ``B @ A ≈ ΔW`` (float32, on the input's device).
 
@@ -149,6 +175,43 @@ def eigen_projection(
     return S, S_pinv, kept
 
 
+def cholesky_projection(H: torch.Tensor, damping: float, eig_rtol: float = DEFAULT_EIG_RTOL) -> Projection | None:
+    """``H_δ = L·Lᵀ`` as a :class:`Projection`, or None where the eigendecomposition must be used.
+
+    Used when the ridge alone keeps every eigenvalue of ``H_δ`` above the ``eig_rtol`` cut-off
+    (``δ > eig_rtol·n``: then no direction would be cut and both square roots give the same
+    factors); a Cholesky is 10–75× cheaper than ``eigh`` (see ``benchmarks/linalg.py``).
+    """
+    n = H.shape[0]
+    if not damping > eig_rtol * max(n, 1):
+        return None
+    Hd = H.double()  # one float64 copy, damped in place (Cholesky reads its lower triangle only)
+    if Hd.data_ptr() == H.data_ptr():
+        Hd = Hd.clone()
+    if not torch.isfinite(Hd).all():
+        raise ValueError("The activation covariance contains NaN or inf; check the calibration inputs.")
+    mean_diag = float(torch.diagonal(Hd).mean())
+    if mean_diag <= 0.0:  # no signal: the eigen path's identity fallback
+        return None
+    Hd.diagonal().add_(damping * mean_diag)
+    with _lapack_threads(Hd):
+        L, info = torch.linalg.cholesky_ex(Hd)
+    del Hd
+    if int(info) != 0:  # round-off: not positive definite after all
+        return None
+    return Projection(S=L, kept=n, lower=True)
+
+
+def projection_for(H: torch.Tensor, damping: float = 0.0, eig_rtol: float = DEFAULT_EIG_RTOL) -> Projection:
+    """The cheapest exact :class:`Projection` of ``H + δ·mean(diag H)·I``: Cholesky when the ridge
+    allows it (:func:`cholesky_projection`), else the eigendecomposition (:func:`eigen_projection`)."""
+    proj = cholesky_projection(H, damping, eig_rtol)
+    if proj is not None:
+        return proj
+    S, S_pinv, kept = eigen_projection(H, damping, eig_rtol)
+    return Projection(S=S, kept=kept, S_pinv=S_pinv)
+
+
 def _root_scales(lam: torch.Tensor, eig_rtol: float) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """``(√λ, 1/√λ, kept)`` with eigenvalues below ``eig_rtol·λ_max`` zeroed in both; None if λ_max ≤ 0."""
     lam_max = float(lam.max()) if lam.numel() else 0.0
@@ -168,14 +231,14 @@ def eora_factors(
     damping: float = 0.0,
     eig_rtol: float = DEFAULT_EIG_RTOL,
     name: str = "layer",
-    projection: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    projection: Projection | tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> Factors:
     """Factor the residual ``delta`` (out × in) into ``B @ A`` of rank ``rank``.
 
     ``H`` is the (unnormalised or normalised, the scale does not matter) input second moment
     ``Σ xᵀx``; it is ignored for ``method="svd"``. Layers sharing one input (q/k/v) can share
-    the eigendecomposition: pass ``projection=eigen_projection(H, damping, eig_rtol)``.
-    Returns float32 factors.
+    the decomposition: pass ``projection=projection_for(H, damping, eig_rtol)`` (or the tuple
+    of :func:`eigen_projection`). Returns float32 factors.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown EoRA method {method!r}; choose one of {METHODS}.")
@@ -183,8 +246,10 @@ def eora_factors(
         raise ValueError(f"{name}: the residual must be a 2-D matrix, got shape {tuple(delta.shape)}.")
     out_f, in_f = delta.shape
     check_rank(rank, out_f, in_f, name)
-    if damping < 0 or not math.isfinite(damping):
-        raise ValueError(f"damping must be a finite number ≥ 0, got {damping!r}.")
+    if not damping >= 0:
+        raise ValueError(f"damping must be a number ≥ 0, got {damping!r}.")
+    if damping == math.inf and projection is None:  # the limit δ → ∞ of the weighting: plain SVD
+        method, H = "svd", None
     D = delta.double()
     if not torch.isfinite(D).all():
         raise ValueError(f"{name}: the weight residual contains NaN or inf; check both models' weights.")
@@ -192,7 +257,6 @@ def eora_factors(
     if method == "svd" or H is None:
         if method == "eora":
             raise ValueError(f"{name}: method 'eora' needs the activation covariance H.")
-        S = S_pinv = None
         kept = in_f
         Dp = D
     else:
@@ -200,15 +264,20 @@ def eora_factors(
             raise ValueError(
                 f"{name}: covariance shape {tuple(H.shape)} does not match the layer's input size {in_f}."
             )
-        S, S_pinv, kept = projection if projection is not None else eigen_projection(H.to(D.device), damping, eig_rtol)
-        Dp = D @ S
+        if projection is None:
+            projection = projection_for(H.to(D.device), damping, eig_rtol)
+        elif not isinstance(projection, Projection):
+            S_, S_pinv_, kept_ = projection
+            projection = Projection(S=S_, kept=kept_, S_pinv=S_pinv_)
+        kept = projection.kept
+        Dp = projection.project(D)
 
     U, sv, Vh = truncated_svd(Dp, rank)
     root = sv[:rank].sqrt()
     B = U[:, :rank] * root
     A = root[:, None] * Vh[:rank]
-    if S_pinv is not None:
-        A = A @ S_pinv
+    if method != "svd" and H is not None:
+        A = projection.unproject(A)
     return Factors(A=A.float(), B=B.float(), singular_values=sv.float(), kept_eigen=kept)
 
 
@@ -238,9 +307,17 @@ def truncated_svd(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def weighted_error(delta: torch.Tensor, H: torch.Tensor, approx: torch.Tensor | None = None) -> float:
-    """Activation-weighted error ``‖(delta − approx)·Xᵀ‖_F = sqrt(tr(E H Eᵀ))`` via H = Σ xᵀx."""
-    E = delta.detach().double() if approx is None else delta.detach().double() - approx.detach().double()
-    val = float(((E @ H.detach().double()) * E).sum())
+    """Activation-weighted error ``‖(delta − approx)·Xᵀ‖_F = sqrt(tr(E H Eᵀ))`` via H = Σ xᵀx.
+
+    float64 on the CPU; on a GPU the product runs in H's own precision (float32: no n² float64
+    copy of H) and is summed in float64 — a statistic, not an input of the factors.
+    """
+    if H.is_cuda and H.dtype == torch.float32:
+        E = delta.detach().float() if approx is None else delta.detach().float() - approx.detach().float()
+        val = float(((E @ H.detach()) * E).double().sum())
+    else:
+        E = delta.detach().double() if approx is None else delta.detach().double() - approx.detach().double()
+        val = float(((E @ H.detach().double()) * E).sum())
     return math.sqrt(max(val, 0.0))
 
 
@@ -248,8 +325,10 @@ def weighted_error(delta: torch.Tensor, H: torch.Tensor, approx: torch.Tensor | 
 # damping="auto": the ridge strength chosen on held-out calibration tokens
 # --------------------------------------------------------------------------------------------
 
-#: Ridge strengths (relative to ``mean(diag H)``) that ``damping="auto"`` chooses from.
-AUTO_DAMPING_GRID: tuple[float, ...] = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
+#: Ridge strengths (relative to ``mean(diag H)``) that ``damping="auto"`` chooses from. ``inf`` is
+#: plain SVD of the residual (the limit δ → ∞), so a per-layer choice on held-out windows never
+#: picks factors that do worse there than the SVD baseline.
+AUTO_DAMPING_GRID: tuple[float, ...] = (0.0, 1e-2, 1e-1, 0.3, 1.0, 3.0, math.inf)
 
 #: ``damping="auto"`` holds out calibration window ``i`` (counted over all batches) when
 #: ``i % AUTO_HOLDOUT_EVERY == AUTO_HOLDOUT_EVERY − 1``: a deterministic quarter of the windows.
@@ -278,8 +357,12 @@ class Eigen:
     def scales(self, damping: float, eig_rtol: float = DEFAULT_EIG_RTOL) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``(√λ_δ, 1/√λ_δ, kept)`` of ``H + δ·mean(diag H)·I`` (cut-off as in :func:`eigen_projection`).
 
-        An H without signal (λ_max ≤ 0) gives ones: the projection is a rotation, i.e. plain SVD.
+        An H without signal (λ_max ≤ 0), or ``damping=inf``, gives ones: the projection is a
+        rotation, i.e. plain SVD.
         """
+        if damping == math.inf:
+            ones = torch.ones_like(self.lam)
+            return ones, ones, ones.numel()
         _check_damping(damping)
         lam = self.lam + damping * self.mean_diag if damping > 0 and self.mean_diag > 0 else self.lam
         scales = _root_scales(lam, eig_rtol)
@@ -362,7 +445,8 @@ def select_damping(
     if not grid:
         raise ValueError("The damping grid is empty.")
     for d in grid:
-        _check_damping(d)
+        if d != math.inf:
+            _check_damping(d)
     fit = eigen(H_fit.to(D.device)) if fit is None else fit
     Hv = damped(H_val.to(D.device), 0.0)
     if not torch.isfinite(Hv).all():
@@ -401,16 +485,22 @@ def eora_factors_auto(
 
         factors, choice = eora_factors_auto(delta, H_fit, H_val, rank=8)
 
-    The final factors are ``eora_factors(delta, H_fit + H_val, rank, damping=choice.damping)``
-    (computed from ``full=eigen(H_fit + H_val)`` when given, shared across a group's layers).
+    The final factors are ``eora_factors(delta, H_fit + H_val, rank, damping=choice.damping)``:
+    plain SVD for ``inf``, a Cholesky factorisation where the ridge allows it, else the
+    eigendecomposition ``full=eigen(H_fit + H_val)`` (computed here when not given).
     """
     choice = select_damping(delta, H_fit, H_val, rank, grid, eig_rtol, name, fit)
+    if choice.damping == math.inf:
+        svd = eora_factors(delta, None, rank, method="svd", name=name)
+        return svd, choice
     H_all = H_fit.double().to(delta.device) + H_val.double().to(delta.device)
-    full = eigen(H_all) if full is None else full
-    factors = eora_factors(
-        delta, H_all, rank, damping=choice.damping, eig_rtol=eig_rtol, name=name,
-        projection=full.projection(choice.damping, eig_rtol),
-    )
+    projection: Projection | tuple[torch.Tensor, torch.Tensor, int] | None = cholesky_projection(
+        H_all, choice.damping, eig_rtol)
+    if projection is None:
+        full = eigen(H_all) if full is None else full
+        projection = full.projection(choice.damping, eig_rtol)
+    factors = eora_factors(delta, H_all, rank, damping=choice.damping, eig_rtol=eig_rtol, name=name,
+                           projection=projection)
     return factors, choice
 
 

@@ -9,7 +9,8 @@
 
 ``fuse`` replaces every ``peft.tuners.lora.gptq.GPTQLoraLinear`` (what EoRA/LoRA adapters on a
 GPTQ model become) whose base is a plain-GPTQ gptqmodel module (``TorchLinear`` or
-``TritonV2Linear``: the packed layout is read directly, gptqmodel is not called) and which has
+``TritonV2Linear``: the packed layout is read directly, gptqmodel is not called) or this
+package's own :class:`~peft_eora.kernels.gptq_linear.GPTQLinear`, and which has
 exactly one active vanilla-LoRA adapter, by a :class:`FusedGPTQLoraLinear`. That subclass
 shares the original's submodules and parameters (same ``state_dict`` keys, ``.to()`` moves
 both) and computes ``base(x) + lora_B(lora_A(x))·scaling`` with one call of
@@ -46,7 +47,8 @@ from peft.tuners.lora.gptq import GPTQLoraLinear
 from torch import nn
 
 from .kernels import ops as _ops  # registers torch.ops.peft_eora.gptq_lora_linear
-from .kernels.lowbit import quantize_per_channel
+from .kernels.gptq_linear import GPTQLinear
+from .kernels.lowbit import quantize_lora_pair
 from .kernels.reference import SUPPORTED_BITS, packed_len
 
 logger = logging.getLogger(__name__)
@@ -116,8 +118,10 @@ def _gptqmodel_class_name(module: nn.Module) -> Optional[str]:
 def base_layer_reason(base: nn.Module, supported: Iterable[str] = DEFAULT_BASES) -> Optional[str]:
     """None if the fused op can read ``base``'s packed tensors directly, else why not."""
     name = _gptqmodel_class_name(base)
-    if name is None or name not in tuple(supported):
-        return f"base layer {type(base).__name__} is not a plain-GPTQ gptqmodel module ({', '.join(supported)})"
+    ours = isinstance(base, GPTQLinear)
+    if not ours and (name is None or name not in tuple(supported)):
+        return (f"base layer {type(base).__name__} is neither a GPTQLinear nor a plain-GPTQ gptqmodel module "
+                f"({', '.join(supported)})")
     bits = getattr(base, "bits", None)
     if bits not in SUPPORTED_BITS:
         return f"unsupported bits={bits}"
@@ -278,8 +282,7 @@ class FusedGPTQLoraLinear(GPTQLoraLinear):
                 lora_a_scale=None, lora_b_scale=None,
             )
         else:
-            qa = quantize_per_channel(lora_a, self._fused_adapter_bits)
-            qb = quantize_per_channel(lora_b, self._fused_adapter_bits)
+            qa, qb = quantize_lora_pair(lora_a, lora_b, self._fused_adapter_bits)
             prepared.update(
                 lora_a=qa.data.to(dev), lora_b=qb.data.to(dev),
                 lora_a_scale=qa.scale.to(dev), lora_b_scale=qb.scale.to(dev),

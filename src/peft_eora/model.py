@@ -35,6 +35,7 @@ from .calibration import CalibrationData, as_batches
 from .compensate import CompensationStats, RankPlan, compensate, find_targets, plan_ranks
 from .config import DEFAULT_DAMPING, EoRAConfig
 from .fingerprint import record_fingerprint, verify_fingerprint
+from .kernels.gptq_linear import GPTQLinear, register_gptq_linear
 from .layer import with_mixed_batch
 from .original import OriginalWeights
 from .residual import is_supported, prepare_model
@@ -108,6 +109,8 @@ class EoRAModel(LoraModel):
 
     def _pre_injection_hook(self, model: nn.Module, config: EoRAConfig, adapter_name: str) -> None:
         super()._pre_injection_hook(model, config, adapter_name)
+        if any(isinstance(m, GPTQLinear) for m in model.modules()):
+            register_gptq_linear(config)  # PEFT wraps our packed GPTQ layers like gptqmodel's
         prepare_model(model)  # e.g. decompress a compressed-tensors model, as its first forward would
         if not getattr(config, "init_eora", False):  # loading computed factors: same base?
             verify_fingerprint(model, config, adapter_name)
@@ -150,6 +153,62 @@ class EoRAModel(LoraModel):
         _initialize(model, config, adapter_name, config.original_model, config.calibration)
 
 
+#: Base-layer residual back-ends whose modules move between devices with ``.to()`` unchanged
+#: (execution_device="auto" offloads only such models; others compute where they are).
+MOVABLE_BACKENDS = ("dense", "gptq")
+
+
+def resolve_execution_device(model: nn.Module, targets: list, choice: Optional[str] = "auto") -> Optional[torch.device]:
+    """The device decoder blocks are moved to for their visit, or None to compute in place.
+
+    ``"auto"``: CUDA when the model's tensors are all on the CPU (no accelerate dispatch), a GPU
+    exists and every target layer is of a kind that moves as it is (dense, GPTQ); ``None``: in
+    place; anything else: that device.
+    """
+    if choice is None or choice == "none":
+        return None
+    if choice != "auto":
+        return torch.device(choice)
+    if not torch.cuda.is_available():
+        return None
+    if any(getattr(m, "_hf_hook", None) is not None for m in model.modules()):
+        return None  # accelerate placed it: blocks compute where their hooks say
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        return None
+    from .residual import backend_for
+
+    kinds = {backend_for(t.base, t.name).name for t in targets}
+    if not kinds <= set(MOVABLE_BACKENDS):
+        logger.info("execution_device='auto': %s layers stay on the CPU (offload handles %s)", sorted(kinds),
+                    MOVABLE_BACKENDS)
+        return None
+    return torch.device("cuda")
+
+
+def _run_signature(model: nn.Module, config: EoRAConfig, adapter_name: str, batches: list) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one (model, data, settings, ranks)."""
+    import hashlib
+
+    from .fingerprint import compute_fingerprint
+
+    h = hashlib.sha256()
+    for b in batches:
+        for key in ("input_ids", "attention_mask"):
+            if key in b:
+                h.update(key.encode())
+                h.update(b[key].detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+    _, targets = find_targets(model, adapter_name)
+    return {
+        "base": compute_fingerprint(model).digest,
+        "calibration": h.hexdigest(),
+        "method": config.method,
+        "damping": config.damping,
+        "eig_rtol": config.eig_rtol,
+        "sequential": config.sequential,
+        "ranks": {t.name: t.rank for t in targets},
+    }
+
+
 def _initialize(
     model: nn.Module,
     config: EoRAConfig,
@@ -159,9 +218,11 @@ def _initialize(
     tokenizer: Any = None,
     batch_size: int = 8,
     progress: bool = True,
+    times: Any = None,
 ) -> CompensationStats:
     with only_active(model, adapter_name):  # other adapters on the model must not feed the calibration passes
-        return _compute(model, config, adapter_name, original_model, calibration, tokenizer, batch_size, progress)
+        return _compute(model, config, adapter_name, original_model, calibration, tokenizer, batch_size, progress,
+                        times)
 
 
 def _compute(
@@ -173,6 +234,7 @@ def _compute(
     tokenizer: Any,
     batch_size: int,
     progress: bool,
+    times: Any = None,
 ) -> CompensationStats:
     original = OriginalWeights.open(original_model)
     if config.method == "svd":  # the plain-SVD baseline reads weights only
@@ -181,6 +243,10 @@ def _compute(
         if tokenizer is None and not _is_token_data(calibration):
             tokenizer = _load_tokenizer(calibration, original_model, model)
         batches = as_batches(calibration, tokenizer, batch_size=batch_size)
+    _, targets = find_targets(model, adapter_name)
+    device = resolve_execution_device(model, targets, getattr(config, "execution_device", "auto"))
+    if device is not None:
+        logger.info("EoRA computes on %s (decoder blocks visit it one at a time)", device)
     plan: Optional[RankPlan] = None
     allocation = getattr(config, "rank_allocation", "uniform")
     if allocation != "uniform":
@@ -190,10 +256,16 @@ def _compute(
             model, adapter_name, original, batches, method=config.method, damping=spectrum_damping,
             eig_rtol=config.eig_rtol, budget=config.rank_budget, min_rank=config.rank_min or 1,
             max_rank=config.rank_max, gain="absolute" if allocation == "spectrum_absolute" else "relative",
-            progress=progress,
+            progress=progress, device=device, times=times,
         )
         apply_ranks(model, config, adapter_name, plan.ranks)
         config.rank_budget = plan.budget  # recorded: a recomputation keeps this budget, not the allocated ranks
+    checkpoint = None
+    if getattr(config, "checkpoint_dir", None):
+        from .checkpoint import Checkpoint
+
+        checkpoint = Checkpoint(config.checkpoint_dir, _run_signature(model, config, adapter_name, batches),
+                                resume=bool(getattr(config, "resume", False)))
     stats = compensate(
         model,
         adapter_name,
@@ -204,6 +276,9 @@ def _compute(
         eig_rtol=config.eig_rtol,
         sequential=config.sequential,
         progress=progress,
+        device=device,
+        checkpoint=checkpoint,
+        times=times,
     )
     if plan is not None:
         stats.allocation = plan.summary()
@@ -299,12 +374,22 @@ def initialize_eora_weights(
     tokenizer: Any = None,
     batch_size: int = 8,
     progress: bool = True,
+    execution_device: Any = "config",
+    checkpoint_dir: Optional[str] = None,
+    resume: Optional[bool] = None,
+    times: Any = None,
 ) -> CompensationStats:
     """Compute EoRA factors for ``adapter_name`` of an existing PEFT model, in place.
 
     ``original_model`` is a checkpoint path/Hub id or an in-memory uncompressed model;
     ``calibration`` is a :class:`CalibrationConfig`, an ``(n, seq_len)`` token tensor, or an
     iterable/``DataLoader`` of ``input_ids`` batches. Both default to the adapter's config.
+    ``execution_device``, ``checkpoint_dir`` and ``resume`` override the config's run choices::
+
+        initialize_eora_weights(model, original, calib, execution_device="cuda",     # model on CPU
+                                checkpoint_dir="eora-run", resume=True)             # resumable
+
+    ``times`` (a :class:`peft_eora.walker.PhaseTimes`) collects seconds per phase.
     """
     tuner = getattr(peft_model, "base_model", peft_model)
     if not isinstance(tuner, LoraModel):
@@ -316,4 +401,11 @@ def initialize_eora_weights(
     calibration = calibration if calibration is not None else config.calibration
     if original_model is None or (calibration is None and config.method != "svd"):
         raise ValueError("initialize_eora_weights needs original_model and calibration (in the call or the config).")
-    return _initialize(tuner.model, config, adapter_name, original_model, calibration, tokenizer, batch_size, progress)
+    if execution_device != "config":
+        config.execution_device = execution_device
+    if checkpoint_dir is not None:
+        config.checkpoint_dir = str(checkpoint_dir)
+    if resume is not None:
+        config.resume = bool(resume)
+    return _initialize(tuner.model, config, adapter_name, original_model, calibration, tokenizer, batch_size, progress,
+                       times=times)

@@ -71,18 +71,37 @@ class OriginalWeights:
                 "checkpoint with `model.save_pretrained(dir)` first."
             )
         index = path / "model.safetensors.index.json"
+        weight_map: dict[str, str] = {}
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise ModelMismatchError(f"{index} is not a safetensors index (no weight_map): {exc}") from exc
             files = sorted({path / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise ModelMismatchError(
+                    f"The original checkpoint {path} is incomplete: its index points at {len(missing)} missing shard(s) "
+                    f"({', '.join(missing[:3])}). Download or copy the whole checkpoint first."
+                )
         key_file: dict[str, Path] = {}
         shapes: dict[str, tuple[int, ...]] = {}
         for f in files:
-            with safe_open(str(f), framework="pt") as st:
-                for key in st.keys():
-                    if key.endswith(".weight"):
-                        name = key[: -len(".weight")]
-                        key_file[name] = f
-                        shapes[name] = tuple(st.get_slice(key).get_shape())
+            try:
+                with safe_open(str(f), framework="pt") as st:
+                    for key in st.keys():
+                        if key.endswith(".weight"):
+                            name = key[: -len(".weight")]
+                            key_file[name] = f
+                            shapes[name] = tuple(st.get_slice(key).get_shape())
+            except Exception as exc:  # truncated or corrupted shard
+                raise ModelMismatchError(f"Cannot read {f} of the original checkpoint ({type(exc).__name__}: {exc}).") from exc
+        listed = [k for k, f in weight_map.items() if k.endswith(".weight") and k[: -len(".weight")] not in key_file]
+        if listed:
+            raise ModelMismatchError(
+                f"The original checkpoint {path} is inconsistent: its index lists {len(listed)} weight(s) that no shard "
+                f"holds ({', '.join(listed[:3])}). Download or copy the checkpoint again."
+            )
 
         def load(name: str) -> torch.Tensor:
             with safe_open(str(key_file[name]), framework="pt") as st:

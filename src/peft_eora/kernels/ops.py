@@ -15,7 +15,7 @@ It is inference-only (no autograd formula).
 
 Backend choice (``backend="auto"``, or the ``PEFT_EORA_BACKEND`` environment variable):
 
-* CUDA tensors: the JIT-built CUDA kernel for decode batches (≤ 16 rows, ``in % 32 == 0``,
+* CUDA tensors: the JIT-built CUDA kernel for decode batches (≤ 16 rows, ``in % 32 == 0``, ``out % 4 == 0``,
   float16/bfloat16), else the Triton kernel, else dequantize + matmul in torch;
 * CPU tensors: torch, or the Triton kernel in the interpreter when asked for
   (``backend="triton"`` with ``TRITON_INTERPRET=1`` set before Triton was imported).
@@ -61,8 +61,8 @@ _workspaces: dict[int, Tensor] = {}
 # (smaller) one keeps its pointer, so growing must never free it.
 _retired_workspaces: list[Tensor] = []
 _ws_lock = threading.Lock()
-#: int32 words allocated at least (covers M = 16, r = 256 with the maximal K split).
-_WS_MIN_INTS = 256 + 16 * 256 * 33
+#: int32 words allocated at least (covers M = 16, r = 256 with the maximal K splits).
+_WS_MIN_INTS = 256 + 4096 + 16 * 256 * 33 + 1024 * 16 * 32
 
 
 def triton_available(device: torch.device) -> bool:
@@ -78,7 +78,7 @@ def triton_available(device: torch.device) -> bool:
 
 
 def cuda_kernel_supports(
-    x: Tensor, bits: int, lora_a: Optional[Tensor], lora_bits: int
+    x: Tensor, bits: int, lora_a: Optional[Tensor], lora_bits: int, out_features: Optional[int] = None
 ) -> Optional[str]:
     """None if the CUDA kernel handles this call, else the reason it does not."""
     if x.device.type != "cuda":
@@ -92,6 +92,8 @@ def cuda_kernel_supports(
         return f"the CUDA kernel needs in_features % 32 == 0, got {x.shape[-1]}"
     if bits not in (2, 3, 4, 8):
         return f"unsupported bits={bits}"
+    if out_features is not None and out_features % 4:
+        return f"the CUDA kernel needs out_features % 4 == 0 (16-byte loads of 4 columns), got {out_features}"
     if lora_a is not None and not 1 <= lora_a.shape[0] <= CUDA_MAX_RANK:
         return f"the CUDA kernel handles ranks 1..{CUDA_MAX_RANK}, got {lora_a.shape[0]}"
     if lora_bits not in (16, 8, 4):
@@ -100,7 +102,8 @@ def cuda_kernel_supports(
 
 
 def select_backend(
-    x: Tensor, bits: int, lora_a: Optional[Tensor], lora_bits: int, requested: str = "auto"
+    x: Tensor, bits: int, lora_a: Optional[Tensor], lora_bits: int, requested: str = "auto",
+    out_features: Optional[int] = None,
 ) -> str:
     """Resolve ``requested`` (or ``$PEFT_EORA_BACKEND``) to ``"cuda"``, ``"triton"`` or ``"torch"``."""
     if requested == "auto":
@@ -110,7 +113,7 @@ def select_backend(
     if requested == "torch":
         return "torch"
     if requested in ("auto", "cuda"):
-        reason = cuda_kernel_supports(x, bits, lora_a, lora_bits)
+        reason = cuda_kernel_supports(x, bits, lora_a, lora_bits, out_features)
         if reason is None:
             try:
                 cuda_ext.load_extension()
@@ -145,11 +148,11 @@ def _workspace(device: torch.device, ints: int) -> Tensor:
     return ws
 
 
-def _aligned(t: Optional[Tensor]) -> Optional[Tensor]:
-    """Contiguous and 16-byte aligned (the kernel's vector loads), copying only when needed."""
+def _aligned(t: Optional[Tensor], alignment: int = 16) -> Optional[Tensor]:
+    """Contiguous and ``alignment``-byte aligned (the kernel's vector loads), copying only when needed."""
     if t is None:
         return None
-    if not t.is_contiguous() or t.data_ptr() % 16:
+    if not t.is_contiguous() or t.data_ptr() % alignment:
         t = t.clone(memory_format=torch.contiguous_format)
     return t
 
@@ -172,13 +175,10 @@ def _run_cuda(
     if g_idx is not None:
         g_idx = _aligned(g_idx.to(torch.int32))
     rank = lora_a.shape[0] if lora_a is not None else 0
-    if rank:
-        ws = _workspace(x.device, ext.workspace_ints(x2.shape[0], rank))
-    else:
-        ws = x2.new_empty(0, dtype=torch.int32)
+    ws = _workspace(x.device, ext.workspace_ints(x2.shape[0], rank, scales.shape[1]))
     two_pass = os.environ.get(ENV_TWO_PASS, "0") not in ("", "0", "false", "False")
     out = ext.gptq_lora_forward(
-        x2, qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), g_idx, int(group_size), bias,
+        x2, _aligned(qweight), qzeros.contiguous(), _aligned(scales, 8), g_idx, int(group_size), bias,
         lora_a, lora_b, lora_a_scale, lora_b_scale, int(bits), int(lora_bits), float(scaling), int(zero_offset),
         ws, two_pass,
     )
@@ -227,7 +227,7 @@ def gptq_lora_linear_eager(
     _check_args(x, qweight, qzeros, scales, lora_a, lora_b, bits, lora_bits)
     if lora_a is None:
         lora_a_scale = lora_b_scale = None
-    chosen = select_backend(x, bits, lora_a, lora_bits, backend)
+    chosen = select_backend(x, bits, lora_a, lora_bits, backend, out_features=scales.shape[1])
     args = (x, qweight, qzeros, scales, g_idx, bias, lora_a, lora_b, lora_a_scale, lora_b_scale)
     kwargs = dict(bits=bits, group_size=group_size, lora_bits=lora_bits, scaling=scaling, zero_offset=zero_offset)
     if chosen == "cuda":

@@ -196,7 +196,13 @@ def dequantize_lora(
         q = unpack_int4(w, cols).to(torch.float32)
     else:
         raise ValueError(f"unsupported lora_bits={lora_bits}: expected 16, 8 or 4")
-    return (q[:, :cols] * scale.to(torch.float32).view(-1, 1)).to(dtype)
+    q = q[:, :cols]
+    scale = scale.to(torch.float32)
+    if scale.dim() == 2:  # one scale per row and group of columns
+        if cols % scale.shape[1]:
+            raise ValueError(f"{scale.shape[1]} scale groups do not divide {cols} columns")
+        return (q * scale.repeat_interleave(cols // scale.shape[1], dim=1)).to(dtype)
+    return (q * scale.view(-1, 1)).to(dtype)
 
 
 def _lora_shapes(x: torch.Tensor, lora_a: torch.Tensor, lora_bits: int) -> tuple[int, int]:
@@ -229,7 +235,8 @@ def gptq_lora_linear_reference(
     """``y = x·dequant(W) + scaling·(x·Aᵀ)·Bᵀ + bias`` in float32, returned in ``x.dtype``.
 
     ``lora_a`` is ``(r, in)``, ``lora_b`` is ``(out, r)`` (``nn.Linear`` weight layout); for
-    ``lora_bits`` 8/4 they hold int8 / packed-int4 codes with float32 per-row scales. This is
+    ``lora_bits`` 8/4 they hold int8 / packed-int4 codes with float32 per-row scales
+    (``lora_a_scale`` may be ``(r, in / g)``: one scale per row and group of g inputs). This is
     the definition of correctness for the Triton and CUDA kernels.
     """
     in_features, rank = _lora_shapes(x, lora_a, lora_bits)

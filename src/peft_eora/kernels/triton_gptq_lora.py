@@ -1,14 +1,22 @@
 """Triton implementation of ``y = x·dequant(W_gptq) + scaling·(x·Aᵀ)·Bᵀ + bias`` (the portable fallback).
 
-Two launches: ``_lora_a`` computes the tiny ``t = scaling·(x·Aᵀ)`` (float32, ``(M, r)``), then
-``_gptq_lora_main`` streams the packed weight, dequantizes it in registers (2/3/4/8-bit, with or
-without act-order ``g_idx``) and appends the ``t·Bᵀ`` term to the same accumulator before the
-single store. LoRA factors may be float, int8 or packed int4 with per-row float32 scales (see
-:mod:`peft_eora.kernels.lowbit`).
+Split-K, at most two launches, no atomics:
 
-On CPU tensors the kernels run in Triton's interpreter (numpy); that needs
-``TRITON_INTERPRET=1`` in the environment *before Triton is first imported* (``import peft``
-imports it), see :func:`interpreter_active`. bfloat16 is upcast to float32 there. Tests only.
+1. ``_partials_kernel``: programs ``(column tile, K slice)`` stream the packed weight of their
+   slice (2/4/8-bit words are unpacked with one shift and mask per code — the words are read
+   once, not once per code; 3-bit runs are assembled from their three words), dequantize in
+   registers (with or without act-order ``g_idx``) to the activation dtype and multiply on tensor
+   cores (``tl.dot``, the decode batch padded to 16 rows). Extra programs compute K slices of
+   ``x·Aᵀ`` for the low-rank term. Each program writes float32 partials. With one K slice and no
+   low-rank term it writes the output itself and the call is a single launch.
+2. ``_epilogue_kernel``: per column tile, sums the partials in a fixed order (deterministic),
+   forms ``t = scaling·a_scale·(x·Aᵀ)``, adds ``t·Bᵀ`` (``b_scale`` per row of B) and the bias,
+   and stores in the activation dtype.
+
+LoRA factors may be float, int8 or packed int4 with per-row float32 scales (see
+:mod:`peft_eora.kernels.lowbit`). On CPU tensors the kernels run in Triton's interpreter (numpy);
+that needs ``TRITON_INTERPRET=1`` in the environment *before Triton is first imported*
+(``import peft`` imports it), see :func:`interpreter_active`. bfloat16 is upcast to float32 there.
 
     >>> y = gptq_lora_linear_triton(x, qweight, qzeros, scales, g_idx, None, A, B, None, None,
     ...                             bits=4, group_size=128, lora_bits=16, scaling=1.0)  # doctest: +SKIP
@@ -16,6 +24,7 @@ imports it), see :func:`interpreter_active`. bfloat16 is upcast to float32 there
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Optional
 
@@ -27,119 +36,171 @@ from .reference import check_bits, packed_len
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["gptq_lora_linear_triton", "dequantize_gptq_triton", "interpreter_active"]
+__all__ = ["gptq_lora_linear_triton", "dequantize_gptq_triton", "interpreter_active", "plan"]
 
 
 @triton.jit
-def _lora_a_kernel(
-    x_ptr, a_ptr, ascale_ptr, t_ptr,
-    M, K, R,
-    stride_xm, stride_a,
-    scaling,
-    LORA_BITS: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        amask = mask_k[:, None] & mask_r[None, :]
-        if LORA_BITS == 4:
-            byte = tl.load(a_ptr + offs_r[None, :] * stride_a + (offs_k[:, None] // 2), mask=amask, other=0)
-            code = (byte.to(tl.int32) >> ((offs_k[:, None] % 2) * 4)) & 0xF
-            a = tl.where(code >= 8, code - 16, code).to(tl.float32)
-        else:
-            a = tl.load(a_ptr + offs_r[None, :] * stride_a + offs_k[:, None], mask=amask, other=0).to(tl.float32)
-        if DOT_FP32:
-            acc = tl.dot(x.to(tl.float32), a, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, a.to(x.dtype), acc)
-    if LORA_BITS != 16:
-        acc = acc * tl.load(ascale_ptr + offs_r, mask=mask_r, other=0.0)[None, :]
-    acc = acc * scaling
-    tl.store(t_ptr + offs_m[:, None] * R + offs_r[None, :], acc, mask=mask_m[:, None] & mask_r[None, :])
-
-
-@triton.jit
-def _gptq_lora_main_kernel(
-    x_ptr, qw_ptr, qz_ptr, sc_ptr, gidx_ptr, bias_ptr, t_ptr, b_ptr, bscale_ptr, out_ptr,
-    M, N, K, R, QW_ROWS, QZ_COLS, group_size, zero_offset,
-    stride_xm, stride_qw, stride_qz, stride_sc, stride_b, stride_om,
-    BITS: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_LORA: tl.constexpr, LORA_BITS: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+def _unpack_codes(qw_ptr, k0, offs_n, mask_n, QW_ROWS, stride_qw,
+                  BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Codes ``[BLOCK_K, BLOCK_N]`` (int32) of rows ``k0 .. k0+BLOCK_K`` (``k0 % 32 == 0``)."""
     MASKQ: tl.constexpr = (1 << BITS) - 1
+    if BITS == 3:
+        RUNS: tl.constexpr = BLOCK_K // 32
+        offs_run = k0 // 32 + tl.arange(0, RUNS)
+        wmask = (offs_run < QW_ROWS // 3)[:, None] & mask_n[None, :]
+        base = qw_ptr + (offs_run * 3)[:, None] * stride_qw + offs_n[None, :]
+        w0 = tl.load(base, mask=wmask, other=0).to(tl.uint32, bitcast=True)
+        w1 = tl.load(base + stride_qw, mask=wmask, other=0).to(tl.uint32, bitcast=True)
+        w2 = tl.load(base + 2 * stride_qw, mask=wmask, other=0).to(tl.uint32, bitcast=True)
+        i = tl.arange(0, 32)
+        pos = i * 3
+        word = (pos // 32)[None, :, None]
+        off = (pos % 32).to(tl.uint32)[None, :, None]
+        lo = tl.where(word == 0, w0[:, None, :], tl.where(word == 1, w1[:, None, :], w2[:, None, :]))
+        hi = tl.where(word == 0, w1[:, None, :], w2[:, None, :])
+        spill = (pos % 32 + 3 > 32)[None, :, None]
+        val = lo >> off
+        val = tl.where(spill, val | (hi << ((32 - off) & 31)), val)
+        codes = (val & MASKQ).to(tl.int32)
+        return tl.reshape(codes, (BLOCK_K, BLOCK_N))
+    else:
+        CPW: tl.constexpr = 32 // BITS
+        ROWS: tl.constexpr = BLOCK_K // CPW
+        offs_w = k0 // CPW + tl.arange(0, ROWS)
+        packed = tl.load(qw_ptr + offs_w[:, None] * stride_qw + offs_n[None, :],
+                         mask=(offs_w < QW_ROWS)[:, None] & mask_n[None, :], other=0)
+        shifts = tl.arange(0, CPW) * BITS
+        codes = (packed[:, None, :] >> shifts[None, :, None]) & MASKQ
+        return tl.reshape(codes, (BLOCK_K, BLOCK_N))
 
-    # zero points: column n is code n of its group row, at bit BITS·n of the packed stream
+
+@triton.jit
+def _zero_codes(qz_ptr, rows, offs_n, mask, QZ_COLS, stride_qz, BITS: tl.constexpr):
+    """Zero-point codes of columns ``offs_n`` in qzeros rows ``rows`` (broadcast shapes)."""
+    MASKQ: tl.constexpr = (1 << BITS) - 1
     zbit = offs_n * BITS
     zword = zbit // 32
-    zoff = zbit % 32
-    zspill = (zoff + BITS) > 32
-    zsh = ((32 - zoff) & 31).to(tl.uint32)
+    zoff = (zbit % 32).to(tl.uint32)
+    z = tl.load(qz_ptr + rows * stride_qz + zword, mask=mask, other=0).to(tl.uint32, bitcast=True) >> zoff
+    if BITS == 3:
+        spill = (zbit % 32 + BITS) > 32
+        hi = tl.load(qz_ptr + rows * stride_qz + zword + 1, mask=mask & spill & ((zword + 1) < QZ_COLS),
+                     other=0).to(tl.uint32, bitcast=True)
+        z = tl.where(spill, z | (hi << ((32 - zoff) & 31)), z)
+    return (z & MASKQ).to(tl.int32)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        kn_mask = mask_k[:, None] & mask_n[None, :]
 
-        # weight codes: row k is code k of column n, at bit BITS·k of the packed stream
-        kbit = offs_k * BITS
-        kword = kbit // 32
-        koff = (kbit % 32)
-        lo = tl.load(qw_ptr + kword[:, None] * stride_qw + offs_n[None, :], mask=kn_mask, other=0)
-        q = lo.to(tl.uint32, bitcast=True) >> koff[:, None].to(tl.uint32)
-        if BITS == 3:
-            kspill = (koff + BITS) > 32
-            hi_mask = kn_mask & kspill[:, None] & ((kword + 1) < QW_ROWS)[:, None]
-            hi = tl.load(qw_ptr + (kword[:, None] + 1) * stride_qw + offs_n[None, :], mask=hi_mask, other=0)
-            ksh = ((32 - koff) & 31).to(tl.uint32)
-            q = tl.where(kspill[:, None], q | (hi.to(tl.uint32, bitcast=True) << ksh[:, None]), q)
-        q = (q & MASKQ).to(tl.int32)
-
-        if HAS_GIDX:
-            g = tl.load(gidx_ptr + offs_k, mask=mask_k, other=0)
+@triton.jit
+def _partials_kernel(
+    x_ptr, qw_ptr, qz_ptr, sc_ptr, gidx_ptr, bias_ptr, out_ptr, part_ptr, a_ptr, tpart_ptr, ascale_ptr,
+    M, N, K, R, QW_ROWS, QZ_COLS, group_size, zero_offset,
+    stride_xm, stride_qw, stride_qz, stride_sc, stride_a, stride_om,
+    n_tiles, ksplit, kslice, ka_split, ka_slice,
+    BITS: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr,
+    HAS_LORA: tl.constexpr, LORA_BITS: tl.constexpr, DOT_FP32: tl.constexpr, A_GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_KA: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_units = n_tiles * ksplit
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    if pid < n_units:
+        tile = pid // ksplit
+        ks = pid % ksplit
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        k_begin = ks * kslice
+        k_end = tl.minimum(K, k_begin + kslice)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k_end
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            q = _unpack_codes(qw_ptr, k0, offs_n, mask_n, QW_ROWS, stride_qw, BITS, BLOCK_K, BLOCK_N)
+            if HAS_GIDX:
+                g = tl.load(gidx_ptr + offs_k, mask=mask_k, other=0)
+                kn_mask = mask_k[:, None] & mask_n[None, :]
+                s = tl.load(sc_ptr + g[:, None] * stride_sc + offs_n[None, :], mask=kn_mask, other=0.0)
+                z = _zero_codes(qz_ptr, g[:, None], offs_n[None, :], kn_mask, QZ_COLS, stride_qz, BITS)
+                w = (q - z - zero_offset).to(tl.float32) * s.to(tl.float32)
+            else:
+                g0 = k0 // group_size  # BLOCK_K divides group_size: one group per block
+                s = tl.load(sc_ptr + g0 * stride_sc + offs_n, mask=mask_n, other=0.0)
+                z = _zero_codes(qz_ptr, g0, offs_n, mask_n, QZ_COLS, stride_qz, BITS)
+                w = (q - z[None, :] - zero_offset).to(tl.float32) * s.to(tl.float32)[None, :]
+            if DOT_FP32:
+                acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w.to(x.dtype), acc)
+        if FINAL:
+            if HAS_BIAS:
+                acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+                     acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
         else:
-            g = offs_k // group_size
-        s = tl.load(sc_ptr + g[:, None] * stride_sc + offs_n[None, :], mask=kn_mask, other=0.0).to(tl.float32)
-        zlo = tl.load(qz_ptr + g[:, None] * stride_qz + zword[None, :], mask=kn_mask, other=0)
-        z = zlo.to(tl.uint32, bitcast=True) >> zoff[None, :].to(tl.uint32)
-        if BITS == 3:
-            zhi_mask = kn_mask & zspill[None, :] & ((zword + 1) < QZ_COLS)[None, :]
-            zhi = tl.load(qz_ptr + g[:, None] * stride_qz + zword[None, :] + 1, mask=zhi_mask, other=0)
-            z = tl.where(zspill[None, :], z | (zhi.to(tl.uint32, bitcast=True) << zsh[None, :]), z)
-        z = (z & MASKQ).to(tl.int32) + zero_offset
+            tl.store(part_ptr + (ks * M + offs_m[:, None]) * N + offs_n[None, :], acc,
+                     mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        if HAS_LORA:  # a K slice of x·Aᵀ for one block of rank rows
+            c = pid - n_units
+            rb = c // ka_split
+            ka = c % ka_split
+            offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            tacc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            ka_begin = ka * ka_slice
+            ka_end = tl.minimum(K, ka_begin + ka_slice)
+            for k0 in range(ka_begin, ka_end, BLOCK_KA):
+                offs_k = k0 + tl.arange(0, BLOCK_KA)
+                mask_k = offs_k < ka_end
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                amask = mask_k[:, None] & mask_r[None, :]
+                if LORA_BITS == 4:
+                    byte = tl.load(a_ptr + offs_r[None, :] * stride_a + (offs_k[:, None] // 2), mask=amask, other=0)
+                    code = (byte.to(tl.int32) >> ((offs_k[:, None] % 2) * 4)) & 0xF
+                    a = tl.where(code >= 8, code - 16, code).to(tl.float32)
+                else:
+                    a = tl.load(a_ptr + offs_r[None, :] * stride_a + offs_k[:, None], mask=amask, other=0).to(tl.float32)
+                if A_GROUP > 0:  # one scale per rank row and group of A_GROUP inputs
+                    sa = tl.load(ascale_ptr + offs_r[None, :] * (K // A_GROUP) + offs_k[:, None] // A_GROUP,
+                                 mask=amask, other=0.0)
+                    a = a * sa
+                tacc = tl.dot(x.to(tl.float32), a, tacc, input_precision="ieee")
+            tl.store(tpart_ptr + (ka * M + offs_m[:, None]) * R + offs_r[None, :], tacc,
+                     mask=mask_m[:, None] & mask_r[None, :])
 
-        w = (q - z).to(tl.float32) * s
-        if DOT_FP32:
-            acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w.to(x.dtype), acc)
 
+@triton.jit
+def _epilogue_kernel(
+    part_ptr, tpart_ptr, b_ptr, ascale_ptr, bscale_ptr, bias_ptr, out_ptr,
+    M, N, R, ksplit, ka_split, scaling, stride_b, stride_om,
+    HAS_LORA: tl.constexpr, LORA_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, A_GROUPED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    mn_mask = mask_m[:, None] & mask_n[None, :]
+    y = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for ks in range(0, ksplit):  # fixed order: deterministic
+        y += tl.load(part_ptr + (ks * M + offs_m[:, None]) * N + offs_n[None, :], mask=mn_mask, other=0.0)
     if HAS_LORA:
         lacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < R
-            t = tl.load(t_ptr + offs_m[:, None] * R + offs_r[None, :],
-                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for ka in range(0, ka_split):
+                t += tl.load(tpart_ptr + (ka * M + offs_m[:, None]) * R + offs_r[None, :],
+                             mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            if LORA_BITS != 16 and not A_GROUPED:
+                t = t * tl.load(ascale_ptr + offs_r, mask=mask_r, other=0.0)[None, :]
+            t = t * scaling
             rn_mask = mask_r[:, None] & mask_n[None, :]
             if LORA_BITS == 4:
                 byte = tl.load(b_ptr + offs_n[None, :] * stride_b + (offs_r[:, None] // 2), mask=rn_mask, other=0)
@@ -150,12 +211,10 @@ def _gptq_lora_main_kernel(
             lacc = tl.dot(t, bt, lacc, input_precision="ieee")
         if LORA_BITS != 16:
             lacc = lacc * tl.load(bscale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        acc = acc + lacc
-
+        y += lacc
     if HAS_BIAS:
-        acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(out_ptr.dtype.element_ty), mask=mn_mask)
 
 
 def interpreter_active() -> bool:
@@ -164,16 +223,43 @@ def interpreter_active() -> bool:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:  # pragma: no cover - very old Triton
         return False
-    return isinstance(tl.zeros, InterpretedFunction) and isinstance(_gptq_lora_main_kernel, InterpretedFunction)
+    return isinstance(tl.zeros, InterpretedFunction) and isinstance(_partials_kernel, InterpretedFunction)
 
 
-def _blocks(m: int, n: int, k: int, interpret: bool) -> tuple[int, int, int, int]:
-    """Tile sizes: decode-shaped on GPU, small on the interpreter (numpy cost grows with tiles)."""
-    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def plan(m: int, n: int, k: int, rank: int, group_size: int, has_gidx: bool, sms: int,
+         interpret: bool = False) -> dict[str, int]:
+    """Tile sizes and K splits for one call (pure function of the shapes; see the module doc).
+
+        >>> plan(1, 4096, 4096, 128, 128, False, 132)["ksplit"]
+        8
+    """
+    block_m = 16
     if interpret:
-        return block_m, 32, 32, 16
-    block_n = 64 if n >= 64 else 32
-    return block_m, block_n, 64, 32
+        block_n, block_k = 32, 32
+    else:
+        block_n = 64 if n >= 64 else 32
+        block_k = 128
+    if not has_gidx:  # one group per K block
+        while block_k > 32 and group_size % block_k:
+            block_k //= 2
+    n_tiles = triton.cdiv(n, block_n)
+    max_split = max(1, k // block_k)
+    target = 4 * sms  # programs to keep every SM streaming
+    ksplit = max(1, min(max_split, 32, round(target / n_tiles)))
+    kslice = triton.cdiv(triton.cdiv(k, ksplit), block_k) * block_k
+    ksplit = triton.cdiv(k, kslice)
+    block_r = 16
+    block_ka = 32 if interpret else 128
+    ka_slice = max(block_ka, triton.cdiv(512, block_ka) * block_ka)
+    ka_split = triton.cdiv(k, ka_slice) if rank else 0
+    return dict(block_m=block_m, block_n=block_n, block_k=block_k, n_tiles=n_tiles, ksplit=ksplit, kslice=kslice,
+                block_r=block_r, block_ka=block_ka, ka_slice=ka_slice, ka_split=ka_split,
+                n_rank_blocks=triton.cdiv(rank, block_r) if rank else 0)
 
 
 def gptq_lora_linear_triton(
@@ -197,6 +283,7 @@ def gptq_lora_linear_triton(
     """Triton fused op (same contract as :func:`~peft_eora.kernels.reference.gptq_lora_linear_reference`).
 
     ``lora_a``/``lora_b`` may be None for the plain quantized GEMM (used by the benchmark).
+    Decode batches up to 16 rows per call; larger inputs are processed 16 rows at a time.
     """
     check_bits(bits)
     if lora_bits not in (16, 8, 4):
@@ -204,6 +291,8 @@ def gptq_lora_linear_triton(
     orig_dtype = x.dtype
     in_features = x.shape[-1]
     out_features = scales.shape[1]
+    if in_features % 32:
+        raise ValueError(f"the Triton kernel needs in_features % 32 == 0, got {in_features}")
     x2 = x.reshape(-1, in_features)
     m = x2.shape[0]
     interpret = x.device.type == "cpu"
@@ -223,18 +312,17 @@ def gptq_lora_linear_triton(
         raise ValueError(f"qzeros {tuple(qzeros.shape)} does not match scales {tuple(scales.shape)}")
     if g_idx is None and group_size <= 0:
         group_size = in_features
+    if g_idx is None and group_size % 32:  # groups not aligned to 32-row runs: per-row group lookup
+        g_idx = torch.div(torch.arange(in_features, device=x.device), group_size, rounding_mode="floor")
     has_gidx = g_idx is not None
     gidx_t = g_idx.to(torch.int32).contiguous() if has_gidx else qweight  # dummy pointer when unused
     out = torch.empty((m, out_features), dtype=x2.dtype, device=x.device)
     if m == 0:
         return out.to(orig_dtype).reshape(*x.shape[:-1], out_features)
-
     if interpret and not interpreter_active():
         raise RuntimeError(
             "Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is first imported"
         )
-    lora_k, main_k = _lora_a_kernel, _gptq_lora_main_kernel
-    block_m, block_n, block_k, block_r = _blocks(m, out_features, in_features, interpret)
     has_lora = lora_a is not None
     rank = lora_a.shape[0] if has_lora else 0
     if has_lora:
@@ -243,27 +331,53 @@ def gptq_lora_linear_triton(
             raise ValueError(f"lora_b has {lora_b.shape[0]} rows, expected out_features={out_features}")
         if lora_bits != 16 and (lora_a_scale is None or lora_b_scale is None):
             raise ValueError(f"{lora_bits}-bit LoRA factors need lora_a_scale and lora_b_scale")
-        a_scale = lora_a_scale.float().contiguous() if lora_bits != 16 else x2
-        b_scale = lora_b_scale.float().contiguous() if lora_bits != 16 else x2
-        t = torch.empty((m, rank), dtype=torch.float32, device=x.device)
-        dot_fp32_a = x2.dtype == torch.float32 or (lora_bits == 16 and lora_a.dtype == torch.float32)
-        lora_k[(triton.cdiv(m, block_m), triton.cdiv(rank, block_r))](
-            x2, lora_a, a_scale, t, m, in_features, rank, x2.stride(0), lora_a.stride(0), float(scaling),
-            LORA_BITS=lora_bits, DOT_FP32=dot_fp32_a, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
-        )
-    else:
-        t = b_scale = x2
-        lora_b = x2
-    bias_t = bias.contiguous() if bias is not None else x2
-    main_k[(triton.cdiv(m, block_m), triton.cdiv(out_features, block_n))](
-        x2, qweight, qzeros, scales, gidx_t, bias_t, t, lora_b, b_scale, out,
-        m, out_features, in_features, rank, qweight.shape[0], qzeros.shape[1], group_size, int(zero_offset),
-        x2.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0),
-        lora_b.stride(0) if has_lora else 0, out.stride(0),
-        BITS=bits, HAS_GIDX=has_gidx, HAS_BIAS=bias is not None, HAS_LORA=has_lora, LORA_BITS=lora_bits,
-        DOT_FP32=x2.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r,
-    )
+    sms = 4 if interpret else _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    pl = plan(min(m, 16), out_features, in_features, rank, group_size, has_gidx, sms, interpret)
+    for r0 in range(0, m, 16):  # the kernels hold 16 batch rows
+        rows = slice(r0, min(m, r0 + 16))
+        _launch(x2[rows], qweight, qzeros, scales, gidx_t, has_gidx, bias, lora_a, lora_b, lora_a_scale,
+                lora_b_scale, out[rows], pl, bits=bits, group_size=group_size, lora_bits=lora_bits, scaling=scaling,
+                zero_offset=zero_offset, rank=rank, interpret=interpret)
     return out.to(orig_dtype).reshape(*x.shape[:-1], out_features)
+
+
+def _launch(x2, qweight, qzeros, scales, gidx_t, has_gidx, bias, lora_a, lora_b, lora_a_scale, lora_b_scale, out,
+            pl, *, bits, group_size, lora_bits, scaling, zero_offset, rank, interpret) -> None:
+    m, k = x2.shape
+    n = out.shape[1]
+    has_lora = rank > 0
+    final = not has_lora and pl["ksplit"] == 1
+    part = x2.new_empty((pl["ksplit"], m, n), dtype=torch.float32) if not final else out
+    tpart = x2.new_empty((pl["ka_split"], m, rank), dtype=torch.float32) if has_lora else part
+    a = lora_a if has_lora else x2
+    a_scale = lora_a_scale.float().contiguous() if has_lora and lora_bits != 16 else x2
+    a_group = k // a_scale.shape[1] if has_lora and lora_bits != 16 and a_scale.dim() == 2 else 0
+    units = pl["n_tiles"] * pl["ksplit"]
+    grid1 = units + (pl["n_rank_blocks"] * pl["ka_split"] if has_lora else 0)
+    bias_t = bias.contiguous() if bias is not None else x2
+    warps = {} if interpret else dict(num_warps=4, num_stages=3)
+    _partials_kernel[(grid1,)](
+        x2, qweight, qzeros, scales, gidx_t, bias_t, out, part, a, tpart, a_scale,
+        m, n, k, rank, qweight.shape[0], qzeros.shape[1], group_size, int(zero_offset),
+        x2.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), a.stride(0), out.stride(0),
+        pl["n_tiles"], pl["ksplit"], pl["kslice"], max(pl["ka_split"], 1), pl["ka_slice"],
+        BITS=bits, HAS_GIDX=has_gidx, HAS_BIAS=bias is not None, FINAL=final, HAS_LORA=has_lora,
+        LORA_BITS=lora_bits, DOT_FP32=x2.dtype == torch.float32, A_GROUP=a_group,
+        BLOCK_M=pl["block_m"], BLOCK_N=pl["block_n"],
+        BLOCK_K=pl["block_k"], BLOCK_R=pl["block_r"], BLOCK_KA=pl["block_ka"], **warps,
+    )
+    if final:
+        return
+    b_scale = lora_b_scale.float().contiguous() if has_lora and lora_bits != 16 else x2
+    b = lora_b if has_lora else x2
+    block_n2 = 32 if interpret else 64
+    _epilogue_kernel[(triton.cdiv(n, block_n2),)](
+        part, tpart, b, a_scale, b_scale, bias_t, out,
+        m, n, rank, pl["ksplit"], max(pl["ka_split"], 1), float(scaling), b.stride(0), out.stride(0),
+        HAS_LORA=has_lora, LORA_BITS=lora_bits, HAS_BIAS=bias is not None, A_GROUPED=a_group > 0,
+        BLOCK_M=pl["block_m"], BLOCK_N=block_n2, BLOCK_R=16 if interpret else 32,
+        **({} if interpret else dict(num_warps=4)),
+    )
 
 
 def dequantize_gptq_triton(
@@ -277,9 +391,10 @@ def dequantize_gptq_triton(
     group_size: int = -1,
     zero_offset: int = 0,
 ) -> torch.Tensor:
-    """Dequantized ``(in, out)`` weight via the main kernel (``x = I``); a debugging aid."""
+    """Dequantized ``(in, out)`` weight via the kernels (``x = I``, 16 rows at a time); a debugging aid."""
     eye = torch.eye(in_features, dtype=torch.float32, device=qweight.device)
     return gptq_lora_linear_triton(
         eye, qweight, qzeros, scales, g_idx, None, None, None, None, None,
         bits=bits, group_size=group_size, zero_offset=zero_offset,
     )
+

@@ -1,7 +1,9 @@
-"""GPTQ layers from gptqmodel (what transformers 5.x loads GPTQ checkpoints into).
+"""GPTQ layers from gptqmodel (what transformers 5.x loads GPTQ checkpoints into), and this
+package's own :class:`~peft_eora.kernels.gptq_linear.GPTQLinear` (same packed layout).
 
-The module is recognised by its class path, so gptqmodel is never imported here; its own
-``dequantize_weight()`` gives the weight its kernel uses (``(in, out)``, transposed here).
+gptqmodel modules are recognised by their class path, so gptqmodel is never imported here;
+their own ``dequantize_weight()`` gives the weight their kernel uses (``(in, out)``,
+transposed here).
 """
 
 from __future__ import annotations
@@ -17,13 +19,21 @@ def has_gptqmodel_base(module: nn.Module, base: str) -> bool:
 
 class GPTQBackend:
     name = "gptq"
-    description = "gptqmodel GPTQ QuantLinear (TorchLinear on CPU; Marlin/ExLlama/Triton kernels on GPU)"
+    description = "gptqmodel GPTQ QuantLinear (TorchLinear on CPU; Marlin/ExLlama/Triton kernels on GPU) or peft_eora GPTQLinear"
 
     def matches(self, module: nn.Module) -> bool:
+        from ..kernels.gptq_linear import GPTQLinear
+
+        if isinstance(module, GPTQLinear):
+            return True
         return has_gptqmodel_base(module, "GPTQQuantLinear") and hasattr(module, "dequantize_weight")
 
     @torch.no_grad()
     def dequantize(self, module: nn.Module) -> torch.Tensor:
+        from ..kernels.gptq_linear import GPTQLinear
+
+        if isinstance(module, GPTQLinear):
+            return module.dequantize()
         w = module.dequantize_weight().T  # gptqmodel returns (in, out)
         out_f, in_f = module.out_features, module.in_features
         if w.shape != (out_f, in_f):

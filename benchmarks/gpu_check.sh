@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One command on a GPU machine: build the CUDA extension, run the GPU tests, the kernel and
+# end-to-end decode benchmarks, the linear-algebra probe and the EoRA-at-scale benchmark.
+# JSON results and one log go to a single folder (default: $OUT, else benchmarks/results/gpu).
+#
+#   bash benchmarks/gpu_check.sh [OUT_DIR]                 # everything (~7 min on an H200)
+#   GPU_CHECK_STEPS="build tests kernel" bash benchmarks/gpu_check.sh /tmp/out   # a subset
+#
+# Wheels placed in .whl/ (e.g. the peft/transformers versions this repo is tested with) are
+# installed into a scratch folder first; the repository's src/ is put on PYTHONPATH, so nothing
+# is installed into the machine's environment. Every step has its own time limit and the run
+# goes on after a failed step; summary.txt lists each step's exit code and seconds.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-${OUT:-benchmarks/results/gpu}}"
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_check.log"
+SUMMARY="$OUT_DIR/summary.txt"
+: > "$LOG"
+: > "$SUMMARY"
+STEPS="${GPU_CHECK_STEPS:-build tests kernel linalg scale offload}"
+PY="${PYTHON:-python3}"
+
+if ls .whl/*.whl > /dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/pe_site .whl/*.whl \
+    >> "$LOG" 2>&1 && export PYTHONPATH="/tmp/pe_site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD/src:${PYTHONPATH:-}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PEFT_EORA_BUILD_DIR="${PEFT_EORA_BUILD_DIR:-/tmp/pe_build}"
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$PY" -c "import torch, transformers, peft, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'triton', triton.__version__)"
+} >> "$SUMMARY" 2>&1
+
+step() {  # step NAME LIMIT_S CMD...
+  local name=$1 limit=$2
+  shift 2
+  case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
+  local start=$SECONDS
+  echo "===== $name: $*" >> "$LOG"
+  timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $((SECONDS - start))s" | tee -a "$SUMMARY"
+}
+
+step build 300 "$PY" -c "from peft_eora.kernels import cuda_ext; m = cuda_ext.build_extension(); print('built', m.__name__)"
+TESTS=$(ls tests/test_kernels.py tests/test_gptq_linear.py tests/test_scale.py 2> /dev/null)
+step tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider $TESTS
+step kernel 330 "$PY" benchmarks/kernel.py --out "$OUT_DIR/kernel.json"
+step linalg 120 "$PY" benchmarks/linalg.py --out "$OUT_DIR/linalg.json"
+step scale 240 "$PY" benchmarks/scale.py --gpu-8b --out "$OUT_DIR/scale.json"
+# a 1.1B shape kept on the CPU, its blocks visiting the GPU one at a time
+step offload 180 "$PY" benchmarks/scale.py --offload --hidden 2048 --intermediate 5632 --layers 16 --heads 16 \
+  --kv-heads 16 --vocab 32000 --samples 64 --seq-len 1024 --out "$OUT_DIR/scale_offload.json"
+echo "total $SECONDS s" | tee -a "$SUMMARY"

@@ -1,0 +1,111 @@
+"""Timings of the linear algebra EoRA spends its time in, at Llama-3-8B sizes (JSON out).
+
+The choices in :mod:`peft_eora.decompose` (which decomposition, which precision) rest on
+these figures: per matrix size, ``eigh`` and Cholesky in float64 and float32, the Gram
+eigendecomposition behind the truncated SVD, randomized SVD, and the covariance product
+``XᵀX`` over 64k calibration tokens in float32, TF32 and bf16-in/fp32-out.
+
+    python benchmarks/linalg.py --out linalg.json            # GPU (~30 s on an H200)
+    python benchmarks/linalg.py --smoke                      # CPU, small sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], Any], int], float]:
+    def run(fn: Callable[[], Any], reps: int) -> float:
+        fn()  # warm-up (workspace, kernels)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / reps
+
+    return run
+
+
+def _spd(n: int, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    x = torch.randn(2 * n, n, generator=gen, device=device, dtype=torch.float32)
+    x = x * torch.logspace(0, -3, n, device=device)  # a decaying spectrum, like activations
+    h = (x.T @ x).to(dtype)
+    return h + 1e-2 * h.diagonal().mean() * torch.eye(n, device=device, dtype=dtype)
+
+
+def probe(sizes: list[int], out_rows: int, tokens: int, device: torch.device, reps: int) -> dict[str, Any]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    t = _timer(device)
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    for n in sizes:
+        row: dict[str, Any] = {}
+        H64 = _spd(n, device, torch.float64, gen)
+        H32 = H64.float()
+        row["eigh_fp64_s"] = t(lambda: torch.linalg.eigh(H64), reps)
+        row["eigh_fp32_s"] = t(lambda: torch.linalg.eigh(H32), reps)
+        row["eigvalsh_fp64_s"] = t(lambda: torch.linalg.eigvalsh(H64), reps)
+        row["cholesky_fp64_s"] = t(lambda: torch.linalg.cholesky_ex(H64), reps)
+        row["cholesky_fp32_s"] = t(lambda: torch.linalg.cholesky_ex(H32), reps)
+        L = torch.linalg.cholesky(H64)
+        A = torch.randn(128, n, generator=gen, device=device, dtype=torch.float64)
+        row["solve_triangular_r128_fp64_s"] = t(lambda: torch.linalg.solve_triangular(L.T, A.T, upper=True), reps)
+        D = torch.randn(out_rows, n, generator=gen, device=device, dtype=torch.float64)
+        row["residual_times_L_fp64_s"] = t(lambda: D @ L, reps)
+        G = D @ D.T if out_rows <= n else D.T @ D
+        row["gram_dim"] = G.shape[0]
+        row["gram_eigh_fp64_s"] = t(lambda: torch.linalg.eigh(G), reps)
+        row["gram_eigh_fp32_s"] = t(lambda: torch.linalg.eigh(G.float()), reps)
+        row["svd_lowrank_q160_niter4_fp64_s"] = t(lambda: torch.svd_lowrank(D, q=160, niter=4), reps)
+        row["svd_lowrank_q160_niter4_fp32_s"] = t(lambda: torch.svd_lowrank(D.float(), q=160, niter=4), reps)
+        X = torch.randn(tokens, n, generator=gen, device=device, dtype=torch.bfloat16)
+        row["cov_tokens"] = tokens
+        row["cov_fp32_s"] = t(lambda: X.float().T @ X.float(), reps)
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        row["cov_tf32_s"] = t(lambda: X.float().T @ X.float(), reps)
+        torch.backends.cuda.matmul.allow_tf32 = old
+        try:
+            row["cov_bf16_in_fp32_out_s"] = t(lambda: torch.mm(X.T, X, out_dtype=torch.float32), reps)
+        except Exception as exc:  # older torch: no out_dtype
+            row["cov_bf16_in_fp32_out_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        res[str(n)] = row
+        del H64, H32, L, A, D, G, X
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--reps", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.smoke:
+        res = probe([96, 160], 64, 512, torch.device("cpu"), 1)
+    elif torch.cuda.is_available():
+        res = probe([4096, 14336], 4096, 65536, torch.device("cuda"), args.reps)
+    else:
+        res = {"status": "skipped", "reason": "no CUDA device (use --smoke on CPU)"}
+    text = json.dumps(res, indent=2)
+    if args.out:
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, args.out)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""EoRA at scale: time, memory and a per-phase breakdown for a random-weight Llama shape (JSON).
+
+Builds a Llama of the given shape with random weights (no download), keeps its decoder
+linears on the host as the "original", compresses the model in place (round-to-nearest
+``--bits``/``--group-size``: ``--format dense`` fake-quantizes the float weights, so the dense
+residual back-end applies, as in issue #16's first measurement; ``--format gptq`` packs them into
+:class:`~peft_eora.kernels.gptq_linear.GPTQLinear`), and times ``initialize_eora_weights`` at rank
+``--rank`` on random calibration tokens through the public API. Reported: wall seconds, seconds
+per phase (block forwards, covariance accumulation, decompositions, factors, original-weight
+reads, residuals, offload moves, checkpoint writes; GPU work synchronised at phase edges), peak
+GPU memory against the model's own, peak host memory (VmHWM), and the mean relative error.
+
+    python benchmarks/scale.py                                 # CPU: the SmolLM2-135M shape, 16k tokens
+    python benchmarks/scale.py --gpu-8b --out scale.json       # GPU: Llama-3-8B shape, 64 x 1024 tokens
+    python benchmarks/scale.py --gpu-8b --offload              # model on the CPU, blocks visit the GPU
+    python benchmarks/scale.py --smoke                         # seconds: a 2-block toy (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+logger = logging.getLogger("peft_eora.benchmarks.scale")
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out")
+    p.add_argument("--hidden", type=int, default=576)
+    p.add_argument("--intermediate", type=int, default=1536)
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--heads", type=int, default=9)
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--vocab", type=int, default=49152)
+    p.add_argument("--samples", type=int, default=32, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rank", type=int, default=128)
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--format", choices=("dense", "gptq"), default="dense")
+    p.add_argument("--damping", default="0.01", help="a number or 'auto'")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--device", default=None, help="where the model is built: cpu or cuda (default: cuda if present)")
+    p.add_argument("--offload", action="store_true", help="build the model on the CPU, compute on the GPU")
+    p.add_argument("--checkpoint-dir", default=None, help="also write a resumable checkpoint there (timed)")
+    p.add_argument("--gpu-8b", action="store_true", help="the Llama-3-8B shape, 64 x 1024 tokens, on the GPU")
+    p.add_argument("--smoke", action="store_true", help="a 2-block toy on CPU (checks the code paths)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _host_peak_gib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _fake_quantize_(weight: torch.Tensor, bits: int, group_size: int) -> None:
+    """Round-to-nearest asymmetric quantization of ``weight`` (out × in) in place, per input group."""
+    out_f, in_f = weight.shape
+    g = group_size if group_size > 0 else in_f
+    w = weight.data.float().reshape(out_f, in_f // g, g)
+    lo, hi = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
+    qmax = (1 << bits) - 1
+    scale = ((hi - lo) / qmax).clamp_min(1e-8)
+    zero = torch.round(-lo / scale)
+    q = (torch.round(w / scale) + zero).clamp(0, qmax)
+    weight.data.copy_(((q - zero) * scale).reshape(out_f, in_f).to(weight.dtype))
+
+
+def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    if args.smoke:
+        args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, args.vocab = 64, 160, 2, 4, 2, 300
+        args.samples, args.seq_len, args.batch_size, args.rank, args.group_size = 8, 32, 4, 8, 32
+        args.device = "cpu"
+    if args.gpu_8b:
+        args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, args.vocab = 4096, 14336, 32, 32, 8, 128256
+        args.samples, args.seq_len, args.batch_size = 64, 1024, 8
+        if not torch.cuda.is_available():
+            return {"status": "skipped", "reason": "--gpu-8b needs a CUDA device"}
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    build_device = torch.device("cpu") if (args.offload or not cuda) else torch.device("cuda")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    damping: Any = args.damping if args.damping == "auto" else float(args.damping)
+
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peft_eora import EoRAConfig, initialize_eora_weights
+    from peft_eora.kernels.gptq_linear import GPTQLinear
+    from peft_eora.original import OriginalWeights
+    from peft_eora.walker import PhaseTimes
+
+    t_build = time.perf_counter()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                      num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+                      max_position_embeddings=max(2048, args.seq_len), tie_word_embeddings=False)
+    with torch.device(build_device), _default_dtype(dtype):
+        model = LlamaForCausalLM(cfg).eval()
+    # the "original": every decoder linear's weight, on the host
+    originals: dict[str, torch.Tensor] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in LINEARS:
+            originals[name] = mod.weight.detach().to("cpu", copy=True)
+            if args.format == "dense":
+                _fake_quantize_(mod.weight, args.bits, args.group_size)
+            else:
+                parent_name, child = name.rsplit(".", 1)
+                setattr(model.get_submodule(parent_name), child,
+                        GPTQLinear.from_linear(mod, args.bits, args.group_size, dtype=dtype))
+    original = OriginalWeights({n: tuple(w.shape) for n, w in originals.items()}, lambda n: originals[n],
+                               "random-weight original")
+    build_seconds = time.perf_counter() - t_build
+    gen = torch.Generator().manual_seed(1)
+    calib = torch.randint(0, args.vocab, (args.samples, args.seq_len), generator=gen)
+    params_b = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
+    pm = get_peft_model(model, EoRAConfig(r=args.rank, target_modules=list(LINEARS), damping=damping))
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        model_gib = torch.cuda.memory_allocated() / 2**30
+    else:
+        model_gib = sum(p.numel() * p.element_size() for p in pm.parameters()) / 2**30
+    times = PhaseTimes(sync=cuda)
+    t0 = time.perf_counter()
+    stats = initialize_eora_weights(
+        pm, original_model=original, calibration=calib, batch_size=args.batch_size, progress=args.verbose,
+        execution_device="cuda" if (cuda and args.offload) else None, checkpoint_dir=args.checkpoint_dir,
+        times=times,
+    )
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    res: dict[str, Any] = dict(
+        status="ok",
+        device=torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu"),
+        torch=torch.__version__,
+        shape=dict(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
+                   kv_heads=args.kv_heads, vocab=args.vocab),
+        params_b=params_b,
+        dtype=str(dtype).replace("torch.", ""), format=args.format, bits=args.bits, group_size=args.group_size,
+        rank=args.rank, damping=damping, calibration_tokens=args.samples * args.seq_len, batch_size=args.batch_size,
+        offload=bool(args.offload and cuda), build_seconds=round(build_seconds, 1),
+        seconds=round(seconds, 2), phases=times.summary(),
+        mean_relative_error=stats.summary()["mean_relative_error_after"],
+        host_peak_gib=round(_host_peak_gib(), 2),
+    )
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        res.update(gpu_model_gib=round(model_gib, 2), gpu_peak_gib=round(peak, 2),
+                   gpu_peak_over_model_gib=round(peak - model_gib, 2))
+        if args.gpu_8b:
+            res["goals"] = dict(le_60_s=seconds <= 60.0, peak_le_model_plus_4_gib=(peak - model_gib) <= 4.0)
+    return res
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
+    real_stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        res = run(argv)
+    text = json.dumps(res, indent=2)
+    if args.out:
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, args.out)
+    real_stdout.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Resumable EoRA runs: a folder that holds every finished block's factors and the next inputs.
+
+    >>> ckpt = Checkpoint("eora-run", signature, resume=True)   # signature: what must match to resume
+    >>> ckpt.done                        # -1, or the last block whose factors are saved
+    >>> ckpt.save_block(3, {"model.layers.3.mlp.up_proj": (A, B)}, stats)
+    >>> ckpt.save_inputs(4, hidden_states)      # block 4's inputs, one tensor per calibration batch
+    >>> ckpt.commit(3)                   # block 3 now counts as done
+
+Layout: ``manifest.json`` (the commit point: format version, the run's signature, ``done``),
+``block_XXXX.safetensors`` (``<module>.lora_A`` / ``.lora_B`` float32 factors and their stats
+in the metadata) and ``inputs_XXXX.safetensors`` (hidden states entering block XXXX). Every
+file is written to a temporary name and renamed into place, and the manifest is rewritten
+only after the files it points to exist, so a run killed at any instant (SIGKILL included)
+leaves a folder from which :func:`peft_eora.initialize_eora_weights` resumes after the last
+committed block; the resumed factors equal an uninterrupted run's. Inputs of older blocks are
+deleted once a later block is committed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint folder holds another run (other model, data or settings)."""
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class Checkpoint:
+    """A run's checkpoint folder (see the module doc). ``signature`` is JSON-serialisable."""
+
+    def __init__(self, path: Union[str, Path], signature: dict[str, Any], resume: bool = True) -> None:
+        self.path = Path(path).expanduser()
+        self.signature = json.loads(json.dumps(signature, sort_keys=True))
+        self.done = -1
+        manifest = self.path / MANIFEST
+        if manifest.exists():
+            data = json.loads(manifest.read_text())
+            if not resume:
+                raise FileExistsError(
+                    f"The checkpoint folder {self.path} already holds a run (done through block {data.get('done')}). "
+                    "Resume it (resume=True, CLI --resume), or pass an empty or new folder."
+                )
+            if data.get("version") != FORMAT_VERSION:
+                raise CheckpointMismatchError(
+                    f"{self.path} was written by checkpoint format {data.get('version')}, this version reads "
+                    f"{FORMAT_VERSION}; start a new folder."
+                )
+            diff = sorted(k for k in set(data["signature"]) | set(self.signature)
+                          if data["signature"].get(k) != self.signature.get(k))
+            if diff:
+                raise CheckpointMismatchError(
+                    f"The checkpoint in {self.path} was made by another run: it differs in {', '.join(diff)}. Resume "
+                    "with the same model, calibration data and settings, or start a new folder."
+                )
+            self.done = int(data["done"])
+            logger.info("resuming from %s: blocks 0..%d are done", self.path, self.done)
+        else:
+            self.path.mkdir(parents=True, exist_ok=True)
+            for stale in self.path.glob("block_*.safetensors"):  # an uncommitted first block of an earlier run
+                stale.unlink()
+            self._write_manifest()
+
+    # -- writing --------------------------------------------------------------------------------
+    def _write_manifest(self) -> None:
+        data = {"version": FORMAT_VERSION, "signature": self.signature, "done": self.done}
+        _atomic_write_bytes(self.path / MANIFEST, json.dumps(data, indent=1, sort_keys=True).encode())
+
+    def save_block(self, index: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                   stats: list[dict[str, Any]]) -> None:
+        """Write block ``index``'s factors (float32) and per-module stats (not committed yet)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name, (a, b) in factors.items():
+            tensors[f"{name}.lora_A"] = a.float()
+            tensors[f"{name}.lora_B"] = b.float()
+        _atomic_save_tensors(self.path / f"block_{index:04d}.safetensors", tensors,
+                             metadata={"stats": json.dumps(stats)})
+
+    def save_inputs(self, index: int, hidden: list[torch.Tensor]) -> None:
+        """Write the hidden states entering block ``index`` (one tensor per calibration batch)."""
+        _atomic_save_tensors(self.path / f"inputs_{index:04d}.safetensors",
+                             {f"batch.{i}": h for i, h in enumerate(hidden)})
+
+    def commit(self, index: int) -> None:
+        """Mark blocks ``0..index`` done (their files are in place) and drop older inputs."""
+        self.done = index
+        self._write_manifest()
+        for old in self.path.glob("inputs_*.safetensors"):
+            if int(old.stem.split("_")[1]) <= index:
+                old.unlink(missing_ok=True)
+
+    # -- reading --------------------------------------------------------------------------------
+    def load_block(self, index: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[dict[str, Any]]]:
+        from safetensors import safe_open
+
+        path = self.path / f"block_{index:04d}.safetensors"
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        with safe_open(str(path), framework="pt") as st:
+            stats = json.loads((st.metadata() or {}).get("stats", "[]"))
+            names = sorted({k.rsplit(".", 1)[0] for k in st.keys()})
+            for name in names:
+                factors[name] = (st.get_tensor(f"{name}.lora_A"), st.get_tensor(f"{name}.lora_B"))
+        return factors, stats
+
+    def load_inputs(self, index: int) -> list[torch.Tensor]:
+        from safetensors import safe_open
+
+        path = self.path / f"inputs_{index:04d}.safetensors"
+        if not path.exists():
+            raise CheckpointMismatchError(f"{path} is missing: the checkpoint folder is incomplete; start a new one.")
+        with safe_open(str(path), framework="pt") as st:
+            return [st.get_tensor(f"batch.{i}") for i in range(len(st.keys()))]

@@ -1,0 +1,445 @@
+"""One walker over the decoder blocks: calibration activations flow block by block.
+
+    >>> walker = BlockWalker(model, blocks, batches, device="cuda")       # model may sit on CPU
+    >>> for visit in walker.visits(last=len(blocks) - 1):
+    ...     visit.run(groups, collect, on_group)   # one forward of every batch, paused per group
+
+:class:`BlockWalker` serves every pass of this package that needs the inputs of each decoder
+block in turn — EoRA's sequential compensation and the spectrum pass of rank allocation — and
+owns what is common to them:
+
+* **placement** — the block computes where it lives (one device, or several devices of a model
+  dispatched by accelerate, each block's inputs moved to that block's execution device), or,
+  with ``device=`` set while the model lives on the CPU, the block is moved to that device for
+  its visit and back afterwards (offload: one block, its covariances and the activations on
+  the GPU at a time); blocks dispatched with accelerate's CPU/disk offload hooks keep their hooks;
+* **one forward per block** — :meth:`BlockVisit.run` runs every calibration batch through the
+  block once. Each batch runs in its own worker thread, one at a time in batch order; a hook at
+  the first module of each input group collects its input and parks the thread. When every
+  batch is parked at a group, ``on_group`` computes and installs that group's factors and the
+  batches resume, so later groups see the compensated ones (what a forward per group used to
+  cost) and the batch outputs become the next block's inputs. The same operations run in the
+  same order as one forward per group would, so results are identical;
+* **timing** — per phase (:class:`PhaseTimes`), for the scale benchmark;
+* **resume** — with a :class:`~peft_eora.checkpoint.Checkpoint`, the next block's inputs are
+  saved after every finished block, and a restarted walk starts after the last saved block.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+
+from .calibration import Batch
+
+logger = logging.getLogger(__name__)
+
+Inputs = list[tuple[torch.Tensor, dict[str, Any]]]
+
+
+#: Parked activations above this (estimate of :meth:`BlockVisit.parked_bytes`) re-run the block
+#: per group instead (CPU). 4 GiB covers the 135M demo's 16k tokens many times over.
+PARK_LIMIT_BYTES = 4 * 2**30
+
+
+class StopForward(Exception):
+    """Raised by a hook to cut a forward pass short once the needed inputs were seen."""
+
+
+class _Abort(BaseException):
+    """Unwinds a parked worker when the walk stops early (never escapes the worker)."""
+
+
+# --------------------------------------------------------------------------------------------
+# devices
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: its accelerate execution device if dispatched, else its first tensor's."""
+    hook = getattr(module, "_hf_hook", None)
+    dev = getattr(hook, "execution_device", None)
+    if dev is not None:
+        return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+    for sub in module.modules():
+        hook = getattr(sub, "_hf_hook", None)
+        dev = getattr(hook, "execution_device", None)
+        if dev is not None:
+            return torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev)
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.device.type != "meta":
+            return tensor.device
+    return torch.device("cpu")
+
+
+def has_offload_hooks(module: nn.Module) -> bool:
+    """True if accelerate hooks move ``module``'s weights in and out (CPU/disk offload)."""
+    return any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in module.modules())
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` (tensors, tuples, lists, dicts of them) on ``device``; other values unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device == device else obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+
+
+@dataclass
+class PhaseTimes:
+    """Seconds per phase of a walk (GPU work is synchronised at phase edges when ``sync``)."""
+
+    sync: bool = False
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    @contextmanager
+    def phase(self, name: str, device: Optional[torch.device] = None) -> Iterator[None]:
+        if self.sync and device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync and device is not None and device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.seconds[name] += time.perf_counter() - t0
+            self.counts[name] += 1
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] += seconds
+        self.counts[name] += 1
+
+    def summary(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in sorted(self.seconds.items())}
+
+
+NO_TIMES = PhaseTimes()
+
+
+# --------------------------------------------------------------------------------------------
+# one forward per block, paused per group
+
+
+class PausingRunner:
+    """Run ``fn(i)`` for every batch ``i`` in its own thread, one thread at a time, in order.
+
+    A worker calls :meth:`pause` (from a forward hook) to park; :meth:`step` lets every
+    unfinished worker run, in index order, until it parks again or finishes, so the main
+    thread sees all batches stopped at the same point between steps. Grad mode is per thread:
+    workers run under ``torch.no_grad()``.
+    """
+
+    def __init__(self, n: int, fn: Callable[[int], Any]) -> None:
+        self.n = n
+        self._fn = fn
+        self._go = [threading.Semaphore(0) for _ in range(n)]
+        self._yielded = threading.Semaphore(0)
+        self._local = threading.local()
+        self._done = [False] * n
+        self._results: list[Any] = [None] * n
+        self._error: Optional[BaseException] = None
+        self._abort = False
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def index(self) -> int:
+        """The batch index of the calling worker."""
+        return self._local.index
+
+    def _worker(self, i: int) -> None:
+        self._local.index = i
+        self._go[i].acquire()
+        try:
+            if self._abort:
+                raise _Abort
+            with torch.no_grad():
+                self._results[i] = self._fn(i)
+        except _Abort:
+            pass
+        except BaseException as exc:  # handed to the main thread
+            self._error = exc
+        finally:
+            self._done[i] = True
+            self._yielded.release()
+
+    def pause(self) -> None:
+        """Park the calling worker until the next :meth:`step` (called from a worker only)."""
+        i = self._local.index
+        self._yielded.release()
+        self._go[i].acquire()
+        if self._abort:
+            raise _Abort
+
+    def step(self) -> bool:
+        """Run every unfinished worker to its next pause; True while any worker is parked."""
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._worker, args=(i,), daemon=True) for i in range(self.n)]
+            for t in self._threads:
+                t.start()
+        for i in range(self.n):
+            if self._done[i]:
+                continue
+            self._go[i].release()
+            self._yielded.acquire()
+            if self._error is not None:
+                err = self._error
+                self.close()
+                raise err
+        return not all(self._done)
+
+    def results(self) -> list[Any]:
+        while self.step():
+            pass
+        return self._results
+
+    def close(self) -> None:
+        """Unwind parked workers (after an error or an early stop) and join every thread."""
+        self._abort = True
+        for i in range(self.n):
+            if not self._done[i] and self._threads:
+                self._go[i].release()
+        for t in self._threads:
+            t.join(timeout=60)
+        self._threads = []
+
+
+def block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class BlockVisit:
+    """One decoder block and its calibration inputs, on the device the block computes on."""
+
+    index: int
+    block: nn.Module
+    inputs: Inputs
+    device: torch.device
+    times: PhaseTimes = field(default_factory=lambda: NO_TIMES)
+    outputs: Optional[Inputs] = None
+
+    def run(
+        self,
+        first_modules: list[nn.Module],
+        collect: Callable[[int, torch.Tensor, int], None],
+        on_group: Optional[Callable[[int], None]] = None,
+        keep_outputs: bool = True,
+        park: Optional[bool] = None,
+    ) -> None:
+        """Forward every batch through the block with a hook at each of ``first_modules``.
+
+        ``collect(group, x, batch)`` receives the input ``x`` of group ``group`` for batch
+        ``batch``. With ``on_group``, ``on_group(group)`` runs once every batch's input of that
+        group was collected (e.g. installs that group's factors), before any batch goes on.
+        With ``keep_outputs`` the block outputs become :attr:`outputs`.
+
+        ``park`` chooses how groups see the compensated groups before them: ``True`` (default on
+        CPU): one forward per batch, parked at each group (all batches' activations stay alive
+        meanwhile); ``False`` (default on GPUs, where memory is scarce and forwards cheap, and on
+        CPU when the parked activations would exceed :data:`PARK_LIMIT_BYTES`): one forward per
+        group, cut short after the group's input, then one plain forward for the outputs. Both
+        give the same numbers.
+        """
+        if park is None:
+            park = self.device.type == "cpu" and self.parked_bytes() <= PARK_LIMIT_BYTES
+        if on_group is not None and not park:
+            self._run_per_group(first_modules, collect, on_group, keep_outputs)
+            return
+        runner = PausingRunner(len(self.inputs), self._forward)
+        pausing = on_group is not None
+
+        def make_hook(g: int) -> Callable[..., None]:
+            def hook(_m: nn.Module, args: tuple) -> None:
+                collect(g, args[0].detach(), runner.index)
+                if pausing:
+                    runner.pause()
+
+            return hook
+
+        handles = [m.register_forward_pre_hook(make_hook(g)) for g, m in enumerate(first_modules)]
+        try:
+            with self.times.phase("block_forward", self.device):
+                more = runner.step()
+            group = 0
+            while more:
+                if pausing:
+                    on_group(group)
+                    group += 1
+                with self.times.phase("block_forward", self.device):
+                    more = runner.step()
+            if pausing:  # groups never reached by a hook (none expected) still get their turn
+                while group < len(first_modules):
+                    on_group(group)
+                    group += 1
+            results = runner._results
+        finally:
+            runner.close()
+            for h in handles:
+                h.remove()
+        if keep_outputs:
+            self.outputs = [(block_output(out), kw) for out, (_, kw) in zip(results, self.inputs)]
+
+    def _forward(self, i: int) -> Any:
+        hidden, kwargs = self.inputs[i]
+        return self.block(hidden, **kwargs)
+
+    def parked_bytes(self) -> int:
+        """A generous estimate of the activations all batches hold while parked (8× their inputs:
+        the MLP's wide intermediate, attention, residual)."""
+        return 8 * sum(h.numel() * h.element_size() for h, _ in self.inputs)
+
+    def _run_per_group(self, first_modules: list[nn.Module], collect: Callable[[int, torch.Tensor, int], None],
+                       on_group: Callable[[int], None], keep_outputs: bool) -> None:
+        for g, module in enumerate(first_modules):
+            batch = [0]
+
+            def hook(_m: nn.Module, args: tuple, g: int = g) -> None:
+                collect(g, args[0].detach(), batch[0])
+                raise StopForward
+
+            handle = module.register_forward_pre_hook(hook)
+            try:
+                with self.times.phase("block_forward", self.device), torch.no_grad():
+                    for i, (hidden, kwargs) in enumerate(self.inputs):
+                        batch[0] = i
+                        try:
+                            self.block(hidden, **kwargs)
+                        except StopForward:
+                            pass
+            finally:
+                handle.remove()
+            on_group(g)
+        if keep_outputs:
+            self.forward_all()
+
+    def forward_all(self) -> Inputs:
+        """Plain forward of every batch (no hooks); the outputs become :attr:`outputs`."""
+        with self.times.phase("block_forward", self.device), torch.no_grad():
+            self.outputs = [(block_output(self.block(h, **kw)), kw) for h, kw in self.inputs]
+        return self.outputs
+
+
+# --------------------------------------------------------------------------------------------
+# the walker
+
+
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[Batch]) -> Inputs:
+    """Run the model up to ``first_block`` for each batch; return (hidden_states, kwargs) per batch."""
+    captured: Inputs = []
+
+    def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        rest.pop("past_key_values", None)
+        rest.pop("past_key_value", None)
+        rest["use_cache"] = False
+        captured.append((hidden.detach(), rest))
+        raise StopForward
+
+    device = device_of(model)
+    handle = first_block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    model(**to_device(batch, device), use_cache=False)
+                except StopForward:
+                    pass
+                else:  # pragma: no cover - the hook always fires for decoder models
+                    raise RuntimeError("The first decoder block was never called; is this a decoder model?")
+    finally:
+        handle.remove()
+    return captured
+
+
+class BlockWalker:
+    """Visit decoder blocks in order with their calibration inputs (see the module doc).
+
+    ``device``: where blocks compute. ``None`` keeps every block where it is (the model's own
+    placement, accelerate dispatch included). A device while the model sits on the CPU moves
+    each block there for its visit and back afterwards (offload); the activations stay on it.
+    ``checkpoint``: save the next block's inputs after each block (see :meth:`visits`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: nn.ModuleList,
+        batches: list[Batch],
+        device: Union[str, torch.device, None] = None,
+        times: PhaseTimes = NO_TIMES,
+        checkpoint: Any = None,
+    ) -> None:
+        self.model = model
+        self.blocks = blocks
+        self.batches = batches
+        self.device = torch.device(device) if device is not None else None
+        self.times = times
+        self.checkpoint = checkpoint
+
+    def offloading(self, block: nn.Module) -> bool:
+        """Whether ``block`` is moved to :attr:`device` for its visit."""
+        if self.device is None or has_offload_hooks(block):
+            return False
+        return device_of(block) != self.device
+
+    @contextmanager
+    def _placed(self, block: nn.Module) -> Iterator[torch.device]:
+        if not self.offloading(block):
+            yield device_of(block)
+            return
+        home = device_of(block)
+        with self.times.phase("offload_moves", self.device):
+            block.to(self.device)
+        try:
+            yield self.device
+        finally:
+            with self.times.phase("offload_moves", self.device):
+                block.to(home)
+
+    def first_inputs(self) -> Inputs:
+        with self.times.phase("capture_inputs", self.device):
+            return capture_block_inputs(self.model, self.blocks[0], self.batches)
+
+    def visits(self, last: int, start: int = 0, inputs: Optional[Inputs] = None) -> Iterator[BlockVisit]:
+        """Yield a :class:`BlockVisit` for blocks ``start..last``; between visits, the visit's
+        :attr:`~BlockVisit.outputs` (computed by the consumer, or here by a plain forward) feed
+        the next block. ``inputs`` are block ``start``'s inputs (captured when None)."""
+        if inputs is None:
+            if start != 0:
+                raise ValueError("inputs are needed to start a walk after block 0")
+            inputs = self.first_inputs()
+        for idx in range(start, last + 1):
+            block = self.blocks[idx]
+            with self._placed(block) as device:
+                with self.times.phase("activation_moves", device):
+                    moved = [(to_device(h, device), to_device(kw, device)) for h, kw in inputs]
+                visit = BlockVisit(idx, block, moved, device, self.times)
+                yield visit
+                if idx < last:
+                    outputs = visit.outputs if visit.outputs is not None else visit.forward_all()
+                    inputs = outputs
+                    if self.checkpoint is not None:
+                        with self.times.phase("checkpoint", device):
+                            self.checkpoint.save_inputs(idx + 1, [h for h, _ in inputs])
+                if self.checkpoint is not None:  # the block's factors (saved by the consumer) and next inputs are in place
+                    self.checkpoint.commit(idx)
+                del visit, moved

@@ -1,0 +1,393 @@
+"""EoRA at scale (``peft_eora.walker``, ``peft_eora.checkpoint``): one forward per block, offload,
+device bookkeeping, resumable runs (SIGKILL mid-run), bad input at scale, the scale benchmark."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_eora import EoRAConfig, initialize_eora_weights
+from peft_eora.checkpoint import Checkpoint, CheckpointMismatchError
+from peft_eora.original import ModelMismatchError, OriginalWeights
+from peft_eora.walker import BlockWalker, PausingRunner, device_of
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_GPU = torch.cuda.is_available()
+
+
+def _factors(pm) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().cpu().clone() for n, p in pm.named_parameters() if "lora_" in n}
+
+
+def _products(f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: f[n.replace("lora_A", "lora_B")] @ f[n] for n in f if "lora_A" in n}
+
+
+def _eora(quantized, original, calib, **kwargs):
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, damping=kwargs.pop("damping", 0.01)))
+    stats = initialize_eora_weights(pm, original_model=original, calibration=calib, batch_size=4, progress=False,
+                                    **kwargs)
+    return pm, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# the walker
+
+
+def test_pausing_runner_runs_batches_in_order_and_parks():
+    log = []
+    runner: PausingRunner
+
+    def fn(i):
+        log.append(("a", i))
+        runner.pause()
+        log.append(("b", i))
+        return i * 10
+
+    runner = PausingRunner(3, fn)
+    assert runner.step() is True
+    assert log == [("a", 0), ("a", 1), ("a", 2)]  # every batch parked at the same point, in order
+    assert runner.step() is False
+    assert log[3:] == [("b", 0), ("b", 1), ("b", 2)]
+    assert runner.results() == [0, 10, 20]
+
+
+def test_pausing_runner_hands_errors_to_the_caller_and_unwinds():
+    runner: PausingRunner
+
+    def fn(i):
+        runner.pause()
+        if i == 1:
+            raise ValueError("boom in batch 1")
+        return i
+
+    runner = PausingRunner(3, fn)
+    runner.step()
+    with pytest.raises(ValueError, match="boom in batch 1"):
+        runner.step()
+    assert all(not t.is_alive() for t in runner._threads) or runner._threads == []
+
+
+def test_one_block_forward_per_batch(tiny_llama, calib_ids):
+    """Sequential compensation runs each block once per calibration batch (plus one probe), not once per group."""
+    original, quantized = tiny_llama
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, damping=0.01))
+    blocks = pm.base_model.model.model.layers
+    calls = [0] * len(blocks)
+    handles = [b.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1)) for i, b in enumerate(blocks)]
+    initialize_eora_weights(pm, original_model=original, calibration=calib_ids, batch_size=4, progress=False,
+                            execution_device=None)
+    for h in handles:
+        h.remove()
+    batches = len(calib_ids) // 4
+    # per block: one probe forward (module order) + one forward per batch; the capture stops before block 0
+    assert calls == [batches + 1] * len(blocks)
+
+
+def test_parked_and_per_group_forwards_give_identical_factors(tiny_llama, calib_ids, monkeypatch):
+    original, quantized = tiny_llama
+    parked, _ = _eora(quantized, original, calib_ids, execution_device=None)
+    from peft_eora import walker
+
+    orig_run = walker.BlockVisit.run
+
+    def per_group(self, *args, **kwargs):
+        kwargs["park"] = False
+        return orig_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(walker.BlockVisit, "run", per_group)
+    regrouped, _ = _eora(quantized, original, calib_ids, execution_device=None)
+    a, b = _factors(parked), _factors(regrouped)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_offloaded_model_gives_the_same_factors(tiny_llama, calib_ids, tmp_path):
+    """A model dispatched by accelerate with blocks offloaded to the CPU and to disk (weights on
+    'meta' until a forward loads them) computes the same factors as the plain model."""
+    from accelerate import dispatch_model
+
+    original, quantized = tiny_llama
+    plain, _ = _eora(quantized, original, calib_ids, execution_device=None)
+    model = copy.deepcopy(quantized)
+    layers = len(model.model.layers)
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    device_map.update({f"model.layers.{i}": ("disk" if i % 2 else "cpu") for i in range(layers)})
+    model = dispatch_model(model, device_map=device_map, offload_dir=str(tmp_path / "offload"), main_device="cpu")
+    assert model.model.layers[1].self_attn.q_proj.weight.device.type == "meta"
+    pm = get_peft_model(model, EoRAConfig(r=8, damping=0.01))
+    initialize_eora_weights(pm, original_model=original, calibration=calib_ids, batch_size=4, progress=False)
+    pa, pb = _products(_factors(plain)), _products(_factors(pm))
+    assert set(pa) == set(pb)
+    assert max(((pa[k] - pb[k]).norm() / pa[k].norm()).item() for k in pa) <= 1e-6
+
+
+def test_walker_moves_each_blocks_inputs_to_that_blocks_device(tiny_llama, calib_ids, monkeypatch):
+    """Device bookkeeping of multi-device models, checked on CPU: the walker asks every block where it
+    computes (accelerate's execution device) and hands it its inputs there."""
+    from peft_eora import walker as walker_mod
+
+    _, quantized = tiny_llama
+    model = quantized.eval()
+    blocks = model.model.layers
+    fake = {id(b): torch.device("cuda", i % 2) for i, b in enumerate(blocks)}
+    moved: list[torch.device] = []
+    real_device_of = walker_mod.device_of
+
+    def fake_device_of(module):
+        return fake.get(id(module), real_device_of(module))
+
+    def fake_to_device(obj, device):
+        moved.append(device)
+        return obj
+
+    monkeypatch.setattr(walker_mod, "device_of", fake_device_of)
+    monkeypatch.setattr(walker_mod, "to_device", fake_to_device)
+    w = BlockWalker(model, blocks, [{"input_ids": calib_ids[:2]}, {"input_ids": calib_ids[2:4]}])
+    inputs = w.first_inputs()
+    seen, start = [], len(moved)
+    for visit in w.visits(len(blocks) - 1, 0, inputs):
+        seen.append((visit.index, visit.device))
+        assert moved[start:] and all(d == visit.device for d in moved[start:])  # hidden + kwargs of each batch
+        start = len(moved)
+    assert seen == [(i, torch.device("cuda", i % 2)) for i in range(len(blocks))]
+
+
+def test_device_of_reads_accelerate_execution_devices():
+    class Hook:
+        def __init__(self, dev):
+            self.execution_device = dev
+
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert device_of(m) == torch.device("cpu")
+    m[0]._hf_hook = Hook(1)
+    assert device_of(m) == torch.device("cuda", 1)
+    m._hf_hook = Hook("cuda:0")
+    assert device_of(m) == torch.device("cuda", 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# resumable runs
+
+
+def test_checkpoint_resume_installs_saved_blocks_without_recomputing(tiny_llama, calib_ids, tmp_path):
+    original, quantized = tiny_llama
+    full, _ = _eora(quantized, original, calib_ids, checkpoint_dir=str(tmp_path / "run"))
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["done"] == len(quantized.model.layers) - 1
+    assert sorted(p.name for p in (tmp_path / "run").glob("inputs_*")) == []  # committed inputs are dropped
+    # a second run on the finished folder only reloads
+    again, stats = _eora(quantized, original, calib_ids, checkpoint_dir=str(tmp_path / "run"), resume=True)
+    a, b = _factors(full), _factors(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(stats.modules) == 7 * len(quantized.model.layers)
+
+
+def test_checkpoint_refuses_other_runs_and_unrequested_resumes(tiny_llama, calib_ids, tmp_path):
+    original, quantized = tiny_llama
+    _eora(quantized, original, calib_ids, checkpoint_dir=str(tmp_path / "run"))
+    with pytest.raises(FileExistsError, match="resume"):
+        _eora(quantized, original, calib_ids, checkpoint_dir=str(tmp_path / "run"))
+    with pytest.raises(CheckpointMismatchError, match="damping"):
+        _eora(quantized, original, calib_ids, checkpoint_dir=str(tmp_path / "run"), resume=True, damping=0.1)
+    with pytest.raises(CheckpointMismatchError, match="calibration"):
+        _eora(quantized, original, calib_ids[:8], checkpoint_dir=str(tmp_path / "run"), resume=True)
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import sys, time, torch
+    sys.path.insert(0, {tests!r})
+    from tiny_models import tiny_llama_pair
+    from peft import get_peft_model
+    from peft_eora import EoRAConfig, initialize_eora_weights
+    from peft_eora import checkpoint as ck
+    original, quantized = tiny_llama_pair(layers=6)
+    commit = ck.Checkpoint.commit
+    def slow_commit(self, index):  # give the parent time to kill us between blocks (or mid-write)
+        commit(self, index)
+        time.sleep(0.4)
+    ck.Checkpoint.commit = slow_commit
+    calib = torch.randint(0, 49152, (16, 64), generator=torch.Generator().manual_seed(0))
+    pm = get_peft_model(quantized, EoRAConfig(r=8, damping=0.01))
+    initialize_eora_weights(pm, original_model=original, calibration=calib, batch_size=4, progress=False,
+                            checkpoint_dir={ckpt!r}, resume=True)
+    print("finished")
+""")
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_uninterrupted_factors(tmp_path):
+    from tiny_models import tiny_llama_pair
+
+    ckpt = tmp_path / "run"
+    script = tmp_path / "run_eora.py"
+    script.write_text(_KILL_SCRIPT.format(tests=str(Path(__file__).parent), ckpt=str(ckpt)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        manifest = ckpt / "manifest.json"
+        if manifest.exists():
+            try:
+                done = json.loads(manifest.read_text())["done"]
+            except ValueError:
+                done = -1
+            if done >= 2:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_at = done
+                break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert killed_at is not None, proc.stderr.read().decode()[-3000:]
+    assert proc.returncode == -signal.SIGKILL
+    assert json.loads((ckpt / "manifest.json").read_text())["done"] < 5  # it really stopped mid-run
+    # resume in this process, and compare with an uninterrupted run
+    original, quantized = tiny_llama_pair(layers=6)
+    calib = torch.randint(0, 49152, (16, 64), generator=torch.Generator().manual_seed(0))
+    resumed, _ = _eora(quantized, original, calib, checkpoint_dir=str(ckpt), resume=True)
+    original2, quantized2 = tiny_llama_pair(layers=6)
+    straight, _ = _eora(quantized2, original2, calib)
+    a, b = _factors(straight), _factors(resumed)
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input at scale
+
+
+def test_out_of_memory_names_the_block_and_leaves_nothing_half_written(tiny_llama, calib_ids, monkeypatch):
+    from peft_eora import compensate as comp
+
+    original, quantized = tiny_llama
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, damping=0.01))
+    real = comp.accumulate_gram
+    calls = [0]
+
+    def oom_on_block_1(H, x):
+        calls[0] += 1
+        if calls[0] > 4 * 4 * 1:  # 4 groups x 4 batches of block 0, then fail
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        real(H, x)
+
+    monkeypatch.setattr(comp, "accumulate_gram", oom_on_block_1)
+    with pytest.raises(comp.EoRAOutOfMemoryError, match=r"block 1 .*batch size.*calibration tokens.*CPU"):
+        initialize_eora_weights(pm, original_model=original, calibration=calib_ids, batch_size=4, progress=False)
+    assert all(float(p.abs().sum()) == 0 for n, p in pm.named_parameters() if "lora_B" in n)
+
+
+def _save_sharded(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    keys = sorted(state)
+    half = len(keys) // 2
+    shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+    path.mkdir(parents=True)
+    weight_map = {}
+    for fname, ks in shards.items():
+        save_file({k: state[k] for k in ks}, str(path / fname))
+        weight_map.update({k: fname for k in ks})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_sharded_original_with_a_missing_shard_or_tensor_is_refused_before_compute(tiny_llama, calib_ids, tmp_path):
+    original, quantized = tiny_llama
+    good = tmp_path / "good"
+    _save_sharded(original, good)
+    assert OriginalWeights.open(good).shape("model.layers.0.mlp.up_proj") is not None
+    missing_shard = tmp_path / "missing_shard"
+    _save_sharded(original, missing_shard)
+    (missing_shard / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ModelMismatchError, match=r"missing shard.*model-00002-of-00002"):
+        OriginalWeights.open(missing_shard)
+    lying_index = tmp_path / "lying_index"
+    _save_sharded(original, lying_index)
+    index = json.loads((lying_index / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = "model-00001-of-00002.safetensors"
+    (lying_index / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelMismatchError, match="no shard holds.*layers.9"):
+        OriginalWeights.open(lying_index)
+    # a missing tensor: refused with the module's name before any forward
+    from safetensors.torch import load_file, save_file
+
+    holey = tmp_path / "holey"
+    _save_sharded(original, holey)
+    shard = holey / "model-00001-of-00002.safetensors"
+    tensors = load_file(str(shard))
+    victim = next(k for k in tensors if k.endswith("self_attn.q_proj.weight"))
+    del tensors[victim]
+    save_file(tensors, str(shard))
+    index = json.loads((holey / "model.safetensors.index.json").read_text())
+    del index["weight_map"][victim]
+    (holey / "model.safetensors.index.json").write_text(json.dumps(index))
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8))
+    blocks = pm.base_model.model.model.layers
+    calls = [0]
+    handle = blocks[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    with pytest.raises(ModelMismatchError, match=victim[: -len(".weight")].split("model.", 1)[-1]):
+        initialize_eora_weights(pm, original_model=str(holey), calibration=calib_ids, batch_size=4, progress=False)
+    handle.remove()
+    assert calls[0] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the scale benchmark
+
+
+def test_scale_benchmark_smoke():
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "scale.json"
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale.py"), "--smoke", "--out", str(out)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = json.loads(out.read_text())
+    assert res["status"] == "ok" and res["seconds"] > 0
+    assert {"block_forward", "covariance", "decomposition", "factors", "original_reads"} <= set(res["phases"])
+    assert 0 < res["mean_relative_error"] < 1
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_offload_to_gpu_matches_the_cpu_run(tiny_llama, calib_ids):
+    """The model stays on the CPU and its blocks visit the GPU: same factors as computing on the CPU."""
+    original, quantized = tiny_llama
+    cpu_run, _ = _eora(quantized, original, calib_ids, execution_device=None)
+    gpu_run, _ = _eora(quantized, original, calib_ids, execution_device="cuda")
+    assert all(p.device.type == "cpu" for p in gpu_run.parameters())  # blocks went back home
+    pa, pb = _products(_factors(cpu_run)), _products(_factors(gpu_run))
+    assert max(((pa[k] - pb[k]).norm() / pa[k].norm()).item() for k in pa) <= 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_dispatched_by_accelerate_match_one_gpu(tiny_llama, calib_ids):
+    from accelerate import dispatch_model
+
+    original, quantized = tiny_llama
+    one, _ = _eora(copy.deepcopy(quantized).cuda(), original, calib_ids, execution_device=None)
+    model = copy.deepcopy(quantized)
+    layers = len(model.model.layers)
+    device_map = {"model.embed_tokens": 0, "model.norm": 1, "model.rotary_emb": 0, "lm_head": 1}
+    device_map.update({f"model.layers.{i}": (0 if i < layers // 2 else 1) for i in range(layers)})
+    model = dispatch_model(model, device_map=device_map)
+    two, _ = _eora(model, original, calib_ids, execution_device=None)
+    pa, pb = _products(_factors(one)), _products(_factors(two))
+    assert max(((pa[k] - pb[k]).norm() / pa[k].norm()).item() for k in pa) <= 1e-4
