@@ -346,3 +346,22 @@ def test_lm_eval_wrapper_loads_eora_adapters_and_agrees_with_our_scores(computed
         assert [float(r[0]) for r in theirs["filtered_resps"]] == pytest.approx(mine["loglikelihoods"], abs=2e-3)
         assert theirs["acc"] == float(mine["pred"] == mine["gold"])
         assert theirs["acc_norm"] == float(mine["pred_norm"] == mine["gold"])
+
+
+def test_compute_checkpoint_and_resume(computed, model_opts, tmp_path):
+    """--checkpoint-dir writes a resumable run; --resume on a finished folder reloads the same factors;
+    a non-empty folder without --resume, and --resume without a folder, are one clear error each."""
+    adapter, _ = computed
+    ckpt = tmp_path / "run"
+    code, out, err = run(["compute", *model_opts, "--rank", RANK, "--out", tmp_path / "a1", "--checkpoint-dir", ckpt])
+    assert code == 0, err
+    assert json.loads((ckpt / "manifest.json").read_text())["done"] >= 0
+    code, out, err = run(["compute", *model_opts, "--rank", RANK, "--out", tmp_path / "a2", "--checkpoint-dir", ckpt])
+    assert_one_error_line(code, out, err, 1, "--resume")
+    code, out, err = run(["compute", *model_opts, "--rank", RANK, "--out", tmp_path / "a2", "--checkpoint-dir", ckpt,
+                          "--resume"])
+    assert code == 0, err
+    first, second = (load_file(p / "adapter_model.safetensors") for p in (tmp_path / "a1", tmp_path / "a2"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    code, out, err = run(["compute", *model_opts, "--rank", RANK, "--out", tmp_path / "a3", "--resume"])
+    assert_one_error_line(code, out, err, 1, "--checkpoint-dir")

@@ -66,6 +66,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     from ..calibration import CalibrationError
+    from ..compensate import EoRAOutOfMemoryError
     from ..fingerprint import BaseMismatchError
     from ..original import ModelMismatchError
     from ..residual import UnsupportedModuleError
@@ -73,7 +74,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (
         CLIError, CalibrationError, ModelMismatchError, AdapterFileError, BaseMismatchError, UnsupportedModuleError,
-        HfHubHTTPError, OfflineModeIsEnabled, ValueError, ImportError, OSError,
+        EoRAOutOfMemoryError, HfHubHTTPError, OfflineModeIsEnabled, ValueError, ImportError, OSError,
     )  # fmt: skip
 
 

@@ -42,8 +42,29 @@ def add_parser(subparsers: argparse._SubParsersAction, common: argparse.Argument
     add_eora(p, sweep=False)
     add_calibration(p)
     p.add_argument("--out", required=True, help="Adapter folder to write (created or updated atomically).")
+    add_run(p)
     p.set_defaults(handler=run)
     return p
+
+
+def add_run(parser: argparse.ArgumentParser) -> None:
+    """How the computation runs: offload, resumable checkpoints."""
+    group = parser.add_argument_group("running at scale")
+    group.add_argument(
+        "--offload", action="store_true",
+        help="Keep the compressed model on the CPU; its decoder blocks visit the GPU one at a time (for models "
+        "larger than the GPU). Default: a model loaded on the CPU of a GPU machine is offloaded when its layers allow.",
+    )  # fmt: skip
+    group.add_argument(
+        "--checkpoint-dir", default=None,
+        help="Write each finished block's factors and the next block's inputs here (atomically), so an interrupted "
+        "run can continue with --resume.",
+    )  # fmt: skip
+    group.add_argument(
+        "--resume", action="store_true",
+        help="Continue the run saved in --checkpoint-dir (same model, calibration and settings) instead of refusing a "
+        "non-empty folder.",
+    )  # fmt: skip
 
 
 def calibration_summary(calibration) -> dict[str, Any]:
@@ -117,7 +138,12 @@ def compute_adapter(args: argparse.Namespace, compressed: Union[Path, str], conf
 
     from ..model import initialize_eora_weights
 
-    qmodel = load_model(compressed, device, args.dtype)
+    offload = bool(getattr(args, "offload", False))
+    if offload and not device.startswith("cuda"):
+        raise CLIError("--offload moves decoder blocks to the GPU: it needs --device cuda (or auto on a GPU machine).")
+    qmodel = load_model(compressed, "cpu" if offload else device, args.dtype)
+    if getattr(args, "resume", False) and not getattr(args, "checkpoint_dir", None):
+        raise CLIError("--resume continues the run in --checkpoint-dir: give the folder.")
     start = time.perf_counter()
     # Inject first (init_eora=False: a zero update), then compute with this command's batch size and
     # progress setting; initialize_eora_weights runs the same computation get_peft_model would.
@@ -130,6 +156,9 @@ def compute_adapter(args: argparse.Namespace, compressed: Union[Path, str], conf
         tokenizer=tokenizer,
         batch_size=args.calib_batch_size,
         progress=not args.no_progress,
+        execution_device=device if offload else "config",
+        checkpoint_dir=getattr(args, "checkpoint_dir", None),
+        resume=bool(getattr(args, "resume", False)),
     )
     return model, time.perf_counter() - start
 
