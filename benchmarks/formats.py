@@ -124,7 +124,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--formats", nargs="+", default=None, help=f"default: {' '.join(DEFAULT_FORMATS)}")
     ap.add_argument("--rank", type=int, default=128)
-    ap.add_argument("--damping", type=float, default=None, help="EoRA ridge (default: EoRAConfig's)")
+    ap.add_argument("--damping", type=lambda t: "auto" if t == "auto" else float(t), default=None,
+                    help="EoRA ridge, a number or 'auto' (default: EoRAConfig's, 'auto')")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16, help="windows per evaluation set")

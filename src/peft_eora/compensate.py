@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import Batch, count_tokens
+from .config import FIXED_DAMPING
 from .decompose import (
     AUTO_HOLDOUT_EVERY,
     Projection,
@@ -433,15 +435,20 @@ def _compensate_blocks(
 ) -> None:
     if stats.tokens == 0:
         raise ValueError("The calibration data is empty: no token to estimate the activation statistics from.")
-    auto = damping == "auto"
-    holdout = holdout_rows(batches) if auto else None
-    if holdout is not None:
-        fit_tokens, stats.heldout_tokens = _split_tokens(batches, holdout)
-        if fit_tokens == 0 or stats.heldout_tokens == 0:
-            raise ValueError(
-                f"damping='auto' found {fit_tokens} fit and {stats.heldout_tokens} held-out calibration tokens (every "
-                f"{AUTO_HOLDOUT_EVERY}th window held out, padding excluded); both must be non-empty."
-            )
+    holdout = None
+    if damping == "auto":
+        try:
+            holdout = holdout_rows(batches)
+            fit_tokens, stats.heldout_tokens = _split_tokens(batches, holdout)
+            if fit_tokens == 0 or stats.heldout_tokens == 0:
+                raise ValueError(
+                    f"damping='auto' found {fit_tokens} fit and {stats.heldout_tokens} held-out calibration tokens "
+                    f"(every {AUTO_HOLDOUT_EVERY}th window held out, padding excluded); both must be non-empty."
+                )
+        except ValueError as exc:  # too little data to hold some out: the fixed ridge instead
+            warnings.warn(f"{exc} Using the fixed damping {FIXED_DAMPING} instead.", stacklevel=3)
+            holdout, stats.heldout_tokens = None, 0
+            damping = stats.damping = FIXED_DAMPING
     masks = [b.get("attention_mask") for b in batches]
     by_block = _by_block(targets)
     last = max(by_block)

@@ -29,7 +29,11 @@ from .decompose import DEFAULT_EIG_RTOL, METHODS
 from .safe_files import check_adapter_weights
 
 #: Ridge damping chosen by measurement (benchmarks/recovery.py): see the README's table.
-DEFAULT_DAMPING = 0.01
+#: ``damping`` default: chosen per layer on held-out calibration windows (see README "Damping").
+DEFAULT_DAMPING = "auto"
+#: The fixed ridge used where ``"auto"`` cannot hold windows out (fewer than 4 windows, or the
+#: held-out ones all padding) and for the statistics pass of rank allocation.
+FIXED_DAMPING = 0.01
 
 
 _SOURCE_KEYS = ("dataset", "subset", "split", "column", "template", "weight")
@@ -151,10 +155,11 @@ class EoRAConfig(LoraConfig):
     - ``original_model``: path or Hub id of the uncompressed checkpoint (safetensors).
     - ``calibration``: a :class:`CalibrationConfig` (or its dict form).
     - ``method``: ``"eora"`` (default) or ``"svd"`` (plain SVD of the residual, the baseline).
-    - ``damping``: ridge ``δ`` added as ``δ·mean(diag H)·I`` to each input covariance, or
-      ``"auto"``: per layer, the δ in ``(0, 1e-3, 1e-2, 1e-1, 1)`` whose factors, fitted on 3/4 of
-      the calibration windows, best predict the held-out quarter (every 4th window); then refitted
-      on all windows. Needs ≥ 4 calibration windows; the chosen δ are in ``eora_stats``.
+    - ``damping``: ``"auto"`` (default): per layer, the δ in ``(0, 0.01, 0.1, 0.3, 1, 3, inf)``
+      (``inf`` = plain SVD of the residual) whose factors, fitted on 3/4 of the calibration
+      windows, best predict the held-out quarter (every 4th window); then refitted on all windows.
+      The chosen δ are in ``eora_stats``; with fewer than 4 windows it warns and uses 0.01. Or a
+      ridge ``δ ≥ 0`` added as ``δ·mean(diag H)·I`` to each input covariance.
     - ``rank_allocation``: ``"uniform"`` (every layer gets ``r``/``rank_pattern``) or
       ``"spectrum"``: per-layer ranks bought greedily by ``(s_k² / ‖W·Xᵀ‖²_F) / (in + out)``
       (``s_k``: the layer's projected residual spectrum; the ratio is what the k-th rank removes
@@ -189,7 +194,10 @@ class EoRAConfig(LoraConfig):
     method: Literal["eora", "svd"] = field(default="eora", metadata={"help": "'eora' or 'svd' (baseline)."})
     damping: Union[float, str] = field(
         default=DEFAULT_DAMPING,
-        metadata={"help": "Relative ridge added to H, or 'auto' (chosen per layer on held-out calibration windows)."},
+        metadata={
+            "help": "Relative ridge added to H, or 'auto' (the default: chosen per layer on held-out calibration "
+            "windows among 0 … 3 and plain SVD; with fewer than 4 windows, the fixed ridge 0.01)."
+        },
     )
     rank_allocation: Literal["uniform", "spectrum", "spectrum_absolute"] = field(
         default="uniform",
@@ -278,19 +286,10 @@ class EoRAConfig(LoraConfig):
         self.adapter_bits = check_bits(self.adapter_bits)
 
     def _check_damping_and_allocation(self) -> None:
-        from .decompose import AUTO_HOLDOUT_EVERY
-
         d = self.damping
         if isinstance(d, str):
             if d != "auto":
                 raise ValueError(f"EoRAConfig.damping must be a number ≥ 0 or 'auto', got the string {d!r}.")
-            n = getattr(self.calibration, "num_samples", None)
-            if self.method == "eora" and n is not None and n < AUTO_HOLDOUT_EVERY:
-                raise ValueError(
-                    f"damping='auto' holds out every {AUTO_HOLDOUT_EVERY}th calibration window to choose the damping, "
-                    f"so it needs num_samples ≥ {AUTO_HOLDOUT_EVERY}; the calibration has {n}. Use more samples or a "
-                    "fixed damping such as 0.01."
-                )
         elif isinstance(d, bool) or not isinstance(d, (int, float)) or not (0 <= d < float("inf")):
             raise ValueError(f"EoRAConfig.damping must be a finite number ≥ 0 or 'auto', got {d!r}.")
         if self.rank_allocation not in ("uniform", "spectrum", "spectrum_absolute"):

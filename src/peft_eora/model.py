@@ -33,7 +33,7 @@ from ._peft_compat import only_active
 from .adapter_quant import is_packed, pack_adapter_state_dict, quantize_adapter_, unpack_adapter_state_dict
 from .calibration import CalibrationData, as_batches
 from .compensate import CompensationStats, RankPlan, compensate, find_targets, plan_ranks
-from .config import DEFAULT_DAMPING, EoRAConfig
+from .config import FIXED_DAMPING, EoRAConfig
 from .fingerprint import record_fingerprint, verify_fingerprint
 from .kernels.gptq_linear import GPTQLinear, register_gptq_linear
 from .layer import with_mixed_batch
@@ -251,7 +251,7 @@ def _compute(
     allocation = getattr(config, "rank_allocation", "uniform")
     if allocation != "uniform":
         # statistics pass (uncompensated); "auto" damping is chosen later, per layer: rank with the default ridge
-        spectrum_damping = DEFAULT_DAMPING if config.damping == "auto" else config.damping
+        spectrum_damping = FIXED_DAMPING if config.damping == "auto" else config.damping
         plan = plan_ranks(
             model, adapter_name, original, batches, method=config.method, damping=spectrum_damping,
             eig_rtol=config.eig_rtol, budget=config.rank_budget, min_rank=config.rank_min or 1,

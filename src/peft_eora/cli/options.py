@@ -177,7 +177,7 @@ def add_eora(parser: argparse.ArgumentParser, sweep: bool) -> None:
     group.add_argument(
         "--damping", type=damping, default=None,
         help="Relative ridge δ added as δ·mean(diag H)·I to each input covariance, or 'auto' (chosen per layer on "
-        "held-out calibration windows; needs ≥ 4 samples). Default: EoRAConfig's (0.01).",
+        "held-out calibration windows among 0 … 3 and plain SVD; with < 4 samples the fixed 0.01). Default: auto.",
     )  # fmt: skip
     group.add_argument(
         "--target-modules", nargs="+", default=None,
