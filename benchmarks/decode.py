@@ -24,17 +24,17 @@ in full at every step (no attention mask), the same for every variant.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import default_dtype, json_main  # noqa: E402
 
 logger = logging.getLogger("peft_eora.benchmarks.decode")
 
@@ -72,14 +72,6 @@ def _config(args: argparse.Namespace):
                        rope_theta=500000.0, tie_word_embeddings=False)
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
@@ -89,7 +81,7 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     torch.manual_seed(0)
     cfg = _config(args)
     cfg.initializer_range = 0.02
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), default_dtype(dtype):
         model = LlamaForCausalLM(cfg)
     return model.eval()
 
@@ -294,19 +286,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
-    real_stdout = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr):
-        res = run(argv)
-    text = json.dumps(res, indent=2)
-    if args.out:
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, args.out)
-    real_stdout.write(text + "\n")
-    return 0
-
+    return json_main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

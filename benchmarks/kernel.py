@@ -435,9 +435,9 @@ def _run(argv: Optional[list[str]]) -> str:
             result["e2e"] = dict(error=f"{type(exc).__name__}: {exc}")
     text = json.dumps(result, indent=2)
     if args.out:
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, args.out)
+        from bench_common import write_json_atomic
+
+        write_json_atomic(args.out, text)
     return text
 
 

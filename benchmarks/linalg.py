@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -100,9 +99,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         res = {"status": "skipped", "reason": "no CUDA device (use --smoke on CPU)"}
     text = json.dumps(res, indent=2)
     if args.out:
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, args.out)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_common import write_json_atomic
+
+        write_json_atomic(args.out, text)
     print(text)
     return 0
 

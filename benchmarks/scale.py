@@ -19,10 +19,7 @@ GPU memory against the model's own, peak host memory (VmHWM), and the mean relat
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
-import os
 import platform
 import resource
 import sys
@@ -31,6 +28,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import default_dtype, json_main  # noqa: E402
 
 logger = logging.getLogger("peft_eora.benchmarks.scale")
 
@@ -75,14 +75,6 @@ def _host_peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def _fake_quantize_(weight: torch.Tensor, bits: int, group_size: int) -> None:
@@ -127,7 +119,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                       num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
                       max_position_embeddings=max(2048, args.seq_len), tie_word_embeddings=False)
-    with torch.device(build_device), _default_dtype(dtype):
+    with torch.device(build_device), default_dtype(dtype):
         model = LlamaForCausalLM(cfg).eval()
     # the "original": every decoder linear's weight, on the host
     originals: dict[str, torch.Tensor] = {}
@@ -187,18 +179,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
-    real_stdout = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr):
-        res = run(argv)
-    text = json.dumps(res, indent=2)
-    if args.out:
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, args.out)
-    real_stdout.write(text + "\n")
-    return 0
+    return json_main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

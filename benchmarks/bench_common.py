@@ -1,0 +1,52 @@
+"""Small pieces the GPU/scale benchmarks share: JSON entry point, atomic JSON writes, default dtype.
+
+    >>> from bench_common import json_main
+    >>> def run(argv): return {"status": "ok"}
+    >>> json_main(build_parser, run)      # parses -v/--out, logs to stderr, JSON to stdout and --out  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+
+def write_json_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
+
+
+def json_main(build_parser: Callable[[], Any], run: Callable[[Optional[list[str]]], dict[str, Any]],
+              argv: Optional[list[str]] = None) -> int:
+    """Run ``run(argv)`` with library chatter sent to stderr; print its JSON and write it to ``--out``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, stream=sys.stderr)
+    real_stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        res = run(argv)
+    text = json.dumps(res, indent=2)
+    if getattr(args, "out", None):
+        write_json_atomic(args.out, text)
+    real_stdout.write(text + "\n")
+    real_stdout.flush()
+    return 0
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Temporarily make ``dtype`` torch's default floating dtype (models built in it directly)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
