@@ -147,7 +147,8 @@ def _eora_section(
     digest = (getattr(config, "base_fingerprint", None) or {}).get("digest")
     fingerprint = f"`{digest}`" if digest else "not recorded"
     method = getattr(config, "method", "eora")
-    damping = getattr(config, "damping", None)
+    used = (getattr(config, "eora_stats", None) or {}).get("damping")  # what the run used (auto may fall back)
+    damping = used if used is not None else getattr(config, "damping", None)
     if isinstance(damping, str):  # "auto": chosen per module; show what was picked
         counts = ((getattr(config, "eora_stats", None) or {}).get("damping_counts") or {})
         picked = ", ".join(f"{k}×{v}" for k, v in sorted(counts.items(), key=lambda kv: float(kv[0])))

@@ -377,7 +377,7 @@ def compensate(
         model.train(was_training)
     stats.seconds = time.perf_counter() - start
     logger.info(
-        "EoRA (%s, damping %s): %d modules in %.1f s over %d tokens", method, damping, len(stats.modules),
+        "EoRA (%s, damping %s): %d modules in %.1f s over %d tokens", method, stats.damping, len(stats.modules),
         stats.seconds, stats.tokens,
     )
     return stats
