@@ -659,14 +659,15 @@ def test_cuda_kernel_source_on_cpu_threads(emu, bits, gs, act_order, lora_bits, 
 
 def test_cuda_kernel_plan_splits_k_to_fill_the_gpu(emu):
     """Planner on an H100/H200-sized capacity (4 CTAs x 132 SMs): decode GEMVs fill the GPU in one wave,
-    and the LoRA phase 1 runs on dedicated CTAs beside the units when there is room."""
+    and the LoRA phase 1 runs on dedicated CTAs beside the units when there is room and its K chunks
+    are no longer than the units' K slices (else every CTA does a share of it first)."""
     cap = 4 * 132
-    p = _plan(emu, 1, 4096, 4096, 128, cap)
-    assert p["ksplit"] == 4 and p["p1_ctas"] == 16 and p["grid"] == 512 + 16  # 128 tiles x 4 slices + 16 row groups
+    p = _plan(emu, 1, 4096, 4096, 128, cap)  # 16 dedicated CTAs would each read all 4096 of K: shared instead
+    assert p["ksplit"] == 4 and p["p1_ctas"] == 0 and p["grid"] == 512 and p["ksplit_a"] == 16
     p = _plan(emu, 1, 4096, 14336, 128, cap)  # 448 tiles already fill the GPU; 16 row groups x 4 K slices beside
     assert p["ksplit"] == 1 and p["p1_ctas"] == 64 and p["grid"] == 448 + 64
-    p = _plan(emu, 16, 14336, 4096, 128, cap)
-    assert p["ksplit"] == 4 and p["grid"] == 528
+    p = _plan(emu, 16, 14336, 4096, 128, cap)  # phase 1 over K = 14336 is shared by all 512 unit CTAs
+    assert p["ksplit"] == 4 and p["p1_ctas"] == 0 and p["grid"] == 512
     p = _plan(emu, 1, 4096, 4096, 0, cap)  # no adapter: units only
     assert p["ksplit"] == 4 and p["p1_ctas"] == 0 and p["grid"] == 512
     p = _plan(emu, 1, 8192, 28672, 128, cap)  # more units than CTAs: one CTA per row group is reserved
