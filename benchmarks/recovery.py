@@ -103,18 +103,25 @@ def ppl_row(model, sets: dict[str, torch.Tensor], batch_size: int) -> dict[str, 
 
 
 def _row_key(row: dict[str, Any]) -> tuple:
-    return tuple(row.get(k) for k in ("bits", "method", "rank", "damping", "adapter_bits"))
+    return tuple(row.get(k) for k in ("bits", "method", "rank", "damping", "adapter_bits", "a_group"))
 
 
-def ppl_with_adapter_bits(pm, bits: int, sets: dict[str, torch.Tensor], batch_size: int) -> dict[str, float]:
-    """Perplexities with the EoRA factors rounded to int``bits`` (per-channel), weights restored after."""
+def ppl_with_adapter_bits(pm, bits: int, sets: dict[str, torch.Tensor], batch_size: int,
+                          a_group: int | None = None) -> dict[str, float]:
+    """Perplexities with the EoRA factors rounded to int``bits`` (per row; int4 ``A`` in groups of
+    ``a_group`` inputs, default the package's), weights restored after."""
     from peft_eora.adapter_quant import quantize_adapter_
+    from peft_eora.kernels import lowbit
 
     saved = {k: v.detach().clone() for k, v in pm.state_dict().items() if ".lora_" in k}
+    default_group = lowbit.INT4_A_GROUP
     try:
+        if a_group is not None:
+            lowbit.INT4_A_GROUP = a_group
         quantize_adapter_(pm, "default", bits)
         return ppl_row(pm, sets, batch_size)
     finally:
+        lowbit.INT4_A_GROUP = default_group
         pm.load_state_dict(saved, strict=False)
 
 
@@ -163,6 +170,9 @@ def main() -> None:
                     help="also evaluate EoRA rows with A/B rounded to these int widths (accuracy cost of quantized adapters)")
     ap.add_argument("--adapter-bits-ranks", type=int, nargs="*", default=[128],
                     help="ranks at which --adapter-bits rows are measured")
+    ap.add_argument("--int4-a-groups", type=int, nargs="*", default=None,
+                    help="int4 rows: evaluate these group sizes along lora_A's input (default: the package's, "
+                         "peft_eora.kernels.lowbit.INT4_A_GROUP; 0 = one scale per row)")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--task-calib", default=None, metavar="SOURCE",
                     help="also measure EoRA calibrated on half SOURCE (e.g. builtin:gsm8k, GSM8K *train*), half C4, "
@@ -261,8 +271,12 @@ def main() -> None:
                 add(row)
                 if method == "eora" and rank in args.adapter_bits_ranks:
                     for lowbit in args.adapter_bits:
-                        add({**{k: v for k, v in row.items() if k in ("bits", "method", "rank", "damping")},
-                             "adapter_bits": lowbit, **ppl_with_adapter_bits(pm, lowbit, sets, args.batch_size)})
+                        groups = args.int4_a_groups if (lowbit == 4 and args.int4_a_groups) else [None]
+                        for group in groups:
+                            extra = {"a_group": group} if group is not None else {}
+                            add({**{k: v for k, v in row.items() if k in ("bits", "method", "rank", "damping")},
+                                 "adapter_bits": lowbit, **extra,
+                                 **ppl_with_adapter_bits(pm, lowbit, sets, args.batch_size, group)})
                 qmodel = pm.unload()
             if not args.no_gptqmodel and (args.gptqmodel_ranks is None or rank in args.gptqmodel_ranks):
                 path, seconds, mem = measure(lambda: run_gptqmodel_eora(original_dir, qdir, rank, calib, tokenizer, workdir))
@@ -300,6 +314,14 @@ def write(results: dict[str, Any], out: Path, render: Callable[[dict[str, Any]],
     out.with_suffix(".md").write_text((render or markdown)(results))
 
 
+def _lowbit_label(row: dict[str, Any]) -> str:
+    if not row.get("adapter_bits"):
+        return ""
+    group = row.get("a_group")
+    where = "" if group is None else (", A per row" if group == 0 else f", A groups of {group}")
+    return f" (int{row['adapter_bits']} A/B{where})"
+
+
 def markdown(results: dict[str, Any]) -> str:
     sets = list(results["evaluation"])
     lines = [
@@ -322,7 +344,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for r in results["rows"]:
         lines.append(
-            f"| {r['bits']} | {r['method']}{' (int%d A/B)' % r['adapter_bits'] if r.get('adapter_bits') else ''} | {r['rank'] or '-'} | " + " | ".join(f"{r.get(s, float('nan')):.3f}" for s in sets)
+            f"| {r['bits']} | {r['method']}{_lowbit_label(r)} | {r['rank'] or '-'} | " + " | ".join(f"{r.get(s, float('nan')):.3f}" for s in sets)
             + f" | {r.get('seconds', '-')} | {r.get('peak_rss_mib', '-')} |"
         )
     if results.get("damping_sweep"):
