@@ -144,10 +144,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         _child(args.child[0], args.child[1], args.layers or None, args.bits, args.samples, args.seq_len)
         return 0
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    from peft_eora.quantize.checkpoints import machine_metadata
+
     report: dict[str, Any] = {
         "model": f"SmolLM2-135M-Instruct, {args.layers or 30} layers, fp16 export",
         "gptq": f"gptqmodel, {args.bits}-bit g128, {args.samples}x{args.seq_len} C4 tokens",
-        "cpu_count": os.cpu_count(),
+        "machine": machine_metadata(),
         "modes": {},
     }
     reference = hash_checkpoint(Path(args.reference).expanduser()) if args.reference else None

@@ -157,3 +157,16 @@ def test_full_original_says_paris():
     ids = tok("The capital of France is", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=6, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_machine_metadata_identifies_the_cpu_stack():
+    """Quantized/pruned checkpoints record where they were made (GPTQ is bit-for-bit reproducible
+    on one machine, not across CPUs): platform, CPU feature digest, core and thread counts."""
+    from peft_eora.quantize.checkpoints import machine_metadata
+
+    meta = machine_metadata()
+    assert set(meta) == {"platform", "cpu", "cpu_flags_sha256", "cpu_count", "torch_threads"}
+    assert meta["cpu_count"] >= 1 and meta["torch_threads"] >= 1
+    if Path("/proc/cpuinfo").is_file():
+        assert isinstance(meta["cpu_flags_sha256"], str) and len(meta["cpu_flags_sha256"]) == 16
+    json.dumps(meta)  # goes into peft_eora_quantize.json

@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from .embedded import atomic_publish, cache_dir, dtype_name, is_complete, make_temp_dir, remove_stale_temps
 from .quantize import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, META_FILE, _versions, calibration_metadata, gptq_calibration
+from .quantize.checkpoints import machine_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +346,7 @@ def prune(
             "calibration": calibration_metadata(len(examples), seq_len, n_tokens, batch_size),
             "versions": _versions(),
             "device": device,
-            "cpu_count": os.cpu_count(),
+            "machine": machine_metadata(),
             "wall_time_s": {"load": round(load_s, 2), "prune": round(prune_s, 2),
                             "total": round(time.perf_counter() - start, 2)},
         }

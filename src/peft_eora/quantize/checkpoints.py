@@ -9,7 +9,9 @@ calibration, timings) into its checkpoint; a complete folder with other settings
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -62,6 +64,27 @@ def _cached(final: Path, method: str, bits: int, group_size: int) -> bool:
             "pass another out_dir or delete it"
         )
     return True
+
+
+def machine_metadata() -> dict[str, object]:
+    """Where a checkpoint was made: GPTQ/pruning results are bit-for-bit reproducible on one machine
+    and software stack, but float32 CPU kernels are chosen by CPU features, so another CPU may give
+    another checkpoint (see benchmarks/gptq_reproducibility.py). Recorded to tell such cases apart."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16] if flags else None,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _versions(**extra: str) -> dict[str, str]:

@@ -23,7 +23,7 @@ import torch
 
 from ..embedded import atomic_publish, dtype_name, make_temp_dir, remove_stale_temps
 from .calibration import calibration_metadata, gptq_calibration
-from .checkpoints import META_FILE, _versions
+from .checkpoints import META_FILE, _versions, machine_metadata
 
 logger = logging.getLogger("peft_eora.quantize")
 
@@ -151,7 +151,7 @@ def _quantize_with_gptqmodel(
             **extra,
             "versions": _versions(gptqmodel=getattr(gptqmodel, "__version__", "unknown")),
             "device": device,
-            "cpu_count": os.cpu_count(),
+            "machine": machine_metadata(),
             "wall_time_s": {"load": round(load_s, 2), "quantize": round(quant_s, 2), "total": round(wall, 2)},
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
