@@ -103,7 +103,7 @@ def ppl_row(model, sets: dict[str, torch.Tensor], batch_size: int) -> dict[str, 
 
 
 def _row_key(row: dict[str, Any]) -> tuple:
-    return tuple(row.get(k) for k in ("bits", "method", "rank", "damping", "adapter_bits", "a_group"))
+    return tuple(row.get(k) for k in ("bits", "method", "rank", "damping", "adapter_bits", "a_group", "aware"))
 
 
 def ppl_with_adapter_bits(pm, bits: int, sets: dict[str, torch.Tensor], batch_size: int,
@@ -170,6 +170,10 @@ def main() -> None:
                     help="also evaluate EoRA rows with A/B rounded to these int widths (accuracy cost of quantized adapters)")
     ap.add_argument("--adapter-bits-ranks", type=int, nargs="*", default=[128],
                     help="ranks at which --adapter-bits rows are measured")
+    ap.add_argument("--adapter-bits-aware", action="store_true",
+                    help="--adapter-bits rows computed with EoRAConfig(adapter_bits=...) (damping='auto' then scores "
+                         "each ridge with rounded factors, and later blocks see rounded adapters) instead of rounding "
+                         "the float factors afterwards")
     ap.add_argument("--int4-a-groups", type=int, nargs="*", default=None,
                     help="int4 rows: evaluate these group sizes along lora_A's input (default: the package's, "
                          "peft_eora.kernels.lowbit.INT4_A_GROUP; 0 = one scale per row)")
@@ -247,10 +251,10 @@ def main() -> None:
         if not args.no_quantized_row:
             add({"bits": bits, "method": "gptq", "rank": 0, **ppl_row(qmodel, sets, args.batch_size)})
 
-        def ours(method: str, rank: int, damp: float, windows: torch.Tensor = calib):
+        def ours(method: str, rank: int, damp: float, windows: torch.Tensor = calib, adapter_bits: int = 16):
             # original_model goes to the call, not the config: with it in the config, get_peft_model would
             # already compute the (calibration-free) SVD baseline and the call below would redo it
-            cfg = EoRAConfig(r=rank, method=method, damping=damp)
+            cfg = EoRAConfig(r=rank, method=method, damping=damp, adapter_bits=adapter_bits)
             pm = get_peft_model(qmodel, cfg)
             from peft_eora import initialize_eora_weights
 
@@ -278,6 +282,13 @@ def main() -> None:
                                  "adapter_bits": lowbit, **extra,
                                  **ppl_with_adapter_bits(pm, lowbit, sets, args.batch_size, group)})
                 qmodel = pm.unload()
+                if method == "eora" and rank in args.adapter_bits_ranks and args.adapter_bits_aware:
+                    for lowbit in args.adapter_bits:
+                        qpm, qseconds, qmem = measure(lambda: ours("eora", rank, damping, adapter_bits=lowbit))
+                        add({**{k: v for k, v in row.items() if k in ("bits", "method", "rank", "damping")},
+                             "adapter_bits": lowbit, "aware": True, **ppl_row(qpm, sets, args.batch_size),
+                             "seconds": round(qseconds, 2), "peak_rss_mib": round(qmem, 1)})
+                        qmodel = qpm.unload()
             if not args.no_gptqmodel and (args.gptqmodel_ranks is None or rank in args.gptqmodel_ranks):
                 path, seconds, mem = measure(lambda: run_gptqmodel_eora(original_dir, qdir, rank, calib, tokenizer, workdir))
                 pm = PeftModel.from_pretrained(qmodel, path)
@@ -319,7 +330,8 @@ def _lowbit_label(row: dict[str, Any]) -> str:
         return ""
     group = row.get("a_group")
     where = "" if group is None else (", A per row" if group == 0 else f", A groups of {group}")
-    return f" (int{row['adapter_bits']} A/B{where})"
+    how = ", computed as stored" if row.get("aware") else ""
+    return f" (int{row['adapter_bits']} A/B{where}{how})"
 
 
 def markdown(results: dict[str, Any]) -> str:

@@ -599,6 +599,27 @@ def test_select_damping_scores_are_heldout_errors_and_argmin():
     assert choice.errors[choice.damping] == min(choice.errors.values())
 
 
+def test_select_damping_scores_rounded_factors_when_asked():
+    """With ``round_factors`` (int4 adapters) each δ is scored by the held-out error of its factors
+    *as stored*; small ridges blow up A's columns (1/√λ), which the grid rounds badly."""
+    from peft_eora.adapter_quant import factor_rounder
+
+    delta, X_fit, X_val, _ = _shifted_case(seed=1, in_f=64)
+    H_fit, H_val = X_fit.T @ X_fit, X_val.T @ X_val
+    rounder = factor_rounder(4)
+    aware = select_damping(delta, H_fit, H_val, rank=6, round_factors=rounder)
+    plain = select_damping(delta, H_fit, H_val, rank=6)
+    for d, err in aware.errors.items():
+        f = eora_factors(delta, H_fit, 6, damping=d) if math.isfinite(d) else eora_factors(delta, None, 6, "svd")
+        A, B = rounder(f.A.double(), f.B.double())
+        direct = direct_error(delta, X_val, type(f)(A=A, B=B, singular_values=f.singular_values, kept_eigen=0))
+        assert err == pytest.approx(direct, rel=1e-3), (d, err, direct)
+        assert err >= plain.errors[d] * (1 - 1e-6)  # rounding only adds error (here)
+    assert aware.errors[aware.damping] <= aware.errors[plain.damping]
+    factors, choice = eora_factors_auto(delta, H_fit, H_val, rank=6, round_factors=rounder)
+    assert choice.damping == aware.damping
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 @pytest.mark.parametrize("rank", [4, 10])
 def test_auto_damping_grows_when_heldout_differs_and_beats_every_fixed_value(seed, rank):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -57,6 +57,22 @@ def _kind(stem: str) -> str:
 def _round_to_grid(w: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
     q = quantize_per_channel(w, bits, factor_group_size(kind, bits, w.shape[1]))
     return dequantize_per_channel(q, torch.float32).to(w.dtype)
+
+
+def factor_rounder(bits: int) -> Optional[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
+    """``(A, B) → (Â, B̂)`` on the grid ``adapter_bits=bits`` stores (None for 16): what EoRA's
+    computation uses to score and install factors as they will be saved.
+
+        >>> A_hat, B_hat = factor_rounder(4)(A, B)    # int4 A in groups along its input, B per row  # doctest: +SKIP
+    """
+    check_bits(bits)
+    if bits == 16:
+        return None
+
+    def round_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _round_to_grid(A, bits, "lora_A"), _round_to_grid(B, bits, "lora_B")
+
+    return round_factors
 
 
 def _factor_modules(model: nn.Module, adapter_name: str) -> Iterable[tuple[str, nn.Linear]]:

@@ -34,7 +34,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional, Union
 
 import torch
@@ -47,6 +47,7 @@ from .config import FIXED_DAMPING
 from .decompose import (
     AUTO_HOLDOUT_EVERY,
     Projection,
+    RoundFactors,
     allocate_ranks,
     captured_energy,
     check_rank,
@@ -340,10 +341,13 @@ def compensate(
     device: Union[str, torch.device, None] = None,
     checkpoint: Any = None,
     times: Optional[PhaseTimes] = None,
+    round_factors: Optional[RoundFactors] = None,
 ) -> CompensationStats:
     """Compute and install EoRA factors for every LoRA layer of ``adapter_name`` (see module doc).
 
     ``damping`` is a ridge ``δ ≥ 0`` or ``"auto"`` (chosen per layer on held-out windows).
+    ``round_factors`` (``(A, B) → (Â, B̂)``, e.g. int4 rounding): factors are installed rounded, so
+    later blocks see the adapters as they will be stored, and ``"auto"`` scores each ridge rounded.
     """
     _check_damping_arg(damping)
     times = times if times is not None else NO_TIMES
@@ -365,7 +369,7 @@ def compensate(
                                               times=times))
         else:
             _compensate_blocks(model, blocks, targets, adapter_name, original, batches, stats, damping, eig_rtol,
-                               sequential, progress, device, checkpoint, times)
+                               sequential, progress, device, checkpoint, times, round_factors)
     except BaseException as exc:
         # nothing half-written: a failure leaves every adapter as a zero update
         for t in targets:
@@ -432,6 +436,7 @@ def _compensate_blocks(
     device: Union[str, torch.device, None],
     checkpoint: Any,
     times: PhaseTimes,
+    round_factors: Optional[RoundFactors] = None,
 ) -> None:
     if stats.tokens == 0:
         raise ValueError("The calibration data is empty: no token to estimate the activation statistics from.")
@@ -472,7 +477,7 @@ def _compensate_blocks(
         if block_targets:
             n_before = len(stats.modules)
             _compensate_visit(visit, block_targets, adapter_name, original, stats, damping, eig_rtol, sequential,
-                              masks, holdout, keep_outputs=visit.index < last, times=times)
+                              masks, holdout, keep_outputs=visit.index < last, times=times, round_factors=round_factors)
             if checkpoint is not None:
                 with times.phase("checkpoint"):
                     done = stats.modules[n_before:]
@@ -496,6 +501,7 @@ def _compensate_visit(
     holdout: Optional[list[torch.Tensor]],
     keep_outputs: bool,
     times: PhaseTimes,
+    round_factors: Optional[RoundFactors] = None,
 ) -> None:
     groups = _input_groups(visit.block, block_targets, visit.inputs[0])
     cov = _Covariances(groups, visit.device, masks, holdout, times)
@@ -509,14 +515,15 @@ def _compensate_visit(
                 shared = (H_fit, H_val, eigen(H_fit), None)  # the refit: Cholesky where δ allows it
             for t in groups[g]:
                 stats.modules.append(_install(t, adapter_name, original, H, None, "eora", eig_rtol, auto=shared,
-                                              device=visit.device, times=times))
+                                              device=visit.device, times=times, round_factors=round_factors))
         else:
             H = Hs[0]
             with times.phase("decomposition", visit.device):
                 projection = projection_for(H, float(damping), eig_rtol)  # shared by the group's members
             for t in groups[g]:
                 stats.modules.append(_install(t, adapter_name, original, H, projection, "eora", eig_rtol,
-                                              damping=float(damping), device=visit.device, times=times))
+                                              damping=float(damping), device=visit.device, times=times,
+                                              round_factors=round_factors))
 
     first_modules = [g[0].layer for g in groups]
     if sequential:  # one forward: the batches park at each group while its factors are installed
@@ -565,6 +572,7 @@ def _install(
     auto: Optional[tuple[torch.Tensor, torch.Tensor, Any, Any]] = None,
     device: Optional[torch.device] = None,
     times: PhaseTimes = NO_TIMES,
+    round_factors: Optional[RoundFactors] = None,
 ) -> ModuleStats:
     device = device if device is not None else (H.device if H is not None else device_of(t.base))
     delta = _residual(t, original, device, times)
@@ -573,12 +581,15 @@ def _install(
         if auto is not None:
             H_fit, H_val, fit, full = auto
             factors, choice = eora_factors_auto(delta, H_fit, H_val, t.rank, eig_rtol=eig_rtol, name=t.name, fit=fit,
-                                                full=full)
+                                                full=full, round_factors=round_factors)
             damping, heldout_errors = choice.damping, choice.errors
             logger.debug("%s: damping %g chosen, held-out errors %s", t.name, damping, heldout_errors)
         else:
             factors = eora_factors(delta, H, t.rank, method=method, eig_rtol=eig_rtol, name=t.name,
                                    projection=projection)
+        if round_factors is not None:
+            A_hat, B_hat = round_factors(factors.A, factors.B)
+            factors = replace(factors, A=A_hat.float(), B=B_hat.float())
     with times.phase("install", device):
         lora_A, lora_B = t.layer.lora_A[adapter_name], t.layer.lora_B[adapter_name]
         scaling = t.layer.scaling[adapter_name]

@@ -39,7 +39,7 @@ from __future__ import annotations
 import heapq
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -325,6 +325,9 @@ def weighted_error(delta: torch.Tensor, H: torch.Tensor, approx: torch.Tensor | 
 # damping="auto": the ridge strength chosen on held-out calibration tokens
 # --------------------------------------------------------------------------------------------
 
+#: ``(A, B) → (Â, B̂)``: how the factors will be stored (e.g. rounded to int4), for ``damping="auto"``.
+RoundFactors = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
 #: Ridge strengths (relative to ``mean(diag H)``) that ``damping="auto"`` chooses from. ``inf`` is
 #: plain SVD of the residual (the limit δ → ∞), so a per-layer choice on held-out windows never
 #: picks factors that do worse there than the SVD baseline.
@@ -427,6 +430,7 @@ def select_damping(
     eig_rtol: float = DEFAULT_EIG_RTOL,
     name: str = "layer",
     fit: Eigen | None = None,
+    round_factors: RoundFactors | None = None,
 ) -> DampingChoice:
     """Choose the ridge δ in ``grid`` whose rank-``rank`` factors, fitted on ``H_fit``, have the
     smallest activation-weighted error on held-out tokens (``H_val = Σ x_valᵀx_val``)::
@@ -436,7 +440,9 @@ def select_damping(
 
     ``H_fit`` is decomposed once (pass ``fit=eigen(H_fit)`` to share it across layers with one
     input); each candidate costs one truncated SVD and one ``out × in × in`` product. Ties (within
-    ``AUTO_DAMPING_TIE_RTOL``) go to the larger δ.
+    ``AUTO_DAMPING_TIE_RTOL``) go to the larger δ. With ``round_factors`` (``(A, B) → (Â, B̂)``,
+    e.g. int4 rounding of the adapter), each candidate is scored as it will be stored: small ridges
+    give ``A`` columns scaled by large ``1/√λ`` that coarse grids round badly, so the choice differs.
     """
     D = _check_residual(delta, rank, name)
     out_f, in_f = D.shape
@@ -463,6 +469,11 @@ def select_damping(
         root = sv[:rank].sqrt()
         B = U[:, :rank] * root
         A_rot = (root[:, None] * Vh[:rank]) * inv_sqrt  # A·Q: still in the eigenbasis
+        if round_factors is not None:  # rounding acts on A in the input basis
+            A_hat, B_hat = round_factors(A_rot @ Q.T, B)
+            E = D - B_hat.to(D) @ A_hat.to(D)
+            errors[float(d)] = math.sqrt(max(float(((E @ Hv) * E).sum()), 0.0))
+            continue
         E = DQ - B @ A_rot
         errors[float(d)] = math.sqrt(max(float(((E @ Hv_rot) * E).sum()), 0.0))
     best = min(errors.values())
@@ -480,6 +491,7 @@ def eora_factors_auto(
     name: str = "layer",
     fit: Eigen | None = None,
     full: Eigen | None = None,
+    round_factors: RoundFactors | None = None,
 ) -> tuple[Factors, DampingChoice]:
     """``damping="auto"``: choose δ on held-out tokens, then refit on all of them::
 
@@ -489,7 +501,7 @@ def eora_factors_auto(
     plain SVD for ``inf``, a Cholesky factorisation where the ridge allows it, else the
     eigendecomposition ``full=eigen(H_fit + H_val)`` (computed here when not given).
     """
-    choice = select_damping(delta, H_fit, H_val, rank, grid, eig_rtol, name, fit)
+    choice = select_damping(delta, H_fit, H_val, rank, grid, eig_rtol, name, fit, round_factors)
     if choice.damping == math.inf:
         svd = eora_factors(delta, None, rank, method="svd", name=name)
         return svd, choice
