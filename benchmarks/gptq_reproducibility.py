@@ -116,10 +116,11 @@ def compare(runs: list[dict[str, str]]) -> dict[str, Any]:
     names = sorted(runs[0])
     differing = [n for n in names if len({r.get(n) for r in runs}) > 1]
     layers = sorted({_layer_of(n) for n in differing})
+    distinct = len({digest(r) for r in runs})
     return {
         "runs": len(runs),
-        "identical_runs": len({json.dumps(r, sort_keys=True) for r in runs}) == 1,
-        "distinct_checkpoints": len({json.dumps(r, sort_keys=True) for r in runs}),
+        "identical_runs": distinct == 1,
+        "distinct_checkpoints": distinct,
         "tensors": len(names),
         "differing_tensors": len(differing),
         "first_differing_layer": layers[0] if layers else None,

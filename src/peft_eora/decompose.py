@@ -461,7 +461,7 @@ def select_damping(
         raise ValueError(f"{name}: the held-out covariance is zero (no held-out token): cannot choose the damping.")
     Q = fit.Q.to(D.device)
     DQ = D @ Q  # the residual in H_fit's eigenbasis, shared by every candidate
-    Hv_rot = Q.T @ Hv @ Q
+    Hv_rot = Q.T @ Hv @ Q if round_factors is None else None  # rounded factors are scored in the input basis
     errors: dict[float, float] = {}
     for d in grid:
         sqrt_lam, inv_sqrt, _ = fit.scales(float(d), eig_rtol)
