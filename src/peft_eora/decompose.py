@@ -287,7 +287,8 @@ def truncated_svd(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     ``eigh`` of the smaller Gram matrix (``D·Dᵀ`` or ``Dᵀ·D``) is 10–50× faster on a CPU than a
     full SVD of a rectangular matrix, and in float64 its squared condition number costs nothing
     that matters here (singular values below ~1e-8·σ₁ come out as zero). Returns
-    ``(U_r, σ, V_rᵀ)`` with σ the whole spectrum (descending).
+    ``(U_r, σ, V_rᵀ)`` with σ the whole spectrum (descending); columns of ``U_r`` with σ below
+    ``1e-7·σ₁`` are zero, so ``U_r·U_rᵀ·D`` is the rank-``rank`` approximation in every case.
     """
     m, n = D.shape
     wide = m <= n
@@ -299,8 +300,8 @@ def truncated_svd(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     s = sv[:rank]
     tol = max(float(sv[0]) if sv.numel() else 0.0, 0.0) * 1e-7
     inv = torch.where(s > tol, 1.0 / torch.where(s > tol, s, torch.ones_like(s)), torch.zeros_like(s))
-    if wide:  # top = U_r; V_rᵀ = diag(1/σ)·U_rᵀ·D
-        U, Vh = top, inv[:, None] * (top.T @ D)
+    if wide:  # top = U_r; V_rᵀ = diag(1/σ)·U_rᵀ·D (directions with σ ≈ 0 dropped from both)
+        U, Vh = top * (inv > 0), inv[:, None] * (top.T @ D)
     else:  # top = V_r; U_r = D·V_r·diag(1/σ)
         U, Vh = (D @ top) * inv, top.T
     return U, sv, Vh
@@ -439,7 +440,8 @@ def select_damping(
         choice.damping, choice.errors          # e.g. 0.01, {0.0: 3.1, 0.001: 2.9, ...}
 
     ``H_fit`` is decomposed once (pass ``fit=eigen(H_fit)`` to share it across layers with one
-    input); each candidate costs one truncated SVD and one ``out × in × in`` product. Ties (within
+    input); each candidate costs one truncated SVD (an ``eigh`` of the smaller Gram matrix) and one
+    ``out × out × r`` product. Ties (within
     ``AUTO_DAMPING_TIE_RTOL``) go to the larger δ. With ``round_factors`` (``(A, B) → (Â, B̂)``,
     e.g. int4 rounding of the adapter), each candidate is scored as it will be stored: small ridges
     give ``A`` columns scaled by large ``1/√λ`` that coarse grids round badly, so the choice differs.
@@ -461,21 +463,29 @@ def select_damping(
         raise ValueError(f"{name}: the held-out covariance is zero (no held-out token): cannot choose the damping.")
     Q = fit.Q.to(D.device)
     DQ = D @ Q  # the residual in H_fit's eigenbasis, shared by every candidate
-    Hv_rot = Q.T @ Hv @ Q if round_factors is None else None  # rounded factors are scored in the input basis
+    # Where no eigenvalue is cut, B·A = U_r·U_rᵀ·ΔW (U_r: the candidate's top left singular vectors),
+    # so its held-out error is tr(K) − tr(U_rᵀ·K·U_r) with K = ΔW·H_val·ΔWᵀ, shared by every candidate.
+    K = D @ Hv @ D.T if round_factors is None else None
+    Hv_rot: torch.Tensor | None = None  # built only if a candidate cuts eigenvalues
     errors: dict[float, float] = {}
     for d in grid:
-        sqrt_lam, inv_sqrt, _ = fit.scales(float(d), eig_rtol)
+        sqrt_lam, inv_sqrt, kept = fit.scales(float(d), eig_rtol)
         U, sv, Vh = truncated_svd(DQ * sqrt_lam, rank)
+        if K is not None and kept == in_f:
+            Ur = U[:, :rank]
+            errors[float(d)] = math.sqrt(max(float(K.trace() - ((K @ Ur) * Ur).sum()), 0.0))
+            continue
         root = sv[:rank].sqrt()
         B = U[:, :rank] * root
         A_rot = (root[:, None] * Vh[:rank]) * inv_sqrt  # A·Q: still in the eigenbasis
-        if round_factors is not None:  # rounding acts on A in the input basis
+        if round_factors is None:
+            Hv_rot = Q.T @ Hv @ Q if Hv_rot is None else Hv_rot
+            E = DQ - B @ A_rot
+            errors[float(d)] = math.sqrt(max(float(((E @ Hv_rot) * E).sum()), 0.0))
+        else:  # rounding acts on A in the input basis
             A_hat, B_hat = round_factors(A_rot @ Q.T, B)
             E = D - B_hat.to(D) @ A_hat.to(D)
             errors[float(d)] = math.sqrt(max(float(((E @ Hv) * E).sum()), 0.0))
-            continue
-        E = DQ - B @ A_rot
-        errors[float(d)] = math.sqrt(max(float(((E @ Hv_rot) * E).sum()), 0.0))
     best = min(errors.values())
     chosen = max(d for d, e in errors.items() if e <= best * (1 + AUTO_DAMPING_TIE_RTOL))
     return DampingChoice(damping=chosen, errors=errors)
