@@ -194,7 +194,8 @@ def test_auto_damping_chooses_per_module_on_heldout_windows(tiny_llama, calib_id
                                              for m in stats.modules}
     assert sum(summary["damping_counts"].values()) == 14
     for m in stats.modules:
-        assert m.damping in AUTO_DAMPING_GRID and set(m.heldout_errors) == set(AUTO_DAMPING_GRID)
+        assert m.damping in AUTO_DAMPING_GRID and set(m.heldout_errors) <= set(AUTO_DAMPING_GRID)
+        assert {0.0, float("inf")} <= set(m.heldout_errors)  # the smallest ridge and plain SVD always scored
         assert m.heldout_errors[m.damping] == min(m.heldout_errors.values())
         assert m.error_after < m.error_before
     name = "model.layers.0.self_attn.q_proj"

@@ -591,7 +591,7 @@ def test_eigen_shift_equals_damped_eigendecomposition():
 def test_select_damping_scores_are_heldout_errors_and_argmin():
     delta, X_fit, X_val, _ = _shifted_case(seed=1)
     H_fit, H_val = X_fit.T @ X_fit, X_val.T @ X_val
-    choice = select_damping(delta, H_fit, H_val, rank=6)
+    choice = select_damping(delta, H_fit, H_val, rank=6, early_stop=False)
     assert set(choice.errors) == set(AUTO_DAMPING_GRID)
     for d, err in choice.errors.items():
         direct = direct_error(delta, X_val, eora_factors(delta, H_fit, 6, damping=d))
@@ -608,7 +608,7 @@ def test_select_damping_scores_rounded_factors_when_asked():
     H_fit, H_val = X_fit.T @ X_fit, X_val.T @ X_val
     rounder = factor_rounder(4)
     aware = select_damping(delta, H_fit, H_val, rank=6, round_factors=rounder)
-    plain = select_damping(delta, H_fit, H_val, rank=6)
+    plain = select_damping(delta, H_fit, H_val, rank=6, early_stop=False)
     for d, err in aware.errors.items():
         f = eora_factors(delta, H_fit, 6, damping=d) if math.isfinite(d) else eora_factors(delta, None, 6, "svd")
         A, B = rounder(f.A.double(), f.B.double())
@@ -633,6 +633,26 @@ def test_auto_damping_grows_when_heldout_differs_and_beats_every_fixed_value(see
     for choice, X_val in ((same, X_same), (shift, X_shift)):
         fixed = {d: direct_error(delta, X_val, eora_factors(delta, H_fit, rank, damping=d)) for d in AUTO_DAMPING_GRID}
         assert fixed[choice.damping] <= min(fixed.values()) * (1 + 1e-6), (choice.damping, fixed)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_early_stop_scores_fewer_ridges_and_keeps_the_full_grids_choice(seed):
+    """Finite ridges are scored in ascending order until the held-out error first rises; plain SVD
+    (inf) is always scored, so the choice never loses to SVD on the held-out tokens."""
+    delta, X_fit, X_same, X_shift = _shifted_case(seed=seed)
+    H_fit = X_fit.T @ X_fit
+    for X_val in (X_same, X_shift):
+        H_val = X_val.T @ X_val
+        full = select_damping(delta, H_fit, H_val, 6, early_stop=False)
+        fast = select_damping(delta, H_fit, H_val, 6)
+        assert fast.damping == full.damping
+        assert math.inf in fast.errors and set(fast.errors) <= set(full.errors)
+        for d, e in fast.errors.items():
+            assert e == full.errors[d]
+        finite = sorted(d for d in fast.errors if math.isfinite(d))
+        assert finite == sorted(d for d in AUTO_DAMPING_GRID if math.isfinite(d))[:len(finite)]  # a prefix
+        if len(finite) < len(AUTO_DAMPING_GRID) - 1:  # stopped: the last two scored ridges rose
+            assert fast.errors[finite[-1]] > fast.errors[finite[-2]]
 
 
 def test_eora_factors_auto_refits_on_all_tokens():
