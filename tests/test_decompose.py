@@ -655,6 +655,31 @@ def test_early_stop_scores_fewer_ridges_and_keeps_the_full_grids_choice(seed):
             assert fast.errors[finite[-1]] > fast.errors[finite[-2]]
 
 
+@pytest.mark.parametrize("case", ["wide", "tall", "dead-channel"])
+def test_select_damping_paths_agree(case):
+    """Wide residuals with a well-conditioned H_fit are scored from out × out Gram matrices (no eigh
+    of H_fit); tall ones and H_fit with an eigenvalue under the cut-off go through H_fit's
+    eigenbasis. Both give the held-out errors of the fitted factors (identity rounding forces the
+    eigenbasis route)."""
+    delta, X_fit, _, X_shift = _shifted_case(seed=3, out_f=40 if case == "tall" else 24)
+    if case == "dead-channel":
+        X_fit = X_fit.clone()
+        X_fit[:, 0] = 0.0
+    H_fit, H_val = X_fit.T @ X_fit, X_shift.T @ X_shift
+    calls = []
+
+    def fit() -> "object":
+        calls.append(1)
+        return eigen(H_fit)
+
+    fast = select_damping(delta, H_fit, H_val, 6, fit=fit, early_stop=False)
+    assert len(calls) == (0 if case == "wide" else 1)  # the wide, well-conditioned case never decomposes H_fit
+    ref = select_damping(delta, H_fit, H_val, 6, round_factors=lambda A, B: (A, B), early_stop=False)
+    assert fast.damping == ref.damping
+    for d, err in fast.errors.items():
+        assert err == pytest.approx(ref.errors[d], rel=1e-6), (d, err, ref.errors[d])
+
+
 def test_eora_factors_auto_refits_on_all_tokens():
     delta, X_fit, _, X_shift = _shifted_case(seed=5)
     H_fit, H_val = X_fit.T @ X_fit, X_shift.T @ X_shift

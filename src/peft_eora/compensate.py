@@ -46,6 +46,7 @@ from .calibration import Batch, count_tokens
 from .config import FIXED_DAMPING
 from .decompose import (
     AUTO_HOLDOUT_EVERY,
+    Eigen,
     Projection,
     RoundFactors,
     allocate_ranks,
@@ -511,8 +512,15 @@ def _compensate_visit(
         if holdout is not None:  # one eigh of H_fit (every δ) and one of H_fit + H_val, shared by the group
             H_fit, H_val = Hs
             H = H_fit + H_val
-            with times.phase("decomposition", visit.device):
-                shared = (H_fit, H_val, eigen(H_fit), None)  # the refit: Cholesky where δ allows it
+            fit: list[Eigen] = []
+
+            def fit_eigen() -> Eigen:  # once per group, and only if a member needs it (wide residuals don't)
+                if not fit:
+                    with times.phase("decomposition", visit.device):
+                        fit.append(eigen(H_fit))
+                return fit[0]
+
+            shared = (H_fit, H_val, fit_eigen, None)  # the refit: Cholesky where δ allows it
             for t in groups[g]:
                 stats.modules.append(_install(t, adapter_name, original, H, None, "eora", eig_rtol, auto=shared,
                                               device=visit.device, times=times, round_factors=round_factors))

@@ -431,7 +431,7 @@ def select_damping(
     grid: tuple[float, ...] = AUTO_DAMPING_GRID,
     eig_rtol: float = DEFAULT_EIG_RTOL,
     name: str = "layer",
-    fit: Eigen | None = None,
+    fit: Eigen | Callable[[], Eigen] | None = None,
     round_factors: RoundFactors | None = None,
     early_stop: bool = True,
 ) -> DampingChoice:
@@ -441,8 +441,9 @@ def select_damping(
         choice = select_damping(delta, X_fit.T @ X_fit, X_val.T @ X_val, rank=8)
         choice.damping, choice.errors          # e.g. 0.01, {0.0: 3.1, 0.001: 2.9, ...}
 
-    ``H_fit`` is decomposed once (pass ``fit=eigen(H_fit)`` to share it across layers with one
-    input); each candidate costs one truncated SVD (an ``eigh`` of the smaller Gram matrix) and one
+    ``H_fit`` is decomposed once (pass ``fit=eigen(H_fit)``, or a function returning it, to share it
+    across layers with one input); a wide residual (``out ≤ in``) whose ``H_fit`` has no eigenvalue
+    under the cut-off needs no decomposition of ``H_fit`` at all (see :func:`_gram_scores`); each candidate costs one truncated SVD (an ``eigh`` of the smaller Gram matrix) and one
     ``out × out × r`` product. With ``early_stop`` (default) the finite ridges are scored in ascending
     order until the held-out error first rises, and plain SVD (``inf``) is always scored: on
     SmolLM2-135M (GPTQ 3-bit r=64, 4-bit r=128) that picked the full grid's choice for every layer
@@ -460,12 +461,17 @@ def select_damping(
     for d in grid:
         if d != math.inf:
             _check_damping(d)
-    fit = eigen(H_fit.to(D.device)) if fit is None else fit
     Hv = damped(H_val.to(D.device), 0.0)
     if not torch.isfinite(Hv).all():
         raise ValueError(f"{name}: the held-out covariance contains NaN or inf; check the calibration inputs.")
     if float(torch.diagonal(Hv).sum()) <= 0.0:
         raise ValueError(f"{name}: the held-out covariance is zero (no held-out token): cannot choose the damping.")
+    if round_factors is None and out_f <= in_f:
+        gram = _gram_scores(D, H_fit, Hv, rank, grid, eig_rtol, early_stop)
+        if gram is not None:
+            return _choose(gram)
+    fit = fit() if callable(fit) else fit
+    fit = eigen(H_fit.to(D.device)) if fit is None else fit
     Q = fit.Q.to(D.device)
     DQ = D @ Q  # the residual in H_fit's eigenbasis, shared by every candidate
     # Where no eigenvalue is cut, B·A = U_r·U_rᵀ·ΔW (U_r: the candidate's top left singular vectors),
@@ -473,12 +479,10 @@ def select_damping(
     K = D @ Hv @ D.T if round_factors is None else None
     Hv_rot: torch.Tensor | None = None  # built only if a candidate cuts eigenvalues
     errors: dict[float, float] = {}
-    finite = sorted({float(d) for d in grid if d != math.inf})
-    order = finite + ([math.inf] if math.inf in grid else [])
     scored: list[float] = []  # finite ridges scored so far, ascending
-    for d in order:
+    for d in _ascending(grid):
         if d != math.inf:
-            if early_stop and len(scored) >= 2 and errors[scored[-1]] > errors[scored[-2]] * (1 + AUTO_DAMPING_TIE_RTOL):
+            if early_stop and _stopped(errors, scored):
                 continue  # the held-out error rose with δ: larger finite ridges are skipped, inf still scored
             scored.append(d)
         sqrt_lam, inv_sqrt, kept = fit.scales(float(d), eig_rtol)
@@ -498,9 +502,62 @@ def select_damping(
             A_hat, B_hat = round_factors(A_rot @ Q.T, B)
             E = D - B_hat.to(D) @ A_hat.to(D)
             errors[float(d)] = math.sqrt(max(float(((E @ Hv) * E).sum()), 0.0))
+    return _choose(errors)
+
+
+def _choose(errors: dict[float, float]) -> DampingChoice:
     best = min(errors.values())
     chosen = max(d for d, e in errors.items() if e <= best * (1 + AUTO_DAMPING_TIE_RTOL))
     return DampingChoice(damping=chosen, errors=errors)
+
+
+def _ascending(grid: tuple[float, ...]) -> list[float]:
+    finite = sorted({float(d) for d in grid if d != math.inf})
+    return finite + ([math.inf] if math.inf in grid else [])
+
+
+def _stopped(errors: dict[float, float], scored: list[float]) -> bool:
+    """True once the held-out error rose between the last two finite ridges scored."""
+    return len(scored) >= 2 and errors[scored[-1]] > errors[scored[-2]] * (1 + AUTO_DAMPING_TIE_RTOL)
+
+
+def _gram_scores(D: torch.Tensor, H_fit: torch.Tensor, Hv: torch.Tensor, rank: int, grid: tuple[float, ...],
+                 eig_rtol: float, early_stop: bool) -> dict[float, float] | None:
+    """Held-out errors of every ridge for a wide residual (``out ≤ in``) without decomposing ``H_fit``.
+
+    ``U_r`` of ``ΔW·S_δ`` (any square root ``S_δ·S_δᵀ = H_fit + δ·m·I``) is the top eigenvectors of
+    ``ΔW·H_fit·ΔWᵀ + δ·m·ΔW·ΔWᵀ`` (``out × out``), so the ``in × in`` ``eigh`` of ``H_fit`` is not needed.
+    That equals the eigenbasis route only where no eigenvalue of ``H_fit`` is cut; a Cholesky
+    factorisation of ``H_fit − eig_rtol·tr(H_fit)·I`` proves that (``λ_min > eig_rtol·λ_max``), else
+    None and the caller decomposes ``H_fit``.
+    """
+    Hf = damped(H_fit.to(D.device), 0.0)
+    if not torch.isfinite(Hf).all():
+        raise ValueError("The activation covariance contains NaN or inf; check the calibration inputs.")
+    trace = float(torch.diagonal(Hf).sum())
+    if trace <= 0.0:
+        return None
+    shifted = Hf - (eig_rtol * trace) * torch.eye(Hf.shape[0], dtype=Hf.dtype, device=Hf.device)
+    if int(torch.linalg.cholesky_ex(shifted)[1]) != 0:
+        return None  # some eigenvalue may fall under the cut-off
+    mean_diag = trace / Hf.shape[0]
+    G0, G1 = D @ Hf @ D.T, D @ D.T
+    K = D @ Hv @ D.T
+    errors: dict[float, float] = {}
+    scored: list[float] = []
+    for d in _ascending(grid):
+        if d != math.inf:
+            if early_stop and _stopped(errors, scored):
+                continue
+            scored.append(d)
+        G = G1 if d == math.inf else G0 + (d * mean_diag) * G1 if d > 0 else G0
+        lam, vecs = _eigh(0.5 * (G + G.T))
+        lam, vecs = lam.flip(0), vecs.flip(1)
+        sv = lam.clamp_min(0).sqrt()
+        tol = max(float(sv[0]) if sv.numel() else 0.0, 0.0) * 1e-7
+        Ur = vecs[:, :rank] * (sv[:rank] > tol)  # as truncated_svd: directions with σ ≈ 0 dropped
+        errors[d] = math.sqrt(max(float(K.trace() - ((K @ Ur) * Ur).sum()), 0.0))
+    return errors
 
 
 def eora_factors_auto(
@@ -511,7 +568,7 @@ def eora_factors_auto(
     grid: tuple[float, ...] = AUTO_DAMPING_GRID,
     eig_rtol: float = DEFAULT_EIG_RTOL,
     name: str = "layer",
-    fit: Eigen | None = None,
+    fit: Eigen | Callable[[], Eigen] | None = None,
     full: Eigen | None = None,
     round_factors: RoundFactors | None = None,
 ) -> tuple[Factors, DampingChoice]:
