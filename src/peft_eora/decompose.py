@@ -281,6 +281,16 @@ def eora_factors(
     return Factors(A=A.float(), B=B.float(), singular_values=sv.float(), kept_eigen=kept)
 
 
+def _gram_top(G: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` eigenvectors of a Gram matrix ``G = M·Mᵀ``, the singular values ``σ`` of ``M``
+    (all, descending) and which of the top ``rank`` are above ``1e-7·σ₁`` (the rest count as zero)."""
+    lam, vecs = _eigh(0.5 * (G + G.T))
+    lam, vecs = lam.flip(0), vecs.flip(1)
+    sv = lam.clamp_min(0).sqrt()
+    tol = max(float(sv[0]) if sv.numel() else 0.0, 0.0) * 1e-7
+    return vecs[:, :rank], sv, sv[:rank] > tol
+
+
 def truncated_svd(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets of a float64 matrix and its full spectrum, via the Gram matrix.
 
@@ -292,16 +302,11 @@ def truncated_svd(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     """
     m, n = D.shape
     wide = m <= n
-    G = D @ D.T if wide else D.T @ D
-    lam, vecs = _eigh(0.5 * (G + G.T))
-    lam, vecs = lam.flip(0), vecs.flip(1)
-    sv = lam.clamp_min(0).sqrt()
-    top = vecs[:, :rank]
+    top, sv, live = _gram_top(D @ D.T if wide else D.T @ D, rank)
     s = sv[:rank]
-    tol = max(float(sv[0]) if sv.numel() else 0.0, 0.0) * 1e-7
-    inv = torch.where(s > tol, 1.0 / torch.where(s > tol, s, torch.ones_like(s)), torch.zeros_like(s))
+    inv = torch.where(live, 1.0 / torch.where(live, s, torch.ones_like(s)), torch.zeros_like(s))
     if wide:  # top = U_r; V_rᵀ = diag(1/σ)·U_rᵀ·D (directions with σ ≈ 0 dropped from both)
-        U, Vh = top * (inv > 0), inv[:, None] * (top.T @ D)
+        U, Vh = top * live, inv[:, None] * (top.T @ D)
     else:  # top = V_r; U_r = D·V_r·diag(1/σ)
         U, Vh = (D @ top) * inv, top.T
     return U, sv, Vh
@@ -551,11 +556,8 @@ def _gram_scores(D: torch.Tensor, H_fit: torch.Tensor, Hv: torch.Tensor, rank: i
                 continue
             scored.append(d)
         G = G1 if d == math.inf else G0 + (d * mean_diag) * G1 if d > 0 else G0
-        lam, vecs = _eigh(0.5 * (G + G.T))
-        lam, vecs = lam.flip(0), vecs.flip(1)
-        sv = lam.clamp_min(0).sqrt()
-        tol = max(float(sv[0]) if sv.numel() else 0.0, 0.0) * 1e-7
-        Ur = vecs[:, :rank] * (sv[:rank] > tol)  # as truncated_svd: directions with σ ≈ 0 dropped
+        top, _, live = _gram_top(G, rank)
+        Ur = top * live  # as truncated_svd: directions with σ ≈ 0 dropped
         errors[d] = math.sqrt(max(float(K.trace() - ((K @ Ur) * Ur).sum()), 0.0))
     return errors
 
