@@ -542,11 +542,13 @@ def _gram_scores(D: torch.Tensor, H_fit: torch.Tensor, Hv: torch.Tensor, rank: i
     trace = float(torch.diagonal(Hf).sum())
     if trace <= 0.0:
         return None
-    shifted = Hf - (eig_rtol * trace) * torch.eye(Hf.shape[0], dtype=Hf.dtype, device=Hf.device)
-    if int(torch.linalg.cholesky_ex(shifted)[1]) != 0:
-        return None  # some eigenvalue may fall under the cut-off
     mean_diag = trace / Hf.shape[0]
     G0, G1 = D @ Hf @ D.T, D @ D.T
+    Hf.diagonal().sub_(eig_rtol * trace)  # Hf is our own copy: shifted in place, no second in × in matrix
+    ok = int(torch.linalg.cholesky_ex(Hf)[1]) == 0
+    del Hf
+    if not ok:
+        return None  # some eigenvalue may fall under the cut-off
     K = D @ Hv @ D.T
     errors: dict[float, float] = {}
     scored: list[float] = []
