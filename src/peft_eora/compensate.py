@@ -27,6 +27,7 @@ projected residual spectrum and allocates per-layer ranks under a parameter budg
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -509,16 +510,14 @@ def _compensate_visit(
 
     def finish(g: int) -> None:
         Hs = cov.take(g)
-        if holdout is not None:  # one eigh of H_fit (every δ) and one of H_fit + H_val, shared by the group
+        if holdout is not None:  # the eigh of H_fit (every δ) is shared by the group, made only if needed
             H_fit, H_val = Hs
             H = H_fit + H_val
-            fit: list[Eigen] = []
 
-            def fit_eigen() -> Eigen:  # once per group, and only if a member needs it (wide residuals don't)
-                if not fit:
-                    with times.phase("decomposition", visit.device):
-                        fit.append(eigen(H_fit))
-                return fit[0]
+            @functools.cache
+            def fit_eigen() -> Eigen:  # wide residuals with a well-conditioned H_fit never call it
+                with times.phase("decomposition", visit.device):
+                    return eigen(H_fit)
 
             shared = (H_fit, H_val, fit_eigen, None)  # the refit: Cholesky where δ allows it
             for t in groups[g]:

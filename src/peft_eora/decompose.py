@@ -448,7 +448,8 @@ def select_damping(
 
     ``H_fit`` is decomposed once (pass ``fit=eigen(H_fit)``, or a function returning it, to share it
     across layers with one input); a wide residual (``out ≤ in``) whose ``H_fit`` has no eigenvalue
-    under the cut-off needs no decomposition of ``H_fit`` at all (see :func:`_gram_scores`); each candidate costs one truncated SVD (an ``eigh`` of the smaller Gram matrix) and one
+    under the cut-off needs no decomposition of ``H_fit`` at all (see :func:`_gram_scores`); each
+    candidate costs one truncated SVD (an ``eigh`` of the smaller Gram matrix) and one
     ``out × out × r`` product. With ``early_stop`` (default) the finite ridges are scored in ascending
     order until the held-out error first rises, and plain SVD (``inf``) is always scored: on
     SmolLM2-135M (GPTQ 3-bit r=64, 4-bit r=128) that picked the full grid's choice for every layer
@@ -484,17 +485,11 @@ def select_damping(
     K = D @ Hv @ D.T if round_factors is None else None
     Hv_rot: torch.Tensor | None = None  # built only if a candidate cuts eigenvalues
     errors: dict[float, float] = {}
-    scored: list[float] = []  # finite ridges scored so far, ascending
-    for d in _ascending(grid):
-        if d != math.inf:
-            if early_stop and _stopped(errors, scored):
-                continue  # the held-out error rose with δ: larger finite ridges are skipped, inf still scored
-            scored.append(d)
-        sqrt_lam, inv_sqrt, kept = fit.scales(float(d), eig_rtol)
+    for d in _ridges(grid, errors, early_stop):
+        sqrt_lam, inv_sqrt, kept = fit.scales(d, eig_rtol)
         U, sv, Vh = truncated_svd(DQ * sqrt_lam, rank)
         if K is not None and kept == in_f:
-            Ur = U[:, :rank]
-            errors[float(d)] = math.sqrt(max(float(K.trace() - ((K @ Ur) * Ur).sum()), 0.0))
+            errors[d] = _outside_error(K, U[:, :rank])
             continue
         root = sv[:rank].sqrt()
         B = U[:, :rank] * root
@@ -502,11 +497,11 @@ def select_damping(
         if round_factors is None:
             Hv_rot = Q.T @ Hv @ Q if Hv_rot is None else Hv_rot
             E = DQ - B @ A_rot
-            errors[float(d)] = math.sqrt(max(float(((E @ Hv_rot) * E).sum()), 0.0))
+            errors[d] = math.sqrt(max(float(((E @ Hv_rot) * E).sum()), 0.0))
         else:  # rounding acts on A in the input basis
             A_hat, B_hat = round_factors(A_rot @ Q.T, B)
             E = D - B_hat.to(D) @ A_hat.to(D)
-            errors[float(d)] = math.sqrt(max(float(((E @ Hv) * E).sum()), 0.0))
+            errors[d] = math.sqrt(max(float(((E @ Hv) * E).sum()), 0.0))
     return _choose(errors)
 
 
@@ -516,14 +511,23 @@ def _choose(errors: dict[float, float]) -> DampingChoice:
     return DampingChoice(damping=chosen, errors=errors)
 
 
-def _ascending(grid: tuple[float, ...]) -> list[float]:
-    finite = sorted({float(d) for d in grid if d != math.inf})
-    return finite + ([math.inf] if math.inf in grid else [])
+def _ridges(grid: tuple[float, ...], errors: dict[float, float], early_stop: bool) -> Iterator[float]:
+    """The ridges of ``grid`` to score: finite ones ascending, then plain SVD (``inf``). With
+    ``early_stop`` the finite ones end once the held-out error (``errors``, filled in by the caller
+    as it scores) rose between the last two."""
+    scored: list[float] = []
+    for d in sorted({float(d) for d in grid if d != math.inf}):
+        if early_stop and len(scored) >= 2 and errors[scored[-1]] > errors[scored[-2]] * (1 + AUTO_DAMPING_TIE_RTOL):
+            break
+        scored.append(d)
+        yield d
+    if math.inf in grid:
+        yield math.inf
 
 
-def _stopped(errors: dict[float, float], scored: list[float]) -> bool:
-    """True once the held-out error rose between the last two finite ridges scored."""
-    return len(scored) >= 2 and errors[scored[-1]] > errors[scored[-2]] * (1 + AUTO_DAMPING_TIE_RTOL)
+def _outside_error(K: torch.Tensor, Ur: torch.Tensor) -> float:
+    """``sqrt(tr(K) − tr(U_rᵀ·K·U_r))``: the held-out error of ``U_r·U_rᵀ·ΔW`` for ``K = ΔW·H_val·ΔWᵀ``."""
+    return math.sqrt(max(float(K.trace() - ((K @ Ur) * Ur).sum()), 0.0))
 
 
 def _gram_scores(D: torch.Tensor, H_fit: torch.Tensor, Hv: torch.Tensor, rank: int, grid: tuple[float, ...],
@@ -551,16 +555,10 @@ def _gram_scores(D: torch.Tensor, H_fit: torch.Tensor, Hv: torch.Tensor, rank: i
         return None  # some eigenvalue may fall under the cut-off
     K = D @ Hv @ D.T
     errors: dict[float, float] = {}
-    scored: list[float] = []
-    for d in _ascending(grid):
-        if d != math.inf:
-            if early_stop and _stopped(errors, scored):
-                continue
-            scored.append(d)
+    for d in _ridges(grid, errors, early_stop):
         G = G1 if d == math.inf else G0 + (d * mean_diag) * G1 if d > 0 else G0
         top, _, live = _gram_top(G, rank)
-        Ur = top * live  # as truncated_svd: directions with σ ≈ 0 dropped
-        errors[d] = math.sqrt(max(float(K.trace() - ((K @ Ur) * Ur).sum()), 0.0))
+        errors[d] = _outside_error(K, top * live)  # as truncated_svd: directions with σ ≈ 0 dropped
     return errors
 
 
