@@ -162,6 +162,8 @@ def main() -> None:
     ap.add_argument("--append", action="store_true", help="add rows to an existing <out>.json")
     ap.add_argument("--damping", type=_damping_arg, default=None,
                     help="EoRA ridge, a number or 'auto' (default: EoRAConfig's)")
+    ap.add_argument("--forward-dtype", choices=["auto", "model", "bfloat16", "float16"], default=None,
+                    help="EoRAConfig.forward_dtype of our rows (precision of the calibration forwards; default: the model's)")
     ap.add_argument("--damping-sweep", type=float, nargs="*", default=[0.0, 1e-3, 1e-2, 1e-1, 1.0],
                     help="dampings measured at --sweep-bits/--sweep-rank (empty: skip)")
     ap.add_argument("--sweep-bits", type=int, default=3)
@@ -222,6 +224,7 @@ def main() -> None:
                                  "tokens": int(task_calib.numel()), "method": "eora-taskcal"}} if args.task_calib else {}),
         "evaluation": {name: {"windows": int(w.shape[0]), "seq_len": args.seq_len, "tokens": int(w.numel())} for name, w in sets.items()},
         "damping": damping,
+        **({"forward_dtype": args.forward_dtype} if args.forward_dtype else {}),
         "rows": [],
         "damping_sweep": [],
     }
@@ -254,7 +257,8 @@ def main() -> None:
         def ours(method: str, rank: int, damp: float, windows: torch.Tensor = calib, adapter_bits: int = 16):
             # original_model goes to the call, not the config: with it in the config, get_peft_model would
             # already compute the (calibration-free) SVD baseline and the call below would redo it
-            cfg = EoRAConfig(r=rank, method=method, damping=damp, adapter_bits=adapter_bits)
+            cfg = EoRAConfig(r=rank, method=method, damping=damp, adapter_bits=adapter_bits,
+                             forward_dtype=args.forward_dtype)
             pm = get_peft_model(qmodel, cfg)
             from peft_eora import initialize_eora_weights
 
@@ -344,6 +348,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"({results['calibration']['num_samples']}×{results['calibration']['seq_len']}) of {results['calibration']['data']}. "
         "Evaluation: " + ", ".join(f"{n} {v['windows']}×{v['seq_len']} tokens" for n, v in results["evaluation"].items())
         + f". EoRA damping {results['damping']}."
+        + (f" Our calibration forwards: forward_dtype={results['forward_dtype']!r} (autocast; covariances in float32)."
+           if results.get("forward_dtype") else "")
         + (f" `eora-taskcal`: calibrated on {results['task_calibration']['tokens']} tokens, "
            f"{results['task_calibration']['data']}." if results.get("task_calibration") else "")
         + (" `gptqmodel-eora`: gptqmodel's own `GPTQModel.adapter.generate` on the same checkpoint and calibration "

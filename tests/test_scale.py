@@ -96,6 +96,20 @@ def test_one_block_forward_per_batch(tiny_llama, calib_ids):
     assert calls == [batches + 1] * len(blocks)
 
 
+def test_the_module_order_probe_runs_one_calibration_row(tiny_llama, calib_ids):
+    original, quantized = tiny_llama
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, damping=0.01))
+    rows: list[int] = []
+    block = pm.base_model.model.model.layers[0]
+    handle = block.register_forward_pre_hook(lambda _m, args, kw: rows.append((args[0] if args else kw["hidden_states"]).shape[0]),
+                                             with_kwargs=True)
+    initialize_eora_weights(pm, original_model=original, calibration=calib_ids, batch_size=4, progress=False,
+                            execution_device=None)
+    handle.remove()
+    n = len(calib_ids) // 4  # the input capture (stopped at block 0), the probe, the forwards
+    assert rows == [4] * n + [1] + [4] * n  # the probe costs a row, not a batch
+
+
 def test_parked_and_per_group_forwards_give_identical_factors(tiny_llama, calib_ids, monkeypatch):
     original, quantized = tiny_llama
     parked, _ = _eora(quantized, original, calib_ids, execution_device=None)
@@ -111,6 +125,50 @@ def test_parked_and_per_group_forwards_give_identical_factors(tiny_llama, calib_
     regrouped, _ = _eora(quantized, original, calib_ids, execution_device=None)
     a, b = _factors(parked), _factors(regrouped)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_covariance_stays_float32_under_autocast():
+    """Half-precision forwards (forward_dtype) run under autocast; XᵀX must not be demoted with them."""
+    from peft_eora.compensate import accumulate_gram
+
+    x = torch.randn(257, 48, dtype=torch.float64)
+    H = torch.zeros(48, 48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        accumulate_gram(H, x.float())
+    ref = (x.T @ x).float()
+    assert H.dtype == torch.float32
+    assert ((H - ref).norm() / ref.norm()).item() < 1e-6  # bfloat16 products would be ~1e-3 off
+
+
+def test_forward_dtype_bfloat16_runs_the_blocks_in_bfloat16_and_stays_close(tiny_llama, calib_ids):
+    original, quantized = tiny_llama
+    seen: list[torch.dtype] = []
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, damping=0.01, forward_dtype="bfloat16"))
+    o_proj = pm.base_model.model.model.layers[1].self_attn.o_proj
+    handle = o_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    initialize_eora_weights(pm, original_model=original, calibration=calib_ids, batch_size=4, progress=False,
+                            execution_device=None)
+    handle.remove()
+    assert torch.bfloat16 in seen  # the attention output fed to o_proj came out of bfloat16 matmuls
+    plain, _ = _eora(quantized, original, calib_ids, execution_device=None)
+    pa, pb = _products(_factors(plain)), _products(_factors(pm))
+    rel = max(((pa[k] - pb[k]).norm() / pa[k].norm()).item() for k in pa)
+    assert 0 < rel < 0.05, rel
+    assert "forward_dtype" not in pm.peft_config["default"].to_dict()  # a run choice: never saved
+
+
+def test_forward_dtype_auto_resolves_only_where_it_is_a_plain_speed_up(tiny_llama):
+    from peft_eora.model import resolve_forward_dtype
+
+    original, _ = tiny_llama
+    cpu_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_forward_dtype(original, "auto", None) == (torch.bfloat16 if cpu_bf16 else None)
+    assert resolve_forward_dtype(copy.deepcopy(original).to(torch.bfloat16), "auto", None) is None  # already half
+    assert resolve_forward_dtype(original, "model", None) is None
+    assert resolve_forward_dtype(original, None, None) is None
+    assert resolve_forward_dtype(original, "float16", None) == torch.float16
+    with pytest.raises(ValueError, match="forward_dtype"):
+        EoRAConfig(r=8, forward_dtype="int8")
 
 
 def test_offloaded_model_gives_the_same_factors(tiny_llama, calib_ids, tmp_path):

@@ -230,6 +230,20 @@ def _split_tokens(batches: list[Batch], rows: list[torch.Tensor]) -> tuple[int, 
     return fit, val
 
 
+def _first_row(obj: Any, batch: int) -> Any:
+    """``obj`` (tensors in tuples/lists/dicts) cut to its first batch row: every tensor whose leading
+    dimension is ``batch`` keeps row 0 only (tensors broadcast over the batch stay as they are)."""
+    if isinstance(obj, torch.Tensor):
+        return obj[:1] if batch > 1 and obj.ndim >= 1 and obj.shape[0] == batch else obj
+    if isinstance(obj, tuple):
+        return tuple(_first_row(o, batch) for o in obj)
+    if isinstance(obj, list):
+        return [_first_row(o, batch) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _first_row(v, batch) for k, v in obj.items()}
+    return obj
+
+
 def _input_groups(
     block: nn.Module, targets: list[Target], sample: tuple[torch.Tensor, dict[str, Any]]
 ) -> list[list[Target]]:
@@ -244,7 +258,11 @@ def _input_groups(
     try:
         with torch.no_grad():
             hidden, kwargs = sample
-            block(hidden, **kwargs)
+            try:  # one calibration row is enough to see the call order (a whole batch costs a forward)
+                block(_first_row(hidden, hidden.shape[0]), **_first_row(kwargs, hidden.shape[0]))
+            except Exception:  # noqa: BLE001 - kwargs this slicing does not understand: the whole batch
+                order.clear()
+                block(hidden, **kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -265,7 +283,13 @@ def _input_groups(
 def accumulate_gram(H: torch.Tensor, x: torch.Tensor) -> None:
     """``H += xᵀx`` in float32. On CUDA, half-precision activations are multiplied as they are
     with float32 accumulation (products of two half values are exact in float32), ~12× faster
-    than upcasting first (``benchmarks/linalg.py``); elsewhere ``x`` is upcast."""
+    than upcasting first (``benchmarks/linalg.py``); elsewhere ``x`` is upcast. Autocast (half-precision
+    forwards, see :class:`~peft_eora.walker.BlockWalker`) is switched off here: the sum stays float32."""
+    with torch.autocast(x.device.type, enabled=False):
+        _accumulate_gram(H, x)
+
+
+def _accumulate_gram(H: torch.Tensor, x: torch.Tensor) -> None:
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _HALF_GRAM[0]:
         try:
             H.add_(torch.mm(x.T, x, out_dtype=torch.float32))
@@ -344,10 +368,13 @@ def compensate(
     checkpoint: Any = None,
     times: Optional[PhaseTimes] = None,
     round_factors: Optional[RoundFactors] = None,
+    forward_dtype: Optional[torch.dtype] = None,
 ) -> CompensationStats:
     """Compute and install EoRA factors for every LoRA layer of ``adapter_name`` (see module doc).
 
     ``damping`` is a ridge ``δ ≥ 0`` or ``"auto"`` (chosen per layer on held-out windows).
+    ``forward_dtype`` (e.g. ``torch.bfloat16``): the block forwards run under autocast to it, the
+    covariances still accumulate in float32 (see :func:`resolve_forward_dtype`).
     ``round_factors`` (``(A, B) → (Â, B̂)``, e.g. int4 rounding): factors are installed rounded, so
     later blocks see the adapters as they will be stored, and ``"auto"`` scores each ridge rounded.
     """
@@ -371,7 +398,7 @@ def compensate(
                                               times=times))
         else:
             _compensate_blocks(model, blocks, targets, adapter_name, original, batches, stats, damping, eig_rtol,
-                               sequential, progress, device, checkpoint, times, round_factors)
+                               sequential, progress, device, checkpoint, times, round_factors, forward_dtype)
     except BaseException as exc:
         # nothing half-written: a failure leaves every adapter as a zero update
         for t in targets:
@@ -439,6 +466,7 @@ def _compensate_blocks(
     checkpoint: Any,
     times: PhaseTimes,
     round_factors: Optional[RoundFactors] = None,
+    forward_dtype: Optional[torch.dtype] = None,
 ) -> None:
     if stats.tokens == 0:
         raise ValueError("The calibration data is empty: no token to estimate the activation statistics from.")
@@ -459,7 +487,8 @@ def _compensate_blocks(
     masks = [b.get("attention_mask") for b in batches]
     by_block = _by_block(targets)
     last = max(by_block)
-    walker = BlockWalker(model, blocks, batches, device=device, times=times, checkpoint=checkpoint)
+    walker = BlockWalker(model, blocks, batches, device=device, times=times, checkpoint=checkpoint,
+                         autocast=forward_dtype)
     first, inputs = 0, None
     if checkpoint is not None and checkpoint.done >= 0:
         _restore(checkpoint, by_block, adapter_name, stats)
@@ -697,6 +726,7 @@ def collect_spectra(
     progress: bool = True,
     device: Union[str, torch.device, None] = None,
     times: Optional[PhaseTimes] = None,
+    forward_dtype: Optional[torch.dtype] = None,
 ) -> tuple[list[Target], dict[str, torch.Tensor], dict[str, float]]:
     """The targets, the spectrum of each one's projected residual ``ΔW·Q·diag(√λ)`` and each
     one's output energy ``‖W_original·Xᵀ‖²_F = tr(W·H·Wᵀ)`` (``‖W‖²_F`` for SVD), uncompensated.
@@ -729,7 +759,7 @@ def collect_spectra(
         masks = [b.get("attention_mask") for b in batches]
         by_block = _by_block(targets)
         last = max(by_block)
-        walker = BlockWalker(model, blocks, batches, device=device, times=times)
+        walker = BlockWalker(model, blocks, batches, device=device, times=times, autocast=forward_dtype)
         for visit in tqdm(walker.visits(last), total=last + 1, desc="Spectra", unit="block", disable=not progress):
             block_targets = by_block.get(visit.index, [])
             if not block_targets:
@@ -766,6 +796,7 @@ def plan_ranks(
     progress: bool = True,
     device: Union[str, torch.device, None] = None,
     times: Optional[PhaseTimes] = None,
+    forward_dtype: Optional[torch.dtype] = None,
 ) -> RankPlan:
     """Allocate per-layer ranks under a parameter budget from each layer's residual spectrum::
 
@@ -788,7 +819,7 @@ def plan_ranks(
     # bounds and budget checked before any work (a dry run on empty spectra)
     allocate_ranks({t.name: torch.zeros(min(t.shape)) for t in targets}, costs, budget, min_rank, max_rank)
     targets, spectra, energy = collect_spectra(model, adapter_name, original, batches, method, damping, eig_rtol, progress,
-                                               device=device, times=times)
+                                               device=device, times=times, forward_dtype=forward_dtype)
     if gain == "relative":  # s_k / ‖W·Xᵀ‖: the greedy then ranks by reduction of squared relative error
         spectra = {n: s / math.sqrt(energy[n]) if energy[n] > 0 else s for n, s in spectra.items()}
     configured = {t.name: t.rank for t in targets}

@@ -143,7 +143,10 @@ class CalibrationConfig:
 
 
 #: Fields that steer one run or one load and are never written to adapter_config.json.
-_RUN_CHOICES = ("allow_base_mismatch", "execution_device", "checkpoint_dir", "resume")
+_RUN_CHOICES = ("allow_base_mismatch", "execution_device", "checkpoint_dir", "resume", "forward_dtype")
+
+#: Values of ``EoRAConfig.forward_dtype``.
+FORWARD_DTYPES = ("auto", "model", "bfloat16", "float16")
 
 
 @dataclass
@@ -176,7 +179,8 @@ class EoRAConfig(LoraConfig):
       per-channel scales and saved as codes; see :mod:`peft_eora.adapter_quant`).
     - run choices (never saved): ``execution_device`` (``"auto"``: a model on the CPU of a GPU
       machine visits the GPU one decoder block at a time), ``checkpoint_dir`` + ``resume``
-      (each finished block is saved atomically; an interrupted run continues where it stopped).
+      (each finished block is saved atomically; an interrupted run continues where it stopped),
+      ``forward_dtype`` (the calibration forwards' precision, see the field's help).
 
     ``lora_alpha`` defaults to ``r`` (scaling 1). ``target_modules=None`` targets every linear
     layer inside the decoder blocks whose type has a residual back-end.
@@ -259,6 +263,15 @@ class EoRAConfig(LoraConfig):
         default=False,
         metadata={"help": "Run choice, never saved: continue the run held in checkpoint_dir (else it must be empty)."},
     )
+    forward_dtype: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Run choice, never saved: precision of the calibration forwards through the decoder blocks. "
+            "None / 'model': the model's own dtype; 'bfloat16' / 'float16': autocast to it (the input covariances "
+            "still accumulate in float32); 'auto': bfloat16 when the model computes in float32 on a device with "
+            "native bfloat16 matmuls (CPUs with AVX512-BF16/AMX, CUDA), else the model's own."
+        },
+    )
     allow_base_mismatch: bool = field(
         default=False,
         metadata={
@@ -279,11 +292,16 @@ class EoRAConfig(LoraConfig):
         if self.method not in METHODS:
             raise ValueError(f"EoRAConfig.method must be one of {METHODS}, got {self.method!r}.")
         self._check_damping_and_allocation()
+        self._check_forward_dtype()
         if self.use_dora:
             raise ValueError("EoRA initialises plain LoRA factors; DoRA (use_dora=True) is not supported.")
         from .adapter_quant import check_bits
 
         self.adapter_bits = check_bits(self.adapter_bits)
+
+    def _check_forward_dtype(self) -> None:
+        if self.forward_dtype is not None and self.forward_dtype not in FORWARD_DTYPES:
+            raise ValueError(f"EoRAConfig.forward_dtype must be None or one of {FORWARD_DTYPES}, got {self.forward_dtype!r}.")
 
     def _check_damping_and_allocation(self) -> None:
         d = self.damping

@@ -235,6 +235,12 @@ class BlockVisit:
     device: torch.device
     times: PhaseTimes = field(default_factory=lambda: NO_TIMES)
     outputs: Optional[Inputs] = None
+    autocast: Optional[torch.dtype] = None
+
+    def _precision(self) -> Any:
+        """Autocast to :attr:`autocast` for the block's forwards (a no-op when None). Thread-local:
+        entered by whichever thread runs the forward."""
+        return torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
 
     def run(
         self,
@@ -299,7 +305,8 @@ class BlockVisit:
 
     def _forward(self, i: int) -> Any:
         hidden, kwargs = self.inputs[i]
-        return self.block(hidden, **kwargs)
+        with self._precision():
+            return self.block(hidden, **kwargs)
 
     def parked_bytes(self) -> int:
         """A generous estimate of the activations all batches hold while parked (8× their inputs:
@@ -317,7 +324,7 @@ class BlockVisit:
 
             handle = module.register_forward_pre_hook(hook)
             try:
-                with self.times.phase("block_forward", self.device), torch.no_grad():
+                with self.times.phase("block_forward", self.device), torch.no_grad(), self._precision():
                     for i, (hidden, kwargs) in enumerate(self.inputs):
                         batch[0] = i
                         try:
@@ -332,7 +339,7 @@ class BlockVisit:
 
     def forward_all(self) -> Inputs:
         """Plain forward of every batch (no hooks); the outputs become :attr:`outputs`."""
-        with self.times.phase("block_forward", self.device), torch.no_grad():
+        with self.times.phase("block_forward", self.device), torch.no_grad(), self._precision():
             self.outputs = [(block_output(self.block(h, **kw)), kw) for h, kw in self.inputs]
         return self.outputs
 
@@ -377,6 +384,8 @@ class BlockWalker:
     placement, accelerate dispatch included). A device while the model sits on the CPU moves
     each block there for its visit and back afterwards (offload); the activations stay on it.
     ``checkpoint``: save the next block's inputs after each block (see :meth:`visits`).
+    ``autocast``: a half-precision dtype the block forwards run in (:func:`torch.autocast`; the
+    consumers accumulate covariances in float32 regardless), or None for the model's own dtype.
     """
 
     def __init__(
@@ -387,8 +396,10 @@ class BlockWalker:
         device: Union[str, torch.device, None] = None,
         times: PhaseTimes = NO_TIMES,
         checkpoint: Any = None,
+        autocast: Optional[torch.dtype] = None,
     ) -> None:
         self.model = model
+        self.autocast = autocast
         self.blocks = blocks
         self.batches = batches
         self.device = torch.device(device) if device is not None else None
@@ -432,7 +443,7 @@ class BlockWalker:
             with self._placed(block) as device:
                 with self.times.phase("activation_moves", device):
                     moved = [(to_device(h, device), to_device(kw, device)) for h, kw in inputs]
-                visit = BlockVisit(idx, block, moved, device, self.times)
+                visit = BlockVisit(idx, block, moved, device, self.times, autocast=self.autocast)
                 yield visit
                 if idx < last:
                     outputs = visit.outputs if visit.outputs is not None else visit.forward_all()

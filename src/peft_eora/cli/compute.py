@@ -65,6 +65,12 @@ def add_run(parser: argparse.ArgumentParser) -> None:
         help="Continue the run saved in --checkpoint-dir (same model, calibration and settings) instead of refusing a "
         "non-empty folder.",
     )  # fmt: skip
+    group.add_argument(
+        "--forward-dtype", choices=["auto", "model", "bfloat16", "float16"], default=None,
+        help="Precision of the calibration forwards: 'model' (default: the model's own dtype), 'bfloat16'/'float16' "
+        "(autocast; covariances stay float32), 'auto' (bfloat16 for a float32 model on a CPU/GPU with native "
+        "bfloat16 matmuls; ~2x faster block forwards on a 135M model, perplexities within 0.1 %%).",
+    )  # fmt: skip
 
 
 def calibration_summary(calibration) -> dict[str, Any]:
@@ -122,6 +128,8 @@ def eora_config(args: argparse.Namespace, rank: int, method: str, original: Unio
     kwargs: dict[str, Any] = {}
     if args.damping is not None:
         kwargs["damping"] = args.damping
+    if getattr(args, "forward_dtype", None) is not None:
+        kwargs["forward_dtype"] = args.forward_dtype
     return EoRAConfig(
         r=rank,
         method=method,
