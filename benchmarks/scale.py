@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("dense", "gptq"), default="dense")
     p.add_argument("--damping", default="0.01", help="a number or 'auto'")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: float32 on CPU, bfloat16 on GPU")
+    p.add_argument("--forward-dtype", choices=("auto", "model", "bfloat16", "float16"), default=None,
+                   help="EoRAConfig.forward_dtype (autocast of the calibration forwards; default: the model's dtype)")
     p.add_argument("--device", default=None, help="where the model is built: cpu or cuda (default: cuda if present)")
     p.add_argument("--offload", action="store_true", help="build the model on the CPU, compute on the GPU")
     p.add_argument("--checkpoint-dir", default=None, help="also write a resumable checkpoint there (timed)")
@@ -138,7 +140,8 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(1)
     calib = torch.randint(0, args.vocab, (args.samples, args.seq_len), generator=gen)
     params_b = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
-    pm = get_peft_model(model, EoRAConfig(r=args.rank, target_modules=list(LINEARS), damping=damping))
+    pm = get_peft_model(model, EoRAConfig(r=args.rank, target_modules=list(LINEARS), damping=damping,
+                                          forward_dtype=args.forward_dtype))
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -163,7 +166,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
                    kv_heads=args.kv_heads, vocab=args.vocab),
         params_b=params_b,
         dtype=str(dtype).replace("torch.", ""), format=args.format, bits=args.bits, group_size=args.group_size,
-        rank=args.rank, damping=damping, calibration_tokens=args.samples * args.seq_len, batch_size=args.batch_size,
+        rank=args.rank, damping=damping, forward_dtype=args.forward_dtype, calibration_tokens=args.samples * args.seq_len, batch_size=args.batch_size,
         offload=bool(args.offload and cuda), build_seconds=round(build_seconds, 1),
         seconds=round(seconds, 2), phases=times.summary(),
         mean_relative_error=stats.summary()["mean_relative_error_after"],
