@@ -70,6 +70,7 @@ from .walker import (
     capture_block_inputs,
     device_of,
     has_offload_hooks,
+    map_tensors,
 )
 
 __all__ = [
@@ -233,15 +234,7 @@ def _split_tokens(batches: list[Batch], rows: list[torch.Tensor]) -> tuple[int, 
 def _first_row(obj: Any, batch: int) -> Any:
     """``obj`` (tensors in tuples/lists/dicts) cut to its first batch row: every tensor whose leading
     dimension is ``batch`` keeps row 0 only (tensors broadcast over the batch stay as they are)."""
-    if isinstance(obj, torch.Tensor):
-        return obj[:1] if batch > 1 and obj.ndim >= 1 and obj.shape[0] == batch else obj
-    if isinstance(obj, tuple):
-        return tuple(_first_row(o, batch) for o in obj)
-    if isinstance(obj, list):
-        return [_first_row(o, batch) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _first_row(v, batch) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t[:1] if batch > 1 and t.ndim >= 1 and t.shape[0] == batch else t)
 
 
 def _input_groups(

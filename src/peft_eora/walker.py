@@ -85,17 +85,23 @@ def has_offload_hooks(module: nn.Module) -> bool:
     return any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in module.modules())
 
 
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``obj`` (tensors, tuples, lists, dicts of them) with ``fn`` applied to every tensor; other
+    values unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
 def to_device(obj: Any, device: torch.device) -> Any:
     """``obj`` (tensors, tuples, lists, dicts of them) on ``device``; other values unchanged."""
-    if isinstance(obj, torch.Tensor):
-        return obj if obj.device == device else obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t if t.device == device else t.to(device))
 
 
 # --------------------------------------------------------------------------------------------
