@@ -869,3 +869,20 @@ def test_cholesky_projection_gives_the_eigen_factors():
     assert cholesky_projection(H, 0.0) is None and not projection_for(H, 0.0).lower
     assert cholesky_projection(H, 1e-12) is None
     assert cholesky_projection(torch.zeros(8, 8, dtype=F64), 0.1) is None  # no signal: plain SVD fallback
+
+
+def test_the_gram_routes_no_cut_check_factorises_in_place():
+    from peft_eora.decompose import _cholesky_ok_
+
+    A = torch.randn(40, 24, dtype=F64)
+    pd = A.T @ A + 1e-3 * torch.eye(24, dtype=F64)
+    singular = A[:10].T @ A[:10]  # rank 10 < 24
+    singular.diagonal().sub_(1e-6)
+    for M, expected in ((pd, True), (singular, False)):
+        work = M.clone()
+        ptr = work.data_ptr()
+        assert _cholesky_ok_(work) is expected
+        assert work.data_ptr() == ptr  # overwritten in place, not copied
+        if expected:
+            L = work.tril()
+            assert torch.allclose(L @ L.T, M, rtol=1e-10, atol=1e-10)
