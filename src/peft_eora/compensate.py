@@ -367,7 +367,7 @@ def compensate(
 
     ``damping`` is a ridge ``δ ≥ 0`` or ``"auto"`` (chosen per layer on held-out windows).
     ``forward_dtype`` (e.g. ``torch.bfloat16``): the block forwards run under autocast to it, the
-    covariances still accumulate in float32 (see :func:`resolve_forward_dtype`).
+    covariances still accumulate in float32 (see :func:`peft_eora.model.resolve_forward_dtype`).
     ``round_factors`` (``(A, B) → (Â, B̂)``, e.g. int4 rounding): factors are installed rounded, so
     later blocks see the adapters as they will be stored, and ``"auto"`` scores each ridge rounded.
     """
