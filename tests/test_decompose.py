@@ -872,7 +872,7 @@ def test_cholesky_projection_gives_the_eigen_factors():
 
 
 def test_the_gram_routes_no_cut_check_factorises_in_place():
-    from peft_eora.decompose import _cholesky_ok_
+    from peft_eora.decompose import _cholesky_
 
     A = torch.randn(40, 24, dtype=F64)
     pd = A.T @ A + 1e-3 * torch.eye(24, dtype=F64)
@@ -880,7 +880,55 @@ def test_the_gram_routes_no_cut_check_factorises_in_place():
     singular.diagonal().sub_(1e-6)
     for M, expected in ((pd, True), (singular, False)):
         work = M.clone()
-        assert _cholesky_ok_(work) is expected
+        assert _cholesky_(work) is expected
         if expected:  # the factor was written over the input: no second n × n matrix
             L = work.tril()
             assert torch.allclose(L @ L.T, M, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("tile", [7, 1024])
+@pytest.mark.parametrize("damping", [0.0, 0.1])
+def test_damped_is_bit_identical_to_the_plain_formula(monkeypatch, tile, damping):
+    """The tile-by-tile, in-place symmetrisation and ridge give exactly ``0.5·(H + Hᵀ) + δ·m·I``
+    (in float64, a new tensor), also when the tile does not divide ``n``."""
+    monkeypatch.setattr(decompose, "_SYM_TILE", tile)
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(50, 20, generator=g)
+    H = X.T @ X + 1e-3 * torch.randn(20, 20, generator=g)  # float32, not exactly symmetric
+    Hd = H.double()
+    ref = 0.5 * (Hd + Hd.T)
+    if damping:
+        ref = ref + damping * float(torch.diagonal(ref).mean()) * torch.eye(20, dtype=F64)
+    out = damped(H, damping)
+    assert out.dtype == F64 and torch.equal(out, ref)
+    H64 = H.double()
+    assert damped(H64, damping).data_ptr() != H64.data_ptr() and torch.equal(H64, H.double())  # input untouched
+
+
+def test_cholesky_projection_can_factorise_in_place():
+    """``overwrite=True``: a float64 H becomes its own Cholesky factor (no second n × n matrix), with
+    the same factor as the default copy; float32 input is never written."""
+    from peft_eora.decompose import cholesky_projection
+
+    X = torch.randn(200, 30, dtype=F64)
+    H = X.T @ X
+    ref = cholesky_projection(H, 0.01)
+    work = H.clone()
+    proj = cholesky_projection(work, 0.01, overwrite=True)
+    assert proj.S.data_ptr() == work.data_ptr()
+    assert torch.allclose(proj.S, ref.S, rtol=1e-12, atol=1e-12 * float(ref.S.abs().max()))
+    assert torch.equal(proj.S, proj.S.tril())
+    H32 = H.float()
+    before = H32.clone()
+    cholesky_projection(H32, 0.01, overwrite=True)
+    assert torch.equal(H32, before)
+
+
+def test_all_finite_checks_every_slice():
+    from peft_eora.decompose import _all_finite
+
+    M = torch.zeros(300, 40, dtype=F64)
+    assert _all_finite(M, chunk=100) and _all_finite(M.T, chunk=100) and _all_finite(torch.zeros(5))
+    for bad in (math.nan, math.inf, -math.inf):
+        M[-1, -1] = bad
+        assert not _all_finite(M, chunk=100) and not _all_finite(M.T, chunk=100)

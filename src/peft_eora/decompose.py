@@ -141,14 +141,38 @@ def check_rank(rank: int, out_features: int, in_features: int, name: str = "laye
         )
 
 
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """``torch.isfinite(t).all()``, row slices of about ``chunk`` elements at a time: ``isfinite``
+    of a float64 matrix allocates ~1.4× the matrix in temporaries (2 GiB at 14336²), a slice ~10 MiB."""
+    if t.dim() < 2:
+        return bool(torch.isfinite(t).all())
+    rows = max(1, chunk // max(1, t[0].numel()))
+    return all(bool(torch.isfinite(part).all()) for part in t.split(rows))
+
+
+#: Tile edge of the in-place symmetrisation in :func:`damped` (its only scratch: two tiles).
+_SYM_TILE = 1024
+
+
 def damped(H: torch.Tensor, damping: float) -> torch.Tensor:
-    """Return ``H + damping·mean(diag H)·I`` in float64 (symmetrised)."""
-    H = H.double()
-    H = 0.5 * (H + H.T)
+    """Return ``H + damping·mean(diag H)·I`` in float64 (symmetrised), a new tensor.
+
+    Memory: the float64 copy is the only ``n × n`` allocation (symmetrised tile by tile, the ridge
+    added to its diagonal); the values are bit for bit those of ``0.5·(H + Hᵀ) + δ·m·I``. At
+    14336² each avoided temporary is 1.5 GiB of GPU memory.
+    """
+    H = H.to(torch.float64, copy=True)
+    n = H.shape[0]
+    for i in range(0, n, _SYM_TILE):
+        for j in range(i, n, _SYM_TILE):
+            upper, lower = H[i:i + _SYM_TILE, j:j + _SYM_TILE], H[j:j + _SYM_TILE, i:i + _SYM_TILE]
+            sym = 0.5 * (upper + lower.T)
+            upper.copy_(sym)
+            lower.copy_(sym.T)
     if damping > 0:
         mean_diag = float(torch.diagonal(H).mean())
         if mean_diag > 0:
-            H = H + damping * mean_diag * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+            H.diagonal().add_(damping * mean_diag)
     return H
 
 
@@ -162,7 +186,7 @@ def eigen_projection(
     """
     Hd = damped(H, damping)
     n = Hd.shape[0]
-    if not torch.isfinite(Hd).all():
+    if not _all_finite(Hd):
         raise ValueError("The activation covariance contains NaN or inf; check the calibration inputs.")
     lam, Q = _eigh(Hd)
     scales = _root_scales(lam, eig_rtol)
@@ -175,8 +199,12 @@ def eigen_projection(
     return S, S_pinv, kept
 
 
-def cholesky_projection(H: torch.Tensor, damping: float, eig_rtol: float = DEFAULT_EIG_RTOL) -> Projection | None:
+def cholesky_projection(H: torch.Tensor, damping: float, eig_rtol: float = DEFAULT_EIG_RTOL,
+                        overwrite: bool = False) -> Projection | None:
     """``H_δ = L·Lᵀ`` as a :class:`Projection`, or None where the eigendecomposition must be used.
+
+    ``overwrite=True`` lets a float64 ``H`` be damped and factorised in place (no second ``n × n``
+    matrix); it then holds ``L`` — or, where None is returned, no longer ``H``.
 
     Used when the ridge alone keeps every eigenvalue of ``H_δ`` above the ``eig_rtol`` cut-off
     (``δ > eig_rtol·n``: then no direction would be cut and both square roots give the same
@@ -185,21 +213,17 @@ def cholesky_projection(H: torch.Tensor, damping: float, eig_rtol: float = DEFAU
     n = H.shape[0]
     if not damping > eig_rtol * max(n, 1):
         return None
-    Hd = H.double()  # one float64 copy, damped in place (Cholesky reads its lower triangle only)
-    if Hd.data_ptr() == H.data_ptr():
-        Hd = Hd.clone()
-    if not torch.isfinite(Hd).all():
+    # one float64 copy, damped and factorised in place (Cholesky reads its lower triangle only)
+    Hd = H if (overwrite and H.dtype == torch.float64) else H.to(torch.float64, copy=True)
+    if not _all_finite(Hd):
         raise ValueError("The activation covariance contains NaN or inf; check the calibration inputs.")
     mean_diag = float(torch.diagonal(Hd).mean())
     if mean_diag <= 0.0:  # no signal: the eigen path's identity fallback
         return None
     Hd.diagonal().add_(damping * mean_diag)
-    with _lapack_threads(Hd):
-        L, info = torch.linalg.cholesky_ex(Hd)
-    del Hd
-    if int(info) != 0:  # round-off: not positive definite after all
+    if not _cholesky_(Hd):  # round-off: not positive definite after all
         return None
-    return Projection(S=L, kept=n, lower=True)
+    return Projection(S=Hd.tril_(), kept=n, lower=True)
 
 
 def projection_for(H: torch.Tensor, damping: float = 0.0, eig_rtol: float = DEFAULT_EIG_RTOL) -> Projection:
@@ -251,7 +275,7 @@ def eora_factors(
     if damping == math.inf and projection is None:  # the limit δ → ∞ of the weighting: plain SVD
         method, H = "svd", None
     D = delta.double()
-    if not torch.isfinite(D).all():
+    if not _all_finite(D):
         raise ValueError(f"{name}: the weight residual contains NaN or inf; check both models' weights.")
 
     if method == "svd" or H is None:
@@ -389,7 +413,7 @@ class Eigen:
 def eigen(H: torch.Tensor) -> Eigen:
     """Eigendecompose the symmetrised ``H`` once in float64 (see :class:`Eigen`)."""
     Hd = damped(H, 0.0)
-    if not torch.isfinite(Hd).all():
+    if not _all_finite(Hd):
         raise ValueError("The activation covariance contains NaN or inf; check the calibration inputs.")
     lam, Q = _eigh(Hd)
     mean_diag = float(torch.diagonal(Hd).mean()) if Hd.shape[0] else 0.0
@@ -418,7 +442,7 @@ def _check_residual(delta: torch.Tensor, rank: int, name: str) -> torch.Tensor:
         raise ValueError(f"{name}: the residual must be a 2-D matrix, got shape {tuple(delta.shape)}.")
     check_rank(rank, *delta.shape, name)
     D = delta.double()
-    if not torch.isfinite(D).all():
+    if not _all_finite(D):
         raise ValueError(f"{name}: the weight residual contains NaN or inf; check both models' weights.")
     return D
 
@@ -468,21 +492,25 @@ def select_damping(
         if d != math.inf:
             _check_damping(d)
     Hv = damped(H_val.to(D.device), 0.0)
-    if not torch.isfinite(Hv).all():
+    if not _all_finite(Hv):
         raise ValueError(f"{name}: the held-out covariance contains NaN or inf; check the calibration inputs.")
     if float(torch.diagonal(Hv).sum()) <= 0.0:
         raise ValueError(f"{name}: the held-out covariance is zero (no held-out token): cannot choose the damping.")
+    K: torch.Tensor | None = None
     if round_factors is None and out_f <= in_f:
-        gram = _gram_scores(D, H_fit, Hv, rank, grid, eig_rtol, early_stop)
+        K = D @ Hv @ D.T  # all the Gram route needs of H_val: Hv is dropped while H_fit is factorised
+        del Hv
+        gram = _gram_scores(D, H_fit, K, rank, grid, eig_rtol, early_stop)
         if gram is not None:
             return _choose(gram)
+        Hv = damped(H_val.to(D.device), 0.0)
     fit = fit() if callable(fit) else fit
     fit = eigen(H_fit.to(D.device)) if fit is None else fit
     Q = fit.Q.to(D.device)
     DQ = D @ Q  # the residual in H_fit's eigenbasis, shared by every candidate
     # Where no eigenvalue is cut, B·A = U_r·U_rᵀ·ΔW (U_r: the candidate's top left singular vectors),
     # so its held-out error is tr(K) − tr(U_rᵀ·K·U_r) with K = ΔW·H_val·ΔWᵀ, shared by every candidate.
-    K = D @ Hv @ D.T if round_factors is None else None
+    K = D @ Hv @ D.T if (round_factors is None and K is None) else K
     Hv_rot: torch.Tensor | None = None  # built only if a candidate cuts eigenvalues
     errors: dict[float, float] = {}
     for d in _ridges(grid, errors, early_stop):
@@ -530,18 +558,25 @@ def _outside_error(K: torch.Tensor, Ur: torch.Tensor) -> float:
     return math.sqrt(max(float(K.trace() - ((K @ Ur) * Ur).sum()), 0.0))
 
 
-def _cholesky_ok_(A: torch.Tensor) -> bool:
-    """Whether ``A`` is numerically positive definite (a Cholesky factorisation succeeds), written
-    over ``A`` (LAPACK factorises in place: no second ``n × n`` matrix; 1.6 GiB at 14336² float64)."""
+def _cholesky_(A: torch.Tensor) -> bool:
+    """Whether ``A`` is numerically positive definite (a Cholesky factorisation succeeds); the
+    factor ``L`` is written over ``A``'s lower triangle (LAPACK factorises in place: no second
+    ``n × n`` matrix; 1.5 GiB at 14336² float64). The upper triangle is left as it was."""
     info = torch.empty((), dtype=torch.int32, device=A.device)
-    try:
-        torch.linalg.cholesky_ex(A, out=(A, info))
-    except RuntimeError:  # a build refusing the aliased output: the out-of-place factorisation
-        info = torch.linalg.cholesky_ex(A)[1]
+    # LAPACK/cuSOLVER work on column-major storage: for a row-major A torch would factorise a
+    # column-major copy (one more n × n matrix), so factorise its transposed view instead (upper
+    # Cholesky of Aᵀ: reads A's lower triangle, writes L = Uᵀ into it) — truly in place.
+    At = A.mT
+    with _lapack_threads(A):
+        try:
+            torch.linalg.cholesky_ex(At, upper=True, out=(At, info))
+        except RuntimeError:  # a build refusing the aliased output: the out-of-place factorisation
+            L, info = torch.linalg.cholesky_ex(A)
+            A.copy_(L)
     return int(info) == 0
 
 
-def _gram_scores(D: torch.Tensor, H_fit: torch.Tensor, Hv: torch.Tensor, rank: int, grid: tuple[float, ...],
+def _gram_scores(D: torch.Tensor, H_fit: torch.Tensor, K: torch.Tensor, rank: int, grid: tuple[float, ...],
                  eig_rtol: float, early_stop: bool) -> dict[float, float] | None:
     """Held-out errors of every ridge for a wide residual (``out ≤ in``) without decomposing ``H_fit``.
 
@@ -549,10 +584,10 @@ def _gram_scores(D: torch.Tensor, H_fit: torch.Tensor, Hv: torch.Tensor, rank: i
     ``ΔW·H_fit·ΔWᵀ + δ·m·ΔW·ΔWᵀ`` (``out × out``), so the ``in × in`` ``eigh`` of ``H_fit`` is not needed.
     That equals the eigenbasis route only where no eigenvalue of ``H_fit`` is cut; a Cholesky
     factorisation of ``H_fit − eig_rtol·tr(H_fit)·I`` proves that (``λ_min > eig_rtol·λ_max``), else
-    None and the caller decomposes ``H_fit``.
+    None and the caller decomposes ``H_fit``. ``K = ΔW·H_val·ΔWᵀ`` scores the held-out tokens.
     """
     Hf = damped(H_fit.to(D.device), 0.0)
-    if not torch.isfinite(Hf).all():
+    if not _all_finite(Hf):
         raise ValueError("The activation covariance contains NaN or inf; check the calibration inputs.")
     trace = float(torch.diagonal(Hf).sum())
     if trace <= 0.0:
@@ -560,11 +595,10 @@ def _gram_scores(D: torch.Tensor, H_fit: torch.Tensor, Hv: torch.Tensor, rank: i
     mean_diag = trace / Hf.shape[0]
     G0, G1 = D @ Hf @ D.T, D @ D.T
     Hf.diagonal().sub_(eig_rtol * trace)  # Hf is our own copy: shifted in place, no second in × in matrix
-    ok = _cholesky_ok_(Hf)
+    ok = _cholesky_(Hf)
     del Hf
     if not ok:
         return None  # some eigenvalue may fall under the cut-off
-    K = D @ Hv @ D.T
     errors: dict[float, float] = {}
     for d in _ridges(grid, errors, early_stop):
         G = G1 if d == math.inf else G0 + (d * mean_diag) * G1 if d > 0 else G0
@@ -597,10 +631,15 @@ def eora_factors_auto(
     if choice.damping == math.inf:
         svd = eora_factors(delta, None, rank, method="svd", name=name)
         return svd, choice
-    H_all = H_fit.double().to(delta.device) + H_val.double().to(delta.device)
+
+    def all_tokens() -> torch.Tensor:  # H_fit + H_val in float64: one n × n allocation
+        return H_fit.to(delta.device, torch.float64, copy=True).add_(H_val.to(delta.device))
+
+    H_all = all_tokens()
     projection: Projection | tuple[torch.Tensor, torch.Tensor, int] | None = cholesky_projection(
-        H_all, choice.damping, eig_rtol)
+        H_all, choice.damping, eig_rtol, overwrite=True)  # H_all becomes L: no second n × n matrix
     if projection is None:
+        H_all = all_tokens()  # the failed factorisation wrote over it
         full = eigen(H_all) if full is None else full
         projection = full.projection(choice.damping, eig_rtol)
     factors = eora_factors(delta, H_all, rank, damping=choice.damping, eig_rtol=eig_rtol, name=name,
@@ -647,7 +686,7 @@ def projected_spectrum(
         if projection is None:
             _check_damping(damping)
             Hd = damped(H.to(D.device), damping)
-            if not torch.isfinite(Hd).all():
+            if not _all_finite(Hd):
                 raise ValueError("The activation covariance contains NaN or inf; check the calibration inputs.")
             if float(torch.diagonal(Hd).max()) <= 0.0:  # no signal: plain SVD, as eigen_projection does
                 projection = (torch.eye(n, dtype=torch.float64, device=D.device),)  # type: ignore[assignment]
