@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command on a GPU machine: build the CUDA extension, run the GPU tests, the kernel and
-# end-to-end decode benchmarks, the linear-algebra probe and the EoRA-at-scale benchmark.
+# end-to-end decode benchmarks, the linear-algebra probe, the EoRA-at-scale benchmark (fixed ridge and
+# the default damping="auto") and the factor step's memory.
 # JSON results and one log go to a single folder (default: $OUT, else benchmarks/results/gpu).
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]                 # everything (~7 min on an H200)
@@ -18,7 +19,7 @@ LOG="$OUT_DIR/gpu_check.log"
 SUMMARY="$OUT_DIR/summary.txt"
 : > "$LOG"
 : > "$SUMMARY"
-STEPS="${GPU_CHECK_STEPS:-build tests kernel linalg scale offload}"
+STEPS="${GPU_CHECK_STEPS:-build tests kernel linalg scale scale_auto factor_memory offload}"
 PY="${PYTHON:-python3}"
 
 if ls .whl/*.whl > /dev/null 2>&1; then
@@ -51,6 +52,10 @@ step tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider $TESTS
 step kernel 330 "$PY" benchmarks/kernel.py --out "$OUT_DIR/kernel.json"
 step linalg 120 "$PY" benchmarks/linalg.py --out "$OUT_DIR/linalg.json"
 step scale 240 "$PY" benchmarks/scale.py --gpu-8b --out "$OUT_DIR/scale.json"
+# the same at the default damping="auto" (ridge chosen per layer on held-out windows)
+step scale_auto 240 "$PY" benchmarks/scale.py --gpu-8b --damping auto --out "$OUT_DIR/scale_auto.json"
+# the factor step of the 8B down_proj alone: GPU memory it adds over its inputs (auto, then fixed)
+step factor_memory 120 bash -c "\"$PY\" benchmarks/factor_memory.py --device cuda --out \"$OUT_DIR/factor_memory_auto.json\" && \"$PY\" benchmarks/factor_memory.py --device cuda --damping 0.01 --out \"$OUT_DIR/factor_memory_fixed.json\""
 # a 1.1B shape kept on the CPU, its blocks visiting the GPU one at a time
 step offload 180 "$PY" benchmarks/scale.py --offload --hidden 2048 --intermediate 5632 --layers 16 --heads 16 \
   --kv-heads 16 --vocab 32000 --samples 64 --seq-len 1024 --out "$OUT_DIR/scale_offload.json"

@@ -418,6 +418,22 @@ def test_scale_benchmark_smoke():
     assert 0 < res["mean_relative_error"] < 1
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the CPU high-water mark needs Linux /proc")
+@pytest.mark.parametrize("damping", ["auto", "0.01"])
+def test_factor_memory_benchmark_runs(damping):
+    """``benchmarks/factor_memory.py`` (the factor step's peak memory over its inputs) on a small layer."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "mem.json"
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "factor_memory.py"), "--out-features", "96",
+                               "--in-features", "384", "--rank", "8", "--damping", damping, "--out", str(out)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = json.loads(out.read_text())
+    assert res["status"] == "ok" and res["finite"] and res["shape"] == [96, 384]
+    assert res["peak_over_inputs_gib"] >= 0 and res["in_x_in_float64_units"] >= 0
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU
 

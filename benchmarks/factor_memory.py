@@ -1,0 +1,112 @@
+"""Peak memory of one layer's factor step beyond its inputs (JSON).
+
+The factor step of the largest layer (the Llama-3-8B ``down_proj``: 4096 × 14336, so 14336² input
+covariances) sets the peak memory of an EoRA run on top of the model. This times
+``eora_factors_auto`` (``--damping auto``, the default) or ``eora_factors`` at a fixed ridge on a
+random residual and well-conditioned random covariances, and reports the peak memory it adds over
+its inputs, also in units of one ``in × in`` float64 matrix::
+
+    python benchmarks/factor_memory.py                          # the 8B down_proj on the CPU (~3 min)
+    python benchmarks/factor_memory.py --damping 0.01 --device cuda --out mem.json
+
+CPU: the process's high-water mark (Linux ``/proc/self/status``, reset first); CUDA:
+``torch.cuda.max_memory_allocated``. Inputs: ``H_fit``, ``H_val`` (float32) and the residual; at a fixed
+ridge the step also builds ``H_fit + H_val`` (float32), as a single covariance would be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _covariance(n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """A full-rank, strongly anisotropic ``n × n`` covariance, cheap to build: a low-rank part shared
+    by every ``seed`` (so fit and held-out tokens agree, and a finite ridge wins), a smaller one of
+    this seed's own, and the identity."""
+    shared = torch.randn(n, 256, generator=torch.Generator().manual_seed(0)) * 10
+    own = torch.randn(n, 64, generator=torch.Generator().manual_seed(seed + 1)) * 10
+    U = torch.cat([shared, own], dim=1).to(device)
+    H = U @ U.T
+    H.diagonal().add_(1.0)
+    return H
+
+
+def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out-features", type=int, default=4096)
+    p.add_argument("--in-features", type=int, default=14336)
+    p.add_argument("--rank", type=int, default=128)
+    p.add_argument("--damping", default="auto", help="'auto' or a fixed ridge")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+
+    from peft_eora.decompose import eora_factors, eora_factors_auto
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return {"status": "skipped", "reason": "--device cuda needs a CUDA device"}
+    if device.type == "cpu" and not Path("/proc/self/status").exists():
+        return {"status": "skipped", "reason": "the CPU high-water mark needs Linux /proc"}
+    n = args.in_features
+    H_fit, H_val = _covariance(n, 0, device), _covariance(n, 1, device)
+    delta = (torch.randn(args.out_features, n, generator=torch.Generator().manual_seed(2)) * 0.01).to(device)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        base = _status_bytes("VmRSS:")
+        with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current RSS
+            f.write("5")
+    start = time.perf_counter()
+    if args.damping == "auto":
+        factors, choice = eora_factors_auto(delta, H_fit, H_val, args.rank)
+        chosen: Any = choice.damping
+    else:
+        chosen = float(args.damping)
+        factors = eora_factors(delta, H_fit + H_val, args.rank, damping=chosen)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = _status_bytes("VmHWM:")
+    seconds = time.perf_counter() - start
+    over = peak - base
+    result = {
+        "status": "ok",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "shape": [args.out_features, n],
+        "rank": args.rank,
+        "damping": args.damping,
+        "chosen_damping": chosen if chosen != float("inf") else "inf (plain SVD)",
+        "seconds": round(seconds, 1),
+        "peak_over_inputs_gib": round(over / 2**30, 3),
+        "in_x_in_float64_units": round(over / (n * n * 8), 2),
+        "finite": bool(torch.isfinite(factors.A).all() and torch.isfinite(factors.B).all()),
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(sys.argv[1:]), indent=1))
