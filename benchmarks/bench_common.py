@@ -1,4 +1,4 @@
-"""Small pieces the GPU/scale benchmarks share: JSON entry point, atomic JSON writes, default dtype.
+"""Small pieces the benchmarks share: JSON entry point, atomic JSON writes, default dtype, peak RSS.
 
     >>> from bench_common import json_main
     >>> def run(argv): return {"status": "ok"}
@@ -50,3 +50,29 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(old)
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the context is open (Linux).
+
+    The kernel's high-water mark (``VmHWM``) is reset on entry by writing ``5`` to
+    ``/proc/self/clear_refs`` and read on exit, so the figure is the true peak RSS of the step
+    (model, original weights read so far, activations, covariances), not a sampled estimate.
+    ``rise_mib`` is that peak minus the RSS at entry.
+    """
+
+    def __enter__(self) -> "PeakRSS":
+        Path("/proc/self/clear_refs").write_text("5")
+        self.start_mib = _status_mib("VmRSS")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.peak_mib = _status_mib("VmHWM")
+        self.rise_mib = self.peak_mib - self.start_mib
+
+
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"{field} not in /proc/self/status")

@@ -17,7 +17,7 @@ ridge the step also builds ``H_fit + H_val`` (float32), as a single covariance w
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import platform
 import sys
 import time
@@ -26,13 +26,8 @@ from typing import Any, Optional
 
 import torch
 
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import PeakRSS, json_main  # noqa: E402
 
 
 def _covariance(n: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -47,7 +42,7 @@ def _covariance(n: int, seed: int, device: torch.device) -> torch.Tensor:
     return H
 
 
-def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-features", type=int, default=4096)
     p.add_argument("--in-features", type=int, default=14336)
@@ -55,7 +50,12 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p.add_argument("--damping", default="auto", help="'auto' or a fixed ridge")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
 
     from peft_eora.decompose import eora_factors, eora_factors_auto
 
@@ -72,24 +72,21 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    else:
-        base = _status_bytes("VmRSS:")
-        with open("/proc/self/clear_refs", "w") as f:  # reset the high-water mark to the current RSS
-            f.write("5")
+    rss = PeakRSS() if device.type == "cpu" else contextlib.nullcontext()
     start = time.perf_counter()
-    if args.damping == "auto":
-        factors, choice = eora_factors_auto(delta, H_fit, H_val, args.rank)
-        chosen: Any = choice.damping
-    else:
-        chosen = float(args.damping)
-        factors = eora_factors(delta, H_fit + H_val, args.rank, damping=chosen)
+    with rss:
+        if args.damping == "auto":
+            factors, choice = eora_factors_auto(delta, H_fit, H_val, args.rank)
+            chosen: Any = choice.damping
+        else:
+            chosen = float(args.damping)
+            factors = eora_factors(delta, H_fit + H_val, args.rank, damping=chosen)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device)
+        over = torch.cuda.max_memory_allocated(device) - base
     else:
-        peak = _status_bytes("VmHWM:")
+        over = rss.rise_mib * 2**20
     seconds = time.perf_counter() - start
-    over = peak - base
     result = {
         "status": "ok",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
@@ -103,10 +100,12 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "in_x_in_float64_units": round(over / (n * n * 8), 2),
         "finite": bool(torch.isfinite(factors.A).all() and torch.isfinite(factors.B).all()),
     }
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
+def main(argv: Optional[list[str]] = None) -> int:
+    return json_main(build_parser, run, argv)
+
+
 if __name__ == "__main__":
-    print(json.dumps(run(sys.argv[1:]), indent=1))
+    raise SystemExit(main())

@@ -30,36 +30,13 @@ from typing import Any, Callable
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import PeakRSS  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 
 logger = logging.getLogger("recovery")
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the context is open (Linux).
-
-    The kernel's high-water mark (``VmHWM``) is reset on entry by writing ``5`` to
-    ``/proc/self/clear_refs`` and read on exit, so the figure is the true peak RSS of the step
-    (model, original weights read so far, activations, covariances), not a sampled estimate.
-    ``rise_mib`` is that peak minus the RSS at entry.
-    """
-
-    def __enter__(self) -> "PeakRSS":
-        Path("/proc/self/clear_refs").write_text("5")
-        self.start_mib = _status_mib("VmRSS")
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.peak_mib = _status_mib("VmHWM")
-        self.rise_mib = self.peak_mib - self.start_mib
-
-
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _damping_arg(text: str) -> Any:
