@@ -62,6 +62,7 @@ from .decompose import (
 )
 from .original import ModelMismatchError, OriginalWeights
 from .residual import UnsupportedModuleError, backend_for
+from .value_weighting import VALUE_WEIGHTINGS, attached, value_taps, verified
 from .walker import (
     NO_TIMES,
     BlockVisit,
@@ -237,6 +238,35 @@ def _first_row(obj: Any, batch: int) -> Any:
     return map_tensors(obj, lambda t: t[:1] if batch > 1 and t.ndim >= 1 and t.shape[0] == batch else t)
 
 
+def _visit_groups(block: nn.Module, targets: list[Target], sample: tuple[torch.Tensor, dict[str, Any]],
+                  value_weighting: str = "attention") -> tuple[list[list[Target]], list[Any], list[Any]]:
+    """The block's groups (:func:`_input_groups`), each group's statistics hook point (its first
+    layer, or a :class:`~peft_eora.value_weighting.ValueTap`) and the taps.
+
+    With ``value_weighting="attention"``, each targeted value projection whose attention the tap
+    can follow becomes a group of its own right after the group it shared its input with; its
+    statistics are taken inside the attention (``P̄·X``, see :mod:`peft_eora.value_weighting`)."""
+    taps = value_taps(block, {id(t.layer): t for t in targets}) if value_weighting == "attention" else []
+    with attached(taps):  # the module-order probe also checks each tap's value-state layout
+        groups = _input_groups(block, targets, sample)
+    taps = verified(taps)
+    if not taps:
+        return groups, [g[0].layer for g in groups], []
+    by_layer = {id(tap.layer): tap for tap in taps}
+    out: list[list[Target]] = []
+    points: list[Any] = []
+    for g in groups:
+        rest = [t for t in g if id(t.layer) not in by_layer]
+        if rest:
+            out.append(rest)
+            points.append(rest[0].layer)
+        for t in g:
+            if id(t.layer) in by_layer:
+                out.append([t])
+                points.append(by_layer[id(t.layer)])
+    return out, points, taps
+
+
 def _input_groups(
     block: nn.Module, targets: list[Target], sample: tuple[torch.Tensor, dict[str, Any]]
 ) -> list[list[Target]]:
@@ -362,6 +392,7 @@ def compensate(
     times: Optional[PhaseTimes] = None,
     round_factors: Optional[RoundFactors] = None,
     forward_dtype: Optional[torch.dtype] = None,
+    value_weighting: str = "attention",
 ) -> CompensationStats:
     """Compute and install EoRA factors for every LoRA layer of ``adapter_name`` (see module doc).
 
@@ -370,8 +401,11 @@ def compensate(
     covariances still accumulate in float32 (see :func:`peft_eora.model.resolve_forward_dtype`).
     ``round_factors`` (``(A, B) → (Â, B̂)``, e.g. int4 rounding): factors are installed rounded, so
     later blocks see the adapters as they will be stored, and ``"auto"`` scores each ridge rounded.
+    ``value_weighting="attention"`` weights value projections by the attention they feed (see
+    :mod:`peft_eora.value_weighting`); ``"tokens"``: every token once, like the other layers.
     """
     _check_damping_arg(damping)
+    _check_value_weighting(value_weighting)
     times = times if times is not None else NO_TIMES
     blocks, targets = find_targets(model, adapter_name)
     validate(targets, original)
@@ -391,7 +425,8 @@ def compensate(
                                               times=times))
         else:
             _compensate_blocks(model, blocks, targets, adapter_name, original, batches, stats, damping, eig_rtol,
-                               sequential, progress, device, checkpoint, times, round_factors, forward_dtype)
+                               sequential, progress, device, checkpoint, times, round_factors, forward_dtype,
+                               value_weighting)
     except BaseException as exc:
         # nothing half-written: a failure leaves every adapter as a zero update
         for t in targets:
@@ -436,6 +471,11 @@ def _check_damping_arg(damping: Union[float, str]) -> None:
         raise ValueError(f"damping must be a finite number ≥ 0 or 'auto', got {damping!r}.")
 
 
+def _check_value_weighting(value_weighting: str) -> None:
+    if value_weighting not in VALUE_WEIGHTINGS:
+        raise ValueError(f"value_weighting must be one of {VALUE_WEIGHTINGS}, got {value_weighting!r}.")
+
+
 def _by_block(targets: list[Target]) -> dict[int, list[Target]]:
     by_block: dict[int, list[Target]] = {}
     for t in targets:
@@ -460,6 +500,7 @@ def _compensate_blocks(
     times: PhaseTimes,
     round_factors: Optional[RoundFactors] = None,
     forward_dtype: Optional[torch.dtype] = None,
+    value_weighting: str = "attention",
 ) -> None:
     if stats.tokens == 0:
         raise ValueError("The calibration data is empty: no token to estimate the activation statistics from.")
@@ -501,7 +542,8 @@ def _compensate_blocks(
         if block_targets:
             n_before = len(stats.modules)
             _compensate_visit(visit, block_targets, adapter_name, original, stats, damping, eig_rtol, sequential,
-                              masks, holdout, keep_outputs=visit.index < last, times=times, round_factors=round_factors)
+                              masks, holdout, keep_outputs=visit.index < last, times=times, round_factors=round_factors,
+                              value_weighting=value_weighting)
             if checkpoint is not None:
                 with times.phase("checkpoint"):
                     done = stats.modules[n_before:]
@@ -526,8 +568,9 @@ def _compensate_visit(
     keep_outputs: bool,
     times: PhaseTimes,
     round_factors: Optional[RoundFactors] = None,
+    value_weighting: str = "attention",
 ) -> None:
-    groups = _input_groups(visit.block, block_targets, visit.inputs[0])
+    groups, points, taps = _visit_groups(visit.block, block_targets, visit.inputs[0], value_weighting)
     cov = _Covariances(groups, visit.device, masks, holdout, times)
 
     def finish(g: int) -> None:
@@ -554,11 +597,12 @@ def _compensate_visit(
                                               damping=float(damping), device=visit.device, times=times,
                                               round_factors=round_factors))
 
-    first_modules = [g[0].layer for g in groups]
-    if sequential:  # one forward: the batches park at each group while its factors are installed
-        visit.run(first_modules, cov.collect, on_group=finish, keep_outputs=keep_outputs)
-    else:  # every group from the uncompensated block; the walker then forwards the compensated block
-        visit.run(first_modules, cov.collect, on_group=None, keep_outputs=False)
+    with attached(taps):
+        if sequential:  # one forward: the batches park at each group while its factors are installed
+            visit.run(points, cov.collect, on_group=finish, keep_outputs=keep_outputs)
+        else:  # every group from the uncompensated block; the walker then forwards the compensated block
+            visit.run(points, cov.collect, on_group=None, keep_outputs=False)
+    if not sequential:
         for g in range(len(groups)):
             finish(g)
 
@@ -720,6 +764,7 @@ def collect_spectra(
     device: Union[str, torch.device, None] = None,
     times: Optional[PhaseTimes] = None,
     forward_dtype: Optional[torch.dtype] = None,
+    value_weighting: str = "attention",
 ) -> tuple[list[Target], dict[str, torch.Tensor], dict[str, float]]:
     """The targets, the spectrum of each one's projected residual ``ΔW·Q·diag(√λ)`` and each
     one's output energy ``‖W_original·Xᵀ‖²_F = tr(W·H·Wᵀ)`` (``‖W‖²_F`` for SVD), uncompensated.
@@ -757,9 +802,10 @@ def collect_spectra(
             block_targets = by_block.get(visit.index, [])
             if not block_targets:
                 continue
-            groups = _input_groups(visit.block, block_targets, visit.inputs[0])
+            groups, points, taps = _visit_groups(visit.block, block_targets, visit.inputs[0], value_weighting)
             cov = _Covariances(groups, visit.device, masks, None, times)
-            visit.run([g[0].layer for g in groups], cov.collect, on_group=None, keep_outputs=visit.index < last)
+            with attached(taps):
+                visit.run(points, cov.collect, on_group=None, keep_outputs=visit.index < last)
             for g, group in enumerate(groups):
                 (H,) = cov.take(g)
                 for t in group:  # no eigendecomposition: a Cholesky at most (see projected_spectrum)
@@ -790,6 +836,7 @@ def plan_ranks(
     device: Union[str, torch.device, None] = None,
     times: Optional[PhaseTimes] = None,
     forward_dtype: Optional[torch.dtype] = None,
+    value_weighting: str = "attention",
 ) -> RankPlan:
     """Allocate per-layer ranks under a parameter budget from each layer's residual spectrum::
 
@@ -812,7 +859,8 @@ def plan_ranks(
     # bounds and budget checked before any work (a dry run on empty spectra)
     allocate_ranks({t.name: torch.zeros(min(t.shape)) for t in targets}, costs, budget, min_rank, max_rank)
     targets, spectra, energy = collect_spectra(model, adapter_name, original, batches, method, damping, eig_rtol, progress,
-                                               device=device, times=times, forward_dtype=forward_dtype)
+                                               device=device, times=times, forward_dtype=forward_dtype,
+                                               value_weighting=value_weighting)
     if gain == "relative":  # s_k / ‖W·Xᵀ‖: the greedy then ranks by reduction of squared relative error
         spectra = {n: s / math.sqrt(energy[n]) if energy[n] > 0 else s for n, s in spectra.items()}
     configured = {t.name: t.rank for t in targets}

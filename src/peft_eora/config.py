@@ -172,6 +172,9 @@ class EoRAConfig(LoraConfig):
       worse: it piles ranks onto layers with large activations). Costs one extra uncompensated
       statistics pass; the ranks end up in ``rank_pattern`` (and ``alpha_pattern``, keeping each
       layer's scale) and the budget in ``rank_budget``, so saved adapters reload and export as usual.
+    - ``value_weighting``: ``"attention"`` (default): a value projection's residual is weighted by
+      the covariance of its attention-averaged inputs ``P̄·X`` (the error that reaches the attention
+      output), not by every token once (``"tokens"``); see :mod:`peft_eora.value_weighting`.
     - ``eig_rtol``: eigenvalues below ``eig_rtol·λ_max`` are dropped.
     - ``sequential``: compute the modules of a block in execution order, each group seeing
       inputs from the already-compensated groups before it (else one pass per block).
@@ -220,6 +223,14 @@ class EoRAConfig(LoraConfig):
     rank_max: Optional[int] = field(
         default=None,
         metadata={"help": "rank_allocation='spectrum': largest rank per layer (default min(out, in) − 1)."},
+    )
+    value_weighting: Literal["attention", "tokens"] = field(
+        default="attention",
+        metadata={
+            "help": "How a value projection's residual is weighted: 'attention' (default) by the covariance of the "
+            "attention-averaged inputs P̄·X, i.e. by the attention each token receives (most goes to the first "
+            "token); 'tokens': every token once, like the other layers (see peft_eora.value_weighting)."
+        },
     )
     eig_rtol: float = field(default=DEFAULT_EIG_RTOL, metadata={"help": "Relative eigenvalue cut-off."})
     sequential: bool = field(default=True, metadata={"help": "Compensate groups within a block in order."})
@@ -293,6 +304,8 @@ class EoRAConfig(LoraConfig):
             raise ValueError(f"EoRAConfig.method must be one of {METHODS}, got {self.method!r}.")
         self._check_damping_and_allocation()
         self._check_forward_dtype()
+        if self.value_weighting not in ("attention", "tokens"):
+            raise ValueError(f"EoRAConfig.value_weighting must be 'attention' or 'tokens', got {self.value_weighting!r}.")
         if self.use_dora:
             raise ValueError("EoRA initialises plain LoRA factors; DoRA (use_dora=True) is not supported.")
         from .adapter_quant import check_bits

@@ -232,6 +232,7 @@ def _run_signature(model: nn.Module, config: EoRAConfig, adapter_name: str, batc
         "damping": config.damping,
         "eig_rtol": config.eig_rtol,
         "sequential": config.sequential,
+        "value_weighting": getattr(config, "value_weighting", "attention"),
         "ranks": {t.name: t.rank for t in targets},
         # a resumed run's forwards must keep the precision of the interrupted one's
         **({"forward_dtype": config.forward_dtype} if getattr(config, "forward_dtype", None) not in (None, "model") else {}),
@@ -289,6 +290,7 @@ def _compute(
             eig_rtol=config.eig_rtol, budget=config.rank_budget, min_rank=config.rank_min or 1,
             max_rank=config.rank_max, gain="absolute" if allocation == "spectrum_absolute" else "relative",
             progress=progress, device=device, times=times, forward_dtype=forward_dtype,
+            value_weighting=getattr(config, "value_weighting", "attention"),
         )
         apply_ranks(model, config, adapter_name, plan.ranks)
         config.rank_budget = plan.budget  # recorded: a recomputation keeps this budget, not the allocated ranks
@@ -313,6 +315,7 @@ def _compute(
         times=times,
         round_factors=factor_rounder(config.adapter_bits),
         forward_dtype=forward_dtype,
+        value_weighting=getattr(config, "value_weighting", "attention"),
     )
     if plan is not None:
         stats.allocation = plan.summary()

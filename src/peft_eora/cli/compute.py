@@ -130,6 +130,8 @@ def eora_config(args: argparse.Namespace, rank: int, method: str, original: Unio
         kwargs["damping"] = args.damping
     if getattr(args, "forward_dtype", None) is not None:
         kwargs["forward_dtype"] = args.forward_dtype
+    if getattr(args, "value_weighting", None) is not None:
+        kwargs["value_weighting"] = args.value_weighting
     return EoRAConfig(
         r=rank,
         method=method,

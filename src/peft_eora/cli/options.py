@@ -180,6 +180,11 @@ def add_eora(parser: argparse.ArgumentParser, sweep: bool) -> None:
         "held-out calibration windows among 0 … 3 and plain SVD; with < 4 samples the fixed 0.01). Default: auto.",
     )  # fmt: skip
     group.add_argument(
+        "--value-weighting", choices=("attention", "tokens"), default=None,
+        help="How value projections weight their residual: by the attention each token receives (default) or by "
+        "every token once, like the other layers.",
+    )  # fmt: skip
+    group.add_argument(
         "--target-modules", nargs="+", default=None,
         help="Layers to adapt: module-name suffixes (q_proj v_proj, or comma-separated), or one regular expression "
         "matched against full module names. Default: every linear inside the decoder blocks.",
