@@ -140,18 +140,20 @@ def _tapped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     tap: Optional[ValueTap] = getattr(module, "_peft_eora_value_tap", None)
     if tap is not None:
         x = _inputs().pop(id(tap), None)
-        if x is None or x.shape[-2] != key.shape[2]:
-            raise RuntimeError(f"peft-eora's value tap on {type(module).__name__} found no matching value input.")
+        matched = x is not None and x.shape[-2] == key.shape[2]
         head_dim = value.shape[-1]
         if tap.verify:
+            tap.verified = False
             try:
-                expected = tap.value_states(x, head_dim)
-                tap.verified = expected.shape == value.shape and torch.allclose(expected.float(), value.float(),
-                                                                                rtol=1e-3, atol=1e-5)
+                if matched:
+                    expected = tap.value_states(x, head_dim)
+                    tap.verified = expected.shape == value.shape and torch.allclose(
+                        expected.float(), value.float(), rtol=1e-3, atol=1e-5)
             except Exception as exc:  # noqa: BLE001 - a layout the tap cannot follow: token weighting
                 logger.debug("value tap check failed: %s", exc)
-                tap.verified = False
         elif tap.hooks:
+            if not matched:  # the probe saw this layout hold; a different call now is a bug
+                raise RuntimeError(f"peft-eora's value tap on {type(module).__name__} found no matching value input.")
             with torch.autocast(query.device.type, enabled=False):
                 p = mean_attention(query, key, attention_mask, kwargs.get("scaling"),
                                    causal=getattr(module, "is_causal", True))
@@ -164,6 +166,7 @@ def _tapped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
             if torch.is_autocast_enabled(query.device.type):
                 torch.clear_autocast_cache()
             value = tap.value_states(x, head_dim)
+        _inputs().pop(id(tap), None)  # what value_states re-fed the input hook: not kept alive
     return _original_function(module)(module, query, key, value, attention_mask, *args, **kwargs)
 
 
