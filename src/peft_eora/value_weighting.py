@@ -128,10 +128,12 @@ def mean_attention(query: torch.Tensor, key: torch.Tensor, attention_mask: Optio
         s = torch.matmul(query[i].float(), k.transpose(-1, -2)).mul_(scale)
         if attention_mask is not None:
             m = attention_mask[i if attention_mask.shape[0] > 1 else 0][..., :lk]
-            s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s.add_(m.float())
+            s = s.masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else s.add_(m.float())
         elif causal_mask is not None:
             s.masked_fill_(~causal_mask, float("-inf"))
-        out[i] = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0).mean(0)
+        s = torch.softmax(s, dim=-1).nan_to_num_(nan=0.0)  # one more heads × q × k buffer, not two
+        out[i] = s.mean(0)
+        del s
     return out
 
 
