@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import Batch, count_tokens
-from .config import FIXED_DAMPING
+from .config import FIXED_DAMPING, VALUE_WEIGHTINGS
 from .decompose import (
     AUTO_HOLDOUT_EVERY,
     Eigen,
@@ -62,7 +62,7 @@ from .decompose import (
 )
 from .original import ModelMismatchError, OriginalWeights
 from .residual import UnsupportedModuleError, backend_for
-from .value_weighting import VALUE_WEIGHTINGS, attached, value_taps, verified
+from .value_weighting import attached, value_taps, verified
 from .walker import (
     NO_TIMES,
     BlockVisit,
@@ -246,12 +246,10 @@ def _visit_groups(block: nn.Module, targets: list[Target], sample: tuple[torch.T
     With ``value_weighting="attention"``, each targeted value projection whose attention the tap
     can follow becomes a group of its own right after the group it shared its input with; its
     statistics are taken inside the attention (``P̄·X``, see :mod:`peft_eora.value_weighting`)."""
-    taps = value_taps(block, {id(t.layer): t for t in targets}) if value_weighting == "attention" else []
+    taps = value_taps(block, {id(t.layer) for t in targets}) if value_weighting == "attention" else []
     with attached(taps):  # the module-order probe also checks each tap's value-state layout
         groups = _input_groups(block, targets, sample)
     taps = verified(taps)
-    if not taps:
-        return groups, [g[0].layer for g in groups], []
     by_layer = {id(tap.layer): tap for tap in taps}
     out: list[list[Target]] = []
     points: list[Any] = []

@@ -148,6 +148,9 @@ _RUN_CHOICES = ("allow_base_mismatch", "execution_device", "checkpoint_dir", "re
 #: Values of ``EoRAConfig.forward_dtype``.
 FORWARD_DTYPES = ("auto", "model", "bfloat16", "float16")
 
+#: Values of ``EoRAConfig.value_weighting`` (see :mod:`peft_eora.value_weighting`).
+VALUE_WEIGHTINGS = ("attention", "tokens")
+
 
 @dataclass
 class EoRAConfig(LoraConfig):
@@ -304,8 +307,8 @@ class EoRAConfig(LoraConfig):
             raise ValueError(f"EoRAConfig.method must be one of {METHODS}, got {self.method!r}.")
         self._check_damping_and_allocation()
         self._check_forward_dtype()
-        if self.value_weighting not in ("attention", "tokens"):
-            raise ValueError(f"EoRAConfig.value_weighting must be 'attention' or 'tokens', got {self.value_weighting!r}.")
+        if self.value_weighting not in VALUE_WEIGHTINGS:
+            raise ValueError(f"EoRAConfig.value_weighting must be one of {VALUE_WEIGHTINGS}, got {self.value_weighting!r}.")
         if self.use_dora:
             raise ValueError("EoRA initialises plain LoRA factors; DoRA (use_dora=True) is not supported.")
         from .adapter_quant import check_bits

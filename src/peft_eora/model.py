@@ -278,6 +278,7 @@ def _compute(
     if device is not None:
         logger.info("EoRA computes on %s (decoder blocks visit it one at a time)", device)
     forward_dtype = resolve_forward_dtype(model, getattr(config, "forward_dtype", None), device)
+    value_weighting = getattr(config, "value_weighting", "attention")
     if forward_dtype is not None:
         logger.info("calibration forwards under autocast to %s (covariances in float32)", forward_dtype)
     plan: Optional[RankPlan] = None
@@ -290,7 +291,7 @@ def _compute(
             eig_rtol=config.eig_rtol, budget=config.rank_budget, min_rank=config.rank_min or 1,
             max_rank=config.rank_max, gain="absolute" if allocation == "spectrum_absolute" else "relative",
             progress=progress, device=device, times=times, forward_dtype=forward_dtype,
-            value_weighting=getattr(config, "value_weighting", "attention"),
+            value_weighting=value_weighting,
         )
         apply_ranks(model, config, adapter_name, plan.ranks)
         config.rank_budget = plan.budget  # recorded: a recomputation keeps this budget, not the allocated ranks
@@ -315,7 +316,7 @@ def _compute(
         times=times,
         round_factors=factor_rounder(config.adapter_bits),
         forward_dtype=forward_dtype,
-        value_weighting=getattr(config, "value_weighting", "attention"),
+        value_weighting=value_weighting,
     )
     if plan is not None:
         stats.allocation = plan.summary()

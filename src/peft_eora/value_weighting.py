@@ -39,9 +39,6 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-#: Values of ``EoRAConfig.value_weighting``.
-VALUE_WEIGHTINGS: tuple[str, ...] = ("attention", "tokens")
-
 #: Name of the attention function registered with transformers' ``AttentionInterface``.
 TAP_ATTENTION = "peft_eora_value_tap"
 
@@ -215,9 +212,9 @@ class attached:
         _inputs().clear()
 
 
-def value_taps(block: nn.Module, layers: dict[int, Any]) -> list[ValueTap]:
+def value_taps(block: nn.Module, layers: set[int]) -> list[ValueTap]:
     """A tap, in check mode, for each targeted value projection of ``block`` whose attention module
-    dispatches through transformers' attention interface (``layers``: ``id(lora layer)`` → target).
+    dispatches through transformers' attention interface (``layers``: the ``id`` of each targeted layer).
 
     Run one forward of the block with them :class:`attached` (the module-order probe does), then
     keep what :func:`verified` returns."""
