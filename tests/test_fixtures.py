@@ -112,6 +112,24 @@ def test_dequantize_matches_forward(request, bits, dtype):
                 assert err < 1e-2, (name, err.item())
 
 
+@pytest.mark.parametrize("bits", [4, 3])
+def test_residual_backend_dequantizes_as_the_kernel(request, bits):
+    """The GPTQ residual backend calls gptqmodel's dequantization eagerly (not through the
+    instance's torch.compile wrapper): the same weight, bit for bit, for every layer."""
+    from peft_eora.residual import backend_for
+
+    model = _quantized(_gptq_dir(request, bits), torch.float32)
+    with torch.no_grad():
+        for name, m in _proj_modules(model).items():
+            backend = backend_for(m, name)
+            assert backend.name == "gptq"
+            w = backend.dequantize(m)
+            assert w.dtype == torch.float32
+            assert torch.equal(w, m.dequantize_weight().T.float()), name
+            x = torch.randn(3, m.in_features)
+            torch.testing.assert_close(m(x), x @ w.T.contiguous(), rtol=0, atol=0, msg=name)  # (in, out) as the kernel
+
+
 def test_compute_dtype(tiny_gptq4_dir):
     """float16 scales, float32 everywhere else: layers compute exactly x @ W in float32."""
     from peft_eora.quantize import load_quantized

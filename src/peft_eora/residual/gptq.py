@@ -3,7 +3,7 @@ package's own :class:`~peft_eora.kernels.gptq_linear.GPTQLinear` (same packed la
 
 gptqmodel modules are recognised by their class path, so gptqmodel is never imported here;
 their own ``dequantize_weight()`` gives the weight their kernel uses (``(in, out)``,
-transposed here).
+transposed here), called eagerly (see :func:`_eager_dequantize_weight`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,19 @@ from torch import nn
 def has_gptqmodel_base(module: nn.Module, base: str) -> bool:
     """True if ``module`` derives from gptqmodel's class named ``base`` (checked without importing it)."""
     return any(c.__module__.startswith("gptqmodel.") and c.__name__ == base for c in type(module).__mro__)
+
+
+def _eager_dequantize_weight(module: nn.Module) -> torch.Tensor:
+    """gptqmodel's ``dequantize_weight`` of ``module``, run eagerly.
+
+    ``TorchLinear.optimize()`` replaces the instance's ``dequantize_weight`` with a
+    ``torch.compile`` wrapper whose guards differ per layer shape; dequantizing every layer of a
+    model through it recompiles until dynamo's recompile limit (~15 s of a 135M model's 100 s EoRA
+    run on 2 CPU cores). The class's method is the same arithmetic (the same values, checked in
+    ``tests/test_fixtures.py``) at ~1 ms per layer.
+    """
+    method = getattr(type(module), "dequantize_weight", None)
+    return method(module) if callable(method) else module.dequantize_weight()
 
 
 class GPTQBackend:
@@ -34,7 +47,7 @@ class GPTQBackend:
 
         if isinstance(module, GPTQLinear):
             return module.dequantize()
-        w = module.dequantize_weight().T  # gptqmodel returns (in, out)
+        w = _eager_dequantize_weight(module).T  # gptqmodel returns (in, out)
         out_f, in_f = module.out_features, module.in_features
         if w.shape != (out_f, in_f):
             raise ValueError(
