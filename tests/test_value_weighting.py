@@ -12,7 +12,8 @@ from tiny_models import tiny_llama_pair
 import peft_eora.walker as walker_mod
 from peft_eora import EoRAConfig, initialize_eora_weights
 from peft_eora.decompose import eora_factors, weighted_error
-from peft_eora.value_weighting import ValueTap, attached, mean_attention
+import peft_eora.value_weighting as vw
+from peft_eora.value_weighting import ValueTap, attached, attention_average, mean_attention
 from peft_eora.walker import capture_block_inputs
 
 
@@ -49,11 +50,15 @@ def _block_inputs(model, ids: torch.Tensor, mask: torch.Tensor | None = None):
     return inputs
 
 
+@pytest.mark.parametrize("chunk", [None, 5], ids=["one-chunk", "chunks-of-5"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_tap_collects_attention_averaged_inputs_and_restores_the_model(impl: str) -> None:
+def test_tap_collects_attention_averaged_inputs_and_restores_the_model(impl: str, chunk, monkeypatch) -> None:
     """Under a tap, block 0 hands its hook P̄·X, P̄ the eager attention weights averaged over the
     heads (left padding, grouped-query heads; the mask in the block's own format: additive for
-    eager, boolean or none for sdpa), and computes what it computes without one."""
+    eager, boolean or none for sdpa), and computes what it computes without one; the same with the
+    queries taken in chunks (keys up to each chunk's end)."""
+    if chunk is not None:
+        monkeypatch.setattr(vw, "QUERY_CHUNK", chunk)
     original, _ = tiny_llama_pair(layers=1)
     original.config._attn_implementation = impl
     ids = _ids(3, 16)
@@ -88,6 +93,71 @@ def test_mean_attention_causal_without_mask() -> None:
     s = (q @ kr.transpose(-1, -2)) / 8 ** 0.5
     s = s.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
     torch.testing.assert_close(P, s.softmax(-1).mean(1))
+
+
+def _dense_reference(q, k, mask, causal: bool) -> torch.Tensor:
+    kr = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    s = (q @ kr.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    if mask is not None:
+        mask = mask.bool()[:, None, None, :] if mask.dim() == 2 else mask
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
+    if causal and (mask is None or mask.shape[-2] == 1):  # a per-query mask holds the whole structure
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(s.shape[-1] - s.shape[-2]), float("-inf"))
+    return s.softmax(-1).nan_to_num(nan=0.0).mean(1)
+
+
+def _with_span(keep: torch.Tensor) -> torch.Tensor:
+    """``keep`` with queries 5–7 of every row also seeing keys up to 3 positions past themselves
+    (as image tokens in Gemma 3 see their whole image)."""
+    out = keep.clone()
+    lq, lk = out.shape[-2:]
+    for q in range(5, min(8, lq)):
+        out[..., q, : min(lk, q + (lk - lq) + 4)] = True
+    out[1, ..., :4] = False  # the padding stays hidden
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 128])
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "key-only", "key-only-causal", "2d-padding",
+                                       "noncausal", "bidirectional-span"])
+@pytest.mark.parametrize("lq,lk", [(10, 13), (10, 10)])
+def test_chunked_attention_average_matches_dense(chunk: int, mask_kind: str, lq: int, lk: int) -> None:
+    """Chunked queries (causal: keys up to the chunk's end, the causal mask applied on top of
+    padding-only masks) give the dense head-averaged probabilities and ``P̄·X`` on every unpadded
+    query, with more keys than queries too (a cache)."""
+    g = torch.Generator().manual_seed(1)
+    b, h, kv, d = 3, 4, 2, 8
+    q, k = torch.randn(b, h, lq, d, generator=g), torch.randn(b, kv, lk, d, generator=g)
+    x = torch.randn(b, lk, 6, generator=g)
+    causal = mask_kind != "noncausal"
+    keep = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq).expand(b, 1, lq, lk).clone()
+    keep[1, ..., :4] = False  # left padding of row 1: its first keys hidden
+    mask = {"none": None, "noncausal": None, "bool": keep,
+            "additive": torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min),
+            "key-only": keep[:, :, -1:, :].clone(),  # (b, 1, 1, lk): broadcast over queries
+            "key-only-causal": keep[:, :, -1:, :].clone(),
+            "2d-padding": keep[:, 0, -1, :].long(),  # (b, lk) 0/1, as flash attention gets
+            "bidirectional-span": _with_span(keep)}[mask_kind]  # a causal model's mask seeing ahead in a span
+    if mask_kind == "key-only":
+        causal = False  # a mask without the causal part on a non-causal attention
+    ref = _dense_reference(q, k, mask, causal)
+    got = mean_attention(q, k, mask, None, causal=causal, chunk=chunk)
+    y = attention_average(q, k, x, mask, None, causal=causal, chunk=chunk)
+    rows = torch.ones(b, lq, dtype=torch.bool)
+    if mask_kind in ("bool", "additive", "key-only-causal", "2d-padding", "bidirectional-span"):
+        rows[1, : 4 - (lk - lq)] = False  # queries whose every key is padding: dropped by the covariances
+    torch.testing.assert_close(got[rows], ref[rows])
+    torch.testing.assert_close(y[rows], (ref @ x)[rows])
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 128])
+def test_chunked_attention_average_with_more_queries_than_keys(chunk: int) -> None:
+    """Causal with more queries than keys: the first queries see no key (zero rows), as dense."""
+    g = torch.Generator().manual_seed(2)
+    q, k, x = torch.randn(2, 4, 12, 8, generator=g), torch.randn(2, 2, 9, 8, generator=g), torch.randn(2, 9, 5, generator=g)
+    ref = _dense_reference(q, k, None, True)
+    torch.testing.assert_close(mean_attention(q, k, None, None, chunk=chunk), ref)
+    torch.testing.assert_close(attention_average(q, k, x, None, None, chunk=chunk), ref @ x)
 
 
 def test_value_projection_factors_are_eora_of_the_attention_weighted_covariance() -> None:

@@ -31,6 +31,7 @@ import logging
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -103,35 +104,94 @@ def _original_function(module: nn.Module) -> Callable[..., Any]:
     return ALL_ATTENTION_FUNCTIONS[name]
 
 
-def mean_attention(query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                   scaling: Optional[float], causal: bool = True) -> torch.Tensor:
-    """Attention probabilities averaged over the query heads, ``(batch, q_len, k_len)``, float32.
+#: Queries per chunk of the attention average: a causal model's chunk reads the keys up to its own
+#: end only (about half the scores of a window), and the score buffer is ``heads × chunk × keys``.
+QUERY_CHUNK = 128
 
-    ``query`` ``(batch, heads, q_len, d)``, ``key`` ``(batch, kv_heads, k_len, d)`` (grouped-query
-    heads share a key head, as ``repeat_kv``); ``attention_mask`` additive (float) or keep (bool),
-    broadcastable to ``(batch, heads, q_len, k_len)``; None: causal when ``causal``. Fully masked
-    rows (padding) are zeros.
-    """
+
+def _attention_chunks(query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                      scaling: Optional[float], causal: bool, chunk: Optional[int]
+                      ) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+    """``(row, q_start, q_end, P̄)`` with ``P̄`` the head-averaged probabilities of queries
+    ``q_start:q_end`` over keys ``0:P̄.shape[-1]`` (float32). ``attention_mask``: 4-D (bool keep or
+    additive, broadcastable) or a 2-D ``(batch, keys)`` padding mask. A mask with a query dimension
+    holds the whole structure; without one (or no mask) ``causal`` adds the causal mask. Where the
+    keys after a chunk's last query are masked for it (a causal model's mask), they are left out:
+    they get probability 0 for every query that is not fully masked (padding, whose rows the
+    covariances drop)."""
     b, h, lq, d = query.shape
     lk = key.shape[2]
     scale = d ** -0.5 if scaling is None else float(scaling)
     rep = h // key.shape[1]
-    out = torch.empty(b, lq, lk, dtype=torch.float32, device=query.device)
-    causal_mask = None
-    if attention_mask is None and causal:
-        causal_mask = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril_(lk - lq)
-    for i in range(b):  # one row at a time: heads × q × k float32 scores
-        k = key[i].float().repeat_interleave(rep, dim=0)
-        s = torch.matmul(query[i].float(), k.transpose(-1, -2)).mul_(scale)
+    chunk = QUERY_CHUNK if chunk is None else int(chunk)
+    if attention_mask is not None and attention_mask.dim() == 2:  # (batch, keys) padding mask (flash attention)
+        attention_mask = attention_mask.bool()[:, None, None, :]
+    for i in range(b):  # one row at a time
+        k_row = key[i].float().repeat_interleave(rep, dim=0)
+        q_row = query[i].float()
+        m_row = None
         if attention_mask is not None:
-            m = attention_mask[i if attention_mask.shape[0] > 1 else 0][..., :lk]
-            s = s.masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else s.add_(m.float())
-        elif causal_mask is not None:
-            s.masked_fill_(~causal_mask, float("-inf"))
-        s = torch.softmax(s, dim=-1).nan_to_num_(nan=0.0)  # one more heads × q × k buffer, not two
-        out[i] = s.mean(0)
-        del s
+            m_row = attention_mask[i if attention_mask.shape[0] > 1 else 0]
+        full = m_row is not None and m_row.shape[-2] != 1  # a per-query mask: the structure is its own
+        for a in range(0, lq, chunk):
+            e = min(a + chunk, lq)
+            kend = max(0, min(lk, e + lk - lq)) if causal else lk
+            m = m_row[..., a:e, :] if full else m_row
+            if full and kend < lk and not _all_masked(m[..., kend:]):
+                kend = lk  # the mask lets these queries see later keys (e.g. bidirectional spans)
+            s = torch.matmul(q_row[:, a:e], k_row[:, :kend].transpose(-1, -2)).mul_(scale)
+            if m is not None:
+                m = m[..., :kend]
+                s = s.masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else s.add_(m.float())
+            if causal and not full:  # no mask, or a padding mask only
+                keep = torch.ones(e - a, kend, dtype=torch.bool, device=query.device).tril_(a + lk - lq)
+                s.masked_fill_(~keep, float("-inf"))
+            s = torch.softmax(s, dim=-1).nan_to_num_(nan=0.0)  # one more heads × q × k buffer, not two
+            yield i, a, e, s.mean(0)
+            del s
+
+
+def _all_masked(m: torch.Tensor) -> bool:
+    """Whether a bool keep mask hides every entry, or an additive mask puts each at ≤ half its dtype's minimum."""
+    if m.numel() == 0:
+        return True
+    if m.dtype == torch.bool:
+        return not bool(m.any())
+    return bool((m <= torch.finfo(m.dtype).min / 2).all())
+
+
+def mean_attention(query: torch.Tensor, key: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                   scaling: Optional[float], causal: bool = True, chunk: Optional[int] = None) -> torch.Tensor:
+    """Attention probabilities averaged over the query heads, ``(batch, q_len, k_len)``, float32.
+
+    ``query`` ``(batch, heads, q_len, d)``, ``key`` ``(batch, kv_heads, k_len, d)`` (grouped-query
+    heads share a key head, as ``repeat_kv``); ``attention_mask`` additive (float) or keep (bool),
+    broadcastable to ``(batch, heads, q_len, k_len)``, or a ``(batch, k_len)`` padding mask; the
+    causal mask is applied too when ``causal``. Fully masked rows (padding) are zeros. ``chunk``: queries per score buffer (default :data:`QUERY_CHUNK`).
+    """
+    b, _, lq, _ = query.shape
+    out = torch.zeros(b, lq, key.shape[2], dtype=torch.float32, device=query.device)
+    for i, a, e, p in _attention_chunks(query, key, attention_mask, scaling, causal, chunk):
+        out[i, a:e, : p.shape[-1]] = p
     return out
+
+
+def attention_average(query: torch.Tensor, key: torch.Tensor, x: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor], scaling: Optional[float], causal: bool = True,
+                      chunk: Optional[int] = None) -> torch.Tensor:
+    """``P̄·X`` (float32, ``(batch, q_len, features)``) for ``x`` ``(batch, k_len, features)``, without
+    the ``q_len × k_len`` matrix :func:`mean_attention` returns::
+
+        y = attention_average(q, k, x, mask, scaling=None)   # == mean_attention(q, k, mask, None) @ x
+    """
+    b, _, lq, _ = query.shape
+    y = torch.empty(b, lq, x.shape[-1], dtype=torch.float32, device=query.device)
+    row, xf = -1, x
+    for i, a, e, p in _attention_chunks(query, key, attention_mask, scaling, causal, chunk):
+        if i != row:
+            row, xf = i, x[i].float()
+        torch.matmul(p, xf[: p.shape[-1]], out=y[i, a:e])
+    return y
 
 
 def _tapped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -154,12 +214,11 @@ def _tapped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
             if not matched:  # the probe saw this layout hold; a different call now is a bug
                 raise RuntimeError(f"peft-eora's value tap on {type(module).__name__} found no matching value input.")
             with torch.autocast(query.device.type, enabled=False):
-                p = mean_attention(query, key, attention_mask, kwargs.get("scaling"),
-                                   causal=getattr(module, "is_causal", True))
-                y = torch.bmm(p, x.float())
+                y = attention_average(query, key, x, attention_mask, kwargs.get("scaling"),
+                                      causal=getattr(module, "is_causal", True))
             for hook in list(tap.hooks):
                 hook(tap, (y,))
-            del p, y
+            del y
             # the projection may have been compensated meanwhile; under autocast, the half-precision copies
             # of its weights cast before the pause are cached (per thread) and would be reused: drop them
             if torch.is_autocast_enabled(query.device.type):
