@@ -655,6 +655,79 @@ def test_early_stop_scores_fewer_ridges_and_keeps_the_full_grids_choice(seed):
             assert fast.errors[finite[-1]] > fast.errors[finite[-2]]
 
 
+@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("profile", ["falls-then-rises", "rises-at-once", "falls-throughout", "flat"])
+def test_parallel_ridge_scoring_returns_what_one_at_a_time_does(workers, profile, monkeypatch):
+    """Ridges scored ``workers`` at a time (speculatively past the one the early-stop rule needs)
+    give the same errors — and so the same choice — as one at a time, in the same order, and
+    score at most ``workers − 1`` ridges per round past the stop."""
+    import peft_eora.decompose as dec
+
+    finite = sorted(d for d in AUTO_DAMPING_GRID if math.isfinite(d))
+    curve = {"falls-then-rises": [5.0, 4.0, 3.0, 3.5, 2.0, 1.0], "rises-at-once": [1.0, 2.0, 0.5, 0.4, 0.3, 0.2],
+             "falls-throughout": [6.0, 5.0, 4.0, 3.0, 2.0, 1.0], "flat": [1.0] * 6}[profile]
+    table = dict(zip(finite, curve)) | {math.inf: 2.5}
+    results = {}
+    for w in (1, workers):
+        calls = []
+
+        def score(d: float) -> float:
+            calls.append(d)
+            return table[d]
+
+        monkeypatch.setattr(dec, "_ridge_workers", lambda device: w)
+        results[w] = (dec._score_ridges(AUTO_DAMPING_GRID, score, True, torch.device("cpu")), calls)
+    (seq, seq_calls), (par, par_calls) = results[1], results[workers]
+    assert list(par.items()) == list(seq.items())
+    assert set(seq_calls) <= set(par_calls) and len(par_calls) == len(set(par_calls))
+    assert len(par_calls) - len(seq_calls) <= workers - 1
+    full = dec._score_ridges(AUTO_DAMPING_GRID, lambda d: table[d], False, torch.device("cpu"))
+    assert list(full) == finite + [math.inf]
+
+
+def test_a_speculative_ridge_that_fails_is_ignored_unless_needed(monkeypatch):
+    """A ridge scored only speculatively (past the early stop) may raise without failing the run;
+    one that is needed raises its error."""
+    import peft_eora.decompose as dec
+
+    finite = sorted(d for d in AUTO_DAMPING_GRID if math.isfinite(d))
+    table = dict(zip(finite, [3.0, 4.0, 1.0, 1.0, 1.0, 1.0])) | {math.inf: 5.0}  # rises at the second ridge
+
+    def score(d: float) -> float:
+        if d == finite[2]:
+            raise RuntimeError("eigh did not converge")
+        return table[d]
+
+    monkeypatch.setattr(dec, "_ridge_workers", lambda device: 3)  # scores finite[2] beside finite[1]
+    got = dec._score_ridges(AUTO_DAMPING_GRID, score, True, torch.device("cpu"))
+    assert list(got) == finite[:2] + [math.inf]
+    with pytest.raises(RuntimeError, match="did not converge"):
+        dec._score_ridges(AUTO_DAMPING_GRID, score, False, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("case", ["wide", "tall", "cut-eigenvalues", "rounded"])
+def test_select_damping_in_threads_matches_one_at_a_time(seed, case, monkeypatch):
+    """Every scoring route (the wide Gram route; H_fit's eigenbasis with and without eigenvalues
+    under the cut-off; factors scored as rounded) gives the same choice and errors with ridges
+    scored in two threads as one at a time."""
+    import peft_eora.decompose as dec
+    from peft_eora.adapter_quant import factor_rounder
+
+    delta, X_fit, _, X_shift = _shifted_case(seed=seed, out_f=40 if case == "tall" else 24,
+                                             n_fit=20 if case == "cut-eigenvalues" else 128)
+    H_fit, H_val = X_fit.T @ X_fit, X_shift.T @ X_shift
+    rounder = factor_rounder(8) if case == "rounded" else None
+    got = {}
+    for w in (1, 2):
+        monkeypatch.setattr(dec, "_ridge_workers", lambda device: w)
+        got[w] = select_damping(delta, H_fit, H_val, 6, round_factors=rounder)
+    assert got[2].damping == got[1].damping
+    assert list(got[2].errors) == list(got[1].errors)
+    for d, e in got[2].errors.items():
+        assert e == pytest.approx(got[1].errors[d], rel=1e-9)
+
+
 @pytest.mark.parametrize("case", ["wide", "tall", "dead-channel"])
 def test_select_damping_paths_agree(case):
     """Wide residuals with a well-conditioned H_fit are scored from out × out Gram matrices (no eigh

@@ -40,6 +40,7 @@ import heapq
 import math
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -59,9 +60,17 @@ DEFAULT_EIG_RTOL = 1e-10
 LAPACK_THREADS = int(os.environ.get("PEFT_EORA_LAPACK_THREADS", "1"))
 
 
+#: Ridges ``damping="auto"`` scores at once on a CPU, each in its own thread with a single-threaded
+#: LAPACK (see :func:`_score_ridges`), where torch has no more threads than that (a 2-core machine):
+#: two independent single-threaded ``eigh`` calls use both cores (576² float64: 14 ms each, against
+#: 26 ms one after the other), and share one core without a collapse when another process holds the
+#: other. ``PEFT_EORA_DAMPING_WORKERS=1``: one at a time.
+DAMPING_WORKERS = int(os.environ.get("PEFT_EORA_DAMPING_WORKERS", "2"))
+
+
 @contextmanager
-def _lapack_threads(t: torch.Tensor) -> Iterator[None]:
-    if t.device.type != "cpu" or LAPACK_THREADS <= 0 or torch.get_num_threads() <= LAPACK_THREADS:
+def _lapack_threads(t: torch.Tensor | torch.device) -> Iterator[None]:
+    if (t if isinstance(t, torch.device) else t.device).type != "cpu" or LAPACK_THREADS <= 0 or torch.get_num_threads() <= LAPACK_THREADS:
         yield
         return
     before = torch.get_num_threads()
@@ -511,26 +520,27 @@ def select_damping(
     # Where no eigenvalue is cut, B·A = U_r·U_rᵀ·ΔW (U_r: the candidate's top left singular vectors),
     # so its held-out error is tr(K) − tr(U_rᵀ·K·U_r) with K = ΔW·H_val·ΔWᵀ, shared by every candidate.
     K = D @ Hv @ D.T if (round_factors is None and K is None) else K
-    Hv_rot: torch.Tensor | None = None  # built only if a candidate cuts eigenvalues
-    errors: dict[float, float] = {}
-    for d in _ridges(grid, errors, early_stop):
+    # H_val in the eigenbasis, for candidates that cut eigenvalues (built here, before any threads)
+    cuts = K is None or any(fit.scales(d, eig_rtol)[2] < in_f for d in grid)
+    Hv_rot = Q.T @ Hv @ Q if (round_factors is None and cuts) else None
+
+    def score(d: float) -> float:
         sqrt_lam, inv_sqrt, kept = fit.scales(d, eig_rtol)
         U, sv, Vh = truncated_svd(DQ * sqrt_lam, rank)
         if K is not None and kept == in_f:
-            errors[d] = _outside_error(K, U[:, :rank])
-            continue
+            return _outside_error(K, U[:, :rank])
         root = sv[:rank].sqrt()
         B = U[:, :rank] * root
         A_rot = (root[:, None] * Vh[:rank]) * inv_sqrt  # A·Q: still in the eigenbasis
         if round_factors is None:
-            Hv_rot = Q.T @ Hv @ Q if Hv_rot is None else Hv_rot
+            assert Hv_rot is not None
             E = DQ - B @ A_rot
-            errors[d] = math.sqrt(max(float(((E @ Hv_rot) * E).sum()), 0.0))
-        else:  # rounding acts on A in the input basis
-            A_hat, B_hat = round_factors(A_rot @ Q.T, B)
-            E = D - B_hat.to(D) @ A_hat.to(D)
-            errors[d] = math.sqrt(max(float(((E @ Hv) * E).sum()), 0.0))
-    return _choose(errors)
+            return math.sqrt(max(float(((E @ Hv_rot) * E).sum()), 0.0))
+        A_hat, B_hat = round_factors(A_rot @ Q.T, B)  # rounding acts on A in the input basis
+        E = D - B_hat.to(D) @ A_hat.to(D)
+        return math.sqrt(max(float(((E @ Hv) * E).sum()), 0.0))
+
+    return _choose(_score_ridges(grid, score, early_stop, D.device))
 
 
 def _choose(errors: dict[float, float]) -> DampingChoice:
@@ -539,18 +549,75 @@ def _choose(errors: dict[float, float]) -> DampingChoice:
     return DampingChoice(damping=chosen, errors=errors)
 
 
-def _ridges(grid: tuple[float, ...], errors: dict[float, float], early_stop: bool) -> Iterator[float]:
-    """The ridges of ``grid`` to score: finite ones ascending, then plain SVD (``inf``). With
-    ``early_stop`` the finite ones end once the held-out error (``errors``, filled in by the caller
-    as it scores) rose between the last two."""
-    scored: list[float] = []
-    for d in sorted({float(d) for d in grid if d != math.inf}):
-        if early_stop and len(scored) >= 2 and errors[scored[-1]] > errors[scored[-2]] * (1 + AUTO_DAMPING_TIE_RTOL):
-            break
-        scored.append(d)
-        yield d
-    if math.inf in grid:
-        yield math.inf
+def _ridge_workers(device: torch.device) -> int:
+    """Ridges to score at once on ``device``: one on accelerators (their kernels fill the device)
+    and on CPUs with more threads than the workers' LAPACK calls use (there each ridge's products
+    use every thread; in a worker they would run on one)."""
+    if device.type != "cpu" or DAMPING_WORKERS <= 1:
+        return 1
+    return DAMPING_WORKERS if torch.get_num_threads() <= DAMPING_WORKERS * max(LAPACK_THREADS, 1) else 1
+
+
+def _score_ridges(grid: tuple[float, ...], score: Callable[[float], float], early_stop: bool,
+                  device: torch.device) -> dict[float, float]:
+    """Held-out errors ``{δ: score(δ)}`` of the ridges of ``grid`` to score: the finite ones
+    ascending — with ``early_stop`` until the error first rose between the last two — and plain SVD
+    (``inf``) always.
+
+    On a small CPU, :data:`DAMPING_WORKERS` ridges are scored at once (threads, single-threaded
+    LAPACK): the next ridges the rule may need are scored speculatively beside the one it needs; any
+    scored past the stop are dropped (and their errors, if they raised, ignored), so the errors
+    returned — and the choice — are those of scoring one at a time.
+    """
+    finite = sorted({float(d) for d in grid if d != math.inf})
+    want_svd = math.inf in grid
+    workers = _ridge_workers(device)
+    errors: dict[float, float] = {}
+    failed: dict[float, BaseException] = {}
+
+    def value(d: float) -> float:
+        if d in failed:  # a ridge scored speculatively, now needed: its error stands
+            raise failed[d]
+        return errors[d]
+
+    def prefix() -> tuple[list[float], bool]:  # the finite ridges scored one at a time would score; done?
+        scored: list[float] = []
+        for d in finite:
+            if early_stop and len(scored) >= 2 and value(scored[-1]) > value(scored[-2]) * (1 + AUTO_DAMPING_TIE_RTOL):
+                return scored, True
+            if d not in errors and d not in failed:
+                return scored, False
+            value(d)
+            scored.append(d)
+        return scored, True
+
+    def attempt(d: float) -> tuple[float, float | None, BaseException | None]:
+        try:
+            return d, score(d), None
+        except Exception as exc:  # noqa: BLE001 - raised again only if the ridge is needed
+            return d, None, exc
+
+    def run(pool: ThreadPoolExecutor | None) -> list[float]:
+        while True:
+            scored, done = prefix()
+            batch = [] if done else finite[len(scored):]
+            if want_svd and math.inf not in errors and math.inf not in failed:
+                batch.insert(min(1, len(batch)), math.inf)  # beside the first finite ridge needed
+            batch = batch[:workers]
+            if not batch:
+                return scored
+            for d, e, exc in (pool.map(attempt, batch) if pool is not None else map(attempt, batch)):
+                if exc is not None:
+                    failed[d] = exc
+                else:
+                    errors[d] = e
+
+    if workers <= 1:
+        scored = run(None)
+    else:
+        with _lapack_threads(device), ThreadPoolExecutor(max_workers=workers) as pool:
+            scored = run(pool)
+    return {d: value(d) for d in scored + ([math.inf] if want_svd else [])}
 
 
 def _outside_error(K: torch.Tensor, Ur: torch.Tensor) -> float:
@@ -599,12 +666,13 @@ def _gram_scores(D: torch.Tensor, H_fit: torch.Tensor, K: torch.Tensor, rank: in
     del Hf
     if not ok:
         return None  # some eigenvalue may fall under the cut-off
-    errors: dict[float, float] = {}
-    for d in _ridges(grid, errors, early_stop):
+
+    def score(d: float) -> float:
         G = G1 if d == math.inf else G0 + (d * mean_diag) * G1 if d > 0 else G0
         top, _, live = _gram_top(G, rank)
-        errors[d] = _outside_error(K, top * live)  # as truncated_svd: directions with σ ≈ 0 dropped
-    return errors
+        return _outside_error(K, top * live)  # as truncated_svd: directions with σ ≈ 0 dropped
+
+    return _score_ridges(grid, score, early_stop, D.device)
 
 
 def eora_factors_auto(
