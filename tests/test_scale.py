@@ -140,6 +140,23 @@ def test_covariance_stays_float32_under_autocast():
     assert ((H - ref).norm() / ref.norm()).item() < 1e-6  # bfloat16 products would be ~1e-3 off
 
 
+@pytest.mark.parametrize("n", [48, 600, 1100])
+def test_covariance_panels_sum_xtx_symmetrically(n, monkeypatch):
+    """Wide inputs accumulate the upper triangle in row panels and mirror it: the float64 XᵀX to
+    float32 accuracy over several batches (a sliced, non-contiguous input among them), exactly symmetric."""
+    import peft_eora.compensate as comp
+
+    monkeypatch.setattr(comp, "GRAM_PANEL", 128)
+    g = torch.Generator().manual_seed(n)
+    xs = [torch.randn(rows, n + 3, dtype=torch.float64, generator=g)[:, 2:-1] for rows in (70, 129, 5)]
+    H = torch.zeros(n, n)
+    for x in xs:
+        comp.accumulate_gram(H, x.float())
+    ref = sum(x.T @ x for x in xs)
+    assert torch.equal(H, H.T)
+    assert ((H.double() - ref).norm() / ref.norm()).item() < 1e-6
+
+
 def test_forward_dtype_bfloat16_runs_the_blocks_in_bfloat16_and_stays_close(tiny_llama, calib_ids):
     original, quantized = tiny_llama
     seen: list[torch.dtype] = []

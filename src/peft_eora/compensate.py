@@ -319,10 +319,25 @@ def _accumulate_gram(H: torch.Tensor, x: torch.Tensor) -> None:
             logger.debug("half-precision XᵀX unavailable (%s): upcasting", exc)
             _HALF_GRAM[0] = False
     xf = x.float()
-    H.addmm_(xf.T, xf)
+    n = xf.shape[1]
+    if xf.device.type != "cpu" or n <= 2 * GRAM_PANEL:
+        H.addmm_(xf.T, xf)
+        return
+    # the upper triangle in row panels (H[a:b, a:] += x_aᵀ·x[:, a:]), mirrored below: ~0.55× the
+    # products of a full xᵀx, 1.5× faster on a CPU at 576–1536 features (BLAS has no syrk in torch)
+    edges = list(range(0, n, GRAM_PANEL)) + [n]
+    for a, b in zip(edges[:-1], edges[1:]):
+        H[a:b, a:].addmm_(xf[:, a:b].T, xf[:, a:])
+    for a, b in zip(edges[:-1], edges[1:]):
+        H[b:, a:b] = H[a:b, b:].T
+        diag = H[a:b, a:b]  # a full product: symmetric up to the BLAS's summation order, made exact
+        diag.copy_(diag.triu() + diag.triu(1).T)
 
 
 _HALF_GRAM = [True]
+
+#: Rows per panel of the CPU covariance update (see :func:`_accumulate_gram`).
+GRAM_PANEL = 256
 
 
 class _Covariances:
