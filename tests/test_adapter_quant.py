@@ -89,7 +89,7 @@ def test_eora_factors_on_grid_saved_as_codes_and_reloaded_exactly(tiny_llama, ca
     for key, w in weights.items():  # already on the grid: re-rounding changes nothing
         kind = "lora_A" if ".lora_A" in key else "lora_B"
         group = factor_group_size(kind, bits, w.shape[1])
-        assert group == (32 if (kind == "lora_A" and bits == 4) else 0)  # int4 A: one scale per 32 inputs
+        assert group == ({4: 32, 8: 64}[bits] if kind == "lora_A" else 0)  # A: one scale per 32 (int4) / 64 (int8) inputs
         assert torch.equal(quantize_per_channel(w, bits, group).dequantize(), w), key
     x = calib_ids[4:6, :32]
     with torch.no_grad():
@@ -114,6 +114,35 @@ def test_eora_factors_on_grid_saved_as_codes_and_reloaded_exactly(tiny_llama, ca
         assert torch.equal(w, weights[key]), key
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, ref)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_adapter_saved_with_per_row_a_scales_stays_on_its_grid(tiny_llama, calib_ids, tmp_path, monkeypatch, bits):
+    """An adapter saved when ``A`` had one scale per row (int8 before grouping) loads, saves again
+    and feeds the fused kernels' quantizer on its own grid: nothing is rounded a second time."""
+    from peft_eora.kernels import lowbit
+
+    with monkeypatch.context() as m:  # the old format: one scale per row of A
+        m.setattr(lowbit, "INT4_A_GROUP", 0)
+        m.setattr(lowbit, "INT8_A_GROUP", 0)
+        pm = _eora(tiny_llama, calib_ids, bits)
+        pm.save_pretrained(tmp_path / "old")
+    weights = _lora_weights(pm)
+    _, quantized = tiny_llama
+    loaded = PeftModel.from_pretrained(copy.deepcopy(quantized), tmp_path / "old").eval()
+    for key, w in _lora_weights(loaded).items():
+        assert torch.equal(w, weights[key]), key
+    loaded.save_pretrained(tmp_path / "again")
+    with safe_open(str(tmp_path / "again" / "adapter_model.safetensors"), "pt") as f:
+        scales = {k: f.get_tensor(k) for k in f.keys() if k.endswith("lora_A.qscale")}
+    assert scales and all(v.dim() == 1 for v in scales.values())  # still one scale per row
+    again = PeftModel.from_pretrained(copy.deepcopy(quantized), tmp_path / "again").eval()
+    for key, w in _lora_weights(again).items():
+        assert torch.equal(w, weights[key]), key
+    a = next(w for k, w in weights.items() if ".lora_A." in k)
+    b = next(w for k, w in weights.items() if ".lora_B." in k and w.shape[1] == a.shape[0])
+    qa, _ = lowbit.quantize_lora_pair(a, b, bits)
+    assert qa.group_size == 0 and torch.equal(lowbit.dequantize_per_channel(qa), a)
 
 
 def test_quantized_adapter_cost_is_small(tiny_llama, calib_ids):

@@ -87,7 +87,8 @@ def make_gptq(k: int, n: int, group_size: int, bits: int, act_order: bool, seed:
 
 def make_lora(k: int, n: int, r: int, lora_bits: int, seed: int = 1, dtype: torch.dtype = torch.float32,
               per_row: bool = False):
-    """Random factors: float, or int8/int4 as stored (int4 A grouped by 32 inputs unless ``per_row``)."""
+    """Random factors: float, or int8/int4 as stored (A grouped by 32 / 64 inputs where they divide k,
+    unless ``per_row``)."""
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(r, k, generator=gen) / math.sqrt(k)
     b = torch.randn(n, r, generator=gen) * 0.2
@@ -622,7 +623,7 @@ EMU_CASES = [
     # bits, group, act_order, lora_bits, M, N, R, dtype, capacity, two_pass, K
     (4, 64, False, 16, 1, 80, 12, torch.float16, 2, False, 256),    # persistent loop: 3 tiles on 2 CTAs
     (4, 128, True, 16, 3, 64, 8, torch.bfloat16, 8, False, 1024),   # act-order, K split in 2
-    (3, 64, False, 8, 1, 96, 16, torch.float16, 3, False, 512),
+    (3, 64, False, 8, 1, 96, 16, torch.float16, 3, False, 512),     # int8 A in groups of 64
     (3, 32, True, 4, 2, 64, 5, torch.bfloat16, 2, True, 256),       # two-launch variant, odd rank
     (2, 64, True, 4, 4, 64, 8, torch.float16, 1, False, 256),       # a single resident CTA
     (8, 64, False, 16, 2, 72, 8, torch.float16, 4, True, 1024),     # 8-bit fp16 magic path, split K
@@ -634,6 +635,7 @@ EMU_CASES = [
     (2, 32, False, 8, 7, 96, 24, torch.bfloat16, 16, False, 2048),   # K split in 4
     (4, 64, False, 16, 2, 320, 8, torch.float16, 4, False, 256),    # full GPU: 1 phase-1 CTA, 10 tiles on 3
     (4, 64, False, 4, 3, 64, 16, torch.float16, 8, False, 512),     # int4 A in groups of 32, K split
+    (4, 32, False, 8, 2, 64, 8, torch.float16, 4, False, 352),      # int8 A per row (64 does not divide K)
 ]
 
 

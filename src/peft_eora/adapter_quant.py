@@ -1,8 +1,8 @@
 """Quantized EoRA adapters: ``lora_A``/``lora_B`` kept on an int8 or int4 grid.
 
 ``EoRAConfig(adapter_bits=8 | 4)`` rounds every factor onto a symmetric grid right after EoRA
-computes it (one float32 scale per row: per rank direction for ``A``, per output feature for
-``B``; int4 ``A`` has one scale per row and 32 input columns; see :mod:`peft_eora.kernels.lowbit`). In memory the factors stay ordinary
+computes it (float32 scales: one per output feature for ``B``; one per rank direction and 64 (int8)
+or 32 (int4) input columns for ``A``; see :mod:`peft_eora.kernels.lowbit`). In memory the factors stay ordinary
 float ``nn.Linear`` weights holding grid values, so PEFT's forward, merging and training work
 unchanged and what you evaluate is exactly what is saved. On disk each factor is stored as codes
 plus scales, 4× (int8) or ~8× (int4) smaller than float32::
@@ -14,7 +14,7 @@ plus scales, 4× (int8) or ~8× (int4) smaller than float32::
 
 Saved keys (``X`` = ``base_model.model.<module>.lora_A`` or ``.lora_B``): ``X.qweight`` (int8
 codes, or uint8 with two int4 codes per byte, even column in the low nibble), ``X.qscale``
-(float32, one per row, or ``[rows, cols / 32]`` for int4 ``lora_A``) and ``X.qshape`` (int64
+(float32, one per row, or ``[rows, cols / g]`` for ``lora_A`` in groups of g inputs) and ``X.qshape`` (int64
 ``[rows, cols]``). The fused kernels read the same
 layout (``peft_eora.fuse(model, adapter_bits=...)``). After fine-tuning, saving re-rounds the
 trained factors onto the grid (lossy); set ``adapter_bits=16`` to keep them exact.
@@ -29,7 +29,14 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from .kernels.lowbit import LOWBIT_BITS, LowBitTensor, dequantize_per_channel, factor_group_size, quantize_per_channel
+from .kernels.lowbit import (
+    LOWBIT_BITS,
+    LowBitTensor,
+    dequantize_per_channel,
+    factor_grid,
+    factor_group_size,
+    quantize_per_channel,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +127,7 @@ def pack_adapter_state_dict(state_dict: dict[str, torch.Tensor], bits: int) -> d
         if not torch.isfinite(value).all():
             raise ValueError(f"{key} holds NaN or inf values; refusing to save a broken adapter.")
         stem = m["stem"]
-        q = quantize_per_channel(value, bits, factor_group_size(_kind(stem), bits, value.shape[1]))
+        q = quantize_per_channel(value, bits, factor_grid(value, bits, _kind(stem)))
         out[f"{stem}.{CODES}"] = q.data.contiguous()
         out[f"{stem}.{SCALE}"] = q.scale.contiguous()
         out[f"{stem}.{SHAPE}"] = torch.tensor(q.shape, dtype=torch.int64)

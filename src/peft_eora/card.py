@@ -198,7 +198,7 @@ loading also checks the base fingerprint, so the adapter is never applied to ano
 For vLLM-style serving engines, export it: `peft_eora.export_lora(model, "lora-export")`."""
     else:
         bits = int(config.adapter_bits)
-        kind = f"with int{bits} factors (codes + per-row scales), which need peft-eora to load"
+        kind = f"with int{bits} factors (codes + float32 scales), which need peft-eora to load"
         usage = f"""```python
 import peft_eora  # unpacks the int{bits} factors (pip install peft-eora)
 from peft import PeftModel

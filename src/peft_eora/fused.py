@@ -31,7 +31,7 @@ Tolerance: against the unfused PEFT model the fused output differs only by round
 kernels dequantize in float32 (gptqmodel's ``TorchLinear`` in the scales' float16) and the
 LoRA factors are used in the activation dtype (PEFT runs them in their own, often float32).
 Asserted on CPU (``tests/test_fused.py``): max error ≤ 1e-3·max|y| for float32 activations
-(observed ~2e-7), ≤ 1e-2·max|y| for float16 (observed ~6e-4, one output ulp). ``adapter_bits=8``/``4`` swaps in int8/int4 per-channel factors
+(observed ~2e-7), ≤ 1e-2·max|y| for float16 (observed ~6e-4, one output ulp). ``adapter_bits=8``/``4`` swaps in int8/int4 factors with float32 scales
 (:mod:`peft_eora.kernels.lowbit`), which changes the result by the factor quantization error.
 """
 

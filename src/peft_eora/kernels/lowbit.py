@@ -8,7 +8,10 @@ With ``group_size`` g, a row has one scale per g consecutive columns (``scale`` 
 ``(rows, cols / g)``): int4 ``A`` uses g = 32 (:data:`INT4_A_GROUP`), because EoRA's ``A`` holds
 entries of very different sizes along a row (small where activations are large), which one
 scale per row rounds away — measured on SmolLM2-135M, 3-bit r = 128: +10.6 % WikiText-2
-perplexity with per-row int4 ``A``, +1.1 % with groups of 32 (``B`` per row costs +0.4 %).
+perplexity with per-row int4 ``A``, +1.1 % with groups of 32 (``B`` per row costs +0.4 %). int8
+``A`` uses g = 64 (:data:`INT8_A_GROUP`): with value projections weighted by attention, per-row
+int8 ``A`` cost +0.23 % / +0.56 % WikiText-2 / GSM8K perplexity there, groups of 64 +0.03 % / +0.06 %
+(scales: 1/16 of ``A``'s int8 bytes).
 This is the format the fused kernels read (``lora_bits`` 8 or 4; a 2-D ``lora_a_scale`` is grouped).
 
     >>> import torch
@@ -29,8 +32,10 @@ import torch
 
 __all__ = [
     "INT4_A_GROUP",
+    "INT8_A_GROUP",
     "LOWBIT_BITS",
     "factor_group_size",
+    "factor_grid",
     "LowBitTensor",
     "pack_int4",
     "unpack_int4",
@@ -43,6 +48,8 @@ __all__ = [
 LOWBIT_BITS: tuple[int, ...] = (8, 4)
 #: Columns per scale of int4 ``lora_A`` factors (0: one scale per row).
 INT4_A_GROUP = 32
+#: Columns per scale of int8 ``lora_A`` factors (0: one scale per row).
+INT8_A_GROUP = 64
 
 
 @dataclass(frozen=True)
@@ -117,19 +124,30 @@ def dequantize_per_channel(q: LowBitTensor, dtype: torch.dtype = torch.float32) 
     return (codes * scale.view(-1, 1)).to(dtype)
 
 
+def factor_grid(w: torch.Tensor, bits: int, kind: str) -> int:
+    """The group size to store factor ``w`` with: :func:`factor_group_size`, unless ``w`` already
+    holds the values of a per-row grid (an adapter saved with one scale per row, before ``A``
+    was grouped), which is then kept as it is instead of being rounded again."""
+    group = factor_group_size(kind, bits, w.shape[1])
+    if group and torch.equal(dequantize_per_channel(quantize_per_channel(w, bits), w.dtype), w):
+        return 0
+    return group
+
+
 def quantize_lora_pair(
     lora_a: torch.Tensor, lora_b: torch.Tensor, bits: int = 8
 ) -> tuple[LowBitTensor, LowBitTensor]:
     """Quantize an EoRA pair (``A`` ``(r, in)``, ``B`` ``(out, r)``) for storage and the fused kernels:
-    int4 ``A`` in groups of :data:`INT4_A_GROUP` columns (when they divide ``in``), else per row."""
+    ``A`` in groups of :data:`INT4_A_GROUP` (int4) / :data:`INT8_A_GROUP` (int8) columns when they
+    divide ``in``, else per row (and factors already on a per-row grid stay there, see
+    :func:`factor_grid`); ``B`` per row."""
     if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_b.shape[1] != lora_a.shape[0]:
         raise ValueError(f"incompatible LoRA shapes A={tuple(lora_a.shape)}, B={tuple(lora_b.shape)}")
-    return quantize_per_channel(lora_a, bits, factor_group_size("lora_A", bits, lora_a.shape[1])), \
-        quantize_per_channel(lora_b, bits)
+    return quantize_per_channel(lora_a, bits, factor_grid(lora_a, bits, "lora_A")), quantize_per_channel(lora_b, bits)
 
 
 def factor_group_size(kind: str, bits: int, cols: int) -> int:
-    """The group size this package uses for a factor (``kind`` "lora_A"/"lora_B"); 0 = per row."""
-    if kind == "lora_A" and bits == 4 and INT4_A_GROUP and cols % INT4_A_GROUP == 0:
-        return INT4_A_GROUP
-    return 0
+    """The group size this package uses for a factor (``kind`` "lora_A"/"lora_B"); 0 = per row
+    (``B``, and an ``A`` whose input count the group does not divide)."""
+    group = {4: INT4_A_GROUP, 8: INT8_A_GROUP}.get(bits, 0) if kind == "lora_A" else 0
+    return group if group and cols % group == 0 else 0

@@ -10,10 +10,11 @@ Split-K, at most two launches, no atomics:
    ``x·Aᵀ`` for the low-rank term. Each program writes float32 partials. With one K slice and no
    low-rank term it writes the output itself and the call is a single launch.
 2. ``_epilogue_kernel``: per column tile, sums the partials in a fixed order (deterministic),
-   forms ``t = scaling·a_scale·(x·Aᵀ)``, adds ``t·Bᵀ`` (``b_scale`` per row of B) and the bias,
+   forms ``t = scaling·a_scale·(x·Aᵀ)`` (grouped ``A`` scales are applied per K slice instead), adds ``t·Bᵀ`` (``b_scale`` per row of B) and the bias,
    and stores in the activation dtype.
 
-LoRA factors may be float, int8 or packed int4 with per-row float32 scales (see
+LoRA factors may be float, int8 or packed int4 with float32 scales: per row of ``B``, per row or per row
+and group of inputs of ``A`` (see
 :mod:`peft_eora.kernels.lowbit`). On CPU tensors the kernels run in Triton's interpreter (numpy);
 that needs ``TRITON_INTERPRET=1`` in the environment *before Triton is first imported*
 (``import peft`` imports it), see :func:`interpreter_active`. bfloat16 is upcast to float32 there.
