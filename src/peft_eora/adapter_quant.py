@@ -1,8 +1,9 @@
 """Quantized EoRA adapters: ``lora_A``/``lora_B`` kept on an int8 or int4 grid.
 
-``EoRAConfig(adapter_bits=8 | 4)`` rounds every factor onto a symmetric grid right after EoRA
-computes it (float32 scales: one per output feature for ``B``; one per rank direction and 64 (int8)
-or 32 (int4) input columns for ``A``; see :mod:`peft_eora.kernels.lowbit`). In memory the factors stay ordinary
+``EoRAConfig(adapter_bits=8 | 4)`` puts every factor on a symmetric grid as EoRA computes it
+(float32 scales: one per output feature for ``B``; one per rank direction and 64 (int8) or 32
+(int4) input columns for ``A``; see :mod:`peft_eora.kernels.lowbit`), rounded against the layer's
+activations rather than entry by entry (:mod:`peft_eora.factor_quant`). In memory the factors stay ordinary
 float ``nn.Linear`` weights holding grid values, so PEFT's forward, merging and training work
 unchanged and what you evaluate is exactly what is saved. On disk each factor is stored as codes
 plus scales, 4× (int8) or ~8× (int4) smaller than float32::

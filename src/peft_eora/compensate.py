@@ -49,10 +49,10 @@ from .decompose import (
     AUTO_HOLDOUT_EVERY,
     Eigen,
     Projection,
-    RoundFactors,
     allocate_ranks,
     captured_energy,
     check_rank,
+    damped,
     eigen,
     eora_factors,
     eora_factors_auto,
@@ -60,6 +60,7 @@ from .decompose import (
     projection_for,
     weighted_error,
 )
+from .factor_quant import fit_lowbit_factors
 from .original import ModelMismatchError, OriginalWeights
 from .residual import UnsupportedModuleError, backend_for
 from .value_weighting import attached, value_taps, verified
@@ -403,7 +404,7 @@ def compensate(
     device: Union[str, torch.device, None] = None,
     checkpoint: Any = None,
     times: Optional[PhaseTimes] = None,
-    round_factors: Optional[RoundFactors] = None,
+    adapter_bits: int = 16,
     forward_dtype: Optional[torch.dtype] = None,
     value_weighting: str = "attention",
 ) -> CompensationStats:
@@ -412,8 +413,9 @@ def compensate(
     ``damping`` is a ridge ``δ ≥ 0`` or ``"auto"`` (chosen per layer on held-out windows).
     ``forward_dtype`` (e.g. ``torch.bfloat16``): the block forwards run under autocast to it, the
     covariances still accumulate in float32 (see :func:`peft_eora.model.resolve_forward_dtype`).
-    ``round_factors`` (``(A, B) → (Â, B̂)``, e.g. int4 rounding): factors are installed rounded, so
-    later blocks see the adapters as they will be stored, and ``"auto"`` scores each ridge rounded.
+    ``adapter_bits`` 8 or 4: factors are installed on the int8/int4 grid they will be stored on,
+    rounded against the layer's activations (:func:`peft_eora.factor_quant.fit_lowbit_factors`),
+    so later blocks see the adapters as they will be stored.
     ``value_weighting="attention"`` weights value projections by the attention they feed (see
     :mod:`peft_eora.value_weighting`); ``"tokens"``: every token once, like the other layers.
     """
@@ -438,7 +440,7 @@ def compensate(
                                               times=times))
         else:
             _compensate_blocks(model, blocks, targets, adapter_name, original, batches, stats, damping, eig_rtol,
-                               sequential, progress, device, checkpoint, times, round_factors, forward_dtype,
+                               sequential, progress, device, checkpoint, times, adapter_bits, forward_dtype,
                                value_weighting)
     except BaseException as exc:
         # nothing half-written: a failure leaves every adapter as a zero update
@@ -511,7 +513,7 @@ def _compensate_blocks(
     device: Union[str, torch.device, None],
     checkpoint: Any,
     times: PhaseTimes,
-    round_factors: Optional[RoundFactors] = None,
+    adapter_bits: int = 16,
     forward_dtype: Optional[torch.dtype] = None,
     value_weighting: str = "attention",
 ) -> None:
@@ -555,7 +557,7 @@ def _compensate_blocks(
         if block_targets:
             n_before = len(stats.modules)
             _compensate_visit(visit, block_targets, adapter_name, original, stats, damping, eig_rtol, sequential,
-                              masks, holdout, keep_outputs=visit.index < last, times=times, round_factors=round_factors,
+                              masks, holdout, keep_outputs=visit.index < last, times=times, adapter_bits=adapter_bits,
                               value_weighting=value_weighting)
             if checkpoint is not None:
                 with times.phase("checkpoint"):
@@ -580,7 +582,7 @@ def _compensate_visit(
     holdout: Optional[list[torch.Tensor]],
     keep_outputs: bool,
     times: PhaseTimes,
-    round_factors: Optional[RoundFactors] = None,
+    adapter_bits: int = 16,
     value_weighting: str = "attention",
 ) -> None:
     groups, points, taps = _visit_groups(visit.block, block_targets, visit.inputs[0], value_weighting)
@@ -600,7 +602,7 @@ def _compensate_visit(
             shared = (H_fit, H_val, fit_eigen, None)  # the refit: Cholesky where δ allows it
             for t in groups[g]:
                 stats.modules.append(_install(t, adapter_name, original, H, None, "eora", eig_rtol, auto=shared,
-                                              device=visit.device, times=times, round_factors=round_factors))
+                                              device=visit.device, times=times, adapter_bits=adapter_bits))
         else:
             H = Hs[0]
             with times.phase("decomposition", visit.device):
@@ -608,7 +610,7 @@ def _compensate_visit(
             for t in groups[g]:
                 stats.modules.append(_install(t, adapter_name, original, H, projection, "eora", eig_rtol,
                                               damping=float(damping), device=visit.device, times=times,
-                                              round_factors=round_factors))
+                                              adapter_bits=adapter_bits))
 
     with attached(taps):
         if sequential:  # one forward: the batches park at each group while its factors are installed
@@ -658,7 +660,7 @@ def _install(
     auto: Optional[tuple[torch.Tensor, torch.Tensor, Any, Any]] = None,
     device: Optional[torch.device] = None,
     times: PhaseTimes = NO_TIMES,
-    round_factors: Optional[RoundFactors] = None,
+    adapter_bits: int = 16,
 ) -> ModuleStats:
     device = device if device is not None else (H.device if H is not None else device_of(t.base))
     delta = _residual(t, original, device, times)
@@ -667,14 +669,16 @@ def _install(
         if auto is not None:
             H_fit, H_val, fit, full = auto
             factors, choice = eora_factors_auto(delta, H_fit, H_val, t.rank, eig_rtol=eig_rtol, name=t.name, fit=fit,
-                                                full=full, round_factors=round_factors)
+                                                full=full)
             damping, heldout_errors = choice.damping, choice.errors
             logger.debug("%s: damping %g chosen, held-out errors %s", t.name, damping, heldout_errors)
         else:
             factors = eora_factors(delta, H, t.rank, method=method, eig_rtol=eig_rtol, name=t.name,
                                    projection=projection)
-        if round_factors is not None:
-            A_hat, B_hat = round_factors(factors.A, factors.B)
+        if adapter_bits != 16:  # rounded against the activations the factors were fitted to (δ-damped)
+            ridge = None if (method == "svd" or H is None or damping is None) else float(damping)
+            H_round = None if ridge is None or ridge == math.inf else damped(H, ridge)
+            A_hat, B_hat = fit_lowbit_factors(factors.A, factors.B, H_round, adapter_bits)
             factors = replace(factors, A=A_hat.float(), B=B_hat.float())
     with times.phase("install", device):
         lora_A, lora_B = t.layer.lora_A[adapter_name], t.layer.lora_B[adapter_name]

@@ -181,8 +181,8 @@ class EoRAConfig(LoraConfig):
     - ``eig_rtol``: eigenvalues below ``eig_rtol·λ_max`` are dropped.
     - ``sequential``: compute the modules of a block in execution order, each group seeing
       inputs from the already-compensated groups before it (else one pass per block).
-    - ``adapter_bits``: 16 (float factors), 8 or 4 (factors rounded to int8/int4 with
-      per-channel scales and saved as codes; see :mod:`peft_eora.adapter_quant`).
+    - ``adapter_bits``: 16 (float factors), 8 or 4 (factors fitted onto int8/int4 grids against
+      the layer's activations and saved as codes; see :mod:`peft_eora.adapter_quant`).
     - run choices (never saved): ``execution_device`` (``"auto"``: a model on the CPU of a GPU
       machine visits the GPU one decoder block at a time), ``checkpoint_dir`` + ``resume``
       (each finished block is saved atomically; an interrupted run continues where it stopped),
@@ -240,8 +240,9 @@ class EoRAConfig(LoraConfig):
     adapter_bits: int = field(
         default=16,
         metadata={
-            "help": "Storage of the factors: 16 keeps them in float; 8 or 4 rounds A and B onto a symmetric "
-            "per-channel int8/int4 grid after computing and saves codes + scales (see peft_eora.adapter_quant)."
+            "help": "Storage of the factors: 16 keeps them in float; 8 or 4 fits A and B onto a symmetric "
+            "int8/int4 grid against each layer's activations (GPTQ-style) and saves codes + scales "
+            "(see peft_eora.adapter_quant)."
         },
     )
     init_eora: bool = field(

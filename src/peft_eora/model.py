@@ -30,7 +30,7 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from torch import nn
 
 from ._peft_compat import only_active
-from .adapter_quant import factor_rounder, is_packed, pack_adapter_state_dict, quantize_adapter_, unpack_adapter_state_dict
+from .adapter_quant import is_packed, pack_adapter_state_dict, quantize_adapter_, unpack_adapter_state_dict
 from .calibration import CalibrationData, as_batches
 from .compensate import CompensationStats, RankPlan, compensate, find_targets, plan_ranks
 from .config import FIXED_DAMPING, EoRAConfig
@@ -314,7 +314,7 @@ def _compute(
         device=device,
         checkpoint=checkpoint,
         times=times,
-        round_factors=factor_rounder(config.adapter_bits),
+        adapter_bits=config.adapter_bits,
         forward_dtype=forward_dtype,
         value_weighting=value_weighting,
     )
