@@ -48,14 +48,15 @@ GPTQ_PERCDAMP = 0.01
 _BLOCK = 128
 
 
-def _chol_inverse_upper(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper triangular ``U`` with ``Uᵀ·U = (H + percdamp·mean(diag H)·I)⁻¹`` (float64; dead inputs
-    get 1): from one Cholesky factorisation of the reversed matrix, ``J·H·J = L·Lᵀ`` gives
-    ``U = J·L⁻¹·J`` (``J`` reverses the order), with no explicit inverse of ``H``."""
+def _plan(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """GPTQ's float32 upper triangular ``U`` with ``Uᵀ·U = (H + percdamp·mean(diag H)·I)⁻¹``
+    (computed in float64; dead inputs get 1): from one Cholesky factorisation of the reversed
+    matrix, ``J·H·J = L·Lᵀ`` gives ``U = J·L⁻¹·J`` (``J`` reverses the order), with no explicit
+    inverse of ``H``."""
+    H = H.to(torch.float64)
     H = 0.5 * (H + H.T)
     dead = torch.diagonal(H) <= 0
     if bool(dead.any()):
-        H = H.clone()
         H[dead, :] = 0.0
         H[:, dead] = 0.0
         H[dead, dead] = 1.0
@@ -68,14 +69,9 @@ def _chol_inverse_upper(H: torch.Tensor, percdamp: float) -> torch.Tensor:
         L, info = torch.linalg.cholesky_ex(Hr + ridge * eye)
         if int(info) == 0:
             Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-            return Linv.flip(0, 1)
+            return Linv.flip(0, 1).to(torch.float32)
         ridge *= 10.0
     raise ValueError("the covariance is not positive definite even with a large ridge; check the calibration inputs")
-
-
-def _plan(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """GPTQ's float32 ``U`` (``Uᵀ·U = H⁻¹``, damped) for covariance ``H``."""
-    return _chol_inverse_upper(H.to(torch.float64), percdamp).to(torch.float32)
 
 
 def gptq_round(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 0,
