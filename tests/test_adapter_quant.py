@@ -89,7 +89,7 @@ def test_eora_factors_on_grid_saved_as_codes_and_reloaded_exactly(tiny_llama, ca
     for key, w in weights.items():  # already on the grid: re-rounding changes nothing
         kind = "lora_A" if ".lora_A" in key else "lora_B"
         group = factor_group_size(kind, bits, w.shape[1])
-        assert group == ({4: 32, 8: 64}[bits] if kind == "lora_A" else 0)  # A: one scale per 32 (int4) / 64 (int8) inputs
+        assert group == ({4: 16, 8: 64}[bits] if kind == "lora_A" else 0)  # A: one scale per 16 (int4) / 64 (int8) inputs
         assert torch.equal(quantize_per_channel(w, bits, group).dequantize(), w), key
     x = calib_ids[4:6, :32]
     with torch.no_grad():
@@ -104,8 +104,9 @@ def test_eora_factors_on_grid_saved_as_codes_and_reloaded_exactly(tiny_llama, ca
     assert keys and not any(k.endswith(".weight") for k in keys)
     assert {k.rsplit(".", 1)[1] for k in keys} == {"qweight", "qscale", "qshape"}
     size_q, size_f = _data_bytes(tmp_path / "q"), _data_bytes(float_dir)  # tensor bytes, JSON header aside
-    # tiny r=8 factors: the per-row scales of B weigh as much as its int4 codes (≈7.5× at r=128)
-    assert size_q < size_f / (3.0 if bits == 8 else 4.5), (size_q, size_f)
+    # tiny r=8 factors: the per-row scales of B weigh as much as its int4 codes, and A's scales (one
+    # per 16 inputs) half as much as its codes (≈6× smaller than float32 at r=128)
+    assert size_q < size_f / (3.0 if bits == 8 else 4.0), (size_q, size_f)
 
     _, quantized = tiny_llama
     loaded = PeftModel.from_pretrained(copy.deepcopy(quantized), tmp_path / "q").eval()
@@ -116,15 +117,18 @@ def test_eora_factors_on_grid_saved_as_codes_and_reloaded_exactly(tiny_llama, ca
         assert torch.equal(loaded(x).logits, ref)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_adapter_saved_with_per_row_a_scales_stays_on_its_grid(tiny_llama, calib_ids, tmp_path, monkeypatch, bits):
-    """An adapter saved when ``A`` had one scale per row (int8 before grouping) loads, saves again
-    and feeds the fused kernels' quantizer on its own grid: nothing is rounded a second time."""
+@pytest.mark.parametrize("bits,old_group", [(8, 0), (4, 0), (4, 32)])
+def test_adapter_saved_with_earlier_a_scales_stays_on_its_grid(tiny_llama, calib_ids, tmp_path, monkeypatch, bits,
+                                                                 old_group):
+    """An adapter saved when ``A`` had one scale per row (int8 before grouping) or int4 groups of 32
+    loads, saves again and feeds the fused kernels' quantizer on its own grid: nothing is rounded a
+    second time."""
     from peft_eora.kernels import lowbit
 
-    with monkeypatch.context() as m:  # the old format: one scale per row of A
-        m.setattr(lowbit, "INT4_A_GROUP", 0)
-        m.setattr(lowbit, "INT8_A_GROUP", 0)
+    assert old_group == 0 or old_group in lowbit.EARLIER_A_GROUPS[bits]
+    with monkeypatch.context() as m:  # the old format
+        m.setattr(lowbit, "INT4_A_GROUP", old_group)
+        m.setattr(lowbit, "INT8_A_GROUP", old_group)
         pm = _eora(tiny_llama, calib_ids, bits)
         pm.save_pretrained(tmp_path / "old")
     weights = _lora_weights(pm)
@@ -134,15 +138,18 @@ def test_adapter_saved_with_per_row_a_scales_stays_on_its_grid(tiny_llama, calib
         assert torch.equal(w, weights[key]), key
     loaded.save_pretrained(tmp_path / "again")
     with safe_open(str(tmp_path / "again" / "adapter_model.safetensors"), "pt") as f:
-        scales = {k: f.get_tensor(k) for k in f.keys() if k.endswith("lora_A.qscale")}
-    assert scales and all(v.dim() == 1 for v in scales.values())  # still one scale per row
+        scales = {k: (f.get_tensor(k), int(f.get_tensor(k.replace(".qscale", ".qshape"))[1]))
+                  for k in f.keys() if k.endswith("lora_A.qscale")}
+    assert scales
+    for scale, cols in scales.values():  # still the grid it was saved on
+        assert scale.dim() == 1 if old_group == 0 else (scale.dim() == 2 and scale.shape[1] * old_group == cols)
     again = PeftModel.from_pretrained(copy.deepcopy(quantized), tmp_path / "again").eval()
     for key, w in _lora_weights(again).items():
         assert torch.equal(w, weights[key]), key
     a = next(w for k, w in weights.items() if ".lora_A." in k)
     b = next(w for k, w in weights.items() if ".lora_B." in k and w.shape[1] == a.shape[0])
     qa, _ = lowbit.quantize_lora_pair(a, b, bits)
-    assert qa.group_size == 0 and torch.equal(lowbit.dequantize_per_channel(qa), a)
+    assert qa.group_size == old_group and torch.equal(lowbit.dequantize_per_channel(qa), a)
 
 
 def test_quantized_adapter_cost_is_small(tiny_llama, calib_ids):

@@ -1,7 +1,7 @@
 """Quantized EoRA adapters: ``lora_A``/``lora_B`` kept on an int8 or int4 grid.
 
 ``EoRAConfig(adapter_bits=8 | 4)`` puts every factor on a symmetric grid as EoRA computes it
-(float32 scales: one per output feature for ``B``; one per rank direction and 64 (int8) or 32
+(float32 scales: one per output feature for ``B``; one per rank direction and 64 (int8) or 16
 (int4) input columns for ``A``; see :mod:`peft_eora.kernels.lowbit`), rounded against the layer's
 activations rather than entry by entry (:mod:`peft_eora.factor_quant`). In memory the factors stay ordinary
 float ``nn.Linear`` weights holding grid values, so PEFT's forward, merging and training work
