@@ -127,8 +127,9 @@ def test_int4_adapter_fitted_to_activations_beats_rounding_afterwards(tiny_gptq3
     err_fitted = _errs(eora(4), original_model, texts)
     for name in texts:
         lost_fitted, lost_rounded = err_fitted[name] - err_float[name], err_rounded[name] - err_float[name]
-        # measured 0.70× (C4) and 0.89× (WikiText-2) of what rounding afterwards loses
-        assert lost_fitted < 0.95 * lost_rounded, (name, err_float, err_fitted, err_rounded)
+        # measured 0.38× (C4) and 0.49× (WikiText-2) of what rounding afterwards loses (the first
+        # version, one rotated GPTQ pass with A in groups of 32: 0.70× and 0.89×)
+        assert lost_fitted < 0.7 * lost_rounded, (name, err_float, err_fitted, err_rounded)
 
 
 def test_rank_at_layer_dims_is_refused_before_work(tiny_gptq4_dir, tiny_original_dir):
