@@ -25,6 +25,18 @@ def _weighted(E: torch.Tensor, H: torch.Tensor) -> float:
     return float(((E @ H.double()) * E).sum())
 
 
+def _eora_layer(seed: int, n: int = 192, out: int = 160, r: int = 32):
+    """A residual with a decaying spectrum, its EoRA factors (δ = 0.01), the δ-damped calibration
+    covariance they are fitted to and a held-out covariance."""
+    X, X_val = _inputs(n, 4096, seed), _inputs(n, 4096, seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    decay = torch.logspace(0, -2, n)
+    delta = (torch.randn(out, n, generator=g) * decay) @ torch.linalg.qr(torch.randn(n, n, generator=g))[0].T * 0.05
+    H, H_val = X.T @ X, X_val.T @ X_val
+    f = eora_factors(delta, H, r, damping=0.01)
+    return delta, f, H + 0.01 * H.diagonal().mean() * torch.eye(n), H_val
+
+
 @pytest.mark.parametrize("r", [8, 12, 37, 128])
 def test_rank_rotation_is_orthogonal_and_spreads(r):
     R = rank_rotation(r)
@@ -63,15 +75,9 @@ def test_gptq_round_handles_dead_inputs_and_zero_rows():
 def test_fitted_factors_beat_rounding_each_entry(bits):
     """EoRA factors of a residual with a decaying spectrum: the fitted int4/int8 pair loses less of
     the activation-weighted compensation on held-out inputs than rounding A and B entry by entry."""
-    n, out, r = 192, 160, 32
-    X, X_val = _inputs(n, 4096, 5), _inputs(n, 4096, 6)
-    g = torch.Generator().manual_seed(7)
-    decay = torch.logspace(0, -2, n)
-    delta = (torch.randn(out, n, generator=g) * decay) @ torch.linalg.qr(torch.randn(n, n, generator=g))[0].T * 0.05
-    H, H_val = X.T @ X, X_val.T @ X_val
-    f = eora_factors(delta, H, r, damping=0.01)
+    delta, f, H_fit, H_val = _eora_layer(5)
     float_err = _weighted(delta - f.B @ f.A, H_val)
-    A_hat, B_hat = fit_lowbit_factors(f.A, f.B, H + 0.01 * H.diagonal().mean() * torch.eye(n), bits)
+    A_hat, B_hat = fit_lowbit_factors(f.A, f.B, H_fit, bits)
     A_rtn, B_rtn = factor_rounder(bits)(f.A, f.B)
     fitted = _weighted(delta - B_hat @ A_hat, H_val) - float_err
     rounded = _weighted(delta - B_rtn @ A_rtn, H_val) - float_err
@@ -79,7 +85,7 @@ def test_fitted_factors_beat_rounding_each_entry(bits):
     for w, kind in ((A_hat, "lora_A"), (B_hat, "lora_B")):  # what save_pretrained stores, bit for bit
         assert torch.equal(factor_rounder(bits)(w, w)[0 if kind == "lora_A" else 1], w)
     with pytest.raises(ValueError, match="incompatible shapes"):
-        fit_lowbit_factors(f.A, f.B[:, :-1], H, bits)
+        fit_lowbit_factors(f.A, f.B[:, :-1], H_fit, bits)
 
 
 def test_scale_clipping_lowers_held_out_error_and_stays_on_the_grid():
@@ -112,14 +118,7 @@ def test_alternating_rounds_and_balance_beat_one_pass():
     """Rebalancing the pair towards ``A``, refitting each factor to the other's rounded values and
     clipped scales: on held-out inputs the int4 pair loses well under what one GPTQ pass over the
     EoRA split lost (the previous method: ``rounds=1, balance=0.5, clip=(1.0,)``)."""
-    n, out, r = 192, 160, 32
-    X, X_val = _inputs(n, 4096, 16), _inputs(n, 4096, 17)
-    g = torch.Generator().manual_seed(18)
-    decay = torch.logspace(0, -2, n)
-    delta = (torch.randn(out, n, generator=g) * decay) @ torch.linalg.qr(torch.randn(n, n, generator=g))[0].T * 0.05
-    H, H_val = X.T @ X, X_val.T @ X_val
-    f = eora_factors(delta, H, r, damping=0.01)
-    H_fit = H + 0.01 * H.diagonal().mean() * torch.eye(n)
+    delta, f, H_fit, H_val = _eora_layer(16)
     float_err = _weighted(delta - f.B @ f.A, H_val)
 
     def lost(**kw) -> float:
