@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command on a GPU machine: build the CUDA extension, run the GPU tests, the kernel and
-# end-to-end decode benchmarks, the linear-algebra probe, the EoRA-at-scale benchmark (fixed ridge and
+# end-to-end decode benchmarks, the linear-algebra probe (with the int4 adapter fitting), the EoRA-at-scale benchmark (fixed ridge and
 # the default damping="auto") and the factor step's memory.
 # JSON results and one log go to a single folder (default: $OUT, else benchmarks/results/gpu).
 #

@@ -2,8 +2,11 @@
 
 The choices in :mod:`peft_eora.decompose` (which decomposition, which precision) rest on
 these figures: per matrix size, ``eigh`` and Cholesky in float64 and float32, the Gram
-eigendecomposition behind the truncated SVD, randomized SVD, and the covariance product
-``XᵀX`` over 64k calibration tokens in float32, TF32 and bf16-in/fp32-out.
+eigendecomposition behind the truncated SVD, randomized SVD, the covariance product
+``XᵀX`` over 64k calibration tokens in float32, TF32 and bf16-in/fp32-out, and what
+``adapter_bits=4`` adds per layer: fitting an r = 128 pair to the int4 grid
+(:func:`peft_eora.factor_quant.fit_lowbit_factors`, its column-by-column GPTQ loops) and one GPTQ
+pass over ``A`` alone.
 
     python benchmarks/linalg.py --out linalg.json            # GPU (~30 s on an H200)
     python benchmarks/linalg.py --smoke                      # CPU, small sizes
@@ -78,8 +81,15 @@ def probe(sizes: list[int], out_rows: int, tokens: int, device: torch.device, re
             row["cov_bf16_in_fp32_out_s"] = t(lambda: torch.mm(X.T, X, out_dtype=torch.float32), reps)
         except Exception as exc:  # older torch: no out_dtype
             row["cov_bf16_in_fp32_out_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        # adapter_bits=4: an r=128 pair (A: 128 × n, B: out_rows × 128) fitted to the int4 grid
+        from peft_eora.factor_quant import fit_lowbit_factors, gptq_round
+        from peft_eora.kernels.lowbit import factor_group_size
+
+        A32, B32 = A.float(), torch.randn(out_rows, 128, generator=gen, device=device)
+        row["fit_lowbit_int4_r128_s"] = t(lambda: fit_lowbit_factors(A32, B32, H64, 4), 1)
+        row["gptq_round_int4_A_r128_s"] = t(lambda: gptq_round(A32, H64, 4, factor_group_size("lora_A", 4, n)), 1)
         res[str(n)] = row
-        del H64, H32, L, A, D, G, X
+        del H64, H32, L, A, D, G, X, A32, B32
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return res

@@ -435,6 +435,19 @@ def test_scale_benchmark_smoke():
     assert 0 < res["mean_relative_error"] < 1
 
 
+def test_linalg_benchmark_smoke():
+    """``benchmarks/linalg.py --smoke``: every timing it reports on the GPU is taken on small CPU sizes."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "linalg.json"
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "linalg.py"), "--smoke", "--out", str(out)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res = json.loads(out.read_text())
+    for n in ("96", "160"):
+        assert res[n]["eigh_fp64_s"] > 0 and res[n]["fit_lowbit_int4_r128_s"] > 0 and res[n]["gptq_round_int4_A_r128_s"] > 0
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the CPU high-water mark needs Linux /proc")
 @pytest.mark.parametrize("damping", ["auto", "0.01"])
 def test_factor_memory_benchmark_runs(damping):
