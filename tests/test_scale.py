@@ -422,14 +422,19 @@ def test_sharded_original_with_a_missing_shard_or_tensor_is_refused_before_compu
 # the scale benchmark
 
 
-def test_scale_benchmark_smoke():
+def _smoke(script: str) -> dict:
+    """``benchmarks/<script> --smoke`` in a subprocess (the repository's ``src`` first); its JSON."""
     env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "scale.json"
-        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scale.py"), "--smoke", "--out", str(out)],
+        out = Path(tmp) / "out.json"
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--out", str(out)],
                               env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        res = json.loads(out.read_text())
+        return json.loads(out.read_text())
+
+
+def test_scale_benchmark_smoke():
+    res = _smoke("scale.py")
     assert res["status"] == "ok" and res["seconds"] > 0
     assert {"block_forward", "covariance", "decomposition", "factors", "original_reads"} <= set(res["phases"])
     assert 0 < res["mean_relative_error"] < 1
@@ -437,13 +442,7 @@ def test_scale_benchmark_smoke():
 
 def test_linalg_benchmark_smoke():
     """``benchmarks/linalg.py --smoke``: every timing it reports on the GPU is taken on small CPU sizes."""
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "linalg.json"
-        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "linalg.py"), "--smoke", "--out", str(out)],
-                              env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        res = json.loads(out.read_text())
+    res = _smoke("linalg.py")
     for n in ("96", "160"):
         assert res[n]["eigh_fp64_s"] > 0 and res[n]["fit_lowbit_int4_r128_s"] > 0 and res[n]["gptq_round_int4_A_r128_s"] > 0
 
