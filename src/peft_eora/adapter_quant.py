@@ -36,6 +36,7 @@ from .kernels.lowbit import (
     dequantize_per_channel,
     factor_grid,
     factor_group_size,
+    grid_values,
     quantize_per_channel,
 )
 
@@ -63,8 +64,7 @@ def _kind(stem: str) -> str:
 
 
 def _round_to_grid(w: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
-    q = quantize_per_channel(w, bits, factor_group_size(kind, bits, w.shape[1]))
-    return dequantize_per_channel(q, torch.float32).to(w.dtype)
+    return grid_values(w, bits, factor_group_size(kind, bits, w.shape[1]))
 
 
 def factor_rounder(bits: int) -> Optional[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:

@@ -43,7 +43,7 @@ import math
 
 import torch
 
-from .kernels.lowbit import dequantize_per_channel, factor_group_size, quantize_per_channel
+from .kernels.lowbit import factor_group_size, grid_values
 
 __all__ = ["gptq_round", "fit_lowbit_factors", "rank_rotation", "GPTQ_PERCDAMP", "CLIP_GRID", "FIT_ROUNDS", "BALANCE"]
 
@@ -181,7 +181,7 @@ def _clip_scale(cur: torch.Tensor, amax: torch.Tensor, qmax: float, weight: torc
 def _on_grid(values: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """``values`` through the store's quantize → dequantize until it is a fixed point (float32 ulps)."""
     for _ in range(3):
-        again = dequantize_per_channel(quantize_per_channel(values, bits, group_size), torch.float32)
+        again = grid_values(values, bits, group_size)
         if torch.equal(again, values):
             break
         values = again

@@ -40,6 +40,7 @@ __all__ = [
     "LOWBIT_BITS",
     "factor_group_size",
     "factor_grid",
+    "grid_values",
     "LowBitTensor",
     "pack_int4",
     "unpack_int4",
@@ -145,8 +146,14 @@ def factor_grid(w: torch.Tensor, bits: int, kind: str) -> int:
     return group
 
 
+def grid_values(w: torch.Tensor, bits: int, group_size: int = 0) -> torch.Tensor:
+    """``w`` as the store keeps it: quantized (per row, or per row and ``group_size`` columns) and
+    dequantized again, in ``w``'s dtype."""
+    return dequantize_per_channel(quantize_per_channel(w, bits, group_size), w.dtype)
+
+
 def _holds_grid(w: torch.Tensor, bits: int, group: int) -> bool:
-    return torch.equal(dequantize_per_channel(quantize_per_channel(w, bits, group), w.dtype), w)
+    return torch.equal(grid_values(w, bits, group), w)
 
 
 def quantize_lora_pair(
