@@ -47,6 +47,9 @@ def _spd(n: int, device: torch.device, dtype: torch.dtype, gen: torch.Generator)
 
 
 def probe(sizes: list[int], out_rows: int, tokens: int, device: torch.device, reps: int) -> dict[str, Any]:
+    from peft_eora.factor_quant import fit_lowbit_factors, gptq_round
+    from peft_eora.kernels.lowbit import factor_group_size
+
     gen = torch.Generator(device=device).manual_seed(0)
     t = _timer(device)
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
@@ -82,9 +85,6 @@ def probe(sizes: list[int], out_rows: int, tokens: int, device: torch.device, re
         except Exception as exc:  # older torch: no out_dtype
             row["cov_bf16_in_fp32_out_error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
         # adapter_bits=4: an r=128 pair (A: 128 × n, B: out_rows × 128) fitted to the int4 grid
-        from peft_eora.factor_quant import fit_lowbit_factors, gptq_round
-        from peft_eora.kernels.lowbit import factor_group_size
-
         A32, B32 = A.float(), torch.randn(out_rows, 128, generator=gen, device=device)
         row["fit_lowbit_int4_r128_s"] = t(lambda: fit_lowbit_factors(A32, B32, H64, 4), 1)
         row["gptq_round_int4_A_r128_s"] = t(lambda: gptq_round(A32, H64, 4, factor_group_size("lora_A", 4, n)), 1)

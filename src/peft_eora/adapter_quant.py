@@ -6,7 +6,7 @@
 activations rather than entry by entry (:mod:`peft_eora.factor_quant`). In memory the factors stay ordinary
 float ``nn.Linear`` weights holding grid values, so PEFT's forward, merging and training work
 unchanged and what you evaluate is exactly what is saved. On disk each factor is stored as codes
-plus scales, 4× (int8) or ~8× (int4) smaller than float32::
+plus scales, 4× (int8) or ~6× (int4 at r = 128) smaller than float32::
 
     >>> cfg = EoRAConfig(r=128, adapter_bits=4, original_model=..., calibration=...)
     >>> model = get_peft_model(qmodel, cfg)         # factors computed, then rounded to int4

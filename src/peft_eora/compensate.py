@@ -676,8 +676,8 @@ def _install(
             factors = eora_factors(delta, H, t.rank, method=method, eig_rtol=eig_rtol, name=t.name,
                                    projection=projection)
         if adapter_bits != 16:  # rounded against the activations the factors were fitted to (δ-damped)
-            ridge = None if (method == "svd" or H is None or damping is None) else float(damping)
-            H_round = None if ridge is None or ridge == math.inf else damped(H, ridge)
+            plain_svd = method == "svd" or H is None or damping is None or damping == math.inf
+            H_round = None if plain_svd else damped(H, float(damping))
             A_hat, B_hat = fit_lowbit_factors(factors.A, factors.B, H_round, adapter_bits)
             factors = replace(factors, A=A_hat.float(), B=B_hat.float())
     with times.phase("install", device):

@@ -254,7 +254,7 @@ def fit_lowbit_factors(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None,
         if best is None or err < best[0]:
             best = (err, A_hat, B_hat, A_in, B_in)
     assert best is not None
-    err, A_hat, B_hat, A_in, B_in = best
+    _, A_hat, B_hat, A_in, B_in = best
     for _ in range(rounds - 1):
         A_target = _ridge_solve(B_hat.T @ B_hat, (B_hat.T @ B_in) @ A_in)  # argmin ‖B_in·A_in − B̂·A'‖, any H
         new = finish(A_in, B_in, gptq_round(A_target, Hd, bits, a_group, percdamp, plan=plan, clip=clip).double())
