@@ -82,7 +82,7 @@ def test_push_creates_repo_with_adapter_and_model_card(hub, client, computed):
     for row in (
         f"| Compressed base model | `{BASE_ID}` |",
         "| Compression | dense weights",
-        "| Method | eora (damping 0.01) |",
+        "| Method | eora (damping auto: ",  # two windows: one fits, one chooses each layer's ridge
         "| Rank | 8 (lora_alpha 8) |",
         f"| Calibration data | token batches passed to `initialize_eora_weights` ({CALIB.numel()} tokens) |",
         "| Perplexity before → after | 25.5 → 21.25 on wikitext2 |",

@@ -214,7 +214,7 @@ def holdout_rows(batches: list[Batch], every: int = AUTO_HOLDOUT_EVERY) -> list[
         start += n
     if start < every:
         raise ValueError(
-            f"damping='auto' holds out every {every}th calibration window to choose the damping, so it needs at "
+            f"damping='auto' holds out one calibration window in {every} to choose the damping, so it needs at "
             f"least {every} windows; got {start}. Use more calibration samples (num_samples ≥ {every}) or a fixed "
             "damping such as 0.01."
         )
@@ -527,7 +527,7 @@ def _compensate_blocks(
             if fit_tokens == 0 or stats.heldout_tokens == 0:
                 raise ValueError(
                     f"damping='auto' found {fit_tokens} fit and {stats.heldout_tokens} held-out calibration tokens "
-                    f"(every {AUTO_HOLDOUT_EVERY}th window held out, padding excluded); both must be non-empty."
+                    f"(every window i with i % {AUTO_HOLDOUT_EVERY} == {AUTO_HOLDOUT_EVERY - 1} held out, padding excluded); both must be non-empty."
                 )
         except ValueError as exc:  # too little data to hold some out: the fixed ridge instead
             warnings.warn(f"{exc} Using the fixed damping {FIXED_DAMPING} instead.", stacklevel=3)

@@ -31,7 +31,7 @@ from .safe_files import check_adapter_weights
 #: Ridge damping chosen by measurement (benchmarks/recovery.py): see the README's table.
 #: ``damping`` default: chosen per layer on held-out calibration windows (see README "Damping").
 DEFAULT_DAMPING = "auto"
-#: The fixed ridge used where ``"auto"`` cannot hold windows out (fewer than 4 windows, or the
+#: The fixed ridge used where ``"auto"`` cannot hold windows out (fewer than 2 windows, or the
 #: held-out ones all padding) and for the statistics pass of rank allocation.
 FIXED_DAMPING = 0.01
 
@@ -162,9 +162,9 @@ class EoRAConfig(LoraConfig):
     - ``calibration``: a :class:`CalibrationConfig` (or its dict form).
     - ``method``: ``"eora"`` (default) or ``"svd"`` (plain SVD of the residual, the baseline).
     - ``damping``: ``"auto"`` (default): per layer, the δ in ``(0, 0.01, 0.1, 0.3, 1, 3, inf)``
-      (``inf`` = plain SVD of the residual) whose factors, fitted on 3/4 of the calibration
-      windows, best predict the held-out quarter (every 4th window); then refitted on all windows.
-      The chosen δ are in ``eora_stats``; with fewer than 4 windows it warns and uses 0.01. Or a
+      (``inf`` = plain SVD of the residual) whose factors, fitted on half of the calibration
+      windows, best predict the other half (every 2nd window); then refitted on all windows.
+      The chosen δ are in ``eora_stats``; with a single window it warns and uses 0.01. Or a
       ridge ``δ ≥ 0`` added as ``δ·mean(diag H)·I`` to each input covariance.
     - ``rank_allocation``: ``"uniform"`` (every layer gets ``r``/``rank_pattern``) or
       ``"spectrum"``: per-layer ranks bought greedily by ``(s_k² / ‖W·Xᵀ‖²_F) / (in + out)``
@@ -206,7 +206,7 @@ class EoRAConfig(LoraConfig):
         default=DEFAULT_DAMPING,
         metadata={
             "help": "Relative ridge added to H, or 'auto' (the default: chosen per layer on held-out calibration "
-            "windows among 0 … 3 and plain SVD; with fewer than 4 windows, the fixed ridge 0.01)."
+            "windows among 0 … 3 and plain SVD; with a single window, the fixed ridge 0.01)."
         },
     )
     rank_allocation: Literal["uniform", "spectrum", "spectrum_absolute"] = field(

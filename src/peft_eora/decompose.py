@@ -373,8 +373,10 @@ RoundFactors = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.
 AUTO_DAMPING_GRID: tuple[float, ...] = (0.0, 1e-2, 1e-1, 0.3, 1.0, 3.0, math.inf)
 
 #: ``damping="auto"`` holds out calibration window ``i`` (counted over all batches) when
-#: ``i % AUTO_HOLDOUT_EVERY == AUTO_HOLDOUT_EVERY − 1``: a deterministic quarter of the windows.
-AUTO_HOLDOUT_EVERY = 4
+#: ``i % AUTO_HOLDOUT_EVERY == AUTO_HOLDOUT_EVERY − 1``: every second window, a deterministic half.
+#: Half rather than a quarter (4): lower WikiText-2 perplexity in all six rows measured on
+#: SmolLM2-135M at the same compute (README, "Measured").
+AUTO_HOLDOUT_EVERY = 2
 
 #: Held-out errors within this relative distance of the best count as a tie, won by the larger δ
 #: (closer to plain SVD, i.e. less fitted to the calibration domain, at no measurable cost).
