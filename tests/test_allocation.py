@@ -118,13 +118,15 @@ def test_relative_and_absolute_gains_each_win_their_own_criterion(tiny_llama, ca
     original, quantized = tiny_llama
     pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, init_eora=False))
     model, weights, batches = pm.base_model.model, OriginalWeights.open(original), as_batches(calib_ids)
-    _, spectra, energy = collect_spectra(model, "default", weights, batches, damping=0.01, progress=False)
+    _, spectra, energy = collect_spectra(model, "default", weights, batches, damping=0.01, progress=False,
+                                         logit_weighting="none")  # q_proj's energy unweighted: tr(W·H·Wᵀ)
     with torch.no_grad():
         x = original.model.layers[0].input_layernorm(original.model.embed_tokens(calib_ids)).reshape(-1, 64).double()
         w = original.model.layers[0].self_attn.q_proj.weight.double()
         assert energy["model.layers.0.self_attn.q_proj"] == pytest.approx(float((w @ x.T).pow(2).sum()), rel=1e-4)
     rel_spectra = {n: s / energy[n] ** 0.5 for n, s in spectra.items()}
-    plans = {g: plan_ranks(model, "default", weights, batches, damping=0.01, gain=g, progress=False).ranks
+    plans = {g: plan_ranks(model, "default", weights, batches, damping=0.01, gain=g, progress=False,
+                           logit_weighting="none").ranks
              for g in ("relative", "absolute")}
     assert plans["relative"] != plans["absolute"]
     assert captured_energy(rel_spectra, plans["relative"]) > captured_energy(rel_spectra, plans["absolute"])

@@ -109,7 +109,9 @@ def test_int4_adapter_fitted_to_activations_beats_rounding_afterwards(tiny_gptq3
                                                                        original_model, heldout, c4_split):
     """``EoRAConfig(adapter_bits=4)`` fits the int4 factors against each layer's activations: on
     held-out text its outputs lose less of the float adapter's compensation than the same float
-    adapter rounded entry by entry afterwards."""
+    adapter rounded entry by entry afterwards. Without logit weighting: the hidden-state error this
+    test measures is the objective of unweighted factors (weighted query/key factors are fitted and
+    rounded for the logits instead; measured 0.78× on C4 here, see the perplexity tables)."""
     from peft_eora.adapter_quant import quantize_adapter_
 
     calib_file, c4_heldout = c4_split
@@ -117,7 +119,8 @@ def test_int4_adapter_fitted_to_activations_beats_rounding_afterwards(tiny_gptq3
     calib = CalibrationConfig(dataset=str(calib_file), num_samples=16, seq_len=256)
 
     def eora(bits: int):
-        cfg = EoRAConfig(r=32, adapter_bits=bits, original_model=str(tiny_original_dir), calibration=calib)
+        cfg = EoRAConfig(r=32, adapter_bits=bits, original_model=str(tiny_original_dir), calibration=calib,
+                         logit_weighting="none")
         return get_peft_model(_load(tiny_gptq3_dir), cfg).eval()
 
     floating = eora(16)

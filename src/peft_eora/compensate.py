@@ -33,7 +33,7 @@ import math
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional, Union
@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import Batch, count_tokens
-from .config import FIXED_DAMPING, VALUE_WEIGHTINGS
+from .config import DEFAULT_LOGIT_WEIGHTING, FIXED_DAMPING, LOGIT_WEIGHTINGS, VALUE_WEIGHTINGS
 from .decompose import (
     AUTO_HOLDOUT_EVERY,
     Eigen,
@@ -61,6 +61,7 @@ from .decompose import (
     weighted_error,
 )
 from .factor_quant import fit_lowbit_factors
+from .logit_weighting import AttentionShape, attention_shape, output_weights
 from .original import ModelMismatchError, OriginalWeights
 from .residual import UnsupportedModuleError, backend_for
 from .value_weighting import attached, value_taps, verified
@@ -407,6 +408,7 @@ def compensate(
     adapter_bits: int = 16,
     forward_dtype: Optional[torch.dtype] = None,
     value_weighting: str = "attention",
+    logit_weighting: str = DEFAULT_LOGIT_WEIGHTING,
 ) -> CompensationStats:
     """Compute and install EoRA factors for every LoRA layer of ``adapter_name`` (see module doc).
 
@@ -418,9 +420,13 @@ def compensate(
     so later blocks see the adapters as they will be stored.
     ``value_weighting="attention"`` weights value projections by the attention they feed (see
     :mod:`peft_eora.value_weighting`); ``"tokens"``: every token once, like the other layers.
+    ``logit_weighting="queries_and_keys"`` weights a key projection's output channels by the queries
+    that read them and a query projection's by the keys (``"keys"``: keys only; ``"none"``:
+    unweighted; see :mod:`peft_eora.logit_weighting`).
     """
     _check_damping_arg(damping)
     _check_value_weighting(value_weighting)
+    logits = _logit_setup(model, logit_weighting)
     times = times if times is not None else NO_TIMES
     blocks, targets = find_targets(model, adapter_name)
     validate(targets, original)
@@ -441,7 +447,7 @@ def compensate(
         else:
             _compensate_blocks(model, blocks, targets, adapter_name, original, batches, stats, damping, eig_rtol,
                                sequential, progress, device, checkpoint, times, adapter_bits, forward_dtype,
-                               value_weighting)
+                               value_weighting, logits)
     except BaseException as exc:
         # nothing half-written: a failure leaves every adapter as a zero update
         for t in targets:
@@ -516,6 +522,7 @@ def _compensate_blocks(
     adapter_bits: int = 16,
     forward_dtype: Optional[torch.dtype] = None,
     value_weighting: str = "attention",
+    logits: tuple[str, Optional[AttentionShape]] = ("none", None),
 ) -> None:
     if stats.tokens == 0:
         raise ValueError("The calibration data is empty: no token to estimate the activation statistics from.")
@@ -558,7 +565,7 @@ def _compensate_blocks(
             n_before = len(stats.modules)
             _compensate_visit(visit, block_targets, adapter_name, original, stats, damping, eig_rtol, sequential,
                               masks, holdout, keep_outputs=visit.index < last, times=times, adapter_bits=adapter_bits,
-                              value_weighting=value_weighting)
+                              value_weighting=value_weighting, logits=logits)
             if checkpoint is not None:
                 with times.phase("checkpoint"):
                     done = stats.modules[n_before:]
@@ -584,9 +591,12 @@ def _compensate_visit(
     times: PhaseTimes,
     adapter_bits: int = 16,
     value_weighting: str = "attention",
+    logits: tuple[str, Optional[AttentionShape]] = ("none", None),
 ) -> None:
     groups, points, taps = _visit_groups(visit.block, block_targets, visit.inputs[0], value_weighting)
     cov = _Covariances(groups, visit.device, masks, holdout, times)
+
+    metric = _output_metric(original, logits, visit.device)
 
     def finish(g: int) -> None:
         Hs = cov.take(g)
@@ -602,7 +612,8 @@ def _compensate_visit(
             shared = (H_fit, H_val, fit_eigen, None)  # the refit: Cholesky where δ allows it
             for t in groups[g]:
                 stats.modules.append(_install(t, adapter_name, original, H, None, "eora", eig_rtol, auto=shared,
-                                              device=visit.device, times=times, adapter_bits=adapter_bits))
+                                              device=visit.device, times=times, adapter_bits=adapter_bits,
+                                              out_weight=metric(t, H)))
         else:
             H = Hs[0]
             with times.phase("decomposition", visit.device):
@@ -610,7 +621,7 @@ def _compensate_visit(
             for t in groups[g]:
                 stats.modules.append(_install(t, adapter_name, original, H, projection, "eora", eig_rtol,
                                               damping=float(damping), device=visit.device, times=times,
-                                              adapter_bits=adapter_bits))
+                                              adapter_bits=adapter_bits, out_weight=metric(t, H)))
 
     with attached(taps):
         if sequential:  # one forward: the batches park at each group while its factors are installed
@@ -620,6 +631,28 @@ def _compensate_visit(
     if not sequential:
         for g in range(len(groups)):
             finish(g)
+
+
+def _logit_setup(model: nn.Module, logit_weighting: str) -> tuple[str, Optional[AttentionShape]]:
+    """``(logit_weighting, the model's attention shape)`` after checking the value."""
+    if logit_weighting not in LOGIT_WEIGHTINGS:
+        raise ValueError(f"logit_weighting must be one of {LOGIT_WEIGHTINGS}, got {logit_weighting!r}.")
+    return logit_weighting, attention_shape(getattr(model, "config", None)) if logit_weighting != "none" else None
+
+
+def _output_metric(original: OriginalWeights, logits: tuple[str, Optional[AttentionShape]], device: torch.device
+                   ) -> Callable[[Target, torch.Tensor], Optional[torch.Tensor]]:
+    """``metric(t, H)``: the logit weighting ``g`` of ``t``'s output channels (``None``: unweighted),
+    from the original sibling projection and the group's covariance ``H`` (:mod:`peft_eora.logit_weighting`)."""
+    weighting, shape = logits
+
+    def partner_weight(name: str) -> Optional[torch.Tensor]:
+        return original.get(name, device) if original.shape(name) is not None else None
+
+    def metric(t: Target, H: torch.Tensor) -> Optional[torch.Tensor]:
+        return output_weights(t.name, t.shape[0], weighting, shape, partner_weight, H)
+
+    return metric
 
 
 def _factors_of(t: Target, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -661,25 +694,32 @@ def _install(
     device: Optional[torch.device] = None,
     times: PhaseTimes = NO_TIMES,
     adapter_bits: int = 16,
+    out_weight: Optional[torch.Tensor] = None,
 ) -> ModuleStats:
+    """Compute ``t``'s factors and install them. ``out_weight`` (``g``, one weight per output channel):
+    fit ``‖G^½·(ΔW − BA)·Xᵀ‖`` instead, i.e. EoRA on ``G^½·ΔW`` and ``B ← G^-½·B`` (logit weighting)."""
     device = device if device is not None else (H.device if H is not None else device_of(t.base))
     delta = _residual(t, original, device, times)
     heldout_errors = None
     with times.phase("factors", device):
+        root = None if out_weight is None else out_weight.to(device, torch.float64).sqrt()[:, None]
+        fitted = delta if root is None else (delta.double() * root).to(delta.dtype)
         if auto is not None:
             H_fit, H_val, fit, full = auto
-            factors, choice = eora_factors_auto(delta, H_fit, H_val, t.rank, eig_rtol=eig_rtol, name=t.name, fit=fit,
+            factors, choice = eora_factors_auto(fitted, H_fit, H_val, t.rank, eig_rtol=eig_rtol, name=t.name, fit=fit,
                                                 full=full)
             damping, heldout_errors = choice.damping, choice.errors
             logger.debug("%s: damping %g chosen, held-out errors %s", t.name, damping, heldout_errors)
         else:
-            factors = eora_factors(delta, H, t.rank, method=method, eig_rtol=eig_rtol, name=t.name,
+            factors = eora_factors(fitted, H, t.rank, method=method, eig_rtol=eig_rtol, name=t.name,
                                    projection=projection)
         if adapter_bits != 16:  # rounded against the activations the factors were fitted to (δ-damped)
             plain_svd = method == "svd" or H is None or damping is None or damping == math.inf
             H_round = None if plain_svd else damped(H, float(damping))
             A_hat, B_hat = fit_lowbit_factors(factors.A, factors.B, H_round, adapter_bits)
             factors = replace(factors, A=A_hat.float(), B=B_hat.float())
+        if root is not None:  # back from the weighted problem (rounded in it: B's per-row scales absorb G^-½)
+            factors = replace(factors, B=(factors.B.double() / root).to(factors.B.dtype))
     with times.phase("install", device):
         lora_A, lora_B = t.layer.lora_A[adapter_name], t.layer.lora_B[adapter_name]
         scaling = t.layer.scaling[adapter_name]
@@ -782,6 +822,7 @@ def collect_spectra(
     times: Optional[PhaseTimes] = None,
     forward_dtype: Optional[torch.dtype] = None,
     value_weighting: str = "attention",
+    logit_weighting: str = DEFAULT_LOGIT_WEIGHTING,
 ) -> tuple[list[Target], dict[str, torch.Tensor], dict[str, float]]:
     """The targets, the spectrum of each one's projected residual ``ΔW·Q·diag(√λ)`` and each
     one's output energy ``‖W_original·Xᵀ‖²_F = tr(W·H·Wᵀ)`` (``‖W‖²_F`` for SVD), uncompensated.
@@ -791,10 +832,13 @@ def collect_spectra(
     (all groups at once) and gives the next block's inputs; per layer, a product with H, at
     most one Cholesky and one ``eigvalsh`` of a ``min(out, in)``-square matrix (no
     eigendecomposition of H). ``method="svd"`` needs no forward pass (spectrum of ``ΔW``).
+    Logit-weighted layers (``logit_weighting``) report the spectrum and energy of ``G^½·ΔW`` and
+    ``G^½·W``, what their factors will fit.
     """
     times = times if times is not None else NO_TIMES
     blocks, targets = find_targets(model, adapter_name)
     validate(targets, original, check_ranks=False)
+    logits = _logit_setup(model, logit_weighting)
     was_training = model.training
     model.eval()
     for t in targets:
@@ -821,6 +865,7 @@ def collect_spectra(
                 continue
             groups, points, taps = _visit_groups(visit.block, block_targets, visit.inputs[0], value_weighting)
             cov = _Covariances(groups, visit.device, masks, None, times)
+            metric = _output_metric(original, logits, visit.device)
             with attached(taps):
                 visit.run(points, cov.collect, on_group=None, keep_outputs=visit.index < last)
             for g, group in enumerate(groups):
@@ -828,8 +873,12 @@ def collect_spectra(
                 for t in group:  # no eigendecomposition: a Cholesky at most (see projected_spectrum)
                     w_fp, w_q = _weights(t, original, H.device, times)
                     with times.phase("factors", H.device):
-                        spectra[t.name] = projected_spectrum(w_fp - w_q, H, damping=damping, eig_rtol=eig_rtol).cpu()
-                        w = w_fp.double()
+                        out_weight = metric(t, H)
+                        delta, w = w_fp - w_q, w_fp.double()
+                        if out_weight is not None:  # what the logit-weighted factors fit: G^½·ΔW, G^½·W
+                            root = out_weight.to(H.device).sqrt()[:, None]
+                            delta, w = delta.double() * root, w * root
+                        spectra[t.name] = projected_spectrum(delta, H, damping=damping, eig_rtol=eig_rtol).cpu()
                         energy[t.name] = float(((w @ H.double()) * w).sum())
                 del H
     finally:
@@ -854,6 +903,7 @@ def plan_ranks(
     times: Optional[PhaseTimes] = None,
     forward_dtype: Optional[torch.dtype] = None,
     value_weighting: str = "attention",
+    logit_weighting: str = DEFAULT_LOGIT_WEIGHTING,
 ) -> RankPlan:
     """Allocate per-layer ranks under a parameter budget from each layer's residual spectrum::
 
@@ -877,7 +927,7 @@ def plan_ranks(
     allocate_ranks({t.name: torch.zeros(min(t.shape)) for t in targets}, costs, budget, min_rank, max_rank)
     targets, spectra, energy = collect_spectra(model, adapter_name, original, batches, method, damping, eig_rtol, progress,
                                                device=device, times=times, forward_dtype=forward_dtype,
-                                               value_weighting=value_weighting)
+                                               value_weighting=value_weighting, logit_weighting=logit_weighting)
     if gain == "relative":  # s_k / ‖W·Xᵀ‖: the greedy then ranks by reduction of squared relative error
         spectra = {n: s / math.sqrt(energy[n]) if energy[n] > 0 else s for n, s in spectra.items()}
     configured = {t.name: t.rank for t in targets}

@@ -151,6 +151,10 @@ FORWARD_DTYPES = ("auto", "model", "bfloat16", "float16")
 #: Values of ``EoRAConfig.value_weighting`` (see :mod:`peft_eora.value_weighting`).
 VALUE_WEIGHTINGS = ("attention", "tokens")
 
+#: Values of ``EoRAConfig.logit_weighting`` (see :mod:`peft_eora.logit_weighting`) and its default.
+LOGIT_WEIGHTINGS = ("queries_and_keys", "keys", "none")
+DEFAULT_LOGIT_WEIGHTING = "queries_and_keys"
+
 
 @dataclass
 class EoRAConfig(LoraConfig):
@@ -178,6 +182,10 @@ class EoRAConfig(LoraConfig):
     - ``value_weighting``: ``"attention"`` (default): a value projection's residual is weighted by
       the covariance of its attention-averaged inputs ``P̄·X`` (the error that reaches the attention
       output), not by every token once (``"tokens"``); see :mod:`peft_eora.value_weighting`.
+    - ``logit_weighting``: ``"queries_and_keys"`` (default): a key projection's output channels are
+      weighted by the energy of the queries that read them, a query projection's by the keys (their
+      errors reach the model only through the attention logits); ``"keys"``: keys only; ``"none"``:
+      every output channel alike. See :mod:`peft_eora.logit_weighting`.
     - ``eig_rtol``: eigenvalues below ``eig_rtol·λ_max`` are dropped.
     - ``sequential``: compute the modules of a block in execution order, each group seeing
       inputs from the already-compensated groups before it (else one pass per block).
@@ -233,6 +241,15 @@ class EoRAConfig(LoraConfig):
             "help": "How a value projection's residual is weighted: 'attention' (default) by the covariance of the "
             "attention-averaged inputs P̄·X, i.e. by the attention each token receives (most goes to the first "
             "token); 'tokens': every token once, like the other layers (see peft_eora.value_weighting)."
+        },
+    )
+    logit_weighting: Literal["queries_and_keys", "keys", "none"] = field(
+        default=DEFAULT_LOGIT_WEIGHTING,
+        metadata={
+            "help": "Output weighting of query/key projections by the attention logits they feed: "
+            "'queries_and_keys' (default) weights each rotary pair of a key head by the energy of the queries "
+            "reading it and each pair of a query head by its keys; 'keys': keys only; 'none': every output channel "
+            "alike (see peft_eora.logit_weighting)."
         },
     )
     eig_rtol: float = field(default=DEFAULT_EIG_RTOL, metadata={"help": "Relative eigenvalue cut-off."})
@@ -310,6 +327,8 @@ class EoRAConfig(LoraConfig):
         self._check_forward_dtype()
         if self.value_weighting not in VALUE_WEIGHTINGS:
             raise ValueError(f"EoRAConfig.value_weighting must be one of {VALUE_WEIGHTINGS}, got {self.value_weighting!r}.")
+        if self.logit_weighting not in LOGIT_WEIGHTINGS:
+            raise ValueError(f"EoRAConfig.logit_weighting must be one of {LOGIT_WEIGHTINGS}, got {self.logit_weighting!r}.")
         if self.use_dora:
             raise ValueError("EoRA initialises plain LoRA factors; DoRA (use_dora=True) is not supported.")
         from .adapter_quant import check_bits

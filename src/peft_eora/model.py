@@ -33,7 +33,7 @@ from ._peft_compat import only_active
 from .adapter_quant import is_packed, pack_adapter_state_dict, quantize_adapter_, unpack_adapter_state_dict
 from .calibration import CalibrationData, as_batches
 from .compensate import CompensationStats, RankPlan, compensate, find_targets, plan_ranks
-from .config import FIXED_DAMPING, EoRAConfig
+from .config import DEFAULT_LOGIT_WEIGHTING, FIXED_DAMPING, EoRAConfig
 from .fingerprint import record_fingerprint, verify_fingerprint
 from .kernels.gptq_linear import GPTQLinear, register_gptq_linear
 from .layer import with_mixed_batch
@@ -233,6 +233,7 @@ def _run_signature(model: nn.Module, config: EoRAConfig, adapter_name: str, batc
         "eig_rtol": config.eig_rtol,
         "sequential": config.sequential,
         "value_weighting": getattr(config, "value_weighting", "attention"),
+        "logit_weighting": getattr(config, "logit_weighting", DEFAULT_LOGIT_WEIGHTING),
         "ranks": {t.name: t.rank for t in targets},
         # a resumed run's forwards must keep the precision of the interrupted one's
         **({"forward_dtype": config.forward_dtype} if getattr(config, "forward_dtype", None) not in (None, "model") else {}),
@@ -291,7 +292,7 @@ def _compute(
             eig_rtol=config.eig_rtol, budget=config.rank_budget, min_rank=config.rank_min or 1,
             max_rank=config.rank_max, gain="absolute" if allocation == "spectrum_absolute" else "relative",
             progress=progress, device=device, times=times, forward_dtype=forward_dtype,
-            value_weighting=value_weighting,
+            value_weighting=value_weighting, logit_weighting=getattr(config, "logit_weighting", DEFAULT_LOGIT_WEIGHTING),
         )
         apply_ranks(model, config, adapter_name, plan.ranks)
         config.rank_budget = plan.budget  # recorded: a recomputation keeps this budget, not the allocated ranks
@@ -317,6 +318,7 @@ def _compute(
         adapter_bits=config.adapter_bits,
         forward_dtype=forward_dtype,
         value_weighting=value_weighting,
+        logit_weighting=getattr(config, "logit_weighting", DEFAULT_LOGIT_WEIGHTING),
     )
     if plan is not None:
         stats.allocation = plan.summary()

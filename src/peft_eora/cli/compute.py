@@ -132,6 +132,8 @@ def eora_config(args: argparse.Namespace, rank: int, method: str, original: Unio
         kwargs["forward_dtype"] = args.forward_dtype
     if getattr(args, "value_weighting", None) is not None:
         kwargs["value_weighting"] = args.value_weighting
+    if getattr(args, "logit_weighting", None) is not None:
+        kwargs["logit_weighting"] = args.logit_weighting
     return EoRAConfig(
         r=rank,
         method=method,

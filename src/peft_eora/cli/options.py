@@ -177,12 +177,17 @@ def add_eora(parser: argparse.ArgumentParser, sweep: bool) -> None:
     group.add_argument(
         "--damping", type=damping, default=None,
         help="Relative ridge δ added as δ·mean(diag H)·I to each input covariance, or 'auto' (chosen per layer on "
-        "held-out calibration windows among 0 … 3 and plain SVD; with < 4 samples the fixed 0.01). Default: auto.",
+        "held-out calibration windows among 0 … 3 and plain SVD; with 1 sample the fixed 0.01). Default: auto.",
     )  # fmt: skip
     group.add_argument(
         "--value-weighting", choices=("attention", "tokens"), default=None,
         help="How value projections weight their residual: by the attention each token receives (default) or by "
         "every token once, like the other layers.",
+    )  # fmt: skip
+    group.add_argument(
+        "--logit-weighting", choices=("queries_and_keys", "keys", "none"), default=None,
+        help="Weight key projections' output channels by the queries that read them and query projections' by "
+        "the keys (queries_and_keys, default), keys only (keys), or every output channel alike (none).",
     )  # fmt: skip
     group.add_argument(
         "--target-modules", nargs="+", default=None,
