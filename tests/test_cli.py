@@ -365,3 +365,14 @@ def test_compute_checkpoint_and_resume(computed, model_opts, tmp_path):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     code, out, err = run(["compute", *model_opts, "--rank", RANK, "--out", tmp_path / "a3", "--resume"])
     assert_one_error_line(code, out, err, 1, "--checkpoint-dir")
+
+
+def test_weighting_choices_are_the_configs():
+    """The CLI spells the weighting choices out (importing ``config`` would import PEFT and slow
+    ``--help``): they must stay the ones ``EoRAConfig`` accepts."""
+    from peft_eora.config import LOGIT_WEIGHTINGS, VALUE_WEIGHTINGS
+
+    compute = cli.build_parser()._subparsers._group_actions[0].choices["compute"]
+    choices = {o: a.choices for a in compute._actions for o in a.option_strings}
+    assert tuple(choices["--logit-weighting"]) == LOGIT_WEIGHTINGS
+    assert tuple(choices["--value-weighting"]) == VALUE_WEIGHTINGS

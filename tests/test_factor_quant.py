@@ -146,3 +146,23 @@ def test_zero_factors_and_dead_directions_stay_finite():
     A_hat, B_hat = fit_lowbit_factors(A, B, H, 4)
     assert torch.isfinite(A_hat).all() and torch.isfinite(B_hat).all()
     assert _weighted(B @ A - B_hat @ A_hat, H) < 0.05 * _weighted(B @ A, H)
+
+
+def test_aiming_at_the_residual():
+    """``target=``: refits and the choice of pair aim at the matrix ``B·A`` stands for (the
+    residual), not at ``B·A``. Aimed at ``B·A`` itself it is the same fit; aimed at a residual with
+    more in the pair's reach than ``B·A`` holds, the rounded pair follows it there."""
+    delta, f, H_fit, _ = _eora_layer(21, r=16)
+    err = lambda T, A, B: _weighted(T - B @ A, H_fit)  # noqa: E731
+    A0, B0 = fit_lowbit_factors(f.A, f.B, H_fit, 4)
+    A1, B1 = fit_lowbit_factors(f.A, f.B, H_fit, 4, target=f.B @ f.A)
+    assert err(f.B @ f.A, A1, B1) == pytest.approx(err(f.B @ f.A, A0, B0), rel=1e-3)  # float32 T·H
+    # a target the rank-16 pair can reach but B·A misses: B·(A + D)
+    D = 0.3 * f.A.std() * torch.randn(f.A.shape, generator=torch.Generator().manual_seed(22))
+    T = f.B @ (f.A + D)
+    A2, B2 = fit_lowbit_factors(f.A, f.B, H_fit, 4, target=T)
+    assert err(T, A2, B2) < 0.2 * err(T, A0, B0)  # measured 0.05×
+    for w, i in ((A2, 0), (B2, 1)):  # still what save_pretrained stores, bit for bit
+        assert torch.equal(factor_rounder(4)(w, w)[i], w)
+    with pytest.raises(ValueError, match="target shape"):
+        fit_lowbit_factors(f.A, f.B, H_fit, 4, target=T[:, :-1])

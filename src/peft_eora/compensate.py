@@ -716,7 +716,8 @@ def _install(
         if adapter_bits != 16:  # rounded against the activations the factors were fitted to (δ-damped)
             plain_svd = method == "svd" or H is None or damping is None or damping == math.inf
             H_round = None if plain_svd else damped(H, float(damping))
-            A_hat, B_hat = fit_lowbit_factors(factors.A, factors.B, H_round, adapter_bits)
+            # aimed at the residual itself, not at the float pair: the rounded pair's error is the layer's
+            A_hat, B_hat = fit_lowbit_factors(factors.A, factors.B, H_round, adapter_bits, target=fitted)
             factors = replace(factors, A=A_hat.float(), B=B_hat.float())
         if root is not None:  # back from the weighted problem (rounded in it: B's per-row scales absorb G^-½)
             factors = replace(factors, B=(factors.B.double() / root).to(factors.B.dtype))

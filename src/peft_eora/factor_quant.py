@@ -210,7 +210,8 @@ def rank_rotation(r: int, dtype: torch.dtype = torch.float64, device: torch.devi
 
 def fit_lowbit_factors(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None, bits: int,
                        percdamp: float = GPTQ_PERCDAMP, rounds: int = FIT_ROUNDS, balance: float = BALANCE,
-                       clip: tuple[float, ...] = CLIP_GRID) -> tuple[torch.Tensor, torch.Tensor]:
+                       clip: tuple[float, ...] = CLIP_GRID,
+                       target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Â, B̂)`` on the ``bits`` grid that :func:`~peft_eora.adapter_quant.pack_adapter_state_dict`
     stores, fitted so that ``B̂·Â·x`` stays close to ``B·A·x`` for inputs with covariance ``H``
     (``None``: identity). ``A`` is ``(r, in)``, ``B`` ``(out, r)``.
@@ -223,7 +224,13 @@ def fit_lowbit_factors(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None,
     ``B`` to the new ``Â``; the closest pair seen is returned (on SmolLM2-135M's EoRA factors the
     rotated pair won in every layer sampled).
 
+    ``target`` (``(out, in)``, e.g. the residual ``ΔW`` that ``B·A`` truncates): the refits and the
+    choice of the closest pair aim at ``target`` instead of ``B·A``, i.e. minimise
+    ``‖(target − B̂·Â)·Xᵀ‖``, the layer's error itself; the rounded pair may then pick up some
+    of what the rank-r truncation left out, where aiming at ``B·A`` only chases the float pair.
+
         >>> A_hat, B_hat = fit_lowbit_factors(A, B, X.T @ X, bits=4)  # doctest: +SKIP
+        >>> A_hat, B_hat = fit_lowbit_factors(A, B, X.T @ X, bits=4, target=dW)  # doctest: +SKIP
     """
     r, n = A.shape
     if B.shape[1] != r:
@@ -235,31 +242,49 @@ def fit_lowbit_factors(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None,
     A64, B64 = _balanced(A.to(torch.float64), B.to(dev, torch.float64), Hd, balance)
     plan = _plan(Hd, percdamp)  # shared by every A rounding
     a_group, b_group = factor_group_size("lora_A", bits, n), factor_group_size("lora_B", bits, r)
+    if target is not None and tuple(target.shape) != (B.shape[0], n):
+        raise ValueError(f"target shape {tuple(target.shape)} does not match B·A's {(B.shape[0], n)}")
+    # target·H (float32 like the layer's weights: (out, in) is the one large matrix here)
+    TH = None if target is None else (target.to(dev, torch.float32) @ Hd.to(torch.float32))
 
-    def finish(A_in: torch.Tensor, B_in: torch.Tensor, A_hat: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-        """Refit ``B`` to the rounded ``A_hat`` (towards ``B_in·A_in``), round it; the pair's error."""
+    def aimed(A_hat: torch.Tensor) -> torch.Tensor:
+        """``T·H·Âᵀ`` (``(out, r)``) for the target ``T`` (``B·A`` when none is given)."""
+        if TH is None:
+            return B64 @ (A64 @ Hd @ A_hat.T)
+        return (TH @ A_hat.T.to(torch.float32)).double()
+
+    def error(B_hat: torch.Tensor, A_hat: torch.Tensor) -> float:
+        """The pair's squared error under ``H`` towards the target, up to a constant."""
+        if TH is None:
+            return _pair_error(B64, A64, B_hat, A_hat, Hd)
+        return float(((B_hat.T @ B_hat) * (A_hat @ Hd @ A_hat.T)).sum() - 2.0 * (B_hat * aimed(A_hat)).sum())
+
+    def finish(A_hat: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """Refit ``B`` to the rounded ``A_hat`` (towards the target), round it; the pair's error."""
         G = A_hat @ Hd @ A_hat.T  # the covariance of Â·x, which B multiplies
         G = 0.5 * (G + G.T)
-        B_fit = _ridge_solve(G, (B_in @ (A_in @ Hd @ A_hat.T)).T).T  # argmin ‖(B_in·A_in − B'·Â)·X‖
+        B_fit = _ridge_solve(G, aimed(A_hat).T).T  # argmin ‖(T − B'·Â)·X‖
         B_hat = gptq_round(B_fit, G, bits, b_group, percdamp, clip=clip).double()
-        return _pair_error(B64, A64, B_hat, A_hat, Hd), A_hat, B_hat
+        return error(B_hat, A_hat), A_hat, B_hat
 
     R = rank_rotation(r, device=dev)
     pairs = [(R.T @ A64, B64 @ R), (A64, B64)]
     # both candidates' A share H: one GPTQ pass over their rows stacked
     A_hats = gptq_round(torch.cat([p[0] for p in pairs]), Hd, bits, a_group, percdamp, plan=plan, clip=clip)
-    best: tuple[float, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    for (A_in, B_in), A_hat in zip(pairs, A_hats.double().split(r)):
-        err, A_hat, B_hat = finish(A_in, B_in, A_hat)
-        if best is None or err < best[0]:
-            best = (err, A_hat, B_hat, A_in, B_in)
+    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
+    for A_hat in A_hats.double().split(r):
+        new = finish(A_hat)
+        if best is None or new[0] < best[0]:
+            best = new
     assert best is not None
-    _, A_hat, B_hat, A_in, B_in = best
+    _, A_hat, B_hat = best
     for _ in range(rounds - 1):
-        A_target = _ridge_solve(B_hat.T @ B_hat, (B_hat.T @ B_in) @ A_in)  # argmin ‖B_in·A_in − B̂·A'‖, any H
-        new = finish(A_in, B_in, gptq_round(A_target, Hd, bits, a_group, percdamp, plan=plan, clip=clip).double())
+        # argmin ‖T − B̂·A'‖ under any H: B̂⁺·T
+        BT = (B_hat.T @ B64) @ A64 if target is None else (B_hat.T.float() @ target.to(dev, torch.float32)).double()
+        A_target = _ridge_solve(B_hat.T @ B_hat, BT)
+        new = finish(gptq_round(A_target, Hd, bits, a_group, percdamp, plan=plan, clip=clip).double())
         if new[0] < best[0]:
-            best = (*new, A_in, B_in)
+            best = new
         A_hat, B_hat = new[1], new[2]
     return best[1].float(), best[2].float()
 

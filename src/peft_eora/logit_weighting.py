@@ -111,7 +111,7 @@ def partner(name: str, weighting: str) -> Optional[tuple[str, str]]:
         partner("model.layers.0.self_attn.k_proj", "keys")   # ("key", "model.layers.0.self_attn.q_proj")
     """
     head, _, leaf = name.rpartition(".")
-    if leaf == KEY_NAME and weighting in ("keys", "queries_and_keys"):
+    if leaf == KEY_NAME and weighting != "none":  # keys are weighted by both other choices
         return "key", f"{head}.{QUERY_NAME}" if head else QUERY_NAME
     if leaf == QUERY_NAME and weighting == "queries_and_keys":
         return "query", f"{head}.{KEY_NAME}" if head else KEY_NAME
