@@ -416,7 +416,7 @@ def compensate(
     ``forward_dtype`` (e.g. ``torch.bfloat16``): the block forwards run under autocast to it, the
     covariances still accumulate in float32 (see :func:`peft_eora.model.resolve_forward_dtype`).
     ``adapter_bits`` 8 or 4: factors are installed on the int8/int4 grid they will be stored on,
-    rounded against the layer's activations (:func:`peft_eora.factor_quant.fit_lowbit_factors`),
+    rounded against the layer's activations towards its residual (:func:`peft_eora.factor_quant.fit_lowbit_factors`),
     so later blocks see the adapters as they will be stored.
     ``value_weighting="attention"`` weights value projections by the attention they feed (see
     :mod:`peft_eora.value_weighting`); ``"tokens"``: every token once, like the other layers.

@@ -11,10 +11,11 @@ layer computes, ``B·A·x``. :func:`fit_lowbit_factors` instead
 3. rounds ``A``'s columns left to right, pushing each column's rounding error onto the columns
    not yet rounded through the inverse input covariance ``H⁻¹`` (GPTQ), each group's scale chosen
    among shrunk candidates (:data:`CLIP_GRID`);
-4. refits ``B`` to the rounded ``Â`` (least squares towards ``B·A`` under ``H``) and rounds it
-   the same way against ``Â·H·Âᵀ``, the covariance of what ``B`` multiplies;
+4. refits ``B`` to the rounded ``Â`` (least squares under ``H`` towards the residual ``ΔW`` that
+   ``B·A`` truncates, when given as ``target``, else towards ``B·A``) and rounds it the same way
+   against ``Â·H·Âᵀ``, the covariance of what ``B`` multiplies;
 5. alternates (:data:`FIT_ROUNDS`): ``A`` refitted to the rounded ``B̂``, rounded, ``B`` refitted
-   and rounded again; the closest pair under ``H`` is kept.
+   and rounded again; the pair closest to the target under ``H`` is kept.
 
 The grid is exactly :mod:`peft_eora.kernels.lowbit`'s (symmetric, float32 scales per row, or per
 row and group for ``A``) and every group keeps one code at ``±qmax``, so a saved adapter re-derives
@@ -34,7 +35,10 @@ for perplexity): entry by entry 4.0 %; one GPTQ pass, rotated (steps 2-3 without
 with clipped scales 1.44 %; rebalanced 1.32 %; ``B`` refitted 1.15 %; three rounds 0.86 %; ``A`` in
 groups of 16 instead of 32 (:data:`~peft_eora.kernels.lowbit.INT4_A_GROUP`) 0.74 %.
 WikiText-2 / GSM8K perplexity over float factors: +0.62 % / +0.83 % (entry by entry +3.1 % / +4.0 %;
-``benchmarks/results/adapter_bits_fitted2_3bit.md``); 4-bit base −0.05 % / +0.11 %.
+``benchmarks/results/adapter_bits_fitted2_3bit.md``); 4-bit base −0.05 % / +0.11 %. At the logit-weighted
+defaults, refits aimed at the float pair +0.86 % / +1.02 %, aimed at the residual (``target=``, what
+:mod:`peft_eora.compensate` passes) +0.30 % / +0.15 %; 4-bit +0.17 % / −0.20 %
+(``adapter_bits_target_{3,4}bit.md``).
 """
 
 from __future__ import annotations
