@@ -248,28 +248,28 @@ def fit_lowbit_factors(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None,
     a_group, b_group = factor_group_size("lora_A", bits, n), factor_group_size("lora_B", bits, r)
     if target is not None and tuple(target.shape) != (B.shape[0], n):
         raise ValueError(f"target shape {tuple(target.shape)} does not match B·A's {(B.shape[0], n)}")
-    # target·H (float32 like the layer's weights: (out, in) is the one large matrix here)
-    TH = None if target is None else (target.to(dev, torch.float32) @ Hd.to(torch.float32))
+    # the target in float32 like the layer's weights ((out, in) is the one large matrix here), and T·H
+    T32 = None if target is None else target.to(dev, torch.float32)
+    TH = None if T32 is None else T32 @ Hd.to(torch.float32)
+    AH = A64 @ Hd
 
     def aimed(A_hat: torch.Tensor) -> torch.Tensor:
         """``T·H·Âᵀ`` (``(out, r)``) for the target ``T`` (``B·A`` when none is given)."""
-        if TH is None:
-            return B64 @ (A64 @ Hd @ A_hat.T)
-        return (TH @ A_hat.T.to(torch.float32)).double()
+        return B64 @ (AH @ A_hat.T) if TH is None else (TH @ A_hat.T.to(torch.float32)).double()
 
-    def error(B_hat: torch.Tensor, A_hat: torch.Tensor) -> float:
-        """The pair's squared error under ``H`` towards the target, up to a constant."""
-        if TH is None:
-            return _pair_error(B64, A64, B_hat, A_hat, Hd)
-        return float(((B_hat.T @ B_hat) * (A_hat @ Hd @ A_hat.T)).sum() - 2.0 * (B_hat * aimed(A_hat)).sum())
+    def toward(B_hat: torch.Tensor) -> torch.Tensor:
+        """``B̂ᵀ·T`` (``(r, in)``)."""
+        return (B_hat.T @ B64) @ A64 if T32 is None else (B_hat.T.to(torch.float32) @ T32).double()
 
     def finish(A_hat: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
-        """Refit ``B`` to the rounded ``A_hat`` (towards the target), round it; the pair's error."""
+        """Refit ``B`` to the rounded ``A_hat`` (towards the target), round it; the pair's squared
+        error under ``H`` towards the target, up to a constant: ``‖B̂·Â‖²_H − 2·⟨B̂, T·H·Âᵀ⟩``."""
         G = A_hat @ Hd @ A_hat.T  # the covariance of Â·x, which B multiplies
         G = 0.5 * (G + G.T)
-        B_fit = _ridge_solve(G, aimed(A_hat).T).T  # argmin ‖(T − B'·Â)·X‖
+        M = aimed(A_hat)
+        B_fit = _ridge_solve(G, M.T).T  # argmin ‖(T − B'·Â)·X‖
         B_hat = gptq_round(B_fit, G, bits, b_group, percdamp, clip=clip).double()
-        return error(B_hat, A_hat), A_hat, B_hat
+        return float(((B_hat.T @ B_hat) * G).sum() - 2.0 * (B_hat * M).sum()), A_hat, B_hat
 
     R = rank_rotation(r, device=dev)
     pairs = [(R.T @ A64, B64 @ R), (A64, B64)]
@@ -283,9 +283,7 @@ def fit_lowbit_factors(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None,
     assert best is not None
     _, A_hat, B_hat = best
     for _ in range(rounds - 1):
-        # argmin ‖T − B̂·A'‖ under any H: B̂⁺·T
-        BT = (B_hat.T @ B64) @ A64 if target is None else (B_hat.T.float() @ target.to(dev, torch.float32)).double()
-        A_target = _ridge_solve(B_hat.T @ B_hat, BT)
+        A_target = _ridge_solve(B_hat.T @ B_hat, toward(B_hat))  # argmin ‖T − B̂·A'‖ under any H: B̂⁺·T
         new = finish(gptq_round(A_target, Hd, bits, a_group, percdamp, plan=plan, clip=clip).double())
         if new[0] < best[0]:
             best = new
@@ -313,9 +311,3 @@ def _ridge_solve(G: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
     return torch.linalg.solve(G + 1e-10 * scale * eye, M)
 
-
-def _pair_error(B: torch.Tensor, A: torch.Tensor, B_hat: torch.Tensor, A_hat: torch.Tensor, H: torch.Tensor) -> float:
-    """``tr((B·A − B̂·Â)·H·(B·A − B̂·Â)ᵀ)`` from the factors (``2r × 2r`` products, not ``out × in``)."""
-    left = torch.cat([B, -B_hat], dim=1)
-    right = torch.cat([A, A_hat], dim=0)
-    return float(((left.T @ left) * (right @ H @ right.T)).sum())

@@ -280,6 +280,7 @@ def _compute(
         logger.info("EoRA computes on %s (decoder blocks visit it one at a time)", device)
     forward_dtype = resolve_forward_dtype(model, getattr(config, "forward_dtype", None), device)
     value_weighting = getattr(config, "value_weighting", "attention")
+    logit_weighting = getattr(config, "logit_weighting", DEFAULT_LOGIT_WEIGHTING)
     if forward_dtype is not None:
         logger.info("calibration forwards under autocast to %s (covariances in float32)", forward_dtype)
     plan: Optional[RankPlan] = None
@@ -292,7 +293,7 @@ def _compute(
             eig_rtol=config.eig_rtol, budget=config.rank_budget, min_rank=config.rank_min or 1,
             max_rank=config.rank_max, gain="absolute" if allocation == "spectrum_absolute" else "relative",
             progress=progress, device=device, times=times, forward_dtype=forward_dtype,
-            value_weighting=value_weighting, logit_weighting=getattr(config, "logit_weighting", DEFAULT_LOGIT_WEIGHTING),
+            value_weighting=value_weighting, logit_weighting=logit_weighting,
         )
         apply_ranks(model, config, adapter_name, plan.ranks)
         config.rank_budget = plan.budget  # recorded: a recomputation keeps this budget, not the allocated ranks
@@ -318,7 +319,7 @@ def _compute(
         adapter_bits=config.adapter_bits,
         forward_dtype=forward_dtype,
         value_weighting=value_weighting,
-        logit_weighting=getattr(config, "logit_weighting", DEFAULT_LOGIT_WEIGHTING),
+        logit_weighting=logit_weighting,
     )
     if plan is not None:
         stats.allocation = plan.summary()
