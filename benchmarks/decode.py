@@ -10,7 +10,9 @@ intermediate 14336, 8 KV heads, vocabulary 128256) decodes greedily, batch 1:
   forward (base kernel, then ``lora_B(lora_A(x))`` in the adapters' dtype, float32 as PEFT
   creates them for integer bases, and the add); ``peft_unfused_fp16`` — the same with the
   adapters cast to float16;
-* ``fused`` — ``peft_eora.fuse`` (one kernel per linear); ``fused_int8`` — with int8 adapters.
+* ``fused`` — ``peft_eora.fuse`` (one kernel per linear); ``fused_int8`` — with int8 adapters;
+  ``fused_lora_in_epilogue`` — the CUDA kernel's version-2 low-rank expand (whole B·t on the
+  last K slice), for comparison.
 
 Each step (one token) is captured once in a CUDA graph over a static KV cache and replayed,
 so the figures are GPU time per token, not Python overhead (``--eager`` times the Python loop
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -57,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=128, help="decoded tokens timed")
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--eager", action="store_true", help="time the Python decode loop instead of a CUDA graph")
-    p.add_argument("--variants", default="fp16,gptq_base,peft_unfused,peft_unfused_fp16,fused,fused_int8")
+    p.add_argument("--variants", default="fp16,gptq_base,peft_unfused,peft_unfused_fp16,fused,fused_int8,"
+                                          "fused_lora_in_epilogue")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU (eager): checks the code paths")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -263,6 +267,20 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if "fused_int8" in variants:
         fuse(peft_model, backend=backend, adapter_bits=8)
         out["fused_int8"] = measure(peft_model, args, prompt)
+        unfuse(peft_model)
+    if "fused_lora_in_epilogue" in variants and device.type == "cuda":  # the kernel's version-2 expand, for comparison
+        from peft_eora.kernels import ops
+
+        fuse(peft_model, backend=backend, adapter_bits=16)
+        old = os.environ.get(ops.ENV_LORA_IN_EPILOGUE)
+        os.environ[ops.ENV_LORA_IN_EPILOGUE] = "1"
+        try:
+            out["fused_lora_in_epilogue"] = measure(peft_model, args, prompt)
+        finally:
+            if old is None:
+                os.environ.pop(ops.ENV_LORA_IN_EPILOGUE, None)
+            else:
+                os.environ[ops.ENV_LORA_IN_EPILOGUE] = old
         unfuse(peft_model)
     tok = {k: v["tok_s"] for k, v in out.items()}
     ratios = {}

@@ -10,7 +10,9 @@ Python overhead):
 * ``base`` — our CUDA kernel without the low-rank term;
 * ``unfused`` — what PEFT does: ``base``, then ``lora_B(lora_A(x))·scaling`` and the add;
 * ``fused`` — ``torch.ops.peft_eora.gptq_lora_linear`` (one launch); ``fused_int8`` with int8
-  adapters; ``fused_two_pass`` (the two-launch CUDA variant); ``fused_triton`` (the Triton
+  adapters; ``fused_two_pass`` (the two-launch CUDA variant); ``fused_lora_in_epilogue``
+  (the kernel's version 2: the whole B·t on the last K slice, B read from L2, instead of the
+  rank split over the K slices with B staged in shared memory); ``fused_triton`` (the Triton
   fallback for GPUs without nvcc).
 
 plus the bytes each fused call must move, the floor they set at the device-to-device copy
@@ -299,6 +301,8 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> tuple[list[d
                     if cuda:
                         with _env(ops.ENV_TWO_PASS, "1"):
                             t["fused_two_pass"] = timed(fused, copies)
+                        with _env(ops.ENV_LORA_IN_EPILOGUE, "1"):
+                            t["fused_lora_in_epilogue"] = timed(fused, copies)
                     if triton_ok and "triton_error" not in row:
                         t["fused_triton"] = timed(lambda i: fused(i, backend="triton"), copies)
                     row["timings_us"] = {name: v.get("us") for name, v in t.items()}

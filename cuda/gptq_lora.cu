@@ -15,12 +15,12 @@ namespace {
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
 template <typename T>
-void dispatch_bits(Params& p, int bits, bool two_pass, int64_t ws_ints, int device, cudaStream_t stream) {
+void dispatch_bits(Params& p, int bits, int options, int64_t ws_ints, int device, cudaStream_t stream) {
   switch (bits) {
-    case 2: launch_bits<T, 2>(p, two_pass, ws_ints, device, stream); break;
-    case 3: launch_bits<T, 3>(p, two_pass, ws_ints, device, stream); break;
-    case 4: launch_bits<T, 4>(p, two_pass, ws_ints, device, stream); break;
-    case 8: launch_bits<T, 8>(p, two_pass, ws_ints, device, stream); break;
+    case 2: launch_bits<T, 2>(p, options, ws_ints, device, stream); break;
+    case 3: launch_bits<T, 3>(p, options, ws_ints, device, stream); break;
+    case 4: launch_bits<T, 4>(p, options, ws_ints, device, stream); break;
+    case 8: launch_bits<T, 8>(p, options, ws_ints, device, stream); break;
     default: TORCH_CHECK(false, "peft_eora: unsupported bits=", bits, " (expected 2, 3, 4 or 8)");
   }
 }
@@ -33,7 +33,7 @@ at::Tensor gptq_lora_forward(const at::Tensor& x, const at::Tensor& qweight, con
                              const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& lora_a,
                              const c10::optional<at::Tensor>& lora_b, const c10::optional<at::Tensor>& lora_a_scale,
                              const c10::optional<at::Tensor>& lora_b_scale, int64_t bits, int64_t lora_bits,
-                             double scaling, int64_t zero_offset, const at::Tensor& workspace, bool two_pass) {
+                             double scaling, int64_t zero_offset, const at::Tensor& workspace, int64_t options) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "peft_eora: x must be a contiguous 2-D CUDA tensor");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
               "peft_eora: x must be float16 or bfloat16, got ", x.scalar_type());
@@ -149,9 +149,9 @@ at::Tensor gptq_lora_forward(const at::Tensor& x, const at::Tensor& qweight, con
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
   const int64_t ws_ints = workspace.numel();
   if (x.scalar_type() == at::kHalf) {
-    dispatch_bits<__half>(p, static_cast<int>(bits), two_pass, ws_ints, device, stream);
+    dispatch_bits<__half>(p, static_cast<int>(bits), static_cast<int>(options), ws_ints, device, stream);
   } else {
-    dispatch_bits<__nv_bfloat16>(p, static_cast<int>(bits), two_pass, ws_ints, device, stream);
+    dispatch_bits<__nv_bfloat16>(p, static_cast<int>(bits), static_cast<int>(options), ws_ints, device, stream);
   }
   return out;
 }

@@ -48,8 +48,18 @@
 // the epilogue of the first tile they finalise. Where the GPU has room beside the GEMV units
 // (the usual decode case), dedicated CTAs with the lowest indices do the chunks, so the
 // weight stream never waits for phase 1; otherwise every CTA first does a share of the
-// chunks after asking L2 to prefetch its first unit. The tile's B rows are prefetched into
-// L2 when its first slice starts, so the epilogue reads them from L2. Waiting needs all
+// chunks after asking L2 to prefetch its first unit.
+//
+// Low-rank expand (version 3: the rank split over the K slices). B.t = sum over rank chunks
+// of B[:, chunk].t[chunk], so each unit (tile, K slice ks) adds the share of rank chunk ks
+// (lr_chunk entries, a multiple of 32) to its own partial before publishing it: the expand
+// work and its B reads are spread over the K slices instead of all landing on the last slice
+// to arrive, and the unit copies its B rows (32 x lr_chunk, <= 16 KiB) into shared memory with
+// cp.async when it starts, so they arrive while the weights stream and the expand reads shared
+// memory only. Every unit then waits for t (phase 1 ran first or beside it) before
+// publishing. Where B's rows are not 16-byte aligned (odd ranks) or a chunk would not fit,
+// the version-2 epilogue does the whole B.t on the last slice (reading B from L2, prefetched
+// when the tile's first slice starts); kOptLoraInEpilogue forces it (A/B timing). Waiting needs all
 // CTAs co-resident: the host caps the grid at the occupancy-derived capacity and CTAs loop
 // over units (PEFT_EORA_CUDA_TWO_PASS=1 runs phase 1 as its own launch instead, for MPS
 // limits or persistent kernels beside ours).
@@ -89,6 +99,12 @@ constexpr int kMaxTileCounters = 4096;   // split-K arrival counters (tiles); wi
 constexpr int kWsData = kWsHeader + kMaxTileCounters;
 
 enum Mode : int { kModeFused = 0, kModePhase1 = 1, kModePhase2 = 2 };
+// Launch options (bit flags, from the host): kOptTwoPass runs phase 1 as its own launch;
+// kOptLoraInEpilogue keeps the whole B.t in the last slice's epilogue (version 2).
+enum Option : int { kOptTwoPass = 1, kOptLoraInEpilogue = 2 };
+// Floats of the shared t buffer [M][R], rounded up to 16 bytes (the B stage follows it).
+__host__ __device__ inline int ts_floats(int M, int R) { return ((M * (R > 0 ? R : 0)) + 3) & ~3; }
+constexpr int kMaxStageBytes = 16384;    // shared-memory B rows of one unit (32 x lr_chunk)
 
 struct Params {
   const void* x;           // [M, K] scalar_t, contiguous, 16-byte aligned
@@ -119,6 +135,8 @@ struct Params {
   int ws_t;                // float offset of t [M, R]
   int ws_part_a;           // float offset of the phase-1 partials [ksplit_a, M, R]
   int ws_part_y;           // float offset of the phase-2 partials [num_units, M, 32]
+  int lr_split;            // 1: unit (tile, ks) adds B[:, chunk ks].t[chunk ks] (B staged in shared memory)
+  int lr_chunk;            // rank entries per K slice when lr_split (a multiple of 32)
   float scaling;
 };
 
@@ -320,8 +338,20 @@ __device__ __forceinline__ uint32_t ld_acquire(const int32_t* p) {
 // Ask L2 to fetch a line now (a non-blocking hint): lets the weight stream start while the
 // CTA is busy with phase 1.
 __device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr)); }
+
+// 16 bytes global -> shared without passing through registers (sm_80+); completes by
+// cp_async_wait_all. Both addresses 16-byte aligned.
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 #else
 inline void prefetch_l2(const void*) {}
+inline void cp_async16(void* smem_dst, const void* gmem_src) { std::memcpy(smem_dst, gmem_src, 16); }
+inline void cp_async_commit() {}
+inline void cp_async_wait_all() {}
 #endif
 
 // ---- phase 1: t = scaling * A.x ---------------------------------------------------------
@@ -697,52 +727,105 @@ __device__ __forceinline__ float load_b(const Params& p, int n, int j) {
   return static_cast<float>(c >= 8 ? c - 16 : c);
 }
 
-// y (red0[m][col], fully reduced) + B.t + bias -> out for one tile.
+// Bytes of `j` entries of one B row (j a multiple of 2 for packed int4).
+__device__ __forceinline__ size_t b_bytes(const Params& p, int j) {
+  return p.lora_bits == 16 ? static_cast<size_t>(j) * 2 : (p.lora_bits == 8 ? static_cast<size_t>(j) : j / 2);
+}
+
+// 8 staged B entries (shared memory, entry offset e % 8 == 0 of a staged row) as floats.
+template <typename T>
+__device__ __forceinline__ void stage_b8(const Params& p, const unsigned char* row, int e, float (&b)[8]) {
+  if (p.lora_bits == 16) {
+    const uint4 u = *reinterpret_cast<const uint4*>(row + 2 * e);
+    const T* h = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) b[i] = to_f<T>(h[i]);
+  } else if (p.lora_bits == 8) {
+    const uint2 u = *reinterpret_cast<const uint2*>(row + e);
+    const int8_t* c = reinterpret_cast<const int8_t*>(&u);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) b[i] = static_cast<float>(c[i]);
+  } else {
+    const uint32_t u = *reinterpret_cast<const uint32_t*>(row + e / 2);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int c = static_cast<int>((u >> (4 * i)) & 0xFu);
+      b[i] = static_cast<float>(c >= 8 ? c - 16 : c);
+    }
+  }
+}
+
+// Copy B[tile columns, j0 .. j1) into `stage` (row c at c * stage_row bytes) with cp.async.
+// Rows and the chunk are 16-byte aligned (the planner's lr_split condition).
+__device__ __forceinline__ void stage_b_rows(const Params& p, int tile, int j0, int j1, unsigned char* stage) {
+  const size_t row_bytes = b_bytes(p, p.R), begin = b_bytes(p, j0);
+  const int pieces = static_cast<int>(b_bytes(p, j1 - j0) / 16);
+  const size_t stage_row = b_bytes(p, p.lr_chunk);
+  const unsigned char* src = reinterpret_cast<const unsigned char*>(p.lora_b);
+  for (int idx = threadIdx.x; idx < kTileN * pieces; idx += kThreads) {
+    const int c = idx / pieces, q = idx % pieces;
+    const int n = tile * kTileN + c;
+    if (n < p.N) cp_async16(stage + c * stage_row + 16 * q, src + static_cast<size_t>(n) * row_bytes + begin + 16 * q);
+  }
+  cp_async_commit();
+}
+
+// red0[m][col] += sum_{j in [j0, j1)} B[n, j] * t[m, j] for one tile (red0 reduced over the
+// warps). B from `stage` (staged rows of this chunk) or, when null, from global memory.
 template <typename T, int MAXM>
-__device__ __forceinline__ void epilogue(const Params& p, int tile, float* red0, const float* ts) {
+__device__ __forceinline__ void lowrank_add(const Params& p, int tile, int j0, int j1, float* red0, const float* ts,
+                                            const unsigned char* stage) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (p.R > 0) {
-    // 8 columns per warp: lane/4 picks the column, lane%4 a quarter of the rank
-    const int col = warp * 8 + (lane >> 2), jq = lane & 3;
-    const int n = tile * kTileN + col;
-    float l[MAXM];
+  // 8 columns per warp: lane/4 picks the column, lane%4 a quarter of the rank
+  const int col = warp * 8 + (lane >> 2), jq = lane & 3;
+  const int n = tile * kTileN + col;
+  float l[MAXM];
 #pragma unroll
-    for (int m = 0; m < MAXM; ++m) l[m] = 0.f;
-    if (n < p.N) {
-      if ((p.R & 7) == 0) {
-        for (int j0 = jq * 8; j0 < p.R; j0 += 32) {
-          float b[8];
-          load_b8<T>(p, n, j0, b);
+  for (int m = 0; m < MAXM; ++m) l[m] = 0.f;
+  if (n < p.N) {
+    if ((p.R & 7) == 0) {
+      const unsigned char* row = stage != nullptr ? stage + col * b_bytes(p, p.lr_chunk) : nullptr;
+      for (int j = j0 + jq * 8; j < j1; j += 32) {
+        float b[8];
+        if (row != nullptr) {
+          stage_b8<T>(p, row, j - j0, b);
+        } else {
+          load_b8<T>(p, n, j, b);
+        }
 #pragma unroll
-          for (int m = 0; m < MAXM; ++m) {
-            if (m < p.M) {
+        for (int m = 0; m < MAXM; ++m) {
+          if (m < p.M) {
 #pragma unroll
-              for (int i = 0; i < 8; ++i) l[m] = fmaf(b[i], ts[m * p.R + j0 + i], l[m]);
-            }
+            for (int i = 0; i < 8; ++i) l[m] = fmaf(b[i], ts[m * p.R + j + i], l[m]);
           }
         }
-      } else {
-        for (int j = jq; j < p.R; j += 4) {
-          const float bv = load_b<T>(p, n, j);
+      }
+    } else {
+      for (int j = j0 + jq; j < j1; j += 4) {
+        const float bv = load_b<T>(p, n, j);
 #pragma unroll
-          for (int m = 0; m < MAXM; ++m)
-            if (m < p.M) l[m] = fmaf(bv, ts[m * p.R + j], l[m]);
-        }
+        for (int m = 0; m < MAXM; ++m)
+          if (m < p.M) l[m] = fmaf(bv, ts[m * p.R + j], l[m]);
       }
     }
-#pragma unroll
-    for (int m = 0; m < MAXM; ++m) {
-      l[m] += __shfl_xor_sync(0xffffffffu, l[m], 1);
-      l[m] += __shfl_xor_sync(0xffffffffu, l[m], 2);
-    }
-    if (jq == 0 && n < p.N) {
-      const float sb = p.lora_bits == 16 ? 1.f : __ldg(p.b_scale + n);
-#pragma unroll
-      for (int m = 0; m < MAXM; ++m)
-        if (m < p.M) red0[m * kTileN + col] += sb * l[m];
-    }
-    __syncthreads();
   }
+#pragma unroll
+  for (int m = 0; m < MAXM; ++m) {
+    l[m] += __shfl_xor_sync(0xffffffffu, l[m], 1);
+    l[m] += __shfl_xor_sync(0xffffffffu, l[m], 2);
+  }
+  if (jq == 0 && n < p.N) {
+    const float sb = p.lora_bits == 16 ? 1.f : __ldg(p.b_scale + n);
+#pragma unroll
+    for (int m = 0; m < MAXM; ++m)
+      if (m < p.M) red0[m * kTileN + col] += sb * l[m];
+  }
+  __syncthreads();
+}
+
+// y (red0[m][col], fully reduced, low-rank term included) + bias -> out for one tile.
+template <typename T>
+__device__ __forceinline__ void store_tile(const Params& p, int tile, const float* red0) {
   T* out = reinterpret_cast<T*>(p.out);
   const T* bias = reinterpret_cast<const T*>(p.bias);
   for (int idx = threadIdx.x; idx < p.M * kTileN; idx += kThreads) {
@@ -784,6 +867,7 @@ __global__ void __launch_bounds__(kThreads, (BITS >= 8 ? 2 : 4)) gptq_lora_kerne
 #endif
   float* red = smem;                          // [kWarps][MAXM][32]
   float* ts = smem + kWarps * MAXM * kTileN;  // [M][R]
+  unsigned char* stage = reinterpret_cast<unsigned char*>(ts + ts_floats(p.M, p.R));  // [32][lr_chunk] B entries
 
   int32_t* counters = p.ws;
   float* wsf = reinterpret_cast<float*>(p.ws);
@@ -808,11 +892,27 @@ __global__ void __launch_bounds__(kThreads, (BITS >= 8 ? 2 : 4)) gptq_lora_kerne
   // ---- phase 2: units (tile, K slice) -------------------------------------------------------
   if (p.mode != kModePhase1 && !p1_only) {
     bool t_ready = false;
+    // t (all of it, once per CTA) into shared memory: waits for the whole grid's phase 1
+    // (normally long complete) in the single-launch mode
+    auto fetch_t = [&]() {
+      if (p.mode == kModeFused && threadIdx.x == 0) {
+        while (ld_acquire(counters + 0) < static_cast<uint32_t>(p.nrg)) __nanosleep(64);
+      }
+      __syncthreads();
+      const float* t_glob = wsf + p.ws_t;
+      for (int idx = threadIdx.x; idx < p.M * p.R; idx += kThreads) ts[idx] = __ldcg(t_glob + idx);
+      t_ready = true;
+      __syncthreads();
+    };
     const int first = p.mode == kModeFused ? bid - p.p1_ctas : bid;
     const int stride = p.mode == kModeFused ? static_cast<int>(gridDim.x) - p.p1_ctas : static_cast<int>(gridDim.x);
     for (int u = first; u < p.num_units; u += stride) {
       const int tile = u / p.ksplit, ks = u % p.ksplit;
-      if (has_lora && ks == 0) prefetch_b_rows(p, tile);
+      // this unit's rank chunk (version 3), staged while the weights stream
+      const int j0 = p.lr_split ? min(p.R, ks * p.lr_chunk) : 0;
+      const int j1 = p.lr_split ? min(p.R, j0 + p.lr_chunk) : 0;
+      if (has_lora && p.lr_split && j0 < j1) stage_b_rows(p, tile, j0, j1, stage);
+      if (has_lora && !p.lr_split && ks == 0) prefetch_b_rows(p, tile);
       gemv_unit<T, BITS, MAXM>(p, tile, ks, red);
       __syncthreads();
       for (int idx = threadIdx.x; idx < p.M * kTileN; idx += kThreads) {
@@ -820,6 +920,15 @@ __global__ void __launch_bounds__(kThreads, (BITS >= 8 ? 2 : 4)) gptq_lora_kerne
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) s += red[w * MAXM * kTileN + idx];
         red[idx] = s;  // red[0]: only this thread touches index idx
+      }
+      if (has_lora && p.lr_split && j0 < j1) {  // this slice's share of B.t, before the partial goes out
+        cp_async_wait_all();
+        if (!t_ready) {
+          fetch_t();  // its __syncthreads also publishes the warp sums and the staged rows
+        } else {
+          __syncthreads();
+        }
+        lowrank_add<T, MAXM>(p, tile, j0, j1, red, ts, stage);
       }
       if (p.ksplit > 1) {
         float* part = wsf + p.ws_part_y;
@@ -843,17 +952,11 @@ __global__ void __launch_bounds__(kThreads, (BITS >= 8 ? 2 : 4)) gptq_lora_kerne
         if (threadIdx.x == 0) counters[p.ws_tiles + tile] = 0;  // every slice of this tile has arrived
       }
       __syncthreads();
-      if (has_lora && !t_ready) {  // wait for the whole grid's phase 1 (normally long complete)
-        if (p.mode == kModeFused && threadIdx.x == 0) {
-          while (ld_acquire(counters + 0) < static_cast<uint32_t>(p.nrg)) __nanosleep(64);
-        }
-        __syncthreads();
-        const float* t_glob = wsf + p.ws_t;
-        for (int idx = threadIdx.x; idx < p.M * p.R; idx += kThreads) ts[idx] = __ldcg(t_glob + idx);
-        t_ready = true;
-        __syncthreads();
+      if (has_lora && !p.lr_split) {  // version 2: the whole B.t on the last slice, B from global memory
+        if (!t_ready) fetch_t();
+        lowrank_add<T, MAXM>(p, tile, 0, p.R, red, ts, nullptr);
       }
-      epilogue<T, MAXM>(p, tile, red, ts);
+      store_tile<T>(p, tile, red);
     }
   }
 
@@ -883,8 +986,37 @@ struct LaunchPlan {
   int64_t ws_ints;  // workspace int32 words needed
 };
 
-inline size_t smem_bytes(int maxm, int M, int R) {
-  return (static_cast<size_t>(kWarps) * maxm * kTileN + static_cast<size_t>(M) * (R > 0 ? R : 0)) * sizeof(float);
+// Bytes of one B row of R entries in the adapter's storage (16, 8 or packed 4 bits).
+inline int64_t b_row_bytes(int lora_bits, int R) {
+  return lora_bits == 16 ? 2 * static_cast<int64_t>(R) : (lora_bits == 8 ? R : (R + 1) / 2);
+}
+
+// Shared memory of the B stage for rank R: one unit's 32 rows x at most the whole rank.
+inline size_t stage_bytes_for(int lora_bits, int R) {
+  if (R <= 0 || R % 8 != 0 || b_row_bytes(lora_bits, R) % 16 != 0) return 0;
+  const int64_t full = kTileN * b_row_bytes(lora_bits, R);
+  return static_cast<size_t>(full < kMaxStageBytes ? full : kMaxStageBytes);
+}
+
+// Dynamic shared memory: per-warp sums, t, and the B stage unless kOptLoraInEpilogue.
+inline size_t smem_bytes(int maxm, int M, int R, int lora_bits, int options) {
+  return (static_cast<size_t>(kWarps) * maxm * kTileN + ts_floats(M, R)) * sizeof(float) +
+         ((options & kOptLoraInEpilogue) ? 0 : stage_bytes_for(lora_bits, R));
+}
+
+// Version 3's rank split (see the design note): chunks of whole 32-entry runs, one per K
+// slice, when B's rows are 16-byte aligned and the rank a multiple of 8 (the vector path) and
+// a chunk's 32 rows fit the stage; else the version-2 epilogue.
+inline void plan_lowrank(Params& p, int options) {
+  p.lr_split = 0;
+  p.lr_chunk = 0;
+  if (p.R <= 0 || (options & kOptLoraInEpilogue) || stage_bytes_for(p.lora_bits, p.R) == 0) return;
+  int chunk = (p.R + p.ksplit - 1) / p.ksplit;
+  chunk = ((chunk + 31) / 32) * 32;
+  if (chunk > p.R) chunk = p.R;
+  if (kTileN * b_row_bytes(p.lora_bits, chunk) > static_cast<int64_t>(stage_bytes_for(p.lora_bits, p.R))) return;
+  p.lr_split = 1;
+  p.lr_chunk = chunk;
 }
 
 // Upper bound of the workspace any plan for (M, R, N) needs (what the host allocates).
@@ -935,16 +1067,18 @@ inline void plan_phase1(Params& p, int target) {
 
 // Fill the planned fields of `p` and return the launch sequence. `capacity` is the number of
 // CTAs that can be resident at once: the fused (single-launch) grid never exceeds it.
-inline LaunchPlan make_plan(Params& p, int maxm, int capacity, bool two_pass) {
+inline LaunchPlan make_plan(Params& p, int maxm, int capacity, int options) {
+  const bool two_pass = (options & kOptTwoPass) != 0;
   LaunchPlan plan{};
   if (capacity < 1) capacity = 1;
-  plan.smem = smem_bytes(maxm, p.M, p.R);
+  plan.smem = smem_bytes(maxm, p.M, p.R, p.lora_bits, options);
   p.num_tiles = (p.N + kTileN - 1) / kTileN;
   p.ws_tiles = kWsHeader;
   p.ws_t = kWsData;
   p.p1_ctas = 0;
   if (p.R <= 0) {
     plan_ksplit(p, capacity);
+    p.lr_split = p.lr_chunk = 0;
     p.nrg = p.ksplit_a = p.kslice_a = 0;
     p.ws_part_a = p.ws_part_y = kWsData;
     plan.ws_ints = p.ksplit > 1 ? kWsData + static_cast<int64_t>(p.num_units) * p.M * kTileN : 0;
@@ -996,6 +1130,7 @@ inline LaunchPlan make_plan(Params& p, int maxm, int capacity, bool two_pass) {
     plan.launches = 1;
     plan.mode[0] = kModeFused;
   }
+  plan_lowrank(p, options);
   p.ws_part_a = p.ws_t + p.M * p.R;
   p.ws_part_y = p.ws_part_a + p.ksplit_a * p.M * p.R;
   plan.ws_ints = p.ws_part_y + (p.ksplit > 1 ? static_cast<int64_t>(p.num_units) * p.M * kTileN : 0);

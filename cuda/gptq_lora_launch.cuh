@@ -45,10 +45,10 @@ inline int capacity(const void* func, int device, size_t smem) {
 }
 
 template <typename T, int BITS, int MAXM>
-void launch(Params& p, bool two_pass, int64_t ws_ints, int device, cudaStream_t stream) {
+void launch(Params& p, int options, int64_t ws_ints, int device, cudaStream_t stream) {
   const void* func = reinterpret_cast<const void*>(&gptq_lora_kernel<T, BITS, MAXM>);
-  const int cap = capacity(func, device, smem_bytes(MAXM, p.M, p.R));
-  const LaunchPlan plan = make_plan(p, MAXM, cap, two_pass);
+  const int cap = capacity(func, device, smem_bytes(MAXM, p.M, p.R, p.lora_bits, options));
+  const LaunchPlan plan = make_plan(p, MAXM, cap, options);
   TORCH_CHECK(ws_ints >= plan.ws_ints, "peft_eora: workspace has ", ws_ints, " int32 words, needs ", plan.ws_ints);
   TORCH_CHECK(plan.ws_ints == 0 || p.ws != nullptr, "peft_eora: this call needs a workspace");
   for (int i = 0; i < plan.launches; ++i) {
@@ -62,16 +62,16 @@ void launch(Params& p, bool two_pass, int64_t ws_ints, int device, cudaStream_t 
 // Instantiated (for __half and __nv_bfloat16) only in gptq_lora_b<BITS>.cu; other
 // translation units see the extern declarations below.
 template <typename T, int BITS>
-void launch_bits(Params& p, bool two_pass, int64_t ws_ints, int device, cudaStream_t stream) {
+void launch_bits(Params& p, int options, int64_t ws_ints, int device, cudaStream_t stream) {
   if (p.M <= 8) {
-    launch<T, BITS, 8>(p, two_pass, ws_ints, device, stream);
+    launch<T, BITS, 8>(p, options, ws_ints, device, stream);
   } else {
-    launch<T, BITS, 16>(p, two_pass, ws_ints, device, stream);
+    launch<T, BITS, 16>(p, options, ws_ints, device, stream);
   }
 }
 
 #define PEFT_EORA_LAUNCH_BITS(PREFIX, T, BITS) \
-  PREFIX template void launch_bits<T, BITS>(Params&, bool, int64_t, int, cudaStream_t);
+  PREFIX template void launch_bits<T, BITS>(Params&, int, int64_t, int, cudaStream_t);
 #define PEFT_EORA_LAUNCH_BITS_BOTH(PREFIX, BITS)     \
   PEFT_EORA_LAUNCH_BITS(PREFIX, __half, BITS)        \
   PEFT_EORA_LAUNCH_BITS(PREFIX, __nv_bfloat16, BITS)

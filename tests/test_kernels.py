@@ -441,8 +441,10 @@ def test_cuda_constants_in_sync():
     assert "constexpr int kWsHeader = 256;" in header and "constexpr int kRowsPerChunk = 8;" in header
     assert ops.CUDA_MAX_RANK == (256 - 2) * 8
     bindings = (CUDA_DIR / "bindings.cpp").read_text()
-    assert "kMaxRank = (256 - 2) * 8" in bindings and "kAbiVersion = 2" in bindings
-    assert cuda_ext._ABI_VERSION == 2
+    assert "kMaxRank = (256 - 2) * 8" in bindings and "kAbiVersion = 3" in bindings
+    assert cuda_ext._ABI_VERSION == 3
+    assert "enum Option : int { kOptTwoPass = 1, kOptLoraInEpilogue = 2 };" in header
+    assert (ops._OPT_TWO_PASS, ops._OPT_LORA_IN_EPILOGUE) == (OPT_TWO_PASS, OPT_LORA_IN_EPILOGUE) == (1, 2)
 
 
 def _cache_dir() -> Path:
@@ -520,13 +522,13 @@ def test_jit_build_and_import(monkeypatch):
         monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0"))
     monkeypatch.setenv(cuda_ext.ENV_BUILD_DIR, str(_cache_dir() / "jit"))
     mod = cuda_ext.build_extension()
-    assert mod.ABI_VERSION == 2 and mod.MAX_M == ops.CUDA_MAX_M and mod.MAX_RANK == ops.CUDA_MAX_RANK
+    assert mod.ABI_VERSION == 3 and mod.MAX_M == ops.CUDA_MAX_M and mod.MAX_RANK == ops.CUDA_MAX_RANK
     assert mod.workspace_ints(1, 128, 4096) == 256 + 4096 + 128 * 33 + 1024 * 32
     layer = make_gptq(64, 32, 32, 4, False)
     with pytest.raises(RuntimeError, match="contiguous 2-D CUDA tensor"):
         mod.gptq_lora_forward(torch.randn(1, 64).half(), layer["qweight"], layer["qzeros"], layer["scales"], None,
                               32, None, None, None, None, None, 4, 16, 1.0, 0, torch.zeros(1, dtype=torch.int32),
-                              False)
+                              0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -573,14 +575,19 @@ def _emu_lib() -> ctypes.CDLL:
     so.pe_emu_workspace_ints.restype = ctypes.c_int64
     so.pe_emu_workspace_ints.argtypes = [ctypes.c_int] * 3
     so.pe_emu_plan.restype = None
-    so.pe_emu_plan.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p]
+    so.pe_emu_plan.argtypes = [ctypes.c_int] * 7 + [ctypes.c_void_p]
     return so
 
 
-def _plan(so, m, k, n, r, capacity) -> dict:
-    out = torch.zeros(5, dtype=torch.int64)
-    so.pe_emu_plan(m, k, n, r, capacity, out.data_ptr())
-    return dict(zip(("ksplit", "grid", "p1_ctas", "ksplit_a", "ws_ints"), out.tolist()))
+# kOpt* flags of cuda/gptq_lora_kernel.cuh
+OPT_TWO_PASS, OPT_LORA_IN_EPILOGUE = 1, 2
+
+
+def _plan(so, m, k, n, r, capacity, lora_bits=16, options=0) -> dict:
+    out = torch.zeros(8, dtype=torch.int64)
+    so.pe_emu_plan(m, k, n, r, capacity, lora_bits, options, out.data_ptr())
+    return dict(zip(("ksplit", "grid", "p1_ctas", "ksplit_a", "ws_ints", "lr_split", "lr_chunk", "smem"),
+                    out.tolist()))
 
 
 @pytest.fixture(scope="module")
@@ -592,7 +599,7 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
-def _run_emulated(so, x, layer, g_idx, bias, lora, lora_bits, scaling, capacity, two_pass, ws=None):
+def _run_emulated(so, x, layer, g_idx, bias, lora, lora_bits, scaling, capacity, options, ws=None):
     m, k = x.shape
     n = layer["qweight"].shape[1]
     a, b, sa, sb = lora if lora is not None else (None, None, None, None)
@@ -610,7 +617,7 @@ def _run_emulated(so, x, layer, g_idx, bias, lora, lora_bits, scaling, capacity,
             0 if x.dtype == torch.float16 else 1, _ptr(x), _ptr(layer["qweight"]), _ptr(layer["qzeros"]),
             _ptr(layer["scales"]), _ptr(g_idx), _ptr(bias), _ptr(a), _ptr(b), _ptr(sa), _ptr(sb), _ptr(out),
             _ptr(ws), ws.numel(), m, k, n, r, layer["qzeros"].shape[1], gs, 0, lora_bits, scaling,
-            layer["bits"], capacity, int(two_pass), (k // sa.shape[1]) if sa is not None and sa.dim() == 2 else 0,
+            layer["bits"], capacity, int(options), (k // sa.shape[1]) if sa is not None and sa.dim() == 2 else 0,
         )
         assert rc > 0, rc
         assert int(ws[: 256 + 4096].abs().sum()) == 0, "barrier counters were not reset by the last CTA"
@@ -636,18 +643,36 @@ EMU_CASES = [
     (4, 64, False, 16, 2, 320, 8, torch.float16, 4, False, 256),    # full GPU: 1 phase-1 CTA, 10 tiles on 3
     (4, 64, False, 4, 3, 64, 16, torch.float16, 8, False, 512),     # int4 A in groups of 32, K split
     (4, 32, False, 8, 2, 64, 8, torch.float16, 4, False, 352),      # int8 A per row (64 does not divide K)
+    # the rank split over K slices (B staged in shared memory): int8/int4 B rows 16-byte aligned
+    (4, 64, False, 8, 1, 96, 32, torch.float16, 12, False, 1024),   # int8, 3 tiles x 4 slices: slice 0 has it all
+    (4, 64, False, 4, 2, 64, 64, torch.bfloat16, 16, False, 2048),  # int4, K split in 4: chunks on slices 0, 1
+    (4, 64, False, 16, 1, 64, 64, torch.float16, 3, False, 1024),   # 2 tiles x 2 slices looping on 3 CTAs
 ]
 
 
-@pytest.mark.parametrize("bits,gs,act_order,lora_bits,m,n,r,dtype,capacity,two_pass,k", EMU_CASES)
+def _rank_split_applies(lora_bits: int, r: int) -> bool:
+    """The planner's condition for version 3's rank split: B rows 16-byte aligned, rank a multiple of 8."""
+    return r % 8 == 0 and {16: 2 * r, 8: r, 4: (r + 1) // 2}[lora_bits] % 16 == 0
+
+
+# every case as planned by default; where that is the rank split, also with the version-2 epilogue
+EMU_RUNS = [pytest.param(*c, 0) for c in EMU_CASES] + [
+    pytest.param(*c, OPT_LORA_IN_EPILOGUE, id=f"epilogue-{i}") for i, c in enumerate(EMU_CASES)
+    if _rank_split_applies(c[3], c[6])]
+
+
+@pytest.mark.parametrize("bits,gs,act_order,lora_bits,m,n,r,dtype,capacity,two_pass,k,lowrank_opt", EMU_RUNS)
 def test_cuda_kernel_source_on_cpu_threads(emu, bits, gs, act_order, lora_bits, m, n, r, dtype, capacity, two_pass,
-                                           k):
+                                           k, lowrank_opt):
+    options = (OPT_TWO_PASS if two_pass else 0) | lowrank_opt
+    plan = _plan(emu, m, k, n, r, capacity, lora_bits, options)
+    assert plan["lr_split"] == int(lowrank_opt == 0 and _rank_split_applies(lora_bits, r))
     layer = make_gptq(k, n, gs, bits, act_order, seed=bits + m, scale_dtype=dtype)
     lora = make_lora(k, n, r, lora_bits, seed=r, dtype=dtype)
     x = torch.randn(m, k).to(dtype)
     bias = torch.randn(n).to(dtype) if m != 2 else None
     g = layer["g_idx"] if act_order else None
-    out, rc = _run_emulated(emu, x, layer, g, bias, lora, lora_bits, 0.7, capacity, two_pass)
+    out, rc = _run_emulated(emu, x, layer, g, bias, lora, lora_bits, 0.7, capacity, options)
     exp = dense_expected(x.float(), layer, lora, 0.7, bias)
     # weights are dequantized to the activation type (one rounding each, as gptqmodel's half kernels
     # do), products summed in fp32: one output ulp plus the weights' rounding (bf16 keeps 8 bits)
@@ -678,6 +703,25 @@ def test_cuda_kernel_plan_splits_k_to_fill_the_gpu(emu):
         assert _plan(emu, *case, cap)["ws_ints"] <= emu.pe_emu_workspace_ints(case[0], case[3], case[2])
 
 
+def test_cuda_kernel_plan_splits_the_rank_over_k_slices(emu):
+    """Version 3's low-rank expand: each K slice adds B[:, chunk]·t[chunk] for its own 32-multiple
+    chunk of the rank, its B rows staged in shared memory (<= 16 KiB); unaligned B rows, ranks too
+    wide for the stage, or kOptLoraInEpilogue keep the whole B·t on the last slice."""
+    cap = 4 * 132
+    p = _plan(emu, 1, 4096, 4096, 128, cap)  # K split in 4: 32 rank entries per slice
+    assert p["ksplit"] == 4 and p["lr_split"] == 1 and p["lr_chunk"] == 32
+    base = _plan(emu, 1, 4096, 4096, 128, cap, options=OPT_LORA_IN_EPILOGUE)
+    assert base["lr_split"] == 0 and p["smem"] - base["smem"] == 32 * 128 * 2  # the stage: 32 rows of fp16 B
+    p = _plan(emu, 1, 4096, 14336, 128, cap)  # no K split: one slice does the whole rank
+    assert p["ksplit"] == 1 and p["lr_split"] == 1 and p["lr_chunk"] == 128
+    p = _plan(emu, 1, 14336, 4096, 64, cap, lora_bits=4)  # 64 / 4 slices rounds up to 32: slices 0 and 1
+    assert p["ksplit"] == 4 and p["lr_split"] == 1 and p["lr_chunk"] == 32
+    assert _plan(emu, 1, 4096, 4096, 12, cap)["lr_split"] == 0  # fp16 rows of 24 bytes: not 16-byte aligned
+    assert _plan(emu, 1, 4096, 4096, 24, cap, lora_bits=8)["lr_split"] == 0  # int8 rows of 24 bytes
+    assert _plan(emu, 1, 4096, 14336, 512, cap)["lr_split"] == 0  # 32 rows x 1 KiB > the 16 KiB stage
+    assert _plan(emu, 1, 4096, 4096, 512, cap)["lr_chunk"] == 128  # 4 slices x 128: 8 KiB each
+
+
 def test_cuda_kernel_workspace_shared_across_shapes(emu):
     """One workspace serves every layer of a model: launches of other shapes (whose data sits
     where another plan keeps nothing) never disturb a later split-K or phase-1 launch."""
@@ -689,7 +733,7 @@ def test_cuda_kernel_workspace_shared_across_shapes(emu):
         layer = make_gptq(k, n, 64, 4, False, seed=i)
         lora = make_lora(k, n, r, 16, seed=i, dtype=torch.float16)
         x = torch.randn(m, k).half()
-        out, _ = _run_emulated(emu, x, layer, None, None, lora, 16, 0.5, cap, False, ws=ws)
+        out, _ = _run_emulated(emu, x, layer, None, None, lora, 16, 0.5, cap, 0, ws=ws)
         exp = dense_expected(x.float(), layer, lora, 0.5)
         err = (out.double() - exp).abs().max().item()
         assert err <= 2e-3 * exp.abs().max().item() + 2.0**-10 * exp.abs().max().item(), (i, err)
@@ -699,10 +743,10 @@ def test_cuda_kernel_source_on_cpu_threads_m16_and_no_lora(emu):
     layer = make_gptq(64, 64, 32, 4, False, seed=4)
     x = torch.randn(16, 64).half()
     lora = make_lora(64, 64, 8, 16, dtype=torch.float16)
-    out, _ = _run_emulated(emu, x, layer, None, None, lora, 16, 1.0, 2, False)
+    out, _ = _run_emulated(emu, x, layer, None, None, lora, 16, 1.0, 2, 0)
     exp = dense_expected(x.float(), layer, lora, 1.0)
     assert (out.double() - exp).abs().max().item() <= 2.0**-10 * exp.abs().max().item() * 2
-    base, rc = _run_emulated(emu, x[:1].contiguous(), layer, None, None, None, 16, 1.0, 2, False)
+    base, rc = _run_emulated(emu, x[:1].contiguous(), layer, None, None, None, 16, 1.0, 2, 0)
     w = dequantize_gptq(layer["qweight"], layer["qzeros"], layer["scales"], None, 4, in_features=64, group_size=32)
     exp0 = x[:1].double() @ w.double()
     assert (base.double() - exp0).abs().max().item() <= 2.0**-10 * exp0.abs().max().item() * 2
@@ -710,7 +754,7 @@ def test_cuda_kernel_source_on_cpu_threads_m16_and_no_lora(emu):
     # no LoRA, K split over 4 slices: the split-K counters and partials work without phase 1
     big = make_gptq(2048, 64, 128, 4, False, seed=5)
     xb = torch.randn(3, 2048).half()
-    base, rc = _run_emulated(emu, xb, big, None, None, None, 16, 1.0, 8, False)
+    base, rc = _run_emulated(emu, xb, big, None, None, None, 16, 1.0, 8, 0)
     w = dequantize_gptq(big["qweight"], big["qzeros"], big["scales"], None, 4, in_features=2048, group_size=128)
     exp0 = xb.double() @ w.double()
     assert (base.double() - exp0).abs().max().item() <= 2.0**-10 * exp0.abs().max().item() * 2
@@ -756,6 +800,7 @@ def _gpu_case(bits, gs, act_order, r, m, lora_bits, dtype, shape):
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_kernels_match_reference(case, backend, monkeypatch):
     monkeypatch.delenv(ops.ENV_TWO_PASS, raising=False)
+    monkeypatch.delenv(ops.ENV_LORA_IN_EPILOGUE, raising=False)
     args, kw = _gpu_case(*case)
     ref = gptq_lora_linear_reference(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args], **kw)
     out = torch.ops.peft_eora.gptq_lora_linear(*args, **kw, backend=backend).cpu()
@@ -768,6 +813,10 @@ def test_gpu_kernels_match_reference(case, backend, monkeypatch):
         # the two-launch variant may split K differently for t = A.x: equal up to rounding
         assert (out2.float() - ref.float()).abs().max().item() <= tol * ref.float().abs().max().item() + 1e-3
         monkeypatch.delenv(ops.ENV_TWO_PASS)
+        monkeypatch.setenv(ops.ENV_LORA_IN_EPILOGUE, "1")  # version 2's expand: the whole B.t on the last slice
+        out3 = torch.ops.peft_eora.gptq_lora_linear(*args, **kw, backend="cuda").cpu()
+        assert (out3.float() - ref.float()).abs().max().item() <= tol * ref.float().abs().max().item() + 1e-3
+        monkeypatch.delenv(ops.ENV_LORA_IN_EPILOGUE)
         again = torch.ops.peft_eora.gptq_lora_linear(*args, **kw, backend="cuda").cpu()
         assert torch.equal(out, again)  # deterministic: fixed reduction order, counters reset
 

@@ -55,7 +55,7 @@ SOURCES: tuple[str, ...] = (
 )
 #: Headers they include (part of the source hash).
 HEADERS: tuple[str, ...] = ("gptq_lora_kernel.cuh", "gptq_lora_launch.cuh")
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 
 _lock = threading.Lock()
 _module: Optional[ModuleType] = None

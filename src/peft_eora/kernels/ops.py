@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BACKENDS",
     "ENV_BACKEND",
+    "ENV_LORA_IN_EPILOGUE",
     "ENV_TWO_PASS",
     "gptq_lora_linear",
     "gptq_lora_linear_eager",
@@ -53,6 +54,12 @@ BACKENDS: tuple[str, ...] = ("auto", "cuda", "triton", "torch")
 ENV_BACKEND = "PEFT_EORA_BACKEND"
 #: ``1`` makes the CUDA path use two launches (A·x, then GEMV + B·t) instead of the in-kernel barrier.
 ENV_TWO_PASS = "PEFT_EORA_CUDA_TWO_PASS"
+#: ``1`` keeps the whole low-rank expand B·t in the last K slice's epilogue (the kernel's version 2)
+#: instead of splitting the rank over the K slices with B staged in shared memory (side-by-side timing).
+ENV_LORA_IN_EPILOGUE = "PEFT_EORA_CUDA_LORA_IN_EPILOGUE"
+# kOpt* flags of cuda/gptq_lora_kernel.cuh
+_OPT_TWO_PASS = 1
+_OPT_LORA_IN_EPILOGUE = 2
 CUDA_MAX_M = 16
 CUDA_MAX_RANK = (256 - 2) * 8
 
@@ -157,6 +164,10 @@ def _aligned(t: Optional[Tensor], alignment: int = 16) -> Optional[Tensor]:
     return t
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0", "false", "False")
+
+
 def _run_cuda(
     x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Optional[Tensor], bias: Optional[Tensor],
     lora_a: Optional[Tensor], lora_b: Optional[Tensor], lora_a_scale: Optional[Tensor],
@@ -176,11 +187,12 @@ def _run_cuda(
         g_idx = _aligned(g_idx.to(torch.int32))
     rank = lora_a.shape[0] if lora_a is not None else 0
     ws = _workspace(x.device, ext.workspace_ints(x2.shape[0], rank, scales.shape[1]))
-    two_pass = os.environ.get(ENV_TWO_PASS, "0") not in ("", "0", "false", "False")
+    options = (_OPT_TWO_PASS if _env_flag(ENV_TWO_PASS) else 0) | (
+        _OPT_LORA_IN_EPILOGUE if _env_flag(ENV_LORA_IN_EPILOGUE) else 0)
     out = ext.gptq_lora_forward(
         x2, _aligned(qweight), qzeros.contiguous(), _aligned(scales, 8), g_idx, int(group_size), bias,
         lora_a, lora_b, lora_a_scale, lora_b_scale, int(bits), int(lora_bits), float(scaling), int(zero_offset),
-        ws, two_pass,
+        ws, options,
     )
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
