@@ -43,9 +43,11 @@
 //
 // Low-rank term (phase 1). t = A.x is needed complete before any output can add B.t, a
 // grid-wide dependency. A.x is cut into chunks of 8 rank rows x a K slice; each chunk's
-// partial is published (partials + per-row-group arrival counter; the last arriving chunk
-// of a row group reduces the K slices in a fixed order), and GEMV CTAs only wait for t in
-// the epilogue of the first tile they finalise. Where the GPU has room beside the GEMV units
+// partial is published with one arrival on its row group's counter and the chunk's CTA moves
+// on at once (version 3: nobody reduces at the producer). A consumer waits for all K slices
+// of the row groups it needs and adds their partials up itself in slice order (deterministic),
+// so the only phase-1 latency a GEMV CTA ever pays up front is its own chunk's loads and one
+// fenced arrival. Where the GPU has room beside the GEMV units
 // (the usual decode case), dedicated CTAs with the lowest indices do the chunks, so the
 // weight stream never waits for phase 1; otherwise every CTA first does a share of the
 // chunks after asking L2 to prefetch its first unit.
@@ -56,8 +58,8 @@
 // work and its B reads are spread over the K slices instead of all landing on the last slice
 // to arrive, and the unit copies its B rows (32 x lr_chunk, <= 16 KiB) into shared memory with
 // cp.async when it starts, so they arrive while the weights stream and the expand reads shared
-// memory only. Every unit then waits for t (phase 1 ran first or beside it) before
-// publishing. Where B's rows are not 16-byte aligned (odd ranks) or a chunk would not fit,
+// memory only. Every such unit gathers its chunk of t (phase 1 ran first or beside it)
+// before publishing. Where B's rows are not 16-byte aligned (odd ranks) or a chunk would not fit,
 // the version-2 epilogue does the whole B.t on the last slice (reading B from L2, prefetched
 // when the tile's first slice starts); kOptLoraInEpilogue forces it (A/B timing). Waiting needs all
 // CTAs co-resident: the host caps the grid at the occupancy-derived capacity and CTAs loop
@@ -88,7 +90,7 @@ constexpr int kStepK = 4 * kRunK;        // k rows of one warp step (4 runs, one
 constexpr int kRowsPerChunk = 8;         // LoRA-A rows per phase-1 chunk (two per warp)
 constexpr int kMaxKSplit = 32;           // at most this many K slices (both phases)
 constexpr int kMaxM = 16;                // decode batch handled by this kernel
-constexpr int kWsHeader = 256;           // int32 words: [0] t done, [1] exit, [2 + i] arrivals of row group i
+constexpr int kWsHeader = 256;           // int32 words: [0] unused, [1] exit, [2 + i] arrivals of row group i
 constexpr int kMaxRank = (kWsHeader - 2) * kRowsPerChunk;
 constexpr int kMaxSplitUnits = 1024;     // tiles x K slices when K is split (bounds the partials area)
 constexpr int kMaxTileCounters = 4096;   // split-K arrival counters (tiles); wider layers are not split
@@ -132,7 +134,6 @@ struct Params {
   int nrg;                 // number of 8-row groups of A = ceil(R / 8)
   int ws_tiles;            // int32 offset of the per-tile arrival counters
   int p1_ctas;             // CTAs [0, p1_ctas) only do phase 1 (0: every CTA does its share first)
-  int ws_t;                // float offset of t [M, R]
   int ws_part_a;           // float offset of the phase-1 partials [ksplit_a, M, R]
   int ws_part_y;           // float offset of the phase-2 partials [num_units, M, 32]
   int lr_split;            // 1: unit (tile, ks) adds B[:, chunk ks].t[chunk ks] (B staged in shared memory)
@@ -378,45 +379,60 @@ __device__ __forceinline__ void load_a8(const Params& p, int j, int k, float (&a
   }
 }
 
-// Partial t for one chunk (8 rank rows x one K slice); the last K slice to arrive for a row
-// group reduces the slices in order and publishes t for those rows.
+// Partial t for one chunk (8 rank rows x one K slice), published with one arrival on its row
+// group's counter. Nobody waits on the arrival here: the consumers (the units, before their
+// expand) wait for all K slices of the row groups they need and add the partials up
+// themselves, in a fixed order. The loads of both rows of a warp and of x go out together.
 template <typename T, int MAXM>
-__device__ void lora_a_chunk(const Params& p, int chunk, int* s_flag) {
+__device__ void lora_a_chunk(const Params& p, int chunk) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int32_t* counters = p.ws;
-  float* wsf = reinterpret_cast<float*>(p.ws);
-  float* t = wsf + p.ws_t;
-  float* part = wsf + p.ws_part_a;
+  float* part = reinterpret_cast<float*>(p.ws) + p.ws_part_a;
   const int rg = chunk / p.ksplit_a, ks = chunk % p.ksplit_a;
   const int kbeg = ks * p.kslice_a;
   const int kend = min(p.K, kbeg + p.kslice_a);
   const T* x = reinterpret_cast<const T*>(p.x);
+  int j[2];
+  bool ok[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    j[r] = rg * kRowsPerChunk + warp + r * kWarps;
+    ok[r] = j[r] < p.R;
+  }
   float acc[2][MAXM];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
 #pragma unroll
     for (int m = 0; m < MAXM; ++m) acc[r][m] = 0.f;
   }
+  if (ok[0]) {  // row 1 of a warp exists only if row 0 does
+#pragma unroll 2
+    for (int k = kbeg + lane * 8; k < kend; k += 32 * 8) {
+      float a[2][8], gs[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int j = rg * kRowsPerChunk + warp + r * kWarps;
-    if (j < p.R) {
-#pragma unroll 4
-      for (int k = kbeg + lane * 8; k < kend; k += 32 * 8) {
-        float a[8];
-        load_a8<T>(p, j, k, a);
-        // grouped scales: the lane's 8 inputs lie in one group (a_group % 8 == 0)
-        const float gs = p.a_group > 0 ? __ldg(p.a_scale + static_cast<size_t>(j) * (p.K / p.a_group) + k / p.a_group)
-                                       : 1.f;
+      for (int r = 0; r < 2; ++r) {
+        if (ok[r]) {
+          load_a8<T>(p, j[r], k, a[r]);
+          // grouped scales: the lane's 8 inputs lie in one group (a_group % 8 == 0)
+          gs[r] = p.a_group > 0 ? __ldg(p.a_scale + static_cast<size_t>(j[r]) * (p.K / p.a_group) + k / p.a_group)
+                                : 1.f;
+        } else {
 #pragma unroll
-        for (int m = 0; m < MAXM; ++m) {
-          if (m < p.M) {
-            float xv[8];
-            load8<T>(x + static_cast<size_t>(m) * p.K + k, xv);
+          for (int i = 0; i < 8; ++i) a[r][i] = 0.f;
+          gs[r] = 0.f;
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < MAXM; ++m) {
+        if (m < p.M) {
+          float xv[8];
+          load8<T>(x + static_cast<size_t>(m) * p.K + k, xv);
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
             float d = 0.f;
 #pragma unroll
-            for (int i = 0; i < 8; ++i) d = fmaf(a[i], xv[i], d);
-            acc[r][m] = fmaf(gs, d, acc[r][m]);
+            for (int i = 0; i < 8; ++i) d = fmaf(a[r][i], xv[i], d);
+            acc[r][m] = fmaf(gs[r], d, acc[r][m]);
           }
         }
       }
@@ -426,38 +442,56 @@ __device__ void lora_a_chunk(const Params& p, int chunk, int* s_flag) {
   for (int r = 0; r < 2; ++r) {
 #pragma unroll
     for (int m = 0; m < MAXM; ++m) {
+      if (m < p.M) {  // warp-uniform
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], o);
-    }
-    const int j = rg * kRowsPerChunk + warp + r * kWarps;
-    if (lane == 0 && j < p.R) {
-#pragma unroll
-      for (int m = 0; m < MAXM; ++m)
-        if (m < p.M) part[(static_cast<size_t>(ks) * p.M + m) * p.R + j] = acc[r][m];
-    }
-  }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const int prev = atomicAdd(counters + 2 + rg, 1);
-    *s_flag = (prev == p.ksplit_a - 1);
-  }
-  __syncthreads();
-  if (*s_flag) {  // last K slice of this row group: reduce in a fixed order, publish t
-    __threadfence();
-    for (int idx = threadIdx.x; idx < p.M * kRowsPerChunk; idx += kThreads) {
-      const int m = idx / kRowsPerChunk;
-      const int jj = rg * kRowsPerChunk + idx % kRowsPerChunk;
-      if (jj < p.R) {
-        float s = 0.f;
-        for (int q = 0; q < p.ksplit_a; ++q) s += __ldcg(part + (static_cast<size_t>(q) * p.M + m) * p.R + jj);
-        const float sa = (p.lora_bits == 16 || p.a_group > 0) ? 1.f : __ldg(p.a_scale + jj);
-        t[static_cast<size_t>(m) * p.R + jj] = s * sa * p.scaling;
+        for (int o = 16; o > 0; o >>= 1) acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], o);
       }
     }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) atomicAdd(counters + 0, 1);
+    if (lane == 0 && ok[r]) {
+#pragma unroll
+      for (int m = 0; m < MAXM; ++m)
+        if (m < p.M) part[(static_cast<size_t>(ks) * p.M + m) * p.R + j[r]] = acc[r][m];
+    }
+  }
+  __syncthreads();  // every warp's partials written ...
+  if (threadIdx.x == 0) {
+    __threadfence();  // ... and visible (cumulatively, through the barrier) before the arrival
+    atomicAdd(counters + 2 + rg, 1);
+  }
+}
+
+// t[m, j] for j in [j0, j1) into ts[m * R + j] (shared memory): waits (single-launch mode) for
+// every K slice of the row groups covering [j0, j1), then sums their partials in slice order
+// (deterministic) and applies the per-row A scale and the LoRA scaling.
+template <typename T>
+__device__ __forceinline__ void gather_t(const Params& p, int j0, int j1, float* ts) {
+  const int32_t* counters = p.ws;
+  const float* part = reinterpret_cast<const float*>(p.ws) + p.ws_part_a;
+  if (p.mode == kModeFused && threadIdx.x == 0) {
+    for (int rg = j0 / kRowsPerChunk; rg * kRowsPerChunk < j1; ++rg) {
+      while (ld_acquire(counters + 2 + rg) < static_cast<uint32_t>(p.ksplit_a)) __nanosleep(32);
+    }
+  }
+  __syncthreads();
+  // `lpe` lanes per entry (a power of two <= 32) share its K slices, then a shuffle tree adds
+  // their sums: few entries (a 32-wide chunk at batch 1) still keep every thread loading.
+  const int width = j1 - j0, entries = p.M * width;
+  int lpe = 1;
+  while (lpe < 32 && lpe < p.ksplit_a && 2 * lpe * entries <= kThreads) lpe *= 2;
+  const int per_round = kThreads / lpe;
+  for (int base = 0; base < entries; base += per_round) {  // block-uniform trip count
+    const int idx = base + static_cast<int>(threadIdx.x) / lpe, sub = static_cast<int>(threadIdx.x) % lpe;
+    const int m = idx / width, jj = j0 + idx % width;
+    float s = 0.f;
+    if (idx < entries) {
+#pragma unroll 4
+      for (int q = sub; q < p.ksplit_a; q += lpe) s += __ldcg(part + (static_cast<size_t>(q) * p.M + m) * p.R + jj);
+    }
+    for (int o = lpe / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (sub == 0 && idx < entries) {
+      const float sa = (p.lora_bits == 16 || p.a_group > 0) ? 1.f : __ldg(p.a_scale + jj);
+      ts[m * p.R + jj] = s * sa * p.scaling;
+    }
   }
   __syncthreads();
 }
@@ -880,30 +914,17 @@ __global__ void __launch_bounds__(kThreads, (BITS >= 8 ? 2 : 4)) gptq_lora_kerne
     const int chunks = p.nrg * p.ksplit_a;
     if (p.p1_ctas > 0 && p.mode == kModeFused) {
       if (p1_only) {
-        for (int c = bid; c < chunks; c += p.p1_ctas) lora_a_chunk<T, MAXM>(p, c, &s_flag);
+        for (int c = bid; c < chunks; c += p.p1_ctas) lora_a_chunk<T, MAXM>(p, c);
       }
     } else {
       // every CTA takes a share (weight stream of its first unit requested first)
       if (p.mode == kModeFused && bid < p.num_units) prefetch_unit<BITS>(p, bid);
-      for (int c = bid; c < chunks; c += gridDim.x) lora_a_chunk<T, MAXM>(p, c, &s_flag);
+      for (int c = bid; c < chunks; c += gridDim.x) lora_a_chunk<T, MAXM>(p, c);
     }
   }
 
   // ---- phase 2: units (tile, K slice) -------------------------------------------------------
   if (p.mode != kModePhase1 && !p1_only) {
-    bool t_ready = false;
-    // t (all of it, once per CTA) into shared memory: waits for the whole grid's phase 1
-    // (normally long complete) in the single-launch mode
-    auto fetch_t = [&]() {
-      if (p.mode == kModeFused && threadIdx.x == 0) {
-        while (ld_acquire(counters + 0) < static_cast<uint32_t>(p.nrg)) __nanosleep(64);
-      }
-      __syncthreads();
-      const float* t_glob = wsf + p.ws_t;
-      for (int idx = threadIdx.x; idx < p.M * p.R; idx += kThreads) ts[idx] = __ldcg(t_glob + idx);
-      t_ready = true;
-      __syncthreads();
-    };
     const int first = p.mode == kModeFused ? bid - p.p1_ctas : bid;
     const int stride = p.mode == kModeFused ? static_cast<int>(gridDim.x) - p.p1_ctas : static_cast<int>(gridDim.x);
     for (int u = first; u < p.num_units; u += stride) {
@@ -923,11 +944,7 @@ __global__ void __launch_bounds__(kThreads, (BITS >= 8 ? 2 : 4)) gptq_lora_kerne
       }
       if (has_lora && p.lr_split && j0 < j1) {  // this slice's share of B.t, before the partial goes out
         cp_async_wait_all();
-        if (!t_ready) {
-          fetch_t();  // its __syncthreads also publishes the warp sums and the staged rows
-        } else {
-          __syncthreads();
-        }
+        gather_t<T>(p, j0, j1, ts);  // its barriers also publish the warp sums and the staged rows
         lowrank_add<T, MAXM>(p, tile, j0, j1, red, ts, stage);
       }
       if (p.ksplit > 1) {
@@ -953,7 +970,7 @@ __global__ void __launch_bounds__(kThreads, (BITS >= 8 ? 2 : 4)) gptq_lora_kerne
       }
       __syncthreads();
       if (has_lora && !p.lr_split) {  // version 2: the whole B.t on the last slice, B from global memory
-        if (!t_ready) fetch_t();
+        gather_t<T>(p, 0, p.R, ts);
         lowrank_add<T, MAXM>(p, tile, 0, p.R, red, ts, nullptr);
       }
       store_tile<T>(p, tile, red);
@@ -968,7 +985,6 @@ __global__ void __launch_bounds__(kThreads, (BITS >= 8 ? 2 : 4)) gptq_lora_kerne
       const int prev = atomicAdd(counters + 1, 1);
       if (prev == static_cast<int>(gridDim.x) - 1) {
         for (int i = 0; i < p.nrg; ++i) counters[2 + i] = 0;
-        counters[0] = 0;
         counters[1] = 0;
         __threadfence();
       }
@@ -1022,7 +1038,7 @@ inline void plan_lowrank(Params& p, int options) {
 // Upper bound of the workspace any plan for (M, R, N) needs (what the host allocates).
 inline int64_t workspace_ints_for(int M, int R, int N) {
   (void)N;
-  return kWsData + static_cast<int64_t>(M) * (R > 0 ? R : 0) * (1 + kMaxKSplit) +
+  return kWsData + static_cast<int64_t>(M) * (R > 0 ? R : 0) * kMaxKSplit +
          static_cast<int64_t>(kMaxSplitUnits) * M * kTileN;
 }
 
@@ -1074,7 +1090,6 @@ inline LaunchPlan make_plan(Params& p, int maxm, int capacity, int options) {
   plan.smem = smem_bytes(maxm, p.M, p.R, p.lora_bits, options);
   p.num_tiles = (p.N + kTileN - 1) / kTileN;
   p.ws_tiles = kWsHeader;
-  p.ws_t = kWsData;
   p.p1_ctas = 0;
   if (p.R <= 0) {
     plan_ksplit(p, capacity);
@@ -1131,7 +1146,7 @@ inline LaunchPlan make_plan(Params& p, int maxm, int capacity, int options) {
     plan.mode[0] = kModeFused;
   }
   plan_lowrank(p, options);
-  p.ws_part_a = p.ws_t + p.M * p.R;
+  p.ws_part_a = kWsData;
   p.ws_part_y = p.ws_part_a + p.ksplit_a * p.M * p.R;
   plan.ws_ints = p.ws_part_y + (p.ksplit > 1 ? static_cast<int64_t>(p.num_units) * p.M * kTileN : 0);
   return plan;

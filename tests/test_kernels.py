@@ -523,7 +523,7 @@ def test_jit_build_and_import(monkeypatch):
     monkeypatch.setenv(cuda_ext.ENV_BUILD_DIR, str(_cache_dir() / "jit"))
     mod = cuda_ext.build_extension()
     assert mod.ABI_VERSION == 3 and mod.MAX_M == ops.CUDA_MAX_M and mod.MAX_RANK == ops.CUDA_MAX_RANK
-    assert mod.workspace_ints(1, 128, 4096) == 256 + 4096 + 128 * 33 + 1024 * 32
+    assert mod.workspace_ints(1, 128, 4096) == 256 + 4096 + 128 * 32 + 1024 * 32
     layer = make_gptq(64, 32, 32, 4, False)
     with pytest.raises(RuntimeError, match="contiguous 2-D CUDA tensor"):
         mod.gptq_lora_forward(torch.randn(1, 64).half(), layer["qweight"], layer["qzeros"], layer["scales"], None,
@@ -647,6 +647,7 @@ EMU_CASES = [
     (4, 64, False, 8, 1, 96, 32, torch.float16, 12, False, 1024),   # int8, 3 tiles x 4 slices: slice 0 has it all
     (4, 64, False, 4, 2, 64, 64, torch.bfloat16, 16, False, 2048),  # int4, K split in 4: chunks on slices 0, 1
     (4, 64, False, 16, 1, 64, 64, torch.float16, 3, False, 1024),   # 2 tiles x 2 slices looping on 3 CTAs
+    (4, 128, False, 16, 1, 64, 16, torch.float16, 24, False, 4096),  # t gathered by 4 lanes per entry
 ]
 
 

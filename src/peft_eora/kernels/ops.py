@@ -69,7 +69,7 @@ _workspaces: dict[int, Tensor] = {}
 _retired_workspaces: list[Tensor] = []
 _ws_lock = threading.Lock()
 #: int32 words allocated at least (covers M = 16, r = 256 with the maximal K splits).
-_WS_MIN_INTS = 256 + 4096 + 16 * 256 * 33 + 1024 * 16 * 32
+_WS_MIN_INTS = 256 + 4096 + 16 * 256 * 32 + 1024 * 16 * 32
 
 
 def triton_available(device: torch.device) -> bool:
