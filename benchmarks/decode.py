@@ -11,8 +11,8 @@ intermediate 14336, 8 KV heads, vocabulary 128256) decodes greedily, batch 1:
   creates them for integer bases, and the add); ``peft_unfused_fp16`` — the same with the
   adapters cast to float16;
 * ``fused`` — ``peft_eora.fuse`` (one kernel per linear); ``fused_int8`` — with int8 adapters;
-  ``fused_lora_in_epilogue`` — the CUDA kernel's version-2 low-rank expand (whole B·t on the
-  last K slice), for comparison.
+  ``fused_v2_paths`` — the CUDA kernel with its version-2 paths (whole B·t on the last K slice,
+  L2 prefetch of the first unit only), for comparison.
 
 Each step (one token) is captured once in a CUDA graph over a static KV cache and replayed,
 so the figures are GPU time per token, not Python overhead (``--eager`` times the Python loop
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=8)
     p.add_argument("--eager", action="store_true", help="time the Python decode loop instead of a CUDA graph")
     p.add_argument("--variants", default="fp16,gptq_base,peft_unfused,peft_unfused_fp16,fused,fused_int8,"
-                                          "fused_lora_in_epilogue")
+                                          "fused_v2_paths")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU (eager): checks the code paths")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -268,19 +268,21 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         fuse(peft_model, backend=backend, adapter_bits=8)
         out["fused_int8"] = measure(peft_model, args, prompt)
         unfuse(peft_model)
-    if "fused_lora_in_epilogue" in variants and device.type == "cuda":  # the kernel's version-2 expand, for comparison
+    if "fused_v2_paths" in variants and device.type == "cuda":  # the CUDA kernel's version-2 paths, for comparison
         from peft_eora.kernels import ops
 
         fuse(peft_model, backend=backend, adapter_bits=16)
-        old = os.environ.get(ops.ENV_LORA_IN_EPILOGUE)
-        os.environ[ops.ENV_LORA_IN_EPILOGUE] = "1"
+        names = (ops.ENV_LORA_IN_EPILOGUE, ops.ENV_PREFETCH_FIRST_ONLY)
+        saved = {name: os.environ.get(name) for name in names}
+        os.environ.update({name: "1" for name in names})
         try:
-            out["fused_lora_in_epilogue"] = measure(peft_model, args, prompt)
+            out["fused_v2_paths"] = measure(peft_model, args, prompt)
         finally:
-            if old is None:
-                os.environ.pop(ops.ENV_LORA_IN_EPILOGUE, None)
-            else:
-                os.environ[ops.ENV_LORA_IN_EPILOGUE] = old
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
         unfuse(peft_model)
     tok = {k: v["tok_s"] for k, v in out.items()}
     ratios = {}
@@ -290,6 +292,8 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         ratios["fused_over_peft_unfused_fp16"] = tok["fused"] / tok["peft_unfused_fp16"]
     if tok.get("fused") and tok.get("fp16"):
         ratios["fused_over_fp16"] = tok["fused"] / tok["fp16"]
+    if tok.get("fused") and tok.get("fused_v2_paths"):
+        ratios["fused_over_fused_v2_paths"] = tok["fused"] / tok["fused_v2_paths"]
     if tok.get("fused_int8") and tok.get("fp16"):
         ratios["fused_int8_over_fp16"] = tok["fused_int8"] / tok["fp16"]
     res["ratios"] = ratios

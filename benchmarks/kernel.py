@@ -10,10 +10,13 @@ Python overhead):
 * ``base`` — our CUDA kernel without the low-rank term;
 * ``unfused`` — what PEFT does: ``base``, then ``lora_B(lora_A(x))·scaling`` and the add;
 * ``fused`` — ``torch.ops.peft_eora.gptq_lora_linear`` (one launch); ``fused_int8`` with int8
-  adapters; ``fused_two_pass`` (the two-launch CUDA variant); ``fused_lora_in_epilogue``
-  (the kernel's version 2: the whole B·t on the last K slice, B read from L2, instead of the
-  rank split over the K slices with B staged in shared memory); ``fused_triton`` (the Triton
-  fallback for GPUs without nvcc).
+  adapters; ``fused_two_pass`` (the two-launch CUDA variant); ``fused_triton`` (the Triton
+  fallback for GPUs without nvcc);
+* the kernel's version-2 paths, each alone, for attribution: ``fused_lora_in_epilogue`` (the
+  whole B·t on the last K slice, B read from L2, instead of the rank split over the K slices
+  with B staged in shared memory) and ``base_prefetch_first_only`` / ``fused_prefetch_first_only``
+  (L2 asked for a unit's weights up front only for a CTA's first unit when it shares phase 1,
+  instead of at the start of every unit).
 
 plus the bytes each fused call must move, the floor they set at the device-to-device copy
 bandwidth measured in the same run, and the achieved GB/s; the issue's goals are evaluated
@@ -303,6 +306,9 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> tuple[list[d
                             t["fused_two_pass"] = timed(fused, copies)
                         with _env(ops.ENV_LORA_IN_EPILOGUE, "1"):
                             t["fused_lora_in_epilogue"] = timed(fused, copies)
+                        with _env(ops.ENV_PREFETCH_FIRST_ONLY, "1"):
+                            t["base_prefetch_first_only"] = timed(base, copies)
+                            t["fused_prefetch_first_only"] = timed(fused, copies)
                     if triton_ok and "triton_error" not in row:
                         t["fused_triton"] = timed(lambda i: fused(i, backend="triton"), copies)
                     row["timings_us"] = {name: v.get("us") for name, v in t.items()}

@@ -102,8 +102,10 @@ constexpr int kWsData = kWsHeader + kMaxTileCounters;
 
 enum Mode : int { kModeFused = 0, kModePhase1 = 1, kModePhase2 = 2 };
 // Launch options (bit flags, from the host): kOptTwoPass runs phase 1 as its own launch;
-// kOptLoraInEpilogue keeps the whole B.t in the last slice's epilogue (version 2).
-enum Option : int { kOptTwoPass = 1, kOptLoraInEpilogue = 2 };
+// kOptLoraInEpilogue keeps the whole B.t in the last slice's epilogue (version 2);
+// kOptPrefetchFirstOnly asks L2 for a unit's weights up front only where version 2 did (the
+// first unit of a CTA sharing phase 1) instead of at the start of every unit.
+enum Option : int { kOptTwoPass = 1, kOptLoraInEpilogue = 2, kOptPrefetchFirstOnly = 4 };
 // Floats of the shared t buffer [M][R], rounded up to 16 bytes (the B stage follows it).
 __host__ __device__ inline int ts_floats(int M, int R) { return ((M * (R > 0 ? R : 0)) + 3) & ~3; }
 constexpr int kMaxStageBytes = 16384;    // shared-memory B rows of one unit (32 x lr_chunk)
@@ -138,6 +140,7 @@ struct Params {
   int ws_part_y;           // float offset of the phase-2 partials [num_units, M, 32]
   int lr_split;            // 1: unit (tile, ks) adds B[:, chunk ks].t[chunk ks] (B staged in shared memory)
   int lr_chunk;            // rank entries per K slice when lr_split (a multiple of 32)
+  int options;             // kOpt* flags of this launch
   float scaling;
 };
 
@@ -922,6 +925,8 @@ __global__ void __launch_bounds__(kThreads, (BITS >= 8 ? 2 : 4)) gptq_lora_kerne
       for (int c = bid; c < chunks; c += gridDim.x) lora_a_chunk<T, MAXM>(p, c);
     }
   }
+  // whether the first unit's weights were requested above
+  const bool first_prefetched = has_lora && p.mode == kModeFused && p.p1_ctas == 0 && bid < p.num_units;
 
   // ---- phase 2: units (tile, K slice) -------------------------------------------------------
   if (p.mode != kModePhase1 && !p1_only) {
@@ -929,6 +934,9 @@ __global__ void __launch_bounds__(kThreads, (BITS >= 8 ? 2 : 4)) gptq_lora_kerne
     const int stride = p.mode == kModeFused ? static_cast<int>(gridDim.x) - p.p1_ctas : static_cast<int>(gridDim.x);
     for (int u = first; u < p.num_units; u += stride) {
       const int tile = u / p.ksplit, ks = u % p.ksplit;
+      // the whole unit's weights requested from L2 at once: the register double buffer then
+      // waits on L2, not DRAM (far more bytes in flight than two steps of loads per lane)
+      if (!(p.options & kOptPrefetchFirstOnly) && !(first_prefetched && u == first)) prefetch_unit<BITS>(p, u);
       // this unit's rank chunk (version 3), staged while the weights stream
       const int j0 = p.lr_split ? min(p.R, ks * p.lr_chunk) : 0;
       const int j1 = p.lr_split ? min(p.R, j0 + p.lr_chunk) : 0;
@@ -1085,6 +1093,7 @@ inline void plan_phase1(Params& p, int target) {
 // CTAs that can be resident at once: the fused (single-launch) grid never exceeds it.
 inline LaunchPlan make_plan(Params& p, int maxm, int capacity, int options) {
   const bool two_pass = (options & kOptTwoPass) != 0;
+  p.options = options;
   LaunchPlan plan{};
   if (capacity < 1) capacity = 1;
   plan.smem = smem_bytes(maxm, p.M, p.R, p.lora_bits, options);

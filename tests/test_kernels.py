@@ -443,8 +443,9 @@ def test_cuda_constants_in_sync():
     bindings = (CUDA_DIR / "bindings.cpp").read_text()
     assert "kMaxRank = (256 - 2) * 8" in bindings and "kAbiVersion = 3" in bindings
     assert cuda_ext._ABI_VERSION == 3
-    assert "enum Option : int { kOptTwoPass = 1, kOptLoraInEpilogue = 2 };" in header
-    assert (ops._OPT_TWO_PASS, ops._OPT_LORA_IN_EPILOGUE) == (OPT_TWO_PASS, OPT_LORA_IN_EPILOGUE) == (1, 2)
+    assert "enum Option : int { kOptTwoPass = 1, kOptLoraInEpilogue = 2, kOptPrefetchFirstOnly = 4 };" in header
+    assert (ops._OPT_TWO_PASS, ops._OPT_LORA_IN_EPILOGUE, ops._OPT_PREFETCH_FIRST_ONLY) == (
+        OPT_TWO_PASS, OPT_LORA_IN_EPILOGUE, OPT_PREFETCH_FIRST_ONLY) == (1, 2, 4)
 
 
 def _cache_dir() -> Path:
@@ -580,7 +581,7 @@ def _emu_lib() -> ctypes.CDLL:
 
 
 # kOpt* flags of cuda/gptq_lora_kernel.cuh
-OPT_TWO_PASS, OPT_LORA_IN_EPILOGUE = 1, 2
+OPT_TWO_PASS, OPT_LORA_IN_EPILOGUE, OPT_PREFETCH_FIRST_ONLY = 1, 2, 4
 
 
 def _plan(so, m, k, n, r, capacity, lora_bits=16, options=0) -> dict:
@@ -658,8 +659,8 @@ def _rank_split_applies(lora_bits: int, r: int) -> bool:
 
 # every case as planned by default; where that is the rank split, also with the version-2 epilogue
 EMU_RUNS = [pytest.param(*c, 0) for c in EMU_CASES] + [
-    pytest.param(*c, OPT_LORA_IN_EPILOGUE, id=f"epilogue-{i}") for i, c in enumerate(EMU_CASES)
-    if _rank_split_applies(c[3], c[6])]
+    pytest.param(*c, OPT_LORA_IN_EPILOGUE | (OPT_PREFETCH_FIRST_ONLY if i % 2 else 0), id=f"epilogue-{i}")
+    for i, c in enumerate(EMU_CASES) if _rank_split_applies(c[3], c[6])]
 
 
 @pytest.mark.parametrize("bits,gs,act_order,lora_bits,m,n,r,dtype,capacity,two_pass,k,lowrank_opt", EMU_RUNS)
@@ -667,7 +668,7 @@ def test_cuda_kernel_source_on_cpu_threads(emu, bits, gs, act_order, lora_bits, 
                                            k, lowrank_opt):
     options = (OPT_TWO_PASS if two_pass else 0) | lowrank_opt
     plan = _plan(emu, m, k, n, r, capacity, lora_bits, options)
-    assert plan["lr_split"] == int(lowrank_opt == 0 and _rank_split_applies(lora_bits, r))
+    assert plan["lr_split"] == int(not lowrank_opt & OPT_LORA_IN_EPILOGUE and _rank_split_applies(lora_bits, r))
     layer = make_gptq(k, n, gs, bits, act_order, seed=bits + m, scale_dtype=dtype)
     lora = make_lora(k, n, r, lora_bits, seed=r, dtype=dtype)
     x = torch.randn(m, k).to(dtype)

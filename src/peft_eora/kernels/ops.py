@@ -42,6 +42,7 @@ __all__ = [
     "BACKENDS",
     "ENV_BACKEND",
     "ENV_LORA_IN_EPILOGUE",
+    "ENV_PREFETCH_FIRST_ONLY",
     "ENV_TWO_PASS",
     "gptq_lora_linear",
     "gptq_lora_linear_eager",
@@ -57,9 +58,13 @@ ENV_TWO_PASS = "PEFT_EORA_CUDA_TWO_PASS"
 #: ``1`` keeps the whole low-rank expand B·t in the last K slice's epilogue (the kernel's version 2)
 #: instead of splitting the rank over the K slices with B staged in shared memory (side-by-side timing).
 ENV_LORA_IN_EPILOGUE = "PEFT_EORA_CUDA_LORA_IN_EPILOGUE"
+#: ``1`` asks L2 for a unit's weights up front only where the kernel's version 2 did (the first unit
+#: of a CTA sharing phase 1) instead of at the start of every unit (side-by-side timing).
+ENV_PREFETCH_FIRST_ONLY = "PEFT_EORA_CUDA_PREFETCH_FIRST_ONLY"
 # kOpt* flags of cuda/gptq_lora_kernel.cuh
 _OPT_TWO_PASS = 1
 _OPT_LORA_IN_EPILOGUE = 2
+_OPT_PREFETCH_FIRST_ONLY = 4
 CUDA_MAX_M = 16
 CUDA_MAX_RANK = (256 - 2) * 8
 
@@ -187,8 +192,11 @@ def _run_cuda(
         g_idx = _aligned(g_idx.to(torch.int32))
     rank = lora_a.shape[0] if lora_a is not None else 0
     ws = _workspace(x.device, ext.workspace_ints(x2.shape[0], rank, scales.shape[1]))
-    options = (_OPT_TWO_PASS if _env_flag(ENV_TWO_PASS) else 0) | (
-        _OPT_LORA_IN_EPILOGUE if _env_flag(ENV_LORA_IN_EPILOGUE) else 0)
+    options = (
+        (_OPT_TWO_PASS if _env_flag(ENV_TWO_PASS) else 0)
+        | (_OPT_LORA_IN_EPILOGUE if _env_flag(ENV_LORA_IN_EPILOGUE) else 0)
+        | (_OPT_PREFETCH_FIRST_ONLY if _env_flag(ENV_PREFETCH_FIRST_ONLY) else 0)
+    )
     out = ext.gptq_lora_forward(
         x2, _aligned(qweight), qzeros.contiguous(), _aligned(scales, 8), g_idx, int(group_size), bias,
         lora_a, lora_b, lora_a_scale, lora_b_scale, int(bits), int(lora_bits), float(scaling), int(zero_offset),
