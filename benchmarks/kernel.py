@@ -353,6 +353,10 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 int8_fused_over_int4=_ratio(us.get("fused_int8"), us.get("int4_tinygemm")),
                 int8_unfused_over_fused=_ratio(us.get("unfused"), us.get("fused_int8")),
                 int8_fp16_over_fused=_ratio(us.get("fp16_linear"), us.get("fused_int8")),
+                # what each v3 change of the CUDA kernel buys (> 1: v3 faster than its v2 path)
+                v2_expand_over_v3=_ratio(us.get("fused_lora_in_epilogue"), us.get("fused")),
+                v2_prefetch_over_v3_fused=_ratio(us.get("fused_prefetch_first_only"), us.get("fused")),
+                v2_prefetch_over_v3_base=_ratio(us.get("base_prefetch_first_only"), us.get("base")),
             )
             g["met"] = dict(
                 fused_le_1_25x_int4=None if g["fused_over_int4"] is None else g["fused_over_int4"] <= 1.25,

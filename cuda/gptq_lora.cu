@@ -118,6 +118,7 @@ at::Tensor gptq_lora_forward(const at::Tensor& x, const at::Tensor& qweight, con
       TORCH_CHECK(false, "peft_eora: unsupported lora_bits=", lora_bits, " (expected 16, 8 or 4)");
     }
     TORCH_CHECK(aligned16(a_c.data_ptr()), "peft_eora: lora_a must be 16-byte aligned");
+    TORCH_CHECK(aligned16(b_c.data_ptr()), "peft_eora: lora_b must be 16-byte aligned");
     if (lora_bits != 16) {
       TORCH_CHECK(lora_a_scale.has_value() && lora_b_scale.has_value(), "peft_eora: quantized LoRA needs scales");
       sa_c = lora_a_scale->to(at::kFloat).contiguous();

@@ -899,7 +899,7 @@ __global__ void __launch_bounds__(kThreads, (BITS >= 8 ? 2 : 4)) gptq_lora_kerne
   float* smem = peft_eora_emu::block_smem();
   int& s_flag = peft_eora_emu::block_flag();
 #else
-  extern __shared__ float smem[];
+  extern __shared__ __align__(16) float smem[];  // 16-byte aligned: the B stage takes cp.async
   __shared__ int s_flag;
 #endif
   float* red = smem;                          // [kWarps][MAXM][32]

@@ -187,7 +187,7 @@ def _run_cuda(
         bias = bias.to(x.dtype)
     if lora_a is not None and lora_bits == 16:
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-    lora_a = _aligned(lora_a)
+    lora_a, lora_b = _aligned(lora_a), _aligned(lora_b)
     if g_idx is not None:
         g_idx = _aligned(g_idx.to(torch.int32))
     rank = lora_a.shape[0] if lora_a is not None else 0
