@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command on a GPU machine: build the CUDA extension, run the GPU tests, the kernel and
-# end-to-end decode benchmarks, the linear-algebra probe (with the int4 adapter fitting), the EoRA-at-scale benchmark (fixed ridge and
+# end-to-end decode benchmarks, an Nsight Compute probe of the fused kernel, the linear-algebra probe (with the int4 adapter fitting), the EoRA-at-scale benchmark (fixed ridge and
 # the default damping="auto") and the factor step's memory.
 # JSON results and one log go to a single folder (default: $OUT, else benchmarks/results/gpu).
 #
@@ -19,7 +19,7 @@ LOG="$OUT_DIR/gpu_check.log"
 SUMMARY="$OUT_DIR/summary.txt"
 : > "$LOG"
 : > "$SUMMARY"
-STEPS="${GPU_CHECK_STEPS:-build tests kernel linalg scale scale_auto factor_memory offload}"
+STEPS="${GPU_CHECK_STEPS:-build tests kernel ncu linalg scale scale_auto factor_memory offload}"
 PY="${PYTHON:-python3}"
 
 if ls .whl/*.whl > /dev/null 2>&1; then
@@ -50,6 +50,14 @@ step build 300 "$PY" -c "from peft_eora.kernels import cuda_ext; m = cuda_ext.bu
 TESTS=$(ls tests/test_kernels.py tests/test_gptq_linear.py tests/test_scale.py 2> /dev/null)
 step tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider $TESTS
 step kernel 330 "$PY" benchmarks/kernel.py --out "$OUT_DIR/kernel.json"
+# Nsight Compute on the fused kernel (duration, DRAM throughput, occupancy; v3 vs its v2 paths), where ncu exists
+if command -v ncu > /dev/null 2>&1; then
+  step ncu 150 bash -c "ncu --clock-control none -k regex:gptq_lora_kernel --metrics gpu__time_duration.sum,\
+dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,\
+launch__registers_per_thread,launch__grid_size --csv --log-file \"$OUT_DIR/ncu.csv\" \"$PY\" benchmarks/ncu_probe.py \
+--order \"$OUT_DIR/ncu_order.json\" && \"$PY\" benchmarks/ncu_probe.py --parse \"$OUT_DIR/ncu.csv\" \
+--order \"$OUT_DIR/ncu_order.json\" --out \"$OUT_DIR/ncu.json\""
+fi
 step linalg 120 "$PY" benchmarks/linalg.py --out "$OUT_DIR/linalg.json"
 step scale 240 "$PY" benchmarks/scale.py --gpu-8b --out "$OUT_DIR/scale.json"
 # the same at the default damping="auto" (ridge chosen per layer on held-out windows)

@@ -860,3 +860,34 @@ def test_gpu_backend_auto_prefers_cuda_then_triton():
     assert ops.select_backend(x, 4, None, 16) in ("cuda", "triton")
     big = torch.randn(64, 256, device="cuda", dtype=torch.float16)
     assert ops.select_backend(big, 4, None, 16) in ("triton", "torch")
+
+
+# ----------------------------------------------------------------------------------------------
+# the Nsight Compute probe (benchmarks/ncu_probe.py): its CSV join runs anywhere
+
+
+def test_ncu_probe_joins_the_csv_with_the_launch_order(tmp_path):
+    """ncu's CSV (one row per launch and metric, chatter lines between) is joined with the probe's
+    launch order, keeping the measured launch of each warm-up/measured pair; a count mismatch is an error."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import ncu_probe
+
+    order = {"status": "ok", "rank": 128, "bits": 4, "batch": 1, "launches": [
+        dict(shape="4096x4096", variant=v, role=role) for v in ("base", "fused") for role in ("warmup", "measured")]}
+    header = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+              '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"\n')
+    lines = ["==PROF== Connected to process 1\n", header]
+    for i in range(4):
+        for name, value in (("gpu__time_duration.sum", f"1{i},500"),  # ncu writes thousands separators
+                            ("dram__throughput.avg.pct_of_peak_sustained_elapsed", "31.25")):
+            lines.append(f'"{i}","1","python3","h","void peft_eora::gptq_lora_kernel<__half, 4, 8>(peft_eora::Params)",'
+                         f'"1","7","(128, 1, 1)","(512, 1, 1)","0","9.0","Command line profiler metrics","{name}",'
+                         f'"ns","{value}"\n')
+    lines.append("==PROF== Disconnected from process 1\n")
+    (tmp_path / "ncu.csv").write_text("".join(lines))
+    res = ncu_probe.parse(str(tmp_path / "ncu.csv"), order)
+    assert res["status"] == "ok" and [r["variant"] for r in res["rows"]] == ["base", "fused"]
+    assert res["rows"][1]["gpu__time_duration.sum"] == 13500.0  # launch 3: the fused pair's measured one
+    assert res["rows"][0]["dram__throughput.avg.pct_of_peak_sustained_elapsed"] == 31.25
+    order["launches"] = order["launches"][:3]
+    assert ncu_probe.parse(str(tmp_path / "ncu.csv"), order)["status"] == "error"
