@@ -174,3 +174,39 @@ def test_rank_allocation_sees_the_weighted_spectrum_of_keys(tiny_llama, calib_id
     assert torch.allclose(out["keys"][0][k].double(), ref.double(), rtol=1e-3, atol=1e-6 * float(ref.max()))
     w = original.get_submodule(k).weight.double() * root
     assert out["keys"][1][k] == pytest.approx(float(((w @ H) * w).sum()), rel=1e-4)
+
+
+def test_query_and_key_originals_are_read_once(tiny_llama, calib_ids, monkeypatch):
+    """Both weighted: a query projection's original serves its own residual and the key's metric (and
+    vice versa), one read each per run, in compensation and in the spectrum pass; the factors equal
+    those of a run that reads them twice (the kept tensors are not modified)."""
+    import collections
+    import contextlib
+
+    from peft_eora.compensate import collect_spectra
+    from peft_eora.original import OriginalWeights
+
+    original, quantized = tiny_llama
+
+    def run(keep: bool):
+        ref = OriginalWeights.open(original)
+        reads = collections.Counter()
+        load = ref._loader
+        ref._loader = lambda key: (reads.update([key]), load(key))[1]
+        if not keep:
+            monkeypatch.setattr(ref, "keeping", lambda names: contextlib.nullcontext())
+        pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, damping=0.0, logit_weighting="queries_and_keys"))
+        initialize_eora_weights(pm, original_model=ref, calibration=calib_ids, progress=False)
+        compensation = dict(reads)
+        reads.clear()
+        collect_spectra(pm, "default", ref, [{"input_ids": calib_ids}], damping=0.01, progress=False,
+                        logit_weighting="queries_and_keys")
+        factors = {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_" in n}
+        return compensation, dict(reads), factors
+
+    comp, spectra, factors = run(keep=True)
+    qk = [k for k in comp if k.endswith(("q_proj", "k_proj"))]
+    assert qk and set(comp.values()) == {1} and set(spectra.values()) == {1}
+    comp2, _, factors2 = run(keep=False)
+    assert all(comp2[k] == 2 for k in qk)  # without keeping: own residual + partner
+    assert all(torch.equal(factors[n], factors2[n]) for n in factors)

@@ -61,7 +61,7 @@ from .decompose import (
     weighted_error,
 )
 from .factor_quant import fit_lowbit_factors
-from .logit_weighting import AttentionShape, attention_shape, output_weights
+from .logit_weighting import AttentionShape, attention_shape, output_weights, partner
 from .original import ModelMismatchError, OriginalWeights
 from .residual import UnsupportedModuleError, backend_for
 from .value_weighting import attached, value_taps, verified
@@ -610,18 +610,20 @@ def _compensate_visit(
                     return eigen(H_fit)
 
             shared = (H_fit, H_val, fit_eigen, None)  # the refit: Cholesky where δ allows it
-            for t in groups[g]:
-                stats.modules.append(_install(t, adapter_name, original, H, None, "eora", eig_rtol, auto=shared,
-                                              device=visit.device, times=times, adapter_bits=adapter_bits,
-                                              out_weight=metric(t, H)))
+            with original.keeping(_read_twice(groups[g], logits)):
+                for t in groups[g]:
+                    stats.modules.append(_install(t, adapter_name, original, H, None, "eora", eig_rtol, auto=shared,
+                                                  device=visit.device, times=times, adapter_bits=adapter_bits,
+                                                  out_weight=metric(t, H)))
         else:
             H = Hs[0]
             with times.phase("decomposition", visit.device):
                 projection = projection_for(H, float(damping), eig_rtol)  # shared by the group's members
-            for t in groups[g]:
-                stats.modules.append(_install(t, adapter_name, original, H, projection, "eora", eig_rtol,
-                                              damping=float(damping), device=visit.device, times=times,
-                                              adapter_bits=adapter_bits, out_weight=metric(t, H)))
+            with original.keeping(_read_twice(groups[g], logits)):
+                for t in groups[g]:
+                    stats.modules.append(_install(t, adapter_name, original, H, projection, "eora", eig_rtol,
+                                                  damping=float(damping), device=visit.device, times=times,
+                                                  adapter_bits=adapter_bits, out_weight=metric(t, H)))
 
     with attached(taps):
         if sequential:  # one forward: the batches park at each group while its factors are installed
@@ -638,6 +640,16 @@ def _logit_setup(model: nn.Module, logit_weighting: str) -> tuple[str, Optional[
     if logit_weighting not in LOGIT_WEIGHTINGS:
         raise ValueError(f"logit_weighting must be one of {LOGIT_WEIGHTINGS}, got {logit_weighting!r}.")
     return logit_weighting, attention_shape(getattr(model, "config", None)) if logit_weighting != "none" else None
+
+
+def _read_twice(group: list[Target], logits: tuple[str, Optional[AttentionShape]]) -> set[str]:
+    """Members of ``group`` whose original weight is read twice: for their own residual and as another
+    member's logit-weighting partner (the query/key projections of one attention)."""
+    weighting, shape = logits
+    if weighting == "none" or shape is None:
+        return set()
+    names = {t.name for t in group}
+    return {found[1] for t in group if (found := partner(t.name, weighting)) is not None and found[1] in names}
 
 
 def _output_metric(original: OriginalWeights, logits: tuple[str, Optional[AttentionShape]], device: torch.device
@@ -871,16 +883,17 @@ def collect_spectra(
                 visit.run(points, cov.collect, on_group=None, keep_outputs=visit.index < last)
             for g, group in enumerate(groups):
                 (H,) = cov.take(g)
-                for t in group:  # no eigendecomposition: a Cholesky at most (see projected_spectrum)
-                    w_fp, w_q = _weights(t, original, H.device, times)
-                    with times.phase("factors", H.device):
-                        out_weight = metric(t, H)
-                        delta, w = w_fp - w_q, w_fp.double()
-                        if out_weight is not None:  # what the logit-weighted factors fit: G^½·ΔW, G^½·W
-                            root = out_weight.to(H.device).sqrt()[:, None]
-                            delta, w = delta.double() * root, w * root
-                        spectra[t.name] = projected_spectrum(delta, H, damping=damping, eig_rtol=eig_rtol).cpu()
-                        energy[t.name] = float(((w @ H.double()) * w).sum())
+                with original.keeping(_read_twice(group, logits)):
+                    for t in group:  # no eigendecomposition: a Cholesky at most (see projected_spectrum)
+                        w_fp, w_q = _weights(t, original, H.device, times)
+                        with times.phase("factors", H.device):
+                            out_weight = metric(t, H)
+                            delta, w = w_fp - w_q, w_fp.double()
+                            if out_weight is not None:  # what the logit-weighted factors fit: G^½·ΔW, G^½·W
+                                root = out_weight.to(H.device).sqrt()[:, None]
+                                delta, w = delta.double() * root, w * root
+                            spectra[t.name] = projected_spectrum(delta, H, damping=damping, eig_rtol=eig_rtol).cpu()
+                            energy[t.name] = float(((w @ H.double()) * w).sum())
                 del H
     finally:
         model.train(was_training)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -39,6 +40,8 @@ class OriginalWeights:
         self._shapes = shapes
         self._loader = loader
         self.source = source
+        self._keep: set[str] = set()  # keys whose reads are kept (see keeping())
+        self._kept: dict[tuple[str, str], torch.Tensor] = {}
 
     @classmethod
     def open(cls, source: Union[str, Path, nn.Module], revision: Optional[str] = None) -> "OriginalWeights":
@@ -126,11 +129,34 @@ class OriginalWeights:
         return None if key is None else self._shapes[key]
 
     def get(self, name: str, device: Union[str, torch.device, None] = None) -> torch.Tensor:
-        """Weight of module ``name`` as float32 on ``device``."""
+        """Weight of module ``name`` as float32 on ``device`` (treat it as read-only)."""
         key = self.resolve(name)
         if key is None:
             raise ModelMismatchError(f"The original model {self.source} has no weight for {name}.")
-        return self._loader(key).to(device=device, dtype=torch.float32)
+        if key not in self._keep:
+            return self._loader(key).to(device=device, dtype=torch.float32)
+        slot = (key, str(torch.device(device) if device is not None else "cpu"))
+        if slot not in self._kept:
+            self._kept[slot] = self._loader(key).to(device=device, dtype=torch.float32)
+        return self._kept[slot]
+
+    @contextmanager
+    def keeping(self, names: Iterable[str]) -> Iterator[None]:
+        """Inside, :meth:`get` reads each of ``names`` once and hands the same tensor back after that;
+        they are dropped on exit. For weights needed twice close together (a query projection's own
+        residual, then as the key projection's logit-weighting partner)::
+
+            with ref.keeping(["model.layers.0.self_attn.q_proj"]):
+                ...
+        """
+        keys = {key for key in (self.resolve(n) for n in names) if key is not None} - self._keep
+        self._keep |= keys
+        try:
+            yield
+        finally:
+            self._keep -= keys
+            for slot in [slot for slot in self._kept if slot[0] in keys]:
+                del self._kept[slot]
 
     def check(self, name: str, expected: tuple[int, int]) -> None:
         """Raise :class:`ModelMismatchError` unless the original has ``name`` with shape ``expected``."""
