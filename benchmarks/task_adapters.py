@@ -24,12 +24,15 @@ import json
 import logging
 import os
 import platform
-import tempfile
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import scratch_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -166,7 +169,7 @@ def main() -> None:
         logger.info("adapter %s computed in %.1f s", name, adapters[name]["seconds"])
     model.eval()
 
-    workdir = Path(tempfile.mkdtemp(prefix="peft-eora-task-adapters-"))
+    workdir = scratch_dir("peft-eora-task-adapters-")
     for name in calibrations:
         model.save_pretrained(workdir, selected_adapters=[name])  # "c4" → workdir/c4, "gsm8k" → workdir/gsm8k
     reloaded = PeftModel.from_pretrained(copy.deepcopy(base), workdir / "c4", adapter_name="c4")
