@@ -128,6 +128,10 @@ template <class T>
 inline T __ldcg(const T* p) {
   return *const_cast<const volatile T*>(p);
 }
+inline float4 __ldcg(const float4* p) {  // element-wise volatile reads (a struct has no volatile copy)
+  const volatile float* f = reinterpret_cast<const volatile float*>(p);
+  return make_float4(f[0], f[1], f[2], f[3]);
+}
 inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __nanosleep(unsigned) { std::this_thread::yield(); }

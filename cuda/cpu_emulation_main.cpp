@@ -80,15 +80,16 @@ int pe_emu_max_rank() { return kMaxRank; }
 int64_t pe_emu_workspace_ints(int M, int R, int N) { return workspace_ints_for(M, R, N); }
 
 // The plan for one call (tests of the planner):
-// out = {ksplit, grid, p1_ctas, ksplit_a, ws_ints, lr_split, lr_chunk, smem}.
-void pe_emu_plan(int M, int K, int N, int R, int capacity, int lora_bits, int options, int64_t* out) {
+// out = {ksplit, grid, p1_ctas, ksplit_a, ws_ints, lr_split, lr_chunk, smem, prefetch_rows}.
+void pe_emu_plan(int M, int K, int N, int R, int capacity, int lora_bits, int options, int64_t l2_bytes,
+                 int64_t* out) {
   Params p{};
   p.M = M;
   p.K = K;
   p.N = N;
   p.R = R;
   p.lora_bits = lora_bits;
-  const LaunchPlan plan = make_plan(p, M <= 8 ? 8 : 16, capacity, options);
+  const LaunchPlan plan = make_plan(p, M <= 8 ? 8 : 16, capacity, options, l2_bytes);
   out[0] = p.ksplit;
   out[1] = plan.grid[0];
   out[2] = p.p1_ctas;
@@ -97,5 +98,6 @@ void pe_emu_plan(int M, int K, int N, int R, int capacity, int lora_bits, int op
   out[5] = p.lr_split;
   out[6] = p.lr_chunk;
   out[7] = static_cast<int64_t>(plan.smem);
+  out[8] = p.prefetch_rows;
 }
 }

@@ -141,6 +141,7 @@ struct Params {
   int lr_split;            // 1: unit (tile, ks) adds B[:, chunk ks].t[chunk ks] (B staged in shared memory)
   int lr_chunk;            // rank entries per K slice when lr_split (a multiple of 32)
   int options;             // kOpt* flags of this launch
+  int prefetch_rows;       // packed rows of its K slice a unit asks L2 for up front (bounded by L2 / units)
   float scaling;
 };
 
@@ -476,24 +477,47 @@ __device__ __forceinline__ void gather_t(const Params& p, int j0, int j1, float*
     }
   }
   __syncthreads();
-  // `lpe` lanes per entry (a power of two <= 32) share its K slices, then a shuffle tree adds
-  // their sums: few entries (a 32-wide chunk at batch 1) still keep every thread loading.
-  const int width = j1 - j0, entries = p.M * width;
+  // Work items of V adjacent entries (float4 loads where rows and [j0, j1) allow); `lpe` lanes
+  // per item (a power of two <= 32) share its K slices, then a shuffle tree adds their sums:
+  // few items (a 32-wide chunk at batch 1) still keep every thread loading.
+  const int width = j1 - j0;
+  const bool vec = ((p.R | j0 | width) & 3) == 0;
+  const int V = vec ? 4 : 1, items = p.M * width / V, per_row = width / V;
   int lpe = 1;
-  while (lpe < 32 && lpe < p.ksplit_a && 2 * lpe * entries <= kThreads) lpe *= 2;
+  while (lpe < 32 && lpe < p.ksplit_a && 2 * lpe * items <= kThreads) lpe *= 2;
   const int per_round = kThreads / lpe;
-  for (int base = 0; base < entries; base += per_round) {  // block-uniform trip count
+  for (int base = 0; base < items; base += per_round) {  // block-uniform trip count
     const int idx = base + static_cast<int>(threadIdx.x) / lpe, sub = static_cast<int>(threadIdx.x) % lpe;
-    const int m = idx / width, jj = j0 + idx % width;
-    float s = 0.f;
-    if (idx < entries) {
-#pragma unroll 4
-      for (int q = sub; q < p.ksplit_a; q += lpe) s += __ldcg(part + (static_cast<size_t>(q) * p.M + m) * p.R + jj);
+    const int m = idx / per_row, jj = j0 + (idx % per_row) * V;
+    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (idx < items) {
+      const float* src = part + static_cast<size_t>(m) * p.R + jj;
+      const size_t stride = static_cast<size_t>(p.M) * p.R;  // one K slice of partials
+#pragma unroll 8
+      for (int q = sub; q < p.ksplit_a; q += lpe) {
+        if (vec) {
+          const float4 v = __ldcg(reinterpret_cast<const float4*>(src + q * stride));
+          s.x += v.x;
+          s.y += v.y;
+          s.z += v.z;
+          s.w += v.w;
+        } else {
+          s.x += __ldcg(src + q * stride);
+        }
+      }
     }
-    for (int o = lpe / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (sub == 0 && idx < entries) {
-      const float sa = (p.lora_bits == 16 || p.a_group > 0) ? 1.f : __ldg(p.a_scale + jj);
-      ts[m * p.R + jj] = s * sa * p.scaling;
+    for (int o = lpe / 2; o > 0; o >>= 1) {
+      s.x += __shfl_xor_sync(0xffffffffu, s.x, o);
+      s.y += __shfl_xor_sync(0xffffffffu, s.y, o);
+      s.z += __shfl_xor_sync(0xffffffffu, s.z, o);
+      s.w += __shfl_xor_sync(0xffffffffu, s.w, o);
+    }
+    if (sub == 0 && idx < items) {
+      const float sums[4] = {s.x, s.y, s.z, s.w};
+      for (int v = 0; v < V; ++v) {
+        const float sa = (p.lora_bits == 16 || p.a_group > 0) ? 1.f : __ldg(p.a_scale + jj + v);
+        ts[m * p.R + jj + v] = sums[v] * sa * p.scaling;
+      }
     }
   }
   __syncthreads();
@@ -718,7 +742,7 @@ __device__ __forceinline__ void prefetch_unit(const Params& p, int unit) {
   const int tile = unit / p.ksplit, ks = unit % p.ksplit;
   const int kbeg = ks * p.kslice;
   const int kend = min(p.K, kbeg + p.kslice);
-  const int row_begin = (kbeg / 32) * BITS, row_end = (kend / 32) * BITS;
+  const int row_begin = (kbeg / 32) * BITS, row_end = min((kend / 32) * BITS, row_begin + p.prefetch_rows);
   const int n0 = tile * kTileN;
   const int n1 = min(p.N, n0 + kTileN) - 1;
   for (int row = row_begin + static_cast<int>(threadIdx.x); row < row_end; row += kThreads) {
@@ -764,10 +788,14 @@ __device__ __forceinline__ float load_b(const Params& p, int n, int j) {
   return static_cast<float>(c >= 8 ? c - 16 : c);
 }
 
-// Bytes of `j` entries of one B row (j a multiple of 2 for packed int4).
+// Bytes that hold `j` entries of one B row (packed int4: two per byte, the last one rounded up).
 __device__ __forceinline__ size_t b_bytes(const Params& p, int j) {
-  return p.lora_bits == 16 ? static_cast<size_t>(j) * 2 : (p.lora_bits == 8 ? static_cast<size_t>(j) : j / 2);
+  return p.lora_bits == 16 ? static_cast<size_t>(j) * 2 : (p.lora_bits == 8 ? static_cast<size_t>(j) : (j + 1) / 2);
 }
+
+// Bytes between staged B rows: the chunk's bytes plus 16, so the 8 rows a quarter-warp reads
+// in lowrank_add start in different shared-memory banks.
+__device__ __forceinline__ size_t stage_stride(const Params& p) { return b_bytes(p, p.lr_chunk) + 16; }
 
 // 8 staged B entries (shared memory, entry offset e % 8 == 0 of a staged row) as floats.
 template <typename T>
@@ -797,7 +825,7 @@ __device__ __forceinline__ void stage_b8(const Params& p, const unsigned char* r
 __device__ __forceinline__ void stage_b_rows(const Params& p, int tile, int j0, int j1, unsigned char* stage) {
   const size_t row_bytes = b_bytes(p, p.R), begin = b_bytes(p, j0);
   const int pieces = static_cast<int>(b_bytes(p, j1 - j0) / 16);
-  const size_t stage_row = b_bytes(p, p.lr_chunk);
+  const size_t stage_row = stage_stride(p);
   const unsigned char* src = reinterpret_cast<const unsigned char*>(p.lora_b);
   for (int idx = threadIdx.x; idx < kTileN * pieces; idx += kThreads) {
     const int c = idx / pieces, q = idx % pieces;
@@ -821,7 +849,7 @@ __device__ __forceinline__ void lowrank_add(const Params& p, int tile, int j0, i
   for (int m = 0; m < MAXM; ++m) l[m] = 0.f;
   if (n < p.N) {
     if ((p.R & 7) == 0) {
-      const unsigned char* row = stage != nullptr ? stage + col * b_bytes(p, p.lr_chunk) : nullptr;
+      const unsigned char* row = stage != nullptr ? stage + col * stage_stride(p) : nullptr;
       for (int j = j0 + jq * 8; j < j1; j += 32) {
         float b[8];
         if (row != nullptr) {
@@ -930,6 +958,7 @@ __global__ void __launch_bounds__(kThreads, (BITS >= 8 ? 2 : 4)) gptq_lora_kerne
 
   // ---- phase 2: units (tile, K slice) -------------------------------------------------------
   if (p.mode != kModePhase1 && !p1_only) {
+    bool t_whole = false;  // the v2 path: ts holds all of t (gathered once per CTA)
     const int first = p.mode == kModeFused ? bid - p.p1_ctas : bid;
     const int stride = p.mode == kModeFused ? static_cast<int>(gridDim.x) - p.p1_ctas : static_cast<int>(gridDim.x);
     for (int u = first; u < p.num_units; u += stride) {
@@ -978,7 +1007,8 @@ __global__ void __launch_bounds__(kThreads, (BITS >= 8 ? 2 : 4)) gptq_lora_kerne
       }
       __syncthreads();
       if (has_lora && !p.lr_split) {  // version 2: the whole B.t on the last slice, B from global memory
-        gather_t<T>(p, 0, p.R, ts);
+        if (!t_whole) gather_t<T>(p, 0, p.R, ts);
+        t_whole = true;
         lowrank_add<T, MAXM>(p, tile, 0, p.R, red, ts, nullptr);
       }
       store_tile<T>(p, tile, red);
@@ -1015,11 +1045,12 @@ inline int64_t b_row_bytes(int lora_bits, int R) {
   return lora_bits == 16 ? 2 * static_cast<int64_t>(R) : (lora_bits == 8 ? R : (R + 1) / 2);
 }
 
-// Shared memory of the B stage for rank R: one unit's 32 rows x at most the whole rank.
+// Shared memory of the B stage for rank R: one unit's 32 rows of at most the whole rank and at
+// most kMaxStageBytes / 32 bytes each, every row padded by 16 bytes (see stage_stride).
 inline size_t stage_bytes_for(int lora_bits, int R) {
   if (R <= 0 || R % 8 != 0 || b_row_bytes(lora_bits, R) % 16 != 0) return 0;
-  const int64_t full = kTileN * b_row_bytes(lora_bits, R);
-  return static_cast<size_t>(full < kMaxStageBytes ? full : kMaxStageBytes);
+  const int64_t row = b_row_bytes(lora_bits, R), cap = kMaxStageBytes / kTileN;
+  return static_cast<size_t>(kTileN * ((row < cap ? row : cap) + 16));
 }
 
 // Dynamic shared memory: per-warp sums, t, and the B stage unless kOptLoraInEpilogue.
@@ -1038,7 +1069,7 @@ inline void plan_lowrank(Params& p, int options) {
   int chunk = (p.R + p.ksplit - 1) / p.ksplit;
   chunk = ((chunk + 31) / 32) * 32;
   if (chunk > p.R) chunk = p.R;
-  if (kTileN * b_row_bytes(p.lora_bits, chunk) > static_cast<int64_t>(stage_bytes_for(p.lora_bits, p.R))) return;
+  if (b_row_bytes(p.lora_bits, chunk) > kMaxStageBytes / kTileN) return;  // 32 rows must fit the stage
   p.lr_split = 1;
   p.lr_chunk = chunk;
 }
@@ -1089,9 +1120,19 @@ inline void plan_phase1(Params& p, int target) {
   p.ksplit_a = (p.K + slice - 1) / slice;
 }
 
+// Packed rows per unit that the units resident at once may ask L2 for together: half of an L2
+// of `l2_bytes` (0: unknown, no bound), 128 bytes per row of a 32-column tile.
+inline int plan_prefetch_rows(const Params& p, int capacity, int64_t l2_bytes) {
+  if (l2_bytes <= 0) return 1 << 30;
+  const int64_t resident = p.num_units < capacity ? p.num_units : capacity;
+  const int64_t rows = l2_bytes / 2 / (128 * (resident > 0 ? resident : 1));
+  return static_cast<int>(rows < (1 << 30) ? rows : (1 << 30));
+}
+
 // Fill the planned fields of `p` and return the launch sequence. `capacity` is the number of
-// CTAs that can be resident at once: the fused (single-launch) grid never exceeds it.
-inline LaunchPlan make_plan(Params& p, int maxm, int capacity, int options) {
+// CTAs that can be resident at once: the fused (single-launch) grid never exceeds it;
+// `l2_bytes` bounds the weights the units ask L2 for up front (see plan_prefetch_rows).
+inline LaunchPlan make_plan(Params& p, int maxm, int capacity, int options, int64_t l2_bytes = 0) {
   const bool two_pass = (options & kOptTwoPass) != 0;
   p.options = options;
   LaunchPlan plan{};
@@ -1109,6 +1150,7 @@ inline LaunchPlan make_plan(Params& p, int maxm, int capacity, int options) {
     plan.launches = 1;
     plan.grid[0] = p.num_units < capacity ? p.num_units : capacity;
     plan.mode[0] = kModePhase2;
+    p.prefetch_rows = plan_prefetch_rows(p, capacity, l2_bytes);
     return plan;
   }
   const int nrg = (p.R + kRowsPerChunk - 1) / kRowsPerChunk;
@@ -1158,6 +1200,7 @@ inline LaunchPlan make_plan(Params& p, int maxm, int capacity, int options) {
   p.ws_part_a = kWsData;
   p.ws_part_y = p.ws_part_a + p.ksplit_a * p.M * p.R;
   plan.ws_ints = p.ws_part_y + (p.ksplit > 1 ? static_cast<int64_t>(p.num_units) * p.M * kTileN : 0);
+  p.prefetch_rows = plan_prefetch_rows(p, capacity, l2_bytes);
   return plan;
 }
 

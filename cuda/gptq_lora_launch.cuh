@@ -44,11 +44,24 @@ inline int capacity(const void* func, int device, size_t smem) {
   return cap;
 }
 
+// L2 cache bytes of a device (cached).
+inline int64_t l2_bytes(int device) {
+  static std::mutex mu;
+  static std::map<int, int64_t> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int bytes = 0;
+  PE_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, device));
+  cache.emplace(device, bytes);
+  return bytes;
+}
+
 template <typename T, int BITS, int MAXM>
 void launch(Params& p, int options, int64_t ws_ints, int device, cudaStream_t stream) {
   const void* func = reinterpret_cast<const void*>(&gptq_lora_kernel<T, BITS, MAXM>);
   const int cap = capacity(func, device, smem_bytes(MAXM, p.M, p.R, p.lora_bits, options));
-  const LaunchPlan plan = make_plan(p, MAXM, cap, options);
+  const LaunchPlan plan = make_plan(p, MAXM, cap, options, l2_bytes(device));
   TORCH_CHECK(ws_ints >= plan.ws_ints, "peft_eora: workspace has ", ws_ints, " int32 words, needs ", plan.ws_ints);
   TORCH_CHECK(plan.ws_ints == 0 || p.ws != nullptr, "peft_eora: this call needs a workspace");
   for (int i = 0; i < plan.launches; ++i) {

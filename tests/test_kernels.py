@@ -576,7 +576,7 @@ def _emu_lib() -> ctypes.CDLL:
     so.pe_emu_workspace_ints.restype = ctypes.c_int64
     so.pe_emu_workspace_ints.argtypes = [ctypes.c_int] * 3
     so.pe_emu_plan.restype = None
-    so.pe_emu_plan.argtypes = [ctypes.c_int] * 7 + [ctypes.c_void_p]
+    so.pe_emu_plan.argtypes = [ctypes.c_int] * 7 + [ctypes.c_int64, ctypes.c_void_p]
     return so
 
 
@@ -584,11 +584,11 @@ def _emu_lib() -> ctypes.CDLL:
 OPT_TWO_PASS, OPT_LORA_IN_EPILOGUE, OPT_PREFETCH_FIRST_ONLY = 1, 2, 4
 
 
-def _plan(so, m, k, n, r, capacity, lora_bits=16, options=0) -> dict:
-    out = torch.zeros(8, dtype=torch.int64)
-    so.pe_emu_plan(m, k, n, r, capacity, lora_bits, options, out.data_ptr())
-    return dict(zip(("ksplit", "grid", "p1_ctas", "ksplit_a", "ws_ints", "lr_split", "lr_chunk", "smem"),
-                    out.tolist()))
+def _plan(so, m, k, n, r, capacity, lora_bits=16, options=0, l2_bytes=0) -> dict:
+    out = torch.zeros(9, dtype=torch.int64)
+    so.pe_emu_plan(m, k, n, r, capacity, lora_bits, options, l2_bytes, out.data_ptr())
+    return dict(zip(("ksplit", "grid", "p1_ctas", "ksplit_a", "ws_ints", "lr_split", "lr_chunk", "smem",
+                     "prefetch_rows"), out.tolist()))
 
 
 @pytest.fixture(scope="module")
@@ -649,6 +649,9 @@ EMU_CASES = [
     (4, 64, False, 4, 2, 64, 64, torch.bfloat16, 16, False, 2048),  # int4, K split in 4: chunks on slices 0, 1
     (4, 64, False, 16, 1, 64, 64, torch.float16, 3, False, 1024),   # 2 tiles x 2 slices looping on 3 CTAs
     (4, 128, False, 16, 1, 64, 16, torch.float16, 24, False, 4096),  # t gathered by 4 lanes per entry
+    (4, 64, False, 16, 16, 64, 40, torch.float16, 16, True, 2048),  # two launches; chunks of 32 + 8, rest empty
+    (4, 64, False, 4, 16, 36, 96, torch.bfloat16, 8, False, 1024),  # int4 rows of 48 bytes, partial tile
+    (4, 128, False, 16, 9, 64, 264, torch.float16, 12, False, 2048),  # chunks of 96: 264 / 4 slices, rounded up
 ]
 
 
@@ -713,7 +716,7 @@ def test_cuda_kernel_plan_splits_the_rank_over_k_slices(emu):
     p = _plan(emu, 1, 4096, 4096, 128, cap)  # K split in 4: 32 rank entries per slice
     assert p["ksplit"] == 4 and p["lr_split"] == 1 and p["lr_chunk"] == 32
     base = _plan(emu, 1, 4096, 4096, 128, cap, options=OPT_LORA_IN_EPILOGUE)
-    assert base["lr_split"] == 0 and p["smem"] - base["smem"] == 32 * 128 * 2  # the stage: 32 rows of fp16 B
+    assert base["lr_split"] == 0 and p["smem"] - base["smem"] == 32 * (128 * 2 + 16)  # the stage: 32 padded B rows
     p = _plan(emu, 1, 4096, 14336, 128, cap)  # no K split: one slice does the whole rank
     assert p["ksplit"] == 1 and p["lr_split"] == 1 and p["lr_chunk"] == 128
     p = _plan(emu, 1, 14336, 4096, 64, cap, lora_bits=4)  # 64 / 4 slices rounds up to 32: slices 0 and 1
@@ -722,6 +725,17 @@ def test_cuda_kernel_plan_splits_the_rank_over_k_slices(emu):
     assert _plan(emu, 1, 4096, 4096, 24, cap, lora_bits=8)["lr_split"] == 0  # int8 rows of 24 bytes
     assert _plan(emu, 1, 4096, 14336, 512, cap)["lr_split"] == 0  # 32 rows x 1 KiB > the 16 KiB stage
     assert _plan(emu, 1, 4096, 4096, 512, cap)["lr_chunk"] == 128  # 4 slices x 128: 8 KiB each
+
+
+def test_cuda_kernel_plan_bounds_the_l2_prefetch(emu):
+    """The units resident at once ask L2 for at most half of it up front (128-byte rows of a tile): 4-bit
+    layers of an 8B model fit whole on a 50 MB L2, an 8-bit 4096 x 14336 (56 MiB) does not."""
+    cap, l2 = 4 * 132, 50 * 2**20
+    assert _plan(emu, 1, 4096, 4096, 128, cap)["prefetch_rows"] >= 2**30  # L2 unknown: no bound
+    p = _plan(emu, 1, 4096, 14336, 128, cap, l2_bytes=l2)  # 448 units of 4096 / 32 x 4 = 512 rows
+    assert p["prefetch_rows"] == l2 // 2 // (128 * 448) and p["prefetch_rows"] < 512
+    p = _plan(emu, 1, 4096, 4096, 128, cap, l2_bytes=l2)  # 512 units of 1024 / 32 x 4 = 128 rows: all of it
+    assert p["prefetch_rows"] >= 128
 
 
 def test_cuda_kernel_workspace_shared_across_shapes(emu):
