@@ -53,6 +53,25 @@ def json_main(build_parser: Callable[[], Any], run: Callable[[Optional[list[str]
 
 
 @contextlib.contextmanager
+def environ(values: dict[str, Optional[str]]) -> Iterator[None]:
+    """Set (or, for ``None``, remove) environment variables inside the block; restore them after."""
+    saved = {name: os.environ.get(name) for name in values}
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
 def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     """Temporarily make ``dtype`` torch's default floating dtype (models built in it directly)."""
     old = torch.get_default_dtype()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import default_dtype, json_main  # noqa: E402
+from bench_common import default_dtype, environ, json_main  # noqa: E402
 
 logger = logging.getLogger("peft_eora.benchmarks.decode")
 
@@ -272,17 +271,8 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         from peft_eora.kernels import ops
 
         fuse(peft_model, backend=backend, adapter_bits=16)
-        names = (ops.ENV_LORA_IN_EPILOGUE, ops.ENV_PREFETCH_FIRST_ONLY)
-        saved = {name: os.environ.get(name) for name in names}
-        os.environ.update({name: "1" for name in names})
-        try:
+        with environ({ops.ENV_LORA_IN_EPILOGUE: "1", ops.ENV_PREFETCH_FIRST_ONLY: "1"}):
             out["fused_v2_paths"] = measure(peft_model, args, prompt)
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
         unfuse(peft_model)
     tok = {k: v["tok_s"] for k, v in out.items()}
     ratios = {}

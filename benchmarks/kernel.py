@@ -36,16 +36,16 @@ import contextlib
 import json
 import logging
 import math
-import os
 import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling benchmark modules
+from bench_common import environ  # noqa: E402
 
 logger = logging.getLogger("peft_eora.benchmarks.kernel")
 
@@ -66,22 +66,6 @@ def _parse_shapes(text: str) -> list[tuple[int, int]]:
 
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
-
-
-@contextlib.contextmanager
-def _env(name: str, value: Optional[str]) -> Iterator[None]:
-    old = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 def _random_words(rows: int, cols: int, device: torch.device, gen: torch.Generator) -> torch.Tensor:
@@ -302,11 +286,11 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> tuple[list[d
                     t["fused"] = timed(fused, copies)
                     t["fused_int8"] = timed(lambda i: fused(i, lora_bits=8), copies)
                     if cuda:
-                        with _env(ops.ENV_TWO_PASS, "1"):
+                        with environ({ops.ENV_TWO_PASS: "1"}):
                             t["fused_two_pass"] = timed(fused, copies)
-                        with _env(ops.ENV_LORA_IN_EPILOGUE, "1"):
+                        with environ({ops.ENV_LORA_IN_EPILOGUE: "1"}):
                             t["fused_lora_in_epilogue"] = timed(fused, copies)
-                        with _env(ops.ENV_PREFETCH_FIRST_ONLY, "1"):
+                        with environ({ops.ENV_PREFETCH_FIRST_ONLY: "1"}):
                             t["base_prefetch_first_only"] = timed(base, copies)
                             t["fused_prefetch_first_only"] = timed(fused, copies)
                     if triton_ok and "triton_error" not in row:

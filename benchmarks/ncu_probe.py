@@ -21,17 +21,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import write_json_atomic  # noqa: E402
+from bench_common import environ, write_json_atomic  # noqa: E402
 
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
 VARIANTS = ("base", "fused", "fused_v2_paths")
-V2_ENV = ("PEFT_EORA_CUDA_LORA_IN_EPILOGUE", "PEFT_EORA_CUDA_PREFETCH_FIRST_ONLY")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,22 +60,14 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
         x = torch.randn(1, k, generator=gen, device=device).half()
         for variant in VARIANTS:
             a, b = (None, None) if variant == "base" else (layer["a"], layer["b"])
-            saved = {name: os.environ.pop(name, None) for name in V2_ENV}
-            if variant == "fused_v2_paths":
-                os.environ.update({name: "1" for name in V2_ENV})
-            try:
+            v2 = "1" if variant == "fused_v2_paths" else None
+            with environ({ops.ENV_LORA_IN_EPILOGUE: v2, ops.ENV_PREFETCH_FIRST_ONLY: v2}):
                 for role in ("warmup", "measured"):
                     ops.gptq_lora_linear_eager(x, layer["qweight"], layer["qzeros"], layer["scales"], None, None,
                                                a, b, None, None, bits=args.bits, group_size=128, scaling=2.0,
                                                backend="cuda")
                     torch.cuda.synchronize()
                     order.append(dict(shape=f"{k}x{n}", variant=variant, role=role))
-            finally:
-                for name, value in saved.items():
-                    if value is None:
-                        os.environ.pop(name, None)
-                    else:
-                        os.environ[name] = value
         del layer
     return {"status": "ok", "rank": args.rank, "bits": args.bits, "batch": 1, "launches": order}
 
