@@ -79,6 +79,7 @@
 #include <cuda_fp16.h>
 #endif
 #include <stdint.h>
+#include <stdio.h>
 
 namespace peft_eora {
 
@@ -109,6 +110,9 @@ enum Option : int { kOptTwoPass = 1, kOptLoraInEpilogue = 2, kOptPrefetchFirstOn
 // Floats of the shared t buffer [M][R], rounded up to 16 bytes (the B stage follows it).
 __host__ __device__ inline int ts_floats(int M, int R) { return ((M * (R > 0 ? R : 0)) + 3) & ~3; }
 constexpr int kMaxStageBytes = 16384;    // shared-memory B rows of one unit (32 x lr_chunk)
+// A wait for phase 1 longer than this (~5 s at 1.7 GHz; phase 1 takes microseconds) means the grid
+// is not co-resident (e.g. an MPS thread limit): the kernel traps rather than spin forever.
+constexpr long long kSpinLimitCycles = 1LL << 33;
 
 struct Params {
   const void* x;           // [M, K] scalar_t, contiguous, 16-byte aligned
@@ -473,7 +477,15 @@ __device__ __forceinline__ void gather_t(const Params& p, int j0, int j1, float*
   const float* part = reinterpret_cast<const float*>(p.ws) + p.ws_part_a;
   if (p.mode == kModeFused && threadIdx.x == 0) {
     for (int rg = j0 / kRowsPerChunk; rg * kRowsPerChunk < j1; ++rg) {
-      while (ld_acquire(counters + 2 + rg) < static_cast<uint32_t>(p.ksplit_a)) __nanosleep(32);
+      const long long t0 = clock64();
+      while (ld_acquire(counters + 2 + rg) < static_cast<uint32_t>(p.ksplit_a)) {
+        __nanosleep(32);
+        if (clock64() - t0 > kSpinLimitCycles) {  // a launch error instead of a hang
+          printf("peft_eora: the fused kernel waited seconds for phase 1: its CTAs are not all resident (MPS or "
+                 "a partitioned GPU?). Set PEFT_EORA_CUDA_TWO_PASS=1.\n");
+          __trap();
+        }
+      }
     }
   }
   __syncthreads();
