@@ -64,7 +64,8 @@
 // when the tile's first slice starts); kOptLoraInEpilogue forces it (A/B timing). Waiting needs all
 // CTAs co-resident: the host caps the grid at the occupancy-derived capacity and CTAs loop
 // over units (PEFT_EORA_CUDA_TWO_PASS=1 runs phase 1 as its own launch instead, for MPS
-// limits or persistent kernels beside ours).
+// limits or persistent kernels beside ours; on sm_90 the second launch is a programmatic
+// dependent launch that streams its weights while phase 1 runs and waits only to gather t).
 // The barrier counters live in a workspace that the last CTA out (phase 1) or the last
 // slice of a tile (split-K) resets to zero, so the op needs no memset launch and stays
 // capturable in CUDA graphs. One workspace must not serve two launches at once (the host
@@ -356,8 +357,24 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src)
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// Programmatic dependent launch (sm_90+; no-ops below): the two-launch mode starts its second
+// launch while the first still runs; the second waits for the first's completion (and memory)
+// only where it reads the phase-1 partials.
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_prerequisite_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 #else
 inline void prefetch_l2(const void*) {}
+inline void launch_dependents() {}
+inline void wait_prerequisite_grid() {}
 inline void cp_async16(void* smem_dst, const void* gmem_src) { std::memcpy(smem_dst, gmem_src, 16); }
 inline void cp_async_commit() {}
 inline void cp_async_wait_all() {}
@@ -475,6 +492,7 @@ template <typename T>
 __device__ __forceinline__ void gather_t(const Params& p, int j0, int j1, float* ts) {
   const int32_t* counters = p.ws;
   const float* part = reinterpret_cast<const float*>(p.ws) + p.ws_part_a;
+  if (p.mode == kModePhase2) wait_prerequisite_grid();  // the phase-1 launch, started before this one
   if (p.mode == kModeFused && threadIdx.x == 0) {
     for (int rg = j0 / kRowsPerChunk; rg * kRowsPerChunk < j1; ++rg) {
       const long long t0 = clock64();
@@ -951,6 +969,7 @@ __global__ void __launch_bounds__(kThreads, (BITS >= 8 ? 2 : 4)) gptq_lora_kerne
   const bool has_lora = p.R > 0;
 
   // ---- phase 1: t = scaling * A.x ---------------------------------------------------------
+  if (p.mode == kModePhase1) launch_dependents();  // the GEMV launch may start streaming weights now
   const int bid = static_cast<int>(blockIdx.x);
   const bool p1_only = p.mode == kModeFused && bid < p.p1_ctas;  // a dedicated phase-1 CTA
   if (has_lora && p.mode != kModePhase2) {

@@ -44,28 +44,43 @@ inline int capacity(const void* func, int device, size_t smem) {
   return cap;
 }
 
-// L2 cache bytes of a device (cached).
-inline int64_t l2_bytes(int device) {
+// A device attribute (cached: read once per attribute and device).
+inline int device_attribute(cudaDeviceAttr attr, int device) {
   static std::mutex mu;
-  static std::map<int, int64_t> cache;
+  static std::map<std::pair<int, int>, int> cache;
   std::lock_guard<std::mutex> lock(mu);
-  const auto it = cache.find(device);
+  const auto key = std::make_pair(static_cast<int>(attr), device);
+  const auto it = cache.find(key);
   if (it != cache.end()) return it->second;
-  int bytes = 0;
-  PE_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrL2CacheSize, device));
-  cache.emplace(device, bytes);
-  return bytes;
+  int value = 0;
+  PE_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  cache.emplace(key, value);
+  return value;
 }
 
 template <typename T, int BITS, int MAXM>
 void launch(Params& p, int options, int64_t ws_ints, int device, cudaStream_t stream) {
   const void* func = reinterpret_cast<const void*>(&gptq_lora_kernel<T, BITS, MAXM>);
   const int cap = capacity(func, device, smem_bytes(MAXM, p.M, p.R, p.lora_bits, options));
-  const LaunchPlan plan = make_plan(p, MAXM, cap, options, l2_bytes(device));
+  const LaunchPlan plan = make_plan(p, MAXM, cap, options, device_attribute(cudaDevAttrL2CacheSize, device));
   TORCH_CHECK(ws_ints >= plan.ws_ints, "peft_eora: workspace has ", ws_ints, " int32 words, needs ", plan.ws_ints);
   TORCH_CHECK(plan.ws_ints == 0 || p.ws != nullptr, "peft_eora: this call needs a workspace");
   for (int i = 0; i < plan.launches; ++i) {
     p.mode = plan.mode[i];
+    if (i == 1 && device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9) {  // programmatic dependent launch of the GEMV pass
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(plan.grid[i]);
+      config.blockDim = dim3(kThreads);
+      config.dynamicSmemBytes = plan.smem;
+      config.stream = stream;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[0].val.programmaticStreamSerializationAllowed = 1;
+      config.attrs = attr;
+      config.numAttrs = 1;
+      if (cudaLaunchKernelEx(&config, gptq_lora_kernel<T, BITS, MAXM>, p) == cudaSuccess) continue;
+      (void)cudaGetLastError();  // not supported here: an ordinary launch below
+    }
     gptq_lora_kernel<T, BITS, MAXM><<<plan.grid[i], kThreads, plan.smem, stream>>>(p);
     PE_CUDA_CHECK(cudaGetLastError());
   }
