@@ -138,11 +138,11 @@ inline float4 __ldcg(const float4* p) {  // element-wise volatile reads (a struc
 inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline void __nanosleep(unsigned) { std::this_thread::yield(); }
-inline long long clock64() {  // nanoseconds stand in for cycles
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
 [[noreturn]] inline void __trap() { std::abort(); }
+inline int atomicCAS(int* p, int compare, int value) {
+  std::atomic_ref<int>(*p).compare_exchange_strong(compare, value);
+  return compare;
+}
 inline float __uint_as_float(unsigned u) {
   float f;
   std::memcpy(&f, &u, sizeof(f));

@@ -92,7 +92,7 @@ constexpr int kStepK = 4 * kRunK;        // k rows of one warp step (4 runs, one
 constexpr int kRowsPerChunk = 8;         // LoRA-A rows per phase-1 chunk (two per warp)
 constexpr int kMaxKSplit = 32;           // at most this many K slices (both phases)
 constexpr int kMaxM = 16;                // decode batch handled by this kernel
-constexpr int kWsHeader = 256;           // int32 words: [0] unused, [1] exit, [2 + i] arrivals of row group i
+constexpr int kWsHeader = 256;           // int32 words: [0] timeout flag, [1] exit, [2 + i] arrivals of row group i
 constexpr int kMaxRank = (kWsHeader - 2) * kRowsPerChunk;
 constexpr int kMaxSplitUnits = 1024;     // tiles x K slices when K is split (bounds the partials area)
 constexpr int kMaxTileCounters = 4096;   // split-K arrival counters (tiles); wider layers are not split
@@ -111,9 +111,9 @@ enum Option : int { kOptTwoPass = 1, kOptLoraInEpilogue = 2, kOptPrefetchFirstOn
 // Floats of the shared t buffer [M][R], rounded up to 16 bytes (the B stage follows it).
 __host__ __device__ inline int ts_floats(int M, int R) { return ((M * (R > 0 ? R : 0)) + 3) & ~3; }
 constexpr int kMaxStageBytes = 16384;    // shared-memory B rows of one unit (32 x lr_chunk)
-// A wait for phase 1 longer than this (~5 s at 1.7 GHz; phase 1 takes microseconds) means the grid
-// is not co-resident (e.g. an MPS thread limit): the kernel traps rather than spin forever.
-constexpr long long kSpinLimitCycles = 1LL << 33;
+// A wait for phase 1 longer than this (phase 1 takes microseconds) means the grid is not
+// co-resident (e.g. an MPS thread limit): the kernel traps rather than spin forever.
+constexpr unsigned long long kSpinLimitNs = 10ull * 1000 * 1000 * 1000;
 
 struct Params {
   const void* x;           // [M, K] scalar_t, contiguous, 16-byte aligned
@@ -371,10 +371,21 @@ __device__ __forceinline__ void wait_prerequisite_grid() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+
+// Nanoseconds of the GPU's global timer (the same on every SM, whatever the clock speed).
+__device__ __forceinline__ unsigned long long timer_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
 #else
 inline void prefetch_l2(const void*) {}
 inline void launch_dependents() {}
 inline void wait_prerequisite_grid() {}
+inline unsigned long long timer_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
 inline void cp_async16(void* smem_dst, const void* gmem_src) { std::memcpy(smem_dst, gmem_src, 16); }
 inline void cp_async_commit() {}
 inline void cp_async_wait_all() {}
@@ -495,12 +506,13 @@ __device__ __forceinline__ void gather_t(const Params& p, int j0, int j1, float*
   if (p.mode == kModePhase2) wait_prerequisite_grid();  // the phase-1 launch, started before this one
   if (p.mode == kModeFused && threadIdx.x == 0) {
     for (int rg = j0 / kRowsPerChunk; rg * kRowsPerChunk < j1; ++rg) {
-      const long long t0 = clock64();
+      const unsigned long long t0 = timer_ns();
       while (ld_acquire(counters + 2 + rg) < static_cast<uint32_t>(p.ksplit_a)) {
         __nanosleep(32);
-        if (clock64() - t0 > kSpinLimitCycles) {  // a launch error instead of a hang
-          printf("peft_eora: the fused kernel waited seconds for phase 1: its CTAs are not all resident (MPS or "
-                 "a partitioned GPU?). Set PEFT_EORA_CUDA_TWO_PASS=1.\n");
+        if (timer_ns() - t0 > kSpinLimitNs) {  // a launch error instead of a hang
+          if (atomicCAS(p.ws, 0, 1) == 0)      // (header word 0 is free: one CTA prints)
+            printf("peft_eora: the fused kernel waited 10 s for phase 1: its CTAs are not all resident (MPS or "
+                   "a partitioned GPU?). Set PEFT_EORA_CUDA_TWO_PASS=1.\n");
           __trap();
         }
       }
@@ -1045,6 +1057,10 @@ __global__ void __launch_bounds__(kThreads, (BITS >= 8 ? 2 : 4)) gptq_lora_kerne
       store_tile<T>(p, tile, red);
     }
   }
+
+  // The GEMV launch of the two-launch mode ends no earlier than phase 1 (whatever its units
+  // needed): the stream's next work, which may reuse phase 1's workspace, waits only on this one.
+  if (has_lora && p.mode == kModePhase2) wait_prerequisite_grid();
 
   // ---- exit: the last CTA out resets the phase-1 counters for the next launch -------------
   if (has_lora && p.mode != kModePhase2) {

@@ -58,6 +58,37 @@ inline int device_attribute(cudaDeviceAttr attr, int device) {
   return value;
 }
 
+// Whether the two-launch mode may start its GEMV launch early (programmatic dependent launch):
+// the kernel running on `device` was compiled for sm_90+ (its PTX has griddepcontrol; a kernel
+// JIT-compiled from older PTX on a newer GPU does not) and no such launch was refused before.
+inline std::map<std::pair<const void*, int>, bool>& pdl_state() {
+  static std::map<std::pair<const void*, int>, bool> state;
+  return state;
+}
+inline std::mutex& pdl_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+inline bool pdl_ready(const void* func, int device) {
+  std::lock_guard<std::mutex> lock(pdl_mutex());
+  const auto key = std::make_pair(func, device);
+  const auto it = pdl_state().find(key);
+  if (it != pdl_state().end()) return it->second;
+  cudaFuncAttributes fa{};
+  PE_CUDA_CHECK(cudaFuncGetAttributes(&fa, func));
+  const bool ok = fa.ptxVersion >= 90 && device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9;
+  pdl_state().emplace(key, ok);
+  return ok;
+}
+inline void pdl_refused(const void* func, int device, cudaError_t err) {
+  {
+    std::lock_guard<std::mutex> lock(pdl_mutex());
+    pdl_state()[std::make_pair(func, device)] = false;
+  }
+  TORCH_WARN_ONCE("peft_eora: programmatic dependent launch refused (", cudaGetErrorString(err),
+                  "): the two-launch mode runs its launches one after the other");
+}
+
 template <typename T, int BITS, int MAXM>
 void launch(Params& p, int options, int64_t ws_ints, int device, cudaStream_t stream) {
   const void* func = reinterpret_cast<const void*>(&gptq_lora_kernel<T, BITS, MAXM>);
@@ -67,7 +98,7 @@ void launch(Params& p, int options, int64_t ws_ints, int device, cudaStream_t st
   TORCH_CHECK(plan.ws_ints == 0 || p.ws != nullptr, "peft_eora: this call needs a workspace");
   for (int i = 0; i < plan.launches; ++i) {
     p.mode = plan.mode[i];
-    if (i == 1 && device_attribute(cudaDevAttrComputeCapabilityMajor, device) >= 9) {  // programmatic dependent launch of the GEMV pass
+    if (i == 1 && pdl_ready(func, device)) {  // programmatic dependent launch of the GEMV pass
       cudaLaunchConfig_t config = {};
       config.gridDim = dim3(plan.grid[i]);
       config.blockDim = dim3(kThreads);
@@ -78,8 +109,10 @@ void launch(Params& p, int options, int64_t ws_ints, int device, cudaStream_t st
       attr[0].val.programmaticStreamSerializationAllowed = 1;
       config.attrs = attr;
       config.numAttrs = 1;
-      if (cudaLaunchKernelEx(&config, gptq_lora_kernel<T, BITS, MAXM>, p) == cudaSuccess) continue;
-      (void)cudaGetLastError();  // not supported here: an ordinary launch below
+      const cudaError_t err = cudaLaunchKernelEx(&config, gptq_lora_kernel<T, BITS, MAXM>, p);
+      if (err == cudaSuccess) continue;
+      (void)cudaGetLastError();  // refused (nothing was launched): an ordinary launch from now on
+      pdl_refused(func, device, err);
     }
     gptq_lora_kernel<T, BITS, MAXM><<<plan.grid[i], kThreads, plan.smem, stream>>>(p);
     PE_CUDA_CHECK(cudaGetLastError());
