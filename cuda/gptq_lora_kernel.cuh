@@ -110,6 +110,11 @@ enum Mode : int { kModeFused = 0, kModePhase1 = 1, kModePhase2 = 2 };
 enum Option : int { kOptTwoPass = 1, kOptLoraInEpilogue = 2, kOptPrefetchFirstOnly = 4 };
 // Floats of the shared t buffer [M][R], rounded up to 16 bytes (the B stage follows it).
 __host__ __device__ inline int ts_floats(int M, int R) { return ((M * (R > 0 ? R : 0)) + 3) & ~3; }
+// Bytes that hold `j` entries of one B row in the adapter's storage (16, 8 or packed 4 bits: two
+// per byte, the last one rounded up).
+__host__ __device__ inline int64_t b_row_bytes(int lora_bits, int j) {
+  return lora_bits == 16 ? 2 * static_cast<int64_t>(j) : (lora_bits == 8 ? j : (j + 1) / 2);
+}
 constexpr int kMaxStageBytes = 16384;    // shared-memory B rows of one unit (32 x lr_chunk)
 // A wait for phase 1 longer than this (phase 1 takes microseconds) means the grid is not
 // co-resident (e.g. an MPS thread limit): the kernel traps rather than spin forever.
@@ -830,14 +835,9 @@ __device__ __forceinline__ float load_b(const Params& p, int n, int j) {
   return static_cast<float>(c >= 8 ? c - 16 : c);
 }
 
-// Bytes that hold `j` entries of one B row (packed int4: two per byte, the last one rounded up).
-__device__ __forceinline__ size_t b_bytes(const Params& p, int j) {
-  return p.lora_bits == 16 ? static_cast<size_t>(j) * 2 : (p.lora_bits == 8 ? static_cast<size_t>(j) : (j + 1) / 2);
-}
-
 // Bytes between staged B rows: the chunk's bytes plus 16, so the 8 rows a quarter-warp reads
 // in lowrank_add start in different shared-memory banks.
-__device__ __forceinline__ size_t stage_stride(const Params& p) { return b_bytes(p, p.lr_chunk) + 16; }
+__device__ __forceinline__ size_t stage_stride(const Params& p) { return b_row_bytes(p.lora_bits, p.lr_chunk) + 16; }
 
 // 8 staged B entries (shared memory, entry offset e % 8 == 0 of a staged row) as floats.
 template <typename T>
@@ -865,8 +865,8 @@ __device__ __forceinline__ void stage_b8(const Params& p, const unsigned char* r
 // Copy B[tile columns, j0 .. j1) into `stage` (row c at c * stage_row bytes) with cp.async.
 // Rows and the chunk are 16-byte aligned (the planner's lr_split condition).
 __device__ __forceinline__ void stage_b_rows(const Params& p, int tile, int j0, int j1, unsigned char* stage) {
-  const size_t row_bytes = b_bytes(p, p.R), begin = b_bytes(p, j0);
-  const int pieces = static_cast<int>(b_bytes(p, j1 - j0) / 16);
+  const size_t row_bytes = b_row_bytes(p.lora_bits, p.R), begin = b_row_bytes(p.lora_bits, j0);
+  const int pieces = static_cast<int>(b_row_bytes(p.lora_bits, j1 - j0) / 16);
   const size_t stage_row = stage_stride(p);
   const unsigned char* src = reinterpret_cast<const unsigned char*>(p.lora_b);
   for (int idx = threadIdx.x; idx < kTileN * pieces; idx += kThreads) {
@@ -950,8 +950,7 @@ __device__ __forceinline__ void store_tile(const Params& p, int tile, const floa
 // L2 prefetch of a tile's B rows (read by the epilogue of whichever slice arrives last): the
 // rows of a tile are one contiguous byte range of the row-major B.
 __device__ __forceinline__ void prefetch_b_rows(const Params& p, int tile) {
-  const size_t row_bytes = p.lora_bits == 16 ? static_cast<size_t>(p.R) * 2
-                                             : (p.lora_bits == 8 ? static_cast<size_t>(p.R) : (p.R + 1) / 2);
+  const size_t row_bytes = b_row_bytes(p.lora_bits, p.R);
   const int n0 = tile * kTileN;
   const int n1 = min(p.N, n0 + kTileN);
   const size_t begin = (static_cast<size_t>(n0) * row_bytes) & ~static_cast<size_t>(127);
@@ -1086,11 +1085,6 @@ struct LaunchPlan {
   size_t smem;      // dynamic shared memory bytes
   int64_t ws_ints;  // workspace int32 words needed
 };
-
-// Bytes of one B row of R entries in the adapter's storage (16, 8 or packed 4 bits).
-inline int64_t b_row_bytes(int lora_bits, int R) {
-  return lora_bits == 16 ? 2 * static_cast<int64_t>(R) : (lora_bits == 8 ? R : (R + 1) / 2);
-}
 
 // Shared memory of the B stage for rank R: one unit's 32 rows of at most the whole rank and at
 // most kMaxStageBytes / 32 bytes each, every row padded by 16 bytes (see stage_stride).
