@@ -609,21 +609,18 @@ def _compensate_visit(
                 with times.phase("decomposition", visit.device):
                     return eigen(H_fit)
 
-            shared = (H_fit, H_val, fit_eigen, None)  # the refit: Cholesky where δ allows it
-            with original.keeping(_read_twice(groups[g], logits)):
-                for t in groups[g]:
-                    stats.modules.append(_install(t, adapter_name, original, H, None, "eora", eig_rtol, auto=shared,
-                                                  device=visit.device, times=times, adapter_bits=adapter_bits,
-                                                  out_weight=metric(t, H)))
+            projection = None
+            choice: dict[str, Any] = dict(auto=(H_fit, H_val, fit_eigen, None))  # the refit: Cholesky where δ allows it
         else:
             H = Hs[0]
             with times.phase("decomposition", visit.device):
                 projection = projection_for(H, float(damping), eig_rtol)  # shared by the group's members
-            with original.keeping(_read_twice(groups[g], logits)):
-                for t in groups[g]:
-                    stats.modules.append(_install(t, adapter_name, original, H, projection, "eora", eig_rtol,
-                                                  damping=float(damping), device=visit.device, times=times,
-                                                  adapter_bits=adapter_bits, out_weight=metric(t, H)))
+            choice = dict(damping=float(damping))
+        with original.keeping(_read_twice(groups[g], logits)):
+            for t in groups[g]:
+                stats.modules.append(_install(t, adapter_name, original, H, projection, "eora", eig_rtol,
+                                              device=visit.device, times=times, adapter_bits=adapter_bits,
+                                              out_weight=metric(t, H), **choice))
 
     with attached(taps):
         if sequential:  # one forward: the batches park at each group while its factors are installed

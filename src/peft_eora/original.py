@@ -40,8 +40,7 @@ class OriginalWeights:
         self._shapes = shapes
         self._loader = loader
         self.source = source
-        self._keep: set[str] = set()  # keys whose reads are kept (see keeping())
-        self._kept: dict[tuple[str, str], torch.Tensor] = {}
+        self._kept: dict[str, dict[str, torch.Tensor]] = {}  # key -> device -> tensor, see keeping()
 
     @classmethod
     def open(cls, source: Union[str, Path, nn.Module], revision: Optional[str] = None) -> "OriginalWeights":
@@ -133,12 +132,14 @@ class OriginalWeights:
         key = self.resolve(name)
         if key is None:
             raise ModelMismatchError(f"The original model {self.source} has no weight for {name}.")
-        if key not in self._keep:
-            return self._loader(key).to(device=device, dtype=torch.float32)
-        slot = (key, str(torch.device(device) if device is not None else "cpu"))
-        if slot not in self._kept:
-            self._kept[slot] = self._loader(key).to(device=device, dtype=torch.float32)
-        return self._kept[slot]
+        kept = self._kept.get(key)
+        where = str(torch.device(device) if device is not None else "cpu")
+        if kept is not None and where in kept:
+            return kept[where]
+        weight = self._loader(key).to(device=device, dtype=torch.float32)
+        if kept is not None:
+            kept[where] = weight
+        return weight
 
     @contextmanager
     def keeping(self, names: Iterable[str]) -> Iterator[None]:
@@ -149,14 +150,13 @@ class OriginalWeights:
             with ref.keeping(["model.layers.0.self_attn.q_proj"]):
                 ...
         """
-        keys = {key for key in (self.resolve(n) for n in names) if key is not None} - self._keep
-        self._keep |= keys
+        keys = {key for key in (self.resolve(n) for n in names) if key is not None} - self._kept.keys()
+        self._kept.update({key: {} for key in keys})
         try:
             yield
         finally:
-            self._keep -= keys
-            for slot in [slot for slot in self._kept if slot[0] in keys]:
-                del self._kept[slot]
+            for key in keys:
+                del self._kept[key]
 
     def check(self, name: str, expected: tuple[int, int]) -> None:
         """Raise :class:`ModelMismatchError` unless the original has ``name`` with shape ``expected``."""
