@@ -11,7 +11,9 @@ Python overhead):
 * ``unfused`` — what PEFT does: ``base``, then ``lora_B(lora_A(x))·scaling`` and the add;
 * ``fused`` — ``torch.ops.peft_eora.gptq_lora_linear`` (one launch); ``fused_int8`` with int8
   adapters; ``fused_two_pass`` (the two-launch CUDA variant); ``fused_triton`` (the Triton
-  fallback for GPUs without nvcc);
+  fallback for GPUs without nvcc, at the tiling its tuner kept: ``device_figures.triton_tilings``
+  lists every candidate's time per call shape), ``base_triton`` (its GEMM alone) and
+  ``fused_triton_default`` (the untuned tiling);
 * the kernel's version-2 paths, each alone, for attribution: ``fused_lora_in_epilogue`` (the
   whole B·t on the last K slice, B read from L2, instead of the rank split over the K slices
   with B staged in shared memory) and ``base_prefetch_first_only`` / ``fused_prefetch_first_only``
@@ -195,7 +197,7 @@ def _anchor_int4(k: int, n: int, copies: int, device: torch.device, gen: torch.G
 
 def bench_layers(args: argparse.Namespace, device: torch.device) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     from peft_eora.kernels import ops
-    from peft_eora.kernels.triton_gptq_lora import interpreter_active
+    from peft_eora.kernels.triton_gptq_lora import ENV_AUTOTUNE, interpreter_active, tuning_report
 
     cuda = device.type == "cuda"
     dtype = torch.float16 if cuda else torch.float32
@@ -247,10 +249,10 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> tuple[list[d
                     scaling = 2.0
                     kw = dict(bits=bits, group_size=args.group_size)
 
-                    def base(i: int) -> torch.Tensor:
+                    def base(i: int, backend: str = base_backend) -> torch.Tensor:
                         L = layers[i]
                         return ops.gptq_lora_linear_eager(x, L["qweight"], L["qzeros"], L["scales"], None, None, None,
-                                                          None, None, None, backend=base_backend, **kw)
+                                                          None, None, None, backend=backend, **kw)
 
                     def unfused(i: int) -> torch.Tensor:
                         L = layers[i]
@@ -295,6 +297,10 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> tuple[list[d
                             t["fused_prefetch_first_only"] = timed(fused, copies)
                     if triton_ok and "triton_error" not in row:
                         t["fused_triton"] = timed(lambda i: fused(i, backend="triton"), copies)
+                        t["base_triton"] = timed(lambda i: base(i, backend="triton"), copies)
+                        if cuda:  # the tiling used without the tuner
+                            with environ({ENV_AUTOTUNE: "0"}):
+                                t["fused_triton_default"] = timed(lambda i: fused(i, backend="triton"), copies)
                     row["timings_us"] = {name: v.get("us") for name, v in t.items()}
                     errors = {name: v["error"] for name, v in t.items() if "error" in v}
                     if errors:
@@ -312,6 +318,8 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> tuple[list[d
                 del layers
                 if cuda:
                     torch.cuda.empty_cache()
+    if triton_ok:  # the tiling the Triton tuner kept per call shape, with every candidate's µs
+        meta["triton_tilings"] = tuning_report()
     return rows, meta
 
 
@@ -361,7 +369,10 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
             out["batch4_16_r128"][f"{key}_M{m}"] = g
         tri = _ratio(us.get("fused_triton"), us.get("fused"))
         if tri is not None:
-            out["triton"][f"{key}_M{m}"] = dict(triton_over_fused=tri, met=tri <= 1.5)
+            out["triton"][f"{key}_M{m}"] = dict(
+                triton_over_fused=tri, met=tri <= 1.5,
+                triton_base_over_cuda_base=_ratio(us.get("base_triton"), us.get("base")),
+                default_tiling_over_tuned=_ratio(us.get("fused_triton_default"), us.get("fused_triton")))
     return out
 
 

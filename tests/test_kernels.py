@@ -333,6 +333,99 @@ def test_triton_without_lora_and_through_the_op():
     assert (y1 - y0).abs().max().item() < 1e-4
 
 
+TILING_CASES = [
+    # bits, group, act_order, M, lora_bits, zero_offset
+    (4, 128, False, 1, 16, 0),
+    (3, 64, False, 1, 4, 1),
+    (8, 128, False, 3, 8, 0),
+    (2, 64, True, 1, 16, 0),
+    (4, 64, False, 16, 16, 1),
+]
+
+
+@needs_triton_cpu
+@pytest.mark.parametrize("bits,gs,act_order,m,lora_bits,zero_offset", TILING_CASES)
+def test_triton_every_tiling_matches_reference(bits, gs, act_order, m, lora_bits, zero_offset):
+    """Every tiling the GPU tuner may pick (GEMV form, codes multiplied raw, wide/narrow tiles)
+    computes the reference at its own block sizes."""
+    from peft_eora.kernels.triton_gptq_lora import CANDIDATES, gptq_lora_linear_triton
+
+    k, n = 512, 160  # n: a partial last tile for every tile width
+    layer = make_gptq(k, n, gs, bits, act_order, seed=bits + gs + m)
+    layer["scales"] = layer["scales"].float()
+    lora = make_lora(k, n, 24, lora_bits, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    bias = torch.randn(n) if m != 3 else None
+    args = (x, layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"] if act_order else None, bias, *lora)
+    kw = dict(bits=bits, group_size=gs, lora_bits=lora_bits, scaling=0.5, zero_offset=zero_offset)
+    ref = gptq_lora_linear_reference(*args, **kw)
+    tried = 0
+    for cfg in CANDIDATES:
+        if not cfg.applies(m, act_order):
+            continue
+        out = gptq_lora_linear_triton(*args, **kw, config=cfg)
+        err = (out - ref).abs().max().item()
+        assert err <= 2e-5 * max(1.0, ref.abs().max().item()), (cfg.name, err)
+        base = gptq_lora_linear_triton(*args[:6], None, None, None, None, bits=bits, group_size=gs,
+                                       zero_offset=zero_offset, config=cfg)
+        w = dequantize_gptq(*args[1:5], bits, in_features=k, group_size=gs, zero_offset=zero_offset)
+        ref0 = x @ w + (bias if bias is not None else 0.0)
+        assert (base - ref0).abs().max().item() <= 2e-5 * max(1.0, ref0.abs().max().item()), cfg.name
+        tried += 1
+    assert tried == sum(c.applies(m, act_order) for c in CANDIDATES) >= 2
+
+
+def test_tiling_tuner_keeps_the_fastest_once_per_shape(monkeypatch):
+    """select_config times each applicable tiling once per key, skips those that fail, caches the
+    choice, and keeps the default without tuning."""
+    from peft_eora.kernels import triton_gptq_lora as tg
+
+    monkeypatch.setattr(tg, "_tuned", {})
+    monkeypatch.setattr(tg, "_tune_times", {})
+    monkeypatch.delenv(tg.ENV_AUTOTUNE, raising=False)
+    ran: list[str] = []
+    fast = tg.CANDIDATES[2]
+    broken = tg.CANDIDATES[1]
+    wrong = tg.CANDIDATES[3]  # fastest of all, but its output is off: never chosen
+
+    def run(cfg):
+        ran.append(cfg.name)
+        if cfg == broken:
+            raise RuntimeError("out of resources")
+        return torch.full((4, 8), 2.0 if cfg == wrong else 1.0)
+
+    def bench(fn):
+        fn()
+        return {fast.name: 3.0, wrong.name: 1.0}.get(ran[-1], 10.0 + len(ran))
+
+    key = (0, torch.float16, 4, 4096, 4096, 128, 4, 128, False, 16, 0)
+    assert tg.select_config(key, 4, False, run, bench) == fast
+    timed = [c.name for c in tg.CANDIDATES if c.applies(4, False)]
+    assert set(ran) == set(timed) and not any(c.gemv for c in tg.CANDIDATES if c.name in ran)
+    calls = len(ran)
+    assert tg.select_config(key, 4, False, run, bench) == fast and len(ran) == calls  # cached
+    report = tg.tuning_report()
+    assert report[0]["config"] == fast.name and report[0]["candidates_us"][broken.name] is None
+    assert report[0]["candidates_us"][wrong.name] is None
+    assert report[0]["m"] == 4 and report[0]["dtype"] == "torch.float16"
+    ran.clear()
+    key1 = key[:2] + (1,) + key[3:]
+    tg.select_config(key1, 1, False, run, bench)  # batch 1: the GEMV tilings are timed too
+    assert any(name.endswith("-gemv") for name in ran)
+    ran.clear()
+    key_ao = key[:8] + (True,) + key[9:]
+    tg.select_config(key_ao, 4, True, run, bench)  # act-order: no codes-times-x tiling
+    assert ran and not any("-fz" in name for name in ran)
+    monkeypatch.setenv(tg.ENV_AUTOTUNE, "0")
+    ran.clear()
+    key2 = key[:3] + (8192,) + key[4:]
+    assert tg.select_config(key2, 4, False, run, bench) == tg.DEFAULT_CONFIG and ran == []
+    assert tg.select_config(key, 4, False, run, bench) == tg.DEFAULT_CONFIG  # the switch beats the cache
+    assert key2 not in tg._tuned
+    with pytest.raises(ValueError, match="cannot run 4 rows"):
+        tg.plan(4, 4096, 4096, 128, 128, False, 132, config=tg.Config(gemv=True))
+
+
 @pytest.mark.skipif(HAS_GPU or TRITON_CPU or IN_SUBPROCESS, reason="Triton tests already run in this process")
 def test_triton_suite_in_subprocess():
     env = dict(os.environ, TRITON_INTERPRET="1", PEFT_EORA_TRITON_SUBPROCESS="1")
@@ -341,7 +434,7 @@ def test_triton_suite_in_subprocess():
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert f"{len(TRITON_CASES) + 1} passed" in proc.stdout, proc.stdout[-2000:]
+    assert f"{len(TRITON_CASES) + len(TILING_CASES) + 1} passed" in proc.stdout, proc.stdout[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -835,6 +928,23 @@ def test_gpu_kernels_match_reference(case, backend, monkeypatch):
         monkeypatch.delenv(ops.ENV_LORA_IN_EPILOGUE)
         again = torch.ops.peft_eora.gptq_lora_linear(*args, **kw, backend="cuda").cpu()
         assert torch.equal(out, again)  # deterministic: fixed reduction order, counters reset
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", [GPU_CASES[i] for i in (0, 1, 3, 5, 8)], ids=lambda c: f"b{c[0]}r{c[3]}m{c[4]}")
+def test_gpu_triton_every_tiling(case):
+    """Every tiling the Triton tuner may choose matches the reference on the GPU (the CPU tests run
+    them in the interpreter, which does not compile them)."""
+    from peft_eora.kernels.triton_gptq_lora import CANDIDATES, gptq_lora_linear_triton
+
+    args, kw = _gpu_case(*case)
+    ref = gptq_lora_linear_reference(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args], **kw).float()
+    tol = (2.0**-9 if args[0].dtype == torch.float16 else 2.0**-6) * ref.abs().max().item() + 1e-3
+    for cfg in CANDIDATES:
+        if cfg.applies(args[0].shape[0], case[2]):
+            out = gptq_lora_linear_triton(*args, **kw, config=cfg).cpu().float()
+            assert (out - ref).abs().max().item() <= tol, cfg.name
 
 
 @pytest.mark.gpu

@@ -6,12 +6,19 @@ Split-K, at most two launches, no atomics:
    slice (2/4/8-bit words are unpacked with one shift and mask per code — the words are read
    once, not once per code; 3-bit runs are assembled from their three words), dequantize in
    registers (with or without act-order ``g_idx``) to the activation dtype and multiply on tensor
-   cores (``tl.dot``, the decode batch padded to 16 rows). Extra programs compute K slices of
+   cores (``tl.dot``, the decode batch padded to 16 rows; at batch 1 a tiling may instead use
+   products and row sums, and grouped weights may multiply the raw codes and apply scale and zero
+   once per group: ``s·(Σ x·q − (z + offset)·Σ x)``). Extra programs compute K slices of
    ``x·Aᵀ`` for the low-rank term. Each program writes float32 partials. With one K slice and no
    low-rank term it writes the output itself and the call is a single launch.
 2. ``_epilogue_kernel``: per column tile, sums the partials in a fixed order (deterministic),
    forms ``t = scaling·a_scale·(x·Aᵀ)`` (grouped ``A`` scales are applied per K slice instead), adds ``t·Bᵀ`` (``b_scale`` per row of B) and the bias,
    and stores in the activation dtype.
+
+Tilings (:class:`Config`: tile widths, K split, warps, the two forms above) are timed on the GPU at
+the first call of each shape and the fastest is kept for the process (:func:`select_config`,
+:func:`tuning_report`; ``PEFT_EORA_TRITON_AUTOTUNE=0`` keeps :data:`DEFAULT_CONFIG`), as
+``triton.autotune`` does for one kernel: the two launches and their K split are chosen together.
 
 LoRA factors may be float, int8 or packed int4 with float32 scales: per row of ``B``, per row or per row
 and group of inputs of ``A`` (see
@@ -25,9 +32,12 @@ that needs ``TRITON_INTERPRET=1`` in the environment *before Triton is first imp
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
-from typing import Optional
+import os
+import threading
+from typing import Any, Optional
 
 import torch
 import triton
@@ -37,7 +47,18 @@ from .reference import check_bits, packed_len
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["gptq_lora_linear_triton", "dequantize_gptq_triton", "interpreter_active", "plan"]
+__all__ = [
+    "CANDIDATES",
+    "Config",
+    "DEFAULT_CONFIG",
+    "ENV_AUTOTUNE",
+    "dequantize_gptq_triton",
+    "gptq_lora_linear_triton",
+    "interpreter_active",
+    "plan",
+    "select_config",
+    "tuning_report",
+]
 
 
 @triton.jit
@@ -99,9 +120,11 @@ def _partials_kernel(
     n_tiles, ksplit, kslice, ka_split, ka_slice,
     BITS: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr,
     HAS_LORA: tl.constexpr, LORA_BITS: tl.constexpr, DOT_FP32: tl.constexpr, A_GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FACTOR_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_KA: tl.constexpr,
 ):
+    # BLOCK_M == 1 is the GEMV form (a batch of one row): products and row sums instead of tl.dot,
+    # which needs 16 rows (15 of them padding at batch 1).
     pid = tl.program_id(0)
     n_units = n_tiles * ksplit
     offs_m = tl.arange(0, BLOCK_M)
@@ -117,24 +140,44 @@ def _partials_kernel(
         for k0 in range(k_begin, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < k_end
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            if BLOCK_M == 1:
+                x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)  # row 0: [BLOCK_K]
+            else:
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             q = _unpack_codes(qw_ptr, k0, offs_n, mask_n, QW_ROWS, stride_qw, BITS, BLOCK_K, BLOCK_N)
-            if HAS_GIDX:
-                g = tl.load(gidx_ptr + offs_k, mask=mask_k, other=0)
-                kn_mask = mask_k[:, None] & mask_n[None, :]
-                s = tl.load(sc_ptr + g[:, None] * stride_sc + offs_n[None, :], mask=kn_mask, other=0.0)
-                z = _zero_codes(qz_ptr, g[:, None], offs_n[None, :], kn_mask, QZ_COLS, stride_qz, BITS)
-                w = (q - z - zero_offset).to(tl.float32) * s.to(tl.float32)
+            if FACTOR_ZEROS:  # one group per block: sum_k x.(q - z).s = s.(sum_k x.q - (z + offset).sum_k x)
+                g0 = k0 // group_size
+                s = tl.load(sc_ptr + g0 * stride_sc + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                zo = (_zero_codes(qz_ptr, g0, offs_n, mask_n, QZ_COLS, stride_qz, BITS) + zero_offset).to(tl.float32)
+                if BLOCK_M == 1:
+                    d = tl.sum(x[:, None] * q.to(tl.float32), axis=0)
+                    acc += ((d - tl.sum(x, axis=0) * zo) * s)[None, :]
+                else:
+                    xf = x.to(tl.float32)
+                    if DOT_FP32:
+                        d = tl.dot(xf, q.to(tl.float32), input_precision="ieee")
+                    else:
+                        d = tl.dot(x, q.to(x.dtype))  # codes < 256: exact in float16 and bfloat16
+                    acc += (d - tl.sum(xf, axis=1)[:, None] * zo[None, :]) * s[None, :]
             else:
-                g0 = k0 // group_size  # BLOCK_K divides group_size: one group per block
-                s = tl.load(sc_ptr + g0 * stride_sc + offs_n, mask=mask_n, other=0.0)
-                z = _zero_codes(qz_ptr, g0, offs_n, mask_n, QZ_COLS, stride_qz, BITS)
-                w = (q - z[None, :] - zero_offset).to(tl.float32) * s.to(tl.float32)[None, :]
-            if DOT_FP32:
-                acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, w.to(x.dtype), acc)
+                if HAS_GIDX:
+                    g = tl.load(gidx_ptr + offs_k, mask=mask_k, other=0)
+                    kn_mask = mask_k[:, None] & mask_n[None, :]
+                    s = tl.load(sc_ptr + g[:, None] * stride_sc + offs_n[None, :], mask=kn_mask, other=0.0)
+                    z = _zero_codes(qz_ptr, g[:, None], offs_n[None, :], kn_mask, QZ_COLS, stride_qz, BITS)
+                    w = (q - z - zero_offset).to(tl.float32) * s.to(tl.float32)
+                else:
+                    g0 = k0 // group_size  # BLOCK_K divides group_size: one group per block
+                    s = tl.load(sc_ptr + g0 * stride_sc + offs_n, mask=mask_n, other=0.0)
+                    z = _zero_codes(qz_ptr, g0, offs_n, mask_n, QZ_COLS, stride_qz, BITS)
+                    w = (q - z[None, :] - zero_offset).to(tl.float32) * s.to(tl.float32)[None, :]
+                if BLOCK_M == 1:
+                    acc += tl.sum(x[:, None] * w, axis=0)[None, :]
+                elif DOT_FP32:
+                    acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(x, w.to(x.dtype), acc)
         if FINAL:
             if HAS_BIAS:
                 acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -156,8 +199,6 @@ def _partials_kernel(
             for k0 in range(ka_begin, ka_end, BLOCK_KA):
                 offs_k = k0 + tl.arange(0, BLOCK_KA)
                 mask_k = offs_k < ka_end
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
                 amask = mask_k[:, None] & mask_r[None, :]
                 if LORA_BITS == 4:
                     byte = tl.load(a_ptr + offs_r[None, :] * stride_a + (offs_k[:, None] // 2), mask=amask, other=0)
@@ -169,7 +210,13 @@ def _partials_kernel(
                     sa = tl.load(ascale_ptr + offs_r[None, :] * (K // A_GROUP) + offs_k[:, None] // A_GROUP,
                                  mask=amask, other=0.0)
                     a = a * sa
-                tacc = tl.dot(x.to(tl.float32), a, tacc, input_precision="ieee")
+                if BLOCK_M == 1:
+                    x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                    tacc += tl.sum(x[:, None] * a, axis=0)[None, :]
+                else:
+                    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                                mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                    tacc = tl.dot(x.to(tl.float32), a, tacc, input_precision="ieee")
             tl.store(tpart_ptr + (ka * M + offs_m[:, None]) * R + offs_r[None, :], tacc,
                      mask=mask_m[:, None] & mask_r[None, :])
 
@@ -209,7 +256,10 @@ def _epilogue_kernel(
                 bt = tl.where(code >= 8, code - 16, code).to(tl.float32)
             else:
                 bt = tl.load(b_ptr + offs_n[None, :] * stride_b + offs_r[:, None], mask=rn_mask, other=0).to(tl.float32)
-            lacc = tl.dot(t, bt, lacc, input_precision="ieee")
+            if BLOCK_M == 1:  # [1, R] x [R, N] as products and column sums
+                lacc += tl.sum(tl.sum(t, axis=0)[:, None] * bt, axis=0)[None, :]
+            else:
+                lacc = tl.dot(t, bt, lacc, input_precision="ieee")
         if LORA_BITS != 16:
             lacc = lacc * tl.load(bscale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
         y += lacc
@@ -232,35 +282,169 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+#: ``0`` turns the tuner off: every call uses :data:`DEFAULT_CONFIG` (the same tiling on every GPU).
+ENV_AUTOTUNE = "PEFT_EORA_TRITON_AUTOTUNE"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One tiling of the two launches. On a GPU the first call of each shape times the applicable
+    :data:`CANDIDATES` and keeps the fastest (see :func:`tuning_report`).
+
+        >>> Config(block_n=32, gemv=True, factor_zeros=True).name
+        'n32k128p4w4s3e64-fz-gemv'
+    """
+
+    block_n: int = 64  #: output columns per GEMV program
+    block_k: int = 128  #: K rows per step (halved until it divides the group size)
+    programs_per_sm: int = 4  #: K is split until there are about this many GEMV programs per SM
+    num_warps: int = 4
+    num_stages: int = 3
+    block_ka: int = 128  #: K per step of the x·Aᵀ programs
+    ka_slice: int = 512  #: K per x·Aᵀ program
+    block_r: int = 16  #: rank rows per x·Aᵀ program
+    epilogue_block_n: int = 64
+    epilogue_block_r: int = 32
+    #: grouped weights (no act-order): ``s·(Σ x·q − (z + offset)·Σ x)`` per group, so the inner
+    #: product runs on the raw codes (one conversion per code, no scale or zero per element)
+    factor_zeros: bool = False
+    #: batch 1 only: products and row sums instead of ``tl.dot`` over 16 rows (15 of them padding)
+    gemv: bool = False
+
+    @property
+    def name(self) -> str:
+        base = (f"n{self.block_n}k{self.block_k}p{self.programs_per_sm}w{self.num_warps}s{self.num_stages}"
+                f"e{self.epilogue_block_n}")
+        return base + ("-fz" if self.factor_zeros else "") + ("-gemv" if self.gemv else "")
+
+    def applies(self, m: int, has_gidx: bool) -> bool:
+        """Whether this tiling can run a call of ``m`` rows (``has_gidx``: per-row groups)."""
+        return (m == 1 or not self.gemv) and not (self.factor_zeros and has_gidx)
+
+
+#: The tiling used without tuning (and the first candidate).
+DEFAULT_CONFIG = Config()
+#: Small blocks for the CPU interpreter: the tests' small layers still get several tiles and K slices.
+INTERPRET_CONFIG = Config(block_n=32, block_k=32, block_ka=32, epilogue_block_n=32, epilogue_block_r=16)
+#: What the tuner times (those that apply to the call): narrower and wider column tiles, finer K
+#: splits, codes multiplied raw with scales and zeros per group, and the batch-1 GEMV form.
+CANDIDATES: tuple[Config, ...] = (
+    DEFAULT_CONFIG,
+    Config(block_n=32, epilogue_block_n=32),
+    Config(block_n=128, num_warps=8),
+    Config(block_k=64, programs_per_sm=8, num_stages=4),
+    Config(factor_zeros=True),
+    Config(block_n=32, epilogue_block_n=32, factor_zeros=True),
+    Config(gemv=True, factor_zeros=True),
+    Config(block_n=32, num_warps=2, epilogue_block_n=32, gemv=True, factor_zeros=True),
+    Config(block_n=128, block_k=64, programs_per_sm=8, gemv=True, factor_zeros=True),
+)
+
+# A tiling sums in another order than the default: its output may differ by rounding, not more.
+_TUNE_RTOL, _TUNE_ATOL = 1e-2, 1e-3
+_tuned: dict[tuple, Config] = {}
+_tune_times: dict[tuple, dict[str, Optional[float]]] = {}
+_tune_lock = threading.Lock()
+
+
+def autotune_enabled() -> bool:
+    """False when ``$PEFT_EORA_TRITON_AUTOTUNE`` is ``0`` (then :data:`DEFAULT_CONFIG` always)."""
+    return os.environ.get(ENV_AUTOTUNE, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _bench_us(fn) -> float:
+    """Median µs of ``fn`` on the current GPU, L2 cleared before each call (``triton.testing.do_bench``)."""
+    from triton.testing import do_bench
+
+    return 1e3 * do_bench(fn, warmup=2, rep=10, return_mode="median")
+
+
+def select_config(key: tuple, m: int, has_gidx: bool, run, bench=None) -> Config:
+    """The tiling for calls of ``key``: timed once per process (``run(config)`` executes the call and
+    returns its output), then cached. Without tuning (``$PEFT_EORA_TRITON_AUTOTUNE=0``, or a first call
+    inside CUDA graph capture, where nothing may synchronise) :data:`DEFAULT_CONFIG`, cached too, so a
+    process keeps one tiling per shape (``$PEFT_EORA_TRITON_AUTOTUNE=0`` set later bypasses the
+    cache: :data:`DEFAULT_CONFIG` while it is set). Candidates that fail to compile or launch, or whose output
+    differs from the default tiling's by more than rounding, are skipped with a warning.
+    """
+    if not autotune_enabled():
+        return DEFAULT_CONFIG
+    choice = _tuned.get(key)
+    if choice is not None:
+        return choice
+    with _tune_lock:
+        if key in _tuned:
+            return _tuned[key]
+        cands = [c for c in CANDIDATES if c.applies(m, has_gidx)]
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        choice = DEFAULT_CONFIG
+        if capturing:
+            logger.info("Triton GPTQ kernel: first call of %s inside CUDA graph capture, default tiling", key)
+        elif len(cands) > 1:
+            bench = bench or _bench_us
+            times: dict[str, Optional[float]] = {}
+            best: Optional[float] = None
+            ref = run(DEFAULT_CONFIG).float()
+            tol = _TUNE_RTOL * ref.abs().max().item() + _TUNE_ATOL
+            for cfg in cands:
+                try:
+                    err = (run(cfg).float() - ref).abs().max().item()
+                    if not err <= tol:  # NaN too
+                        raise RuntimeError(f"output differs from the default tiling's by {err:.3g} (> {tol:.3g})")
+                    times[cfg.name] = bench(lambda cfg=cfg: run(cfg))
+                except Exception as exc:  # e.g. out of shared memory / registers on this GPU
+                    logger.warning("Triton GPTQ kernel: tiling %s skipped for %s: %s", cfg.name, key, exc)
+                    times[cfg.name] = None
+                    continue
+                if best is None or times[cfg.name] < best:
+                    best, choice = times[cfg.name], cfg
+            _tune_times[key] = times
+            logger.debug("Triton GPTQ kernel: %s -> %s (%s)", key, choice.name, times)
+        _tuned[key] = choice
+    return choice
+
+
+def tuning_report() -> list[dict]:
+    """What the tuner chose so far in this process: one entry per call shape, with the µs of each
+    candidate timed (None: it failed there)."""
+    names = ("device", "dtype", "m", "n", "k", "rank", "bits", "group_size", "act_order", "lora_bits", "a_group")
+    return [dict(zip(names, (str(v) if i == 1 else v for i, v in enumerate(key))), config=cfg.name,
+                 candidates_us=_tune_times.get(key))
+            for key, cfg in _tuned.items()]
+
+
 def plan(m: int, n: int, k: int, rank: int, group_size: int, has_gidx: bool, sms: int,
-         interpret: bool = False) -> dict[str, int]:
-    """Tile sizes and K splits for one call (pure function of the shapes; see the module doc).
+         interpret: bool = False, config: Optional[Config] = None) -> dict[str, Any]:
+    """Tile sizes and K splits for one call (pure function of the shapes and the tiling; see the module doc).
 
         >>> plan(1, 4096, 4096, 128, 128, False, 132)["ksplit"]
         8
     """
-    block_m = 16
-    if interpret:
-        block_n, block_k = 32, 32
-    else:
-        block_n = 64 if n >= 64 else 32
-        block_k = 128
+    cfg = config or (INTERPRET_CONFIG if interpret else DEFAULT_CONFIG)
+    if not cfg.applies(m, has_gidx):
+        raise ValueError(f"tiling {cfg.name} cannot run {m} rows{' with act-order' if has_gidx else ''}")
+    block_m = 1 if cfg.gemv else 16
+    block_n = cfg.block_n
+    while block_n > 32 and block_n > n:  # narrow layers: no mostly-masked tiles
+        block_n //= 2
+    block_k = cfg.block_k
     if not has_gidx:  # one group per K block
         while block_k > 32 and group_size % block_k:
             block_k //= 2
     n_tiles = triton.cdiv(n, block_n)
     max_split = max(1, k // block_k)
-    target = 4 * sms  # programs to keep every SM streaming
+    target = cfg.programs_per_sm * sms  # programs to keep every SM streaming
     ksplit = max(1, min(max_split, 32, round(target / n_tiles)))
     kslice = triton.cdiv(triton.cdiv(k, ksplit), block_k) * block_k
     ksplit = triton.cdiv(k, kslice)
-    block_r = 16
-    block_ka = 32 if interpret else 128
-    ka_slice = max(block_ka, triton.cdiv(512, block_ka) * block_ka)
+    block_ka = cfg.block_ka
+    ka_slice = max(block_ka, triton.cdiv(cfg.ka_slice, block_ka) * block_ka)
     ka_split = triton.cdiv(k, ka_slice) if rank else 0
     return dict(block_m=block_m, block_n=block_n, block_k=block_k, n_tiles=n_tiles, ksplit=ksplit, kslice=kslice,
-                block_r=block_r, block_ka=block_ka, ka_slice=ka_slice, ka_split=ka_split,
-                n_rank_blocks=triton.cdiv(rank, block_r) if rank else 0)
+                block_r=cfg.block_r, block_ka=block_ka, ka_slice=ka_slice, ka_split=ka_split,
+                n_rank_blocks=triton.cdiv(rank, cfg.block_r) if rank else 0, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, epilogue_block_n=cfg.epilogue_block_n,
+                epilogue_block_r=cfg.epilogue_block_r, factor_zeros=cfg.factor_zeros)
 
 
 def gptq_lora_linear_triton(
@@ -280,11 +464,14 @@ def gptq_lora_linear_triton(
     lora_bits: int = 16,
     scaling: float = 1.0,
     zero_offset: int = 0,
+    config: Optional[Config] = None,
 ) -> torch.Tensor:
     """Triton fused op (same contract as :func:`~peft_eora.kernels.reference.gptq_lora_linear_reference`).
 
     ``lora_a``/``lora_b`` may be None for the plain quantized GEMM (used by the benchmark).
     Decode batches up to 16 rows per call; larger inputs are processed 16 rows at a time.
+    ``config`` forces a tiling (default: tuned per shape on a GPU, see :func:`select_config`;
+    :data:`INTERPRET_CONFIG` on CPU).
     """
     check_bits(bits)
     if lora_bits not in (16, 8, 4):
@@ -326,37 +513,51 @@ def gptq_lora_linear_triton(
         )
     has_lora = lora_a is not None
     rank = lora_a.shape[0] if has_lora else 0
+    a_group = 0
     if has_lora:
         lora_a, lora_b = lora_a.contiguous(), lora_b.contiguous()
         if lora_b.shape[0] != out_features:
             raise ValueError(f"lora_b has {lora_b.shape[0]} rows, expected out_features={out_features}")
         if lora_bits != 16 and (lora_a_scale is None or lora_b_scale is None):
             raise ValueError(f"{lora_bits}-bit LoRA factors need lora_a_scale and lora_b_scale")
-    sms = 4 if interpret else _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
-    pl = plan(min(m, 16), out_features, in_features, rank, group_size, has_gidx, sms, interpret)
-    for r0 in range(0, m, 16):  # the kernels hold 16 batch rows
-        rows = slice(r0, min(m, r0 + 16))
-        _launch(x2[rows], qweight, qzeros, scales, gidx_t, has_gidx, bias, lora_a, lora_b, lora_a_scale,
-                lora_b_scale, out[rows], pl, bits=bits, group_size=group_size, lora_bits=lora_bits, scaling=scaling,
-                zero_offset=zero_offset, rank=rank, interpret=interpret)
+        if lora_bits != 16 and lora_a_scale.dim() == 2:
+            a_group = in_features // lora_a_scale.shape[1]
+    index = x.device.index if x.device.index is not None else (0 if interpret else torch.cuda.current_device())
+    sms = 4 if interpret else _sm_count(index)
+    rows = min(m, 16)
+
+    def run(cfg: Config) -> torch.Tensor:
+        pl = plan(rows, out_features, in_features, rank, group_size, has_gidx, sms, interpret, cfg)
+        for r0 in range(0, m, 16):  # the kernels hold 16 batch rows
+            chunk = slice(r0, min(m, r0 + 16))
+            _launch(x2[chunk], qweight, qzeros, scales, gidx_t, has_gidx, bias, lora_a, lora_b, lora_a_scale,
+                    lora_b_scale, out[chunk], pl, bits=bits, group_size=group_size, lora_bits=lora_bits,
+                    scaling=scaling, zero_offset=zero_offset, rank=rank, a_group=a_group, interpret=interpret)
+        return out
+
+    if config is None and not interpret:
+        key = (index, x2.dtype, rows, out_features, in_features, rank, bits, group_size, has_gidx,
+               lora_bits if has_lora else 0, a_group)
+        config = select_config(key, rows, has_gidx, run)
+    run(config or INTERPRET_CONFIG)
     return out.to(orig_dtype).reshape(*x.shape[:-1], out_features)
 
 
 def _launch(x2, qweight, qzeros, scales, gidx_t, has_gidx, bias, lora_a, lora_b, lora_a_scale, lora_b_scale, out,
-            pl, *, bits, group_size, lora_bits, scaling, zero_offset, rank, interpret) -> None:
+            pl, *, bits, group_size, lora_bits, scaling, zero_offset, rank, a_group, interpret) -> None:
     m, k = x2.shape
     n = out.shape[1]
     has_lora = rank > 0
+    block_m = pl["block_m"]
     final = not has_lora and pl["ksplit"] == 1
     part = x2.new_empty((pl["ksplit"], m, n), dtype=torch.float32) if not final else out
     tpart = x2.new_empty((pl["ka_split"], m, rank), dtype=torch.float32) if has_lora else part
     a = lora_a if has_lora else x2
     a_scale = lora_a_scale.float().contiguous() if has_lora and lora_bits != 16 else x2
-    a_group = k // a_scale.shape[1] if has_lora and lora_bits != 16 and a_scale.dim() == 2 else 0
     units = pl["n_tiles"] * pl["ksplit"]
     grid1 = units + (pl["n_rank_blocks"] * pl["ka_split"] if has_lora else 0)
     bias_t = bias.contiguous() if bias is not None else x2
-    warps = {} if interpret else dict(num_warps=4, num_stages=3)
+    warps = {} if interpret else dict(num_warps=pl["num_warps"], num_stages=pl["num_stages"])
     _partials_kernel[(grid1,)](
         x2, qweight, qzeros, scales, gidx_t, bias_t, out, part, a, tpart, a_scale,
         m, n, k, rank, qweight.shape[0], qzeros.shape[1], group_size, int(zero_offset),
@@ -364,19 +565,19 @@ def _launch(x2, qweight, qzeros, scales, gidx_t, has_gidx, bias, lora_a, lora_b,
         pl["n_tiles"], pl["ksplit"], pl["kslice"], max(pl["ka_split"], 1), pl["ka_slice"],
         BITS=bits, HAS_GIDX=has_gidx, HAS_BIAS=bias is not None, FINAL=final, HAS_LORA=has_lora,
         LORA_BITS=lora_bits, DOT_FP32=x2.dtype == torch.float32, A_GROUP=a_group,
-        BLOCK_M=pl["block_m"], BLOCK_N=pl["block_n"],
+        FACTOR_ZEROS=pl["factor_zeros"], BLOCK_M=block_m, BLOCK_N=pl["block_n"],
         BLOCK_K=pl["block_k"], BLOCK_R=pl["block_r"], BLOCK_KA=pl["block_ka"], **warps,
     )
     if final:
         return
     b_scale = lora_b_scale.float().contiguous() if has_lora and lora_bits != 16 else x2
     b = lora_b if has_lora else x2
-    block_n2 = 32 if interpret else 64
+    block_n2 = pl["epilogue_block_n"]
     _epilogue_kernel[(triton.cdiv(n, block_n2),)](
         part, tpart, b, a_scale, b_scale, bias_t, out,
         m, n, rank, pl["ksplit"], max(pl["ka_split"], 1), float(scaling), b.stride(0), out.stride(0),
         HAS_LORA=has_lora, LORA_BITS=lora_bits, HAS_BIAS=bias is not None, A_GROUPED=a_group > 0,
-        BLOCK_M=pl["block_m"], BLOCK_N=block_n2, BLOCK_R=16 if interpret else 32,
+        BLOCK_M=block_m, BLOCK_N=block_n2, BLOCK_R=pl["epilogue_block_r"],
         **({} if interpret else dict(num_warps=4)),
     )
 
