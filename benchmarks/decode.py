@@ -274,6 +274,11 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         with environ({ops.ENV_LORA_IN_EPILOGUE: "1", ops.ENV_PREFETCH_FIRST_ONLY: "1"}):
             out["fused_v2_paths"] = measure(peft_model, args, prompt)
         unfuse(peft_model)
+    if device.type == "cuda":  # the launch variant the fused layers' CUDA path kept per shape
+        from peft_eora.kernels import ops
+
+        res["cuda_variants"] = {f"{e['k']}x{e['n']}_M{e['m']}_r{e['rank']}_l{e['lora_bits']}": e["choice"]
+                                for e in ops.CUDA_TUNER.report(ops.CUDA_TUNING_KEY)}
     tok = {k: v["tok_s"] for k, v in out.items()}
     ratios = {}
     if tok.get("fused") and tok.get("peft_unfused"):

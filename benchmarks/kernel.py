@@ -7,9 +7,11 @@ Python overhead):
 * anchors (no adapter): ``fp16_linear`` — ``F.linear`` on the unquantized fp16 weight
   (cuBLAS), and ``int4_tinygemm`` — stock torch's int4 GEMM (``torch._weight_int4pack_mm``,
   bf16 activations, group 128), the fastest 4-bit kernel every CUDA build of torch ships;
-* ``base`` — our CUDA kernel without the low-rank term;
+* ``base`` — our CUDA kernel without the low-rank term (``base_v3``: its default variant, untuned);
 * ``unfused`` — what PEFT does: ``base``, then ``lora_B(lora_A(x))·scaling`` and the add;
-* ``fused`` — ``torch.ops.peft_eora.gptq_lora_linear`` (one launch); ``fused_int8`` with int8
+* ``fused`` — ``torch.ops.peft_eora.gptq_lora_linear`` as users get it (the launch variant chosen
+  per shape, ``device_figures.cuda_variants``), ``fused_v3`` the default variant alone (one
+  launch, untuned); ``fused_int8`` with int8
   adapters; ``fused_two_pass`` (the two-launch CUDA variant); ``fused_triton`` (the Triton
   fallback for GPUs without nvcc, at the tiling its tuner kept: ``device_figures.triton_tilings``
   lists every candidate's time per call shape), ``base_triton`` (its GEMM alone) and
@@ -288,6 +290,9 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> tuple[list[d
                     t["fused"] = timed(fused, copies)
                     t["fused_int8"] = timed(lambda i: fused(i, lora_bits=8), copies)
                     if cuda:
+                        with environ({ops.ENV_CUDA_AUTOTUNE: "0"}):  # the default variant, untuned
+                            t["base_v3"] = timed(base, copies)
+                            t["fused_v3"] = timed(fused, copies)
                         with environ({ops.ENV_TWO_PASS: "1"}):
                             t["fused_two_pass"] = timed(fused, copies)
                         with environ({ops.ENV_LORA_IN_EPILOGUE: "1"}):
@@ -318,6 +323,8 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> tuple[list[d
                 del layers
                 if cuda:
                     torch.cuda.empty_cache()
+    if cuda:  # the launch variant the CUDA path kept per call shape, with every candidate's µs
+        meta["cuda_variants"] = ops.CUDA_TUNER.report(ops.CUDA_TUNING_KEY)
     if triton_ok:  # the tiling the Triton tuner kept per call shape, with every candidate's µs
         meta["triton_tilings"] = tuning_report()
     return rows, meta
@@ -346,9 +353,11 @@ def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 int8_unfused_over_fused=_ratio(us.get("unfused"), us.get("fused_int8")),
                 int8_fp16_over_fused=_ratio(us.get("fp16_linear"), us.get("fused_int8")),
                 # what each v3 change of the CUDA kernel buys (> 1: v3 faster than its v2 path)
-                v2_expand_over_v3=_ratio(us.get("fused_lora_in_epilogue"), us.get("fused")),
-                v2_prefetch_over_v3_fused=_ratio(us.get("fused_prefetch_first_only"), us.get("fused")),
-                v2_prefetch_over_v3_base=_ratio(us.get("base_prefetch_first_only"), us.get("base")),
+                v2_expand_over_v3=_ratio(us.get("fused_lora_in_epilogue"), us.get("fused_v3")),
+                v2_prefetch_over_v3_fused=_ratio(us.get("fused_prefetch_first_only"), us.get("fused_v3")),
+                v2_prefetch_over_v3_base=_ratio(us.get("base_prefetch_first_only"), us.get("base_v3")),
+                # what the per-shape variant choice buys over the default variant (>= 1 up to noise)
+                v3_over_tuned_fused=_ratio(us.get("fused_v3"), us.get("fused")),
             )
             g["met"] = dict(
                 fused_le_1_25x_int4=None if g["fused_over_int4"] is None else g["fused_over_int4"] <= 1.25,

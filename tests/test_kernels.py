@@ -380,8 +380,7 @@ def test_tiling_tuner_keeps_the_fastest_once_per_shape(monkeypatch):
     choice, and keeps the default without tuning."""
     from peft_eora.kernels import triton_gptq_lora as tg
 
-    monkeypatch.setattr(tg, "_tuned", {})
-    monkeypatch.setattr(tg, "_tune_times", {})
+    tg.TUNER.clear()
     monkeypatch.delenv(tg.ENV_AUTOTUNE, raising=False)
     ran: list[str] = []
     fast = tg.CANDIDATES[2]
@@ -405,7 +404,7 @@ def test_tiling_tuner_keeps_the_fastest_once_per_shape(monkeypatch):
     calls = len(ran)
     assert tg.select_config(key, 4, False, run, bench) == fast and len(ran) == calls  # cached
     report = tg.tuning_report()
-    assert report[0]["config"] == fast.name and report[0]["candidates_us"][broken.name] is None
+    assert report[0]["choice"] == fast.name and report[0]["candidates_us"][broken.name] is None
     assert report[0]["candidates_us"][wrong.name] is None
     assert report[0]["m"] == 4 and report[0]["dtype"] == "torch.float16"
     ran.clear()
@@ -421,9 +420,68 @@ def test_tiling_tuner_keeps_the_fastest_once_per_shape(monkeypatch):
     key2 = key[:3] + (8192,) + key[4:]
     assert tg.select_config(key2, 4, False, run, bench) == tg.DEFAULT_CONFIG and ran == []
     assert tg.select_config(key, 4, False, run, bench) == tg.DEFAULT_CONFIG  # the switch beats the cache
-    assert key2 not in tg._tuned
+    assert tg.TUNER.chosen(key2) is None
+    tg.TUNER.clear()
     with pytest.raises(ValueError, match="cannot run 4 rows"):
         tg.plan(4, 4096, 4096, 128, 128, False, 132, config=tg.Config(gemv=True))
+
+
+def test_cuda_launch_variant_tuned_per_shape_unless_forced(monkeypatch):
+    """The CUDA path times its launch variants once per shape (an adapter: five, none: two) and keeps
+    the fastest; an option set in the environment is used as it is, untuned."""
+    from peft_eora.kernels import tuning
+
+    launched: list[int] = []
+
+    class FakeExtension:
+        @staticmethod
+        def workspace_ints(m, r, n):
+            return 0
+
+        @staticmethod
+        def gptq_lora_forward(x2, qweight, qzeros, scales, *rest):
+            launched.append(rest[-1])
+            return torch.ones(x2.shape[0], scales.shape[1])
+
+    speed = {0: 5.0, ops._OPT_LORA_IN_EPILOGUE: 2.0, ops._OPT_TWO_PASS: 3.0, ops._OPT_PREFETCH_FIRST_ONLY: 4.0}
+
+    def fake_bench(fn):
+        fn()
+        return speed.get(launched[-1], 9.0)
+
+    monkeypatch.setattr(cuda_ext, "load_extension", lambda: FakeExtension)
+    monkeypatch.setattr(ops, "_workspace", lambda device, ints: torch.zeros(1, dtype=torch.int32))
+    monkeypatch.setattr(tuning, "bench_us", fake_bench)
+    for name in (ops.ENV_TWO_PASS, ops.ENV_LORA_IN_EPILOGUE, ops.ENV_PREFETCH_FIRST_ONLY, ops.ENV_CUDA_AUTOTUNE):
+        monkeypatch.delenv(name, raising=False)
+    ops.CUDA_TUNER.clear()
+    layer = make_gptq(256, 64, 64, 4, False)
+    lora = make_lora(256, 64, 8, 16)
+    x = torch.randn(2, 256)
+    qargs = (x, layer["qweight"], layer["qzeros"], layer["scales"].float(), None, None)
+    kw = dict(bits=4, group_size=64, lora_bits=16, scaling=1.0, zero_offset=0)
+    ops._run_cuda(*qargs, *lora, **kw)
+    assert set(launched) == set(ops.CUDA_VARIANTS_LORA) and launched[-1] == ops._OPT_LORA_IN_EPILOGUE
+    launched.clear()
+    ops._run_cuda(*qargs, *lora, **kw)
+    assert launched == [ops._OPT_LORA_IN_EPILOGUE]  # cached for this shape
+    launched.clear()
+    ops._run_cuda(*qargs, None, None, None, None, **kw)  # no adapter: the two prefetch policies
+    assert set(launched) == set(ops.CUDA_VARIANTS_BASE) and launched[-1] == ops._OPT_PREFETCH_FIRST_ONLY
+    report = ops.CUDA_TUNER.report(ops.CUDA_TUNING_KEY)
+    assert [e["choice"] for e in report] == ["lora_in_epilogue", "prefetch_first_only"]
+    assert report[0]["rank"] == 8 and set(report[0]["candidates_us"]) == {
+        ops.describe_options(o) for o in ops.CUDA_VARIANTS_LORA}
+    launched.clear()
+    monkeypatch.setenv(ops.ENV_TWO_PASS, "1")
+    ops._run_cuda(torch.randn(3, 256), *qargs[1:], *lora, **kw)  # a new shape, but forced: no tuning
+    assert launched == [ops._OPT_TWO_PASS]
+    monkeypatch.delenv(ops.ENV_TWO_PASS)
+    monkeypatch.setenv(ops.ENV_CUDA_AUTOTUNE, "0")
+    launched.clear()
+    ops._run_cuda(*qargs, *lora, **kw)
+    assert launched == [0]
+    ops.CUDA_TUNER.clear()
 
 
 @pytest.mark.skipif(HAS_GPU or TRITON_CPU or IN_SUBPROCESS, reason="Triton tests already run in this process")
@@ -950,7 +1008,7 @@ def test_gpu_triton_every_tiling(case, monkeypatch):
     assert (out - ref).abs().max().item() <= tol
     k, n = case[7]
     entry = [e for e in tg.tuning_report() if (e["m"], e["k"], e["n"], e["bits"]) == (case[4], k, n, case[0])][-1]
-    assert entry["candidates_us"][entry["config"]] > 0
+    assert entry["candidates_us"][entry["choice"]] > 0
 
 
 @pytest.mark.gpu

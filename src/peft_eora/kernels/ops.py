@@ -35,12 +35,15 @@ from torch import Tensor
 
 from . import cuda_ext
 from .reference import check_bits, gptq_lora_linear_torch
+from .tuning import Tuner
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS",
+    "CUDA_TUNER",
     "ENV_BACKEND",
+    "ENV_CUDA_AUTOTUNE",
     "ENV_LORA_IN_EPILOGUE",
     "ENV_PREFETCH_FIRST_ONLY",
     "ENV_TWO_PASS",
@@ -61,10 +64,31 @@ ENV_LORA_IN_EPILOGUE = "PEFT_EORA_CUDA_LORA_IN_EPILOGUE"
 #: ``1`` asks L2 for a unit's weights up front only where the kernel's version 2 did (the first unit
 #: of a CTA sharing phase 1) instead of at the start of every unit (side-by-side timing).
 ENV_PREFETCH_FIRST_ONLY = "PEFT_EORA_CUDA_PREFETCH_FIRST_ONLY"
+#: ``0`` turns off the choice of the CUDA kernel's launch variant per call shape (see ``CUDA_TUNER``):
+#: every call then takes the default (one launch, the version-3 paths).
+ENV_CUDA_AUTOTUNE = "PEFT_EORA_CUDA_AUTOTUNE"
 # kOpt* flags of cuda/gptq_lora_kernel.cuh
 _OPT_TWO_PASS = 1
 _OPT_LORA_IN_EPILOGUE = 2
 _OPT_PREFETCH_FIRST_ONLY = 4
+_OPT_NAMES = {_OPT_TWO_PASS: "two_pass", _OPT_LORA_IN_EPILOGUE: "lora_in_epilogue",
+              _OPT_PREFETCH_FIRST_ONLY: "prefetch_first_only"}
+#: Launch variants timed at the first call of each shape (all compute the same result up to the
+#: order of the low-rank sums): with an adapter, the default, each version-2 path, both, and the
+#: two-launch mode; without one, the two L2 prefetch policies.
+CUDA_VARIANTS_LORA = (0, _OPT_LORA_IN_EPILOGUE, _OPT_PREFETCH_FIRST_ONLY,
+                      _OPT_LORA_IN_EPILOGUE | _OPT_PREFETCH_FIRST_ONLY, _OPT_TWO_PASS)
+CUDA_VARIANTS_BASE = (0, _OPT_PREFETCH_FIRST_ONLY)
+
+
+def describe_options(options: int) -> str:
+    """``"default"`` or the kernel option flags joined by ``+`` (e.g. ``"lora_in_epilogue"``)."""
+    return "+".join(name for bit, name in _OPT_NAMES.items() if options & bit) or "default"
+
+
+#: The CUDA kernel's per-shape variant choice (``CUDA_TUNER.report(...)`` lists what it chose).
+CUDA_TUNER = Tuner("CUDA GPTQ", ENV_CUDA_AUTOTUNE, 0, describe=describe_options)
+CUDA_TUNING_KEY = ("device", "dtype", "m", "n", "k", "rank", "bits", "group_size", "act_order", "lora_bits")
 CUDA_MAX_M = 16
 CUDA_MAX_RANK = (256 - 2) * 8
 
@@ -192,16 +216,24 @@ def _run_cuda(
         g_idx = _aligned(g_idx.to(torch.int32))
     rank = lora_a.shape[0] if lora_a is not None else 0
     ws = _workspace(x.device, ext.workspace_ints(x2.shape[0], rank, scales.shape[1]))
-    options = (
+    forced = (
         (_OPT_TWO_PASS if _env_flag(ENV_TWO_PASS) else 0)
         | (_OPT_LORA_IN_EPILOGUE if _env_flag(ENV_LORA_IN_EPILOGUE) else 0)
         | (_OPT_PREFETCH_FIRST_ONLY if _env_flag(ENV_PREFETCH_FIRST_ONLY) else 0)
     )
-    out = ext.gptq_lora_forward(
-        x2, _aligned(qweight), qzeros.contiguous(), _aligned(scales, 8), g_idx, int(group_size), bias,
-        lora_a, lora_b, lora_a_scale, lora_b_scale, int(bits), int(lora_bits), float(scaling), int(zero_offset),
-        ws, options,
-    )
+    qweight, qzeros, scales = _aligned(qweight), qzeros.contiguous(), _aligned(scales, 8)
+
+    def launch(options: int) -> Tensor:
+        return ext.gptq_lora_forward(
+            x2, qweight, qzeros, scales, g_idx, int(group_size), bias, lora_a, lora_b, lora_a_scale, lora_b_scale,
+            int(bits), int(lora_bits), float(scaling), int(zero_offset), ws, options,
+        )
+
+    options = forced
+    if not forced:  # an option set in the environment is used as it is; else the variant tuned per shape
+        key = (x.device.index, x.dtype, x2.shape[0], scales.shape[1], in_features, rank, bits, group_size, g_idx is not None, lora_bits)
+        options = CUDA_TUNER.select(key, CUDA_VARIANTS_LORA if rank else CUDA_VARIANTS_BASE, launch)
+    out = launch(options)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

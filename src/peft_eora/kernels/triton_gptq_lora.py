@@ -35,8 +35,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
-import threading
 from typing import Any, Optional
 
 import torch
@@ -44,6 +42,7 @@ import triton
 import triton.language as tl
 
 from .reference import check_bits, packed_len
+from .tuning import Tuner
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +55,7 @@ __all__ = [
     "gptq_lora_linear_triton",
     "interpreter_active",
     "plan",
+    "TUNER",
     "select_config",
     "tuning_report",
 ]
@@ -340,77 +340,26 @@ CANDIDATES: tuple[Config, ...] = (
     Config(block_n=128, block_k=64, programs_per_sm=8, gemv=True, factor_zeros=True),
 )
 
-# A tiling sums in another order than the default: its output may differ by rounding, not more.
-_TUNE_RTOL, _TUNE_ATOL = 1e-2, 1e-3
-_tuned: dict[tuple, Config] = {}
-_tune_times: dict[tuple, dict[str, Optional[float]]] = {}
-_tune_lock = threading.Lock()
+TUNER = Tuner("Triton GPTQ", ENV_AUTOTUNE, DEFAULT_CONFIG, describe=lambda c: c.name)
+_KEY_NAMES = ("device", "dtype", "m", "n", "k", "rank", "bits", "group_size", "act_order", "lora_bits", "a_group")
 
 
 def autotune_enabled() -> bool:
     """False when ``$PEFT_EORA_TRITON_AUTOTUNE`` is ``0`` (then :data:`DEFAULT_CONFIG` always)."""
-    return os.environ.get(ENV_AUTOTUNE, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def _bench_us(fn) -> float:
-    """Median µs of ``fn`` on the current GPU, L2 cleared before each call (``triton.testing.do_bench``)."""
-    from triton.testing import do_bench
-
-    return 1e3 * do_bench(fn, warmup=2, rep=10, return_mode="median")
+    return TUNER.enabled()
 
 
 def select_config(key: tuple, m: int, has_gidx: bool, run, bench=None) -> Config:
-    """The tiling for calls of ``key``: timed once per process (``run(config)`` executes the call and
-    returns its output), then cached. Without tuning (``$PEFT_EORA_TRITON_AUTOTUNE=0``, or a first call
-    inside CUDA graph capture, where nothing may synchronise) :data:`DEFAULT_CONFIG`, cached too, so a
-    process keeps one tiling per shape (``$PEFT_EORA_TRITON_AUTOTUNE=0`` set later bypasses the
-    cache: :data:`DEFAULT_CONFIG` while it is set). Candidates that fail to compile or launch, or whose output
-    differs from the default tiling's by more than rounding, are skipped with a warning.
-    """
-    if not autotune_enabled():
-        return DEFAULT_CONFIG
-    choice = _tuned.get(key)
-    if choice is not None:
-        return choice
-    with _tune_lock:
-        if key in _tuned:
-            return _tuned[key]
-        cands = [c for c in CANDIDATES if c.applies(m, has_gidx)]
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        choice = DEFAULT_CONFIG
-        if capturing:
-            logger.info("Triton GPTQ kernel: first call of %s inside CUDA graph capture, default tiling", key)
-        elif len(cands) > 1:
-            bench = bench or _bench_us
-            times: dict[str, Optional[float]] = {}
-            best: Optional[float] = None
-            ref = run(DEFAULT_CONFIG).float()
-            tol = _TUNE_RTOL * ref.abs().max().item() + _TUNE_ATOL
-            for cfg in cands:
-                try:
-                    err = (run(cfg).float() - ref).abs().max().item()
-                    if not err <= tol:  # NaN too
-                        raise RuntimeError(f"output differs from the default tiling's by {err:.3g} (> {tol:.3g})")
-                    times[cfg.name] = bench(lambda cfg=cfg: run(cfg))
-                except Exception as exc:  # e.g. out of shared memory / registers on this GPU
-                    logger.warning("Triton GPTQ kernel: tiling %s skipped for %s: %s", cfg.name, key, exc)
-                    times[cfg.name] = None
-                    continue
-                if best is None or times[cfg.name] < best:
-                    best, choice = times[cfg.name], cfg
-            _tune_times[key] = times
-            logger.debug("Triton GPTQ kernel: %s -> %s (%s)", key, choice.name, times)
-        _tuned[key] = choice
-    return choice
+    """The tiling for calls of ``key`` (see :class:`~peft_eora.kernels.tuning.Tuner`): the applicable
+    :data:`CANDIDATES` are checked against the default tiling's output and timed once per process
+    (``run(config)`` executes the call and returns its output); :data:`DEFAULT_CONFIG` without tuning."""
+    return TUNER.select(key, [c for c in CANDIDATES if c.applies(m, has_gidx)], run, bench)
 
 
 def tuning_report() -> list[dict]:
     """What the tuner chose so far in this process: one entry per call shape, with the µs of each
-    candidate timed (None: it failed there)."""
-    names = ("device", "dtype", "m", "n", "k", "rank", "bits", "group_size", "act_order", "lora_bits", "a_group")
-    return [dict(zip(names, (str(v) if i == 1 else v for i, v in enumerate(key))), config=cfg.name,
-                 candidates_us=_tune_times.get(key))
-            for key, cfg in _tuned.items()]
+    candidate timed (None: it failed or disagreed there)."""
+    return TUNER.report(_KEY_NAMES)
 
 
 def plan(m: int, n: int, k: int, rank: int, group_size: int, has_gidx: bool, sms: int,
