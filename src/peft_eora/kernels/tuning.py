@@ -29,20 +29,27 @@ __all__ = ["Tuner", "bench_us"]
 
 #: A candidate's output may differ from the default's by rounding (another summation order), not more.
 RTOL, ATOL = 1e-2, 1e-3
-_FLUSH_BYTES = 256 << 20
+_FLUSH_BYTES = 256 << 20  # when the L2 size is unknown
 
 
 def bench_us(fn: Callable[[], Any], reps: int = 20, warmup: int = 3) -> float:
-    """Median GPU microseconds of ``fn()`` (CUDA events), with L2 flushed before each call."""
+    """Median GPU microseconds of ``fn()`` (CUDA events), with L2 flushed before each call (by
+    zeroing twice its size; on a GPU too full for that buffer, without flushing)."""
     device = torch.cuda.current_device()
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    flush = torch.empty(max(_FLUSH_BYTES, 2 * l2), dtype=torch.uint8, device=device)
+    try:
+        flush: Optional[torch.Tensor] = torch.empty(2 * l2 if l2 > 0 else _FLUSH_BYTES, dtype=torch.uint8,
+                                                    device=device)
+    except torch.cuda.OutOfMemoryError:
+        logger.debug("no room for an L2 flush buffer: timing without flushing")
+        flush = None
     for _ in range(warmup):
         fn()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for start, end in zip(starts, ends):
-        flush.zero_()
+        if flush is not None:
+            flush.zero_()
         start.record()
         fn()
         end.record()
