@@ -1009,3 +1009,43 @@ def test_all_finite_checks_every_slice():
     for bad in (math.nan, math.inf, -math.inf):
         M[-1, -1] = bad
         assert not _all_finite(M, chunk=100) and not _all_finite(M.T, chunk=100)
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.5])  # eigenbasis / Cholesky square root
+def test_projection_in_place_matches_and_leaves_the_residual_alone(monkeypatch, damping):
+    """eora_factors projects its float64 copy of ΔW in place, a few rows at a time: the same
+    product as ΔW·S, and a float64 residual passed in (no copy made by .double()) is left as it was."""
+    from peft_eora.decompose import eora_factors, projection_for
+
+    monkeypatch.setattr(decompose, "_PROJECT_BLOCK_BYTES", 8 * 48 * 3)  # blocks of 3 rows
+    gen = torch.Generator().manual_seed(5)
+    X = torch.randn(200, 48, generator=gen, dtype=torch.float64) * torch.linspace(0.1, 3.0, 48, dtype=torch.float64)
+    H = X.T @ X
+    delta = torch.randn(10, 48, generator=gen, dtype=torch.float64)
+    proj = projection_for(H, damping)
+    D = delta.clone()
+    assert proj.project_(D) is D
+    torch.testing.assert_close(D, delta @ proj.S, rtol=1e-12, atol=1e-12)
+    before = delta.clone()
+    f = eora_factors(delta, H, 4, damping=damping)
+    assert torch.equal(delta, before)
+    ref = delta @ proj.S
+    U, sv, Vh = torch.linalg.svd(ref, full_matrices=False)
+    torch.testing.assert_close(f.singular_values.double(), sv.float().double(), rtol=1e-5, atol=1e-6)
+
+
+def test_row_block_products_match_the_whole_ones(monkeypatch):
+    """The row-block loops that keep a second out × in (or in × in) float64 matrix from existing give
+    the whole products: D·H·Dᵀ, and eora_factors_auto's float64 H_fit + H_val (same choice, same factors)."""
+    from peft_eora.decompose import _sandwich, eora_factors_auto
+
+    gen = torch.Generator().manual_seed(7)
+    D = torch.randn(10, 48, generator=gen, dtype=torch.float64)
+    X = torch.randn(300, 48, generator=gen) * torch.linspace(0.2, 2.0, 48)
+    H_fit, H_val = X[:150].T @ X[:150], X[150:].T @ X[150:]
+    whole_f, whole_c = eora_factors_auto(D.float(), H_fit, H_val, 3)
+    monkeypatch.setattr(decompose, "_PROJECT_BLOCK_BYTES", 8 * 48 * 4)  # blocks of 4 rows
+    torch.testing.assert_close(_sandwich(D, H_fit.double()), D @ H_fit.double() @ D.T, rtol=1e-12, atol=1e-9)
+    f, c = eora_factors_auto(D.float(), H_fit, H_val, 3)
+    assert c.damping == whole_c.damping
+    torch.testing.assert_close(f.B @ f.A, whole_f.B @ whole_f.A, rtol=1e-5, atol=1e-6)

@@ -86,6 +86,11 @@ def _eigh(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.linalg.eigh(A)
 
 
+#: Scratch of the row-block loops that avoid a second large matrix (:meth:`Projection.project_`,
+#: the float64 sum of the fit and held-out covariances).
+_PROJECT_BLOCK_BYTES = 64 << 20
+
+
 @dataclass(frozen=True)
 class Projection:
     """A square root ``S`` of the damped covariance (``S·Sᵀ = H_δ``) and how to undo it.
@@ -104,6 +109,15 @@ class Projection:
 
     def project(self, D: torch.Tensor) -> torch.Tensor:
         return D @ self.S.to(D.device)
+
+    def project_(self, D: torch.Tensor) -> torch.Tensor:
+        """``D·S`` written over ``D`` (returned), a block of rows at a time: the only scratch is one
+        block (~64 MiB), not a second ``out × in`` matrix (0.44 GiB in float64 for an 8B ``down_proj``)."""
+        S = self.S.to(D.device)
+        step = max(1, _PROJECT_BLOCK_BYTES // (D.element_size() * max(1, D.shape[1])))
+        for i in range(0, D.shape[0], step):
+            D[i:i + step] = D[i:i + step] @ S
+        return D
 
     def unproject(self, M: torch.Tensor) -> torch.Tensor:
         if self.lower:
@@ -303,7 +317,8 @@ def eora_factors(
             S_, S_pinv_, kept_ = projection
             projection = Projection(S=S_, kept=kept_, S_pinv=S_pinv_)
         kept = projection.kept
-        Dp = projection.project(D)
+        Dp = projection.project_(D if D is not delta else D.clone())  # D is our float64 copy: projected in place
+        del D
 
     U, sv, Vh = truncated_svd(Dp, rank)
     root = sv[:rank].sqrt()
@@ -509,7 +524,7 @@ def select_damping(
         raise ValueError(f"{name}: the held-out covariance is zero (no held-out token): cannot choose the damping.")
     K: torch.Tensor | None = None
     if round_factors is None and out_f <= in_f:
-        K = D @ Hv @ D.T  # all the Gram route needs of H_val: Hv is dropped while H_fit is factorised
+        K = _sandwich(D, Hv)  # all the Gram route needs of H_val: Hv is dropped while H_fit is factorised
         del Hv
         gram = _gram_scores(D, H_fit, K, rank, grid, eig_rtol, early_stop)
         if gram is not None:
@@ -521,7 +536,7 @@ def select_damping(
     DQ = D @ Q  # the residual in H_fit's eigenbasis, shared by every candidate
     # Where no eigenvalue is cut, B·A = U_r·U_rᵀ·ΔW (U_r: the candidate's top left singular vectors),
     # so its held-out error is tr(K) − tr(U_rᵀ·K·U_r) with K = ΔW·H_val·ΔWᵀ, shared by every candidate.
-    K = D @ Hv @ D.T if (round_factors is None and K is None) else K
+    K = _sandwich(D, Hv) if (round_factors is None and K is None) else K
     # H_val in the eigenbasis, for candidates that cut eigenvalues (built here, before any threads)
     cuts = K is None or any(fit.scales(d, eig_rtol)[2] < in_f for d in grid)
     Hv_rot = Q.T @ Hv @ Q if (round_factors is None and cuts) else None
@@ -627,6 +642,18 @@ def _outside_error(K: torch.Tensor, Ur: torch.Tensor) -> float:
     return math.sqrt(max(float(K.trace() - ((K @ Ur) * Ur).sum()), 0.0))
 
 
+def _sandwich(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``D·H·Dᵀ`` (``out × out``) a block of rows of ``D`` at a time: the ``out × in`` product ``D·H``
+    is never whole (0.44 GiB in float64 for an 8B ``down_proj``), only one ~64 MiB block of it."""
+    step = max(1, _PROJECT_BLOCK_BYTES // (D.element_size() * max(1, D.shape[1])))
+    if step >= D.shape[0]:
+        return D @ H @ D.T
+    out = D.new_empty((D.shape[0], D.shape[0]))
+    for i in range(0, D.shape[0], step):
+        torch.mm(D[i:i + step] @ H, D.T, out=out[i:i + step])
+    return out
+
+
 def _cholesky_(A: torch.Tensor) -> bool:
     """Whether ``A`` is numerically positive definite (a Cholesky factorisation succeeds); the
     factor ``L`` is written over ``A``'s lower triangle (LAPACK factorises in place: no second
@@ -662,7 +689,7 @@ def _gram_scores(D: torch.Tensor, H_fit: torch.Tensor, K: torch.Tensor, rank: in
     if trace <= 0.0:
         return None
     mean_diag = trace / Hf.shape[0]
-    G0, G1 = D @ Hf @ D.T, D @ D.T
+    G0, G1 = _sandwich(D, Hf), D @ D.T
     Hf.diagonal().sub_(eig_rtol * trace)  # Hf is our own copy: shifted in place, no second in × in matrix
     ok = _cholesky_(Hf)
     del Hf
@@ -703,7 +730,13 @@ def eora_factors_auto(
         return svd, choice
 
     def all_tokens() -> torch.Tensor:  # H_fit + H_val in float64: one n × n allocation
-        return H_fit.to(delta.device, torch.float64, copy=True).add_(H_val.to(delta.device))
+        H = H_fit.to(delta.device, torch.float64, copy=True)
+        # a row block at a time: add_ of a float32 matrix into a float64 one converts all of it first
+        # (a second n × n float64 matrix, 1.5 GiB at 14336²)
+        step = max(1, _PROJECT_BLOCK_BYTES // (8 * max(1, H.shape[1])))
+        for i in range(0, H.shape[0], step):
+            H[i:i + step].add_(H_val[i:i + step].to(H))
+        return H
 
     H_all = all_tokens()
     projection: Projection | tuple[torch.Tensor, torch.Tensor, int] | None = cholesky_projection(
