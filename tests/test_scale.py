@@ -494,3 +494,30 @@ def test_two_gpus_dispatched_by_accelerate_match_one_gpu(tiny_llama, calib_ids):
     two, _ = _eora(model, original, calib_ids, execution_device=None)
     pa, pb = _products(_factors(one)), _products(_factors(two))
     assert max(((pa[k] - pb[k]).norm() / pa[k].norm()).item() for k in pa) <= 1e-4
+
+
+def test_kernel_benchmark_smoke_and_goals():
+    """``benchmarks/kernel.py --smoke`` runs its layer rows and the end-to-end decode on CPU, and its
+    goal table turns measured rows into the issue's ratios (synthetic GPU-like rows)."""
+    res = _smoke("kernel.py")
+    assert res["status"] == "ok" and res["e2e"]["status"] == "ok" and len(res["layers"]) == 4
+    for row in res["layers"]:
+        assert row["fused_rel_err_vs_torch"] < 1e-4
+        assert all(row["timings_us"][k] > 0 for k in ("base", "unfused", "fused", "fused_int8"))
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import kernel
+    finally:
+        sys.path.pop(0)
+    us1 = dict(fp16_linear=13.0, int4_tinygemm=7.0, base=9.0, unfused=22.0, fused=10.0, fused_v3=11.0,
+               fused_lora_in_epilogue=12.0, fused_triton=14.0, base_triton=12.0, fused_triton_default=21.0)
+    row1 = dict(shape="4096x4096", bits=4, rank=128, batch=1, timings_us=us1, bandwidth_fraction_fused=0.5)
+    row16 = dict(shape="4096x4096", bits=4, rank=128, batch=16, timings_us=dict(fused=14.0, fp16_linear=13.0))
+    g = kernel.goals([row1, row16])
+    b1 = g["batch1_r128"]["4096x4096_b4"]
+    assert b1["fused_over_int4"] == pytest.approx(10 / 7) and not b1["met"]["fused_le_1_25x_int4"]
+    assert b1["met"]["ge_1_3x_faster_than_unfused"] and b1["v3_over_tuned_fused"] == pytest.approx(1.1)
+    assert b1["v2_expand_over_v3"] == pytest.approx(12 / 11)
+    assert g["batch4_16_r128"]["4096x4096_b4_M16"]["fused_over_batch1"] == pytest.approx(1.4)
+    tri = g["triton"]["4096x4096_b4_M1"]
+    assert tri["met"] and tri["default_tiling_over_tuned"] == pytest.approx(1.5)
