@@ -1049,3 +1049,12 @@ def test_row_block_products_match_the_whole_ones(monkeypatch):
     f, c = eora_factors_auto(D.float(), H_fit, H_val, 3)
     assert c.damping == whole_c.damping
     torch.testing.assert_close(f.B @ f.A, whole_f.B @ whole_f.A, rtol=1e-5, atol=1e-6)
+
+
+def test_symmetrize_in_place_is_bit_identical():
+    """``_symmetrize_`` (tiles, in place) gives exactly ``0.5·(G + Gᵀ)`` across tile edges."""
+    from peft_eora.decompose import _symmetrize_
+
+    D = torch.randn(1500, 700, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    G = D @ D.T
+    assert torch.equal(_symmetrize_(G.clone()), 0.5 * (G + G.T))

@@ -177,14 +177,8 @@ def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
 _SYM_TILE = 1024
 
 
-def damped(H: torch.Tensor, damping: float) -> torch.Tensor:
-    """Return ``H + damping·mean(diag H)·I`` in float64 (symmetrised), a new tensor.
-
-    Memory: the float64 copy is the only ``n × n`` allocation (symmetrised tile by tile, the ridge
-    added to its diagonal); the values are bit for bit those of ``0.5·(H + Hᵀ) + δ·m·I``. At
-    14336² each avoided temporary is 1.5 GiB of GPU memory.
-    """
-    H = H.to(torch.float64, copy=True)
+def _symmetrize_(H: torch.Tensor) -> torch.Tensor:
+    """``H ← 0.5·(H + Hᵀ)`` in place, tile by tile (bit for bit the out-of-place values; scratch: two tiles)."""
     n = H.shape[0]
     for i in range(0, n, _SYM_TILE):
         for j in range(i, n, _SYM_TILE):
@@ -192,6 +186,17 @@ def damped(H: torch.Tensor, damping: float) -> torch.Tensor:
             sym = 0.5 * (upper + lower.T)
             upper.copy_(sym)
             lower.copy_(sym.T)
+    return H
+
+
+def damped(H: torch.Tensor, damping: float) -> torch.Tensor:
+    """Return ``H + damping·mean(diag H)·I`` in float64 (symmetrised), a new tensor.
+
+    Memory: the float64 copy is the only ``n × n`` allocation (symmetrised tile by tile, the ridge
+    added to its diagonal); the values are bit for bit those of ``0.5·(H + Hᵀ) + δ·m·I``. At
+    14336² each avoided temporary is 1.5 GiB of GPU memory.
+    """
+    H = _symmetrize_(H.to(torch.float64, copy=True))
     if damping > 0:
         mean_diag = float(torch.diagonal(H).mean())
         if mean_diag > 0:
@@ -329,10 +334,11 @@ def eora_factors(
     return Factors(A=A.float(), B=B.float(), singular_values=sv.float(), kept_eigen=kept)
 
 
-def _gram_top(G: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gram_top(G: torch.Tensor, rank: int, owned: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` eigenvectors of a Gram matrix ``G = M·Mᵀ``, the singular values ``σ`` of ``M``
-    (all, descending) and which of the top ``rank`` are above ``1e-7·σ₁`` (the rest count as zero)."""
-    lam, vecs = _eigh(0.5 * (G + G.T))
+    (all, descending) and which of the top ``rank`` are above ``1e-7·σ₁`` (the rest count as zero).
+    ``owned``: ``G`` is the caller's scratch and is symmetrised in place (no two temporaries)."""
+    lam, vecs = _eigh(_symmetrize_(G) if owned else 0.5 * (G + G.T))
     lam, vecs = lam.flip(0), vecs.flip(1)
     sv = lam.clamp_min(0).sqrt()
     tol = max(float(sv[0]) if sv.numel() else 0.0, 0.0) * 1e-7
@@ -350,7 +356,7 @@ def truncated_svd(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     """
     m, n = D.shape
     wide = m <= n
-    top, sv, live = _gram_top(D @ D.T if wide else D.T @ D, rank)
+    top, sv, live = _gram_top(D @ D.T if wide else D.T @ D, rank, owned=True)
     s = sv[:rank]
     inv = torch.where(live, 1.0 / torch.where(live, s, torch.ones_like(s)), torch.zeros_like(s))
     if wide:  # top = U_r; V_rᵀ = diag(1/σ)·U_rᵀ·D (directions with σ ≈ 0 dropped from both)
@@ -698,7 +704,7 @@ def _gram_scores(D: torch.Tensor, H_fit: torch.Tensor, K: torch.Tensor, rank: in
 
     def score(d: float) -> float:
         G = G1 if d == math.inf else G0 + (d * mean_diag) * G1 if d > 0 else G0
-        top, _, live = _gram_top(G, rank)
+        top, _, live = _gram_top(G, rank, owned=0 < d < math.inf)  # G0 and G1 are shared by the threads
         return _outside_error(K, top * live)  # as truncated_svd: directions with σ ≈ 0 dropped
 
     return _score_ridges(grid, score, early_stop, D.device)
