@@ -349,11 +349,12 @@ def autotune_enabled() -> bool:
     return TUNER.enabled()
 
 
-def select_config(key: tuple, m: int, has_gidx: bool, run, bench=None) -> Config:
+def select_config(key: tuple, m: int, has_gidx: bool, run, bench=None,
+                  device: Optional[torch.device] = None) -> Config:
     """The tiling for calls of ``key`` (see :class:`~peft_eora.kernels.tuning.Tuner`): the applicable
     :data:`CANDIDATES` are checked against the default tiling's output and timed once per process
     (``run(config)`` executes the call and returns its output); :data:`DEFAULT_CONFIG` without tuning."""
-    return TUNER.select(key, [c for c in CANDIDATES if c.applies(m, has_gidx)], run, bench)
+    return TUNER.select(key, [c for c in CANDIDATES if c.applies(m, has_gidx)], run, bench, device)
 
 
 def tuning_report() -> list[dict]:
@@ -487,7 +488,7 @@ def gptq_lora_linear_triton(
     if config is None and not interpret:
         key = (index, x2.dtype, rows, out_features, in_features, rank, bits, group_size, has_gidx,
                lora_bits if has_lora else 0, a_group)
-        config = select_config(key, rows, has_gidx, run)
+        config = select_config(key, rows, has_gidx, run, device=x.device)
     run(config or INTERPRET_CONFIG)
     return out.to(orig_dtype).reshape(*x.shape[:-1], out_features)
 

@@ -15,6 +15,7 @@ so does every call while the tuner's environment variable is ``0``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import statistics
@@ -82,8 +83,10 @@ class Tuner:
         return self._chosen.get(key)
 
     def select(self, key: Hashable, candidates: Sequence[Any], run: Callable[[Any], torch.Tensor],
-               bench: Optional[Callable[[Callable[[], Any]], float]] = None) -> Any:
-        """The candidate for ``key``; ``run(candidate)`` executes the call and returns its output."""
+               bench: Optional[Callable[[Callable[[], Any]], float]] = None,
+               device: Optional[torch.device] = None) -> Any:
+        """The candidate for ``key``; ``run(candidate)`` executes the call (on ``device``, whose
+        streams the timing uses) and returns its output."""
         if not self.enabled():
             return self.default
         choice = self._chosen.get(key)
@@ -96,7 +99,10 @@ class Tuner:
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 logger.info("%s kernel: first call of %s inside CUDA graph capture, default variant", self.name, key)
             elif len(candidates) > 1:
-                choice = self._tune(key, candidates, run, bench or bench_us)
+                on_device = (torch.cuda.device(device) if device is not None and device.type == "cuda"
+                             else contextlib.nullcontext())
+                with on_device:
+                    choice = self._tune(key, candidates, run, bench or bench_us)
             self._chosen[key] = choice
         return choice
 
