@@ -1043,6 +1043,32 @@ def test_gpu_cuda_graph_and_compile():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("forced", [ops.ENV_TWO_PASS, ops.ENV_LORA_IN_EPILOGUE, None])
+def test_gpu_cuda_graph_of_each_launch_variant(forced, monkeypatch):
+    """Every launch variant the CUDA tuner may pick replays in a CUDA graph as it runs eagerly
+    (the two-launch variant is a programmatic dependent launch on sm_90: captured as such)."""
+    for name in (ops.ENV_TWO_PASS, ops.ENV_LORA_IN_EPILOGUE, ops.ENV_PREFETCH_FIRST_ONLY):
+        monkeypatch.delenv(name, raising=False)
+    if forced:
+        monkeypatch.setenv(forced, "1")
+    args, kw = _gpu_case(4, 128, False, 128, 1, 16, torch.float16, (4096, 4096))
+    eager = torch.ops.peft_eora.gptq_lora_linear(*args, **kw, backend="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        torch.ops.peft_eora.gptq_lora_linear(*args, **kw, backend="cuda")
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = torch.ops.peft_eora.gptq_lora_linear(*args, **kw, backend="cuda")
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 def test_gpu_backend_auto_prefers_cuda_then_triton():
     x = torch.randn(1, 256, device="cuda", dtype=torch.float16)
     assert ops.select_backend(x, 4, None, 16) in ("cuda", "triton")
