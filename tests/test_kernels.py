@@ -375,6 +375,25 @@ def test_triton_every_tiling_matches_reference(bits, gs, act_order, m, lora_bits
     assert tried == sum(c.applies(m, act_order) for c in CANDIDATES) >= 2
 
 
+def test_tuner_agreement_is_rounding_not_a_dropped_term():
+    """A candidate may differ from the default by rounding of its dtype; a dropped low-rank term
+    smaller than the largest output (caught by the Frobenius distance) or a NaN may not."""
+    from peft_eora.kernels.tuning import agrees
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(16, 4096, generator=gen)
+    base[0, 0] = 40.0  # one outlier sets max|y|
+    lora = 0.02 * torch.randn(16, 4096, generator=gen)
+    ref = (base + lora).half().float()
+    other_order = (base + lora + 1e-4 * torch.randn(16, 4096, generator=gen)).half()
+    assert agrees(other_order, ref, torch.float16)[0]
+    assert not agrees(base.half(), ref, torch.float16)[0]  # the adapter's term missing
+    nan = other_order.clone()
+    nan[3, 3] = float("nan")
+    assert not agrees(nan, ref, torch.float16)[0]
+    assert agrees((base + lora).bfloat16(), (base + lora).bfloat16().float(), torch.bfloat16)[0]
+
+
 def test_tiling_tuner_keeps_the_fastest_once_per_shape(monkeypatch):
     """select_config times each applicable tiling once per key, skips those that fail, caches the
     choice, and keeps the default without tuning."""
@@ -387,11 +406,13 @@ def test_tiling_tuner_keeps_the_fastest_once_per_shape(monkeypatch):
     broken = tg.CANDIDATES[1]
     wrong = tg.CANDIDATES[3]  # fastest of all, but its output is off: never chosen
 
+    out = torch.empty(4, 8)  # one float32 buffer for every candidate, as the kernels write theirs
+
     def run(cfg):
         ran.append(cfg.name)
         if cfg == broken:
             raise RuntimeError("out of resources")
-        return torch.full((4, 8), 2.0 if cfg == wrong else 1.0)
+        return out.fill_(2.0 if cfg == wrong else 1.0)
 
     def bench(fn):
         fn()
@@ -990,7 +1011,7 @@ def test_gpu_kernels_match_reference(case, backend, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("case", [GPU_CASES[i] for i in (0, 3, 5)], ids=lambda c: f"b{c[0]}r{c[3]}m{c[4]}")
+@pytest.mark.parametrize("case", [GPU_CASES[i] for i in (0, 1, 5, 8)], ids=lambda c: f"b{c[0]}r{c[3]}m{c[4]}")
 def test_gpu_triton_every_tiling(case, monkeypatch):
     """Every tiling the Triton tuner may choose matches the reference on the GPU (the CPU tests run
     them in the interpreter, which does not compile them), and the tuner keeps one of them."""
@@ -1043,14 +1064,18 @@ def test_gpu_cuda_graph_and_compile():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("forced", [ops.ENV_TWO_PASS, ops.ENV_LORA_IN_EPILOGUE, None])
+@pytest.mark.parametrize("forced", [(ops.ENV_TWO_PASS,), (ops.ENV_LORA_IN_EPILOGUE,), (ops.ENV_PREFETCH_FIRST_ONLY,),
+                                    (ops.ENV_LORA_IN_EPILOGUE, ops.ENV_PREFETCH_FIRST_ONLY), ()],
+                         ids=["two_pass", "lora_in_epilogue", "prefetch_first_only", "both_v2_paths", "tuned"])
 def test_gpu_cuda_graph_of_each_launch_variant(forced, monkeypatch):
     """Every launch variant the CUDA tuner may pick replays in a CUDA graph as it runs eagerly
     (the two-launch variant is a programmatic dependent launch on sm_90: captured as such)."""
     for name in (ops.ENV_TWO_PASS, ops.ENV_LORA_IN_EPILOGUE, ops.ENV_PREFETCH_FIRST_ONLY):
         monkeypatch.delenv(name, raising=False)
-    if forced:
-        monkeypatch.setenv(forced, "1")
+    for name in forced:
+        monkeypatch.setenv(name, "1")
+    assert {ops.describe_options(o) for o in ops.CUDA_VARIANTS_LORA} >= {
+        "two_pass", "lora_in_epilogue", "prefetch_first_only", "lora_in_epilogue+prefetch_first_only"}
     args, kw = _gpu_case(4, 128, False, 128, 1, 16, torch.float16, (4096, 4096))
     eager = torch.ops.peft_eora.gptq_lora_linear(*args, **kw, backend="cuda")
     s = torch.cuda.Stream()

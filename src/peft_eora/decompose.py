@@ -322,7 +322,9 @@ def eora_factors(
             S_, S_pinv_, kept_ = projection
             projection = Projection(S=S_, kept=kept_, S_pinv=S_pinv_)
         kept = projection.kept
-        Dp = projection.project_(D if D is not delta else D.clone())  # D is our float64 copy: projected in place
+        if D is delta or not D.is_contiguous():  # our own row-major float64 copy, projected in place
+            D = D.clone(memory_format=torch.contiguous_format)
+        Dp = projection.project_(D)
         del D
 
     U, sv, Vh = truncated_svd(Dp, rank)

@@ -32,6 +32,7 @@ that needs ``TRITON_INTERPRET=1`` in the environment *before Triton is first imp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -335,6 +336,7 @@ CANDIDATES: tuple[Config, ...] = (
     Config(block_k=64, programs_per_sm=8, num_stages=4),
     Config(factor_zeros=True),
     Config(block_n=32, epilogue_block_n=32, factor_zeros=True),
+    Config(gemv=True),  # batch 1 with act-order too
     Config(gemv=True, factor_zeros=True),
     Config(block_n=32, num_warps=2, epilogue_block_n=32, gemv=True, factor_zeros=True),
     Config(block_n=128, block_k=64, programs_per_sm=8, gemv=True, factor_zeros=True),
@@ -476,20 +478,23 @@ def gptq_lora_linear_triton(
     sms = 4 if interpret else _sm_count(index)
     rows = min(m, 16)
 
-    def run(cfg: Config) -> torch.Tensor:
+    def run(cfg: Config, upto: Optional[int] = None) -> torch.Tensor:
         pl = plan(rows, out_features, in_features, rank, group_size, has_gidx, sms, interpret, cfg)
-        for r0 in range(0, m, 16):  # the kernels hold 16 batch rows
-            chunk = slice(r0, min(m, r0 + 16))
+        end = m if upto is None else min(m, upto)
+        for r0 in range(0, end, 16):  # the kernels hold 16 batch rows
+            chunk = slice(r0, min(end, r0 + 16))
             _launch(x2[chunk], qweight, qzeros, scales, gidx_t, has_gidx, bias, lora_a, lora_b, lora_a_scale,
                     lora_b_scale, out[chunk], pl, bits=bits, group_size=group_size, lora_bits=lora_bits,
                     scaling=scaling, zero_offset=zero_offset, rank=rank, a_group=a_group, interpret=interpret)
-        return out
+        return out[:end]
 
-    if config is None and not interpret:
-        key = (index, x2.dtype, rows, out_features, in_features, rank, bits, group_size, has_gidx,
-               lora_bits if has_lora else 0, a_group)
-        config = select_config(key, rows, has_gidx, run, device=x.device)
-    run(config or INTERPRET_CONFIG)
+    # Triton launches on the current GPU: make it the input's
+    with contextlib.nullcontext() if interpret else torch.cuda.device(x.device):
+        if config is None and not interpret:  # tuned on the first 16 rows (the kernels' unit of work)
+            key = (index, x2.dtype, rows, out_features, in_features, rank, bits, group_size, has_gidx,
+                   lora_bits if has_lora else 0, a_group)
+            config = select_config(key, rows, has_gidx, lambda cfg: run(cfg, 16), device=x.device)
+        run(config or INTERPRET_CONFIG)
     return out.to(orig_dtype).reshape(*x.shape[:-1], out_features)
 
 
