@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -334,23 +335,25 @@ def test_triton_without_lora_and_through_the_op():
 
 
 TILING_CASES = [
-    # bits, group, act_order, M, lora_bits, zero_offset
-    (4, 128, False, 1, 16, 0),
-    (3, 64, False, 1, 4, 1),
-    (8, 128, False, 3, 8, 0),
-    (2, 64, True, 1, 16, 0),
-    (4, 64, False, 16, 16, 1),
+    # bits, group, act_order, M, lora_bits, zero_offset, K
+    (4, 128, False, 1, 16, 0, 512),
+    (3, 64, False, 1, 4, 1, 512),
+    (8, 128, False, 3, 8, 0, 512),
+    (2, 64, True, 1, 16, 0, 512),
+    (4, 64, False, 16, 16, 1, 512),
+    (8, 32, False, 1, 8, 1, 544),   # K not a multiple of the wider blocks
+    (2, 128, False, 1, 16, 0, 384),
 ]
 
 
 @needs_triton_cpu
-@pytest.mark.parametrize("bits,gs,act_order,m,lora_bits,zero_offset", TILING_CASES)
-def test_triton_every_tiling_matches_reference(bits, gs, act_order, m, lora_bits, zero_offset):
-    """Every tiling the GPU tuner may pick (GEMV form, codes multiplied raw, wide/narrow tiles)
+@pytest.mark.parametrize("bits,gs,act_order,m,lora_bits,zero_offset,k", TILING_CASES)
+def test_triton_every_tiling_matches_reference(bits, gs, act_order, m, lora_bits, zero_offset, k):
+    """Every tiling the GPU tuner may pick (GEMV forms, codes multiplied raw, wide/narrow tiles)
     computes the reference at its own block sizes."""
     from peft_eora.kernels.triton_gptq_lora import CANDIDATES, gptq_lora_linear_triton
 
-    k, n = 512, 160  # n: a partial last tile for every tile width
+    n = 160  # a partial last tile for every tile width
     layer = make_gptq(k, n, gs, bits, act_order, seed=bits + gs + m)
     layer["scales"] = layer["scales"].float()
     lora = make_lora(k, n, 24, lora_bits, seed=m)
@@ -373,6 +376,24 @@ def test_triton_every_tiling_matches_reference(bits, gs, act_order, m, lora_bits
         assert (base - ref0).abs().max().item() <= 2e-5 * max(1.0, ref0.abs().max().item()), cfg.name
         tried += 1
     assert tried == sum(c.applies(m, act_order) for c in CANDIDATES) >= 2
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90():
+    """Every Triton tiling compiles for an H100/H200 (sm_90) ahead of time, without a GPU: the
+    interpreter runs the kernels' arithmetic on CPU but never lowers them (tests/triton_aot.py)."""
+    pytest.importorskip("triton.backends.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "triton_aot.py"), "90"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("this Triton build ships no ptxas")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    from peft_eora.kernels.triton_gptq_lora import CANDIDATES
+
+    assert res["failures"] == [] and res["compiled"] >= 4 * len(CANDIDATES), res
 
 
 def test_tuner_agreement_is_rounding_not_a_dropped_term():

@@ -7,8 +7,9 @@ Split-K, at most two launches, no atomics:
    once, not once per code; 3-bit runs are assembled from their three words), dequantize in
    registers (with or without act-order ``g_idx``) to the activation dtype and multiply on tensor
    cores (``tl.dot``, the decode batch padded to 16 rows; at batch 1 a tiling may instead use
-   products and row sums, and grouped weights may multiply the raw codes and apply scale and zero
-   once per group: ``s·(Σ x·q − (z + offset)·Σ x)``). Extra programs compute K slices of
+   products and sums — every step, or accumulated over the K slice and summed once — and grouped
+   weights may multiply the raw codes and apply scale and zero once per group:
+   ``s·(Σ x·q − (z + offset)·Σ x)``; whole 2/4/8-bit words then stay ``[words, codes, columns]``). Extra programs compute K slices of
    ``x·Aᵀ`` for the low-rank term. Each program writes float32 partials. With one K slice and no
    low-rank term it writes the output itself and the call is a single launch.
 2. ``_epilogue_kernel``: per column tile, sums the partials in a fixed order (deterministic),
@@ -114,6 +115,56 @@ def _zero_codes(qz_ptr, rows, offs_n, mask, QZ_COLS, stride_qz, BITS: tl.constex
 
 
 @triton.jit
+def _dequant_codes(q, qz_ptr, sc_ptr, gidx_ptr, k0, offs_k, mask_k, offs_n, mask_n, QZ_COLS, group_size,
+                   zero_offset, stride_qz, stride_sc, BITS: tl.constexpr, HAS_GIDX: tl.constexpr):
+    """float32 weights ``(q − z − offset)·s`` of codes ``q`` ``[BLOCK_K, BLOCK_N]`` (rows ``offs_k``)."""
+    if HAS_GIDX:
+        g = tl.load(gidx_ptr + offs_k, mask=mask_k, other=0)
+        kn_mask = mask_k[:, None] & mask_n[None, :]
+        s = tl.load(sc_ptr + g[:, None] * stride_sc + offs_n[None, :], mask=kn_mask, other=0.0)
+        z = _zero_codes(qz_ptr, g[:, None], offs_n[None, :], kn_mask, QZ_COLS, stride_qz, BITS)
+        return (q - z - zero_offset).to(tl.float32) * s.to(tl.float32)
+    g0 = k0 // group_size  # BLOCK_K divides group_size: one group per block
+    s = tl.load(sc_ptr + g0 * stride_sc + offs_n, mask=mask_n, other=0.0)
+    z = _zero_codes(qz_ptr, g0, offs_n, mask_n, QZ_COLS, stride_qz, BITS)
+    return (q - z[None, :] - zero_offset).to(tl.float32) * s.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _block_product(acc, x, qw_ptr, qz_ptr, sc_ptr, gidx_ptr, k0, offs_k, mask_k, offs_n, mask_n,
+                   QW_ROWS, QZ_COLS, group_size, zero_offset, stride_qw, stride_qz, stride_sc,
+                   BITS: tl.constexpr, HAS_GIDX: tl.constexpr, DOT_FP32: tl.constexpr, FACTOR_ZEROS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``acc + x·dequant(W)`` over rows ``k0 .. k0 + BLOCK_K`` of the tile's columns (``x``: ``[BLOCK_K]``
+    when ``BLOCK_M == 1``, the GEMV form, else ``[BLOCK_M, BLOCK_K]`` for ``tl.dot``)."""
+    q = _unpack_codes(qw_ptr, k0, offs_n, mask_n, QW_ROWS, stride_qw, BITS, BLOCK_K, BLOCK_N)
+    if FACTOR_ZEROS:  # one group per block: sum_k x.(q - z).s = s.(sum_k x.q - (z + offset).sum_k x)
+        g0 = k0 // group_size
+        s = tl.load(sc_ptr + g0 * stride_sc + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        zo = (_zero_codes(qz_ptr, g0, offs_n, mask_n, QZ_COLS, stride_qz, BITS) + zero_offset).to(tl.float32)
+        if BLOCK_M == 1:
+            d = tl.sum(x[:, None] * q.to(tl.float32), axis=0)
+            acc += ((d - tl.sum(x, axis=0) * zo) * s)[None, :]
+        else:
+            xf = x.to(tl.float32)
+            if DOT_FP32:
+                d = tl.dot(xf, q.to(tl.float32), input_precision="ieee")
+            else:
+                d = tl.dot(x, q.to(x.dtype))  # codes < 256: exact in float16 and bfloat16
+            acc += (d - tl.sum(xf, axis=1)[:, None] * zo[None, :]) * s[None, :]
+    else:
+        w = _dequant_codes(q, qz_ptr, sc_ptr, gidx_ptr, k0, offs_k, mask_k, offs_n, mask_n, QZ_COLS, group_size,
+                           zero_offset, stride_qz, stride_sc, BITS, HAS_GIDX)
+        if BLOCK_M == 1:
+            acc += tl.sum(x[:, None] * w, axis=0)[None, :]
+        elif DOT_FP32:
+            acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w.to(x.dtype), acc)
+    return acc
+
+
+@triton.jit
 def _partials_kernel(
     x_ptr, qw_ptr, qz_ptr, sc_ptr, gidx_ptr, bias_ptr, out_ptr, part_ptr, a_ptr, tpart_ptr, ascale_ptr,
     M, N, K, R, QW_ROWS, QZ_COLS, group_size, zero_offset,
@@ -121,8 +172,8 @@ def _partials_kernel(
     n_tiles, ksplit, kslice, ka_split, ka_slice,
     BITS: tl.constexpr, HAS_GIDX: tl.constexpr, HAS_BIAS: tl.constexpr, FINAL: tl.constexpr,
     HAS_LORA: tl.constexpr, LORA_BITS: tl.constexpr, DOT_FP32: tl.constexpr, A_GROUP: tl.constexpr,
-    FACTOR_ZEROS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_KA: tl.constexpr,
+    FACTOR_ZEROS: tl.constexpr, DEFER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_KA: tl.constexpr,
 ):
     # BLOCK_M == 1 is the GEMV form (a batch of one row): products and row sums instead of tl.dot,
     # which needs 16 rows (15 of them padding at batch 1).
@@ -138,47 +189,44 @@ def _partials_kernel(
         k_begin = ks * kslice
         k_end = tl.minimum(K, k_begin + kslice)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if DEFER:  # GEMV with the K sum deferred: products accumulate per (k, column), one reduction at the end
+            acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_begin, k_end, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < k_end
-            if BLOCK_M == 1:
-                x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)  # row 0: [BLOCK_K]
-            else:
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            q = _unpack_codes(qw_ptr, k0, offs_n, mask_n, QW_ROWS, stride_qw, BITS, BLOCK_K, BLOCK_N)
-            if FACTOR_ZEROS:  # one group per block: sum_k x.(q - z).s = s.(sum_k x.q - (z + offset).sum_k x)
+            if DEFER:
+                x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                q = _unpack_codes(qw_ptr, k0, offs_n, mask_n, QW_ROWS, stride_qw, BITS, BLOCK_K, BLOCK_N)
+                acc2 += x[:, None] * _dequant_codes(q, qz_ptr, sc_ptr, gidx_ptr, k0, offs_k, mask_k, offs_n, mask_n,
+                                                    QZ_COLS, group_size, zero_offset, stride_qz, stride_sc, BITS,
+                                                    HAS_GIDX)
+            elif BLOCK_M == 1 and FACTOR_ZEROS and BITS != 3:
+                # batch 1, whole words: the codes stay [words, codes per word, columns] and x is
+                # shaped to match, so no [BLOCK_K, BLOCK_N] rearrangement of the codes is made
+                CPW: tl.constexpr = 32 // BITS
+                WORDS: tl.constexpr = BLOCK_K // CPW
+                offs_w = k0 // CPW + tl.arange(0, WORDS)
+                packed = tl.load(qw_ptr + offs_w[:, None] * stride_qw + offs_n[None, :],
+                                 mask=(offs_w < QW_ROWS)[:, None] & mask_n[None, :], other=0)
+                codes = (packed[:, None, :] >> (tl.arange(0, CPW) * BITS)[None, :, None]) & ((1 << BITS) - 1)
+                k3 = k0 + tl.arange(0, WORDS)[:, None] * CPW + tl.arange(0, CPW)[None, :]
+                x3 = tl.load(x_ptr + k3, mask=k3 < k_end, other=0.0).to(tl.float32)
+                d = tl.sum(tl.sum(codes.to(tl.float32) * x3[:, :, None], axis=1), axis=0)
                 g0 = k0 // group_size
                 s = tl.load(sc_ptr + g0 * stride_sc + offs_n, mask=mask_n, other=0.0).to(tl.float32)
                 zo = (_zero_codes(qz_ptr, g0, offs_n, mask_n, QZ_COLS, stride_qz, BITS) + zero_offset).to(tl.float32)
-                if BLOCK_M == 1:
-                    d = tl.sum(x[:, None] * q.to(tl.float32), axis=0)
-                    acc += ((d - tl.sum(x, axis=0) * zo) * s)[None, :]
-                else:
-                    xf = x.to(tl.float32)
-                    if DOT_FP32:
-                        d = tl.dot(xf, q.to(tl.float32), input_precision="ieee")
-                    else:
-                        d = tl.dot(x, q.to(x.dtype))  # codes < 256: exact in float16 and bfloat16
-                    acc += (d - tl.sum(xf, axis=1)[:, None] * zo[None, :]) * s[None, :]
+                acc += ((d - tl.sum(tl.sum(x3, axis=1), axis=0) * zo) * s)[None, :]
             else:
-                if HAS_GIDX:
-                    g = tl.load(gidx_ptr + offs_k, mask=mask_k, other=0)
-                    kn_mask = mask_k[:, None] & mask_n[None, :]
-                    s = tl.load(sc_ptr + g[:, None] * stride_sc + offs_n[None, :], mask=kn_mask, other=0.0)
-                    z = _zero_codes(qz_ptr, g[:, None], offs_n[None, :], kn_mask, QZ_COLS, stride_qz, BITS)
-                    w = (q - z - zero_offset).to(tl.float32) * s.to(tl.float32)
-                else:
-                    g0 = k0 // group_size  # BLOCK_K divides group_size: one group per block
-                    s = tl.load(sc_ptr + g0 * stride_sc + offs_n, mask=mask_n, other=0.0)
-                    z = _zero_codes(qz_ptr, g0, offs_n, mask_n, QZ_COLS, stride_qz, BITS)
-                    w = (q - z[None, :] - zero_offset).to(tl.float32) * s.to(tl.float32)[None, :]
                 if BLOCK_M == 1:
-                    acc += tl.sum(x[:, None] * w, axis=0)[None, :]
-                elif DOT_FP32:
-                    acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+                    x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)  # row 0: [BLOCK_K]
                 else:
-                    acc = tl.dot(x, w.to(x.dtype), acc)
+                    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                                mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                acc = _block_product(acc, x, qw_ptr, qz_ptr, sc_ptr, gidx_ptr, k0, offs_k, mask_k, offs_n, mask_n,
+                                     QW_ROWS, QZ_COLS, group_size, zero_offset, stride_qw, stride_qz, stride_sc,
+                                     BITS, HAS_GIDX, DOT_FP32, FACTOR_ZEROS, BLOCK_M, BLOCK_K, BLOCK_N)
+        if DEFER:
+            acc += tl.sum(acc2, axis=0)[None, :]
         if FINAL:
             if HAS_BIAS:
                 acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -311,16 +359,21 @@ class Config:
     factor_zeros: bool = False
     #: batch 1 only: products and row sums instead of ``tl.dot`` over 16 rows (15 of them padding)
     gemv: bool = False
+    #: with ``gemv``: products accumulated per (k, column) over the whole K slice and summed once at
+    #: the end, instead of a cross-thread sum every step (dequantized per code: not with ``factor_zeros``)
+    defer: bool = False
 
     @property
     def name(self) -> str:
         base = (f"n{self.block_n}k{self.block_k}p{self.programs_per_sm}w{self.num_warps}s{self.num_stages}"
                 f"e{self.epilogue_block_n}")
-        return base + ("-fz" if self.factor_zeros else "") + ("-gemv" if self.gemv else "")
+        return (base + ("-fz" if self.factor_zeros else "") + ("-gemv" if self.gemv else "")
+                + ("-defer" if self.defer else ""))
 
     def applies(self, m: int, has_gidx: bool) -> bool:
         """Whether this tiling can run a call of ``m`` rows (``has_gidx``: per-row groups)."""
-        return (m == 1 or not self.gemv) and not (self.factor_zeros and has_gidx)
+        valid = (self.gemv or not self.defer) and not (self.defer and self.factor_zeros)
+        return valid and (m == 1 or not self.gemv) and not (self.factor_zeros and has_gidx)
 
 
 #: The tiling used without tuning (and the first candidate).
@@ -337,6 +390,7 @@ CANDIDATES: tuple[Config, ...] = (
     Config(factor_zeros=True),
     Config(block_n=32, epilogue_block_n=32, factor_zeros=True),
     Config(gemv=True),  # batch 1 with act-order too
+    Config(block_k=64, gemv=True, defer=True),
     Config(gemv=True, factor_zeros=True),
     Config(block_n=32, num_warps=2, epilogue_block_n=32, gemv=True, factor_zeros=True),
     Config(block_n=128, block_k=64, programs_per_sm=8, gemv=True, factor_zeros=True),
@@ -374,7 +428,8 @@ def plan(m: int, n: int, k: int, rank: int, group_size: int, has_gidx: bool, sms
     """
     cfg = config or (INTERPRET_CONFIG if interpret else DEFAULT_CONFIG)
     if not cfg.applies(m, has_gidx):
-        raise ValueError(f"tiling {cfg.name} cannot run {m} rows{' with act-order' if has_gidx else ''}")
+        raise ValueError(f"tiling {cfg.name} cannot run {m} rows{' with act-order' if has_gidx else ''}"
+                         f"{' (defer needs gemv, not factor_zeros)' if cfg.defer else ''}")
     block_m = 1 if cfg.gemv else 16
     block_n = cfg.block_n
     while block_n > 32 and block_n > n:  # narrow layers: no mostly-masked tiles
@@ -396,7 +451,7 @@ def plan(m: int, n: int, k: int, rank: int, group_size: int, has_gidx: bool, sms
                 block_r=cfg.block_r, block_ka=block_ka, ka_slice=ka_slice, ka_split=ka_split,
                 n_rank_blocks=triton.cdiv(rank, cfg.block_r) if rank else 0, num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, epilogue_block_n=cfg.epilogue_block_n,
-                epilogue_block_r=cfg.epilogue_block_r, factor_zeros=cfg.factor_zeros)
+                epilogue_block_r=cfg.epilogue_block_r, factor_zeros=cfg.factor_zeros, defer=cfg.defer)
 
 
 def gptq_lora_linear_triton(
@@ -520,7 +575,7 @@ def _launch(x2, qweight, qzeros, scales, gidx_t, has_gidx, bias, lora_a, lora_b,
         pl["n_tiles"], pl["ksplit"], pl["kslice"], max(pl["ka_split"], 1), pl["ka_slice"],
         BITS=bits, HAS_GIDX=has_gidx, HAS_BIAS=bias is not None, FINAL=final, HAS_LORA=has_lora,
         LORA_BITS=lora_bits, DOT_FP32=x2.dtype == torch.float32, A_GROUP=a_group,
-        FACTOR_ZEROS=pl["factor_zeros"], BLOCK_M=block_m, BLOCK_N=pl["block_n"],
+        FACTOR_ZEROS=pl["factor_zeros"], DEFER=pl["defer"], BLOCK_M=block_m, BLOCK_N=pl["block_n"],
         BLOCK_K=pl["block_k"], BLOCK_R=pl["block_r"], BLOCK_KA=pl["block_ka"], **warps,
     )
     if final:
