@@ -4,12 +4,12 @@
 # the default damping="auto") and the factor step's memory.
 # JSON results and one log go to a single folder (default: $OUT, else benchmarks/results/gpu).
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR]                 # everything, within 8 min (H200: ~7-8 min)
+#   bash benchmarks/gpu_check.sh [OUT_DIR]                 # everything, within 9 min (H200: ~8-9 min)
 #   GPU_CHECK_STEPS="build tests kernel" bash benchmarks/gpu_check.sh /tmp/out   # a subset
 #
 # Steps run in the order below, the kernel issue's first; each step's limit is cut to what is left of
-# GPU_CHECK_DEADLINE seconds (default 470) and a step with under 20 s left is skipped (summary.txt says
-# so), so the whole command ends within 8 minutes and a short lease still brings back the first figures.
+# GPU_CHECK_DEADLINE seconds (default 540) and a step with under 20 s left is skipped (summary.txt says
+# so), so the whole command ends within 9 minutes and a short lease still brings back the first figures.
 #
 # Wheels placed in .whl/ (e.g. the peft/transformers versions this repo is tested with) are
 # installed into a scratch folder first; the repository's src/ is put on PYTHONPATH, so nothing
@@ -23,7 +23,7 @@ LOG="$OUT_DIR/gpu_check.log"
 SUMMARY="$OUT_DIR/summary.txt"
 : > "$LOG"
 : > "$SUMMARY"
-STEPS="${GPU_CHECK_STEPS:-build tests kernel ncu scale scale_auto factor_memory offload linalg}"
+STEPS="${GPU_CHECK_STEPS:-build tests kernel scale scale_auto ncu factor_memory offload linalg}"
 PY="${PYTHON:-python3}"
 
 if ls .whl/*.whl > /dev/null 2>&1; then
@@ -39,7 +39,7 @@ export PEFT_EORA_BUILD_DIR="${PEFT_EORA_BUILD_DIR:-/tmp/pe_build}"
   "$PY" -c "import torch, transformers, peft, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'triton', triton.__version__)"
 } >> "$SUMMARY" 2>&1
 
-DEADLINE="${GPU_CHECK_DEADLINE:-470}"
+DEADLINE="${GPU_CHECK_DEADLINE:-540}"
 step() {  # step NAME LIMIT_S CMD...
   local name=$1 limit=$2
   shift 2
@@ -62,6 +62,9 @@ TESTS=$(ls tests/test_kernels.py tests/test_gptq_linear.py tests/test_scale.py 2
 # the Triton tuner off in the tests (each compiles every tiling once): test_gpu_triton_every_tiling checks them all
 step tests 240 env PEFT_EORA_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -m gpu -p no:cacheprovider $TESTS
 step kernel 330 "$PY" benchmarks/kernel.py --out "$OUT_DIR/kernel.json"
+step scale 240 "$PY" benchmarks/scale.py --gpu-8b --out "$OUT_DIR/scale.json"
+# the same at the default damping="auto" (ridge chosen per layer on held-out windows)
+step scale_auto 240 "$PY" benchmarks/scale.py --gpu-8b --damping auto --out "$OUT_DIR/scale_auto.json"
 # Nsight Compute on the fused kernel (duration, DRAM throughput, occupancy; v3 vs its v2 paths), where ncu exists
 if command -v ncu > /dev/null 2>&1; then
   step ncu 150 bash -c "ncu --clock-control none -k regex:gptq_lora_kernel --metrics gpu__time_duration.sum,\
@@ -70,9 +73,6 @@ launch__registers_per_thread,launch__grid_size --csv --log-file \"$OUT_DIR/ncu.c
 --order \"$OUT_DIR/ncu_order.json\" && \"$PY\" benchmarks/ncu_probe.py --parse \"$OUT_DIR/ncu.csv\" \
 --order \"$OUT_DIR/ncu_order.json\" --out \"$OUT_DIR/ncu.json\""
 fi
-step scale 240 "$PY" benchmarks/scale.py --gpu-8b --out "$OUT_DIR/scale.json"
-# the same at the default damping="auto" (ridge chosen per layer on held-out windows)
-step scale_auto 240 "$PY" benchmarks/scale.py --gpu-8b --damping auto --out "$OUT_DIR/scale_auto.json"
 # the factor step of the 8B down_proj alone: GPU memory it adds over its inputs (auto, then fixed)
 step factor_memory 120 bash -c "\"$PY\" benchmarks/factor_memory.py --device cuda --out \"$OUT_DIR/factor_memory_auto.json\" && \"$PY\" benchmarks/factor_memory.py --device cuda --damping 0.01 --out \"$OUT_DIR/factor_memory_fixed.json\""
 # a 1.1B shape kept on the CPU, its blocks visiting the GPU one at a time

@@ -278,7 +278,8 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> tuple[list[d
                     ref = fused(0, backend="torch").float()
                     scale_ref = max(ref.abs().max().item(), 1e-6)
                     row["fused_rel_err_vs_torch"] = (fused(0).float() - ref).abs().max().item() / scale_ref
-                    if triton_ok:
+                    triton_here = triton_ok and bits in args.triton_bits
+                    if triton_here:
                         try:
                             row["triton_rel_err_vs_torch"] = (
                                 (fused(0, backend="triton").float() - ref).abs().max().item() / scale_ref)
@@ -300,7 +301,7 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> tuple[list[d
                         with environ({ops.ENV_PREFETCH_FIRST_ONLY: "1"}):
                             t["base_prefetch_first_only"] = timed(base, copies)
                             t["fused_prefetch_first_only"] = timed(fused, copies)
-                    if triton_ok and "triton_error" not in row:
+                    if triton_here and "triton_error" not in row:
                         t["fused_triton"] = timed(lambda i: fused(i, backend="triton"), copies)
                         t["base_triton"] = timed(lambda i: base(i, backend="triton"), copies)
                         if cuda:  # the tiling used without the tuner
@@ -396,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", type=_ints, default=[128])
     p.add_argument("--batches", type=_ints, default=[1, 4, 16])
     p.add_argument("--bits", type=_ints, default=[4, 3], help="GPTQ code widths to time (comma-separated)")
+    p.add_argument("--triton-bits", type=_ints, default=[4],
+                   help="GPTQ widths at which the Triton fallback is timed (each width compiles its tilings)")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--max-copies", type=int, default=48, help="weight copies cycled to defeat L2")
@@ -422,6 +425,7 @@ def _run(argv: Optional[list[str]]) -> str:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
     if args.smoke:
         args.shapes, args.ranks, args.batches, args.iters, args.bits = [(256, 128)], [8], [1, 2], 3, [4, 3]
+        args.triton_bits = [4, 3]
         args.group_size = 64
         device = torch.device("cpu")
     elif not torch.cuda.is_available():

@@ -10,7 +10,8 @@ with ncu's CSV into one JSON (the measured launch of each pair, not its warm-up)
         python benchmarks/ncu_probe.py --order ncu_order.json
     python benchmarks/ncu_probe.py --parse ncu.csv --order ncu_order.json --out ncu.json
 
-Variants: ``base`` (no adapter), ``fused`` (the kernel as it runs by default) and ``fused_v2_paths``
+Variants: ``base`` (no adapter), ``fused`` (the kernel's default launch variant, the per-shape tuner
+off) and ``fused_v2_paths``
 (its version-2 expand and prefetch, ``PEFT_EORA_CUDA_LORA_IN_EPILOGUE=1`` +
 ``PEFT_EORA_CUDA_PREFETCH_FIRST_ONLY=1``). ``benchmarks/gpu_check.sh`` runs both steps. Without a
 GPU the first mode prints ``{"status": "skipped", ...}``.
@@ -61,7 +62,8 @@ def probe(args: argparse.Namespace) -> dict[str, Any]:
         for variant in VARIANTS:
             a, b = (None, None) if variant == "base" else (layer["a"], layer["b"])
             v2 = "1" if variant == "fused_v2_paths" else None
-            with environ({ops.ENV_LORA_IN_EPILOGUE: v2, ops.ENV_PREFETCH_FIRST_ONLY: v2}):
+            # untuned: the tuner's own trial launches would be profiled too and break the join by order
+            with environ({ops.ENV_LORA_IN_EPILOGUE: v2, ops.ENV_PREFETCH_FIRST_ONLY: v2, ops.ENV_CUDA_AUTOTUNE: "0"}):
                 for role in ("warmup", "measured"):
                     ops.gptq_lora_linear_eager(x, layer["qweight"], layer["qzeros"], layer["scales"], None, None,
                                                a, b, None, None, bits=args.bits, group_size=128, scaling=2.0,
