@@ -112,7 +112,11 @@ void launch(Params& p, int options, int64_t ws_ints, int device, cudaStream_t st
       const cudaError_t err = cudaLaunchKernelEx(&config, gptq_lora_kernel<T, BITS, MAXM>, p);
       if (err == cudaSuccess) continue;
       (void)cudaGetLastError();  // refused (nothing was launched): an ordinary launch from now on
-      pdl_refused(func, device, err);
+      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+      if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess) (void)cudaGetLastError();
+      // refused inside graph capture: this launch goes on ordinarily (or the capture fails), but the
+      // early launch stays on for eager calls, where it was not refused
+      if (capture == cudaStreamCaptureStatusNone) pdl_refused(func, device, err);
     }
     gptq_lora_kernel<T, BITS, MAXM><<<plan.grid[i], kThreads, plan.smem, stream>>>(p);
     PE_CUDA_CHECK(cudaGetLastError());

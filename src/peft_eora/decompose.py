@@ -302,7 +302,7 @@ def eora_factors(
         raise ValueError(f"damping must be a number ≥ 0, got {damping!r}.")
     if damping == math.inf and projection is None:  # the limit δ → ∞ of the weighting: plain SVD
         method, H = "svd", None
-    D = delta.double()
+    D = delta.to(torch.float64, memory_format=torch.contiguous_format)  # delta itself if already so
     if not _all_finite(D):
         raise ValueError(f"{name}: the weight residual contains NaN or inf; check both models' weights.")
 
@@ -322,8 +322,8 @@ def eora_factors(
             S_, S_pinv_, kept_ = projection
             projection = Projection(S=S_, kept=kept_, S_pinv=S_pinv_)
         kept = projection.kept
-        if D is delta or not D.is_contiguous():  # our own row-major float64 copy, projected in place
-            D = D.clone(memory_format=torch.contiguous_format)
+        if D is delta:  # a row-major float64 residual passed in: projected in our own copy
+            D = D.clone()
         Dp = projection.project_(D)
         del D
 
