@@ -87,8 +87,13 @@ def _eigh(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 #: Scratch of the row-block loops that avoid a second large matrix (:meth:`Projection.project_`,
-#: the float64 sum of the fit and held-out covariances).
+#: :func:`_sandwich`, the float64 sum of the fit and held-out covariances).
 _PROJECT_BLOCK_BYTES = 64 << 20
+
+
+def _block_rows(t: torch.Tensor) -> int:
+    """Rows of ``t`` per block of those loops (at least one)."""
+    return max(1, _PROJECT_BLOCK_BYTES // (t.element_size() * max(1, t.shape[1])))
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,7 @@ class Projection:
         """``D·S`` written over ``D`` (returned), a block of rows at a time: the only scratch is one
         block (~64 MiB), not a second ``out × in`` matrix (0.44 GiB in float64 for an 8B ``down_proj``)."""
         S = self.S.to(D.device)
-        step = max(1, _PROJECT_BLOCK_BYTES // (D.element_size() * max(1, D.shape[1])))
+        step = _block_rows(D)
         for i in range(0, D.shape[0], step):
             D[i:i + step] = D[i:i + step] @ S
         return D
@@ -653,7 +658,7 @@ def _outside_error(K: torch.Tensor, Ur: torch.Tensor) -> float:
 def _sandwich(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """``D·H·Dᵀ`` (``out × out``) a block of rows of ``D`` at a time: the ``out × in`` product ``D·H``
     is never whole (0.44 GiB in float64 for an 8B ``down_proj``), only one ~64 MiB block of it."""
-    step = max(1, _PROJECT_BLOCK_BYTES // (D.element_size() * max(1, D.shape[1])))
+    step = _block_rows(D)
     if step >= D.shape[0]:
         return D @ H @ D.T
     out = D.new_empty((D.shape[0], D.shape[0]))
@@ -741,7 +746,7 @@ def eora_factors_auto(
         H = H_fit.to(delta.device, torch.float64, copy=True)
         # a row block at a time: add_ of a float32 matrix into a float64 one converts all of it first
         # (a second n × n float64 matrix, 1.5 GiB at 14336²)
-        step = max(1, _PROJECT_BLOCK_BYTES // (8 * max(1, H.shape[1])))
+        step = _block_rows(H)
         for i in range(0, H.shape[0], step):
             H[i:i + step].add_(H_val[i:i + step].to(H))
         return H

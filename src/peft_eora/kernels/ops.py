@@ -231,7 +231,8 @@ def _run_cuda(
 
     options = forced
     if not forced:  # an option set in the environment is used as it is; else the variant tuned per shape
-        key = (x.device.index, x.dtype, x2.shape[0], scales.shape[1], in_features, rank, bits, group_size, g_idx is not None, lora_bits)
+        key = (x.device.index, x.dtype, x2.shape[0], scales.shape[1], in_features, rank, bits, group_size,
+               g_idx is not None, lora_bits)  # named by CUDA_TUNING_KEY
         options = CUDA_TUNER.select(key, CUDA_VARIANTS_LORA if rank else CUDA_VARIANTS_BASE, launch, device=x.device)
     out = launch(options)
     return out.reshape(*x.shape[:-1], out.shape[-1])

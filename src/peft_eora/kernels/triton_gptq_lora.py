@@ -115,6 +115,16 @@ def _zero_codes(qz_ptr, rows, offs_n, mask, QZ_COLS, stride_qz, BITS: tl.constex
 
 
 @triton.jit
+def _group_scale_zero(qz_ptr, sc_ptr, k0, offs_n, mask_n, QZ_COLS, group_size, zero_offset, stride_qz, stride_sc,
+                      BITS: tl.constexpr):
+    """float32 scales and ``zero + offset`` of the tile's columns in the group of row ``k0``."""
+    g0 = k0 // group_size
+    s = tl.load(sc_ptr + g0 * stride_sc + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    zo = (_zero_codes(qz_ptr, g0, offs_n, mask_n, QZ_COLS, stride_qz, BITS) + zero_offset).to(tl.float32)
+    return s, zo
+
+
+@triton.jit
 def _dequant_codes(q, qz_ptr, sc_ptr, gidx_ptr, k0, offs_k, mask_k, offs_n, mask_n, QZ_COLS, group_size,
                    zero_offset, stride_qz, stride_sc, BITS: tl.constexpr, HAS_GIDX: tl.constexpr):
     """float32 weights ``(q − z − offset)·s`` of codes ``q`` ``[BLOCK_K, BLOCK_N]`` (rows ``offs_k``)."""
@@ -124,10 +134,10 @@ def _dequant_codes(q, qz_ptr, sc_ptr, gidx_ptr, k0, offs_k, mask_k, offs_n, mask
         s = tl.load(sc_ptr + g[:, None] * stride_sc + offs_n[None, :], mask=kn_mask, other=0.0)
         z = _zero_codes(qz_ptr, g[:, None], offs_n[None, :], kn_mask, QZ_COLS, stride_qz, BITS)
         return (q - z - zero_offset).to(tl.float32) * s.to(tl.float32)
-    g0 = k0 // group_size  # BLOCK_K divides group_size: one group per block
-    s = tl.load(sc_ptr + g0 * stride_sc + offs_n, mask=mask_n, other=0.0)
-    z = _zero_codes(qz_ptr, g0, offs_n, mask_n, QZ_COLS, stride_qz, BITS)
-    return (q - z[None, :] - zero_offset).to(tl.float32) * s.to(tl.float32)[None, :]
+    # BLOCK_K divides group_size: one group per block (small integers: exact in float32 either way)
+    s, zo = _group_scale_zero(qz_ptr, sc_ptr, k0, offs_n, mask_n, QZ_COLS, group_size, zero_offset, stride_qz,
+                              stride_sc, BITS)
+    return (q.to(tl.float32) - zo[None, :]) * s[None, :]
 
 
 @triton.jit
@@ -139,9 +149,8 @@ def _block_product(acc, x, qw_ptr, qz_ptr, sc_ptr, gidx_ptr, k0, offs_k, mask_k,
     when ``BLOCK_M == 1``, the GEMV form, else ``[BLOCK_M, BLOCK_K]`` for ``tl.dot``)."""
     q = _unpack_codes(qw_ptr, k0, offs_n, mask_n, QW_ROWS, stride_qw, BITS, BLOCK_K, BLOCK_N)
     if FACTOR_ZEROS:  # one group per block: sum_k x.(q - z).s = s.(sum_k x.q - (z + offset).sum_k x)
-        g0 = k0 // group_size
-        s = tl.load(sc_ptr + g0 * stride_sc + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        zo = (_zero_codes(qz_ptr, g0, offs_n, mask_n, QZ_COLS, stride_qz, BITS) + zero_offset).to(tl.float32)
+        s, zo = _group_scale_zero(qz_ptr, sc_ptr, k0, offs_n, mask_n, QZ_COLS, group_size, zero_offset, stride_qz,
+                                  stride_sc, BITS)
         if BLOCK_M == 1:
             d = tl.sum(x[:, None] * q.to(tl.float32), axis=0)
             acc += ((d - tl.sum(x, axis=0) * zo) * s)[None, :]
@@ -212,9 +221,8 @@ def _partials_kernel(
                 k3 = k0 + tl.arange(0, WORDS)[:, None] * CPW + tl.arange(0, CPW)[None, :]
                 x3 = tl.load(x_ptr + k3, mask=k3 < k_end, other=0.0).to(tl.float32)
                 d = tl.sum(tl.sum(codes.to(tl.float32) * x3[:, :, None], axis=1), axis=0)
-                g0 = k0 // group_size
-                s = tl.load(sc_ptr + g0 * stride_sc + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-                zo = (_zero_codes(qz_ptr, g0, offs_n, mask_n, QZ_COLS, stride_qz, BITS) + zero_offset).to(tl.float32)
+                s, zo = _group_scale_zero(qz_ptr, sc_ptr, k0, offs_n, mask_n, QZ_COLS, group_size, zero_offset,
+                                          stride_qz, stride_sc, BITS)
                 acc += ((d - tl.sum(tl.sum(x3, axis=1), axis=0) * zo) * s)[None, :]
             else:
                 if BLOCK_M == 1:
@@ -398,11 +406,6 @@ CANDIDATES: tuple[Config, ...] = (
 
 TUNER = Tuner("Triton GPTQ", ENV_AUTOTUNE, DEFAULT_CONFIG, describe=lambda c: c.name)
 _KEY_NAMES = ("device", "dtype", "m", "n", "k", "rank", "bits", "group_size", "act_order", "lora_bits", "a_group")
-
-
-def autotune_enabled() -> bool:
-    """False when ``$PEFT_EORA_TRITON_AUTOTUNE`` is ``0`` (then :data:`DEFAULT_CONFIG` always)."""
-    return TUNER.enabled()
 
 
 def select_config(key: tuple, m: int, has_gidx: bool, run, bench=None,
