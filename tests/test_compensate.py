@@ -270,3 +270,26 @@ def test_config_rejects_bad_damping_and_allocation(kwargs, phrase):
     with pytest.raises(ValueError) as exc:
         EoRAConfig(r=8, **kwargs)
     assert phrase in str(exc.value), str(exc.value)
+
+
+def test_a_groups_covariances_exist_only_from_its_first_input_to_its_factors():
+    """Each group's covariance matrices are allocated at its first input and released when taken, so
+    a block never holds the matrices of groups not reached yet (the 8B ``down_proj``'s float32 pair is
+    1.5 GiB) during the factor steps of the groups before them."""
+    from types import SimpleNamespace
+
+    from peft_eora.compensate import _Covariances
+    from peft_eora.walker import NO_TIMES
+
+    groups = [[SimpleNamespace(shape=(3, 4), name="a")], [SimpleNamespace(shape=(5, 6), name="b")]]
+    holdout = [torch.tensor([False, True])]
+    cov = _Covariances(groups, torch.device("cpu"), [None], holdout, NO_TIMES)
+    assert cov.H == [[], []]
+    x = torch.randn(2, 3, 4)
+    cov.collect(0, x, 0)
+    assert len(cov.H[0]) == 2 and cov.H[1] == []
+    H_fit, H_val = cov.take(0)
+    torch.testing.assert_close(H_fit, x[0].T @ x[0])
+    torch.testing.assert_close(H_val, x[1].T @ x[1])
+    assert cov.H[0] is None and cov.H[1] == []
+    assert [tuple(h.shape) for h in cov.take(1)] == [(6, 6), (6, 6)]  # never reached: zeros

@@ -1058,3 +1058,58 @@ def test_symmetrize_in_place_is_bit_identical():
     D = torch.randn(1500, 700, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     G = D @ D.T
     assert torch.equal(_symmetrize_(G.clone()), 0.5 * (G + G.T))
+
+
+def test_covariance_parts_are_used_without_adding_them_in_float32(monkeypatch):
+    """``damping="auto"``'s fit and held-out covariances are passed as a pair: ``damped`` sums them in
+    float64 (bit for bit the float64 sum, row blocks or not), ``weighted_error`` adds their traces."""
+    from peft_eora.decompose import covariance64, damped, weighted_error
+
+    gen = torch.Generator().manual_seed(11)
+    X = torch.randn(400, 40, generator=gen) * torch.linspace(0.1, 3.0, 40)
+    A, B = X[:200].T @ X[:200], X[200:].T @ X[200:]
+    ref = A.double() + B.double()
+    monkeypatch.setattr(decompose, "_PROJECT_BLOCK_BYTES", 8 * 40 * 3)  # blocks of 3 rows
+    assert torch.equal(covariance64((A, B)), ref)
+    assert torch.equal(damped((A, B), 0.1), damped(ref, 0.1))
+    delta = torch.randn(12, 40, generator=gen)
+    approx = torch.randn(12, 40, generator=gen) * 0.1
+    E = delta.double() - approx.double()
+    direct = math.sqrt(float(torch.trace(E @ ref @ E.T)))
+    assert weighted_error(delta, (A, B), approx) == pytest.approx(direct, rel=1e-12)
+    assert weighted_error(delta, ref, approx) == pytest.approx(direct, rel=1e-12)
+    # an asymmetric H (rounding of a float32 accumulation) reads the same through its row blocks
+    skew = torch.randn(40, 40, generator=gen, dtype=torch.float64) * 1e-3
+    assert weighted_error(delta, ref + skew, approx) == pytest.approx(
+        math.sqrt(float(torch.trace(E @ (ref + skew) @ E.T))), rel=1e-12)
+
+
+def test_scaled_truncated_svd_matches_scaling_first():
+    """``truncated_svd(D, r, col_scale=s, gram=DᵀD)`` (a tall D: the Gram matrix scaled, never ``D·diag(s)``)
+    gives the triplets of ``D·diag(s)``; a wide D scales it first."""
+    from peft_eora.decompose import truncated_svd
+
+    gen = torch.Generator().manual_seed(5)
+    for shape in ((60, 20), (20, 60)):
+        D = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        s = torch.rand(shape[1], generator=gen, dtype=torch.float64) + 0.1
+        U0, sv0, Vh0 = truncated_svd(D * s, 5)
+        gram = D.T @ D if shape[0] > shape[1] else None
+        U1, sv1, Vh1 = truncated_svd(D, 5, col_scale=s, gram=gram)
+        torch.testing.assert_close(sv1, sv0, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close((U1 * sv1[:5]) @ Vh1, (U0 * sv0[:5]) @ Vh0, rtol=1e-9, atol=1e-9)
+        if gram is not None:
+            assert torch.equal(gram, D.T @ D)  # the shared Gram matrix is not written over
+
+
+def test_weighted_sq_in_row_blocks_matches_the_whole_product(monkeypatch):
+    from peft_eora.decompose import _weighted_sq
+
+    gen = torch.Generator().manual_seed(9)
+    D = torch.randn(30, 16, generator=gen, dtype=torch.float64)
+    B, A = torch.randn(30, 4, generator=gen, dtype=torch.float64), torch.randn(4, 16, generator=gen, dtype=torch.float64)
+    X = torch.randn(50, 16, generator=gen, dtype=torch.float64)
+    H = X.T @ X
+    E = D - B @ A
+    monkeypatch.setattr(decompose, "_PROJECT_BLOCK_BYTES", 8 * 16 * 7)  # blocks of 7 rows
+    assert _weighted_sq(D, B, A, H) == pytest.approx(float(((E @ H) * E).sum()), rel=1e-12)

@@ -47,11 +47,13 @@ from .calibration import Batch, count_tokens
 from .config import DEFAULT_LOGIT_WEIGHTING, FIXED_DAMPING, LOGIT_WEIGHTINGS, VALUE_WEIGHTINGS
 from .decompose import (
     AUTO_HOLDOUT_EVERY,
+    Covariance,
     Eigen,
     Projection,
     allocate_ranks,
     captured_energy,
     check_rank,
+    covariance_parts,
     damped,
     eigen,
     eora_factors,
@@ -343,15 +345,16 @@ GRAM_PANEL = 256
 
 
 class _Covariances:
-    """Per group, ``[H]`` or ``[H_fit, H_val]`` (``damping="auto"``), filled by a visit's hooks."""
+    """Per group, ``[H]`` or ``[H_fit, H_val]`` (``damping="auto"``), filled by a visit's hooks.
+
+    A group's matrices are allocated at its first input and released by :meth:`take`, so only the
+    group being computed holds any: the 8B ``down_proj``'s pair (2 × 784 MiB in float32) does not sit
+    beside the factor steps of the six projections before it."""
 
     def __init__(self, groups: list[list[Target]], device: torch.device, masks: list[Optional[torch.Tensor]],
                  holdout: Optional[list[torch.Tensor]], times: PhaseTimes) -> None:
         self.parts = 1 if holdout is None else 2
-        self.H: list[Optional[list[torch.Tensor]]] = [
-            [torch.zeros(g[0].shape[1], g[0].shape[1], dtype=torch.float32, device=device) for _ in range(self.parts)]
-            for g in groups
-        ]
+        self.H: list[Optional[list[torch.Tensor]]] = [[] for _ in groups]
         self.groups = groups
         self.masks = masks
         self.holdout = holdout
@@ -366,8 +369,7 @@ class _Covariances:
         with self.times.phase("covariance", self.device):
             x = inp.reshape(-1, inp.shape[-1])
             mask = self.masks[batch]
-            H = self.H[g]
-            assert H is not None, "covariance requested after its group was finished"
+            H = self._matrices(g)
             if self.parts == 1:
                 if mask is not None:
                     x = x[mask.reshape(-1).to(x.device).bool()]
@@ -384,10 +386,18 @@ class _Covariances:
             for part, sel in ((0, keep & ~val), (1, keep & val)):
                 accumulate_gram(H[part], x[sel])
 
+    def _matrices(self, g: int) -> list[torch.Tensor]:
+        H = self.H[g]
+        assert H is not None, "covariance requested after its group was finished"
+        if not H:
+            n = self.groups[g][0].shape[1]
+            H.extend(torch.zeros(n, n, dtype=torch.float32, device=self.device) for _ in range(self.parts))
+        return H
+
     def take(self, g: int) -> list[torch.Tensor]:
         """The finished covariance(s) of group ``g`` (released here: the group is done)."""
-        H, self.H[g] = self.H[g], None
-        assert H is not None
+        H = self._matrices(g)  # zeros if no input reached it
+        self.H[g] = None
         return H
 
 
@@ -602,7 +612,7 @@ def _compensate_visit(
         Hs = cov.take(g)
         if holdout is not None:  # the eigh of H_fit (every δ) is shared by the group, made only if needed
             H_fit, H_val = Hs
-            H = H_fit + H_val
+            H: Covariance = (H_fit, H_val)  # their sum, never added up here (784 MiB at 14336² in float32)
 
             @functools.cache
             def fit_eigen() -> Eigen:  # wide residuals with a well-conditioned H_fit never call it
@@ -650,7 +660,7 @@ def _read_twice(group: list[Target], logits: tuple[str, Optional[AttentionShape]
 
 
 def _output_metric(original: OriginalWeights, logits: tuple[str, Optional[AttentionShape]], device: torch.device
-                   ) -> Callable[[Target, torch.Tensor], Optional[torch.Tensor]]:
+                   ) -> Callable[[Target, Covariance], Optional[torch.Tensor]]:
     """``metric(t, H)``: the logit weighting ``g`` of ``t``'s output channels (``None``: unweighted),
     from the original sibling projection and the group's covariance ``H`` (:mod:`peft_eora.logit_weighting`)."""
     weighting, shape = logits
@@ -658,7 +668,7 @@ def _output_metric(original: OriginalWeights, logits: tuple[str, Optional[Attent
     def partner_weight(name: str) -> Optional[torch.Tensor]:
         return original.get(name, device) if original.shape(name) is not None else None
 
-    def metric(t: Target, H: torch.Tensor) -> Optional[torch.Tensor]:
+    def metric(t: Target, H: Covariance) -> Optional[torch.Tensor]:
         return output_weights(t.name, t.shape[0], weighting, shape, partner_weight, H)
 
     return metric
@@ -694,7 +704,7 @@ def _install(
     t: Target,
     adapter_name: str,
     original: OriginalWeights,
-    H: Optional[torch.Tensor],
+    H: Optional[Covariance],
     projection: Optional[Projection],
     method: str,
     eig_rtol: float,
@@ -707,7 +717,7 @@ def _install(
 ) -> ModuleStats:
     """Compute ``t``'s factors and install them. ``out_weight`` (``g``, one weight per output channel):
     fit ``‖G^½·(ΔW − BA)·Xᵀ‖`` instead, i.e. EoRA on ``G^½·ΔW`` and ``B ← G^-½·B`` (logit weighting)."""
-    device = device if device is not None else (H.device if H is not None else device_of(t.base))
+    device = device if device is not None else (covariance_parts(H)[0].device if H is not None else device_of(t.base))
     delta = _residual(t, original, device, times)
     heldout_errors = None
     with times.phase("factors", device):

@@ -91,9 +91,34 @@ def _eigh(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _PROJECT_BLOCK_BYTES = 64 << 20
 
 
-def _block_rows(t: torch.Tensor) -> int:
-    """Rows of ``t`` per block of those loops (at least one)."""
-    return max(1, _PROJECT_BLOCK_BYTES // (t.element_size() * max(1, t.shape[1])))
+def _block_rows(t: torch.Tensor, element_size: int | None = None) -> int:
+    """Rows of ``t`` per block of those loops (at least one); ``element_size``: of the block's
+    working dtype when it differs from ``t``'s."""
+    return max(1, _PROJECT_BLOCK_BYTES // ((element_size or t.element_size()) * max(1, t.shape[1])))
+
+
+#: An input covariance ``Σ xᵀx``, or the parts it is the sum of (``damping="auto"`` keeps the fit
+#: and held-out tokens' apart). The consumers that take one (:func:`damped`, :func:`weighted_error`)
+#: never add the parts up in their own precision: at 14336² that sum is another 784 MiB in float32.
+Covariance = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def covariance_parts(H: Covariance) -> tuple[torch.Tensor, ...]:
+    """The parts of ``H`` (a tensor is its own single part)."""
+    return (H,) if isinstance(H, torch.Tensor) else tuple(H)
+
+
+def covariance64(H: Covariance, device: torch.device | None = None) -> torch.Tensor:
+    """``H`` (the sum of its parts) as a new float64 matrix on ``device`` (default: the first
+    part's), each further part added a block of rows at a time: an in-place ``add_`` of a float32
+    matrix into a float64 one converts all of it first (a second ``n × n`` float64 matrix)."""
+    first, *rest = covariance_parts(H)
+    out = first.detach().to(device if device is not None else first.device, torch.float64, copy=True)
+    step = _block_rows(out)
+    for part in rest:
+        for i in range(0, out.shape[0], step):
+            out[i:i + step].add_(part[i:i + step].to(out))
+    return out
 
 
 @dataclass(frozen=True)
@@ -194,14 +219,15 @@ def _symmetrize_(H: torch.Tensor) -> torch.Tensor:
     return H
 
 
-def damped(H: torch.Tensor, damping: float) -> torch.Tensor:
-    """Return ``H + damping·mean(diag H)·I`` in float64 (symmetrised), a new tensor.
+def damped(H: Covariance, damping: float) -> torch.Tensor:
+    """Return ``H + damping·mean(diag H)·I`` in float64 (symmetrised), a new tensor (``H`` may be
+    given as its parts, summed in float64).
 
     Memory: the float64 copy is the only ``n × n`` allocation (symmetrised tile by tile, the ridge
     added to its diagonal); the values are bit for bit those of ``0.5·(H + Hᵀ) + δ·m·I``. At
     14336² each avoided temporary is 1.5 GiB of GPU memory.
     """
-    H = _symmetrize_(H.to(torch.float64, copy=True))
+    H = _symmetrize_(covariance64(H))
     if damping > 0:
         mean_diag = float(torch.diagonal(H).mean())
         if mean_diag > 0:
@@ -352,7 +378,8 @@ def _gram_top(G: torch.Tensor, rank: int, owned: bool = False) -> tuple[torch.Te
     return vecs[:, :rank], sv, sv[:rank] > tol
 
 
-def truncated_svd(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncated_svd(D: torch.Tensor, rank: int, col_scale: torch.Tensor | None = None,
+                  gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets of a float64 matrix and its full spectrum, via the Gram matrix.
 
     ``eigh`` of the smaller Gram matrix (``D·Dᵀ`` or ``Dᵀ·D``) is 10–50× faster on a CPU than a
@@ -360,32 +387,54 @@ def truncated_svd(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     that matters here (singular values below ~1e-8·σ₁ come out as zero). Returns
     ``(U_r, σ, V_rᵀ)`` with σ the whole spectrum (descending); columns of ``U_r`` with σ below
     ``1e-7·σ₁`` are zero, so ``U_r·U_rᵀ·D`` is the rank-``rank`` approximation in every case.
+
+    ``col_scale`` (``s``): the triplets of ``D·diag(s)`` without forming it when ``D`` is tall
+    (``out > in``), whose Gram matrix is ``diag(s)·DᵀD·diag(s)``; ``gram``: that ``DᵀD``, when the
+    caller scores several scalings of one ``D``.
     """
     m, n = D.shape
     wide = m <= n
-    top, sv, live = _gram_top(D @ D.T if wide else D.T @ D, rank, owned=True)
+    if col_scale is not None and wide:
+        D, col_scale = D * col_scale, None
+    if wide:
+        G = D @ D.T
+    elif col_scale is None:
+        G = D.T @ D if gram is None else gram.clone()
+    else:
+        G = (D.T @ D if gram is None else gram) * col_scale[:, None]
+        G.mul_(col_scale[None, :])
+    top, sv, live = _gram_top(G, rank, owned=True)
     s = sv[:rank]
     inv = torch.where(live, 1.0 / torch.where(live, s, torch.ones_like(s)), torch.zeros_like(s))
     if wide:  # top = U_r; V_rᵀ = diag(1/σ)·U_rᵀ·D (directions with σ ≈ 0 dropped from both)
         U, Vh = top * live, inv[:, None] * (top.T @ D)
-    else:  # top = V_r; U_r = D·V_r·diag(1/σ)
-        U, Vh = (D @ top) * inv, top.T
+    else:  # top = V_r; U_r = D·diag(s)·V_r·diag(1/σ)
+        U, Vh = (D @ (top if col_scale is None else col_scale[:, None] * top)) * inv, top.T
     return U, sv, Vh
 
 
-def weighted_error(delta: torch.Tensor, H: torch.Tensor, approx: torch.Tensor | None = None) -> float:
-    """Activation-weighted error ``‖(delta − approx)·Xᵀ‖_F = sqrt(tr(E H Eᵀ))`` via H = Σ xᵀx.
+def weighted_error(delta: torch.Tensor, H: Covariance, approx: torch.Tensor | None = None) -> float:
+    """Activation-weighted error ``‖(delta − approx)·Xᵀ‖_F = sqrt(tr(E H Eᵀ))`` via H = Σ xᵀx
+    (or its parts: the traces add up).
 
-    float64 on the CPU; on a GPU the product runs in H's own precision (float32: no n² float64
-    copy of H) and is summed in float64 — a statistic, not an input of the factors.
+    float64 on the CPU; on a GPU the products run in H's own precision (float32: no n² float64
+    copy of H) and are summed in float64 — a statistic, not an input of the factors. Only ``E`` is
+    whole: ``H`` is read a block of rows at a time (``tr(E·H·Eᵀ) = Σ_j tr(E·H[j]ᵀ·E[:, j]ᵀ)``), so
+    neither a float64 copy of ``H`` nor the ``out × in`` product ``E·H`` is ever made.
     """
-    if H.is_cuda and H.dtype == torch.float32:
-        E = delta.detach().float() if approx is None else delta.detach().float() - approx.detach().float()
-        val = float(((E @ H.detach()) * E).double().sum())
-    else:
-        E = delta.detach().double() if approx is None else delta.detach().double() - approx.detach().double()
-        val = float(((E @ H.detach().double()) * E).sum())
-    return math.sqrt(max(val, 0.0))
+    parts = covariance_parts(H)
+    half = parts[0].is_cuda and parts[0].dtype == torch.float32
+    dtype = torch.float32 if half else torch.float64
+    E = delta.detach().to(dtype, copy=True)
+    if approx is not None:
+        E.sub_(approx.detach().to(E))
+    val = torch.zeros((), dtype=torch.float64, device=E.device)  # summed on the device: no sync per block
+    for part in parts:
+        step = _block_rows(part, E.element_size())
+        for j in range(0, part.shape[0], step):
+            rows = part[j:j + step].detach().to(E)
+            val += ((E @ rows.T) * E[:, j:j + step]).sum(dtype=torch.float64)
+    return math.sqrt(max(float(val), 0.0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,6 +596,8 @@ def select_damping(
     fit = eigen(H_fit.to(D.device)) if fit is None else fit
     Q = fit.Q.to(D.device)
     DQ = D @ Q  # the residual in H_fit's eigenbasis, shared by every candidate
+    # a tall residual's candidates all have the Gram matrix diag(s)·(DQᵀ·DQ)·diag(s): made once
+    gram = DQ.T @ DQ if out_f > in_f else None
     # Where no eigenvalue is cut, B·A = U_r·U_rᵀ·ΔW (U_r: the candidate's top left singular vectors),
     # so its held-out error is tr(K) − tr(U_rᵀ·K·U_r) with K = ΔW·H_val·ΔWᵀ, shared by every candidate.
     K = _sandwich(D, Hv) if (round_factors is None and K is None) else K
@@ -556,7 +607,7 @@ def select_damping(
 
     def score(d: float) -> float:
         sqrt_lam, inv_sqrt, kept = fit.scales(d, eig_rtol)
-        U, sv, Vh = truncated_svd(DQ * sqrt_lam, rank)
+        U, sv, Vh = truncated_svd(DQ, rank, col_scale=sqrt_lam, gram=gram)
         if K is not None and kept == in_f:
             return _outside_error(K, U[:, :rank])
         root = sv[:rank].sqrt()
@@ -564,11 +615,9 @@ def select_damping(
         A_rot = (root[:, None] * Vh[:rank]) * inv_sqrt  # A·Q: still in the eigenbasis
         if round_factors is None:
             assert Hv_rot is not None
-            E = DQ - B @ A_rot
-            return math.sqrt(max(float(((E @ Hv_rot) * E).sum()), 0.0))
+            return math.sqrt(_weighted_sq(DQ, B, A_rot, Hv_rot))
         A_hat, B_hat = round_factors(A_rot @ Q.T, B)  # rounding acts on A in the input basis
-        E = D - B_hat.to(D) @ A_hat.to(D)
-        return math.sqrt(max(float(((E @ Hv) * E).sum()), 0.0))
+        return math.sqrt(_weighted_sq(D, B_hat.to(D), A_hat.to(D), Hv))
 
     return _choose(_score_ridges(grid, score, early_stop, D.device))
 
@@ -648,6 +697,17 @@ def _score_ridges(grid: tuple[float, ...], score: Callable[[float], float], earl
         with _lapack_threads(device), ThreadPoolExecutor(max_workers=workers) as pool:
             scored = run(pool)
     return {d: value(d) for d in scored + ([math.inf] if want_svd else [])}
+
+
+def _weighted_sq(D: torch.Tensor, B: torch.Tensor, A: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr(E·H·Eᵀ)`` (≥ 0) for ``E = D − B·A``, a block of rows of ``E`` at a time: neither ``B·A``,
+    ``E`` nor ``E·H`` (each ``out × in``: 0.44 GiB in float64 for an 8B ``gate_proj``) is ever whole."""
+    val = torch.zeros((), dtype=D.dtype, device=D.device)  # summed on the device: no sync per block
+    step = _block_rows(D)
+    for i in range(0, D.shape[0], step):
+        E = D[i:i + step] - B[i:i + step] @ A
+        val += ((E @ H) * E).sum()
+    return max(float(val), 0.0)
 
 
 def _outside_error(K: torch.Tensor, Ur: torch.Tensor) -> float:
@@ -743,13 +803,7 @@ def eora_factors_auto(
         return svd, choice
 
     def all_tokens() -> torch.Tensor:  # H_fit + H_val in float64: one n × n allocation
-        H = H_fit.to(delta.device, torch.float64, copy=True)
-        # a row block at a time: add_ of a float32 matrix into a float64 one converts all of it first
-        # (a second n × n float64 matrix, 1.5 GiB at 14336²)
-        step = _block_rows(H)
-        for i in range(0, H.shape[0], step):
-            H[i:i + step].add_(H_val[i:i + step].to(H))
-        return H
+        return covariance64((H_fit, H_val), delta.device)
 
     H_all = all_tokens()
     projection: Projection | tuple[torch.Tensor, torch.Tensor, int] | None = cholesky_projection(

@@ -31,6 +31,7 @@ from typing import Any, Optional
 import torch
 
 from .config import LOGIT_WEIGHTINGS
+from .decompose import Covariance, covariance_parts
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +74,12 @@ def attention_shape(config: Any) -> Optional[AttentionShape]:
     return AttentionShape(heads, int(kv), head_dim)
 
 
-def pair_energy(W: torch.Tensor, H: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+def pair_energy(W: torch.Tensor, H: Covariance, heads: int, head_dim: int) -> torch.Tensor:
     """``(heads, head_dim/2)``: the energy ``Σ_t (w_i·x_t)² + (w_{i+d/2}·x_t)²`` of each rotary pair of
-    each head's outputs, from ``H = Σ_t x_t x_tᵀ`` (float64)."""
-    W = W.detach().to(H.device, torch.float64)
-    e = ((W @ H.detach().to(torch.float64)) * W).sum(1).view(heads, head_dim)
+    each head's outputs, from ``H = Σ_t x_t x_tᵀ`` (or its parts; float64)."""
+    parts = covariance_parts(H)
+    W = W.detach().to(parts[0].device, torch.float64)
+    e = sum(((W @ part.detach().to(torch.float64)) * W).sum(1) for part in parts).view(heads, head_dim)
     half = head_dim // 2
     return e[:, :half] + e[:, half:]
 
@@ -91,14 +93,14 @@ def _expand(pairs: torch.Tensor) -> torch.Tensor:
     return (g / mean).clamp_min(WEIGHT_FLOOR)
 
 
-def key_weights(W_q: torch.Tensor, H: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
+def key_weights(W_q: torch.Tensor, H: Covariance, shape: AttentionShape) -> torch.Tensor:
     """Output weights of a key projection: each rotary pair of key head ``j`` weighted by the energy of
     that pair in the queries of the heads that read ``j`` (``W_q``: the original query weight)."""
     e = pair_energy(W_q, H, shape.heads, shape.head_dim)
     return _expand(e.view(shape.kv_heads, shape.heads // shape.kv_heads, -1).sum(1))
 
 
-def query_weights(W_k: torch.Tensor, H: torch.Tensor, shape: AttentionShape) -> torch.Tensor:
+def query_weights(W_k: torch.Tensor, H: Covariance, shape: AttentionShape) -> torch.Tensor:
     """Output weights of a query projection: each rotary pair of query head ``h`` weighted by the energy
     of that pair in the keys of the head ``h`` reads (``W_k``: the original key weight)."""
     e = pair_energy(W_k, H, shape.kv_heads, shape.head_dim)
@@ -119,7 +121,7 @@ def partner(name: str, weighting: str) -> Optional[tuple[str, str]]:
 
 
 def output_weights(name: str, out_features: int, weighting: str, shape: Optional[AttentionShape],
-                   partner_weight: Any, H: torch.Tensor) -> Optional[torch.Tensor]:
+                   partner_weight: Any, H: Covariance) -> Optional[torch.Tensor]:
     """The diagonal output metric ``g`` (float64, ``(out_features,)``) of module ``name``, or ``None``
     where it is unweighted (not a query/key projection, unknown shape, shapes that do not fit).
 
@@ -134,7 +136,7 @@ def output_weights(name: str, out_features: int, weighting: str, shape: Optional
     W = partner_weight(other)
     q_rows, k_rows = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     own, theirs = (k_rows, q_rows) if role == "key" else (q_rows, k_rows)
-    if W is None or out_features != own or W.shape[0] != theirs or W.shape[1] != H.shape[0]:
+    if W is None or out_features != own or W.shape[0] != theirs or W.shape[1] != covariance_parts(H)[0].shape[0]:
         logger.warning("%s: logit weighting skipped (the %s projection %s is missing or not laid out as heads × "
                        "head_dim for %s)", name, "query" if role == "key" else "key", other, shape)
         return None
