@@ -1,5 +1,5 @@
 """Small pieces the benchmarks share: JSON entry point, atomic JSON writes, scratch folders, default dtype,
-peak RSS.
+peak RSS, peak live CPU tensors.
 
     >>> from bench_common import json_main
     >>> def run(argv): return {"status": "ok"}
@@ -16,6 +16,8 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -106,3 +108,63 @@ def _status_mib(field: str) -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024  # kB
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class LiveTensorPeak:
+    """Peak bytes of CPU tensor storage created inside the context and alive at once: on a CPU, what
+    ``torch.cuda.max_memory_allocated`` minus the memory at entry reads on a GPU (the allocator's
+    cache and the heap's retained pages, which make ``VmHWM`` noisy, left out).
+
+    A ``TorchDispatchMode`` sees every op of this thread: each new storage an op returns is counted
+    until it is freed (``weakref.finalize``); views and in-place results are not new. Not counted:
+    work in other threads (``decompose.DAMPING_WORKERS=1`` keeps the factor step in this one) and
+    scratch an op frees before returning (LAPACK workspaces)::
+
+        with LiveTensorPeak() as live:
+            step()
+        live.peak_bytes
+    """
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        owner = self
+        self.live: dict[int, int] = {}
+        self.current = self.peak_bytes = 0
+        self._lock = threading.Lock()
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+                out = func(*args, **(kwargs or {}))
+                inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                          if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+                        owner._count(t.untyped_storage(), inputs)
+                return out
+
+        self._mode = _Mode()
+
+    def _count(self, storage: Any, inputs: set[int]) -> None:
+        key, size = storage.data_ptr(), storage.nbytes()
+        if size == 0 or key in inputs:
+            return
+        with self._lock:
+            if key in self.live:
+                return
+            self.live[key] = size
+            self.current += size
+            self.peak_bytes = max(self.peak_bytes, self.current)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        with self._lock:
+            self.current -= self.live.pop(key, 0)
+
+    def __enter__(self) -> "LiveTensorPeak":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mode.__exit__(*exc)

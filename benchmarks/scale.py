@@ -13,12 +13,14 @@ GPU memory against the model's own, peak host memory (VmHWM), and the mean relat
     python benchmarks/scale.py                                 # CPU: the SmolLM2-135M shape, 16k tokens
     python benchmarks/scale.py --gpu-8b --out scale.json       # GPU: Llama-3-8B shape, 64 x 1024 tokens
     python benchmarks/scale.py --gpu-8b --offload              # model on the CPU, blocks visit the GPU
+    python benchmarks/scale.py --cpu-8b-block --damping auto   # CPU: one 8B block, host memory over the model
     python benchmarks/scale.py --smoke                         # seconds: a 2-block toy (tests)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import platform
 import resource
@@ -30,7 +32,7 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import default_dtype, json_main  # noqa: E402
+from bench_common import LiveTensorPeak, PeakRSS, default_dtype, json_main  # noqa: E402
 
 logger = logging.getLogger("peft_eora.benchmarks.scale")
 
@@ -62,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offload", action="store_true", help="build the model on the CPU, compute on the GPU")
     p.add_argument("--checkpoint-dir", default=None, help="also write a resumable checkpoint there (timed)")
     p.add_argument("--gpu-8b", action="store_true", help="the Llama-3-8B shape, 64 x 1024 tokens, on the GPU")
+    p.add_argument("--cpu-8b-block", action="store_true",
+                   help="one decoder block of the Llama-3-8B shape, 64 x 1024 tokens, bfloat16, on the CPU with "
+                        "per-group forwards: its host_rise_gib is the memory the 8B run needs over the model (~12 min)")
+    p.add_argument("--per-group-forwards", action="store_true",
+                   help="on CPU, work as on a GPU (one forward per group, no parked batches; ridges scored one "
+                        "at a time) and count the live CPU tensors (tensor_peak_gib: a GPU's peak over the model)")
     p.add_argument("--smoke", action="store_true", help="a 2-block toy on CPU (checks the code paths)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -103,6 +111,10 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         args.samples, args.seq_len, args.batch_size = 64, 1024, 8
         if not torch.cuda.is_available():
             return {"status": "skipped", "reason": "--gpu-8b needs a CUDA device"}
+    if args.cpu_8b_block:
+        args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, args.vocab = 4096, 14336, 1, 32, 8, 1000
+        args.samples, args.seq_len, args.batch_size = 64, 1024, 8
+        args.device, args.dtype, args.per_group_forwards = "cpu", args.dtype or "bfloat16", True
     cuda = torch.cuda.is_available() and args.device != "cpu"
     build_device = torch.device("cpu") if (args.offload or not cuda) else torch.device("cuda")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)
@@ -114,6 +126,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from peft_eora import EoRAConfig, initialize_eora_weights
     from peft_eora.kernels.gptq_linear import GPTQLinear
     from peft_eora.original import OriginalWeights
+    from peft_eora import decompose, walker
     from peft_eora.walker import PhaseTimes
 
     t_build = time.perf_counter()
@@ -149,14 +162,21 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     else:
         model_gib = sum(p.numel() * p.element_size() for p in pm.parameters()) / 2**30
     times = PhaseTimes(sync=cuda)
+    live = None
+    if args.per_group_forwards and not cuda:
+        walker.PARK_LIMIT_BYTES = 0
+        decompose.DAMPING_WORKERS = 1  # the factor step stays in this thread, where LiveTensorPeak sees it
+        live = LiveTensorPeak()
+    rss = PeakRSS() if Path("/proc/self/clear_refs").exists() else None
     t0 = time.perf_counter()
-    stats = initialize_eora_weights(
-        pm, original_model=original, calibration=calib, batch_size=args.batch_size, progress=args.verbose,
-        execution_device="cuda" if (cuda and args.offload) else None, checkpoint_dir=args.checkpoint_dir,
-        times=times,
-    )
-    if cuda:
-        torch.cuda.synchronize()
+    with rss if rss is not None else contextlib.nullcontext(), live if live is not None else contextlib.nullcontext():
+        stats = initialize_eora_weights(
+            pm, original_model=original, calibration=calib, batch_size=args.batch_size, progress=args.verbose,
+            execution_device="cuda" if (cuda and args.offload) else None, checkpoint_dir=args.checkpoint_dir,
+            times=times,
+        )
+        if cuda:
+            torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     res: dict[str, Any] = dict(
         status="ok",
@@ -171,6 +191,12 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         seconds=round(seconds, 2), phases=times.summary(),
         mean_relative_error=stats.summary()["mean_relative_error_after"],
         host_peak_gib=round(_host_peak_gib(), 2),
+        # the host's high-water mark during the EoRA step over its resident memory at the start (model,
+        # originals, calibration tokens): on a CPU run, what a GPU run reports as gpu_peak_over_model_gib
+        host_rise_gib=round(rss.rise_mib / 1024, 2) if rss is not None else None,
+        # CPU tensors alive at once during the step, at most (without the heap's retained pages)
+        tensor_peak_gib=round(live.peak_bytes / 2**30, 2) if live is not None else None,
+        per_group_forwards=bool(args.per_group_forwards),
     )
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**30
