@@ -442,6 +442,29 @@ def test_scale_benchmark_smoke():
         assert 0 <= res["host_rise_gib"] < res["host_peak_gib"]
 
 
+def test_live_tensor_peak_counts_new_storages_until_freed():
+    """``bench_common.LiveTensorPeak`` (scale.py's ``tensor_peak_gib``): new storages count until freed;
+    views and in-place results add nothing."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from bench_common import LiveTensorPeak
+    finally:
+        sys.path.pop(0)
+    outside = torch.zeros(500, 500)
+    with LiveTensorPeak() as live:
+        a = torch.zeros(1000, 1000)  # 4 MB
+        b = a.double()  # 8 MB
+        c = b @ b  # 8 MB: 20 MB at once
+        del b
+        view = c[:2]
+        c.add_(1)
+        outside.mul_(2)  # in place on a tensor made before: not new
+        del c  # its storage lives on in the view
+    assert live.peak_bytes == 20_000_000 and live.current == 12_000_000
+    del view, a
+    assert live.current == 0
+
+
 def test_linalg_benchmark_smoke():
     """``benchmarks/linalg.py --smoke``: every timing it reports on the GPU is taken on small CPU sizes."""
     res = _smoke("linalg.py")
