@@ -293,3 +293,40 @@ def test_a_groups_covariances_exist_only_from_its_first_input_to_its_factors():
     torch.testing.assert_close(H_val, x[1].T @ x[1])
     assert cov.H[0] is None and cov.H[1] == []
     assert [tuple(h.shape) for h in cov.take(1)] == [(6, 6), (6, 6)]  # never reached: zeros
+
+
+def test_a_groups_projection_is_freed_before_its_last_members_statistics(tiny_llama, calib_ids, monkeypatch):
+    """At a fixed ridge the group's projection (for the 8B ``down_proj`` a 1.5 GiB float64 Cholesky factor)
+    is shared by its members and dropped once the last of them has its factors: it is not alive while
+    that member's statistics are computed, and alive for the members before it."""
+    import gc
+    import weakref
+
+    from peft_eora import compensate
+
+    made: list = []
+    real_projection_for, real_weighted_error = compensate.projection_for, compensate.weighted_error
+
+    def projection_for(*args, **kwargs):
+        p = real_projection_for(*args, **kwargs)
+        made.append(weakref.ref(p))
+        return p
+
+    alive_at_stats: list[bool] = []
+
+    def weighted_error(delta, H, approx=None):
+        if approx is not None:  # the "after" statistic: the factors exist by now
+            gc.collect()
+            alive_at_stats.append(made[-1]() is not None)
+        return real_weighted_error(delta, H, approx)
+
+    monkeypatch.setattr(compensate, "projection_for", projection_for)
+    monkeypatch.setattr(compensate, "weighted_error", weighted_error)
+    original, quantized = tiny_llama
+    pm, stats = _eora(quantized, original, calib_ids, damping=0.01)
+    blocks, _ = find_targets(pm.base_model.model, "default")
+    # groups of a block (value weighting on): [q, k], [v], [o], [gate, up], [down]; alive only for the
+    # members before a group's last
+    assert [m.name.rsplit(".", 1)[-1] for m in stats.modules[:7]] == ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                      "gate_proj", "up_proj", "down_proj"]
+    assert alive_at_stats == [True, False, False, False, True, False, False] * len(blocks)

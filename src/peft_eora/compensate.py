@@ -49,7 +49,6 @@ from .decompose import (
     AUTO_HOLDOUT_EVERY,
     Covariance,
     Eigen,
-    Projection,
     allocate_ranks,
     captured_energy,
     check_rank,
@@ -623,8 +622,8 @@ def _compensate_visit(
             choice: dict[str, Any] = dict(auto=(H_fit, H_val, fit_eigen, None))  # the refit: Cholesky where δ allows it
         else:
             H = Hs[0]
-            with times.phase("decomposition", visit.device):
-                projection = projection_for(H, float(damping), eig_rtol)  # shared by the group's members
+            with times.phase("decomposition", visit.device):  # shared by the group's members
+                projection = _Shared(projection_for(H, float(damping), eig_rtol), users=len(groups[g]))
             choice = dict(damping=float(damping))
         with original.keeping(_read_twice(groups[g], logits)):
             for t in groups[g]:
@@ -700,12 +699,28 @@ def _restore(checkpoint: Any, by_block: dict[int, list[Target]], adapter_name: s
             stats.modules.append(ModuleStats(**m))
 
 
+class _Shared:
+    """A value the members of a group share, dropped by the last one to take it: the projection of
+    the 8B ``down_proj`` (its Cholesky factor, 1.5 GiB in float64) is not kept through that layer's
+    statistics and installation, which need only the factors."""
+
+    def __init__(self, value: Any, users: int) -> None:
+        self.value, self.users = value, users
+
+    def take(self) -> Any:
+        value = self.value
+        self.users -= 1
+        if self.users <= 0:
+            self.value = None
+        return value
+
+
 def _install(
     t: Target,
     adapter_name: str,
     original: OriginalWeights,
     H: Optional[Covariance],
-    projection: Optional[Projection],
+    projection: Optional[_Shared],
     method: str,
     eig_rtol: float,
     damping: Optional[float] = None,
@@ -730,8 +745,10 @@ def _install(
             damping, heldout_errors = choice.damping, choice.errors
             logger.debug("%s: damping %g chosen, held-out errors %s", t.name, damping, heldout_errors)
         else:
+            shared = projection.take() if projection is not None else None
             factors = eora_factors(fitted, H, t.rank, method=method, eig_rtol=eig_rtol, name=t.name,
-                                   projection=projection)
+                                   projection=shared)
+            del shared  # the last member's take() left the only reference here
         if adapter_bits != 16:  # rounded against the activations the factors were fitted to (δ-damped)
             plain_svd = method == "svd" or H is None or damping is None or damping == math.inf
             H_round = None if plain_svd else damped(H, float(damping))
