@@ -118,20 +118,23 @@ class LiveTensorPeak:
     A ``TorchDispatchMode`` sees every op of this thread: each new storage an op returns is counted
     until it is freed (``weakref.finalize``); views and in-place results are not new. Not counted:
     work in other threads (``decompose.DAMPING_WORKERS=1`` keeps the factor step in this one) and
-    scratch an op frees before returning (LAPACK workspaces)::
+    scratch an op frees before returning (LAPACK workspaces). With ``label`` (e.g. the phase running),
+    ``by_label`` holds the most bytes alive while each label was current::
 
         with LiveTensorPeak() as live:
             step()
         live.peak_bytes
     """
 
-    def __init__(self) -> None:
+    def __init__(self, label: Optional[Callable[[], str]] = None) -> None:
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils._pytree import tree_flatten
 
         owner = self
         self.live: dict[int, int] = {}
         self.current = self.peak_bytes = 0
+        self.label = label
+        self.by_label: dict[str, int] = {}
         self._lock = threading.Lock()
 
         class _Mode(TorchDispatchMode):
@@ -156,6 +159,9 @@ class LiveTensorPeak:
             self.live[key] = size
             self.current += size
             self.peak_bytes = max(self.peak_bytes, self.current)
+            if self.label is not None:
+                name = self.label()
+                self.by_label[name] = max(self.by_label.get(name, 0), self.current)
         weakref.finalize(storage, self._free, key)
 
     def _free(self, key: int) -> None:

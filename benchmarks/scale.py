@@ -166,7 +166,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.per_group_forwards and not cuda:
         walker.PARK_LIMIT_BYTES = 0
         decompose.DAMPING_WORKERS = 1  # the factor step stays in this thread, where LiveTensorPeak sees it
-        live = LiveTensorPeak()
+        live = LiveTensorPeak(label=lambda: "/".join(times.active) or "-")
     rss = PeakRSS() if Path("/proc/self/clear_refs").exists() else None
     t0 = time.perf_counter()
     with rss if rss is not None else contextlib.nullcontext(), live if live is not None else contextlib.nullcontext():
@@ -196,6 +196,8 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         host_rise_gib=round(rss.rise_mib / 1024, 2) if rss is not None else None,
         # CPU tensors alive at once during the step, at most (without the heap's retained pages)
         tensor_peak_gib=round(live.peak_bytes / 2**30, 2) if live is not None else None,
+        tensor_peak_by_phase_gib={k: round(v / 2**30, 2) for k, v in sorted(live.by_label.items(), key=lambda kv: -kv[1])}
+        if live is not None else None,
         per_group_forwards=bool(args.per_group_forwards),
     )
     if cuda:

@@ -451,9 +451,11 @@ def test_live_tensor_peak_counts_new_storages_until_freed():
     finally:
         sys.path.pop(0)
     outside = torch.zeros(500, 500)
-    with LiveTensorPeak() as live:
+    phase = ["first"]
+    with LiveTensorPeak(label=lambda: phase[0]) as live:
         a = torch.zeros(1000, 1000)  # 4 MB
         b = a.double()  # 8 MB
+        phase[0] = "second"
         c = b @ b  # 8 MB: 20 MB at once
         del b
         view = c[:2]
@@ -461,6 +463,7 @@ def test_live_tensor_peak_counts_new_storages_until_freed():
         outside.mul_(2)  # in place on a tensor made before: not new
         del c  # its storage lives on in the view
     assert live.peak_bytes == 20_000_000 and live.current == 12_000_000
+    assert live.by_label == {"first": 12_000_000, "second": 20_000_000}
     del view, a
     assert live.current == 0
 

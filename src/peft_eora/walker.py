@@ -115,15 +115,19 @@ class PhaseTimes:
     sync: bool = False
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    #: the phases open now, outermost first (e.g. ``["block_forward", "covariance"]``)
+    active: list[str] = field(default_factory=list)
 
     @contextmanager
     def phase(self, name: str, device: Optional[torch.device] = None) -> Iterator[None]:
         if self.sync and device is not None and device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
+        self.active.append(name)
         try:
             yield
         finally:
+            self.active.pop()
             if self.sync and device is not None and device.type == "cuda":
                 torch.cuda.synchronize(device)
             self.seconds[name] += time.perf_counter() - t0
