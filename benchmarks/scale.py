@@ -13,7 +13,7 @@ GPU memory against the model's own, peak host memory (VmHWM), and the mean relat
     python benchmarks/scale.py                                 # CPU: the SmolLM2-135M shape, 16k tokens
     python benchmarks/scale.py --gpu-8b --out scale.json       # GPU: Llama-3-8B shape, 64 x 1024 tokens
     python benchmarks/scale.py --gpu-8b --offload              # model on the CPU, blocks visit the GPU
-    python benchmarks/scale.py --cpu-8b-block --damping auto   # CPU: one 8B block, host memory over the model
+    python benchmarks/scale.py --cpu-8b-block --damping auto   # CPU: one 8B block, tensor memory over the model
     python benchmarks/scale.py --smoke                         # seconds: a 2-block toy (tests)
 """
 
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-8b", action="store_true", help="the Llama-3-8B shape, 64 x 1024 tokens, on the GPU")
     p.add_argument("--cpu-8b-block", action="store_true",
                    help="one decoder block of the Llama-3-8B shape, 64 x 1024 tokens, bfloat16, on the CPU with "
-                        "per-group forwards: its host_rise_gib is the memory the 8B run needs over the model (~12 min)")
+                        "per-group forwards: its tensor_peak_gib estimates the 8B run's peak GPU memory over the model (~12 min)")
     p.add_argument("--per-group-forwards", action="store_true",
                    help="on CPU, work as on a GPU (one forward per group, no parked batches; ridges scored one "
                         "at a time) and count the live CPU tensors (tensor_peak_gib: a GPU's peak over the model)")
@@ -123,10 +123,9 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peft_eora import EoRAConfig, initialize_eora_weights
+    from peft_eora import EoRAConfig, decompose, initialize_eora_weights, walker
     from peft_eora.kernels.gptq_linear import GPTQLinear
     from peft_eora.original import OriginalWeights
-    from peft_eora import decompose, walker
     from peft_eora.walker import PhaseTimes
 
     t_build = time.perf_counter()
@@ -192,9 +191,9 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         mean_relative_error=stats.summary()["mean_relative_error_after"],
         host_peak_gib=round(_host_peak_gib(), 2),
         # the host's high-water mark during the EoRA step over its resident memory at the start (model,
-        # originals, calibration tokens): on a CPU run, what a GPU run reports as gpu_peak_over_model_gib
+        # originals, calibration tokens; heap pages retained after frees count too, so it reads high)
         host_rise_gib=round(rss.rise_mib / 1024, 2) if rss is not None else None,
-        # CPU tensors alive at once during the step, at most (without the heap's retained pages)
+        # CPU tensors alive at once during the step, at most: the CPU's reading of gpu_peak_over_model_gib
         tensor_peak_gib=round(live.peak_bytes / 2**30, 2) if live is not None else None,
         tensor_peak_by_phase_gib={k: round(v / 2**30, 2) for k, v in sorted(live.by_label.items(), key=lambda kv: -kv[1])}
         if live is not None else None,

@@ -438,7 +438,7 @@ def test_scale_benchmark_smoke():
     assert res["status"] == "ok" and res["seconds"] > 0
     assert {"block_forward", "covariance", "decomposition", "factors", "original_reads"} <= set(res["phases"])
     assert 0 < res["mean_relative_error"] < 1
-    if sys.platform.startswith("linux"):  # the host high-water mark over the step (CPU: the GPU's peak over model)
+    if sys.platform.startswith("linux"):  # the host high-water mark over the step
         assert 0 <= res["host_rise_gib"] < res["host_peak_gib"]
 
 
