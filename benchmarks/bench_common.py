@@ -119,19 +119,25 @@ class LiveTensorPeak:
     until it is freed (``weakref.finalize``); views and in-place results are not new. Not counted:
     work in other threads (``decompose.DAMPING_WORKERS=1`` keeps the factor step in this one) and
     scratch an op frees before returning (LAPACK workspaces). With ``label`` (e.g. the phase running),
-    ``by_label`` holds the most bytes alive while each label was current::
+    ``by_label`` holds the most bytes alive while each label was current; ``at_peak`` lists the
+    tensors of at least ``inventory_bytes`` alive at the peak (``(bytes, "op shape dtype")``, largest
+    first; refreshed whenever the peak grows by 1 %)::
 
         with LiveTensorPeak() as live:
             step()
-        live.peak_bytes
+        live.peak_bytes, live.at_peak[:3]
     """
 
-    def __init__(self, label: Optional[Callable[[], str]] = None) -> None:
+    def __init__(self, label: Optional[Callable[[], str]] = None, inventory_bytes: int = 16 << 20) -> None:
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils._pytree import tree_flatten
 
         owner = self
         self.live: dict[int, int] = {}
+        self.what: dict[int, str] = {}  # storages of at least inventory_bytes: the op that made them
+        self.inventory_bytes = inventory_bytes
+        self.at_peak: list[tuple[int, str]] = []
+        self._inventoried = 0
         self.current = self.peak_bytes = 0
         self.label = label
         self.by_label: dict[str, int] = {}
@@ -144,12 +150,13 @@ class LiveTensorPeak:
                           if isinstance(t, torch.Tensor) and t.device.type == "cpu"}
                 for t in tree_flatten(out)[0]:
                     if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                        owner._count(t.untyped_storage(), inputs)
+                        owner._count(t.untyped_storage(), inputs,
+                                     lambda t=t: f"{func.__name__} {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}")
                 return out
 
         self._mode = _Mode()
 
-    def _count(self, storage: Any, inputs: set[int]) -> None:
+    def _count(self, storage: Any, inputs: set[int], what: Callable[[], str] = lambda: "?") -> None:
         key, size = storage.data_ptr(), storage.nbytes()
         if size == 0 or key in inputs:
             return
@@ -157,8 +164,13 @@ class LiveTensorPeak:
             if key in self.live:
                 return
             self.live[key] = size
+            if size >= self.inventory_bytes:
+                self.what[key] = what()
             self.current += size
             self.peak_bytes = max(self.peak_bytes, self.current)
+            if self.current == self.peak_bytes and self.current >= 1.01 * self._inventoried:
+                self._inventoried = self.current
+                self.at_peak = sorted(((self.live[k], w) for k, w in self.what.items()), reverse=True)
             if self.label is not None:
                 name = self.label()
                 self.by_label[name] = max(self.by_label.get(name, 0), self.current)
@@ -167,6 +179,7 @@ class LiveTensorPeak:
     def _free(self, key: int) -> None:
         with self._lock:
             self.current -= self.live.pop(key, 0)
+            self.what.pop(key, None)
 
     def __enter__(self) -> "LiveTensorPeak":
         self._mode.__enter__()

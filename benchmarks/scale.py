@@ -189,6 +189,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         offload=bool(args.offload and cuda), build_seconds=round(build_seconds, 1),
         seconds=round(seconds, 2), phases=times.summary(),
         mean_relative_error=stats.summary()["mean_relative_error_after"],
+        damping_counts=stats.summary().get("damping_counts"),  # damping="auto": the ridges chosen ("inf": SVD)
         host_peak_gib=round(_host_peak_gib(), 2),
         # the host's high-water mark during the EoRA step over its resident memory at the start (model,
         # originals, calibration tokens; heap pages retained after frees count too, so it reads high)
@@ -197,6 +198,8 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         tensor_peak_gib=round(live.peak_bytes / 2**30, 2) if live is not None else None,
         tensor_peak_by_phase_gib={k: round(v / 2**30, 2) for k, v in sorted(live.by_label.items(), key=lambda kv: -kv[1])}
         if live is not None else None,
+        # the largest of them alive at that peak: "GiB op shape dtype"
+        tensor_peak_top=[f"{b / 2**30:.3f} {w}" for b, w in live.at_peak[:16]] if live is not None else None,
         per_group_forwards=bool(args.per_group_forwards),
     )
     if cuda:
