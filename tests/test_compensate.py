@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -295,38 +296,95 @@ def test_a_groups_covariances_exist_only_from_its_first_input_to_its_factors():
     assert [tuple(h.shape) for h in cov.take(1)] == [(6, 6), (6, 6)]  # never reached: zeros
 
 
-def test_a_groups_projection_is_freed_before_its_last_members_statistics(tiny_llama, calib_ids, monkeypatch):
-    """At a fixed ridge the group's projection (for the 8B ``down_proj`` a 1.5 GiB float64 Cholesky factor)
-    is shared by its members and dropped once the last of them has its factors: it is not alive while
-    that member's statistics are computed, and alive for the members before it."""
+def test_a_groups_covariance_is_freed_before_its_factor_steps_and_its_projection_with_its_last_member(
+        tiny_llama, calib_ids, monkeypatch):
+    """At a fixed ridge a group's float32 covariance (for the 8B ``down_proj`` 784 MiB) is dropped once the
+    group's projection exists: the statistics read the projection's root (its Cholesky factor, 1.5 GiB in
+    float64), so no member's factor step runs beside ``H``; the projection goes with the group's last
+    member, before the next group's is made; the statistics agree with ``H``'s own."""
     import gc
     import weakref
 
-    from peft_eora import compensate
+    from peft_eora import compensate, decompose
 
-    made: list = []
-    real_projection_for, real_weighted_error = compensate.projection_for, compensate.weighted_error
+    covariances: list = []
+    projections: list = []
+    real_take, real_projection_and_root = compensate._Covariances.take, compensate.projection_and_root
 
-    def projection_for(*args, **kwargs):
-        p = real_projection_for(*args, **kwargs)
-        made.append(weakref.ref(p))
-        return p
+    def take(self, g):
+        Hs = real_take(self, g)
+        covariances.append(weakref.ref(Hs[0]))
+        return Hs
 
-    alive_at_stats: list[bool] = []
+    checked: list[tuple[str, float, float]] = []
+    older_projection_alive: list[bool] = []
 
-    def weighted_error(delta, H, approx=None):
-        if approx is not None:  # the "after" statistic: the factors exist by now
-            gc.collect()
-            alive_at_stats.append(made[-1]() is not None)
-        return real_weighted_error(delta, H, approx)
+    def projection_and_root(H, damping, eig_rtol):
+        gc.collect()
+        older_projection_alive.append(any(r() is not None for r in projections))
+        proj, root = real_projection_and_root(H, damping, eig_rtol)
+        projections.append(weakref.ref(proj.S))
+        checked.append(("H", float(torch.diagonal(H).double().sum()), float(root.matrix().diagonal().sum())))
+        return proj, root
 
-    monkeypatch.setattr(compensate, "projection_for", projection_for)
-    monkeypatch.setattr(compensate, "weighted_error", weighted_error)
+    alive_at_factors: list[bool] = []
+    real_eora_factors = decompose.eora_factors
+
+    def eora_factors(delta, H, rank, *args, **kwargs):
+        gc.collect()
+        alive_at_factors.append(covariances[-1]() is not None)
+        return real_eora_factors(delta, H, rank, *args, **kwargs)
+
+    monkeypatch.setattr(compensate._Covariances, "take", take)
+    monkeypatch.setattr(compensate, "projection_and_root", projection_and_root)
+    monkeypatch.setattr(compensate, "eora_factors", eora_factors)
     original, quantized = tiny_llama
     pm, stats = _eora(quantized, original, calib_ids, damping=0.01)
     blocks, _ = find_targets(pm.base_model.model, "default")
-    # groups of a block (value weighting on): [q, k], [v], [o], [gate, up], [down]; alive only for the
-    # members before a group's last
+    # groups of a block (value weighting on): [q, k], [v], [o], [gate, up], [down]
     assert [m.name.rsplit(".", 1)[-1] for m in stats.modules[:7]] == ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                       "gate_proj", "up_proj", "down_proj"]
-    assert alive_at_stats == [True, False, False, False, True, False, False] * len(blocks)
+    assert len(alive_at_factors) == 7 * len(blocks) and not any(alive_at_factors)
+    assert len(older_projection_alive) == 5 * len(blocks) and not any(older_projection_alive)
+    for _, trace_h, trace_root in checked:  # the root is H (its Cholesky factor of H + δ·m·I, less δ·m·I)
+        assert trace_root == pytest.approx(trace_h, rel=1e-9)
+
+
+def test_a_groups_covariance_pair_is_freed_before_its_last_members_refit(tiny_llama, calib_ids, monkeypatch):
+    """``damping="auto"``: the fit and held-out covariances (for the 8B ``down_proj`` a 1.5 GiB float32
+    pair) are shared by a group's members and dropped by the last one once its refit has summed them in
+    float64: they are dead while that member's factors are computed, alive for the members before it;
+    the statistics then read the refit's factorisation and agree with the pair's."""
+    import gc
+    import weakref
+
+    from peft_eora import compensate, decompose
+
+    pairs: list = []
+    real_init = compensate._HeldOut.__init__
+
+    def init(self, H_fit, H_val, *args, **kwargs):
+        pairs.append((weakref.ref(H_fit), weakref.ref(H_val)))
+        real_init(self, H_fit, H_val, *args, **kwargs)
+
+    alive_at_factors: list[tuple[str, bool]] = []
+    real_eora_factors = decompose.eora_factors
+
+    def eora_factors(delta, H, rank, *args, **kwargs):
+        if kwargs.get("projection") is not None:  # the refit, after H_fit + H_val is factorised
+            gc.collect()
+            alive_at_factors.append((kwargs["name"].rsplit(".", 1)[-1], all(r() is not None for r in pairs[-1])))
+        return real_eora_factors(delta, H, rank, *args, **kwargs)
+
+    monkeypatch.setattr(compensate._HeldOut, "__init__", init)
+    monkeypatch.setattr(decompose, "eora_factors", eora_factors)
+    original, quantized = tiny_llama
+    pm, stats = _eora(quantized, original, calib_ids, damping="auto")
+    assert alive_at_factors, "no refit ran"
+    # groups of a block: [q, k], [v], [o], [gate, up], [down]: alive only for a group's first members
+    assert all(alive == (name in ("q_proj", "gate_proj")) for name, alive in alive_at_factors), alive_at_factors
+    assert {name for name, _ in alive_at_factors} >= {"k_proj", "down_proj"}
+    gc.collect()
+    assert all(r() is None for pair in pairs for r in pair)
+    for m in stats.modules:  # the statistics are computed: finite, and the fit improves on the residual
+        assert math.isfinite(m.error_before) and m.error_after <= m.error_before

@@ -733,11 +733,15 @@ def test_select_damping_in_threads_matches_one_at_a_time(seed, case, monkeypatch
 
 
 @pytest.mark.parametrize("case", ["wide", "tall", "dead-channel"])
-def test_select_damping_paths_agree(case):
+@pytest.mark.parametrize("blocks", [False, True])
+def test_select_damping_paths_agree(case, blocks, monkeypatch):
     """Wide residuals with a well-conditioned H_fit are scored from out × out Gram matrices (no eigh
     of H_fit); tall ones and H_fit with an eigenvalue under the cut-off go through H_fit's
-    eigenbasis. Both give the held-out errors of the fitted factors (identity rounding forces the
-    eigenbasis route)."""
+    eigenbasis (a tall one without forming its out × out ``ΔW·H_val·ΔWᵀ``). Both give the held-out
+    errors of the fitted factors (identity rounding forces the eigenbasis route); ``blocks``: every
+    row-block loop takes a few rows at a time."""
+    if blocks:
+        monkeypatch.setattr(decompose, "_PROJECT_BLOCK_BYTES", 8 * 40 * 3)
     delta, X_fit, _, X_shift = _shifted_case(seed=3, out_f=40 if case == "tall" else 24)
     if case == "dead-channel":
         X_fit = X_fit.clone()
@@ -1025,11 +1029,13 @@ def test_projection_in_place_matches_and_leaves_the_residual_alone(monkeypatch, 
     proj = projection_for(H, damping)
     D = delta.clone()
     assert proj.project_(D) is D
-    torch.testing.assert_close(D, delta @ proj.S, rtol=1e-12, atol=1e-12)
+    whole = delta @ proj.S if proj.scale is None else (delta @ proj.S) * proj.scale  # Q·diag(√λ) at δ = 0
+    torch.testing.assert_close(D, whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(proj.project(delta), whole, rtol=0, atol=0)
     before = delta.clone()
     f = eora_factors(delta, H, 4, damping=damping)
     assert torch.equal(delta, before)
-    ref = delta @ proj.S
+    ref = whole
     U, sv, Vh = torch.linalg.svd(ref, full_matrices=False)
     torch.testing.assert_close(f.singular_values.double(), sv.float().double(), rtol=1e-5, atol=1e-6)
 
@@ -1046,6 +1052,14 @@ def test_row_block_products_match_the_whole_ones(monkeypatch):
     whole_f, whole_c = eora_factors_auto(D.float(), H_fit, H_val, 3)
     monkeypatch.setattr(decompose, "_PROJECT_BLOCK_BYTES", 8 * 48 * 4)  # blocks of 4 rows
     torch.testing.assert_close(_sandwich(D, H_fit.double()), D @ H_fit.double() @ D.T, rtol=1e-12, atol=1e-9)
+    # float32 parts read as they are (rows converted a block at a time), their sum never made
+    both = H_fit.double() + H_val.double()
+    torch.testing.assert_close(_sandwich(D, (H_fit, H_val)), D @ both @ D.T, rtol=1e-12, atol=1e-9)
+    # an asymmetric H: the quadratic form of its symmetric part, returned exactly symmetric
+    skew = H_fit.double() + torch.randn(48, 48, generator=gen, dtype=torch.float64)
+    K = _sandwich(D, skew)
+    torch.testing.assert_close(K, D @ (0.5 * (skew + skew.T)) @ D.T, rtol=1e-12, atol=1e-9)
+    assert torch.equal(K, K.T)
     f, c = eora_factors_auto(D.float(), H_fit, H_val, 3)
     assert c.damping == whole_c.damping
     torch.testing.assert_close(f.B @ f.A, whole_f.B @ whole_f.A, rtol=1e-5, atol=1e-6)
@@ -1084,11 +1098,13 @@ def test_covariance_parts_are_used_without_adding_them_in_float32(monkeypatch):
         math.sqrt(float(torch.trace(E @ (ref + skew) @ E.T))), rel=1e-12)
 
 
-def test_scaled_truncated_svd_matches_scaling_first():
-    """``truncated_svd(D, r, col_scale=s, gram=DᵀD)`` (a tall D: the Gram matrix scaled, never ``D·diag(s)``)
-    gives the triplets of ``D·diag(s)``; a wide D scales it first."""
+def test_scaled_truncated_svd_matches_scaling_first(monkeypatch):
+    """``truncated_svd(D, r, col_scale=s, gram=DᵀD)`` (a tall D: the Gram matrix scaled; a wide one:
+    its Gram matrix summed a block of scaled columns at a time; never ``D·diag(s)`` whole) gives the
+    triplets of ``D·diag(s)``."""
     from peft_eora.decompose import truncated_svd
 
+    monkeypatch.setattr(decompose, "_PROJECT_BLOCK_BYTES", 8 * 20 * 7)  # the wide D: blocks of 7 columns
     gen = torch.Generator().manual_seed(5)
     for shape in ((60, 20), (20, 60)):
         D = torch.randn(*shape, generator=gen, dtype=torch.float64)
@@ -1102,8 +1118,10 @@ def test_scaled_truncated_svd_matches_scaling_first():
             assert torch.equal(gram, D.T @ D)  # the shared Gram matrix is not written over
 
 
-def test_weighted_sq_in_row_blocks_matches_the_whole_product(monkeypatch):
-    from peft_eora.decompose import _weighted_sq
+def test_residual_sq_in_row_blocks_matches_the_whole_product(monkeypatch):
+    """``tr(E·H·Eᵀ)`` for ``E = D − B·A`` with E made a block of rows at a time and H (a float64
+    matrix, or float32 parts) read a block of rows at a time equals the whole product."""
+    from peft_eora.decompose import _residual_sq
 
     gen = torch.Generator().manual_seed(9)
     D = torch.randn(30, 16, generator=gen, dtype=torch.float64)
@@ -1112,4 +1130,106 @@ def test_weighted_sq_in_row_blocks_matches_the_whole_product(monkeypatch):
     H = X.T @ X
     E = D - B @ A
     monkeypatch.setattr(decompose, "_PROJECT_BLOCK_BYTES", 8 * 16 * 7)  # blocks of 7 rows
-    assert _weighted_sq(D, B, A, H) == pytest.approx(float(((E @ H) * E).sum()), rel=1e-12)
+    assert _residual_sq(D, B, A, H) == pytest.approx(float(((E @ H) * E).sum()), rel=1e-12)
+    parts = (X[:20].T @ X[:20]).float(), (X[20:].T @ X[20:]).float()
+    H32 = parts[0].double() + parts[1].double()
+    assert _residual_sq(D, B, A, parts) == pytest.approx(float(((E @ H32) * E).sum()), rel=1e-12)
+
+
+def _pair(n: int = 40, dead: int = 0, seed: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit and held-out covariances (float32) of anisotropic inputs; ``dead`` channels never fire."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(400, n, generator=gen) * torch.logspace(0, -1.5, n)
+    if dead:
+        X[:, :dead] = 0
+    return X[:200].T @ X[:200], X[200:].T @ X[200:]
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.1, 3.0])
+@pytest.mark.parametrize("dead", [0, 3])
+def test_refit_auto_matches_the_eigen_route_and_its_root_gives_the_pairs_statistics(damping, dead):
+    """``refit_auto`` factorises ``H_fit + H_val`` in place (Cholesky where the ridge — or at δ = 0 a
+    shifted Cholesky proving nothing is cut — allows it, else ``eigh``): the factors of the eigenbasis
+    route, and a root whose weighted errors are those of the pair; ``release`` is called once."""
+    from peft_eora.decompose import CovarianceRoot, refit_auto
+
+    H_fit, H_val = _pair(dead=dead)
+    delta = torch.randn(24, 40, generator=torch.Generator().manual_seed(3)) * 0.01
+    released: list[int] = []
+    f, root = refit_auto(delta, (H_fit, H_val), damping, 5, release=lambda: released.append(1))
+    assert released == [1] and isinstance(root, CovarianceRoot)
+    both = H_fit.double() + H_val.double()
+    ref = eora_factors(delta, both, 5, projection=eigen(both).projection(damping))
+    assert rel_diff(product(f), product(ref)) < 1e-6
+    assert f.kept_eigen == ref.kept_eigen
+    approx = f.B.double() @ f.A.double()
+    for a in (None, approx):
+        assert weighted_error(delta, root, a) == pytest.approx(weighted_error(delta, (H_fit, H_val), a), rel=1e-7)
+    # the root as a matrix: H itself (and H + δ·m·I through damped)
+    torch.testing.assert_close(root.matrix(), 0.5 * (both + both.T), rtol=1e-9, atol=1e-9 * float(both.abs().max()))
+    torch.testing.assert_close(decompose.damped(root, damping), decompose.damped(both, damping),
+                               rtol=1e-9, atol=1e-9 * float(both.abs().max()))
+    # the route taken: a Cholesky factor (no scale) unless δ = 0 with dead channels (the eigenvectors)
+    assert (root.scale is not None) == (damping == 0.0 and dead > 0)
+
+
+def test_refit_auto_refuses_what_it_cannot_refit():
+    from peft_eora.decompose import refit_auto
+
+    H_fit, H_val = _pair()
+    delta = torch.randn(24, 40) * 0.01
+    with pytest.raises(ValueError, match="finite damping"):
+        refit_auto(delta, (H_fit, H_val), math.inf, 5)
+    with pytest.raises(ValueError, match="does not match"):
+        refit_auto(delta, (H_fit[:30, :30], H_val[:30, :30]), 0.1, 5)
+    H_val[3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        refit_auto(delta, (H_fit, H_val), 0.1, 5)
+
+
+def test_eigh_in_place_and_the_eigen_root():
+    """``eigen(H, overwrite=True)`` writes the eigenvectors over a float64 ``H`` (no copy): the values
+    of ``torch.linalg.eigh``; ``Eigen.root`` projects and unprojects as the ``(S, S⁺)`` tuple does."""
+    from peft_eora.decompose import Projection
+
+    H_fit, H_val = _pair(dead=2)
+    H = (H_fit.double() + H_val.double())
+    ref_lam, _ = torch.linalg.eigh(0.5 * (H + H.T))
+    own = H.clone()
+    e = eigen(own, overwrite=True)
+    assert e.Q.untyped_storage().data_ptr() == own.untyped_storage().data_ptr()
+    torch.testing.assert_close(e.lam, ref_lam, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close((e.Q * e.lam) @ e.Q.T, 0.5 * (H + H.T), rtol=1e-9, atol=1e-9 * float(H.abs().max()))
+    kept_copy = H.clone()
+    eigen(kept_copy)  # without overwrite the caller's matrix is left alone
+    assert torch.equal(kept_copy, H)
+    D = torch.randn(7, 40, dtype=F64)
+    for d in (0.0, 0.1):
+        S, S_pinv, kept = e.projection(d)
+        root = e.root(d)
+        tup = Projection(S=S, kept=kept, S_pinv=S_pinv)
+        assert root.kept == kept
+        torch.testing.assert_close(root.project(D), tup.project(D), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(root.project_(D.clone()), tup.project(D), rtol=1e-12, atol=1e-12)
+        M = torch.randn(3, 40, dtype=F64)
+        torch.testing.assert_close(root.unproject(M), tup.unproject(M), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("damping,dead", [(0.01, 0), (0.0, 0), (0.0, 3), (1e-12, 0)])
+def test_projection_and_root_gives_hs_statistics(damping, dead):
+    """``projection_and_root``: the projection of :func:`projection_for` and a root of ``H`` sharing its
+    matrix, whose weighted errors are ``H``'s (Cholesky route: ``L`` less the ridge; eigen route: ``Q·√λ``)."""
+    from peft_eora.decompose import projection_and_root, projection_for
+
+    H_fit, H_val = _pair(dead=dead)
+    H = H_fit + H_val
+    delta = torch.randn(24, 40, generator=torch.Generator().manual_seed(4)) * 0.01
+    proj, root = projection_and_root(H, damping)
+    assert root.S.untyped_storage().data_ptr() == proj.S.untyped_storage().data_ptr()
+    f = eora_factors(delta, None, 5, projection=proj)
+    ref = eora_factors(delta, H, 5, projection=projection_for(H, damping))
+    torch.testing.assert_close(product(f), product(ref), rtol=0, atol=0)
+    approx = f.B.double() @ f.A.double()
+    for a in (None, approx):
+        assert weighted_error(delta, root, a) == pytest.approx(weighted_error(delta, H, a), rel=1e-6)
+    assert proj.lower == (damping > 1e-10 * 40)

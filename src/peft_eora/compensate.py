@@ -27,7 +27,6 @@ projected residual spectrum and allocates per-layer ranks under a parameter budg
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -48,6 +47,7 @@ from .config import DEFAULT_LOGIT_WEIGHTING, FIXED_DAMPING, LOGIT_WEIGHTINGS, VA
 from .decompose import (
     AUTO_HOLDOUT_EVERY,
     Covariance,
+    CovarianceRoot,
     Eigen,
     allocate_ranks,
     captured_energy,
@@ -56,9 +56,10 @@ from .decompose import (
     damped,
     eigen,
     eora_factors,
-    eora_factors_auto,
     projected_spectrum,
-    projection_for,
+    projection_and_root,
+    refit_auto,
+    select_damping,
     weighted_error,
 )
 from .factor_quant import fit_lowbit_factors
@@ -608,28 +609,24 @@ def _compensate_visit(
     metric = _output_metric(original, logits, visit.device)
 
     def finish(g: int) -> None:
-        Hs = cov.take(g)
-        if holdout is not None:  # the eigh of H_fit (every δ) is shared by the group, made only if needed
-            H_fit, H_val = Hs
-            H: Covariance = (H_fit, H_val)  # their sum, never added up here (784 MiB at 14336² in float32)
-
-            @functools.cache
-            def fit_eigen() -> Eigen:  # wide residuals with a well-conditioned H_fit never call it
-                with times.phase("decomposition", visit.device):
-                    return eigen(H_fit)
-
-            projection = None
-            choice: dict[str, Any] = dict(auto=(H_fit, H_val, fit_eigen, None))  # the refit: Cholesky where δ allows it
-        else:
-            H = Hs[0]
-            with times.phase("decomposition", visit.device):  # shared by the group's members
-                projection = _Shared(projection_for(H, float(damping), eig_rtol), users=len(groups[g]))
-            choice = dict(damping=float(damping))
+        if holdout is not None:  # the pair and H_fit's eigh (made only if needed) go with the last member
+            held = _HeldOut(*cov.take(g), users=len(groups[g]), times=times, device=visit.device)
+            with original.keeping(_read_twice(groups[g], logits)):
+                for t in groups[g]:
+                    stats.modules.append(_install(t, adapter_name, original, None, None, "eora", eig_rtol,
+                                                  device=visit.device, times=times, adapter_bits=adapter_bits,
+                                                  out_weight=metric(t, held.pair), auto=held))
+            return
+        H = cov.take(g)[0]
         with original.keeping(_read_twice(groups[g], logits)):
-            for t in groups[g]:
-                stats.modules.append(_install(t, adapter_name, original, H, projection, "eora", eig_rtol,
+            out_weights = [metric(t, H) for t in groups[g]]  # the logit weighting reads H itself
+            with times.phase("decomposition", visit.device):  # shared by the group's members
+                projection = _Shared(projection_and_root(H, float(damping), eig_rtol), users=len(groups[g]))
+            del H  # the statistics read the projection's root: the float32 H goes before any factor step
+            for t, weight in zip(groups[g], out_weights):
+                stats.modules.append(_install(t, adapter_name, original, None, projection, "eora", eig_rtol,
                                               device=visit.device, times=times, adapter_bits=adapter_bits,
-                                              out_weight=metric(t, H), **choice))
+                                              out_weight=weight, damping=float(damping)))
 
     with attached(taps):
         if sequential:  # one forward: the batches park at each group while its factors are installed
@@ -701,8 +698,8 @@ def _restore(checkpoint: Any, by_block: dict[int, list[Target]], adapter_name: s
 
 class _Shared:
     """A value the members of a group share, dropped by the last one to take it: the projection of
-    the 8B ``down_proj`` (its Cholesky factor, 1.5 GiB in float64) is not kept through that layer's
-    statistics and installation, which need only the factors."""
+    the 8B ``down_proj`` (its Cholesky factor, 1.5 GiB in float64, also the root its statistics read)
+    goes when that layer's install ends, not with the block."""
 
     def __init__(self, value: Any, users: int) -> None:
         self.value, self.users = value, users
@@ -715,16 +712,58 @@ class _Shared:
         return value
 
 
+class _HeldOut:
+    """``damping="auto"``: a group's fit and held-out covariances and the eigendecomposition of
+    ``H_fit`` (made only if a member's ridge scoring needs it), shared by the group's members. The
+    last member drops the eigendecomposition once it has chosen its ridge and the pair once its
+    refit has summed it: neither is alive while the 8B ``down_proj`` is factorised (1.5 GiB each)."""
+
+    def __init__(self, H_fit: torch.Tensor, H_val: torch.Tensor, users: int, times: PhaseTimes,
+                 device: torch.device) -> None:
+        self.H_fit: Optional[torch.Tensor] = H_fit
+        self.H_val: Optional[torch.Tensor] = H_val
+        self.users, self.times, self.device = users, times, device
+        self._eigen: Optional[Eigen] = None
+
+    @property
+    def pair(self) -> Covariance:
+        """``(H_fit, H_val)``: their sum, never added up in float32 (784 MiB more at 14336²)."""
+        if self.H_fit is None or self.H_val is None:
+            raise RuntimeError("the group's covariances were already released")
+        return (self.H_fit, self.H_val)
+
+    def fit(self) -> Eigen:
+        if self._eigen is None:
+            with self.times.phase("decomposition", self.device):
+                self._eigen = eigen(self.H_fit)
+        return self._eigen
+
+    @property
+    def last(self) -> bool:
+        return self.users <= 1
+
+    def chosen(self) -> None:
+        """A member has chosen its ridge: after the last one, ``H_fit``'s eigendecomposition goes."""
+        if self.last:
+            self._eigen = None
+
+    def release(self) -> None:
+        """A member has read the pair for the last time: after the last one, the pair goes."""
+        self.users -= 1
+        if self.users <= 0:
+            self.H_fit = self.H_val = self._eigen = None
+
+
 def _install(
     t: Target,
     adapter_name: str,
     original: OriginalWeights,
-    H: Optional[Covariance],
+    H: Optional[Union[Covariance, CovarianceRoot]],
     projection: Optional[_Shared],
     method: str,
     eig_rtol: float,
     damping: Optional[float] = None,
-    auto: Optional[tuple[torch.Tensor, torch.Tensor, Any, Any]] = None,
+    auto: Optional[_HeldOut] = None,
     device: Optional[torch.device] = None,
     times: PhaseTimes = NO_TIMES,
     adapter_bits: int = 16,
@@ -739,22 +778,29 @@ def _install(
         root = None if out_weight is None else out_weight.to(device, torch.float64).sqrt()[:, None]
         fitted = delta if root is None else (delta.double() * root).to(delta.dtype)
         if auto is not None:
-            H_fit, H_val, fit, full = auto
-            factors, choice = eora_factors_auto(fitted, H_fit, H_val, t.rank, eig_rtol=eig_rtol, name=t.name, fit=fit,
-                                                full=full)
+            choice = select_damping(fitted, auto.H_fit, auto.H_val, t.rank, eig_rtol=eig_rtol, name=t.name, fit=auto.fit)
+            auto.chosen()
             damping, heldout_errors = choice.damping, choice.errors
             logger.debug("%s: damping %g chosen, held-out errors %s", t.name, damping, heldout_errors)
-        else:
-            shared = projection.take() if projection is not None else None
-            factors = eora_factors(fitted, H, t.rank, method=method, eig_rtol=eig_rtol, name=t.name,
+            if damping == math.inf:  # plain SVD; the statistics read the pair, released after them
+                factors = eora_factors(fitted, None, t.rank, method="svd", name=t.name)
+                H = auto.pair
+            else:  # the statistics read the refit's factorisation: the pair is released in there
+                factors, H = refit_auto(fitted, auto.pair, damping, t.rank, eig_rtol, t.name, release=auto.release)
+        elif projection is not None:  # the group's (projection, root): the root serves the statistics
+            shared, H = projection.take()
+            factors = eora_factors(fitted, None, t.rank, method=method, eig_rtol=eig_rtol, name=t.name,
                                    projection=shared)
-            del shared  # the last member's take() left the only reference here
+            del shared
+        else:
+            factors = eora_factors(fitted, H, t.rank, method=method, eig_rtol=eig_rtol, name=t.name)
         if adapter_bits != 16:  # rounded against the activations the factors were fitted to (δ-damped)
             plain_svd = method == "svd" or H is None or damping is None or damping == math.inf
             H_round = None if plain_svd else damped(H, float(damping))
             # aimed at the residual itself, not at the float pair: the rounded pair's error is the layer's
             A_hat, B_hat = fit_lowbit_factors(factors.A, factors.B, H_round, adapter_bits, target=fitted)
             factors = replace(factors, A=A_hat.float(), B=B_hat.float())
+            del H_round
         if root is not None:  # back from the weighted problem (rounded in it: B's per-row scales absorb G^-½)
             factors = replace(factors, B=(factors.B.double() / root).to(factors.B.dtype))
     with times.phase("install", device):
@@ -767,6 +813,9 @@ def _install(
             before, after = weighted_error(delta, H), weighted_error(delta, H, approx)
         else:  # plain SVD: the unweighted Frobenius error
             before, after = float(delta.norm()), float((delta - approx).norm())
+        if auto is not None and damping == math.inf:
+            del H
+            auto.release()
     logger.debug("%s: error %.4g -> %.4g (r=%d)", t.name, before, after, t.rank)
     return ModuleStats(
         t.name, t.rank, before, after, factors.energy_retained, factors.kept_eigen,

@@ -86,8 +86,23 @@ def _eigh(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.linalg.eigh(A)
 
 
+def _eigh_(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eigh`` of a symmetric row-major ``A`` with the eigenvectors written over it: ``Q`` is
+    returned as the column-major view ``A.mT`` (LAPACK/cuSOLVER work on column-major storage,
+    so torch then needs no copy of the input: at 14336² float64 that is 1.5 GiB saved)."""
+    if not (A.is_contiguous() and A.dtype in (torch.float32, torch.float64)):
+        return _eigh(A)
+    lam, At = A.new_empty(A.shape[0]), A.mT
+    with _lapack_threads(A):
+        try:
+            torch.linalg.eigh(At, out=(lam, At))
+        except RuntimeError:  # a build refusing the aliased output: the out-of-place decomposition
+            return torch.linalg.eigh(A)
+    return lam, At
+
+
 #: Scratch of the row-block loops that avoid a second large matrix (:meth:`Projection.project_`,
-#: :func:`_sandwich`, the float64 sum of the fit and held-out covariances).
+#: :func:`_sandwich`, :func:`_residual_sq`, the float64 sum of the fit and held-out covariances).
 _PROJECT_BLOCK_BYTES = 64 << 20
 
 
@@ -101,6 +116,31 @@ def _block_rows(t: torch.Tensor, element_size: int | None = None) -> int:
 #: and held-out tokens' apart). The consumers that take one (:func:`damped`, :func:`weighted_error`)
 #: never add the parts up in their own precision: at 14336² that sum is another 784 MiB in float32.
 Covariance = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class CovarianceRoot:
+    """A covariance kept as ``H = S·Sᵀ − shift·I``: what the statistics after a refit need of ``H``
+    once the matrices it was summed from are dropped (:func:`refit_auto`: ``S`` is the Cholesky
+    factor of ``H + δ·m·I``, ``shift = δ·m``; or the eigenvectors ``Q`` with ``scale = √λ``, the root
+    being ``S·diag(scale)``). ``tr(E·H·Eᵀ) = ‖E·S‖² − shift·‖E‖²``::
+
+        weighted_error(delta, CovarianceRoot(L, shift=d * m), approx)
+    """
+
+    S: torch.Tensor
+    shift: float = 0.0
+    scale: torch.Tensor | None = None
+
+    def matrix(self) -> torch.Tensor:
+        """``H`` as a new float64 matrix (symmetrised)."""
+        S = self.S.to(torch.float64)
+        if self.scale is not None:
+            S = S * self.scale.to(S)
+        H = _symmetrize_(S @ S.T)
+        if self.shift:
+            H.diagonal().sub_(self.shift)
+        return H
 
 
 def covariance_parts(H: Covariance) -> tuple[torch.Tensor, ...]:
@@ -136,23 +176,32 @@ class Projection:
     kept: int
     S_pinv: torch.Tensor | None = None
     lower: bool = False  # S is a Cholesky factor
+    #: ``S`` holds the eigenvectors ``Q`` and the root is ``Q·diag(scale)``; ``S⁺ = diag(inv_scale)·Qᵀ``
+    #: (:meth:`Eigen.root`: neither ``n × n`` product is made)
+    scale: torch.Tensor | None = None
+    inv_scale: torch.Tensor | None = None
 
     def project(self, D: torch.Tensor) -> torch.Tensor:
-        return D @ self.S.to(D.device)
+        P = D @ self.S.to(D.device)
+        return P if self.scale is None else P * self.scale.to(P)
 
     def project_(self, D: torch.Tensor) -> torch.Tensor:
         """``D·S`` written over ``D`` (returned), a block of rows at a time: the only scratch is one
         block (~64 MiB), not a second ``out × in`` matrix (0.44 GiB in float64 for an 8B ``down_proj``)."""
         S = self.S.to(D.device)
+        scale = None if self.scale is None else self.scale.to(D)
         step = _block_rows(D)
         for i in range(0, D.shape[0], step):
-            D[i:i + step] = D[i:i + step] @ S
+            P = D[i:i + step] @ S
+            D[i:i + step] = P if scale is None else P * scale
         return D
 
     def unproject(self, M: torch.Tensor) -> torch.Tensor:
         if self.lower:
             L = self.S.to(M.device)
             return torch.linalg.solve_triangular(L.T, M.T, upper=True).T
+        if self.scale is not None:
+            return (M * self.inv_scale.to(M)) @ self.S.to(M.device).T
         return M @ self.S_pinv.to(M.device)
 
 
@@ -219,7 +268,7 @@ def _symmetrize_(H: torch.Tensor) -> torch.Tensor:
     return H
 
 
-def damped(H: Covariance, damping: float) -> torch.Tensor:
+def damped(H: Covariance | CovarianceRoot, damping: float) -> torch.Tensor:
     """Return ``H + damping·mean(diag H)·I`` in float64 (symmetrised), a new tensor (``H`` may be
     given as its parts, summed in float64).
 
@@ -227,7 +276,7 @@ def damped(H: Covariance, damping: float) -> torch.Tensor:
     added to its diagonal); the values are bit for bit those of ``0.5·(H + Hᵀ) + δ·m·I``. At
     14336² each avoided temporary is 1.5 GiB of GPU memory.
     """
-    H = _symmetrize_(covariance64(H))
+    H = H.matrix() if isinstance(H, CovarianceRoot) else _symmetrize_(covariance64(H))
     if damping > 0:
         mean_diag = float(torch.diagonal(H).mean())
         if mean_diag > 0:
@@ -287,12 +336,32 @@ def cholesky_projection(H: torch.Tensor, damping: float, eig_rtol: float = DEFAU
 
 def projection_for(H: torch.Tensor, damping: float = 0.0, eig_rtol: float = DEFAULT_EIG_RTOL) -> Projection:
     """The cheapest exact :class:`Projection` of ``H + δ·mean(diag H)·I``: Cholesky when the ridge
-    allows it (:func:`cholesky_projection`), else the eigendecomposition (:func:`eigen_projection`)."""
+    allows it (:func:`cholesky_projection`), else the eigendecomposition, applied as ``Q`` and its
+    scales (:meth:`Eigen.root`: one ``n × n`` matrix where :func:`eigen_projection` makes three)."""
     proj = cholesky_projection(H, damping, eig_rtol)
     if proj is not None:
         return proj
-    S, S_pinv, kept = eigen_projection(H, damping, eig_rtol)
-    return Projection(S=S, kept=kept, S_pinv=S_pinv)
+    return eigen(H).root(damping, eig_rtol)
+
+
+def projection_and_root(H: Covariance, damping: float = 0.0,
+                        eig_rtol: float = DEFAULT_EIG_RTOL) -> tuple[Projection, CovarianceRoot]:
+    """:func:`projection_for` and ``H`` as a :class:`CovarianceRoot` sharing its matrix, for the
+    statistics once ``H`` itself is dropped::
+
+        projection, root = projection_and_root(H, 0.01)
+        f = eora_factors(delta, None, 8, projection=projection)
+        weighted_error(delta, root, f.B @ f.A)          # ‖(ΔW − BA)·Xᵀ‖ without H
+
+    Cholesky route: ``root = (L, shift=δ·mean(diag H))``; eigen route: ``Q·diag(√λ)`` (λ of ``H``).
+    """
+    if damping > eig_rtol * max(covariance_parts(H)[0].shape[0], 1) and isinstance(H, torch.Tensor):
+        proj = cholesky_projection(H, damping, eig_rtol)
+        if proj is not None:
+            mean_diag = float(torch.diagonal(H).to(torch.float64).mean())
+            return proj, CovarianceRoot(S=proj.S, shift=damping * mean_diag)
+    e = eigen(H)
+    return e.root(damping, eig_rtol), CovarianceRoot(S=e.Q, scale=e.lam.clamp_min(0).sqrt())
 
 
 def _root_scales(lam: torch.Tensor, eig_rtol: float) -> tuple[torch.Tensor, torch.Tensor, int] | None:
@@ -321,7 +390,7 @@ def eora_factors(
     ``H`` is the (unnormalised or normalised, the scale does not matter) input second moment
     ``Σ xᵀx``; it is ignored for ``method="svd"``. Layers sharing one input (q/k/v) can share
     the decomposition: pass ``projection=projection_for(H, damping, eig_rtol)`` (or the tuple
-    of :func:`eigen_projection`). Returns float32 factors.
+    of :func:`eigen_projection`; ``H`` may then be None). Returns float32 factors.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown EoRA method {method!r}; choose one of {METHODS}.")
@@ -337,13 +406,13 @@ def eora_factors(
     if not _all_finite(D):
         raise ValueError(f"{name}: the weight residual contains NaN or inf; check both models' weights.")
 
-    if method == "svd" or H is None:
+    if method == "svd" or (H is None and projection is None):
         if method == "eora":
             raise ValueError(f"{name}: method 'eora' needs the activation covariance H.")
         kept = in_f
         Dp = D
     else:
-        if H.shape != (in_f, in_f):
+        if H is not None and H.shape != (in_f, in_f):
             raise ValueError(
                 f"{name}: covariance shape {tuple(H.shape)} does not match the layer's input size {in_f}."
             )
@@ -362,7 +431,7 @@ def eora_factors(
     root = sv[:rank].sqrt()
     B = U[:, :rank] * root
     A = root[:, None] * Vh[:rank]
-    if method != "svd" and H is not None:
+    if method != "svd" and projection is not None:
         A = projection.unproject(A)
     return Factors(A=A.float(), B=B.float(), singular_values=sv.float(), kept_eigen=kept)
 
@@ -394,10 +463,14 @@ def truncated_svd(D: torch.Tensor, rank: int, col_scale: torch.Tensor | None = N
     """
     m, n = D.shape
     wide = m <= n
-    if col_scale is not None and wide:
-        D, col_scale = D * col_scale, None
-    if wide:
+    if wide and col_scale is None:
         G = D @ D.T
+    elif wide:  # (D·diag(s))·(D·diag(s))ᵀ a block of columns at a time: no scaled copy of D
+        G = D.new_zeros((m, m))
+        step = max(1, _PROJECT_BLOCK_BYTES // (D.element_size() * max(1, m)))
+        for j in range(0, n, step):
+            Ds = D[:, j:j + step] * col_scale[j:j + step]
+            G.addmm_(Ds, Ds.T)
     elif col_scale is None:
         G = D.T @ D if gram is None else gram.clone()
     else:
@@ -406,34 +479,61 @@ def truncated_svd(D: torch.Tensor, rank: int, col_scale: torch.Tensor | None = N
     top, sv, live = _gram_top(G, rank, owned=True)
     s = sv[:rank]
     inv = torch.where(live, 1.0 / torch.where(live, s, torch.ones_like(s)), torch.zeros_like(s))
-    if wide:  # top = U_r; V_rᵀ = diag(1/σ)·U_rᵀ·D (directions with σ ≈ 0 dropped from both)
+    if wide:  # top = U_r; V_rᵀ = diag(1/σ)·U_rᵀ·D·diag(s) (directions with σ ≈ 0 dropped from both)
         U, Vh = top * live, inv[:, None] * (top.T @ D)
+        if col_scale is not None:
+            Vh.mul_(col_scale)
     else:  # top = V_r; U_r = D·diag(s)·V_r·diag(1/σ)
         U, Vh = (D @ (top if col_scale is None else col_scale[:, None] * top)) * inv, top.T
     return U, sv, Vh
 
 
-def weighted_error(delta: torch.Tensor, H: Covariance, approx: torch.Tensor | None = None) -> float:
+def weighted_error(delta: torch.Tensor, H: Covariance | CovarianceRoot, approx: torch.Tensor | None = None) -> float:
     """Activation-weighted error ``‖(delta − approx)·Xᵀ‖_F = sqrt(tr(E H Eᵀ))`` via H = Σ xᵀx
-    (or its parts: the traces add up).
+    (or its parts: the traces add up; or a :class:`CovarianceRoot`: ``‖E·S‖² − shift·‖E‖²``, ``E`` a
+    block of rows at a time, in float64).
 
     float64 on the CPU; on a GPU the products run in H's own precision (float32: no n² float64
     copy of H) and are summed in float64 — a statistic, not an input of the factors. Only ``E`` is
     whole: ``H`` is read a block of rows at a time (``tr(E·H·Eᵀ) = Σ_j tr(E·H[j]ᵀ·E[:, j]ᵀ)``), so
     neither a float64 copy of ``H`` nor the ``out × in`` product ``E·H`` is ever made.
     """
+    if isinstance(H, CovarianceRoot):
+        return _root_error(delta, H, approx)
     parts = covariance_parts(H)
     half = parts[0].is_cuda and parts[0].dtype == torch.float32
     dtype = torch.float32 if half else torch.float64
     E = delta.detach().to(dtype, copy=True)
     if approx is not None:
         E.sub_(approx.detach().to(E))
-    val = torch.zeros((), dtype=torch.float64, device=E.device)  # summed on the device: no sync per block
-    for part in parts:
-        step = _block_rows(part, E.element_size())
+    return math.sqrt(max(float(_trace_sq(E, parts)), 0.0))
+
+
+def _trace_sq(E: torch.Tensor, H: Covariance) -> torch.Tensor:
+    """``tr(E·H·Eᵀ)`` as a float64 scalar on ``E``'s device (no sync), ``H`` (or each of its parts)
+    read a block of rows at a time in ``E``'s dtype: ``Σ_j tr(E·H[j]ᵀ·E[:, j]ᵀ)``."""
+    val = torch.zeros((), dtype=torch.float64, device=E.device)
+    for part in covariance_parts(H):  # blocks of H's rows and of E·H[j]ᵀ (out × step) both ~64 MiB
+        step = max(1, _PROJECT_BLOCK_BYTES // (E.element_size() * max(part.shape[1], E.shape[0], 1)))
         for j in range(0, part.shape[0], step):
             rows = part[j:j + step].detach().to(E)
             val += ((E @ rows.T) * E[:, j:j + step]).sum(dtype=torch.float64)
+            del rows  # before the next block is made
+    return val
+
+
+def _root_error(delta: torch.Tensor, H: CovarianceRoot, approx: torch.Tensor | None) -> float:
+    S = H.S.to(torch.float64)
+    val = torch.zeros((), dtype=torch.float64, device=S.device)
+    step = _block_rows(S)
+    for i in range(0, delta.shape[0], step):
+        E = delta[i:i + step].detach().to(S.device, torch.float64, copy=True)  # a float64 delta is not written over
+        if approx is not None:
+            E.sub_(approx[i:i + step].detach().to(E))
+        ES = E @ S if H.scale is None else (E @ S) * H.scale.to(E)
+        val += (ES * ES).sum()
+        if H.shift:
+            val -= H.shift * (E * E).sum()
     return math.sqrt(max(float(val), 0.0))
 
 
@@ -497,14 +597,25 @@ class Eigen:
         sqrt_lam, inv_sqrt, kept = self.scales(damping, eig_rtol)
         return self.Q * sqrt_lam, inv_sqrt[:, None] * self.Q.T, kept
 
+    def root(self, damping: float, eig_rtol: float = DEFAULT_EIG_RTOL) -> Projection:
+        """The same projection as :meth:`projection` without making ``S`` or ``S⁺`` (two more
+        ``n × n`` matrices): ``Q`` and the scales, applied as they are."""
+        sqrt_lam, inv_sqrt, kept = self.scales(damping, eig_rtol)
+        return Projection(S=self.Q, kept=kept, scale=sqrt_lam, inv_scale=inv_sqrt)
 
-def eigen(H: torch.Tensor) -> Eigen:
-    """Eigendecompose the symmetrised ``H`` once in float64 (see :class:`Eigen`)."""
-    Hd = damped(H, 0.0)
+
+def eigen(H: Covariance, overwrite: bool = False) -> Eigen:
+    """Eigendecompose the symmetrised ``H`` once in float64 (see :class:`Eigen`).
+
+    The eigenvectors are written over a float64 copy of ``H`` (``Q`` is a column-major view of
+    it); ``overwrite=True`` lets a float64 ``H`` be that copy (the caller's matrix then holds ``Qᵀ``).
+    """
+    own = overwrite and isinstance(H, torch.Tensor) and H.dtype == torch.float64 and H.is_contiguous()
+    Hd = _symmetrize_(H) if own else damped(H, 0.0)
     if not _all_finite(Hd):
         raise ValueError("The activation covariance contains NaN or inf; check the calibration inputs.")
-    lam, Q = _eigh(Hd)
     mean_diag = float(torch.diagonal(Hd).mean()) if Hd.shape[0] else 0.0
+    lam, Q = _eigh_(Hd)
     return Eigen(lam=lam, Q=Q, mean_diag=mean_diag)
 
 
@@ -579,45 +690,37 @@ def select_damping(
     for d in grid:
         if d != math.inf:
             _check_damping(d)
-    Hv = damped(H_val.to(D.device), 0.0)
-    if not _all_finite(Hv):
+    if not _all_finite(H_val):
         raise ValueError(f"{name}: the held-out covariance contains NaN or inf; check the calibration inputs.")
-    if float(torch.diagonal(Hv).sum()) <= 0.0:
+    if float(torch.diagonal(H_val).sum(dtype=torch.float64)) <= 0.0:
         raise ValueError(f"{name}: the held-out covariance is zero (no held-out token): cannot choose the damping.")
-    K: torch.Tensor | None = None
     if round_factors is None and out_f <= in_f:
-        K = _sandwich(D, Hv)  # all the Gram route needs of H_val: Hv is dropped while H_fit is factorised
-        del Hv
-        gram = _gram_scores(D, H_fit, K, rank, grid, eig_rtol, early_stop)
+        del D  # made again once H_fit is tested: its float64 copy is the largest matrix alive then
+        gram = _gram_scores(delta, H_fit, H_val, rank, grid, eig_rtol, early_stop, name)
         if gram is not None:
             return _choose(gram)
-        Hv = damped(H_val.to(D.device), 0.0)
+        D = _check_residual(delta, rank, name)
+    # Where no eigenvalue is cut, B·A = U_r·U_rᵀ·ΔW (U_r: the candidate's top left singular vectors),
+    # so its held-out error is tr(K) − tr(U_rᵀ·K·U_r) with K = ΔW·H_val·ΔWᵀ, shared by every candidate.
+    outside = _outside_errors(D, H_val) if round_factors is None else None
     fit = fit() if callable(fit) else fit
     fit = eigen(H_fit.to(D.device)) if fit is None else fit
     Q = fit.Q.to(D.device)
     DQ = D @ Q  # the residual in H_fit's eigenbasis, shared by every candidate
     # a tall residual's candidates all have the Gram matrix diag(s)·(DQᵀ·DQ)·diag(s): made once
     gram = DQ.T @ DQ if out_f > in_f else None
-    # Where no eigenvalue is cut, B·A = U_r·U_rᵀ·ΔW (U_r: the candidate's top left singular vectors),
-    # so its held-out error is tr(K) − tr(U_rᵀ·K·U_r) with K = ΔW·H_val·ΔWᵀ, shared by every candidate.
-    K = _sandwich(D, Hv) if (round_factors is None and K is None) else K
-    # H_val in the eigenbasis, for candidates that cut eigenvalues (built here, before any threads)
-    cuts = K is None or any(fit.scales(d, eig_rtol)[2] < in_f for d in grid)
-    Hv_rot = Q.T @ Hv @ Q if (round_factors is None and cuts) else None
 
     def score(d: float) -> float:
         sqrt_lam, inv_sqrt, kept = fit.scales(d, eig_rtol)
         U, sv, Vh = truncated_svd(DQ, rank, col_scale=sqrt_lam, gram=gram)
-        if K is not None and kept == in_f:
-            return _outside_error(K, U[:, :rank])
+        if outside is not None and kept == in_f:
+            return outside(U[:, :rank])
         root = sv[:rank].sqrt()
         B = U[:, :rank] * root
-        A_rot = (root[:, None] * Vh[:rank]) * inv_sqrt  # A·Q: still in the eigenbasis
-        if round_factors is None:
-            assert Hv_rot is not None
-            return math.sqrt(_weighted_sq(DQ, B, A_rot, Hv_rot))
-        A_hat, B_hat = round_factors(A_rot @ Q.T, B)  # rounding acts on A in the input basis
-        return math.sqrt(_weighted_sq(D, B_hat.to(D), A_hat.to(D), Hv))
+        A = ((root[:, None] * Vh[:rank]) * inv_sqrt) @ Q.T  # r × in: back in the input basis
+        if round_factors is not None:  # scored as it will be stored
+            A, B = (t.to(D) for t in round_factors(A, B))
+        return math.sqrt(_residual_sq(D, B, A, H_val))
 
     return _choose(_score_ridges(grid, score, early_stop, D.device))
 
@@ -699,14 +802,14 @@ def _score_ridges(grid: tuple[float, ...], score: Callable[[float], float], earl
     return {d: value(d) for d in scored + ([math.inf] if want_svd else [])}
 
 
-def _weighted_sq(D: torch.Tensor, B: torch.Tensor, A: torch.Tensor, H: torch.Tensor) -> float:
-    """``tr(E·H·Eᵀ)`` (≥ 0) for ``E = D − B·A``, a block of rows of ``E`` at a time: neither ``B·A``,
-    ``E`` nor ``E·H`` (each ``out × in``: 0.44 GiB in float64 for an 8B ``gate_proj``) is ever whole."""
-    val = torch.zeros((), dtype=D.dtype, device=D.device)  # summed on the device: no sync per block
+def _residual_sq(D: torch.Tensor, B: torch.Tensor, A: torch.Tensor, H: Covariance) -> float:
+    """``tr(E·H·Eᵀ)`` (≥ 0) for ``E = D − B·A`` (float64), a block of rows of ``E`` at a time and
+    ``H`` (or its parts) a block of rows at a time in its own dtype: neither ``E`` (``out × in``: 0.44 GiB
+    for an 8B ``gate_proj``) nor a float64 copy of ``H`` (1.5 GiB at 14336²) is ever whole."""
+    val = torch.zeros((), dtype=torch.float64, device=D.device)  # summed on the device: no sync per block
     step = _block_rows(D)
     for i in range(0, D.shape[0], step):
-        E = D[i:i + step] - B[i:i + step] @ A
-        val += ((E @ H) * E).sum()
+        val += _trace_sq(torch.addmm(D[i:i + step], B[i:i + step], A, alpha=-1), H)
     return max(float(val), 0.0)
 
 
@@ -715,22 +818,36 @@ def _outside_error(K: torch.Tensor, Ur: torch.Tensor) -> float:
     return math.sqrt(max(float(K.trace() - ((K @ Ur) * Ur).sum()), 0.0))
 
 
-def _sandwich(D: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """``D·H·Dᵀ`` (``out × out``) a block of rows of ``D`` at a time: the ``out × in`` product ``D·H``
-    is never whole (0.44 GiB in float64 for an 8B ``down_proj``), only one ~64 MiB block of it."""
-    step = _block_rows(D)
-    if step >= D.shape[0]:
-        return D @ H @ D.T
-    out = D.new_empty((D.shape[0], D.shape[0]))
-    for i in range(0, D.shape[0], step):
-        torch.mm(D[i:i + step] @ H, D.T, out=out[i:i + step])
-    return out
+def _outside_errors(D: torch.Tensor, H: Covariance) -> Callable[[torch.Tensor], float]:
+    """``U_r ↦`` the held-out error of ``U_r·U_rᵀ·ΔW`` (:func:`_outside_error`) for ``D = ΔW`` and
+    ``H = H_val``. A wide ``D`` keeps ``K = D·H·Dᵀ`` (``out × out``); a tall one would make ``K``
+    larger than ``H`` (14336² float64 for an 8B ``gate_proj``: 1.5 GiB), so it keeps ``tr(K)`` and
+    forms ``tr(U_rᵀ·K·U_r) = tr(M·H·Mᵀ)``, ``M = U_rᵀ·D`` (``r × in``), per candidate."""
+    if D.shape[0] <= D.shape[1]:
+        K = _sandwich(D, H)
+        return lambda Ur: _outside_error(K, Ur)
+    total = _trace_sq(D, H)
+    return lambda Ur: math.sqrt(max(float(total - _trace_sq(Ur.T @ D, H)), 0.0))
+
+
+def _sandwich(D: torch.Tensor, H: Covariance) -> torch.Tensor:
+    """``D·H·Dᵀ`` (``out × out``, in ``D``'s dtype, symmetrised: the quadratic form of ``H``'s
+    symmetric part) with ``H`` (or each of its parts) read a block of rows at a time in its own
+    dtype, ``D·H·Dᵀ = Σ_j D[:, j]·(H[j]·Dᵀ)``: neither a float64 copy of ``H`` (1.5 GiB at 14336²)
+    nor the ``out × in`` product ``D·H`` is ever made."""
+    out = D.new_zeros((D.shape[0], D.shape[0]))
+    for part in covariance_parts(H):  # blocks of H's rows and of H[j]·Dᵀ (step × out) both ~64 MiB
+        step = max(1, _PROJECT_BLOCK_BYTES // (D.element_size() * max(part.shape[1], D.shape[0], 1)))
+        for j in range(0, part.shape[0], step):
+            out.addmm_(D[:, j:j + step], part[j:j + step].to(D) @ D.T)
+    return _symmetrize_(out)
 
 
 def _cholesky_(A: torch.Tensor) -> bool:
     """Whether ``A`` is numerically positive definite (a Cholesky factorisation succeeds); the
     factor ``L`` is written over ``A``'s lower triangle (LAPACK factorises in place: no second
-    ``n × n`` matrix; 1.5 GiB at 14336² float64). The upper triangle is left as it was."""
+    ``n × n`` matrix; 1.5 GiB at 14336² float64). ``A`` no longer holds its input either way: torch
+    zeroes the strict upper triangle, and a failed factorisation leaves a partial one."""
     info = torch.empty((), dtype=torch.int32, device=A.device)
     # LAPACK/cuSOLVER work on column-major storage: for a row-major A torch would factorise a
     # column-major copy (one more n × n matrix), so factorise its transposed view instead (upper
@@ -745,8 +862,9 @@ def _cholesky_(A: torch.Tensor) -> bool:
     return int(info) == 0
 
 
-def _gram_scores(D: torch.Tensor, H_fit: torch.Tensor, K: torch.Tensor, rank: int, grid: tuple[float, ...],
-                 eig_rtol: float, early_stop: bool) -> dict[float, float] | None:
+def _gram_scores(delta: torch.Tensor, H_fit: torch.Tensor, H_val: torch.Tensor, rank: int,
+                 grid: tuple[float, ...], eig_rtol: float, early_stop: bool,
+                 name: str) -> dict[float, float] | None:
     """Held-out errors of every ridge for a wide residual (``out ≤ in``) without decomposing ``H_fit``.
 
     ``U_r`` of ``ΔW·S_δ`` (any square root ``S_δ·S_δᵀ = H_fit + δ·m·I``) is the top eigenvectors of
@@ -754,27 +872,92 @@ def _gram_scores(D: torch.Tensor, H_fit: torch.Tensor, K: torch.Tensor, rank: in
     That equals the eigenbasis route only where no eigenvalue of ``H_fit`` is cut; a Cholesky
     factorisation of ``H_fit − eig_rtol·tr(H_fit)·I`` proves that (``λ_min > eig_rtol·λ_max``), else
     None and the caller decomposes ``H_fit``. ``K = ΔW·H_val·ΔWᵀ`` scores the held-out tokens.
+    Memory: the test runs first, with nothing of ``ΔW`` made yet; the ``out × out`` products after it.
     """
-    Hf = damped(H_fit.to(D.device), 0.0)
-    if not _all_finite(Hf):
+    if not _all_finite(H_fit):
         raise ValueError("The activation covariance contains NaN or inf; check the calibration inputs.")
-    trace = float(torch.diagonal(Hf).sum())
+    trace = float(torch.diagonal(H_fit).sum(dtype=torch.float64))
     if trace <= 0.0:
         return None
-    mean_diag = trace / Hf.shape[0]
-    G0, G1 = _sandwich(D, Hf), D @ D.T
-    Hf.diagonal().sub_(eig_rtol * trace)  # Hf is our own copy: shifted in place, no second in × in matrix
+    mean_diag = trace / H_fit.shape[0]
+    Hf = damped(H_fit.to(delta.device), 0.0)  # our own float64 copy: shifted in place, no second in × in matrix
+    Hf.diagonal().sub_(eig_rtol * trace)
     ok = _cholesky_(Hf)
     del Hf
     if not ok:
         return None  # some eigenvalue may fall under the cut-off
+    D = _check_residual(delta, rank, name)
+    K, G0, G1 = _sandwich(D, H_val), _sandwich(D, H_fit), D @ D.T
+    del D
 
     def score(d: float) -> float:
         G = G1 if d == math.inf else G0 + (d * mean_diag) * G1 if d > 0 else G0
         top, _, live = _gram_top(G, rank, owned=0 < d < math.inf)  # G0 and G1 are shared by the threads
         return _outside_error(K, top * live)  # as truncated_svd: directions with σ ≈ 0 dropped
 
-    return _score_ridges(grid, score, early_stop, D.device)
+    return _score_ridges(grid, score, early_stop, delta.device)
+
+
+def refit_auto(
+    delta: torch.Tensor,
+    H: Covariance,
+    damping: float,
+    rank: int,
+    eig_rtol: float = DEFAULT_EIG_RTOL,
+    name: str = "layer",
+    full: Eigen | None = None,
+    release: Callable[[], None] | None = None,
+) -> tuple[Factors, CovarianceRoot]:
+    """The factors of ``damping="auto"`` once a finite δ is chosen: :func:`eora_factors` on all
+    tokens (``H``: the fit and held-out covariances, as parts), and ``H`` as a
+    :class:`CovarianceRoot` for the statistics::
+
+        factors, root = refit_auto(delta, (H_fit, H_val), 0.1, rank=8)
+        weighted_error(delta, root, factors.B @ factors.A)
+
+    One float64 ``n × n`` matrix is made, ``H_fit + H_val``, and factorised in place: by Cholesky
+    where the ridge keeps every eigenvalue above the ``eig_rtol`` cut-off (at δ = 0 where a
+    Cholesky factorisation of ``H − eig_rtol·tr(H)·I`` proves it), else by ``eigh`` (or ``full``,
+    ``eigen(H_fit + H_val)``, when given). ``release()`` is called once the parts are no longer
+    read: a caller holding no other reference to them frees them before the factors are computed
+    (the float32 pair of an 8B ``down_proj`` is 1.5 GiB).
+    """
+    if not (math.isfinite(damping) and damping >= 0):
+        raise ValueError(f"refit_auto needs a finite damping ≥ 0, got {damping!r}.")
+    n = delta.shape[1]
+    for part in covariance_parts(H):
+        _check_cov(part, n, name)
+    H_all = covariance64(H, delta.device)
+    if not _all_finite(H_all):
+        raise ValueError(f"{name}: the activation covariance contains NaN or inf; check the calibration inputs.")
+    mean_diag = float(torch.diagonal(H_all).mean()) if n else 0.0
+    shift: float | None = None  # the Cholesky route: H_all holds the factor of H + shift·I
+    if mean_diag > 0 and damping > eig_rtol * n:
+        H_all.diagonal().add_(damping * mean_diag)
+        shift = damping * mean_diag
+    elif mean_diag > 0 and damping == 0:  # no ridge: Cholesky only where eigh would cut nothing
+        H_all.diagonal().sub_(eig_rtol * mean_diag * n)
+        if _cholesky_(H_all):  # λ_min > eig_rtol·tr(H) ≥ eig_rtol·λ_max
+            shift = 0.0
+        del H_all  # a factor of the shifted matrix: H itself is factorised again below
+        H_all = covariance64(H, delta.device)
+    if shift is not None and not _cholesky_(H_all):  # round-off: not positive definite after all
+        shift = None
+        del H_all
+        H_all = covariance64(H, delta.device)
+    del H
+    if release is not None:
+        release()
+    if shift is not None:
+        root = CovarianceRoot(S=H_all.tril_(), shift=shift)
+        projection = Projection(S=root.S, kept=n, lower=True)
+        factors = eora_factors(delta, None, rank, damping=damping, eig_rtol=eig_rtol, name=name, projection=projection)
+        return factors, root
+    e = eigen(H_all, overwrite=True) if full is None else full
+    del H_all  # held by e.Q when decomposed here
+    factors = eora_factors(delta, None, rank, damping=damping, eig_rtol=eig_rtol, name=name,
+                           projection=e.root(damping, eig_rtol))
+    return factors, CovarianceRoot(S=e.Q, scale=e.lam.clamp_min(0).sqrt())
 
 
 def eora_factors_auto(
@@ -794,26 +977,13 @@ def eora_factors_auto(
         factors, choice = eora_factors_auto(delta, H_fit, H_val, rank=8)
 
     The final factors are ``eora_factors(delta, H_fit + H_val, rank, damping=choice.damping)``:
-    plain SVD for ``inf``, a Cholesky factorisation where the ridge allows it, else the
-    eigendecomposition ``full=eigen(H_fit + H_val)`` (computed here when not given).
+    plain SVD for ``inf``, else :func:`refit_auto` (a Cholesky factorisation where the ridge allows
+    it, else the eigendecomposition ``full=eigen(H_fit + H_val)``, computed there when not given).
     """
     choice = select_damping(delta, H_fit, H_val, rank, grid, eig_rtol, name, fit, round_factors)
     if choice.damping == math.inf:
-        svd = eora_factors(delta, None, rank, method="svd", name=name)
-        return svd, choice
-
-    def all_tokens() -> torch.Tensor:  # H_fit + H_val in float64: one n × n allocation
-        return covariance64((H_fit, H_val), delta.device)
-
-    H_all = all_tokens()
-    projection: Projection | tuple[torch.Tensor, torch.Tensor, int] | None = cholesky_projection(
-        H_all, choice.damping, eig_rtol, overwrite=True)  # H_all becomes L: no second n × n matrix
-    if projection is None:
-        H_all = all_tokens()  # the failed factorisation wrote over it
-        full = eigen(H_all) if full is None else full
-        projection = full.projection(choice.damping, eig_rtol)
-    factors = eora_factors(delta, H_all, rank, damping=choice.damping, eig_rtol=eig_rtol, name=name,
-                           projection=projection)
+        return eora_factors(delta, None, rank, method="svd", name=name), choice
+    factors, _ = refit_auto(delta, (H_fit, H_val), choice.damping, rank, eig_rtol, name, full=full)
     return factors, choice
 
 
