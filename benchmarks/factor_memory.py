@@ -8,9 +8,12 @@ its inputs, also in units of one ``in × in`` float64 matrix::
 
     python benchmarks/factor_memory.py                          # the 8B down_proj on the CPU (~3 min)
     python benchmarks/factor_memory.py --damping 0.01 --device cuda --out mem.json
+    python benchmarks/factor_memory.py --dead-channels 16        # an ill-conditioned H: the eigh routes
 
-CPU: the process's high-water mark (Linux ``/proc/self/status``, reset first); CUDA:
-``torch.cuda.max_memory_allocated``. Inputs: ``H_fit``, ``H_val`` (float32) and the residual; at a fixed
+CPU: the process's high-water mark (Linux ``/proc/self/status``, reset first) and the most tensor
+bytes alive at once (``tensor_peak_over_inputs_gib``, :class:`bench_common.LiveTensorPeak`: no heap
+pages, no LAPACK workspaces); CUDA: ``torch.cuda.max_memory_allocated``. ``--dead-channels k``: the
+first ``k`` input channels never fire, so ``H`` is singular and the routes that decompose it run. Inputs: ``H_fit``, ``H_val`` (float32) and the residual; at a fixed
 ridge the step also builds ``H_fit + H_val`` (float32), as a single covariance would be.
 """
 
@@ -27,10 +30,10 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import PeakRSS, json_main  # noqa: E402
+from bench_common import LiveTensorPeak, PeakRSS, json_main  # noqa: E402
 
 
-def _covariance(n: int, seed: int, device: torch.device) -> torch.Tensor:
+def _covariance(n: int, seed: int, device: torch.device, dead: int = 0) -> torch.Tensor:
     """A full-rank, strongly anisotropic ``n × n`` covariance, cheap to build: a low-rank part shared
     by every ``seed`` (so fit and held-out tokens agree, and a finite ridge wins), a smaller one of
     this seed's own, and the identity."""
@@ -39,6 +42,9 @@ def _covariance(n: int, seed: int, device: torch.device) -> torch.Tensor:
     U = torch.cat([shared, own], dim=1).to(device)
     H = U @ U.T
     H.diagonal().add_(1.0)
+    if dead:
+        H[:dead] = 0
+        H[:, :dead] = 0
     return H
 
 
@@ -49,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--damping", default="auto", help="'auto' or a fixed ridge")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dead-channels", type=int, default=0, help="input channels that never fire (H singular)")
     p.add_argument("--out", default=None)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -57,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
 
+    from peft_eora import decompose
     from peft_eora.decompose import eora_factors, eora_factors_auto
 
     device = torch.device(args.device)
@@ -65,7 +73,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if device.type == "cpu" and not Path("/proc/self/status").exists():
         return {"status": "skipped", "reason": "the CPU high-water mark needs Linux /proc"}
     n = args.in_features
-    H_fit, H_val = _covariance(n, 0, device), _covariance(n, 1, device)
+    H_fit, H_val = _covariance(n, 0, device, args.dead_channels), _covariance(n, 1, device, args.dead_channels)
     delta = (torch.randn(args.out_features, n, generator=torch.Generator().manual_seed(2)) * 0.01).to(device)
 
     if device.type == "cuda":
@@ -73,8 +81,12 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     rss = PeakRSS() if device.type == "cpu" else contextlib.nullcontext()
+    live = None
+    if device.type == "cpu":
+        decompose.DAMPING_WORKERS = 1  # the ridges scored in this thread, where LiveTensorPeak sees them
+        live = LiveTensorPeak()
     start = time.perf_counter()
-    with rss:
+    with rss, live if live is not None else contextlib.nullcontext():
         if args.damping == "auto":
             factors, choice = eora_factors_auto(delta, H_fit, H_val, args.rank)
             chosen: Any = choice.damping
@@ -96,7 +108,10 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "damping": args.damping,
         "chosen_damping": chosen if chosen != float("inf") else "inf (plain SVD)",
         "seconds": round(seconds, 1),
+        "dead_channels": args.dead_channels,
         "peak_over_inputs_gib": round(over / 2**30, 3),
+        "tensor_peak_over_inputs_gib": round(live.peak_bytes / 2**30, 4) if live is not None else None,
+        "tensor_in_x_in_float64_units": round(live.peak_bytes / (n * n * 8), 2) if live is not None else None,
         "in_x_in_float64_units": round(over / (n * n * 8), 2),
         "finite": bool(torch.isfinite(factors.A).all() and torch.isfinite(factors.B).all()),
     }
