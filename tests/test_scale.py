@@ -513,6 +513,33 @@ def test_offload_to_gpu_matches_the_cpu_run(tiny_llama, calib_ids):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_half_precision_covariance_accumulates_in_place(dtype):
+    """On CUDA, ``H += xᵀx`` from half-precision ``x`` runs in float32 into ``H`` itself (no n × n
+    temporary where torch allows it): the float64 sum of the same half values, to float32 accuracy,
+    over several batches; no allocation the size of ``H`` per batch where the in-place form ran."""
+    import peft_eora.compensate as comp
+
+    n = 1024
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(rows, n, generator=g).to(dtype).cuda() for rows in (300, 513, 7)]
+    H = torch.zeros(n, n, device="cuda")
+    comp.accumulate_gram(H, xs[0])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    for x in xs[1:]:
+        comp.accumulate_gram(H, x)
+    torch.cuda.synchronize()
+    ref = sum(x.double().T @ x.double() for x in xs)
+    assert ((H.double() - ref).norm() / ref.norm()).item() < 1e-6
+    if comp._HALF_GRAM_IN_PLACE[0]:
+        assert torch.cuda.max_memory_allocated() - base < n * n * 4  # cuBLAS workspace aside, no n × n
+    print(f"in-place half-precision XᵀX: {comp._HALF_GRAM_IN_PLACE[0]}, half products: {comp._HALF_GRAM[0]}")
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_two_gpus_dispatched_by_accelerate_match_one_gpu(tiny_llama, calib_ids):
     from accelerate import dispatch_model

@@ -316,6 +316,13 @@ def accumulate_gram(H: torch.Tensor, x: torch.Tensor) -> None:
 
 def _accumulate_gram(H: torch.Tensor, x: torch.Tensor) -> None:
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _HALF_GRAM[0]:
+        if _HALF_GRAM_IN_PLACE[0]:  # H += xᵀx by cuBLAS into H itself: no n × n float32 temporary
+            try:  # (784 MiB for the 8B down_proj, per batch); a torch that wants self in x's dtype refuses
+                torch.addmm(H, x.T, x, out_dtype=torch.float32, out=H)
+                return
+            except (TypeError, RuntimeError, NotImplementedError) as exc:
+                logger.debug("in-place half-precision XᵀX unavailable (%s): product then add", exc)
+                _HALF_GRAM_IN_PLACE[0] = False
         try:
             H.add_(torch.mm(x.T, x, out_dtype=torch.float32))
             return
@@ -339,6 +346,7 @@ def _accumulate_gram(H: torch.Tensor, x: torch.Tensor) -> None:
 
 
 _HALF_GRAM = [True]
+_HALF_GRAM_IN_PLACE = [True]
 
 #: Rows per panel of the CPU covariance update (see :func:`_accumulate_gram`).
 GRAM_PANEL = 256
