@@ -844,6 +844,21 @@ def test_projected_spectrum_without_eigh_matches_the_factors_spectrum(case, damp
     torch.testing.assert_close(got, exact, rtol=1e-6, atol=1e-6 * float(ref[0]))
 
 
+@pytest.mark.parametrize("out_f", [24, 48])
+def test_projected_spectrum_reads_a_float32_h_in_row_blocks(out_f, monkeypatch):
+    """A float32 ``H`` (as collected) is read a block of rows at a time for a wide residual (no float64
+    copy of it, no ``D·H``) and factorised over its own float64 copy for a tall one: the spectrum of the
+    float64 computation."""
+    delta, _, H = make_case(out_f=out_f, in_f=32, seed=131)
+    delta = delta.double()
+    before = delta.clone()
+    ref = projected_spectrum(delta, H, damping=0.01)
+    assert torch.equal(delta, before)  # a float64 residual is projected in a copy
+    monkeypatch.setattr(decompose, "_PROJECT_BLOCK_BYTES", 8 * 48 * 5)
+    got = projected_spectrum(delta, H.float(), damping=0.01)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6 * float(ref[0]))
+
+
 def _brute_force(spectra, costs, budget, min_rank, caps):
     """Best captured energy over every rank vector within bounds and budget (exhaustive)."""
     names = list(spectra)

@@ -1025,20 +1025,23 @@ def projected_spectrum(
             raise ValueError("method 'eora' needs the activation covariance H.")
         if projection is None:
             _check_damping(damping)
-            Hd = damped(H.to(D.device), damping)
-            if not _all_finite(Hd):
+            if not _all_finite(H):
                 raise ValueError("The activation covariance contains NaN or inf; check the calibration inputs.")
-            if float(torch.diagonal(Hd).max()) <= 0.0:  # no signal: plain SVD, as eigen_projection does
+            diag = torch.diagonal(H).to(torch.float64)
+            if float(diag.max()) <= 0.0:  # no signal: plain SVD, as eigen_projection does
                 projection = (torch.eye(n, dtype=torch.float64, device=D.device),)  # type: ignore[assignment]
-            elif m <= n:
-                G = D @ Hd @ D.T
+            elif m <= n:  # D·H_δ·Dᵀ with H read a row block at a time: no float64 copy of H, no D·H
+                G = _sandwich(D, H)
+                if damping > 0:
+                    G.add_(D @ D.T, alpha=damping * float(diag.mean()))
             else:
-                L, info = torch.linalg.cholesky_ex(Hd)
-                if int(info) == 0:
-                    M = D @ L
+                Hd = damped(H.to(D.device), damping)
+                if _cholesky_(Hd):  # H_δ = L·Lᵀ over Hd itself; D·L over (a copy of) D, a row block at a time
+                    M = Projection(S=Hd.tril_(), kept=n, lower=True).project_(D.clone() if D is delta else D)
+                    del Hd, D
                     G = M.T @ M
                 else:
-                    projection = eigen_projection(Hd, 0.0, eig_rtol)
+                    projection = eigen_projection(damped(H.to(D.device), damping), 0.0, eig_rtol)
         if G is None:
             D = D @ projection[0].to(D.device)
     if G is None:
