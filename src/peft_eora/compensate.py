@@ -52,7 +52,6 @@ from .decompose import (
     allocate_ranks,
     captured_energy,
     check_rank,
-    covariance_parts,
     damped,
     eigen,
     eora_factors,
@@ -460,7 +459,7 @@ def compensate(
         if method == "svd":  # the baseline needs no activations: no forward pass at all
             for t in tqdm(targets, desc="SVD", unit="module", disable=not progress):
                 dev = torch.device(device) if device is not None else device_of(t.base)
-                stats.modules.append(_install(t, adapter_name, original, None, None, method, eig_rtol, device=dev,
+                stats.modules.append(_install(t, adapter_name, original, None, method, eig_rtol, device=dev,
                                               times=times))
         else:
             _compensate_blocks(model, blocks, targets, adapter_name, original, batches, stats, damping, eig_rtol,
@@ -621,7 +620,7 @@ def _compensate_visit(
             held = _HeldOut(*cov.take(g), users=len(groups[g]), times=times, device=visit.device)
             with original.keeping(_read_twice(groups[g], logits)):
                 for t in groups[g]:
-                    stats.modules.append(_install(t, adapter_name, original, None, None, "eora", eig_rtol,
+                    stats.modules.append(_install(t, adapter_name, original, None, "eora", eig_rtol,
                                                   device=visit.device, times=times, adapter_bits=adapter_bits,
                                                   out_weight=metric(t, held.pair), auto=held))
             return
@@ -632,7 +631,7 @@ def _compensate_visit(
                 projection = _Shared(projection_and_root(H, float(damping), eig_rtol), users=len(groups[g]))
             del H  # the statistics read the projection's root: the float32 H goes before any factor step
             for t, weight in zip(groups[g], out_weights):
-                stats.modules.append(_install(t, adapter_name, original, None, projection, "eora", eig_rtol,
+                stats.modules.append(_install(t, adapter_name, original, projection, "eora", eig_rtol,
                                               device=visit.device, times=times, adapter_bits=adapter_bits,
                                               out_weight=weight, damping=float(damping)))
 
@@ -766,7 +765,6 @@ def _install(
     t: Target,
     adapter_name: str,
     original: OriginalWeights,
-    H: Optional[Union[Covariance, CovarianceRoot]],
     projection: Optional[_Shared],
     method: str,
     eig_rtol: float,
@@ -779,8 +777,9 @@ def _install(
 ) -> ModuleStats:
     """Compute ``t``'s factors and install them. ``out_weight`` (``g``, one weight per output channel):
     fit ``‖G^½·(ΔW − BA)·Xᵀ‖`` instead, i.e. EoRA on ``G^½·ΔW`` and ``B ← G^-½·B`` (logit weighting)."""
-    device = device if device is not None else (covariance_parts(H)[0].device if H is not None else device_of(t.base))
+    device = device if device is not None else device_of(t.base)
     delta = _residual(t, original, device, times)
+    H: Optional[Union[Covariance, CovarianceRoot]] = None  # what the statistics read (None: plain SVD)
     heldout_errors = None
     with times.phase("factors", device):
         root = None if out_weight is None else out_weight.to(device, torch.float64).sqrt()[:, None]
@@ -801,7 +800,7 @@ def _install(
                                    projection=shared)
             del shared
         else:
-            factors = eora_factors(fitted, H, t.rank, method=method, eig_rtol=eig_rtol, name=t.name)
+            factors = eora_factors(fitted, None, t.rank, method=method, eig_rtol=eig_rtol, name=t.name)
         if adapter_bits != 16:  # rounded against the activations the factors were fitted to (δ-damped)
             plain_svd = method == "svd" or H is None or damping is None or damping == math.inf
             H_round = None if plain_svd else damped(H, float(damping))

@@ -106,10 +106,15 @@ def _eigh_(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _PROJECT_BLOCK_BYTES = 64 << 20
 
 
+def _block_len(width: int, element_size: int) -> int:
+    """Rows (or columns) per block of those loops, at least one: a block ``width`` long the other way."""
+    return max(1, _PROJECT_BLOCK_BYTES // (element_size * max(1, width)))
+
+
 def _block_rows(t: torch.Tensor, element_size: int | None = None) -> int:
     """Rows of ``t`` per block of those loops (at least one); ``element_size``: of the block's
     working dtype when it differs from ``t``'s."""
-    return max(1, _PROJECT_BLOCK_BYTES // ((element_size or t.element_size()) * max(1, t.shape[1])))
+    return _block_len(t.shape[1], element_size or t.element_size())
 
 
 #: An input covariance ``Σ xᵀx``, or the parts it is the sum of (``damping="auto"`` keeps the fit
@@ -338,10 +343,7 @@ def projection_for(H: torch.Tensor, damping: float = 0.0, eig_rtol: float = DEFA
     """The cheapest exact :class:`Projection` of ``H + δ·mean(diag H)·I``: Cholesky when the ridge
     allows it (:func:`cholesky_projection`), else the eigendecomposition, applied as ``Q`` and its
     scales (:meth:`Eigen.root`: one ``n × n`` matrix where :func:`eigen_projection` makes three)."""
-    proj = cholesky_projection(H, damping, eig_rtol)
-    if proj is not None:
-        return proj
-    return eigen(H).root(damping, eig_rtol)
+    return projection_and_root(H, damping, eig_rtol)[0]
 
 
 def projection_and_root(H: Covariance, damping: float = 0.0,
@@ -355,7 +357,7 @@ def projection_and_root(H: Covariance, damping: float = 0.0,
 
     Cholesky route: ``root = (L, shift=δ·mean(diag H))``; eigen route: ``Q·diag(√λ)`` (λ of ``H``).
     """
-    if damping > eig_rtol * max(covariance_parts(H)[0].shape[0], 1) and isinstance(H, torch.Tensor):
+    if isinstance(H, torch.Tensor):
         proj = cholesky_projection(H, damping, eig_rtol)
         if proj is not None:
             mean_diag = float(torch.diagonal(H).to(torch.float64).mean())
@@ -467,7 +469,7 @@ def truncated_svd(D: torch.Tensor, rank: int, col_scale: torch.Tensor | None = N
         G = D @ D.T
     elif wide:  # (D·diag(s))·(D·diag(s))ᵀ a block of columns at a time: no scaled copy of D
         G = D.new_zeros((m, m))
-        step = max(1, _PROJECT_BLOCK_BYTES // (D.element_size() * max(1, m)))
+        step = _block_len(m, D.element_size())
         for j in range(0, n, step):
             Ds = D[:, j:j + step] * col_scale[j:j + step]
             G.addmm_(Ds, Ds.T)
@@ -514,7 +516,7 @@ def _trace_sq(E: torch.Tensor, H: Covariance) -> torch.Tensor:
     read a block of rows at a time in ``E``'s dtype: ``Σ_j tr(E·H[j]ᵀ·E[:, j]ᵀ)``."""
     val = torch.zeros((), dtype=torch.float64, device=E.device)
     for part in covariance_parts(H):  # blocks of H's rows and of E·H[j]ᵀ (out × step) both ~64 MiB
-        step = max(1, _PROJECT_BLOCK_BYTES // (E.element_size() * max(part.shape[1], E.shape[0], 1)))
+        step = _block_len(max(part.shape[1], E.shape[0]), E.element_size())
         for j in range(0, part.shape[0], step):
             rows = part[j:j + step].detach().to(E)
             val += ((E @ rows.T) * E[:, j:j + step]).sum(dtype=torch.float64)
@@ -837,7 +839,7 @@ def _sandwich(D: torch.Tensor, H: Covariance) -> torch.Tensor:
     nor the ``out × in`` product ``D·H`` is ever made."""
     out = D.new_zeros((D.shape[0], D.shape[0]))
     for part in covariance_parts(H):  # blocks of H's rows and of H[j]·Dᵀ (step × out) both ~64 MiB
-        step = max(1, _PROJECT_BLOCK_BYTES // (D.element_size() * max(part.shape[1], D.shape[0], 1)))
+        step = _block_len(max(part.shape[1], D.shape[0]), D.element_size())
         for j in range(0, part.shape[0], step):
             out.addmm_(D[:, j:j + step], part[j:j + step].to(D) @ D.T)
     return _symmetrize_(out)
@@ -862,6 +864,14 @@ def _cholesky_(A: torch.Tensor) -> bool:
     return int(info) == 0
 
 
+def _nothing_cut_(H: torch.Tensor, trace: float, eig_rtol: float) -> bool:
+    """Whether no eigenvalue of the float64 ``H`` (trace ``trace``) falls under the ``eig_rtol``
+    cut-off: a Cholesky factorisation of ``H − eig_rtol·tr(H)·I`` proves ``λ_min > eig_rtol·tr(H) ≥
+    eig_rtol·λ_max``. ``H`` is shifted and factorised in place (it no longer holds ``H`` after)."""
+    H.diagonal().sub_(eig_rtol * trace)
+    return _cholesky_(H)
+
+
 def _gram_scores(delta: torch.Tensor, H_fit: torch.Tensor, H_val: torch.Tensor, rank: int,
                  grid: tuple[float, ...], eig_rtol: float, early_stop: bool,
                  name: str) -> dict[float, float] | None:
@@ -880,9 +890,8 @@ def _gram_scores(delta: torch.Tensor, H_fit: torch.Tensor, H_val: torch.Tensor, 
     if trace <= 0.0:
         return None
     mean_diag = trace / H_fit.shape[0]
-    Hf = damped(H_fit.to(delta.device), 0.0)  # our own float64 copy: shifted in place, no second in × in matrix
-    Hf.diagonal().sub_(eig_rtol * trace)
-    ok = _cholesky_(Hf)
+    Hf = damped(H_fit.to(delta.device), 0.0)  # our own float64 copy, tested in place
+    ok = _nothing_cut_(Hf, trace, eig_rtol)
     del Hf
     if not ok:
         return None  # some eigenvalue may fall under the cut-off
@@ -936,10 +945,8 @@ def refit_auto(
         H_all.diagonal().add_(damping * mean_diag)
         shift = damping * mean_diag
     elif mean_diag > 0 and damping == 0:  # no ridge: Cholesky only where eigh would cut nothing
-        H_all.diagonal().sub_(eig_rtol * mean_diag * n)
-        if _cholesky_(H_all):  # λ_min > eig_rtol·tr(H) ≥ eig_rtol·λ_max
-            shift = 0.0
-        del H_all  # a factor of the shifted matrix: H itself is factorised again below
+        shift = 0.0 if _nothing_cut_(H_all, mean_diag * n, eig_rtol) else None
+        del H_all  # the test wrote over it: H itself is factorised below
         H_all = covariance64(H, delta.device)
     if shift is not None and not _cholesky_(H_all):  # round-off: not positive definite after all
         shift = None
