@@ -177,6 +177,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    summary = stats.summary()
     res: dict[str, Any] = dict(
         status="ok",
         device=torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu"),
@@ -188,8 +189,8 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         rank=args.rank, damping=damping, forward_dtype=args.forward_dtype, calibration_tokens=args.samples * args.seq_len, batch_size=args.batch_size,
         offload=bool(args.offload and cuda), build_seconds=round(build_seconds, 1),
         seconds=round(seconds, 2), phases=times.summary(),
-        mean_relative_error=stats.summary()["mean_relative_error_after"],
-        damping_counts=stats.summary().get("damping_counts"),  # damping="auto": the ridges chosen ("inf": SVD)
+        mean_relative_error=summary["mean_relative_error_after"],
+        damping_counts=summary.get("damping_counts"),  # damping="auto": the ridges chosen ("inf": SVD)
         host_peak_gib=round(_host_peak_gib(), 2),
         # the host's high-water mark during the EoRA step over its resident memory at the start (model,
         # originals, calibration tokens; heap pages retained after frees count too, so it reads high)
