@@ -58,7 +58,7 @@ step() {  # step NAME LIMIT_S CMD...
 }
 
 step build 300 "$PY" -c "from peft_eora.kernels import cuda_ext; m = cuda_ext.build_extension(); print('built', m.__name__)"
-TESTS=$(ls tests/test_kernels.py tests/test_gptq_linear.py tests/test_scale.py 2> /dev/null)
+TESTS=$(ls tests/test_kernels.py tests/test_gptq_linear.py tests/test_scale.py tests/test_topeig.py 2> /dev/null)
 # the Triton tuner off in the tests (each compiles every tiling once): test_gpu_triton_every_tiling checks them all
 step tests 240 env PEFT_EORA_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -m gpu -p no:cacheprovider $TESTS
 step kernel 330 "$PY" benchmarks/kernel.py --out "$OUT_DIR/kernel.json"

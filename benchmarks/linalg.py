@@ -2,7 +2,8 @@
 
 The choices in :mod:`peft_eora.decompose` (which decomposition, which precision) rest on
 these figures: per matrix size, ``eigh`` and Cholesky in float64 and float32, the Gram
-eigendecomposition behind the truncated SVD, randomized SVD, the covariance product
+eigendecomposition behind the truncated SVD and its top-128 by subspace iteration
+(:func:`peft_eora.topeig.top_eigh`, on a flat and a steep spectrum), randomized SVD, the covariance product
 ``XᵀX`` over 64k calibration tokens in float32, TF32 and bf16-in/fp32-out, and what
 ``adapter_bits=4`` adds per layer: fitting an r = 128 pair to the int4 grid
 (:func:`peft_eora.factor_quant.fit_lowbit_factors`, its column-by-column GPTQ loops) and one GPTQ
@@ -47,6 +48,7 @@ def _spd(n: int, device: torch.device, dtype: torch.dtype, gen: torch.Generator)
 
 
 def probe(sizes: list[int], out_rows: int, tokens: int, device: torch.device, reps: int) -> dict[str, Any]:
+    from peft_eora import topeig
     from peft_eora.factor_quant import fit_lowbit_factors, gptq_round
     from peft_eora.kernels.lowbit import factor_group_size
 
@@ -71,6 +73,30 @@ def probe(sizes: list[int], out_rows: int, tokens: int, device: torch.device, re
         row["gram_dim"] = G.shape[0]
         row["gram_eigh_fp64_s"] = t(lambda: torch.linalg.eigh(G), reps)
         row["gram_eigh_fp32_s"] = t(lambda: torch.linalg.eigh(G.float()), reps)
+        # the truncated SVDs' top-r eigenpairs (r = 128 at 8B sizes) without a full eigh (peft_eora.topeig), on this
+        # flat Gram (quantisation-noise-like) and on a steep one (activation-like column scales)
+        Ds = D * torch.logspace(0, -3, n, device=device, dtype=torch.float64)
+        Gs = Ds @ Ds.T if out_rows <= n else Ds.T @ Ds
+        del Ds
+        r_top = row["gram_top_rank"] = min(128, G.shape[0] // 4)
+        for tag, M in (("", G), ("_steep", Gs)):
+            found = topeig.top_eigh(M, r_top)
+            row[f"gram_top_eigh{tag}_fp64_s"] = t(lambda: topeig.top_eigh(M, r_top), reps)
+            if tag:
+                row[f"gram_eigh{tag}_fp64_s"] = t(lambda: torch.linalg.eigh(M), reps)
+            if found is None:
+                row[f"gram_top_eigh{tag}_converged"] = False
+            else:
+                ref = torch.linalg.eigvalsh(M).flip(0)[:r_top]
+                row[f"gram_top_eigh{tag}_max_rel_err"] = float((found[0] - ref).abs().max() / ref[0])
+        del Gs
+        # its Rayleigh–Ritz step: eigh of the block's q × q projection (q = 192 at r = 128), on the
+        # device and on the host (a candidate for the latency-bound small eigh)
+        q = topeig.block_size(G.shape[0], r_top)
+        T = G[:q, :q].contiguous()
+        row["rayleigh_ritz_dim"] = q
+        row["small_eigh_fp64_s"] = t(lambda: torch.linalg.eigh(T), reps)
+        row["small_eigh_fp64_host_s"] = t(lambda: torch.linalg.eigh(T.cpu()), reps)
         row["svd_lowrank_q160_niter4_fp64_s"] = t(lambda: torch.svd_lowrank(D, q=160, niter=4), reps)
         row["svd_lowrank_q160_niter4_fp32_s"] = t(lambda: torch.svd_lowrank(D.float(), q=160, niter=4), reps)
         X = torch.randn(tokens, n, generator=gen, device=device, dtype=torch.bfloat16)
