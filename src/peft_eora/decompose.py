@@ -468,7 +468,7 @@ def _gram_top(G: torch.Tensor, rank: int, owned: bool = False) -> tuple[torch.Te
         lam, vecs = found
     else:
         lam, vecs = _eigh(Gs)
-        lam, vecs = lam.flip(0), vecs.flip(1)
+        lam, vecs = lam.flip(0), vecs[:, n - min(rank, n):].flip(1)  # flip only the kept columns
     sv = lam.clamp_min(0).sqrt()
     tol = max(float(sv[0]) if sv.numel() else 0.0, 0.0) * 1e-7
     return vecs[:, :rank], sv, sv[:rank] > tol

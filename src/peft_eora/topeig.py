@@ -45,6 +45,9 @@ DEFAULT_TOL = 1e-10
 MAX_DEGREE = 8
 MAX_GROWTH = 1e6
 
+#: Products with ``G`` per Rayleigh–Ritz step at least (filters of a low degree are repeated).
+MIN_STEP_PRODUCTS = 4
+
 
 def block_size(n: int, rank: int) -> int:
     """Columns of the iterated block for ``rank`` wanted eigenpairs of an ``n × n`` matrix."""
@@ -130,19 +133,29 @@ def _iterate(G: torch.Tensor, rank: int, tol: float, max_products: int,
         energy = sum(max(t, 0.0) for t in th[:rank])
         if float(err.sum()) <= tol * energy:
             return (theta[:rank], U[:, :rank]), products, steps
+        # T_m(2G/cut − 1) applied to the Ritz vectors by the three-term recurrence (T_1 from G·U),
+        # repeated (re-orthonormalised in between) until the step has made MIN_STEP_PRODUCTS
+        # products: a steep spectrum allows only low degrees, and a Rayleigh–Ritz step per product
+        # would cost more than the products on a GPU (its small eigh is latency-bound). Nothing to
+        # damp (the block reaches G's null space: a rank-deficient G): plain power steps.
         cut = th[-1]
-        if not cut > 1e-12 * th[0]:  # nothing to damp (a rank-deficient G): a plain power step
-            V = _orthonormalize(GU)
-            continue
-        degree = min(_degree(th[0], th[rank - 1], cut), max_products - products)
-        if degree < 1:
-            break
-        # T_m(2G/cut − 1) applied to the Ritz vectors by the three-term recurrence (T_1 from G·U)
+        shifted = cut > 1e-12 * th[0]
+        degree = _degree(th[0], th[rank - 1], cut) if shifted else 1
         c = 0.5 * cut
-        prev, cur = U, (GU - c * U) / c
-        for _ in range(degree - 1):
-            nxt = (G @ cur - c * cur) * (2.0 / c) - prev
+        X, GX, made = U, GU, 0
+        while True:
+            if shifted:
+                prev, cur = X, (GX - c * X) / c
+                for _ in range(max(1, min(degree, max_products - products)) - 1):
+                    prev, cur = cur, (G @ cur - c * cur) * (2.0 / c) - prev
+                    products += 1
+            else:
+                cur = GX
+            made += degree
+            X = _orthonormalize(cur)
+            if made >= MIN_STEP_PRODUCTS or products >= max_products:
+                break
+            GX = G @ X
             products += 1
-            prev, cur = cur, nxt
-        V = _orthonormalize(cur)
+        V = X
     return None, products, steps
