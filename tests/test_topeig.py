@@ -50,8 +50,9 @@ def _spectrum(kind: str, n: int, g: torch.Generator) -> torch.Tensor:
     return (Q * lam) @ Q.T
 
 
+@pytest.mark.parametrize("step_products", [4, 16])  # the CPU's and the GPUs' default
 @pytest.mark.parametrize("kind", ["flat", "steep", "deficient", "clustered"])
-def test_top_eigh_matches_eigh(kind):
+def test_top_eigh_matches_eigh(kind, step_products):
     """Eigenvalues to 1e-9 of the largest; the eigen-equation holds; the vectors are
     orthonormal; the top-``r`` energy is ``eigh``'s to its 1e-10 bound; where the ``r``-th
     eigenvalue is separated from the next, the subspace is ``eigh``'s."""
@@ -59,7 +60,9 @@ def test_top_eigh_matches_eigh(kind):
     n, r = 256, 16
     G = _spectrum(kind, n, g)
     before = G.clone()
-    lam, vecs = topeig.top_eigh(G, r)
+    info: dict = {}
+    lam, vecs = topeig.top_eigh(G, r, info=info, step_products=step_products)
+    assert info["products"] >= step_products or info["steps"] == 1
     assert torch.equal(G, before)  # read only
     ref, Q = torch.linalg.eigh(G)
     ref, Q = ref.flip(0)[:r], Q.flip(1)[:, :r]

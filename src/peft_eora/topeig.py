@@ -45,8 +45,13 @@ DEFAULT_TOL = 1e-10
 MAX_DEGREE = 8
 MAX_GROWTH = 1e6
 
-#: Products with ``G`` per Rayleigh–Ritz step at least (filters of a low degree are repeated).
-MIN_STEP_PRODUCTS = 4
+#: Products with ``G`` per Rayleigh–Ritz step at least (filters of a low degree are repeated), per
+#: device type. On this 2-core CPU a 4096 × 4096 × 192 float64 product takes ~65 ms and a step's
+#: ``q × q`` eigh and ``n × q × q`` products ~20 ms: few products per step. On a GPU the product is
+#: ~0.15 ms (H200 float64) while the small eigh is latency-bound (milliseconds; ``linalg.py``'s
+#: ``small_eigh_fp64_s``): more products per step, fewer steps.
+MIN_STEP_PRODUCTS = {"cpu": 4}
+MIN_STEP_PRODUCTS_ACCELERATOR = 16
 
 
 def block_size(n: int, rank: int) -> int:
@@ -84,27 +89,31 @@ def _degree(theta_1: float, theta_r: float, cut: float) -> int:
 
 
 def top_eigh(G: torch.Tensor, rank: int, tol: float = DEFAULT_TOL, max_products: int = 100,
-             seed: int = 0, info: dict | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+             seed: int = 0, info: dict | None = None,
+             step_products: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(λ, vecs)``: the ``rank`` largest eigenvalues (descending) of the symmetric positive
     semi-definite ``G`` and their eigenvectors (``n × rank``), or None where the error bound was
     not reached within ``max_products`` products with ``G`` (then use ``torch.linalg.eigh``).
 
     ``G`` is read, never written; its dtype (float64 for EoRA) is the working precision. ``info``,
-    when given, receives ``products`` (with ``G``) and ``steps`` (Rayleigh–Ritz steps) used.
+    when given, receives ``products`` (with ``G``) and ``steps`` (Rayleigh–Ritz steps) used;
+    ``step_products``: products per step at least (default: :data:`MIN_STEP_PRODUCTS` for the device).
     """
     n = G.shape[0]
     if G.ndim != 2 or G.shape[1] != n:
         raise ValueError(f"top_eigh needs a square matrix, got shape {tuple(G.shape)}.")
     if not 0 < rank <= n:
         raise ValueError(f"top_eigh: rank must be in [1, {n}], got {rank}.")
-    found, products, steps = _iterate(G, rank, tol, max_products, seed)
+    if step_products is None:
+        step_products = MIN_STEP_PRODUCTS.get(G.device.type, MIN_STEP_PRODUCTS_ACCELERATOR)
+    found, products, steps = _iterate(G, rank, tol, max_products, seed, max(1, step_products))
     if info is not None:
         info.update(products=products, steps=steps)
     return found
 
 
-def _iterate(G: torch.Tensor, rank: int, tol: float, max_products: int,
-             seed: int) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, int, int]:
+def _iterate(G: torch.Tensor, rank: int, tol: float, max_products: int, seed: int,
+             step_products: int) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, int, int]:
     """:func:`top_eigh`'s iteration: ``(result or None, products with G, Rayleigh–Ritz steps)``."""
     n = G.shape[0]
     q = block_size(n, rank)
@@ -134,7 +143,7 @@ def _iterate(G: torch.Tensor, rank: int, tol: float, max_products: int,
         if float(err.sum()) <= tol * energy:
             return (theta[:rank], U[:, :rank]), products, steps
         # T_m(2G/cut − 1) applied to the Ritz vectors by the three-term recurrence (T_1 from G·U),
-        # repeated (re-orthonormalised in between) until the step has made MIN_STEP_PRODUCTS
+        # repeated (re-orthonormalised in between) until the step has made `step_products`
         # products: a steep spectrum allows only low degrees, and a Rayleigh–Ritz step per product
         # would cost more than the products on a GPU (its small eigh is latency-bound). Nothing to
         # damp (the block reaches G's null space: a rank-deficient G): plain power steps.
@@ -153,7 +162,7 @@ def _iterate(G: torch.Tensor, rank: int, tol: float, max_products: int,
                 cur = GX
             made += degree
             X = _orthonormalize(cur)
-            if made >= MIN_STEP_PRODUCTS or products >= max_products:
+            if made >= step_products or products >= max_products:
                 break
             GX = G @ X
             products += 1
