@@ -80,8 +80,12 @@ def probe(sizes: list[int], out_rows: int, tokens: int, device: torch.device, re
         del Ds
         r_top = row["gram_top_rank"] = min(128, G.shape[0] // 4)
         for tag, M in (("", G), ("_steep", Gs)):
-            found = topeig.top_eigh(M, r_top)
+            info: dict = {}
+            found = topeig.top_eigh(M, r_top, info=info)
+            row[f"gram_top_eigh{tag}_products_steps"] = [info["products"], info["steps"]]
             row[f"gram_top_eigh{tag}_fp64_s"] = t(lambda: topeig.top_eigh(M, r_top), reps)
+            # the CPU's products per Rayleigh–Ritz step (4) against the device default
+            row[f"gram_top_eigh{tag}_step4_fp64_s"] = t(lambda: topeig.top_eigh(M, r_top, step_products=4), reps)
             if tag:
                 row[f"gram_eigh{tag}_fp64_s"] = t(lambda: torch.linalg.eigh(M), reps)
             if found is None:

@@ -100,6 +100,57 @@ def _fake_quantize_(weight: torch.Tensor, bits: int, group_size: int) -> None:
     weight.data.copy_(((q - zero) * scale).reshape(out_f, in_f).to(weight.dtype))
 
 
+class EigenCalls:
+    """Counts and times the eigensolvers of the factor step while active (a benchmark-only wrapper
+    of ``decompose._eigh``/``_eigh_`` and ``topeig.top_eigh``): calls and seconds per matrix width,
+    and the iterative solver's products and Rayleigh–Ritz steps. On CUDA each call is synchronised
+    before and after (the seconds are the solver's own)."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    def _wrap(self, kind: str, fn: Any) -> Any:
+        def wrapped(A: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            info: dict[str, int] = {}
+            if kind == "top_eigh":
+                kwargs["info"] = info
+            if self.cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn(A, *args, **kwargs)
+            if self.cuda:
+                torch.cuda.synchronize()
+            row = self.rows.setdefault(f"{kind} {A.shape[0]}", dict(calls=0, seconds=0.0))
+            row["calls"] += 1
+            row["seconds"] += time.perf_counter() - t0
+            for k, v in info.items():
+                row[k] = row.get(k, 0) + v
+            if kind == "top_eigh" and out is None:
+                row["fell_back"] = row.get("fell_back", 0) + 1
+            return out
+
+        return wrapped
+
+    def __enter__(self) -> "EigenCalls":
+        from peft_eora import decompose, topeig
+
+        self._saved = [(decompose, "_eigh", decompose._eigh), (decompose, "_eigh_", decompose._eigh_),
+                       (topeig, "top_eigh", topeig.top_eigh)]
+        decompose._eigh = self._wrap("eigh", decompose._eigh)
+        decompose._eigh_ = self._wrap("eigh", decompose._eigh_)
+        topeig.top_eigh = self._wrap("top_eigh", topeig.top_eigh)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for mod, name, fn in self._saved:
+            setattr(mod, name, fn)
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        return {k: {kk: round(vv, 3) if isinstance(vv, float) else vv for kk, vv in v.items()}
+                for k, v in sorted(self.rows.items())}
+
+
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.smoke:
@@ -167,8 +218,10 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         decompose.DAMPING_WORKERS = 1  # the factor step stays in this thread, where LiveTensorPeak sees it
         live = LiveTensorPeak(label=lambda: "/".join(times.active) or "-")
     rss = PeakRSS() if Path("/proc/self/clear_refs").exists() else None
+    eig_calls = EigenCalls(cuda)
     t0 = time.perf_counter()
-    with rss if rss is not None else contextlib.nullcontext(), live if live is not None else contextlib.nullcontext():
+    with rss if rss is not None else contextlib.nullcontext(), live if live is not None else contextlib.nullcontext(), \
+            eig_calls:
         stats = initialize_eora_weights(
             pm, original_model=original, calibration=calib, batch_size=args.batch_size, progress=args.verbose,
             execution_device="cuda" if (cuda and args.offload) else None, checkpoint_dir=args.checkpoint_dir,
@@ -202,6 +255,9 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         # the largest of them alive at that peak: "GiB op shape dtype"
         tensor_peak_top=[f"{b / 2**30:.3f} {w}" for b, w in live.at_peak[:16]] if live is not None else None,
         per_group_forwards=bool(args.per_group_forwards),
+        # the factor step's eigensolvers per matrix width: full eigh, and the top-r iteration
+        # (peft_eora.topeig) with its products and Rayleigh–Ritz steps; seconds included in "factors"
+        eigensolvers=eig_calls.summary(),
     )
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**30
