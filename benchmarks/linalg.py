@@ -119,7 +119,7 @@ def probe(sizes: list[int], out_rows: int, tokens: int, device: torch.device, re
         row["fit_lowbit_int4_r128_s"] = t(lambda: fit_lowbit_factors(A32, B32, H64, 4), 1)
         row["gptq_round_int4_A_r128_s"] = t(lambda: gptq_round(A32, H64, 4, factor_group_size("lora_A", 4, n)), 1)
         res[str(n)] = row
-        del H64, H32, L, A, D, G, X, A32, B32
+        del H64, H32, L, A, D, G, X, A32, B32, M, T
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return res

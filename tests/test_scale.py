@@ -19,7 +19,7 @@ import torch
 from peft import get_peft_model
 
 from peft_eora import EoRAConfig, initialize_eora_weights
-from peft_eora.checkpoint import Checkpoint, CheckpointMismatchError
+from peft_eora.checkpoint import CheckpointMismatchError
 from peft_eora.original import ModelMismatchError, OriginalWeights
 from peft_eora.walker import BlockWalker, PausingRunner, device_of
 
