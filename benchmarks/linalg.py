@@ -84,8 +84,12 @@ def probe(sizes: list[int], out_rows: int, tokens: int, device: torch.device, re
             found = topeig.top_eigh(M, r_top, info=info)
             row[f"gram_top_eigh{tag}_products_steps"] = [info["products"], info["steps"]]
             row[f"gram_top_eigh{tag}_fp64_s"] = t(lambda: topeig.top_eigh(M, r_top), reps)
-            # the CPU's products per Rayleigh–Ritz step (4) against the device default
+            # the CPU's products per Rayleigh–Ritz step (4) against the device default, and the step's
+            # small eigh solved on the host (PEFT_EORA_TOPEIG_HOST_RR=1)
             row[f"gram_top_eigh{tag}_step4_fp64_s"] = t(lambda: topeig.top_eigh(M, r_top, step_products=4), reps)
+            saved, topeig.HOST_RAYLEIGH_RITZ = topeig.HOST_RAYLEIGH_RITZ, True
+            row[f"gram_top_eigh{tag}_host_rr_fp64_s"] = t(lambda: topeig.top_eigh(M, r_top), reps)
+            topeig.HOST_RAYLEIGH_RITZ = saved
             if tag:
                 row[f"gram_eigh{tag}_fp64_s"] = t(lambda: torch.linalg.eigh(M), reps)
             if found is None:

@@ -181,8 +181,11 @@ def test_small_gram_matrices_keep_eigh(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
-def test_top_eigh_on_cuda_matches_cpu_eigh():
-    """cuBLAS/cuSOLVER: the 8B Gram width, rank 128, flat and steep spectra."""
+@pytest.mark.parametrize("host_rr", [False, True])
+def test_top_eigh_on_cuda_matches_cpu_eigh(monkeypatch, host_rr):
+    """cuBLAS/cuSOLVER: rank 128, flat and steep spectra; the Rayleigh–Ritz eigh on the device or
+    on the host (``PEFT_EORA_TOPEIG_HOST_RR``)."""
+    monkeypatch.setattr(topeig, "HOST_RAYLEIGH_RITZ", host_rr)
     g = torch.Generator().manual_seed(0)
     for kind in ("flat", "steep"):
         G = _spectrum(kind, 1024, g)

@@ -37,6 +37,7 @@ deterministic per device.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -55,6 +56,11 @@ MAX_GROWTH = 1e6
 #: ``small_eigh_fp64_s``): more products per step, fewer steps.
 MIN_STEP_PRODUCTS = {"cpu": 4}
 MIN_STEP_PRODUCTS_ACCELERATOR = 16
+
+#: Solve the Rayleigh–Ritz step's ``q × q`` eigenproblem on the host when ``G`` is on an
+#: accelerator (``PEFT_EORA_TOPEIG_HOST_RR=1``): a 192² ``eigh`` is a few launches-bound
+#: milliseconds on a GPU and may be faster in LAPACK; ``linalg.py`` times both. Off by default.
+HOST_RAYLEIGH_RITZ = os.environ.get("PEFT_EORA_TOPEIG_HOST_RR", "0") == "1"
 
 
 def block_size(n: int, rank: int) -> int:
@@ -130,7 +136,11 @@ def _iterate(G: torch.Tensor, rank: int, tol: float, max_products: int, seed: in
         products += 1
         steps += 1
         T = V.mT @ W
-        theta, Y = torch.linalg.eigh(0.5 * (T + T.mT))
+        T = 0.5 * (T + T.mT)
+        if HOST_RAYLEIGH_RITZ and T.device.type != "cpu":
+            theta, Y = (t.to(T.device) for t in torch.linalg.eigh(T.cpu()))
+        else:
+            theta, Y = torch.linalg.eigh(T)
         theta, Y = theta.flip(0), Y.flip(1)
         U, GU = V @ Y, W @ Y
         k = min(rank + 1, q)
