@@ -123,6 +123,14 @@ def probe(sizes: list[int], out_rows: int, tokens: int, device: torch.device, re
         row["fit_lowbit_int4_r128_s"] = t(lambda: fit_lowbit_factors(A32, B32, H64, 4), 1)
         row["gptq_round_int4_A_r128_s"] = t(lambda: gptq_round(A32, H64, 4, factor_group_size("lora_A", 4, n)), 1)
         res[str(n)] = row
+        if n == sizes[0]:  # a k/v projection's Gram matrix (out = in / 4: 1024² at 8B), under the
+            # iteration's 2048 threshold today: eigh against top_eigh decides where that belongs
+            Dk = D[: max(out_rows // 4, 8)]
+            Gk = Dk @ Dk.T
+            rk = min(128, Gk.shape[0] // 4)
+            res["kv_gram"] = dict(dim=Gk.shape[0], rank=rk, eigh_fp64_s=t(lambda: torch.linalg.eigh(Gk), reps),
+                                  top_eigh_fp64_s=t(lambda: topeig.top_eigh(Gk, rk), reps))
+            del Dk, Gk
         del H64, H32, L, A, D, G, X, A32, B32, M, T
         if device.type == "cuda":
             torch.cuda.empty_cache()
