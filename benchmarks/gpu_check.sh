@@ -23,7 +23,7 @@ LOG="$OUT_DIR/gpu_check.log"
 SUMMARY="$OUT_DIR/summary.txt"
 : > "$LOG"
 : > "$SUMMARY"
-STEPS="${GPU_CHECK_STEPS:-build tests kernel scale scale_auto ncu factor_memory offload linalg}"
+STEPS="${GPU_CHECK_STEPS:-build tests kernel scale scale_auto linalg ncu factor_memory offload}"
 PY="${PYTHON:-python3}"
 
 if ls .whl/*.whl > /dev/null 2>&1; then
@@ -65,6 +65,8 @@ step kernel 330 "$PY" benchmarks/kernel.py --out "$OUT_DIR/kernel.json"
 step scale 240 "$PY" benchmarks/scale.py --gpu-8b --out "$OUT_DIR/scale.json"
 # the same at the default damping="auto" (ridge chosen per layer on held-out windows)
 step scale_auto 240 "$PY" benchmarks/scale.py --gpu-8b --damping auto --out "$OUT_DIR/scale_auto.json"
+# the linear algebra behind those (eigh, Cholesky, the top-r iteration and its small eigh; ~35 s)
+step linalg 120 "$PY" benchmarks/linalg.py --out "$OUT_DIR/linalg.json"
 # Nsight Compute on the fused kernel (duration, DRAM throughput, occupancy; v3 vs its v2 paths), where ncu exists
 if command -v ncu > /dev/null 2>&1; then
   step ncu 150 bash -c "ncu --clock-control none -k regex:gptq_lora_kernel --metrics gpu__time_duration.sum,\
@@ -78,5 +80,4 @@ step factor_memory 120 bash -c "\"$PY\" benchmarks/factor_memory.py --device cud
 # a 1.1B shape kept on the CPU, its blocks visiting the GPU one at a time
 step offload 180 "$PY" benchmarks/scale.py --offload --hidden 2048 --intermediate 5632 --layers 16 --heads 16 \
   --kv-heads 16 --vocab 32000 --samples 64 --seq-len 1024 --out "$OUT_DIR/scale_offload.json"
-step linalg 120 "$PY" benchmarks/linalg.py --out "$OUT_DIR/linalg.json"
 echo "total $SECONDS s" | tee -a "$SUMMARY"
