@@ -13,20 +13,17 @@ import torch
 
 from peft_eora import decompose, topeig
 from peft_eora.decompose import eora_factors, select_damping, weighted_error
+from peft_eora.kernels.gptq_linear import quantize_rtn
 
 F64 = torch.float64
 HAS_GPU = torch.cuda.is_available()
 
 
 def _rtn_residual(W: torch.Tensor, bits: int = 3, group: int = 32) -> torch.Tensor:
-    """``W − RTN(W)`` (asymmetric, per group of ``group`` inputs): quantisation noise."""
-    out_f, in_f = W.shape
-    Wg = W.view(out_f, in_f // group, group)
-    lo, hi = Wg.amin(-1, keepdim=True), Wg.amax(-1, keepdim=True)
-    scale = (hi - lo) / (2**bits - 1)
-    zero = torch.round(-lo / scale)
-    q = (torch.round(Wg / scale) + zero).clamp(0, 2**bits - 1)
-    return W - ((q - zero) * scale).view(out_f, in_f)
+    """``W − RTN(W)`` (asymmetric, per group of ``group`` inputs, :func:`quantize_rtn`): quantisation noise."""
+    codes, zeros, scales = quantize_rtn(W, bits, group)  # (in, out), (groups, out), (groups, out)
+    g = torch.arange(W.shape[1]) // group
+    return W - (scales[g] * (codes - zeros[g])).T.to(W)
 
 
 def _spectrum(kind: str, n: int, g: torch.Generator) -> torch.Tensor:
