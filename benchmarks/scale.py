@@ -25,6 +25,7 @@ import logging
 import platform
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -104,33 +105,47 @@ class EigenCalls:
     """Counts and times the eigensolvers of the factor step while active (a benchmark-only wrapper
     of ``decompose._eigh``/``_eigh_`` and ``topeig.top_eigh``): calls and seconds per matrix width,
     and the iterative solver's products and Rayleigh–Ritz steps. On CUDA each call is synchronised
-    before and after (the seconds are the solver's own)."""
+    before and after (the seconds are the solver's own). A wrapped call made inside another (``_eigh_``
+    falling back to ``_eigh``) is not counted again."""
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
         self.rows: dict[str, dict[str, Any]] = {}
+        self._inside = threading.local()  # the ridge-scoring threads count their own calls
+        self._lock = threading.Lock()
 
     def _wrap(self, kind: str, fn: Any) -> Any:
         def wrapped(A: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            info: dict[str, int] = {}
-            if kind == "top_eigh":
-                kwargs["info"] = info
-            if self.cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = fn(A, *args, **kwargs)
-            if self.cuda:
-                torch.cuda.synchronize()
+            if getattr(self._inside, "active", False):
+                return fn(A, *args, **kwargs)
+            self._inside.active = True
+            try:
+                return self._counted(kind, fn, A, *args, **kwargs)
+            finally:
+                self._inside.active = False
+
+        return wrapped
+
+    def _counted(self, kind: str, fn: Any, A: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        info: dict[str, int] = {}
+        if kind == "top_eigh":
+            kwargs["info"] = info
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn(A, *args, **kwargs)
+        if self.cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        with self._lock:
             row = self.rows.setdefault(f"{kind} {A.shape[0]}", dict(calls=0, seconds=0.0))
             row["calls"] += 1
-            row["seconds"] += time.perf_counter() - t0
+            row["seconds"] += seconds
             for k, v in info.items():
                 row[k] = row.get(k, 0) + v
             if kind == "top_eigh" and out is None:
                 row["fell_back"] = row.get("fell_back", 0) + 1
-            return out
-
-        return wrapped
+        return out
 
     def __enter__(self) -> "EigenCalls":
         from peft_eora import decompose, topeig
