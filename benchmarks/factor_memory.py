@@ -13,8 +13,9 @@ its inputs, also in units of one ``in × in`` float64 matrix::
 CPU: the process's high-water mark (Linux ``/proc/self/status``, reset first) and the most tensor
 bytes alive at once (``tensor_peak_over_inputs_gib``, :class:`bench_common.LiveTensorPeak`: no heap
 pages, no LAPACK workspaces); CUDA: ``torch.cuda.max_memory_allocated``. ``--dead-channels k``: the
-first ``k`` input channels never fire, so ``H`` is singular and the routes that decompose it run. Inputs: ``H_fit``, ``H_val`` (float32) and the residual; at a fixed
-ridge the step also builds ``H_fit + H_val`` (float32), as a single covariance would be.
+first ``k`` input channels never fire, so ``H`` is singular and the routes that decompose it run.
+Inputs: ``H_fit``, ``H_val`` (float32) and the residual; at a fixed ridge the step also builds
+``H_fit + H_val`` (float32), as a single covariance would be.
 """
 
 from __future__ import annotations

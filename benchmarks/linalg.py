@@ -88,8 +88,10 @@ def probe(sizes: list[int], out_rows: int, tokens: int, device: torch.device, re
             # small eigh solved on the host (PEFT_EORA_TOPEIG_HOST_RR=1)
             row[f"gram_top_eigh{tag}_step4_fp64_s"] = t(lambda: topeig.top_eigh(M, r_top, step_products=4), reps)
             saved, topeig.HOST_RAYLEIGH_RITZ = topeig.HOST_RAYLEIGH_RITZ, True
-            row[f"gram_top_eigh{tag}_host_rr_fp64_s"] = t(lambda: topeig.top_eigh(M, r_top), reps)
-            topeig.HOST_RAYLEIGH_RITZ = saved
+            try:
+                row[f"gram_top_eigh{tag}_host_rr_fp64_s"] = t(lambda: topeig.top_eigh(M, r_top), reps)
+            finally:
+                topeig.HOST_RAYLEIGH_RITZ = saved
             if tag:
                 row[f"gram_eigh{tag}_fp64_s"] = t(lambda: torch.linalg.eigh(M), reps)
             if found is None:
