@@ -104,7 +104,7 @@ def _fake_quantize_(weight: torch.Tensor, bits: int, group_size: int) -> None:
 class EigenCalls:
     """Counts and times the eigensolvers of the factor step while active (a benchmark-only wrapper
     of ``decompose._eigh``/``_eigh_`` and ``topeig.top_eigh``): calls and seconds per matrix width,
-    and the iterative solver's products and Rayleigh–Ritz steps. On CUDA each call is synchronised
+    and the iterative solver's products, Rayleigh–Ritz steps and warm starts. On CUDA each call is synchronised
     before and after (the seconds are the solver's own). A wrapped call made inside another (``_eigh_``
     falling back to ``_eigh``) is not counted again."""
 
@@ -127,9 +127,11 @@ class EigenCalls:
         return wrapped
 
     def _counted(self, kind: str, fn: Any, A: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        info: dict[str, int] = {}
-        if kind == "top_eigh":
+        info: dict[str, Any] = {}
+        if kind == "top_eigh":  # the caller's own info (the Ritz block it reuses) still filled
+            info = kwargs.get("info") if kwargs.get("info") is not None else info
             kwargs["info"] = info
+            warm = kwargs.get("start") is not None
         if self.cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -141,8 +143,11 @@ class EigenCalls:
             row = self.rows.setdefault(f"{kind} {A.shape[0]}", dict(calls=0, seconds=0.0))
             row["calls"] += 1
             row["seconds"] += seconds
-            for k, v in info.items():
-                row[k] = row.get(k, 0) + v
+            for k in ("products", "steps"):
+                if k in info:
+                    row[k] = row.get(k, 0) + info[k]
+            if kind == "top_eigh" and warm:  # started from a neighbour's Ritz block
+                row["warm_starts"] = row.get("warm_starts", 0) + 1
             if kind == "top_eigh" and out is None:
                 row["fell_back"] = row.get("fell_back", 0) + 1
         return out

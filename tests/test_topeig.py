@@ -96,6 +96,47 @@ def test_top_eigh_is_deterministic_and_gives_up_within_its_budget():
         topeig.top_eigh(G, 0)
 
 
+def _pencil(n: int, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """``G₀ = D·S·Dᵀ`` and ``G₁ = D·Dᵀ`` for an RTN residual ``D`` and steep input scales ``S``: the
+    Gram matrices ``G₀ + δ·m·G₁`` of a wide layer's ridge candidates."""
+    g = torch.Generator().manual_seed(seed)
+    D = _rtn_residual(torch.randn(n, 2 * n, generator=g, dtype=F64))
+    S = torch.arange(1, 2 * n + 1, dtype=F64).pow(-1.0)
+    return (D * S) @ D.T, D @ D.T
+
+
+@pytest.mark.parametrize("columns", ["fewer", "block", "wider"])
+def test_top_eigh_from_a_neighbours_block(columns):
+    """A start block (a nearby matrix's Ritz vectors from ``info["basis"]``, as ``damping="auto"``
+    passes them between ridges): the same eigenpairs to the bound in fewer products than the random
+    start; fewer columns than the block are filled up with random ones, more (two neighbours' blocks)
+    are cut to the block by the first Rayleigh–Ritz step."""
+    n, r = 320, 20
+    G0, G1 = _pencil(n)
+    m = float(G0.trace() / G1.trace())
+    near, far, target = G0 + 0.1 * m * G1, G1, G0 + 0.3 * m * G1
+    blocks = []
+    for G in (near, far):
+        info: dict = {}
+        topeig.top_eigh(G, r, info=info)
+        q = topeig.block_size(n, r)
+        assert info["basis"].shape == (n, q)
+        assert float((info["basis"].T @ info["basis"] - torch.eye(q, dtype=F64)).abs().max()) <= 1e-10
+        blocks.append(info["basis"])
+    start = {"fewer": blocks[0][:, :r], "block": blocks[0], "wider": torch.cat(blocks, dim=1)}[columns]
+    cold: dict = {}
+    warm: dict = {}
+    topeig.top_eigh(target, r, info=cold)
+    lam, vecs = topeig.top_eigh(target, r, info=warm, start=start)
+    assert warm["products"] < cold["products"], (warm, cold)
+    ref = torch.linalg.eigvalsh(target).flip(0)[:r]
+    assert float((lam - ref).abs().max()) <= 1e-9 * float(ref[0])
+    assert float((target @ vecs - vecs * lam).norm()) <= 1e-4 * float(ref[0])
+    for bad in (torch.zeros(n + 1, 3, dtype=F64), torch.zeros(n, 0, dtype=F64)):
+        with pytest.raises(ValueError, match="start block"):
+            topeig.top_eigh(target, r, start=bad)
+
+
 def test_filter_degree_bounds_the_growth():
     """Flat spectra get high degrees (the filter separates close eigenvalues), steep ones low
     degrees (their products would make the block too ill-conditioned to re-orthonormalise)."""
@@ -162,6 +203,68 @@ def test_ridge_choice_matches_the_eigh_route(routes, shape):
     assert fast.errors.keys() == exact.errors.keys()
     for d, e in exact.errors.items():
         assert fast.errors[d] == pytest.approx(e, rel=1e-7), d
+
+
+@pytest.fixture
+def starts_log(monkeypatch):
+    """``(Gram width, started from a block?)`` of every ``top_eigh`` call, in order."""
+    log: list[tuple[int, bool]] = []
+    solve = topeig.top_eigh
+
+    def logged(G, rank, *args, **kwargs):
+        log.append((G.shape[0], kwargs.get("start") is not None))
+        return solve(G, rank, *args, **kwargs)
+
+    monkeypatch.setattr(topeig, "top_eigh", logged)
+    return log
+
+
+@pytest.mark.parametrize("shape", [(160, 320), (320, 160)])
+def test_ridges_start_from_their_anchors_alike_in_threads(monkeypatch, starts_log, shape):
+    """Iterative route: the smallest ridge and plain SVD are scored first (one at a time too) and
+    every other ridge starts from their Ritz blocks, so scoring in two threads gives the errors and
+    the choice of one at a time. A wide residual's choice carries its block (``out × q``) for the
+    refit; a tall one's Gram matrices live in ``H_fit``'s eigenbasis, not the refit's: none."""
+    monkeypatch.setattr(decompose, "ITERATIVE_MIN_DIM", 0)
+    delta, H_fit, H_val = _layer(*shape, seed=3)
+    got = {}
+    for w in (1, 2):
+        monkeypatch.setattr(decompose, "_ridge_workers", lambda device: w)
+        starts_log.clear()
+        got[w] = select_damping(delta, H_fit.float(), H_val.float(), rank=16, early_stop=False)
+        assert [warm for _, warm in starts_log] == [False, False] + [True] * (len(got[w].errors) - 2)
+    assert got[2].damping == got[1].damping and list(got[2].errors) == list(got[1].errors)
+    for d, e in got[1].errors.items():
+        assert got[2].errors[d] == pytest.approx(e, rel=1e-9), d
+    if shape[0] <= shape[1]:
+        assert got[1].basis.shape == (shape[0], topeig.block_size(shape[0], 16))
+    else:
+        assert got[1].basis is None
+
+
+@pytest.mark.parametrize("heldout", ["layer", "isotropic"])
+def test_the_refit_starts_from_the_chosen_block(monkeypatch, starts_log, heldout):
+    """``eora_factors_auto`` on a wide residual: the refit on all tokens (a finite ridge; plain SVD
+    where held-out tokens unlike the fit's make it win) starts from the chosen candidate's block and
+    fits what a random start fits."""
+    monkeypatch.setattr(decompose, "ITERATIVE_MIN_DIM", 0)
+    delta, H_fit, H_val = _layer(160, 320, seed=4)
+    if heldout == "isotropic":
+        X = torch.randn(1024, 320, generator=torch.Generator().manual_seed(9), dtype=F64)
+        H_val = X.T @ X
+    factors, choice = decompose.eora_factors_auto(delta, H_fit, H_val, 16)
+    assert (choice.damping == math.inf) == (heldout == "isotropic")
+    assert starts_log[-1] == (160, True)
+    from peft_eora.decompose import refit_auto
+
+    if choice.damping == math.inf:
+        cold = eora_factors(delta, None, 16, method="svd")
+        H = H_fit + H_val
+    else:
+        cold, H = refit_auto(delta, (H_fit, H_val), choice.damping, 16)
+    e_warm = weighted_error(delta, H, (factors.B @ factors.A).double())
+    e_cold = weighted_error(delta, H, (cold.B @ cold.A).double())
+    assert e_warm == pytest.approx(e_cold, rel=1e-6)  # float32 factors: their rounding dominates
 
 
 def test_small_gram_matrices_keep_eigh(monkeypatch):

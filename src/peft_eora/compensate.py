@@ -790,10 +790,12 @@ def _install(
             damping, heldout_errors = choice.damping, choice.errors
             logger.debug("%s: damping %g chosen, held-out errors %s", t.name, damping, heldout_errors)
             if damping == math.inf:  # plain SVD; the statistics read the pair, released after them
-                factors = eora_factors(fitted, None, t.rank, method="svd", name=t.name)
+                factors = eora_factors(fitted, None, t.rank, method="svd", name=t.name, start=choice.basis)
                 H = auto.pair
             else:  # the statistics read the refit's factorisation: the pair is released in there
-                factors, H = refit_auto(fitted, auto.pair, damping, t.rank, eig_rtol, t.name, release=auto.release)
+                factors, H = refit_auto(fitted, auto.pair, damping, t.rank, eig_rtol, t.name, release=auto.release,
+                                        start=choice.basis)
+            del choice  # the chosen candidate's Ritz block
         elif projection is not None:  # the group's (projection, root): the root serves the statistics
             shared, H = projection.take()
             factors = eora_factors(fitted, None, t.rank, method=method, eig_rtol=eig_rtol, name=t.name,

@@ -42,7 +42,7 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -391,13 +391,15 @@ def eora_factors(
     eig_rtol: float = DEFAULT_EIG_RTOL,
     name: str = "layer",
     projection: Projection | tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    start: torch.Tensor | None = None,
 ) -> Factors:
     """Factor the residual ``delta`` (out × in) into ``B @ A`` of rank ``rank``.
 
     ``H`` is the (unnormalised or normalised, the scale does not matter) input second moment
     ``Σ xᵀx``; it is ignored for ``method="svd"``. Layers sharing one input (q/k/v) can share
     the decomposition: pass ``projection=projection_for(H, damping, eig_rtol)`` (or the tuple
-    of :func:`eigen_projection`; ``H`` may then be None). Returns float32 factors.
+    of :func:`eigen_projection`; ``H`` may then be None). ``start``: a first block for the truncated
+    SVD's iteration (see :func:`truncated_svd`; ``DampingChoice.basis``). Returns float32 factors.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown EoRA method {method!r}; choose one of {METHODS}.")
@@ -434,7 +436,7 @@ def eora_factors(
         Dp = projection.project_(D)
         del D
 
-    U, sv, Vh = truncated_svd(Dp, rank)
+    U, sv, Vh = truncated_svd(Dp, rank, start=start)
     # the iterative route gives the top of the spectrum only: the whole spectrum's energy is ‖Dp‖²
     total = float(torch.linalg.vector_norm(Dp)) ** 2 if sv.numel() < min(out_f, in_f) else None
     root = sv[:rank].sqrt()
@@ -454,16 +456,20 @@ def eora_factors(
 ITERATIVE_MIN_DIM = int(os.environ.get("PEFT_EORA_ITERATIVE_MIN_DIM", "2048"))
 
 
-def _gram_top(G: torch.Tensor, rank: int, owned: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gram_top(G: torch.Tensor, rank: int, owned: bool = False, start: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Top-``rank`` eigenvectors of a Gram matrix ``G = M·Mᵀ``, the singular values ``σ`` of ``M``
     (descending: all of them from ``eigh``, the top ``rank`` from the iterative route, see
-    :data:`ITERATIVE_MIN_DIM`) and which of the top ``rank`` are above ``1e-7·σ₁`` (the rest count
-    as zero). ``owned``: ``G`` is the caller's scratch and is symmetrised in place (no two temporaries)."""
+    :data:`ITERATIVE_MIN_DIM`), which of the top ``rank`` are above ``1e-7·σ₁`` (the rest count
+    as zero) and the iterative route's Ritz block (a ``start`` for a nearby Gram matrix; None from
+    ``eigh``). ``owned``: ``G`` is the caller's scratch and is symmetrised in place (no two temporaries)."""
     Gs = _symmetrize_(G) if owned else 0.5 * (G + G.T)
     n = Gs.shape[0]
-    found = None
+    found = basis = None
     if n >= ITERATIVE_MIN_DIM and 2 * topeig.block_size(n, rank) <= n:
-        found = topeig.top_eigh(Gs, rank)  # matrix products: every thread (no _lapack_threads)
+        info: dict = {}
+        found = topeig.top_eigh(Gs, rank, info=info, start=start)  # products: every thread (no _lapack_threads)
+        basis = info.get("basis")
     if found is not None:
         lam, vecs = found
     else:
@@ -471,11 +477,13 @@ def _gram_top(G: torch.Tensor, rank: int, owned: bool = False) -> tuple[torch.Te
         lam, vecs = lam.flip(0), vecs[:, n - min(rank, n):].flip(1)  # flip only the kept columns
     sv = lam.clamp_min(0).sqrt()
     tol = max(float(sv[0]) if sv.numel() else 0.0, 0.0) * 1e-7
-    return vecs[:, :rank], sv, sv[:rank] > tol
+    return vecs[:, :rank], sv, sv[:rank] > tol, basis
 
 
 def truncated_svd(D: torch.Tensor, rank: int, col_scale: torch.Tensor | None = None,
-                  gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  gram: torch.Tensor | None = None, start: torch.Tensor | None = None,
+                  on_basis: Callable[[torch.Tensor], None] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets of a float64 matrix and its spectrum, via the Gram matrix.
 
     ``eigh`` of the smaller Gram matrix (``D·Dᵀ`` or ``Dᵀ·D``) is 10–50× faster on a CPU than a
@@ -487,7 +495,9 @@ def truncated_svd(D: torch.Tensor, rank: int, col_scale: torch.Tensor | None = N
 
     ``col_scale`` (``s``): the triplets of ``D·diag(s)`` without forming it when ``D`` is tall
     (``out > in``), whose Gram matrix is ``diag(s)·DᵀD·diag(s)``; ``gram``: that ``DᵀD``, when the
-    caller scores several scalings of one ``D``.
+    caller scores several scalings of one ``D``. ``start``: the iterative route's first block (the
+    Gram matrix's rows: ``out`` for a wide ``D``, ``in`` for a tall one), e.g. what ``on_basis``
+    received for a nearby matrix; ``on_basis`` is called with the iterative route's Ritz block.
     """
     m, n = D.shape
     wide = m <= n
@@ -504,7 +514,9 @@ def truncated_svd(D: torch.Tensor, rank: int, col_scale: torch.Tensor | None = N
     else:
         G = (D.T @ D if gram is None else gram) * col_scale[:, None]
         G.mul_(col_scale[None, :])
-    top, sv, live = _gram_top(G, rank, owned=True)
+    top, sv, live, basis = _gram_top(G, rank, owned=True, start=start)
+    if basis is not None and on_basis is not None:
+        on_basis(basis)
     s = sv[:rank]
     inv = torch.where(live, 1.0 / torch.where(live, s, torch.ones_like(s)), torch.zeros_like(s))
     if wide:  # top = U_r; V_rᵀ = diag(1/σ)·U_rᵀ·D·diag(s) (directions with σ ≈ 0 dropped from both)
@@ -653,10 +665,41 @@ class DampingChoice:
 
     ``errors[δ]`` is ``‖(ΔW − B_δ·A_δ)·X_valᵀ‖_F`` with ``B_δ, A_δ`` fitted on the other tokens, for
     every candidate scored (``select_damping(..., early_stop=True)`` skips ridges past the first rise).
+    ``basis``: for a wide residual (``out ≤ in``) scored by the iterative route, the chosen
+    candidate's Ritz block (``out × q``), a start for the refit on all tokens
+    (``refit_auto(..., start=choice.basis)``); else None.
     """
 
     damping: float
     errors: dict[float, float]
+    basis: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+
+class _RidgeStarts:
+    """Start blocks for one layer's ridge candidates (:func:`peft_eora.topeig.top_eigh`'s ``start``).
+
+    A wide residual's candidates have the Gram matrices ``G₀ + δ·m·G₁`` (``G₁``: plain SVD's, δ → ∞),
+    whose top eigenvectors lie mostly in the span of ``G₀``'s and ``G₁``'s, and a tall one's move as
+    smoothly with δ: every finite ridge after the smallest starts from the span of the Ritz blocks
+    of the smallest ridge and of plain SVD (the *anchors*). :func:`_score_ridges` scores the anchors
+    first and a candidate only once its anchors are done, so each candidate's start, hence its
+    result, is the same whether ridges are scored one at a time or in threads."""
+
+    def __init__(self, grid: tuple[float, ...]) -> None:
+        finite = sorted({float(d) for d in grid if d != math.inf})
+        self.anchors = tuple(finite[:1]) + ((math.inf,) if math.inf in grid else ())
+        self.bases: dict[float, torch.Tensor] = {}
+
+    def needs(self, d: float) -> tuple[float, ...]:
+        """The ridges whose results ``d``'s start is made of."""
+        return () if d in self.anchors else self.anchors
+
+    def start(self, d: float) -> torch.Tensor | None:
+        blocks = [self.bases[a] for a in self.needs(d) if a in self.bases]  # an anchor by eigh: none
+        return torch.cat(blocks, dim=1) if blocks else None
+
+    def recorder(self, d: float) -> Callable[[torch.Tensor], None]:
+        return lambda basis: self.bases.__setitem__(d, basis)
 
 
 def _check_damping(damping: float) -> None:
@@ -722,11 +765,12 @@ def select_damping(
         raise ValueError(f"{name}: the held-out covariance contains NaN or inf; check the calibration inputs.")
     if float(torch.diagonal(H_val).sum(dtype=torch.float64)) <= 0.0:
         raise ValueError(f"{name}: the held-out covariance is zero (no held-out token): cannot choose the damping.")
+    starts = _RidgeStarts(grid)
     if round_factors is None and out_f <= in_f:
         del D  # made again once H_fit is tested: its float64 copy is the largest matrix alive then
-        gram = _gram_scores(delta, H_fit, H_val, rank, grid, eig_rtol, early_stop, name)
+        gram = _gram_scores(delta, H_fit, H_val, rank, grid, eig_rtol, early_stop, name, starts)
         if gram is not None:
-            return _choose(gram)
+            return _choose(gram, starts.bases)
         D = _check_residual(delta, rank, name)
     # Where no eigenvalue is cut, B·A = U_r·U_rᵀ·ΔW (U_r: the candidate's top left singular vectors),
     # so its held-out error is tr(K) − tr(U_rᵀ·K·U_r) with K = ΔW·H_val·ΔWᵀ, shared by every candidate.
@@ -740,7 +784,8 @@ def select_damping(
 
     def score(d: float) -> float:
         sqrt_lam, inv_sqrt, kept = fit.scales(d, eig_rtol)
-        U, sv, Vh = truncated_svd(DQ, rank, col_scale=sqrt_lam, gram=gram)
+        U, sv, Vh = truncated_svd(DQ, rank, col_scale=sqrt_lam, gram=gram, start=starts.start(d),
+                                  on_basis=starts.recorder(d))
         if outside is not None and kept == in_f:
             return outside(U[:, :rank])
         root = sv[:rank].sqrt()
@@ -750,13 +795,15 @@ def select_damping(
             A, B = (t.to(D) for t in round_factors(A, B))
         return math.sqrt(_residual_sq(D, B, A, H_val))
 
-    return _choose(_score_ridges(grid, score, early_stop, D.device))
+    # a wide residual's Gram matrices are out × out, as the refit's: the chosen one's block starts it
+    errors = _score_ridges(grid, score, early_stop, D.device, starts.needs)
+    return _choose(errors, starts.bases if out_f <= in_f else {})
 
 
-def _choose(errors: dict[float, float]) -> DampingChoice:
+def _choose(errors: dict[float, float], bases: dict[float, torch.Tensor]) -> DampingChoice:
     best = min(errors.values())
     chosen = max(d for d, e in errors.items() if e <= best * (1 + AUTO_DAMPING_TIE_RTOL))
-    return DampingChoice(damping=chosen, errors=errors)
+    return DampingChoice(damping=chosen, errors=errors, basis=bases.get(chosen))
 
 
 def _ridge_workers(device: torch.device) -> int:
@@ -769,7 +816,8 @@ def _ridge_workers(device: torch.device) -> int:
 
 
 def _score_ridges(grid: tuple[float, ...], score: Callable[[float], float], early_stop: bool,
-                  device: torch.device) -> dict[float, float]:
+                  device: torch.device,
+                  needs: Callable[[float], tuple[float, ...]] | None = None) -> dict[float, float]:
     """Held-out errors ``{δ: score(δ)}`` of the ridges of ``grid`` to score: the finite ones
     ascending — with ``early_stop`` until the error first rose between the last two — and plain SVD
     (``inf``) always.
@@ -777,7 +825,8 @@ def _score_ridges(grid: tuple[float, ...], score: Callable[[float], float], earl
     On a small CPU, :data:`DAMPING_WORKERS` ridges are scored at once (threads, single-threaded
     LAPACK): the next ridges the rule may need are scored speculatively beside the one it needs; any
     scored past the stop are dropped (and their errors, if they raised, ignored), so the errors
-    returned — and the choice — are those of scoring one at a time.
+    returned — and the choice — are those of scoring one at a time. ``needs(δ)``: ridges that must
+    be scored before δ starts (:class:`_RidgeStarts`' anchors, whose results start δ's iteration).
     """
     finite = sorted({float(d) for d in grid if d != math.inf})
     want_svd = math.inf in grid
@@ -807,13 +856,17 @@ def _score_ridges(grid: tuple[float, ...], score: Callable[[float], float], earl
         except Exception as exc:  # noqa: BLE001 - raised again only if the ridge is needed
             return d, None, exc
 
+    def ready(d: float) -> bool:
+        return d not in errors and d not in failed and all(
+            a in errors or a in failed for a in (needs(d) if needs is not None else ()))
+
     def run(pool: ThreadPoolExecutor | None) -> list[float]:
         while True:
             scored, done = prefix()
             batch = [] if done else finite[len(scored):]
             if want_svd and math.inf not in errors and math.inf not in failed:
                 batch.insert(min(1, len(batch)), math.inf)  # beside the first finite ridge needed
-            batch = batch[:workers]
+            batch = [d for d in batch if ready(d)][:workers]  # an anchor has no needs: never empty
             if not batch:
                 return scored
             for d, e, exc in (pool.map(attempt, batch) if pool is not None else map(attempt, batch)):
@@ -900,7 +953,7 @@ def _nothing_cut_(H: torch.Tensor, trace: float, eig_rtol: float) -> bool:
 
 def _gram_scores(delta: torch.Tensor, H_fit: torch.Tensor, H_val: torch.Tensor, rank: int,
                  grid: tuple[float, ...], eig_rtol: float, early_stop: bool,
-                 name: str) -> dict[float, float] | None:
+                 name: str, starts: _RidgeStarts) -> dict[float, float] | None:
     """Held-out errors of every ridge for a wide residual (``out ≤ in``) without decomposing ``H_fit``.
 
     ``U_r`` of ``ΔW·S_δ`` (any square root ``S_δ·S_δᵀ = H_fit + δ·m·I``) is the top eigenvectors of
@@ -927,10 +980,13 @@ def _gram_scores(delta: torch.Tensor, H_fit: torch.Tensor, H_val: torch.Tensor, 
 
     def score(d: float) -> float:
         G = G1 if d == math.inf else G0 + (d * mean_diag) * G1 if d > 0 else G0
-        top, _, live = _gram_top(G, rank, owned=0 < d < math.inf)  # G0 and G1 are shared by the threads
+        # G0 and G1 are shared by the threads
+        top, _, live, basis = _gram_top(G, rank, owned=0 < d < math.inf, start=starts.start(d))
+        if basis is not None:
+            starts.recorder(d)(basis)
         return _outside_error(K, top * live)  # as truncated_svd: directions with σ ≈ 0 dropped
 
-    return _score_ridges(grid, score, early_stop, delta.device)
+    return _score_ridges(grid, score, early_stop, delta.device, starts.needs)
 
 
 def refit_auto(
@@ -942,6 +998,7 @@ def refit_auto(
     name: str = "layer",
     full: Eigen | None = None,
     release: Callable[[], None] | None = None,
+    start: torch.Tensor | None = None,
 ) -> tuple[Factors, CovarianceRoot]:
     """The factors of ``damping="auto"`` once a finite δ is chosen: :func:`eora_factors` on all
     tokens (``H``: the fit and held-out covariances, as parts), and ``H`` as a
@@ -955,7 +1012,8 @@ def refit_auto(
     Cholesky factorisation of ``H − eig_rtol·tr(H)·I`` proves it), else by ``eigh`` (or ``full``,
     ``eigen(H_fit + H_val)``, when given). ``release()`` is called once the parts are no longer
     read: a caller holding no other reference to them frees them before the factors are computed
-    (the float32 pair of an 8B ``down_proj`` is 1.5 GiB).
+    (the float32 pair of an 8B ``down_proj`` is 1.5 GiB). ``start``: the truncated SVD's first block
+    (``select_damping``'s ``choice.basis``: the chosen candidate's, fitted on part of the tokens).
     """
     if not (math.isfinite(damping) and damping >= 0):
         raise ValueError(f"refit_auto needs a finite damping ≥ 0, got {damping!r}.")
@@ -984,12 +1042,13 @@ def refit_auto(
     if shift is not None:
         root = CovarianceRoot(S=H_all.tril_(), shift=shift)
         projection = Projection(S=root.S, kept=n, lower=True)
-        factors = eora_factors(delta, None, rank, damping=damping, eig_rtol=eig_rtol, name=name, projection=projection)
+        factors = eora_factors(delta, None, rank, damping=damping, eig_rtol=eig_rtol, name=name,
+                               projection=projection, start=start)
         return factors, root
     e = eigen(H_all, overwrite=True) if full is None else full
     del H_all  # held by e.Q when decomposed here
     factors = eora_factors(delta, None, rank, damping=damping, eig_rtol=eig_rtol, name=name,
-                           projection=e.root(damping, eig_rtol))
+                           projection=e.root(damping, eig_rtol), start=start)
     return factors, CovarianceRoot(S=e.Q, scale=e.lam.clamp_min(0).sqrt())
 
 
@@ -1015,8 +1074,9 @@ def eora_factors_auto(
     """
     choice = select_damping(delta, H_fit, H_val, rank, grid, eig_rtol, name, fit, round_factors)
     if choice.damping == math.inf:
-        return eora_factors(delta, None, rank, method="svd", name=name), choice
-    factors, _ = refit_auto(delta, (H_fit, H_val), choice.damping, rank, eig_rtol, name, full=full)
+        return eora_factors(delta, None, rank, method="svd", name=name, start=choice.basis), choice
+    factors, _ = refit_auto(delta, (H_fit, H_val), choice.damping, rank, eig_rtol, name, full=full,
+                            start=choice.basis)
     return factors, choice
 
 
