@@ -3,7 +3,8 @@
 The choices in :mod:`peft_eora.decompose` (which decomposition, which precision) rest on
 these figures: per matrix size, ``eigh`` and Cholesky in float64 and float32, the Gram
 eigendecomposition behind the truncated SVD and its top-128 by subspace iteration
-(:func:`peft_eora.topeig.top_eigh`, on a flat and a steep spectrum), randomized SVD, the covariance product
+(:func:`peft_eora.topeig.top_eigh`, on a flat and a steep spectrum, and on a ridge between them
+from a random start and from the two ends' Ritz blocks, as ``damping="auto"`` starts it), randomized SVD, the covariance product
 ``XᵀX`` over 64k calibration tokens in float32, TF32 and bf16-in/fp32-out, and what
 ``adapter_bits=4`` adds per layer: fitting an r = 128 pair to the int4 grid
 (:func:`peft_eora.factor_quant.fit_lowbit_factors`, its column-by-column GPTQ loops) and one GPTQ
@@ -79,9 +80,11 @@ def probe(sizes: list[int], out_rows: int, tokens: int, device: torch.device, re
         Gs = Ds @ Ds.T if out_rows <= n else Ds.T @ Ds
         del Ds
         r_top = row["gram_top_rank"] = min(128, G.shape[0] // 4)
+        bases = {}
         for tag, M in (("", G), ("_steep", Gs)):
             info: dict = {}
             found = topeig.top_eigh(M, r_top, info=info)
+            bases[tag] = info["basis"]
             row[f"gram_top_eigh{tag}_products_steps"] = [info["products"], info["steps"]]
             row[f"gram_top_eigh{tag}_fp64_s"] = t(lambda: topeig.top_eigh(M, r_top), reps)
             # the CPU's products per Rayleigh–Ritz step (4) against the device default, and the step's
@@ -99,7 +102,18 @@ def probe(sizes: list[int], out_rows: int, tokens: int, device: torch.device, re
             else:
                 ref = torch.linalg.eigvalsh(M).flip(0)[:r_top]
                 row[f"gram_top_eigh{tag}_max_rel_err"] = float((found[0] - ref).abs().max() / ref[0])
-        del Gs
+        # damping="auto"'s ridge candidates: a mid ridge of the pencil steep + δ·flat (G₀ + δ·m·G₁) from a
+        # random start and from the span of the two ends' Ritz blocks (decompose._RidgeStarts)
+        if all(b is not None for b in bases.values()) and 2 * topeig.block_size(G.shape[0], r_top) <= G.shape[0]:
+            Gm = Gs + (0.3 * float(Gs.trace() / G.trace())) * G
+            start = torch.cat([bases["_steep"], bases[""]], dim=1)
+            for tag, kw in (("cold", {}), ("warm", {"start": start})):
+                info = {}
+                topeig.top_eigh(Gm, r_top, info=info, **kw)
+                row[f"gram_top_eigh_ridge_{tag}_products_steps"] = [info["products"], info["steps"]]
+                row[f"gram_top_eigh_ridge_{tag}_fp64_s"] = t(lambda: topeig.top_eigh(Gm, r_top, **kw), reps)
+            del Gm, start
+        del Gs, bases
         # its Rayleigh–Ritz step: eigh of the block's q × q projection (q = 192 at r = 128), on the
         # device and on the host (a candidate for the latency-bound small eigh)
         q = topeig.block_size(G.shape[0], r_top)
@@ -146,7 +160,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--reps", type=int, default=2)
     args = p.parse_args(argv)
     if args.smoke:
-        res = probe([96, 160], 64, 512, torch.device("cpu"), 1)
+        res = probe([96, 160], 128, 512, torch.device("cpu"), 1)  # 160: a Gram matrix wide enough for two blocks
     elif torch.cuda.is_available():
         res = probe([4096, 14336], 4096, 65536, torch.device("cuda"), args.reps)
     else:

@@ -473,6 +473,9 @@ def test_linalg_benchmark_smoke():
     res = _smoke("linalg.py")
     for n in ("96", "160"):
         assert res[n]["eigh_fp64_s"] > 0 and res[n]["fit_lowbit_int4_r128_s"] > 0 and res[n]["gptq_round_int4_A_r128_s"] > 0
+    # a ridge between the steep and the flat Gram matrix, from a random start and from their Ritz blocks
+    cold, warm = res["160"]["gram_top_eigh_ridge_cold_products_steps"], res["160"]["gram_top_eigh_ridge_warm_products_steps"]
+    assert res["160"]["gram_top_eigh_ridge_warm_fp64_s"] > 0 and 1 <= warm[1] and 1 <= cold[1]
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the CPU high-water mark needs Linux /proc")

@@ -35,8 +35,8 @@ deterministic per device.
 
 ``start`` (any ``n × p`` block, e.g. the Ritz vectors of a nearby matrix from ``info["basis"]``)
 replaces the random start: ``damping="auto"`` scores ridges whose Gram matrices differ by a
-ridge, and a neighbour's subspace is most of the way there (on a flat 2048² Gram matrix of an
-RTN residual, ~30 % fewer products and one Rayleigh–Ritz step fewer; the stopping bound is the same).
+ridge, and the neighbours' subspaces are most of the way there (one Llama-3-8B-shaped block: 21 %
+fewer products and 20 % fewer Rayleigh–Ritz steps; the stopping bound is the same).
 """
 
 from __future__ import annotations
