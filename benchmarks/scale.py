@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--group-size", type=int, default=None,
+                   help="quantization group (0: one per row; default: 128, or the largest of 64/32 dividing "
+                        "hidden and intermediate, e.g. 64 for the default SmolLM2-135M shape's 576)")
     p.add_argument("--format", choices=("dense", "gptq"), default="dense")
     p.add_argument("--damping", default="0.01", help="a number or 'auto'")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: float32 on CPU, bfloat16 on GPU")
@@ -186,6 +188,12 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, args.vocab = 4096, 14336, 1, 32, 8, 1000
         args.samples, args.seq_len, args.batch_size = 64, 1024, 8
         args.device, args.dtype, args.per_group_forwards = "cpu", args.dtype or "bfloat16", True
+    widths = (args.hidden, args.intermediate)
+    if args.group_size is None:
+        args.group_size = next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), 0)
+    elif args.group_size > 0 and any(w % args.group_size for w in widths):
+        raise SystemExit(f"--group-size {args.group_size} does not divide the layers' input widths "
+                         f"(hidden {args.hidden}, intermediate {args.intermediate}); pick a divisor of both, or 0 (one group per row).")
     cuda = torch.cuda.is_available() and args.device != "cpu"
     build_device = torch.device("cpu") if (args.offload or not cuda) else torch.device("cuda")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if cuda else torch.float32)

@@ -422,15 +422,22 @@ def test_sharded_original_with_a_missing_shard_or_tensor_is_refused_before_compu
 # the scale benchmark
 
 
-def _smoke(script: str) -> dict:
-    """``benchmarks/<script> --smoke`` in a subprocess (the repository's ``src`` first); its JSON."""
+def _run_benchmark(script: str, *args: str) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """``benchmarks/<script> ARGS --out ...`` in a subprocess (the repository's ``src`` first): the
+    process and its JSON (None where it wrote none)."""
     env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
-        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--smoke", "--out", str(out)],
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args, "--out", str(out)],
                               env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads(out.read_text())
+        return proc, json.loads(out.read_text()) if out.exists() else None
+
+
+def _smoke(script: str) -> dict:
+    """``benchmarks/<script> --smoke``'s JSON."""
+    proc, res = _run_benchmark(script, "--smoke")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return res
 
 
 def test_scale_benchmark_smoke():
@@ -440,6 +447,19 @@ def test_scale_benchmark_smoke():
     assert 0 < res["mean_relative_error"] < 1
     if sys.platform.startswith("linux"):  # the host high-water mark over the step
         assert 0 <= res["host_rise_gib"] < res["host_peak_gib"]
+
+
+def test_scale_benchmark_group_size_fits_the_shape():
+    """The default group is 128, else the largest of 64/32 dividing every input width (the default
+    SmolLM2-135M shape's 576 takes 64); a group dividing none is refused before anything is built."""
+    shape = ["--hidden", "96", "--intermediate", "160", "--layers", "1", "--heads", "2", "--kv-heads", "1",
+             "--vocab", "300", "--samples", "4", "--seq-len", "16", "--batch-size", "4", "--rank", "4", "--device", "cpu"]
+    proc, res = _run_benchmark("scale.py", *shape)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert res["status"] == "ok" and res["group_size"] == 32
+    proc, res = _run_benchmark("scale.py", *shape, "--group-size", "128")
+    assert proc.returncode != 0 and res is None
+    assert "--group-size 128 does not divide" in proc.stderr
 
 
 def test_live_tensor_peak_counts_new_storages_until_freed():
