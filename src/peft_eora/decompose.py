@@ -743,8 +743,9 @@ def select_damping(
     ``H_fit`` is decomposed once (pass ``fit=eigen(H_fit)``, or a function returning it, to share it
     across layers with one input); a wide residual (``out ≤ in``) whose ``H_fit`` has no eigenvalue
     under the cut-off needs no decomposition of ``H_fit`` at all (see :func:`_gram_scores`); each
-    candidate costs one truncated SVD (an ``eigh`` of the smaller Gram matrix) and one
-    ``out × out × r`` product. With ``early_stop`` (default) the finite ridges are scored in ascending
+    candidate costs one truncated SVD (an ``eigh`` of the smaller Gram matrix, or from 2048 wide an
+    iteration started from the smallest ridge's and plain SVD's results, see :class:`_RidgeStarts`)
+    and one ``out × out × r`` product. With ``early_stop`` (default) the finite ridges are scored in ascending
     order until the held-out error first rises, and plain SVD (``inf``) is always scored: on
     SmolLM2-135M (GPTQ 3-bit r=64, 4-bit r=128) that picked the full grid's choice for every layer
     while scoring ~4.4 of 7 candidates. Ties (within
