@@ -131,8 +131,9 @@ class EigenCalls:
     def _counted(self, kind: str, fn: Any, A: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         info: dict[str, Any] = {}
         if kind == "top_eigh":  # the caller's own info (the Ritz block it reuses) still filled
-            info = kwargs.get("info") if kwargs.get("info") is not None else info
-            kwargs["info"] = info
+            if kwargs.get("info") is None:
+                kwargs["info"] = info
+            info = kwargs["info"]
             warm = kwargs.get("start") is not None
         if self.cuda:
             torch.cuda.synchronize()

@@ -502,15 +502,9 @@ def test_linalg_benchmark_smoke():
 @pytest.mark.parametrize("damping,dead", [("auto", 0), ("0.01", 0), ("auto", 4)])
 def test_factor_memory_benchmark_runs(damping, dead):
     """``benchmarks/factor_memory.py`` (the factor step's peak memory over its inputs) on a small layer."""
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "mem.json"
-        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "factor_memory.py"), "--out-features", "96",
-                               "--in-features", "384", "--rank", "8", "--damping", damping, "--dead-channels", str(dead),
-                               "--out", str(out)],
-                              env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        res = json.loads(out.read_text())
+    proc, res = _run_benchmark("factor_memory.py", "--out-features", "96", "--in-features", "384", "--rank", "8",
+                               "--damping", damping, "--dead-channels", str(dead))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert res["status"] == "ok" and res["finite"] and res["shape"] == [96, 384]
     assert res["peak_over_inputs_gib"] >= 0 and res["in_x_in_float64_units"] >= 0
     # at least the float64 copy the factor step factorises (384² × 8 bytes) is counted, never more than

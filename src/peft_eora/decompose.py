@@ -36,6 +36,7 @@ per parameter under a total budget.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import os
@@ -686,8 +687,7 @@ class _RidgeStarts:
     result, is the same whether ridges are scored one at a time or in threads."""
 
     def __init__(self, grid: tuple[float, ...]) -> None:
-        finite = sorted({float(d) for d in grid if d != math.inf})
-        self.anchors = tuple(finite[:1]) + ((math.inf,) if math.inf in grid else ())
+        self.anchors = tuple(_finite_ridges(grid)[:1]) + ((math.inf,) if math.inf in grid else ())
         self.bases: dict[float, torch.Tensor] = {}
 
     def needs(self, d: float) -> tuple[float, ...]:
@@ -698,8 +698,15 @@ class _RidgeStarts:
         blocks = [self.bases[a] for a in self.needs(d) if a in self.bases]  # an anchor by eigh: none
         return torch.cat(blocks, dim=1) if blocks else None
 
-    def recorder(self, d: float) -> Callable[[torch.Tensor], None]:
-        return lambda basis: self.bases.__setitem__(d, basis)
+    def record(self, d: float, basis: torch.Tensor | None) -> None:
+        """Keep ``d``'s Ritz block (None, from ``eigh``: nothing to keep)."""
+        if basis is not None:
+            self.bases[d] = basis
+
+
+def _finite_ridges(grid: tuple[float, ...]) -> list[float]:
+    """The finite ridges of ``grid``, ascending: the order they are scored in."""
+    return sorted({float(d) for d in grid if d != math.inf})
 
 
 def _check_damping(damping: float) -> None:
@@ -786,7 +793,7 @@ def select_damping(
     def score(d: float) -> float:
         sqrt_lam, inv_sqrt, kept = fit.scales(d, eig_rtol)
         U, sv, Vh = truncated_svd(DQ, rank, col_scale=sqrt_lam, gram=gram, start=starts.start(d),
-                                  on_basis=starts.recorder(d))
+                                  on_basis=functools.partial(starts.record, d))
         if outside is not None and kept == in_f:
             return outside(U[:, :rank])
         root = sv[:rank].sqrt()
@@ -829,7 +836,7 @@ def _score_ridges(grid: tuple[float, ...], score: Callable[[float], float], earl
     returned — and the choice — are those of scoring one at a time. ``needs(δ)``: ridges that must
     be scored before δ starts (:class:`_RidgeStarts`' anchors, whose results start δ's iteration).
     """
-    finite = sorted({float(d) for d in grid if d != math.inf})
+    finite = _finite_ridges(grid)
     want_svd = math.inf in grid
     workers = _ridge_workers(device)
     errors: dict[float, float] = {}
@@ -983,8 +990,7 @@ def _gram_scores(delta: torch.Tensor, H_fit: torch.Tensor, H_val: torch.Tensor, 
         G = G1 if d == math.inf else G0 + (d * mean_diag) * G1 if d > 0 else G0
         # G0 and G1 are shared by the threads
         top, _, live, basis = _gram_top(G, rank, owned=0 < d < math.inf, start=starts.start(d))
-        if basis is not None:
-            starts.recorder(d)(basis)
+        starts.record(d, basis)
         return _outside_error(K, top * live)  # as truncated_svd: directions with σ ≈ 0 dropped
 
     return _score_ridges(grid, score, early_stop, delta.device, starts.needs)
