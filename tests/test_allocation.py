@@ -225,3 +225,29 @@ def test_gptq_auto_damping_with_spectrum_allocation(tiny_gptq3_dir, tiny_origina
     assert {n: int(m.r["default"]) for n, m in _layers(reloaded).items()} == ranks
     with torch.no_grad():
         assert float((reloaded(input_ids=ids).logits - model(input_ids=ids).logits).abs().max()) <= 1e-5
+
+
+def test_the_spectrum_pass_skips_the_zero_updates_exactly(tiny_llama, calib_ids, monkeypatch):
+    """The statistics pass runs with every adapter a zero update: with the adapters switched off for
+    its forwards (their products not computed) the spectra are bit for bit the same, and the adapters
+    are back on afterwards."""
+    import contextlib
+
+    import peft_eora.compensate as comp
+    from peft_eora.calibration import as_batches
+    from peft_eora.original import OriginalWeights
+
+    original, quantized = tiny_llama
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, init_eora=False))
+    model, weights, batches = pm.base_model.model, OriginalWeights.open(original), as_batches(calib_ids)
+    lora_calls = []
+    for layer in _layers(pm).values():
+        layer.lora_A["default"].register_forward_hook(lambda m, args, out: lora_calls.append(args[0].shape[0]))
+    _, off, _ = comp.collect_spectra(model, "default", weights, batches, damping=0.01, progress=False)
+    assert set(lora_calls) == {1}  # only the one-row probes of the call order, before the pass's forwards
+    lora_calls.clear()
+    assert not any(layer.disable_adapters for layer in _layers(pm).values())
+    monkeypatch.setattr(comp, "adapters_off", lambda layers: contextlib.nullcontext())
+    _, on, _ = comp.collect_spectra(model, "default", weights, batches, damping=0.01, progress=False)
+    assert max(lora_calls) == batches[0]["input_ids"].shape[0]
+    assert off.keys() == on.keys() and all(torch.equal(off[n], on[n]) for n in off)

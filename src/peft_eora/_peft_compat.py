@@ -192,6 +192,25 @@ def only_active(model: nn.Module, adapter_name: str) -> Iterator[None]:
             layer._active_adapter = active
 
 
+@contextlib.contextmanager
+def adapters_off(layers: list[nn.Module]) -> Iterator[None]:
+    """The LoRA ``layers`` compute their base layer alone while the block runs (restored after).
+
+        >>> with adapters_off(lora_layers):     # zero updates: the same outputs, without their products
+        ...     model(input_ids)
+
+    ``disable_adapters``' setter would also change ``requires_grad``, hence PEFT's private
+    ``_disable_adapters``."""
+    saved = [(layer, layer._disable_adapters) for layer in layers]
+    try:
+        for layer, _ in saved:
+            layer._disable_adapters = True
+        yield
+    finally:
+        for layer, state in saved:
+            layer._disable_adapters = state
+
+
 # --------------------------------------------------------------------------------------------
 # Wiring once PEFT is imported
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ each targeted linear is accumulated, the factors are computed and installed, and
 *compensated* block's outputs feed the next block. Within a block, modules are processed in
 execution order by groups sharing one input (q/k/v, o, gate/up, down in a Llama block), so
 each group sees the compensated groups before it — all in one forward of the block per
-calibration batch (the batches park at each group while its factors are installed).
+calibration batch (the batches park at each group while its factors are installed). On a CPU in
+float32, an installed layer runs the rest of the visit as one dense product ``W_compressed + s·B·A``
+(:mod:`peft_eora.merged_forward`); the statistics pass computes no adapter at all (zero updates).
 
 ``device`` runs the blocks there (the model may stay on the CPU: offload, one block at a time);
 ``checkpoint`` (a :class:`~peft_eora.checkpoint.Checkpoint`) makes the run resumable;
@@ -42,6 +44,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._peft_compat import adapters_off
 from .calibration import Batch, count_tokens
 from .config import DEFAULT_LOGIT_WEIGHTING, FIXED_DAMPING, LOGIT_WEIGHTINGS, VALUE_WEIGHTINGS
 from .decompose import (
@@ -63,6 +66,7 @@ from .decompose import (
 )
 from .factor_quant import fit_lowbit_factors
 from .logit_weighting import AttentionShape, attention_shape, output_weights, partner
+from .merged_forward import MergedForwards
 from .original import ModelMismatchError, OriginalWeights
 from .residual import UnsupportedModuleError, backend_for
 from .value_weighting import attached, value_taps, verified
@@ -612,6 +616,8 @@ def _compensate_visit(
 ) -> None:
     groups, points, taps = _visit_groups(visit.block, block_targets, visit.inputs[0], value_weighting)
     cov = _Covariances(groups, visit.device, masks, holdout, times)
+    # on a CPU in float32 the installed layers run as one dense product for the rest of the visit
+    merged = MergedForwards(adapter_name, [t.layer for t in block_targets], enabled=sequential and _merges(visit))
 
     metric = _output_metric(original, logits, visit.device)
 
@@ -622,7 +628,7 @@ def _compensate_visit(
                 for t in groups[g]:
                     stats.modules.append(_install(t, adapter_name, original, None, "eora", eig_rtol,
                                                   device=visit.device, times=times, adapter_bits=adapter_bits,
-                                                  out_weight=metric(t, held.pair), auto=held))
+                                                  out_weight=metric(t, held.pair), auto=held, merged=merged))
             return
         H = cov.take(g)[0]
         with original.keeping(_read_twice(groups[g], logits)):
@@ -633,9 +639,9 @@ def _compensate_visit(
             for t, weight in zip(groups[g], out_weights):
                 stats.modules.append(_install(t, adapter_name, original, projection, "eora", eig_rtol,
                                               device=visit.device, times=times, adapter_bits=adapter_bits,
-                                              out_weight=weight, damping=float(damping)))
+                                              out_weight=weight, damping=float(damping), merged=merged))
 
-    with attached(taps):
+    with attached(taps), merged:
         if sequential:  # one forward: the batches park at each group while its factors are installed
             visit.run(points, cov.collect, on_group=finish, keep_outputs=keep_outputs)
         else:  # every group from the uncompensated block; the walker then forwards the compensated block
@@ -643,6 +649,14 @@ def _compensate_visit(
     if not sequential:
         for g in range(len(groups)):
             finish(g)
+
+
+def _merges(visit: BlockVisit) -> bool:
+    """Whether the visit's installed layers run merged (:mod:`peft_eora.merged_forward`): on a CPU,
+    float32 activations, no autocast."""
+    hidden = visit.inputs[0][0] if visit.inputs else None
+    return (visit.device.type == "cpu" and visit.autocast is None and isinstance(hidden, torch.Tensor)
+            and hidden.dtype == torch.float32)
 
 
 def _logit_setup(model: nn.Module, logit_weighting: str) -> tuple[str, Optional[AttentionShape]]:
@@ -774,11 +788,17 @@ def _install(
     times: PhaseTimes = NO_TIMES,
     adapter_bits: int = 16,
     out_weight: Optional[torch.Tensor] = None,
+    merged: Optional[MergedForwards] = None,
 ) -> ModuleStats:
     """Compute ``t``'s factors and install them. ``out_weight`` (``g``, one weight per output channel):
-    fit ``‖G^½·(ΔW − BA)·Xᵀ‖`` instead, i.e. EoRA on ``G^½·ΔW`` and ``B ← G^-½·B`` (logit weighting)."""
+    fit ``‖G^½·(ΔW − BA)·Xᵀ‖`` instead, i.e. EoRA on ``G^½·ΔW`` and ``B ← G^-½·B`` (logit weighting).
+    ``merged``: the installed layer forwards as one dense product for the rest of the visit."""
     device = device if device is not None else device_of(t.base)
-    delta = _residual(t, original, device, times)
+    w_fp, w_q = _weights(t, original, device, times)
+    delta = w_fp - w_q
+    del w_fp
+    if merged is None or not merged.enabled:
+        w_q = None
     H: Optional[Union[Covariance, CovarianceRoot]] = None  # what the statistics read (None: plain SVD)
     heldout_errors = None
     with times.phase("factors", device):
@@ -825,17 +845,14 @@ def _install(
         if auto is not None and damping == math.inf:
             del H
             auto.release()
+        if merged is not None and w_q is not None:
+            merged.add(t.layer, w_q)
+        del w_q
     logger.debug("%s: error %.4g -> %.4g (r=%d)", t.name, before, after, t.rank)
     return ModuleStats(
         t.name, t.rank, before, after, factors.energy_retained, factors.kept_eigen,
         damping=None if method == "svd" else damping, heldout_errors=heldout_errors,
     )
-
-
-def _residual(t: Target, original: OriginalWeights, device: torch.device, times: PhaseTimes = NO_TIMES) -> torch.Tensor:
-    """``ΔW = W_original − W_compressed`` of one target (float, on ``device``), NaN/inf refused."""
-    w_fp, w_q = _weights(t, original, device, times)
-    return w_fp - w_q
 
 
 def materialize_adapters(targets: list[Target], adapter_name: str) -> None:
@@ -961,7 +978,7 @@ def collect_spectra(
             groups, points, taps = _visit_groups(visit.block, block_targets, visit.inputs[0], value_weighting)
             cov = _Covariances(groups, visit.device, masks, None, times)
             metric = _output_metric(original, logits, visit.device)
-            with attached(taps):
+            with attached(taps), adapters_off([t.layer for t in block_targets]):  # zero updates: not computed
                 visit.run(points, cov.collect, on_group=None, keep_outputs=visit.index < last)
             for g, group in enumerate(groups):
                 (H,) = cov.take(g)

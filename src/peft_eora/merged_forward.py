@@ -1,0 +1,110 @@
+"""Compensated layers forward as one dense product while a CPU block visit lasts.
+
+During a visit, a compensated layer ``y = base(x) + s·B·(A·x)`` is run by every calibration batch
+that passes it. On a CPU in float32 its three products (and, for quantized bases, a dequantization
+per call) cost more than one: with the dense weight ``W = W_compressed + s·B·A`` at hand — the
+residual step has just dequantized ``W_compressed`` — the layer is ``F.linear(x, W, bias)``.
+The same map, rounded once instead of three times (float32, relative ~1e-7)::
+
+    >>> with MergedForwards(adapter_name, lora_layers, enabled=visit.device.type == "cpu") as merged:
+    ...     merged.add(layer, w_compressed)     # after its factors are installed
+    ...     block(hidden)                      # `layer` runs as one product
+    >>> # on exit the layer's own forward is back and the dense weights are gone
+
+A merged layer falls back to its own forward whenever the merged product would not be what it
+computes: other arguments, adapters disabled or switched, autocast on, another dtype or device, or
+its factors changed after :meth:`MergedForwards.add`. Layers whose ``forward`` is already replaced
+on the instance (accelerate hooks) and layers with another kind of update (DoRA) are left alone. Kept off on GPUs (their memory goes to the
+covariances; the low-rank products there are small against the base kernel).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+class MergedForwards:
+    """Context manager over one block visit: :meth:`add` makes a compensated LoRA layer forward as
+    one dense product until the context ends (see the module doc). ``layers``: the visit's LoRA
+    layers; each gets its routing forward on entry, before any batch runs, so a layer merged while
+    a batch is parked in its own pre-hook already runs merged in that call."""
+
+    def __init__(self, adapter_name: str, layers: list[nn.Module], enabled: bool = True) -> None:
+        self.adapter_name = adapter_name
+        self.enabled = enabled
+        self._candidates = layers if enabled else []
+        self._wrapped: list[nn.Module] = []
+        self._merged: dict[int, tuple[torch.Tensor, Optional[torch.Tensor], tuple[int, int]]] = {}
+
+    def __enter__(self) -> "MergedForwards":
+        for layer in self._candidates:
+            if "forward" not in vars(layer) and self._plain_lora(layer):  # accelerate's hooks: left alone
+                layer.forward = self._router(layer)
+                self._wrapped.append(layer)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _router(self, layer: nn.Module) -> Callable[..., torch.Tensor]:
+        own_forward = layer.forward
+        name, merged = self.adapter_name, self._merged
+
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            entry = merged.get(id(layer))
+            if entry is not None and not args and not kwargs:
+                weight, bias, versions = entry
+                if (x.dtype == weight.dtype and x.device == weight.device and not layer.disable_adapters
+                        and not torch.is_autocast_enabled(x.device.type) and layer.active_adapters == [name]
+                        and (layer.lora_A[name].weight._version, layer.lora_B[name].weight._version) == versions):
+                    return F.linear(x, weight, bias)
+            return own_forward(x, *args, **kwargs)
+
+        return forward
+
+    def add(self, layer: nn.Module, w_compressed: torch.Tensor) -> bool:
+        """Merge ``layer`` (its ``adapter_name`` factors installed) over ``w_compressed`` (out × in,
+        its base weight as the kernel computes it). Returns whether the layer now runs merged."""
+        if not any(layer is w for w in self._wrapped):
+            return False
+        lora_A = layer.lora_A[self.adapter_name].weight
+        lora_B = layer.lora_B[self.adapter_name].weight
+        if w_compressed.dtype != torch.float32 or lora_A.device != w_compressed.device:
+            return False
+        bias = getattr(layer.get_base_layer(), "bias", None)
+        if isinstance(bias, torch.Tensor):
+            if bias.device.type == "meta":  # offloaded by accelerate: only the layer's own forward loads it
+                return False
+            bias = bias.detach().to(w_compressed.device, torch.float32)
+        else:
+            bias = None
+        weight = torch.addmm(w_compressed, lora_B.float(), lora_A.float(), alpha=layer.scaling[self.adapter_name])
+        self._merged[id(layer)] = (weight, bias, (lora_A._version, lora_B._version))
+        return True
+
+    def _plain_lora(self, layer: nn.Module) -> bool:
+        """A LoRA layer whose update for the adapter is ``s·B·A`` on the input (no DoRA or other
+        variant, no dropout at work, not merged into its base)."""
+        name = self.adapter_name
+        lora_A: Optional[nn.ModuleDict] = getattr(layer, "lora_A", None)
+        if lora_A is None or name not in lora_A or not isinstance(lora_A[name], nn.Linear):
+            return False
+        if name in getattr(layer, "lora_variant", {}) or getattr(layer, "merged", False):
+            return False
+        dropouts = getattr(layer, "lora_dropout", None)
+        dropout = dropouts[name] if dropouts is not None and name in dropouts else None
+        return dropout is None or isinstance(dropout, nn.Identity) or not dropout.training
+
+    def close(self) -> None:
+        """Give every wrapped layer its own forward back (and free the dense weights)."""
+        for layer in self._wrapped:
+            vars(layer).pop("forward", None)
+        self._wrapped.clear()
+        self._merged.clear()
