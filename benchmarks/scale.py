@@ -203,7 +203,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peft_eora import EoRAConfig, decompose, initialize_eora_weights, walker
+    from peft_eora import EoRAConfig, decompose, initialize_eora_weights, merged_forward, walker
     from peft_eora.kernels.gptq_linear import GPTQLinear
     from peft_eora.original import OriginalWeights
     from peft_eora.walker import PhaseTimes
@@ -244,6 +244,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     live = None
     if args.per_group_forwards and not cuda:
         walker.PARK_LIMIT_BYTES = 0
+        merged_forward.ENABLED = False  # a GPU keeps the layers' own forwards
         decompose.DAMPING_WORKERS = 1  # the factor step stays in this thread, where LiveTensorPeak sees it
         live = LiveTensorPeak(label=lambda: "/".join(times.active) or "-")
     rss = PeakRSS() if Path("/proc/self/clear_refs").exists() else None

@@ -66,6 +66,7 @@ from .decompose import (
 )
 from .factor_quant import fit_lowbit_factors
 from .logit_weighting import AttentionShape, attention_shape, output_weights, partner
+from . import merged_forward
 from .merged_forward import MergedForwards
 from .original import ModelMismatchError, OriginalWeights
 from .residual import UnsupportedModuleError, backend_for
@@ -655,7 +656,7 @@ def _merges(visit: BlockVisit) -> bool:
     """Whether the visit's installed layers run merged (:mod:`peft_eora.merged_forward`): on a CPU,
     float32 activations, no autocast."""
     hidden = visit.inputs[0][0] if visit.inputs else None
-    return (visit.device.type == "cpu" and visit.autocast is None and isinstance(hidden, torch.Tensor)
+    return (merged_forward.ENABLED and visit.device.type == "cpu" and visit.autocast is None and isinstance(hidden, torch.Tensor)
             and hidden.dtype == torch.float32)
 
 

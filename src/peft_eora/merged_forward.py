@@ -29,6 +29,10 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
+#: False: CPU walks keep every layer's own forward too (``benchmarks/scale.py --per-group-forwards``
+#: sets it to count the tensors of a walk as a GPU runs it).
+ENABLED = True
+
 
 class MergedForwards:
     """Context manager over one block visit: :meth:`add` makes a compensated LoRA layer forward as
