@@ -14,8 +14,10 @@ The same map, rounded once instead of three times (float32, relative ~1e-7)::
 A merged layer falls back to its own forward whenever the merged product would not be what it
 computes: other arguments, adapters disabled or switched, autocast on, another dtype or device, or
 its factors changed after :meth:`MergedForwards.add`. Layers whose ``forward`` is already replaced
-on the instance (accelerate hooks) and layers with another kind of update (DoRA) are left alone. Kept off on GPUs (their memory goes to the
-covariances; the low-rank products there are small against the base kernel).
+on the instance (accelerate hooks) and layers with another kind of update (DoRA) are left alone.
+Kept off on GPUs (their memory goes to the covariances; the low-rank products there are small
+against the base kernel). Measured on SmolLM2-135M, GPTQ 3-bit r=64, 2-core CPU: the walk's block
+forwards ~20 % shorter, the EoRA step 117.6 s against gptqmodel's 165.9 s (README "Measured").
 """
 
 from __future__ import annotations
