@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.gptq import GPTQLoraLinear
@@ -36,6 +37,8 @@ def _lora(**kwargs) -> nn.Module:
         for mod in pm.modules():
             if hasattr(mod, "lora_B"):
                 mod.lora_B["default"].weight.normal_(0.0, 0.05)
+                if mod.lora_B["default"].bias is not None:
+                    mod.lora_B["default"].bias.normal_(0.0, 0.05)
     return pm
 
 
@@ -49,8 +52,10 @@ def _compressed(layer: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def test_merged_layers_match_their_own_forward_and_restore_it():
-    pm = _lora()
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_merged_layers_match_their_own_forward_and_restore_it(lora_bias):
+    pm = _lora(lora_bias=lora_bias)
+    assert (pm.base_model.model.dense.lora_B["default"].bias is not None) == lora_bias
     layers = _layers(pm)
     assert isinstance(layers[0], GPTQLoraLinear) and layers[0].get_base_layer().bias is not None
     x = torch.randn(3, 7, 96)

@@ -44,6 +44,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import merged_forward
 from ._peft_compat import adapters_off
 from .calibration import Batch, count_tokens
 from .config import DEFAULT_LOGIT_WEIGHTING, FIXED_DAMPING, LOGIT_WEIGHTINGS, VALUE_WEIGHTINGS
@@ -66,8 +67,6 @@ from .decompose import (
 )
 from .factor_quant import fit_lowbit_factors
 from .logit_weighting import AttentionShape, attention_shape, output_weights, partner
-from . import merged_forward
-from .merged_forward import MergedForwards
 from .original import ModelMismatchError, OriginalWeights
 from .residual import UnsupportedModuleError, backend_for
 from .value_weighting import attached, value_taps, verified
@@ -618,7 +617,8 @@ def _compensate_visit(
     groups, points, taps = _visit_groups(visit.block, block_targets, visit.inputs[0], value_weighting)
     cov = _Covariances(groups, visit.device, masks, holdout, times)
     # on a CPU in float32 the installed layers run as one dense product for the rest of the visit
-    merged = MergedForwards(adapter_name, [t.layer for t in block_targets], enabled=sequential and _merges(visit))
+    merged = merged_forward.MergedForwards(adapter_name, [t.layer for t in block_targets],
+                                           enabled=sequential and _merges(visit))
 
     metric = _output_metric(original, logits, visit.device)
 
@@ -656,8 +656,8 @@ def _merges(visit: BlockVisit) -> bool:
     """Whether the visit's installed layers run merged (:mod:`peft_eora.merged_forward`): on a CPU,
     float32 activations, no autocast."""
     hidden = visit.inputs[0][0] if visit.inputs else None
-    return (merged_forward.ENABLED and visit.device.type == "cpu" and visit.autocast is None and isinstance(hidden, torch.Tensor)
-            and hidden.dtype == torch.float32)
+    return (merged_forward.ENABLED and visit.device.type == "cpu" and visit.autocast is None
+            and isinstance(hidden, torch.Tensor) and hidden.dtype == torch.float32)
 
 
 def _logit_setup(model: nn.Module, logit_weighting: str) -> tuple[str, Optional[AttentionShape]]:
@@ -789,7 +789,7 @@ def _install(
     times: PhaseTimes = NO_TIMES,
     adapter_bits: int = 16,
     out_weight: Optional[torch.Tensor] = None,
-    merged: Optional[MergedForwards] = None,
+    merged: Optional[merged_forward.MergedForwards] = None,
 ) -> ModuleStats:
     """Compute ``t``'s factors and install them. ``out_weight`` (``g``, one weight per output channel):
     fit ``‖G^½·(ΔW − BA)·Xᵀ‖`` instead, i.e. EoRA on ``G^½·ΔW`` and ``B ← G^-½·B`` (logit weighting).

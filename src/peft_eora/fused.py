@@ -50,6 +50,7 @@ from .kernels import ops as _ops  # registers torch.ops.peft_eora.gptq_lora_line
 from .kernels.gptq_linear import GPTQLinear
 from .kernels.lowbit import quantize_lora_pair
 from .kernels.reference import SUPPORTED_BITS, packed_len
+from .layer import plain_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -167,25 +168,6 @@ def _base_meta(base: nn.Module) -> _BaseMeta:
         zero_offset=0 if v2 else 1,
         act_order=not trivial,
     )
-
-
-def _adapter_reason(layer: GPTQLoraLinear) -> tuple[Optional[str], Optional[str]]:
-    """(reason, adapter): reason is None when the layer's adapter state can be fused."""
-    if layer.merged:
-        return "adapter weights are merged", None
-    if layer.disable_adapters:
-        return "adapters are disabled", None
-    active = [a for a in layer.active_adapters if a in layer.lora_A]
-    if len(active) != 1:
-        return f"needs exactly one active LoRA adapter, found {len(active)}", None
-    name = active[0]
-    if name in getattr(layer, "lora_variant", {}):
-        return f"adapter {name!r} uses a LoRA variant ({type(layer.lora_variant[name]).__name__})", None
-    if not isinstance(layer.lora_A[name], nn.Linear) or not isinstance(layer.lora_B[name], nn.Linear):
-        return f"adapter {name!r} factors are not nn.Linear", None
-    if layer.lora_A[name].bias is not None:
-        return f"adapter {name!r} lora_A has a bias", None
-    return None, name
 
 
 class FusedGPTQLoraLinear(GPTQLoraLinear):
@@ -348,7 +330,7 @@ def fuse(
         reason = base_layer_reason(module.get_base_layer(), supported)
         adapter = None
         if reason is None:
-            reason, adapter = _adapter_reason(module)
+            reason, adapter = plain_adapter(module)
         if reason is not None:
             report.skipped[name] = reason
             logger.info("not fusing %s: %s", name, reason)

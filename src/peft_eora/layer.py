@@ -15,7 +15,7 @@ The classes only add that method, so ``isinstance`` checks against PEFT's classe
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from peft.tuners.lora.awq import AwqLoraLinear
@@ -55,3 +55,28 @@ def with_mixed_batch(module: nn.Module) -> nn.Module:
     if upgraded is not None:
         module.__class__ = upgraded  # the subclass adds a method only: no state to initialise
     return module
+
+
+def plain_adapter(layer: nn.Module) -> tuple[Optional[str], Optional[str]]:
+    """``(reason, adapter)``: ``reason`` is None when the LoRA ``layer`` computes the plain update
+    ``s·lora_B(lora_A(x))`` of exactly one active ``adapter`` (not merged into its base, adapters on,
+    no DoRA or other variant, ``nn.Linear`` factors, no ``lora_A`` bias), the form the fused op and
+    the calibration walks' merged product compute; else why not::
+
+        >>> reason, name = plain_adapter(peft_model.base_model.model.model.layers[0].mlp.down_proj)
+    """
+    if layer.merged:
+        return "adapter weights are merged", None
+    if layer.disable_adapters:
+        return "adapters are disabled", None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return f"needs exactly one active LoRA adapter, found {len(active)}", None
+    name = active[0]
+    if name in getattr(layer, "lora_variant", {}):
+        return f"adapter {name!r} uses a LoRA variant ({type(layer.lora_variant[name]).__name__})", None
+    if not isinstance(layer.lora_A[name], nn.Linear) or not isinstance(layer.lora_B[name], nn.Linear):
+        return f"adapter {name!r} factors are not nn.Linear", None
+    if layer.lora_A[name].bias is not None:
+        return f"adapter {name!r} lora_A has a bias", None
+    return None, name

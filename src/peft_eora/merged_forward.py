@@ -13,7 +13,7 @@ The same map, rounded once instead of three times (float32, relative ~1e-7)::
 
 A merged layer falls back to its own forward whenever the merged product would not be what it
 computes: other arguments, adapters disabled or switched, autocast on, another dtype or device, or
-its factors changed after :meth:`MergedForwards.add`. Layers whose ``forward`` is already replaced
+its factors changed after :meth:`MergedForwards.add` (a ``lora_B`` bias joins the output bias). Layers whose ``forward`` is already replaced
 on the instance (accelerate hooks) and layers with another kind of update (DoRA) are left alone.
 Kept off on GPUs (their memory goes to the covariances; the low-rank products there are small
 against the base kernel). Measured on SmolLM2-135M, GPTQ 3-bit r=64, 2-core CPU: the walk's block
@@ -22,14 +22,13 @@ forwards ~20 % shorter, the EoRA step 117.6 s against gptqmodel's 165.9 s (READM
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-logger = logging.getLogger(__name__)
+from .layer import plain_adapter
 
 #: False: CPU walks keep every layer's own forward too (``benchmarks/scale.py --per-group-forwards``
 #: sets it to count the tensors of a walk as a GPU runs it).
@@ -46,18 +45,24 @@ class MergedForwards:
         self.adapter_name = adapter_name
         self.enabled = enabled
         self._candidates = layers if enabled else []
-        self._wrapped: list[nn.Module] = []
-        self._merged: dict[int, tuple[torch.Tensor, Optional[torch.Tensor], tuple[int, int]]] = {}
+        self._wrapped: dict[int, nn.Module] = {}  # id(layer) → layer
+        self._merged: dict[int, tuple[torch.Tensor, Optional[torch.Tensor], tuple[int, ...]]] = {}
 
     def __enter__(self) -> "MergedForwards":
         for layer in self._candidates:
             if "forward" not in vars(layer) and self._plain_lora(layer):  # accelerate's hooks: left alone
                 layer.forward = self._router(layer)
-                self._wrapped.append(layer)
+                self._wrapped[id(layer)] = layer
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def _versions(self, layer: nn.Module) -> tuple[int, ...]:
+        """In-place edit counters of the adapter's tensors (a changed one makes the merged weight stale)."""
+        name = self.adapter_name
+        params = (layer.lora_A[name].weight, layer.lora_B[name].weight, layer.lora_B[name].bias)
+        return tuple(p._version for p in params if p is not None)
 
     def _router(self, layer: nn.Module) -> Callable[..., torch.Tensor]:
         own_forward = layer.forward
@@ -69,7 +74,7 @@ class MergedForwards:
                 weight, bias, versions = entry
                 if (x.dtype == weight.dtype and x.device == weight.device and not layer.disable_adapters
                         and not torch.is_autocast_enabled(x.device.type) and layer.active_adapters == [name]
-                        and (layer.lora_A[name].weight._version, layer.lora_B[name].weight._version) == versions):
+                        and self._versions(layer) == versions):
                     return F.linear(x, weight, bias)
             return own_forward(x, *args, **kwargs)
 
@@ -78,39 +83,35 @@ class MergedForwards:
     def add(self, layer: nn.Module, w_compressed: torch.Tensor) -> bool:
         """Merge ``layer`` (its ``adapter_name`` factors installed) over ``w_compressed`` (out × in,
         its base weight as the kernel computes it). Returns whether the layer now runs merged."""
-        if not any(layer is w for w in self._wrapped):
+        if id(layer) not in self._wrapped:
             return False
-        lora_A = layer.lora_A[self.adapter_name].weight
-        lora_B = layer.lora_B[self.adapter_name].weight
-        if w_compressed.dtype != torch.float32 or lora_A.device != w_compressed.device:
+        lora_A, lora_B = layer.lora_A[self.adapter_name], layer.lora_B[self.adapter_name]
+        scaling = layer.scaling[self.adapter_name]
+        if w_compressed.dtype != torch.float32 or lora_A.weight.device != w_compressed.device:
             return False
         bias = getattr(layer.get_base_layer(), "bias", None)
-        if isinstance(bias, torch.Tensor):
-            if bias.device.type == "meta":  # offloaded by accelerate: only the layer's own forward loads it
-                return False
-            bias = bias.detach().to(w_compressed.device, torch.float32)
-        else:
-            bias = None
-        weight = torch.addmm(w_compressed, lora_B.float(), lora_A.float(), alpha=layer.scaling[self.adapter_name])
-        self._merged[id(layer)] = (weight, bias, (lora_A._version, lora_B._version))
+        if isinstance(bias, torch.Tensor) and bias.device.type == "meta":
+            return False  # offloaded by accelerate: only the layer's own forward loads it
+        bias = bias.detach().to(w_compressed.device, torch.float32) if isinstance(bias, torch.Tensor) else None
+        if lora_B.bias is not None:  # lora_bias=True: s·b_B joins the output bias
+            lora_bias = lora_B.bias.detach().float() * scaling
+            bias = lora_bias if bias is None else bias + lora_bias
+        weight = torch.addmm(w_compressed, lora_B.weight.float(), lora_A.weight.float(), alpha=scaling)
+        self._merged[id(layer)] = (weight, bias, self._versions(layer))
         return True
 
     def _plain_lora(self, layer: nn.Module) -> bool:
-        """A LoRA layer whose update for the adapter is ``s·B·A`` on the input (no DoRA or other
-        variant, no dropout at work, not merged into its base)."""
-        name = self.adapter_name
-        lora_A: Optional[nn.ModuleDict] = getattr(layer, "lora_A", None)
-        if lora_A is None or name not in lora_A or not isinstance(lora_A[name], nn.Linear):
+        """``layer``'s update is the plain ``s·B·A`` of this adapter (:func:`peft_eora.layer.plain_adapter`)
+        with no dropout at work."""
+        reason, name = plain_adapter(layer) if hasattr(layer, "lora_A") else ("not a LoRA layer", None)
+        if reason is not None or name != self.adapter_name:
             return False
-        if name in getattr(layer, "lora_variant", {}) or getattr(layer, "merged", False):
-            return False
-        dropouts = getattr(layer, "lora_dropout", None)
-        dropout = dropouts[name] if dropouts is not None and name in dropouts else None
-        return dropout is None or isinstance(dropout, nn.Identity) or not dropout.training
+        dropout = layer.lora_dropout[name]
+        return not (dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0)
 
     def close(self) -> None:
         """Give every wrapped layer its own forward back (and free the dense weights)."""
-        for layer in self._wrapped:
+        for layer in self._wrapped.values():
             vars(layer).pop("forward", None)
         self._wrapped.clear()
         self._merged.clear()
