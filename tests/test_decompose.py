@@ -223,6 +223,32 @@ def test_weighted_error_matches_direct_computation():
     assert weighted_error(delta, -1e-12 * torch.eye(H.shape[0], dtype=F64)) == 0.0
 
 
+@pytest.mark.parametrize("damping,dead", [(0.01, 0), (0.0, 0), (0.0, 3)])
+def test_weighted_errors_gives_both_errors_in_one_pass(damping, dead, monkeypatch):
+    """``weighted_errors(delta, H, B, A)`` is ``(weighted_error(delta, H), weighted_error(delta, H, B@A))``
+    for every form of ``H`` the statistics read (the matrix, its parts, a Cholesky root less its ridge,
+    eigenvectors with scales), row blocks or not."""
+    from peft_eora.decompose import projection_and_root, weighted_errors
+
+    H_fit, H_val = _pair(dead=dead)
+    H = H_fit.double() + H_val.double()
+    delta = torch.randn(24, 40, generator=torch.Generator().manual_seed(5)) * 0.01
+    proj, root = projection_and_root(H, damping)
+    f = eora_factors(delta, None, 5, projection=proj)
+    ref = (weighted_error(delta, H), weighted_error(delta, H, f.B.double() @ f.A.double()))
+    assert ref[1] < 0.99 * ref[0]
+    for block_bytes in (None, 8 * 40 * 3):  # whole, and a few rows at a time
+        if block_bytes is not None:
+            monkeypatch.setattr(decompose, "_PROJECT_BLOCK_BYTES", block_bytes)
+        for form in (H, (H_fit, H_val), root):
+            got = weighted_errors(delta, form, f.B, f.A)
+            assert got == pytest.approx(ref, rel=1e-7), form if isinstance(form, torch.Tensor) else type(form)
+    assert (root.scale is not None) == (damping == 0.0)  # both root routes covered (Cholesky, eigenvectors)
+    # exact factors: nothing left
+    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    assert weighted_errors(delta.double(), H, U * S, Vh)[1] == pytest.approx(0.0, abs=1e-12 * ref[0])
+
+
 # --------------------------------------------------------------------------------------------
 # reconstruction
 # --------------------------------------------------------------------------------------------

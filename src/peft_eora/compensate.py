@@ -63,7 +63,7 @@ from .decompose import (
     projection_and_root,
     refit_auto,
     select_damping,
-    weighted_error,
+    weighted_errors,
 )
 from .factor_quant import fit_lowbit_factors
 from .logit_weighting import AttentionShape, attention_shape, output_weights, partner
@@ -838,11 +838,10 @@ def _install(
         scaling = t.layer.scaling[adapter_name]
         lora_A.weight.copy_(factors.A.to(lora_A.weight))
         lora_B.weight.copy_((factors.B / scaling).to(lora_B.weight))
-        approx = factors.B @ factors.A
-        if H is not None:
-            before, after = weighted_error(delta, H), weighted_error(delta, H, approx)
+        if H is not None:  # one pass over H for both
+            before, after = weighted_errors(delta, H, factors.B, factors.A)
         else:  # plain SVD: the unweighted Frobenius error
-            before, after = float(delta.norm()), float((delta - approx).norm())
+            before, after = float(delta.norm()), float((delta - factors.B @ factors.A).norm())
         if auto is not None and damping == math.inf:
             del H
             auto.release()

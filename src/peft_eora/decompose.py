@@ -578,6 +578,58 @@ def _root_error(delta: torch.Tensor, H: CovarianceRoot, approx: torch.Tensor | N
     return math.sqrt(max(float(val), 0.0))
 
 
+def weighted_errors(delta: torch.Tensor, H: Covariance | CovarianceRoot, B: torch.Tensor,
+                    A: torch.Tensor) -> tuple[float, float]:
+    """``(weighted_error(delta, H), weighted_error(delta, H, B @ A))`` — the error before and after
+    the factors — in one pass over ``H``::
+
+        before, after = weighted_errors(delta, root, f.B, f.A)
+
+    The ``out × in × in`` product (``ΔW·S``, or ``ΔW·H`` a block of ``H``'s rows at a time) is made
+    once and the factors' share taken off it through ``A`` (``B·(A·S)``, ``r × in × in``): half the
+    work of two calls, and ``B·A`` (``out × in``) is never made. Same precisions as
+    :func:`weighted_error`.
+    """
+    if isinstance(H, CovarianceRoot):
+        S = H.S.to(torch.float64)
+        As = A.detach().to(S) @ S  # r × in
+        if H.scale is not None:
+            As.mul_(H.scale.to(As))
+        Bd = B.detach().to(S)
+        sums = torch.zeros(2, dtype=torch.float64, device=S.device)
+        step = _block_rows(S)
+        for i in range(0, delta.shape[0], step):
+            D = delta[i:i + step].detach().to(S.device, torch.float64)
+            DS = D @ S if H.scale is None else (D @ S) * H.scale.to(D)
+            sums[0] += (DS * DS).sum()
+            DS.sub_(Bd[i:i + step] @ As)  # (D − B·A)·S
+            sums[1] += (DS * DS).sum()
+            del DS
+            if H.shift:
+                E = D - Bd[i:i + step] @ A.detach().to(S)
+                sums[0] -= H.shift * (D * D).sum()
+                sums[1] -= H.shift * (E * E).sum()
+        before, after = sums.tolist()
+        return math.sqrt(max(before, 0.0)), math.sqrt(max(after, 0.0))
+    parts = covariance_parts(H)
+    half = parts[0].is_cuda and parts[0].dtype == torch.float32
+    D = delta.detach().to(torch.float32 if half else torch.float64)
+    Bd, Ad = B.detach().to(D), A.detach().to(D)
+    sums = torch.zeros(2, dtype=torch.float64, device=D.device)
+    for part in covariance_parts(H):  # blocks of H's rows and of D·H[j]ᵀ (out × step) both ~64 MiB
+        step = _block_len(max(part.shape[1], D.shape[0]), D.element_size())
+        for j in range(0, part.shape[0], step):
+            rows = part[j:j + step].detach().to(D)
+            DR = D @ rows.T  # out × step
+            Dj = D[:, j:j + step]
+            sums[0] += (DR * Dj).sum(dtype=torch.float64)
+            DR.sub_(Bd @ (Ad @ rows.T))  # (D − B·A)·H[j]ᵀ
+            sums[1] += (DR * (Dj - Bd @ Ad[:, j:j + step])).sum(dtype=torch.float64)
+            del rows, DR
+    before, after = sums.tolist()
+    return math.sqrt(max(before, 0.0)), math.sqrt(max(after, 0.0))
+
+
 # --------------------------------------------------------------------------------------------
 # damping="auto": the ridge strength chosen on held-out calibration tokens
 # --------------------------------------------------------------------------------------------
