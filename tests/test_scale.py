@@ -418,6 +418,55 @@ def test_sharded_original_with_a_missing_shard_or_tensor_is_refused_before_compu
     assert calls[0] == 0
 
 
+def test_original_weights_on_disk_are_read_ahead_with_the_same_factors(tiny_llama, calib_ids, tmp_path, monkeypatch):
+    """A checkpoint on disk: each block's original weights are read in a background thread while the
+    block before is computed (``OriginalWeights.prefetch``); the factors are bit-identical to reading
+    them when needed (``PREFETCH`` off), nothing is left pending, and in-memory originals never read ahead."""
+    import threading
+
+    from peft_eora import original as original_mod
+
+    original, quantized = tiny_llama
+    _save_sharded(copy.deepcopy(original).to(torch.bfloat16), tmp_path / "orig")
+
+    def opened() -> tuple[OriginalWeights, list[str]]:
+        weights = OriginalWeights.open(tmp_path / "orig")
+        threads: list[str] = []
+        load = weights._loader
+
+        def recording(key: str) -> torch.Tensor:
+            threads.append(threading.current_thread().name)
+            return load(key)
+
+        weights._loader = recording
+        return weights, threads
+
+    ahead, ahead_threads = opened()
+    pm_ahead, _ = _eora(quantized, ahead, calib_ids)
+    monkeypatch.setattr(original_mod, "PREFETCH", False)
+    now, now_threads = opened()
+    pm_now, _ = _eora(quantized, now, calib_ids)
+    fa, fn = _factors(pm_ahead), _factors(pm_now)
+    assert fa.keys() == fn.keys() and all(torch.equal(fa[k], fn[k]) for k in fa)
+    targets = len(fa) // 2
+    assert len(ahead_threads) == len(now_threads) == targets  # each weight read once
+    assert all(t.startswith("peft_eora_original") for t in ahead_threads)
+    assert not any(t.startswith("peft_eora_original") for t in now_threads)
+    assert not ahead._pending and ahead._pool is None  # cancelled at the end
+    # a read taken from the background: the stored bfloat16 values, as float32
+    monkeypatch.setattr(original_mod, "PREFETCH", True)
+    name = "model.layers.1.mlp.down_proj"
+    ahead.prefetch([name])
+    assert name in ahead._pending
+    w = ahead.get(name)
+    assert w.dtype == torch.float32 and name not in ahead._pending
+    assert torch.equal(w, original.get_submodule(name).weight.detach().to(torch.bfloat16).float())
+    ahead.cancel_prefetch()
+    in_memory = OriginalWeights.open(original)
+    in_memory.prefetch([name])
+    assert not in_memory._pending
+
+
 # ---------------------------------------------------------------------------------------------
 # the scale benchmark
 

@@ -579,20 +579,26 @@ def _compensate_blocks(
         inputs = [(h.to(hc.device, hc.dtype), kw) for h, (hc, kw) in zip(hidden, captured)]
         del captured
     bar = tqdm(total=last + 1, initial=first, desc="EoRA", unit="block", disable=not progress)
-    for visit in walker.visits(last, first, inputs):
-        stats.current_block = visit.index
-        block_targets = by_block.get(visit.index, [])
-        if block_targets:
-            n_before = len(stats.modules)
-            _compensate_visit(visit, block_targets, adapter_name, original, stats, damping, eig_rtol, sequential,
-                              masks, holdout, keep_outputs=visit.index < last, times=times, adapter_bits=adapter_bits,
-                              value_weighting=value_weighting, logits=logits)
-            if checkpoint is not None:
-                with times.phase("checkpoint"):
-                    done = stats.modules[n_before:]
-                    checkpoint.save_block(visit.index, {t.name: _factors_of(t, adapter_name) for t in block_targets},
-                                          [asdict(m) for m in done])
-        bar.update(1)
+    # a checkpoint on disk: each block's original weights are read while the block before is computed
+    original.prefetch(t.name for t in by_block.get(first, []))
+    try:
+        for visit in walker.visits(last, first, inputs):
+            stats.current_block = visit.index
+            original.prefetch(t.name for t in by_block.get(visit.index + 1, []))
+            block_targets = by_block.get(visit.index, [])
+            if block_targets:
+                n_before = len(stats.modules)
+                _compensate_visit(visit, block_targets, adapter_name, original, stats, damping, eig_rtol, sequential,
+                                  masks, holdout, keep_outputs=visit.index < last, times=times,
+                                  adapter_bits=adapter_bits, value_weighting=value_weighting, logits=logits)
+                if checkpoint is not None:
+                    with times.phase("checkpoint"):
+                        done = stats.modules[n_before:]
+                        checkpoint.save_block(visit.index, {t.name: _factors_of(t, adapter_name) for t in block_targets},
+                                              [asdict(m) for m in done])
+            bar.update(1)
+    finally:
+        original.cancel_prefetch()
     bar.close()
     stats.current_block = None
 

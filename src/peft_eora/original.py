@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Union
@@ -22,6 +24,10 @@ import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
+
+
+#: :meth:`OriginalWeights.prefetch` reads ahead (a checkpoint on disk). ``PEFT_EORA_PREFETCH=0``: off.
+PREFETCH = os.environ.get("PEFT_EORA_PREFETCH", "1") != "0"
 
 
 class ModelMismatchError(ValueError):
@@ -41,6 +47,9 @@ class OriginalWeights:
         self._loader = loader
         self.source = source
         self._kept: dict[str, dict[str, torch.Tensor]] = {}  # key -> device -> tensor, see keeping()
+        self.reads_from_disk = False  # set by from_safetensors_dir: prefetch() reads ahead
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pending: dict[str, Future] = {}  # key -> the loader's result, see prefetch()
 
     @classmethod
     def open(cls, source: Union[str, Path, nn.Module], revision: Optional[str] = None) -> "OriginalWeights":
@@ -109,7 +118,9 @@ class OriginalWeights:
             with safe_open(str(key_file[name]), framework="pt") as st:
                 return st.get_tensor(name + ".weight")
 
-        return cls(shapes, load, str(path))
+        weights = cls(shapes, load, str(path))
+        weights.reads_from_disk = True
+        return weights
 
     @classmethod
     def from_module(cls, module: nn.Module) -> "OriginalWeights":
@@ -136,7 +147,12 @@ class OriginalWeights:
         where = str(torch.device(device) if device is not None else "cpu")
         if kept is not None and where in kept:
             return kept[where]
-        weight = self._loader(key).to(device=device, dtype=torch.float32)
+        pending = self._pending.pop(key, None)
+        stored = pending.result() if pending is not None else self._loader(key)
+        # moved in its own dtype, converted where it lands: torch converts a blocking CPU → GPU copy
+        # on the CPU first, and a bf16 checkpoint would cross the bus as float32 (twice the bytes)
+        weight = stored.to(device=device).to(torch.float32)
+        del stored
         if kept is not None:
             kept[where] = weight
         return weight
@@ -157,6 +173,35 @@ class OriginalWeights:
         finally:
             for key in keys:
                 del self._kept[key]
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Start reading ``names`` from the checkpoint in a background thread, so that the disk reads
+        overlap the caller's compute; :meth:`get` then takes them from there. Weights in memory (a
+        module) need no reading ahead: a no-op there, and with :data:`PREFETCH` off::
+
+            ref.prefetch(names_of_the_next_block)      # while this block is computed
+            ...
+            w = ref.get(name_of_the_next_block)        # waits for its read only if not done yet
+
+        Read ahead as stored (e.g. bfloat16, on the host); :meth:`cancel_prefetch` drops what is not taken.
+        """
+        if not (PREFETCH and self.reads_from_disk):
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peft_eora_original")
+        for key in (self.resolve(n) for n in names):
+            if key is not None and key not in self._pending:
+                self._pending[key] = self._pool.submit(self._loader, key)
+
+    def cancel_prefetch(self) -> None:
+        """Drop the reads started by :meth:`prefetch` that no :meth:`get` took (those under way finish
+        in the background and are discarded); the reading thread ends."""
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            fut.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def check(self, name: str, expected: tuple[int, int]) -> None:
         """Raise :class:`ModelMismatchError` unless the original has ``name`` with shape ``expected``."""
