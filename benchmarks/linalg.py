@@ -8,7 +8,8 @@ from a random start and from the two ends' Ritz blocks, as ``damping="auto"`` st
 ``XᵀX`` over 64k calibration tokens in float32, TF32 and bf16-in/fp32-out, and what
 ``adapter_bits=4`` adds per layer: fitting an r = 128 pair to the int4 grid
 (:func:`peft_eora.factor_quant.fit_lowbit_factors`, its column-by-column GPTQ loops) and one GPTQ
-pass over ``A`` alone.
+pass over ``A`` alone; a layer's statistics (weighted error before and after its factors) as two
+calls and in one pass.
 
     python benchmarks/linalg.py --out linalg.json            # GPU (~30 s on an H200)
     python benchmarks/linalg.py --smoke                      # CPU, small sizes
@@ -50,6 +51,7 @@ def _spd(n: int, device: torch.device, dtype: torch.dtype, gen: torch.Generator)
 
 def probe(sizes: list[int], out_rows: int, tokens: int, device: torch.device, reps: int) -> dict[str, Any]:
     from peft_eora import topeig
+    from peft_eora.decompose import CovarianceRoot, weighted_error, weighted_errors
     from peft_eora.factor_quant import fit_lowbit_factors, gptq_round
     from peft_eora.kernels.lowbit import factor_group_size
 
@@ -70,6 +72,14 @@ def probe(sizes: list[int], out_rows: int, tokens: int, device: torch.device, re
         row["solve_triangular_r128_fp64_s"] = t(lambda: torch.linalg.solve_triangular(L.T, A.T, upper=True), reps)
         D = torch.randn(out_rows, n, generator=gen, device=device, dtype=torch.float64)
         row["residual_times_L_fp64_s"] = t(lambda: D @ L, reps)
+        # a layer's statistics (its weighted error before and after r = 128 factors) from a Cholesky root:
+        # two weighted_error calls against weighted_errors' one pass
+        root = CovarianceRoot(S=L, shift=1e-2 * float(H64.diagonal().mean()))
+        Bs = torch.randn(out_rows, 128, generator=gen, device=device, dtype=torch.float32) * 1e-2
+        As = A.float()
+        row["stats_two_calls_fp64_s"] = t(lambda: (weighted_error(D, root), weighted_error(D, root, Bs @ As)), reps)
+        row["stats_one_pass_fp64_s"] = t(lambda: weighted_errors(D, root, Bs, As), reps)
+        del root, Bs, As
         G = D @ D.T if out_rows <= n else D.T @ D
         row["gram_dim"] = G.shape[0]
         row["gram_eigh_fp64_s"] = t(lambda: torch.linalg.eigh(G), reps)

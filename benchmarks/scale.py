@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-group-forwards", action="store_true",
                    help="on CPU, work as on a GPU (one forward per group, no parked batches; ridges scored one "
                         "at a time) and count the live CPU tensors (tensor_peak_gib: a GPU's peak over the model)")
+    p.add_argument("--original-dir", default=None,
+                   help="write the originals there as safetensors (one shard per block, the model's dtype; kept "
+                        "if already written for this shape) and read them from disk, as from a real checkpoint")
+    p.add_argument("--drop-caches", action="store_true",
+                   help="with --original-dir: drop the page cache before the EoRA step (Linux, root), a cold read")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="read each original weight when needed instead of a block ahead (OriginalWeights.prefetch)")
     p.add_argument("--smoke", action="store_true", help="a 2-block toy on CPU (checks the code paths)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -88,6 +95,52 @@ def _host_peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+
+
+def _write_originals(originals: dict[str, torch.Tensor], path: Path) -> Path:
+    """``originals`` as safetensors shards in ``path``, one per decoder block (``model.layers.<i>``)
+    and an index, as ``save_pretrained`` lays out a sharded checkpoint; kept where ``path`` already
+    holds these names and shapes (an earlier run of the same shape)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if set(weight_map) == {n + ".weight" for n in originals}:
+            shapes = {}
+            for f in set(weight_map.values()):
+                with safe_open(str(path / f), framework="pt") as st:
+                    shapes.update({k[: -len(".weight")]: tuple(st.get_slice(k).get_shape()) for k in st.keys()})
+            if shapes == {n: tuple(w.shape) for n, w in originals.items()}:
+                return path
+    path.mkdir(parents=True, exist_ok=True)
+    by_block: dict[str, dict[str, torch.Tensor]] = {}
+    for name, w in originals.items():
+        block = name.split(".layers.", 1)[1].split(".", 1)[0]
+        by_block.setdefault(block, {})[name + ".weight"] = w.contiguous()
+    weight_map = {}
+    for block, tensors in sorted(by_block.items(), key=lambda kv: int(kv[0])):
+        fname = f"model-{int(block) + 1:05d}-of-{len(by_block):05d}.safetensors"
+        save_file(tensors, str(path / fname))
+        weight_map.update({k: fname for k in tensors})
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+def _drop_caches() -> bool:
+    """Drop the page cache (``/proc/sys/vm/drop_caches``, root on Linux): the originals are then
+    read from the disk. False where not allowed."""
+    import os
+
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False
 
 
 def _fake_quantize_(weight: torch.Tensor, bits: int, group_size: int) -> None:
@@ -204,6 +257,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from peft_eora import EoRAConfig, decompose, initialize_eora_weights, merged_forward, walker
+    from peft_eora import original as original_mod
     from peft_eora.kernels.gptq_linear import GPTQLinear
     from peft_eora.original import OriginalWeights
     from peft_eora.walker import PhaseTimes
@@ -226,8 +280,12 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 parent_name, child = name.rsplit(".", 1)
                 setattr(model.get_submodule(parent_name), child,
                         GPTQLinear.from_linear(mod, args.bits, args.group_size, dtype=dtype))
-    original = OriginalWeights({n: tuple(w.shape) for n, w in originals.items()}, lambda n: originals[n],
-                               "random-weight original")
+    if args.original_dir:
+        original = OriginalWeights.open(_write_originals(originals, Path(args.original_dir)))
+        originals.clear()  # read back from disk only
+    else:
+        original = OriginalWeights({n: tuple(w.shape) for n, w in originals.items()}, lambda n: originals[n],
+                                   "random-weight original")
     build_seconds = time.perf_counter() - t_build
     gen = torch.Generator().manual_seed(1)
     calib = torch.randint(0, args.vocab, (args.samples, args.seq_len), generator=gen)
@@ -247,6 +305,9 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         merged_forward.ENABLED = False  # a GPU keeps the layers' own forwards
         decompose.DAMPING_WORKERS = 1  # the factor step stays in this thread, where LiveTensorPeak sees it
         live = LiveTensorPeak(label=lambda: "/".join(times.active) or "-")
+    if args.no_prefetch:
+        original_mod.PREFETCH = False
+    dropped = _drop_caches() if (args.drop_caches and args.original_dir) else None
     rss = PeakRSS() if Path("/proc/self/clear_refs").exists() else None
     eig_calls = EigenCalls(cuda)
     t0 = time.perf_counter()
@@ -285,6 +346,10 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         # the largest of them alive at that peak: "GiB op shape dtype"
         tensor_peak_top=[f"{b / 2**30:.3f} {w}" for b, w in live.at_peak[:16]] if live is not None else None,
         per_group_forwards=bool(args.per_group_forwards),
+        # originals read from safetensors on disk (--original-dir), a block ahead unless --no-prefetch;
+        # page cache dropped first (--drop-caches; None: not asked or not allowed)
+        originals_on_disk=bool(args.original_dir), prefetch=bool(args.original_dir) and not args.no_prefetch,
+        page_cache_dropped=dropped,
         # the factor step's eigensolvers per matrix width: full eigh, and the top-r iteration
         # (peft_eora.topeig) with its products and Rayleigh–Ritz steps; seconds included in "factors"
         eigensolvers=eig_calls.summary(),
