@@ -977,7 +977,9 @@ def collect_spectra(
         by_block = _by_block(targets)
         last = max(by_block)
         walker = BlockWalker(model, blocks, batches, device=device, times=times, autocast=forward_dtype)
+        original.prefetch(t.name for t in by_block.get(0, []))  # a block ahead, as compensate reads them
         for visit in tqdm(walker.visits(last), total=last + 1, desc="Spectra", unit="block", disable=not progress):
+            original.prefetch(t.name for t in by_block.get(visit.index + 1, []))
             block_targets = by_block.get(visit.index, [])
             if not block_targets:
                 continue
@@ -1001,6 +1003,7 @@ def collect_spectra(
                             energy[t.name] = float(((w @ H.double()) * w).sum())
                 del H
     finally:
+        original.cancel_prefetch()
         model.train(was_training)
     return targets, spectra, energy
 
