@@ -77,8 +77,8 @@ launch__registers_per_thread,launch__grid_size --csv --log-file \"$OUT_DIR/ncu.c
 fi
 # the factor step of the 8B down_proj alone: GPU memory it adds over its inputs (auto, then fixed)
 step factor_memory 120 bash -c "\"$PY\" benchmarks/factor_memory.py --device cuda --out \"$OUT_DIR/factor_memory_auto.json\" && \"$PY\" benchmarks/factor_memory.py --device cuda --damping 0.01 --out \"$OUT_DIR/factor_memory_fixed.json\" && \"$PY\" benchmarks/factor_memory.py --device cuda --dead-channels 16 --out \"$OUT_DIR/factor_memory_auto_dead16.json\""
-# a 1.1B shape kept on the CPU, its blocks visiting the GPU one at a time, its originals read from
-# safetensors shards on disk a block ahead (as from a real checkpoint)
+# a 1.1B shape kept on the CPU, its blocks visiting the GPU one at a time, its originals read a block
+# ahead from safetensors shards it has just written (the read path of a real checkpoint; the page cache is warm)
 step offload 180 "$PY" benchmarks/scale.py --offload --hidden 2048 --intermediate 5632 --layers 16 --heads 16 \
   --kv-heads 16 --vocab 32000 --samples 64 --seq-len 1024 --original-dir /tmp/pe_orig_1b --out "$OUT_DIR/scale_offload.json"
 echo "total $SECONDS s" | tee -a "$SUMMARY"

@@ -97,25 +97,22 @@ def _host_peak_gib() -> float:
 
 
 
-def _write_originals(originals: dict[str, torch.Tensor], path: Path) -> Path:
+def _write_originals(originals: dict[str, torch.Tensor], path: Path, signature: str) -> Path:
     """``originals`` as safetensors shards in ``path``, one per decoder block (``model.layers.<i>``)
     and an index, as ``save_pretrained`` lays out a sharded checkpoint; kept where ``path`` already
-    holds these names and shapes (an earlier run of the same shape)."""
+    holds the originals of the same ``signature`` (shape, dtype, build device and seed of the
+    random weights: an earlier run of the same model), else written over."""
     import json
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if set(weight_map) == {n + ".weight" for n in originals}:
-            shapes = {}
-            for f in set(weight_map.values()):
-                with safe_open(str(path / f), framework="pt") as st:
-                    shapes.update({k[: -len(".weight")]: tuple(st.get_slice(k).get_shape()) for k in st.keys()})
-            if shapes == {n: tuple(w.shape) for n, w in originals.items()}:
+        try:
+            if json.loads(index.read_text())["metadata"].get("scale_py") == signature:
                 return path
+        except (ValueError, KeyError, AttributeError):
+            pass
+    from safetensors.torch import save_file
+
     path.mkdir(parents=True, exist_ok=True)
     by_block: dict[str, dict[str, torch.Tensor]] = {}
     for name, w in originals.items():
@@ -126,7 +123,7 @@ def _write_originals(originals: dict[str, torch.Tensor], path: Path) -> Path:
         fname = f"model-{int(block) + 1:05d}-of-{len(by_block):05d}.safetensors"
         save_file(tensors, str(path / fname))
         weight_map.update({k: fname for k in tensors})
-    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    index.write_text(json.dumps({"metadata": {"scale_py": signature}, "weight_map": weight_map}))
     return path
 
 
@@ -281,7 +278,9 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 setattr(model.get_submodule(parent_name), child,
                         GPTQLinear.from_linear(mod, args.bits, args.group_size, dtype=dtype))
     if args.original_dir:
-        original = OriginalWeights.open(_write_originals(originals, Path(args.original_dir)))
+        signature = (f"hidden={args.hidden} intermediate={args.intermediate} layers={args.layers} heads={args.heads} "
+                     f"kv_heads={args.kv_heads} vocab={args.vocab} dtype={dtype} built_on={build_device} seed=0")
+        original = OriginalWeights.open(_write_originals(originals, Path(args.original_dir), signature))
         originals.clear()  # read back from disk only
     else:
         original = OriginalWeights({n: tuple(w.shape) for n, w in originals.items()}, lambda n: originals[n],

@@ -247,6 +247,10 @@ def test_weighted_errors_gives_both_errors_in_one_pass(damping, dead, monkeypatc
     # exact factors: nothing left
     U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
     assert weighted_errors(delta.double(), H, U * S, Vh)[1] == pytest.approx(0.0, abs=1e-12 * ref[0])
+    # a float32 covariance on a GPU: float32 products, float64 sums (forced here on the CPU)
+    monkeypatch.setattr(decompose, "_stats_dtype", lambda H: torch.float32)
+    assert weighted_errors(delta, (H_fit.float(), H_val.float()), f.B, f.A) == pytest.approx(ref, rel=1e-4)
+    assert weighted_errors(delta, H.float(), f.B, f.A) == pytest.approx(ref, rel=1e-4)
 
 
 # --------------------------------------------------------------------------------------------

@@ -542,12 +542,16 @@ def weighted_error(delta: torch.Tensor, H: Covariance | CovarianceRoot, approx: 
     if isinstance(H, CovarianceRoot):
         return _root_error(delta, H, approx)
     parts = covariance_parts(H)
-    half = parts[0].is_cuda and parts[0].dtype == torch.float32
-    dtype = torch.float32 if half else torch.float64
-    E = delta.detach().to(dtype, copy=True)
+    E = delta.detach().to(_stats_dtype(parts[0]), copy=True)
     if approx is not None:
         E.sub_(approx.detach().to(E))
     return math.sqrt(max(float(_trace_sq(E, parts)), 0.0))
+
+
+def _stats_dtype(H: torch.Tensor) -> torch.dtype:
+    """The precision of the statistics' products with a covariance ``H``: float64, but float32 for a
+    float32 ``H`` on a GPU (no ``n²`` float64 copy of ``H``; the sums stay float64)."""
+    return torch.float32 if H.is_cuda and H.dtype == torch.float32 else torch.float64
 
 
 def _trace_sq(E: torch.Tensor, H: Covariance) -> torch.Tensor:
@@ -587,8 +591,8 @@ def weighted_errors(delta: torch.Tensor, H: Covariance | CovarianceRoot, B: torc
 
     The ``out × in × in`` product (``ΔW·S``, or ``ΔW·H`` a block of ``H``'s rows at a time) is made
     once and the factors' share taken off it through ``A`` (``B·(A·S)``, ``r × in × in``): half the
-    work of two calls, and ``B·A`` (``out × in``) is never made. Same precisions as
-    :func:`weighted_error`.
+    work of two calls, and the dense ``B·A`` (``out × in``) is never made (only blocks of its rows or
+    columns). Same precisions as :func:`weighted_error`.
     """
     if isinstance(H, CovarianceRoot):
         S = H.S.to(torch.float64)
@@ -612,8 +616,7 @@ def weighted_errors(delta: torch.Tensor, H: Covariance | CovarianceRoot, B: torc
         before, after = sums.tolist()
         return math.sqrt(max(before, 0.0)), math.sqrt(max(after, 0.0))
     parts = covariance_parts(H)
-    half = parts[0].is_cuda and parts[0].dtype == torch.float32
-    D = delta.detach().to(torch.float32 if half else torch.float64)
+    D = delta.detach().to(_stats_dtype(parts[0]))
     Bd, Ad = B.detach().to(D), A.detach().to(D)
     sums = torch.zeros(2, dtype=torch.float64, device=D.device)
     for part in covariance_parts(H):  # blocks of H's rows and of D·H[j]ᵀ (out × step) both ~64 MiB

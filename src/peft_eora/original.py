@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -183,7 +184,8 @@ class OriginalWeights:
             ...
             w = ref.get(name_of_the_next_block)        # waits for its read only if not done yet
 
-        Read ahead as stored (e.g. bfloat16, on the host); :meth:`cancel_prefetch` drops what is not taken.
+        Read ahead as stored (e.g. bfloat16, the file's pages in memory); :meth:`cancel_prefetch` drops
+        what is not taken.
         """
         if not (PREFETCH and self.reads_from_disk):
             return
@@ -191,7 +193,16 @@ class OriginalWeights:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peft_eora_original")
         for key in (self.resolve(n) for n in names):
             if key is not None and key not in self._pending:
-                self._pending[key] = self._pool.submit(self._loader, key)
+                self._pending[key] = self._pool.submit(self._read, key)
+
+    def _read(self, key: str) -> torch.Tensor:
+        """The stored tensor with its bytes read in: safetensors hands back a view of the memory-mapped
+        file, whose pages come off the disk only when first touched, so one byte of every page is
+        touched here (the pages are those the later copy reads: no second copy in memory)."""
+        t = self._loader(key)
+        if t.device.type == "cpu" and t.is_contiguous() and t.numel():
+            t.reshape(-1).view(torch.uint8)[:: mmap.PAGESIZE].sum()
+        return t
 
     def cancel_prefetch(self) -> None:
         """Drop the reads started by :meth:`prefetch` that no :meth:`get` took (those under way finish
