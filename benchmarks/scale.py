@@ -14,6 +14,7 @@ GPU memory against the model's own, peak host memory (VmHWM), and the mean relat
     python benchmarks/scale.py --gpu-8b --out scale.json       # GPU: Llama-3-8B shape, 64 x 1024 tokens
     python benchmarks/scale.py --gpu-8b --offload              # model on the CPU, blocks visit the GPU
     python benchmarks/scale.py --cpu-8b-block --damping auto   # CPU: one 8B block, tensor memory over the model
+    python benchmarks/scale.py --original-dir /tmp/orig --drop-caches   # originals read from disk, cold
     python benchmarks/scale.py --smoke                         # seconds: a 2-block toy (tests)
 """
 
