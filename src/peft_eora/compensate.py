@@ -579,12 +579,11 @@ def _compensate_blocks(
         inputs = [(h.to(hc.device, hc.dtype), kw) for h, (hc, kw) in zip(hidden, captured)]
         del captured
     bar = tqdm(total=last + 1, initial=first, desc="EoRA", unit="block", disable=not progress)
-    # a checkpoint on disk: each block's original weights are read while the block before is computed
-    original.prefetch(t.name for t in by_block.get(first, []))
-    try:
+    with _read_ahead(original, by_block) as read_ahead:
+        read_ahead(first)
         for visit in walker.visits(last, first, inputs):
             stats.current_block = visit.index
-            original.prefetch(t.name for t in by_block.get(visit.index + 1, []))
+            read_ahead(visit.index + 1)
             block_targets = by_block.get(visit.index, [])
             if block_targets:
                 n_before = len(stats.modules)
@@ -597,10 +596,19 @@ def _compensate_blocks(
                         checkpoint.save_block(visit.index, {t.name: _factors_of(t, adapter_name) for t in block_targets},
                                               [asdict(m) for m in done])
             bar.update(1)
-    finally:
-        original.cancel_prefetch()
     bar.close()
     stats.current_block = None
+
+
+@contextmanager
+def _read_ahead(original: OriginalWeights, by_block: dict[int, list[Target]]) -> Iterator[Callable[[int], None]]:
+    """Inside, ``read_ahead(i)`` starts reading block ``i``'s original weights in the background (a
+    checkpoint on disk: called for the next block, they are read while this one is computed); what
+    is not taken is dropped on exit (:meth:`OriginalWeights.prefetch`)."""
+    try:
+        yield lambda i: original.prefetch(t.name for t in by_block.get(i, []))
+    finally:
+        original.cancel_prefetch()
 
 
 def _compensate_visit(
@@ -977,33 +985,33 @@ def collect_spectra(
         by_block = _by_block(targets)
         last = max(by_block)
         walker = BlockWalker(model, blocks, batches, device=device, times=times, autocast=forward_dtype)
-        original.prefetch(t.name for t in by_block.get(0, []))  # a block ahead, as compensate reads them
-        for visit in tqdm(walker.visits(last), total=last + 1, desc="Spectra", unit="block", disable=not progress):
-            original.prefetch(t.name for t in by_block.get(visit.index + 1, []))
-            block_targets = by_block.get(visit.index, [])
-            if not block_targets:
-                continue
-            groups, points, taps = _visit_groups(visit.block, block_targets, visit.inputs[0], value_weighting)
-            cov = _Covariances(groups, visit.device, masks, None, times)
-            metric = _output_metric(original, logits, visit.device)
-            with attached(taps), adapters_off([t.layer for t in block_targets]):  # zero updates: not computed
-                visit.run(points, cov.collect, on_group=None, keep_outputs=visit.index < last)
-            for g, group in enumerate(groups):
-                (H,) = cov.take(g)
-                with original.keeping(_read_twice(group, logits)):
-                    for t in group:  # no eigendecomposition: a Cholesky at most (see projected_spectrum)
-                        w_fp, w_q = _weights(t, original, H.device, times)
-                        with times.phase("factors", H.device):
-                            out_weight = metric(t, H)
-                            delta, w = w_fp - w_q, w_fp.double()
-                            if out_weight is not None:  # what the logit-weighted factors fit: G^½·ΔW, G^½·W
-                                root = out_weight.to(H.device).sqrt()[:, None]
-                                delta, w = delta.double() * root, w * root
-                            spectra[t.name] = projected_spectrum(delta, H, damping=damping, eig_rtol=eig_rtol).cpu()
-                            energy[t.name] = float(((w @ H.double()) * w).sum())
-                del H
+        with _read_ahead(original, by_block) as read_ahead:
+            read_ahead(0)
+            for visit in tqdm(walker.visits(last), total=last + 1, desc="Spectra", unit="block", disable=not progress):
+                read_ahead(visit.index + 1)
+                block_targets = by_block.get(visit.index, [])
+                if not block_targets:
+                    continue
+                groups, points, taps = _visit_groups(visit.block, block_targets, visit.inputs[0], value_weighting)
+                cov = _Covariances(groups, visit.device, masks, None, times)
+                metric = _output_metric(original, logits, visit.device)
+                with attached(taps), adapters_off([t.layer for t in block_targets]):  # zero updates: not computed
+                    visit.run(points, cov.collect, on_group=None, keep_outputs=visit.index < last)
+                for g, group in enumerate(groups):
+                    (H,) = cov.take(g)
+                    with original.keeping(_read_twice(group, logits)):
+                        for t in group:  # no eigendecomposition: a Cholesky at most (see projected_spectrum)
+                            w_fp, w_q = _weights(t, original, H.device, times)
+                            with times.phase("factors", H.device):
+                                out_weight = metric(t, H)
+                                delta, w = w_fp - w_q, w_fp.double()
+                                if out_weight is not None:  # what the logit-weighted factors fit: G^½·ΔW, G^½·W
+                                    root = out_weight.to(H.device).sqrt()[:, None]
+                                    delta, w = delta.double() * root, w * root
+                                spectra[t.name] = projected_spectrum(delta, H, damping=damping, eig_rtol=eig_rtol).cpu()
+                                energy[t.name] = float(((w @ H.double()) * w).sum())
+                    del H
     finally:
-        original.cancel_prefetch()
         model.train(was_training)
     return targets, spectra, energy
 

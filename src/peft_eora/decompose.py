@@ -596,10 +596,10 @@ def weighted_errors(delta: torch.Tensor, H: Covariance | CovarianceRoot, B: torc
     """
     if isinstance(H, CovarianceRoot):
         S = H.S.to(torch.float64)
-        As = A.detach().to(S) @ S  # r × in
+        Ad, Bd = A.detach().to(S), B.detach().to(S)
+        As = Ad @ S  # r × in
         if H.scale is not None:
             As.mul_(H.scale.to(As))
-        Bd = B.detach().to(S)
         sums = torch.zeros(2, dtype=torch.float64, device=S.device)
         step = _block_rows(S)
         for i in range(0, delta.shape[0], step):
@@ -610,7 +610,7 @@ def weighted_errors(delta: torch.Tensor, H: Covariance | CovarianceRoot, B: torc
             sums[1] += (DS * DS).sum()
             del DS
             if H.shift:
-                E = D - Bd[i:i + step] @ A.detach().to(S)
+                E = D - Bd[i:i + step] @ Ad
                 sums[0] -= H.shift * (D * D).sum()
                 sums[1] -= H.shift * (E * E).sum()
         before, after = sums.tolist()
@@ -619,7 +619,7 @@ def weighted_errors(delta: torch.Tensor, H: Covariance | CovarianceRoot, B: torc
     D = delta.detach().to(_stats_dtype(parts[0]))
     Bd, Ad = B.detach().to(D), A.detach().to(D)
     sums = torch.zeros(2, dtype=torch.float64, device=D.device)
-    for part in covariance_parts(H):  # blocks of H's rows and of D·H[j]ᵀ (out × step) both ~64 MiB
+    for part in parts:  # blocks of H's rows and of D·H[j]ᵀ (out × step) both ~64 MiB
         step = _block_len(max(part.shape[1], D.shape[0]), D.element_size())
         for j in range(0, part.shape[0], step):
             rows = part[j:j + step].detach().to(D)

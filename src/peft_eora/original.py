@@ -43,12 +43,13 @@ class OriginalWeights:
         shapes: dict[str, tuple[int, ...]],
         loader: Callable[[str], torch.Tensor],
         source: str,
+        reads_from_disk: bool = False,
     ) -> None:
         self._shapes = shapes
         self._loader = loader
         self.source = source
         self._kept: dict[str, dict[str, torch.Tensor]] = {}  # key -> device -> tensor, see keeping()
-        self.reads_from_disk = False  # set by from_safetensors_dir: prefetch() reads ahead
+        self.reads_from_disk = reads_from_disk  # the loader reads a checkpoint: prefetch() reads ahead
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pending: dict[str, Future] = {}  # key -> the loader's result, see prefetch()
 
@@ -119,9 +120,7 @@ class OriginalWeights:
             with safe_open(str(key_file[name]), framework="pt") as st:
                 return st.get_tensor(name + ".weight")
 
-        weights = cls(shapes, load, str(path))
-        weights.reads_from_disk = True
-        return weights
+        return cls(shapes, load, str(path), reads_from_disk=True)
 
     @classmethod
     def from_module(cls, module: nn.Module) -> "OriginalWeights":
@@ -153,7 +152,6 @@ class OriginalWeights:
         # moved in its own dtype, converted where it lands: torch converts a blocking CPU → GPU copy
         # on the CPU first, and a bf16 checkpoint would cross the bus as float32 (twice the bytes)
         weight = stored.to(device=device).to(torch.float32)
-        del stored
         if kept is not None:
             kept[where] = weight
         return weight
