@@ -648,7 +648,7 @@ AUTO_DAMPING_GRID: tuple[float, ...] = (0.0, 1e-2, 1e-1, 0.3, 1.0, 3.0, math.inf
 #: ``damping="auto"`` holds out calibration window ``i`` (counted over all batches) when
 #: ``i % AUTO_HOLDOUT_EVERY == AUTO_HOLDOUT_EVERY − 1``: every second window, a deterministic half.
 #: Half rather than a quarter (4): lower WikiText-2 perplexity in all six rows measured on
-#: SmolLM2-135M at the same compute (README, "Measured").
+#: SmolLM2-135M at the same compute (benchmarks/results/README.md, "Measured").
 AUTO_HOLDOUT_EVERY = 2
 
 #: Held-out errors within this relative distance of the best count as a tie, won by the larger δ

@@ -10,7 +10,8 @@ probabilities averaged over the query heads (``P̄``; the per-head sum measured 
 
     H_v = Σ_windows (P̄·X)ᵀ(P̄·X)
 
-Measured on SmolLM2-135M, GPTQ 4-bit r=16 (README "Measured"): WikiText-2 43.56 → 41.47,
+Measured on SmolLM2-135M, GPTQ 4-bit r=16 (README "How it works"; the search that found it in
+benchmarks/results/README.md): WikiText-2 43.56 → 41.47,
 GSM8K 6.89 → 6.74, held-out C4 41.85 → 40.18 (plain SVD: 42.07 / 6.88 / 41.38).
 
 How it is taken: the value projection becomes its own group whose statistics hook sits inside its
