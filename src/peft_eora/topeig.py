@@ -150,7 +150,7 @@ def _iterate(G: torch.Tensor, rank: int, tol: float, max_products: int, seed: in
         V, products = start.to(G), 0
     V = _orthonormalize(V)
     steps = 0
-    while products < max_products:
+    while True:
         W = G @ V  # Rayleigh–Ritz on span(V) (wider than q only at a wide start: counted as such)
         products += -(-V.shape[1] // q)
         steps += 1
@@ -174,6 +174,8 @@ def _iterate(G: torch.Tensor, rank: int, tol: float, max_products: int, seed: in
         energy = sum(max(t, 0.0) for t in th[:rank])
         if float(err.sum()) <= tol * energy:
             return (theta[:rank], U[:, :rank]), products, steps, U
+        if products >= max_products:
+            break
         # T_m(2G/cut − 1) applied to the Ritz vectors by the three-term recurrence (T_1 from G·U),
         # repeated (re-orthonormalised in between) until the step has made `step_products`
         # products: a steep spectrum allows only low degrees, and a Rayleigh–Ritz step per product
@@ -194,7 +196,9 @@ def _iterate(G: torch.Tensor, rank: int, tol: float, max_products: int, seed: in
                 cur = GX
             made += degree
             X = _orthonormalize(cur)
-            if made >= step_products or products >= max_products:
+            # the recurrence above stops one product short of the budget, kept for the Rayleigh–Ritz
+            # check of what it made: another round (one product, then the recurrence) needs two more
+            if made >= step_products or products >= max_products - 1:
                 break
             GX = G @ X
             products += 1
