@@ -23,7 +23,7 @@ LOG="$OUT_DIR/gpu_check.log"
 SUMMARY="$OUT_DIR/summary.txt"
 : > "$LOG"
 : > "$SUMMARY"
-STEPS="${GPU_CHECK_STEPS:-build tests kernel scale scale_auto linalg ncu factor_memory offload}"
+STEPS="${GPU_CHECK_STEPS:-build tests kernel scale scale_auto linalg ncu offload factor_memory}"
 PY="${PYTHON:-python3}"
 
 if ls .whl/*.whl > /dev/null 2>&1; then
@@ -65,7 +65,8 @@ step kernel 330 "$PY" benchmarks/kernel.py --out "$OUT_DIR/kernel.json"
 step scale 240 "$PY" benchmarks/scale.py --gpu-8b --out "$OUT_DIR/scale.json"
 # the same at the default damping="auto" (ridge chosen per layer on held-out windows)
 step scale_auto 240 "$PY" benchmarks/scale.py --gpu-8b --damping auto --out "$OUT_DIR/scale_auto.json"
-# the linear algebra behind those (eigh, Cholesky, the top-r iteration and its small eigh; ~35 s)
+# the linear algebra behind those (eigh, Cholesky, the top-r iteration and its small eigh; ~60 s;
+# its JSON is written after each size, so a cut run keeps the 4096 row)
 step linalg 120 "$PY" benchmarks/linalg.py --out "$OUT_DIR/linalg.json"
 # Nsight Compute on the fused kernel (duration, DRAM throughput, occupancy; v3 vs its v2 paths), where ncu exists
 if command -v ncu > /dev/null 2>&1; then
@@ -74,11 +75,18 @@ dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_p
 launch__registers_per_thread,launch__grid_size --csv --log-file \"$OUT_DIR/ncu.csv\" \"$PY\" benchmarks/ncu_probe.py \
 --order \"$OUT_DIR/ncu_order.json\" && \"$PY\" benchmarks/ncu_probe.py --parse \"$OUT_DIR/ncu.csv\" \
 --order \"$OUT_DIR/ncu_order.json\" --out \"$OUT_DIR/ncu.json\""
+else
+  case " $STEPS " in *" ncu "*) echo "ncu skipped: no ncu on PATH" | tee -a "$SUMMARY" ;; esac
 fi
-# the factor step of the 8B down_proj alone: GPU memory it adds over its inputs (auto, then fixed)
-step factor_memory 120 bash -c "\"$PY\" benchmarks/factor_memory.py --device cuda --out \"$OUT_DIR/factor_memory_auto.json\" && \"$PY\" benchmarks/factor_memory.py --device cuda --damping 0.01 --out \"$OUT_DIR/factor_memory_fixed.json\" && \"$PY\" benchmarks/factor_memory.py --device cuda --dead-channels 16 --out \"$OUT_DIR/factor_memory_auto_dead16.json\""
 # a 1.1B shape kept on the CPU, its blocks visiting the GPU one at a time, its originals read a block
 # ahead from safetensors shards it has just written (the read path of a real checkpoint; the page cache is warm)
 step offload 180 "$PY" benchmarks/scale.py --offload --hidden 2048 --intermediate 5632 --layers 16 --heads 16 \
   --kv-heads 16 --vocab 32000 --samples 64 --seq-len 1024 --original-dir /tmp/pe_orig_1b --out "$OUT_DIR/scale_offload.json"
+# the factor step of the 8B down_proj alone: GPU memory it adds over its inputs. The dead-channel case
+# first (it alone runs the in-place eigh routes on cuSOLVER), each run on its own (one failing or cut
+# short does not lose the others)
+step factor_memory 120 bash -c "r=0; \"$PY\" benchmarks/factor_memory.py --device cuda --dead-channels 16 \
+--out \"$OUT_DIR/factor_memory_auto_dead16.json\" || r=1; \"$PY\" benchmarks/factor_memory.py --device cuda \
+--out \"$OUT_DIR/factor_memory_auto.json\" || r=1; \"$PY\" benchmarks/factor_memory.py --device cuda --damping 0.01 \
+--out \"$OUT_DIR/factor_memory_fixed.json\" || r=1; exit \$r"
 echo "total $SECONDS s" | tee -a "$SUMMARY"

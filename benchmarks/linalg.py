@@ -49,7 +49,10 @@ def _spd(n: int, device: torch.device, dtype: torch.dtype, gen: torch.Generator)
     return h + 1e-2 * h.diagonal().mean() * torch.eye(n, device=device, dtype=dtype)
 
 
-def probe(sizes: list[int], out_rows: int, tokens: int, device: torch.device, reps: int) -> dict[str, Any]:
+def probe(sizes: list[int], out_rows: int, tokens: int, device: torch.device, reps: int,
+          save: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
+    """Timings per size (``res[str(n)]``); ``save(res)`` after each size, so a run stopped by its time
+    limit keeps the sizes it finished."""
     from peft_eora import topeig
     from peft_eora.decompose import CovarianceRoot, weighted_error, weighted_errors
     from peft_eora.factor_quant import fit_lowbit_factors, gptq_round
@@ -157,6 +160,8 @@ def probe(sizes: list[int], out_rows: int, tokens: int, device: torch.device, re
             res["kv_gram"] = dict(dim=Gk.shape[0], rank=rk, eigh_fp64_s=t(lambda: torch.linalg.eigh(Gk), reps),
                                   top_eigh_fp64_s=t(lambda: topeig.top_eigh(Gk, rk), reps))
             del Dk, Gk
+        if save is not None:
+            save(res)
         del H64, H32, L, A, D, G, X, A32, B32, M, T
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -169,17 +174,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--reps", type=int, default=2)
     args = p.parse_args(argv)
-    if args.smoke:
-        res = probe([96, 160], 128, 512, torch.device("cpu"), 1)  # 160: a Gram matrix wide enough for two blocks
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_common import write_json_atomic
+
+    def save(res: dict[str, Any]) -> None:
+        if args.out:
+            write_json_atomic(args.out, json.dumps(res, indent=2))
+
+    if args.smoke:  # 160: a Gram matrix wide enough for two blocks
+        res = probe([96, 160], 128, 512, torch.device("cpu"), 1, save)
     elif torch.cuda.is_available():
-        res = probe([4096, 14336], 4096, 65536, torch.device("cuda"), args.reps)
+        res = probe([4096, 14336], 4096, 65536, torch.device("cuda"), args.reps, save)
     else:
         res = {"status": "skipped", "reason": "no CUDA device (use --smoke on CPU)"}
     text = json.dumps(res, indent=2)
     if args.out:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_common import write_json_atomic
-
         write_json_atomic(args.out, text)
     print(text)
     return 0

@@ -81,6 +81,17 @@ def _number(text: str) -> Any:
         return text
 
 
+#: ncu scales time units to the value unless run with ``--print-units base``: durations in ns either way
+_TIME_UNITS_NS = {"ns": 1.0, "nsecond": 1.0, "us": 1e3, "usecond": 1e3, "ms": 1e6, "msecond": 1e6, "s": 1e9,
+                  "second": 1e9}
+
+
+def _in_base_unit(value: Any, unit: str) -> Any:
+    """``value`` in ns where ``unit`` is a time unit (ncu may report ``usecond``), else unchanged."""
+    scale = _TIME_UNITS_NS.get(unit.strip())
+    return value * scale if scale is not None and isinstance(value, float) else value
+
+
 def parse(csv_path: str, order: dict[str, Any]) -> dict[str, Any]:
     """ncu's CSV (one row per launch and metric, launches in order) joined with the probe's order."""
     if order.get("status") != "ok":  # the probe did not run (no GPU): nothing to join
@@ -90,7 +101,7 @@ def parse(csv_path: str, order: dict[str, Any]) -> dict[str, Any]:
         lines = [ln for ln in fh if ln.startswith('"')]  # drop ncu's own ==PROF== chatter
     for row in csv.DictReader(lines):
         entry = metrics.setdefault(row["ID"], {"kernel": row.get("Kernel Name", "")})
-        entry[row["Metric Name"]] = _number(row["Metric Value"])
+        entry[row["Metric Name"]] = _in_base_unit(_number(row["Metric Value"]), row.get("Metric Unit", ""))
     launches = [metrics[key] for key in sorted(metrics, key=int)]
     expected = order.get("launches", [])
     if len(launches) != len(expected):

@@ -8,7 +8,9 @@ residual back-end applies, as in issue #16's first measurement; ``--format gptq`
 ``--rank`` on random calibration tokens through the public API. Reported: wall seconds, seconds
 per phase (block forwards, covariance accumulation, decompositions, factors, original-weight
 reads, residuals, offload moves, checkpoint writes; GPU work synchronised at phase edges), peak
-GPU memory against the model's own, peak host memory (VmHWM), and the mean relative error.
+GPU memory against the model's own, peak host memory (VmHWM), and the mean relative error. Stopped
+by SIGTERM (``timeout``, as ``gpu_check.sh`` runs it) during the EoRA step, it still reports what it
+measured so far, with ``status: "timed_out"``.
 
     python benchmarks/scale.py                                 # CPU: the SmolLM2-135M shape, 16k tokens
     python benchmarks/scale.py --gpu-8b --out scale.json       # GPU: Llama-3-8B shape, 64 x 1024 tokens
@@ -25,6 +27,7 @@ import contextlib
 import logging
 import platform
 import resource
+import signal
 import sys
 import threading
 import time
@@ -225,6 +228,23 @@ class EigenCalls:
                 for k, v in sorted(self.rows.items())}
 
 
+class _Terminated(Exception):
+    """SIGTERM during the EoRA step (a time limit): the figures so far are reported."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Any:
+    """Turn SIGTERM into :class:`_Terminated` in the main thread for the block's duration."""
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.smoke:
@@ -311,19 +331,23 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     rss = PeakRSS() if Path("/proc/self/clear_refs").exists() else None
     eig_calls = EigenCalls(cuda)
     t0 = time.perf_counter()
-    with rss if rss is not None else contextlib.nullcontext(), live if live is not None else contextlib.nullcontext(), \
-            eig_calls:
-        stats = initialize_eora_weights(
-            pm, original_model=original, calibration=calib, batch_size=args.batch_size, progress=args.verbose,
-            execution_device="cuda" if (cuda and args.offload) else None, checkpoint_dir=args.checkpoint_dir,
-            times=times,
-        )
-        if cuda:
-            torch.cuda.synchronize()
+    stats = None
+    try:
+        with _sigterm_raises(), rss if rss is not None else contextlib.nullcontext(), \
+                live if live is not None else contextlib.nullcontext(), eig_calls:
+            stats = initialize_eora_weights(
+                pm, original_model=original, calibration=calib, batch_size=args.batch_size, progress=args.verbose,
+                execution_device="cuda" if (cuda and args.offload) else None, checkpoint_dir=args.checkpoint_dir,
+                times=times,
+            )
+            if cuda:
+                torch.cuda.synchronize()
+    except _Terminated:
+        logger.warning("SIGTERM after %.1f s: reporting the phases measured so far", time.perf_counter() - t0)
     seconds = time.perf_counter() - t0
-    summary = stats.summary()
+    summary = stats.summary() if stats is not None else {}
     res: dict[str, Any] = dict(
-        status="ok",
+        status="ok" if stats is not None else "timed_out",
         device=torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu"),
         torch=torch.__version__,
         shape=dict(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
@@ -333,7 +357,8 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         rank=args.rank, damping=damping, forward_dtype=args.forward_dtype, calibration_tokens=args.samples * args.seq_len, batch_size=args.batch_size,
         offload=bool(args.offload and cuda), build_seconds=round(build_seconds, 1),
         seconds=round(seconds, 2), phases=times.summary(),
-        mean_relative_error=summary["mean_relative_error_after"],
+        phase_counts=dict(sorted(times.counts.items())),  # e.g. block forwards done, on a timed-out run
+        mean_relative_error=summary.get("mean_relative_error_after"),
         damping_counts=summary.get("damping_counts"),  # damping="auto": the ridges chosen ("inf": SVD)
         host_peak_gib=round(_host_peak_gib(), 2),
         # the host's high-water mark during the EoRA step over its resident memory at the start (model,
@@ -358,7 +383,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         peak = torch.cuda.max_memory_allocated() / 2**30
         res.update(gpu_model_gib=round(model_gib, 2), gpu_peak_gib=round(peak, 2),
                    gpu_peak_over_model_gib=round(peak - model_gib, 2))
-        if args.gpu_8b:
+        if args.gpu_8b and stats is not None:
             res["goals"] = dict(le_60_s=seconds <= 60.0, peak_le_model_plus_4_gib=(peak - model_gib) <= 4.0)
     return res
 

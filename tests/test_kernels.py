@@ -1174,5 +1174,8 @@ def test_ncu_probe_joins_the_csv_with_the_launch_order(tmp_path):
     assert res["status"] == "ok" and [r["variant"] for r in res["rows"]] == ["base", "fused"]
     assert res["rows"][1]["gpu__time_duration.sum"] == 13500.0  # launch 3: the fused pair's measured one
     assert res["rows"][0]["dram__throughput.avg.pct_of_peak_sustained_elapsed"] == 31.25
+    # ncu scales units unless told not to: "usecond" values come back in ns too
+    (tmp_path / "ncu_us.csv").write_text("".join(lines).replace('"ns","13,500"', '"usecond","13.5"'))
+    assert ncu_probe.parse(str(tmp_path / "ncu_us.csv"), order)["rows"][1]["gpu__time_duration.sum"] == 13500.0
     order["launches"] = order["launches"][:3]
     assert ncu_probe.parse(str(tmp_path / "ncu.csv"), order)["status"] == "error"

@@ -532,6 +532,30 @@ def test_scale_benchmark_smoke():
         assert 0 <= res["host_rise_gib"] < res["host_peak_gib"]
 
 
+def test_scale_benchmark_reports_the_phases_so_far_when_terminated(monkeypatch):
+    """``gpu_check.sh`` stops a step with SIGTERM at its time limit: ``scale.py`` then still reports
+    the phases it measured, with ``status: "timed_out"``, instead of writing nothing."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import scale
+
+    import peft_eora
+
+    def terminated_midway(*args, times, **kwargs):
+        with times.phase("block_forward"):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` sends
+        time.sleep(30)
+        raise AssertionError("SIGTERM did not stop the step")
+
+    monkeypatch.setattr(peft_eora, "initialize_eora_weights", terminated_midway)
+    before = signal.getsignal(signal.SIGTERM)
+    res = scale.run(["--smoke"])
+    assert res["status"] == "timed_out" and res["mean_relative_error"] is None
+    assert res["phases"]["block_forward"] > 0 and res["phase_counts"] == {"block_forward": 1}
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler was put back
+    assert res["seconds"] < 30
+
+
 def test_scale_benchmark_group_size_fits_the_shape():
     """The default group is 128, else the largest of 64/32 dividing every input width (the default
     SmolLM2-135M shape's 576 takes 64); a group dividing none is refused before anything is built."""
@@ -579,6 +603,17 @@ def test_linalg_benchmark_smoke():
     # a ridge between the steep and the flat Gram matrix, from a random start and from their Ritz blocks
     cold, warm = res["160"]["gram_top_eigh_ridge_cold_products_steps"], res["160"]["gram_top_eigh_ridge_warm_products_steps"]
     assert res["160"]["gram_top_eigh_ridge_warm_fp64_s"] > 0 and 1 <= warm[1] and 1 <= cold[1]
+
+
+def test_linalg_benchmark_saves_each_size_as_it_finishes():
+    """A ``linalg.py`` run stopped by ``gpu_check.sh``'s time limit keeps the sizes it finished:
+    ``probe`` hands its results to ``save`` after every size."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import linalg
+
+    saved: list[list[str]] = []
+    linalg.probe([96, 160], 128, 256, torch.device("cpu"), 1, save=lambda res: saved.append(sorted(res)))
+    assert saved == [["96", "device", "kv_gram"], ["160", "96", "device", "kv_gram"]]
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the CPU high-water mark needs Linux /proc")
