@@ -712,6 +712,32 @@ def test_cuda_kernel_compiles_with_nvcc():
     _nvcc_compile(CUDA_DIR / "compile_check.cu", ["90"], ["-I", str(CUDA_DIR)])
 
 
+def test_kernel_resources_reads_ptxas_per_instantiation():
+    """``benchmarks/kernel_resources.py``: ptxas' registers, spills and stack per (dtype, bits, MAXM),
+    here one instantiation compiled for sm_90 (nvcc only, no GPU) and a canned report parsed."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import kernel_resources
+
+    canned = """ptxas info    : Compiling entry function '_ZN9peft_eora16gptq_lora_kernelI6__halfLi4ELi16EEEvNS_6ParamsE' for 'sm_90'
+ptxas info    : Function properties for _ZN9peft_eora16gptq_lora_kernelI6__halfLi4ELi16EEEvNS_6ParamsE
+    96 bytes stack frame, 100 bytes spill stores, 96 bytes spill loads
+ptxas info    : Used 128 registers, used 1 barriers, 96 bytes cumulative stack size, 16 bytes smem
+ptxas info    : Compiling entry function '_ZN9peft_eora16gptq_lora_kernelI13__nv_bfloat16Li8ELi8EEEvNS_6ParamsE' for 'sm_90'
+    16 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 176 registers, used 1 barriers, 16 bytes cumulative stack size, 16 bytes smem
+"""
+    rows = kernel_resources.parse(canned)
+    assert [(r["dtype"], r["bits"], r["max_m"]) for r in rows] == [("bfloat16", 8, 8), ("half", 4, 16)]
+    assert rows[1]["spill_store_bytes"] == 100 and rows[1]["registers"] == 128 and rows[1]["ctas_per_sm_by_registers"] == 4
+    assert rows[0]["ctas_per_sm_by_registers"] == 2  # 176 registers × 128 threads: two CTAs fill 65,536
+    _nvcc()
+    res = kernel_resources.run("90", ["half"], [2], [8])
+    assert res["status"] == "ok", res
+    (row,) = res["kernels"]
+    assert (row["dtype"], row["bits"], row["max_m"], row["arch"]) == ("half", 2, 8, "sm_90")
+    assert 0 < row["registers"] <= 128  # the kernel's launch bounds: four 128-thread CTAs per SM below 8 bits
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("unit", ["compile_check.cu", "gptq_lora.cu", "gptq_lora_b2.cu", "gptq_lora_b3.cu",
                                   "gptq_lora_b4.cu", "gptq_lora_b8.cu"])
