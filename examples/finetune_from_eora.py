@@ -20,8 +20,10 @@ the time of each step. The loss curves go to ``--png``. Runs offline on a CPU (m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import sys
 import tempfile
 import time
 
@@ -54,6 +56,13 @@ def main() -> None:
     parser.add_argument("--png", default="finetune_losses.png", help="where to write the loss curves")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    with contextlib.redirect_stdout(sys.stderr):  # PEFT and Trainer print as they go: stdout keeps the JSON alone
+        report = run(args, parser)
+    print(json.dumps(report, indent=2))
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """Both runs; the report printed as JSON."""
     log = logging.getLogger("finetune")
 
     method, bits, group = FORMATS[args.format]
@@ -107,7 +116,7 @@ def main() -> None:
         del model, base
     title = f"GSM8K fine-tuning, SmolLM2-135M {args.format}, r={args.rank}"
     report["png"] = str(plot_losses(curves, args.png, title=title, smooth=min(5, args.steps)))
-    print(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

@@ -1,23 +1,26 @@
 """Fine-tuning from the EoRA init (peft_eora.finetune) on the real embedded model.
 
-Fast tests check the supervised GSM8K data and the error paths; the slow test trains, on the same
-NF4-quantized SmolLM2-135M (QLoRA's format), an EoRA-initialised adapter and a zero-init LoRA of
-the same rank with the same data order and learning rate, and checks that the EoRA start is ahead
-in training and on held-out GSM8K rows, and that the loss curves are plotted.
+Fast tests check the supervised GSM8K data and the error paths; the slow test runs
+``examples/finetune_from_eora.py``, which trains, on the same NF4-quantized SmolLM2-135M (QLoRA's
+format), an EoRA-initialised adapter and a zero-init LoRA of the same rank with the same data order
+and learning rate, and checks from its JSON report that the EoRA start is ahead in training and on
+held-out GSM8K rows, and that the loss curves are plotted.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from peft_eora.calibration import BUILTIN_DATASETS
-from peft_eora.finetune import GSM8K_PROMPT, gsm8k_calibration_source, gsm8k_sft_dataset, mean_loss, plot_losses, train_losses
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
+from peft_eora.finetune import GSM8K_PROMPT, gsm8k_sft_dataset, plot_losses, train_losses
 
 def test_gsm8k_examples_learn_the_answer_only(tokenizer):
     data = gsm8k_sft_dataset(tokenizer, num_examples=4, max_length=512)
@@ -66,47 +69,33 @@ def test_plot_losses_writes_a_png(tmp_path):
 
 
 @pytest.mark.slow
-def test_eora_init_fine_tunes_ahead_of_zero_init_lora(tokenizer, tmp_path):
-    """The paper's EoRA-vs-QLoRA comparison at toy scale: same NF4 base, rank, alpha, targets,
-    data order, learning rate; only the adapter's starting point differs."""
+def test_eora_init_fine_tunes_ahead_of_zero_init_lora(tmp_path):
+    """The paper's EoRA-vs-QLoRA comparison at toy scale, run as ``examples/finetune_from_eora.py``
+    (so the example is what is tested): same NF4 base, rank, alpha, targets, data order, learning
+    rate; only the adapter's starting point differs. Its stdout is the JSON report alone."""
     if importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("bitsandbytes not installed: pip install 'peft-eora[bnb]'")
     pytest.importorskip("matplotlib")
-    from peft import LoraConfig, get_peft_model
-
-    from peft_eora import CalibrationConfig, EoRAConfig
-    from peft_eora.embedded import export_original
-    from peft_eora.quantize import load_and_quantize
-
-    original_dir = export_original(torch.float32)
-    pad = tokenizer.eos_token_id
-    train = gsm8k_sft_dataset(tokenizer, num_examples=STEPS * BATCH, max_length=MAX_LEN)
-    heldout = gsm8k_sft_dataset(tokenizer, num_examples=HELDOUT, max_length=MAX_LEN, offset=512 - HELDOUT)
-    calibration = CalibrationConfig(dataset="builtin:c4", num_samples=8, seq_len=128,
-                                    mix=[gsm8k_calibration_source(STEPS * BATCH, tmp_path)])
-    quantized_loss = None
-    result = {}
-    for name in ("eora", "lora"):
-        base = load_and_quantize(original_dir, "bnb-nf4")
-        if quantized_loss is None:
-            quantized_loss = mean_loss(base, heldout, pad_token_id=pad)
-        if name == "eora":
-            model = get_peft_model(base, EoRAConfig(r=RANK, target_modules=TARGETS, original_model=str(original_dir),
-                                                    calibration=calibration))
-        else:
-            model = get_peft_model(base, LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS, lora_dropout=0.0))
-        before = mean_loss(model, heldout, pad_token_id=pad)
-        losses = train_losses(model, train, steps=STEPS, learning_rate=LR, batch_size=BATCH, seed=0, pad_token_id=pad)
-        result[name] = {"before": before, "losses": losses, "after": mean_loss(model, heldout, pad_token_id=pad)}
-    eora, lora = result["eora"], result["lora"]
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = ["--format", "nf4", "--rank", str(RANK), "--steps", str(STEPS), "--batch-size", str(BATCH),
+            "--lr", str(LR), "--max-length", str(MAX_LEN), "--train-examples", str(STEPS * BATCH),
+            "--heldout", str(HELDOUT), "--calib-samples", "8", "--calib-seq-len", "128",
+            "--png", str(tmp_path / "losses.png")]
+    proc = subprocess.run([sys.executable, str(repo / "examples" / "finetune_from_eora.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    eora, lora, quantized = report["EoRA init"], report["zero-init LoRA"], report["heldout_loss_quantized"]
     # zero-init LoRA starts as the quantized base; EoRA starts closer to the original on unseen GSM8K rows
-    assert abs(lora["before"] - quantized_loss) < 1e-4, (lora["before"], quantized_loss)
-    assert eora["before"] < quantized_loss - 0.01, (eora["before"], quantized_loss)
+    assert abs(lora["heldout_loss_before"] - quantized) < 1e-4, report
+    assert eora["heldout_loss_before"] < quantized - 0.01, report
+    assert report["heldout_loss_original"] < quantized
     # ... and stays ahead: mean training loss over the run and held-out loss after it
-    assert sum(eora["losses"]) <= sum(lora["losses"]), result
-    assert eora["after"] <= lora["after"], result
-    png = plot_losses({"EoRA init": eora["losses"], "zero-init LoRA": lora["losses"]}, tmp_path / "losses.png")
-    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert len(eora["losses"]) == len(lora["losses"]) == STEPS
+    assert sum(eora["losses"]) <= sum(lora["losses"]), report
+    assert eora["heldout_loss_after"] <= lora["heldout_loss_after"], report
+    assert Path(report["png"]).read_bytes()[:4] == b"\x89PNG"
 
 
 RANK, STEPS, BATCH, LR, MAX_LEN, HELDOUT = 8, 6, 2, 2e-4, 160, 16
