@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command on a GPU machine: build the CUDA extension, run the GPU tests, the kernel and
-# end-to-end decode benchmarks, an Nsight Compute probe of the fused kernel, the linear-algebra probe (with the int4 adapter fitting), the EoRA-at-scale benchmark (fixed ridge and
-# the default damping="auto") and the factor step's memory.
+# end-to-end decode benchmarks, the EoRA-at-scale benchmark (fixed ridge and the default
+# damping="auto", then two blocks of it under torch.profiler), the linear-algebra probe (with the int4
+# adapter fitting), an Nsight Compute probe of the fused kernel, a 1.1B shape offloaded, and the factor
+# step's memory.
 # JSON results and one log go to a single folder (default: $OUT, else benchmarks/results/gpu).
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]                 # everything, within 9 min (H200: ~8-9 min)
@@ -23,7 +25,7 @@ LOG="$OUT_DIR/gpu_check.log"
 SUMMARY="$OUT_DIR/summary.txt"
 : > "$LOG"
 : > "$SUMMARY"
-STEPS="${GPU_CHECK_STEPS:-build tests kernel scale scale_auto linalg ncu offload factor_memory}"
+STEPS="${GPU_CHECK_STEPS:-build tests kernel scale scale_auto profile linalg ncu offload factor_memory}"
 PY="${PYTHON:-python3}"
 
 if ls .whl/*.whl > /dev/null 2>&1; then
@@ -65,6 +67,10 @@ step kernel 330 "$PY" benchmarks/kernel.py --out "$OUT_DIR/kernel.json"
 step scale 240 "$PY" benchmarks/scale.py --gpu-8b --out "$OUT_DIR/scale.json"
 # the same at the default damping="auto" (ridge chosen per layer on held-out windows)
 step scale_auto 240 "$PY" benchmarks/scale.py --gpu-8b --damping auto --out "$OUT_DIR/scale_auto.json"
+# where those seconds go, operator by operator: two blocks of the 8B shape at auto under torch.profiler
+# (each operator charged to the phase it ran in: block forwards, covariance, factors, ...)
+step profile 120 "$PY" benchmarks/scale.py --hidden 4096 --intermediate 14336 --layers 2 --heads 32 --kv-heads 8 \
+  --vocab 128256 --samples 64 --seq-len 1024 --batch-size 8 --damping auto --profile --out "$OUT_DIR/scale_profile.json"
 # the linear algebra behind those (eigh, Cholesky, the top-r iteration and its small eigh; ~60 s;
 # its JSON is written after each size, so a cut run keeps the 4096 row)
 step linalg 120 "$PY" benchmarks/linalg.py --out "$OUT_DIR/linalg.json"

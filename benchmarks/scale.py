@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --original-dir: drop the page cache before the EoRA step (Linux, root), a cold read")
     p.add_argument("--no-prefetch", action="store_true",
                    help="read each original weight when needed instead of a block ahead (OriginalWeights.prefetch)")
+    p.add_argument("--profile", action="store_true",
+                   help="run the EoRA step under torch.profiler and report the operators that took the most "
+                        "self time on the device (CPU without one): where block forwards and factors spend it "
+                        "(the step's own timings then include the profiler's overhead)")
     p.add_argument("--smoke", action="store_true", help="a 2-block toy on CPU (checks the code paths)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -245,6 +249,66 @@ def _sigterm_raises() -> Any:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _profiler(cuda: bool) -> Any:
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    return torch.profiler.profile(activities=activities)
+
+
+def _phase_times_profiled(sync: bool) -> Any:
+    """A :class:`~peft_eora.walker.PhaseTimes` whose phases are also profiler ranges, so each
+    operator is charged to the innermost phase it ran in."""
+    from peft_eora.walker import PhaseTimes
+
+    class ProfiledPhaseTimes(PhaseTimes):
+        @contextlib.contextmanager
+        def phase(self, name: str, device: Optional[torch.device] = None) -> Any:
+            with super().phase(name, device), torch.profiler.record_function(PHASE_PREFIX + name):
+                yield
+
+    return ProfiledPhaseTimes(sync=sync)
+
+
+PHASE_PREFIX = "phase:"
+
+
+def _self_us(e: Any, cuda: bool) -> float:
+    if not cuda:
+        return float(e.self_cpu_time_total)
+    # torch ≥ 2.4 says "device", older "cuda"
+    return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
+
+
+def _top_operators(profiler: Any, cuda: bool, top: int = 12) -> dict[str, Any]:
+    """Per phase, the operators with the most self time (device time where there is a device), in
+    ms: where the seconds of each phase go (e.g. matrix products against copies and conversions).
+    Operators of the CPU's parked batches run in worker threads, outside any phase's range: they
+    count as "outside phases" (``--per-group-forwards`` keeps them in the main thread, as on a GPU)."""
+    table: dict[str, dict[str, list[float]]] = {}
+    for e in profiler.events():
+        if e.name.startswith(PHASE_PREFIX) or getattr(e, "cpu_parent", None) is None and _self_us(e, cuda) == 0:
+            continue
+        us = _self_us(e, cuda)
+        if us <= 0:
+            continue
+        parent, phase = e.cpu_parent, "outside phases"
+        while parent is not None:
+            if parent.name.startswith(PHASE_PREFIX):
+                phase = parent.name[len(PHASE_PREFIX):]
+                break
+            parent = parent.cpu_parent
+        cell = table.setdefault(phase, {}).setdefault(e.name, [0.0, 0])
+        cell[0] += us
+        cell[1] += 1
+    phases = {}
+    for phase, ops in sorted(table.items(), key=lambda kv: -sum(v[0] for v in kv[1].values())):
+        total = sum(v[0] for v in ops.values())
+        ranked = sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]
+        phases[phase] = dict(total_ms=round(total / 1e3, 1),
+                             operators=[dict(name=n, calls=int(c), self_ms=round(us / 1e3, 2),
+                                             share=round(us / total, 4)) for n, (us, c) in ranked])
+    return dict(ranked_by="self device time" if cuda else "self CPU time", phases=phases)
+
+
 def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.smoke:
@@ -318,7 +382,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         model_gib = torch.cuda.memory_allocated() / 2**30
     else:
         model_gib = sum(p.numel() * p.element_size() for p in pm.parameters()) / 2**30
-    times = PhaseTimes(sync=cuda)
+    times = _phase_times_profiled(cuda) if args.profile else PhaseTimes(sync=cuda)
     live = None
     if args.per_group_forwards and not cuda:
         walker.PARK_LIMIT_BYTES = 0
@@ -330,11 +394,13 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     dropped = _drop_caches() if (args.drop_caches and args.original_dir) else None
     rss = PeakRSS() if Path("/proc/self/clear_refs").exists() else None
     eig_calls = EigenCalls(cuda)
+    profiler = _profiler(cuda) if args.profile else None
     t0 = time.perf_counter()
     stats = None
     try:
         with _sigterm_raises(), rss if rss is not None else contextlib.nullcontext(), \
-                live if live is not None else contextlib.nullcontext(), eig_calls:
+                live if live is not None else contextlib.nullcontext(), eig_calls, \
+                profiler if profiler is not None else contextlib.nullcontext():
             stats = initialize_eora_weights(
                 pm, original_model=original, calibration=calib, batch_size=args.batch_size, progress=args.verbose,
                 execution_device="cuda" if (cuda and args.offload) else None, checkpoint_dir=args.checkpoint_dir,
@@ -379,6 +445,8 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         # (peft_eora.topeig) with its products and Rayleigh–Ritz steps; seconds included in "factors"
         eigensolvers=eig_calls.summary(),
     )
+    if profiler is not None:
+        res["profile"] = _top_operators(profiler, cuda)
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**30
         res.update(gpu_model_gib=round(model_gib, 2), gpu_peak_gib=round(peak, 2),

@@ -532,6 +532,20 @@ def test_scale_benchmark_smoke():
         assert 0 <= res["host_rise_gib"] < res["host_peak_gib"]
 
 
+def test_scale_benchmark_profile_charges_operators_to_phases():
+    """``scale.py --profile`` (a ``gpu_check.sh`` step): per phase of the walk, the operators with the
+    most self time; with per-group forwards (the GPU's path) the block forwards' own operators."""
+    proc, res = _run_benchmark("scale.py", "--smoke", "--profile", "--per-group-forwards")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    phases = res["profile"]["phases"]
+    assert {"block_forward", "factors", "covariance"} <= set(phases)
+    assert any(op["name"] == "aten::addmm_" for op in phases["covariance"]["operators"])  # XᵀX added into H
+    assert any("eigh" in op["name"] or "cholesky" in op["name"] for p in ("factors", "decomposition")
+               for op in phases.get(p, {}).get("operators", []))
+    for v in phases.values():
+        assert v["total_ms"] >= 0 and all(op["calls"] >= 1 and 0 <= op["share"] <= 1 for op in v["operators"])
+
+
 def test_scale_benchmark_reports_the_phases_so_far_when_terminated(monkeypatch):
     """``gpu_check.sh`` stops a step with SIGTERM at its time limit: ``scale.py`` then still reports
     the phases it measured, with ``status: "timed_out"``, instead of writing nothing."""
