@@ -285,10 +285,12 @@ def _top_operators(profiler: Any, cuda: bool, top: int = 12) -> dict[str, Any]:
     count as "outside phases" (``--per-group-forwards`` keeps them in the main thread, as on a GPU)."""
     table: dict[str, dict[str, list[float]]] = {}
     for e in profiler.events():
-        if e.name.startswith(PHASE_PREFIX) or getattr(e, "cpu_parent", None) is None and _self_us(e, cuda) == 0:
+        # CPU-side operators only: their self device time already holds their kernels' (the kernels'
+        # own events, outside the CPU tree, would count it twice)
+        if getattr(e, "device_type", torch.autograd.DeviceType.CPU) != torch.autograd.DeviceType.CPU:
             continue
         us = _self_us(e, cuda)
-        if us <= 0:
+        if us <= 0 or e.name.startswith(PHASE_PREFIX):
             continue
         parent, phase = e.cpu_parent, "outside phases"
         while parent is not None:
