@@ -33,6 +33,7 @@ REGISTERS_PER_SM = 65536
 MAX_CTAS_PER_SM = 16  # 64 resident warps / 4 warps per CTA (sm_80, sm_90)
 
 _ENTRY = re.compile(r"Compiling entry function '(\S+)' for 'sm_(\d+)'")
+_PROPERTIES = re.compile(r"Function properties for (\S+)")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
@@ -58,15 +59,19 @@ def parse(ptxas_output: str) -> list[dict[str, Any]]:
     """One row per compiled entry: dtype, bits, max_m, registers, spills, stack, static smem."""
     rows: list[dict[str, Any]] = []
     row: Optional[dict[str, Any]] = None
+    entry = properties = None  # the entry being compiled; whose properties the next lines give
     for line in ptxas_output.splitlines():
         if (m := _ENTRY.search(line)) is not None:
-            args = _ARGS.search(m.group(1))
+            entry = properties = m.group(1)
+            args = _ARGS.search(entry)
             row = None
             if args is not None:
                 dtype = "half" if args.group(1) == "__half" else "bfloat16"
                 row = dict(dtype=dtype, bits=int(args.group(2)), max_m=int(args.group(3)), arch=f"sm_{m.group(2)}")
                 rows.append(row)
-        elif row is not None and (m := _FRAME.search(line)) is not None:
+        elif (m := _PROPERTIES.search(line)) is not None:
+            properties = m.group(1)  # a called function's frame is not the kernel's
+        elif row is not None and properties == entry and (m := _FRAME.search(line)) is not None:
             row.update(stack_bytes=int(m.group(1)), spill_store_bytes=int(m.group(2)), spill_load_bytes=int(m.group(3)))
         elif row is not None and (m := _USED.search(line)) is not None:
             row["registers"] = int(m.group(1))

@@ -177,9 +177,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_common import write_json_atomic
 
-    def save(res: dict[str, Any]) -> None:
+    def save(res: dict[str, Any]) -> None:  # a run cut short leaves a file that says so
         if args.out:
-            write_json_atomic(args.out, json.dumps(res, indent=2))
+            write_json_atomic(args.out, json.dumps(dict(res, status="partial"), indent=2))
 
     if args.smoke:  # 160: a Gram matrix wide enough for two blocks
         res = probe([96, 160], 128, 512, torch.device("cpu"), 1, save)
@@ -187,6 +187,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         res = probe([4096, 14336], 4096, 65536, torch.device("cuda"), args.reps, save)
     else:
         res = {"status": "skipped", "reason": "no CUDA device (use --smoke on CPU)"}
+    res.setdefault("status", "ok")
     text = json.dumps(res, indent=2)
     if args.out:
         write_json_atomic(args.out, text)

@@ -232,13 +232,19 @@ class EigenCalls:
                 for k, v in sorted(self.rows.items())}
 
 
-class _Terminated(Exception):
-    """SIGTERM during the EoRA step (a time limit): the figures so far are reported."""
+class _Terminated(BaseException):
+    """SIGTERM during the EoRA step (a time limit): the figures so far are reported. A
+    BaseException, so the library's ``except Exception`` blocks (probes, ridge attempts) let it by."""
 
 
 @contextlib.contextmanager
 def _sigterm_raises() -> Any:
-    """Turn SIGTERM into :class:`_Terminated` in the main thread for the block's duration."""
+    """Turn SIGTERM into :class:`_Terminated` in the main thread for the block's duration (no-op
+    when called from another thread: only the main thread may set signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
     def handler(signum: int, frame: Any) -> None:
         raise _Terminated()
 
@@ -271,43 +277,60 @@ def _phase_times_profiled(sync: bool) -> Any:
 PHASE_PREFIX = "phase:"
 
 
-def _self_us(e: Any, cuda: bool) -> float:
-    if not cuda:
-        return float(e.self_cpu_time_total)
-    # torch ≥ 2.4 says "device", older "cuda"
-    return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
+def _device_us(e: Any) -> float:
+    """An event's self device time in µs (``self_device_time_total``; ``self_cuda_time_total`` before torch 2.4)."""
+    value = getattr(e, "self_device_time_total", None)
+    if value is None:
+        value = getattr(e, "self_cuda_time_total", 0.0)
+    return float(value or 0.0)
+
+
+DIRECT_KERNELS = "(kernels launched by the phase itself)"
 
 
 def _top_operators(profiler: Any, cuda: bool, top: int = 12) -> dict[str, Any]:
-    """Per phase, the operators with the most self time (device time where there is a device), in
-    ms: where the seconds of each phase go (e.g. matrix products against copies and conversions).
-    Operators of the CPU's parked batches run in worker threads, outside any phase's range: they
-    count as "outside phases" (``--per-group-forwards`` keeps them in the main thread, as on a GPU)."""
+    """Per phase, the operators with the most self time, in ms: device time where there is a device
+    (``self_ms``), and the host's own time beside it (``self_cpu_ms``: latency-bound calls such as a
+    small ``eigh`` or a synchronising ``.tolist()`` show there). Where the seconds of each phase go,
+    e.g. matrix products against copies and conversions. Kernels launched with no operator between
+    them and the phase (custom extensions) count as :data:`DIRECT_KERNELS`. Operators of the CPU's
+    parked batches run in worker threads, outside any phase's range: they count as "outside phases"
+    (``--per-group-forwards`` keeps them in the main thread, as on a GPU)."""
     table: dict[str, dict[str, list[float]]] = {}
     for e in profiler.events():
         # CPU-side operators only: their self device time already holds their kernels' (the kernels'
         # own events, outside the CPU tree, would count it twice)
         if getattr(e, "device_type", torch.autograd.DeviceType.CPU) != torch.autograd.DeviceType.CPU:
             continue
-        us = _self_us(e, cuda)
-        if us <= 0 or e.name.startswith(PHASE_PREFIX):
+        dev, cpu = (_device_us(e) if cuda else 0.0), float(e.self_cpu_time_total)
+        node, name = e, e.name
+        if e.name.startswith(PHASE_PREFIX):  # the range itself: only the kernels it launched directly
+            dev, cpu, name = dev, 0.0, DIRECT_KERNELS
+        else:
+            node = e.cpu_parent
+        if dev <= 0 and cpu <= 0:
             continue
-        parent, phase = e.cpu_parent, "outside phases"
-        while parent is not None:
-            if parent.name.startswith(PHASE_PREFIX):
-                phase = parent.name[len(PHASE_PREFIX):]
+        phase = "outside phases"
+        while node is not None:
+            if node.name.startswith(PHASE_PREFIX):
+                phase = node.name[len(PHASE_PREFIX):]
                 break
-            parent = parent.cpu_parent
-        cell = table.setdefault(phase, {}).setdefault(e.name, [0.0, 0])
-        cell[0] += us
-        cell[1] += 1
+            node = node.cpu_parent
+        cell = table.setdefault(phase, {}).setdefault(name, [0.0, 0.0, 0])
+        cell[0] += dev
+        cell[1] += cpu
+        cell[2] += 1
+    rank = 0 if cuda else 1
     phases = {}
-    for phase, ops in sorted(table.items(), key=lambda kv: -sum(v[0] for v in kv[1].values())):
-        total = sum(v[0] for v in ops.values())
-        ranked = sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]
+    for phase, ops in sorted(table.items(), key=lambda kv: -sum(v[rank] for v in kv[1].values())):
+        total = sum(v[rank] for v in ops.values())
+        ranked = sorted(ops.items(), key=lambda kv: (-kv[1][rank], -kv[1][1]))[:top]
         phases[phase] = dict(total_ms=round(total / 1e3, 1),
-                             operators=[dict(name=n, calls=int(c), self_ms=round(us / 1e3, 2),
-                                             share=round(us / total, 4)) for n, (us, c) in ranked])
+                             cpu_total_ms=round(sum(v[1] for v in ops.values()) / 1e3, 1),
+                             operators=[dict(name=n, calls=int(c), self_ms=round(v[rank] / 1e3, 2),
+                                             self_cpu_ms=round(v[1] / 1e3, 2),
+                                             share=round(v[rank] / total, 4) if total else None)
+                                        for n, v in ranked for c in (v[2],)])
     return dict(ranked_by="self device time" if cuda else "self CPU time", phases=phases)
 
 
@@ -397,65 +420,70 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     rss = PeakRSS() if Path("/proc/self/clear_refs").exists() else None
     eig_calls = EigenCalls(cuda)
     profiler = _profiler(cuda) if args.profile else None
-    t0 = time.perf_counter()
-    stats = None
-    try:
-        with _sigterm_raises(), rss if rss is not None else contextlib.nullcontext(), \
-                live if live is not None else contextlib.nullcontext(), eig_calls, \
-                profiler if profiler is not None else contextlib.nullcontext():
-            stats = initialize_eora_weights(
-                pm, original_model=original, calibration=calib, batch_size=args.batch_size, progress=args.verbose,
-                execution_device="cuda" if (cuda and args.offload) else None, checkpoint_dir=args.checkpoint_dir,
-                times=times,
-            )
-            if cuda:
-                torch.cuda.synchronize()
-    except _Terminated:
-        logger.warning("SIGTERM after %.1f s: reporting the phases measured so far", time.perf_counter() - t0)
-    seconds = time.perf_counter() - t0
-    summary = stats.summary() if stats is not None else {}
-    res: dict[str, Any] = dict(
-        status="ok" if stats is not None else "timed_out",
-        device=torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu"),
-        torch=torch.__version__,
-        shape=dict(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
-                   kv_heads=args.kv_heads, vocab=args.vocab),
-        params_b=params_b,
-        dtype=str(dtype).replace("torch.", ""), format=args.format, bits=args.bits, group_size=args.group_size,
-        rank=args.rank, damping=damping, forward_dtype=args.forward_dtype, calibration_tokens=args.samples * args.seq_len, batch_size=args.batch_size,
-        offload=bool(args.offload and cuda), build_seconds=round(build_seconds, 1),
-        seconds=round(seconds, 2), phases=times.summary(),
-        phase_counts=dict(sorted(times.counts.items())),  # e.g. block forwards done, on a timed-out run
-        mean_relative_error=summary.get("mean_relative_error_after"),
-        damping_counts=summary.get("damping_counts"),  # damping="auto": the ridges chosen ("inf": SVD)
-        host_peak_gib=round(_host_peak_gib(), 2),
-        # the host's high-water mark during the EoRA step over its resident memory at the start (model,
-        # originals, calibration tokens; heap pages retained after frees count too, so it reads high)
-        host_rise_gib=round(rss.rise_mib / 1024, 2) if rss is not None else None,
-        # CPU tensors alive at once during the step, at most: the CPU's reading of gpu_peak_over_model_gib
-        tensor_peak_gib=round(live.peak_bytes / 2**30, 2) if live is not None else None,
-        tensor_peak_by_phase_gib={k: round(v / 2**30, 2) for k, v in sorted(live.by_label.items(), key=lambda kv: -kv[1])}
-        if live is not None else None,
-        # the largest of them alive at that peak: "GiB op shape dtype"
-        tensor_peak_top=[f"{b / 2**30:.3f} {w}" for b, w in live.at_peak[:16]] if live is not None else None,
-        per_group_forwards=bool(args.per_group_forwards),
-        # originals read from safetensors on disk (--original-dir), a block ahead unless --no-prefetch;
-        # page cache dropped first (--drop-caches; None: not asked or not allowed)
-        originals_on_disk=bool(args.original_dir), prefetch=bool(args.original_dir) and not args.no_prefetch,
-        page_cache_dropped=dropped,
-        # the factor step's eigensolvers per matrix width: full eigh, and the top-r iteration
-        # (peft_eora.topeig) with its products and Rayleigh–Ritz steps; seconds included in "factors"
-        eigensolvers=eig_calls.summary(),
-    )
-    if profiler is not None:
-        res["profile"] = _top_operators(profiler, cuda)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated() / 2**30
-        res.update(gpu_model_gib=round(model_gib, 2), gpu_peak_gib=round(peak, 2),
-                   gpu_peak_over_model_gib=round(peak - model_gib, 2))
-        if args.gpu_8b and stats is not None:
-            res["goals"] = dict(le_60_s=seconds <= 60.0, peak_le_model_plus_4_gib=(peak - model_gib) <= 4.0)
-    return res
+    with _sigterm_raises():  # SIGTERM from here on raises _Terminated: the report holds what was measured so far
+        t0 = time.perf_counter()
+        stats = None
+        try:
+            with rss if rss is not None else contextlib.nullcontext(), \
+                    live if live is not None else contextlib.nullcontext(), eig_calls, \
+                    profiler if profiler is not None else contextlib.nullcontext():
+                stats = initialize_eora_weights(
+                    pm, original_model=original, calibration=calib, batch_size=args.batch_size, progress=args.verbose,
+                    execution_device="cuda" if (cuda and args.offload) else None, checkpoint_dir=args.checkpoint_dir,
+                    times=times,
+                )
+                if cuda:
+                    torch.cuda.synchronize()
+        except _Terminated:
+            logger.warning("SIGTERM after %.1f s: reporting the phases measured so far", time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        summary = stats.summary() if stats is not None else {}
+        res: dict[str, Any] = dict(
+            status="ok" if stats is not None else "timed_out",
+            device=torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu"),
+            torch=torch.__version__,
+            shape=dict(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
+                       kv_heads=args.kv_heads, vocab=args.vocab),
+            params_b=params_b,
+            dtype=str(dtype).replace("torch.", ""), format=args.format, bits=args.bits, group_size=args.group_size,
+            rank=args.rank, damping=damping, forward_dtype=args.forward_dtype, calibration_tokens=args.samples * args.seq_len, batch_size=args.batch_size,
+            offload=bool(args.offload and cuda), build_seconds=round(build_seconds, 1),
+            seconds=round(seconds, 2), phases=times.summary(),
+            phase_counts=dict(sorted(times.counts.items())),  # e.g. block forwards done, on a timed-out run
+            mean_relative_error=summary.get("mean_relative_error_after"),
+            damping_counts=summary.get("damping_counts"),  # damping="auto": the ridges chosen ("inf": SVD)
+            host_peak_gib=round(_host_peak_gib(), 2),
+            # the host's high-water mark during the EoRA step over its resident memory at the start (model,
+            # originals, calibration tokens; heap pages retained after frees count too, so it reads high)
+            host_rise_gib=round(rss.rise_mib / 1024, 2) if rss is not None else None,
+            # CPU tensors alive at once during the step, at most: the CPU's reading of gpu_peak_over_model_gib
+            tensor_peak_gib=round(live.peak_bytes / 2**30, 2) if live is not None else None,
+            tensor_peak_by_phase_gib={k: round(v / 2**30, 2) for k, v in sorted(live.by_label.items(), key=lambda kv: -kv[1])}
+            if live is not None else None,
+            # the largest of them alive at that peak: "GiB op shape dtype"
+            tensor_peak_top=[f"{b / 2**30:.3f} {w}" for b, w in live.at_peak[:16]] if live is not None else None,
+            per_group_forwards=bool(args.per_group_forwards),
+            # originals read from safetensors on disk (--original-dir), a block ahead unless --no-prefetch;
+            # page cache dropped first (--drop-caches; None: not asked or not allowed)
+            originals_on_disk=bool(args.original_dir), prefetch=bool(args.original_dir) and not args.no_prefetch,
+            page_cache_dropped=dropped,
+            # the factor step's eigensolvers per matrix width: full eigh, and the top-r iteration
+            # (peft_eora.topeig) with its products and Rayleigh–Ritz steps; seconds included in "factors"
+            eigensolvers=eig_calls.summary(),
+        )
+        if profiler is not None:
+            try:
+                res["profile"] = _top_operators(profiler, cuda)
+            except _Terminated:  # the profile's own parsing ran out of time: the rest still goes out
+                res["profile"] = {"status": "timed_out"}
+                res["status"] = "timed_out"
+        if cuda:
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            res.update(gpu_model_gib=round(model_gib, 2), gpu_peak_gib=round(peak, 2),
+                       gpu_peak_over_model_gib=round(peak - model_gib, 2))
+            if args.gpu_8b and stats is not None:
+                res["goals"] = dict(le_60_s=seconds <= 60.0, peak_le_model_plus_4_gib=(peak - model_gib) <= 4.0)
+        return res
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -719,6 +719,8 @@ def test_kernel_resources_reads_ptxas_per_instantiation():
     import kernel_resources
 
     canned = """ptxas info    : Compiling entry function '_ZN9peft_eora16gptq_lora_kernelI6__halfLi4ELi16EEEvNS_6ParamsE' for 'sm_90'
+ptxas info    : Function properties for _ZN9peft_eora6helperEv
+    48 bytes stack frame, 40 bytes spill stores, 40 bytes spill loads
 ptxas info    : Function properties for _ZN9peft_eora16gptq_lora_kernelI6__halfLi4ELi16EEEvNS_6ParamsE
     96 bytes stack frame, 100 bytes spill stores, 96 bytes spill loads
 ptxas info    : Used 128 registers, used 1 barriers, 96 bytes cumulative stack size, 16 bytes smem
@@ -728,6 +730,7 @@ ptxas info    : Used 176 registers, used 1 barriers, 16 bytes cumulative stack s
 """
     rows = kernel_resources.parse(canned)
     assert [(r["dtype"], r["bits"], r["max_m"]) for r in rows] == [("bfloat16", 8, 8), ("half", 4, 16)]
+    # the kernel's own frame, not its callee's
     assert rows[1]["spill_store_bytes"] == 100 and rows[1]["registers"] == 128 and rows[1]["ctas_per_sm_by_registers"] == 4
     assert rows[0]["ctas_per_sm_by_registers"] == 2  # 176 registers × 128 threads: two CTAs fill 65,536
     _nvcc()

@@ -562,11 +562,17 @@ def test_scale_benchmark_reports_the_phases_so_far_when_terminated(monkeypatch):
         raise AssertionError("SIGTERM did not stop the step")
 
     monkeypatch.setattr(peft_eora, "initialize_eora_weights", terminated_midway)
-    before = signal.getsignal(signal.SIGTERM)
-    res = scale.run(["--smoke"])
+    # a harmless handler of our own: if scale.py ever stopped installing its handler, SIGTERM would
+    # reach this one (and the test fail on the AssertionError above) instead of killing pytest
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        before = signal.getsignal(signal.SIGTERM)
+        res = scale.run(["--smoke"])
+        assert signal.getsignal(signal.SIGTERM) is before  # the handler was put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert res["status"] == "timed_out" and res["mean_relative_error"] is None
     assert res["phases"]["block_forward"] > 0 and res["phase_counts"] == {"block_forward": 1}
-    assert signal.getsignal(signal.SIGTERM) is before  # the handler was put back
     assert res["seconds"] < 30
 
 

@@ -150,6 +150,8 @@ def _iterate(G: torch.Tensor, rank: int, tol: float, max_products: int, seed: in
         V, products = start.to(G), 0
     V = _orthonormalize(V)
     steps = 0
+    if products >= max_products:  # no product left for a Rayleigh–Ritz step
+        return None, products, steps, None
     while True:
         W = G @ V  # Rayleigh–Ritz on span(V) (wider than q only at a wide start: counted as such)
         products += -(-V.shape[1] // q)
