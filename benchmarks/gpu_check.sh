@@ -12,6 +12,8 @@
 # Steps run in the order below, the kernel issue's first; each step's limit is cut to what is left of
 # GPU_CHECK_DEADLINE seconds (default 540) and a step with under 20 s left is skipped (summary.txt says
 # so), so the whole command ends within 9 minutes and a short lease still brings back the first figures.
+# Give the command itself a limit of at least DEADLINE + 20 s: a step cut at the deadline gets SIGTERM,
+# then SIGKILL 10 s later, and still writes what it measured (scale.py, linalg.py) and its summary line.
 #
 # Wheels placed in .whl/ (e.g. the peft/transformers versions this repo is tested with) are
 # installed into a scratch folder first; the repository's src/ is put on PYTHONPATH, so nothing
