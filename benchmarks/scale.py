@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
+import os
 import platform
 import resource
 import signal
@@ -110,8 +112,6 @@ def _write_originals(originals: dict[str, torch.Tensor], path: Path, signature: 
     and an index, as ``save_pretrained`` lays out a sharded checkpoint; kept where ``path`` already
     holds the originals of the same ``signature`` (shape, dtype, build device and seed of the
     random weights: an earlier run of the same model), else written over."""
-    import json
-
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
@@ -138,8 +138,6 @@ def _write_originals(originals: dict[str, torch.Tensor], path: Path, signature: 
 def _drop_caches() -> bool:
     """Drop the page cache (``/proc/sys/vm/drop_caches``, root on Linux): the originals are then
     read from the disk. False where not allowed."""
-    import os
-
     try:
         os.sync()
         Path("/proc/sys/vm/drop_caches").write_text("1\n")
@@ -305,7 +303,7 @@ def _top_operators(profiler: Any, cuda: bool, top: int = 12) -> dict[str, Any]:
         dev, cpu = (_device_us(e) if cuda else 0.0), float(e.self_cpu_time_total)
         node, name = e, e.name
         if e.name.startswith(PHASE_PREFIX):  # the range itself: only the kernels it launched directly
-            dev, cpu, name = dev, 0.0, DIRECT_KERNELS
+            cpu, name = 0.0, DIRECT_KERNELS
         else:
             node = e.cpu_parent
         if dev <= 0 and cpu <= 0:
@@ -327,10 +325,10 @@ def _top_operators(profiler: Any, cuda: bool, top: int = 12) -> dict[str, Any]:
         ranked = sorted(ops.items(), key=lambda kv: (-kv[1][rank], -kv[1][1]))[:top]
         phases[phase] = dict(total_ms=round(total / 1e3, 1),
                              cpu_total_ms=round(sum(v[1] for v in ops.values()) / 1e3, 1),
-                             operators=[dict(name=n, calls=int(c), self_ms=round(v[rank] / 1e3, 2),
+                             operators=[dict(name=n, calls=int(v[2]), self_ms=round(v[rank] / 1e3, 2),
                                              self_cpu_ms=round(v[1] / 1e3, 2),
                                              share=round(v[rank] / total, 4) if total else None)
-                                        for n, v in ranked for c in (v[2],)])
+                                        for n, v in ranked])
     return dict(ranked_by="self device time" if cuda else "self CPU time", phases=phases)
 
 

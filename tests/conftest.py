@@ -31,6 +31,25 @@ TINY_CALIB_SAMPLES = 8
 TINY_CALIB_SEQ_LEN = 64
 
 
+@pytest.fixture
+def benchmark_module():
+    """``benchmark_module("linalg")``: ``benchmarks/linalg.py`` imported as a module (the benchmarks
+    import their siblings by name, so their folder is on ``sys.path`` while one loads)."""
+    import importlib
+    import sys
+
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+
+    def load(name: str):
+        sys.path.insert(0, folder)
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(folder)
+
+    return load
+
+
 def _require_embedded() -> None:
     from peft_eora.embedded import embedded_gguf
 

@@ -712,11 +712,10 @@ def test_cuda_kernel_compiles_with_nvcc():
     _nvcc_compile(CUDA_DIR / "compile_check.cu", ["90"], ["-I", str(CUDA_DIR)])
 
 
-def test_kernel_resources_reads_ptxas_per_instantiation():
+def test_kernel_resources_reads_ptxas_per_instantiation(benchmark_module):
     """``benchmarks/kernel_resources.py``: ptxas' registers, spills and stack per (dtype, bits, MAXM),
     here one instantiation compiled for sm_90 (nvcc only, no GPU) and a canned report parsed."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import kernel_resources
+    kernel_resources = benchmark_module("kernel_resources")
 
     canned = """ptxas info    : Compiling entry function '_ZN9peft_eora16gptq_lora_kernelI6__halfLi4ELi16EEEvNS_6ParamsE' for 'sm_90'
 ptxas info    : Function properties for _ZN9peft_eora6helperEv
@@ -1180,11 +1179,10 @@ def test_gpu_backend_auto_prefers_cuda_then_triton():
 # the Nsight Compute probe (benchmarks/ncu_probe.py): its CSV join runs anywhere
 
 
-def test_ncu_probe_joins_the_csv_with_the_launch_order(tmp_path):
+def test_ncu_probe_joins_the_csv_with_the_launch_order(tmp_path, benchmark_module):
     """ncu's CSV (one row per launch and metric, chatter lines between) is joined with the probe's
     launch order, keeping the measured launch of each warm-up/measured pair; a count mismatch is an error."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import ncu_probe
+    ncu_probe = benchmark_module("ncu_probe")
 
     order = {"status": "ok", "rank": 128, "bits": 4, "batch": 1, "launches": [
         dict(shape="4096x4096", variant=v, role=role) for v in ("base", "fused") for role in ("warmup", "measured")]}

@@ -24,6 +24,7 @@ from peft_eora.original import ModelMismatchError, OriginalWeights
 from peft_eora.walker import BlockWalker, PausingRunner, device_of
 
 REPO = Path(__file__).resolve().parents[1]
+
 HAS_GPU = torch.cuda.is_available()
 
 
@@ -546,11 +547,10 @@ def test_scale_benchmark_profile_charges_operators_to_phases():
         assert v["total_ms"] >= 0 and all(op["calls"] >= 1 and 0 <= op["share"] <= 1 for op in v["operators"])
 
 
-def test_scale_benchmark_reports_the_phases_so_far_when_terminated(monkeypatch):
+def test_scale_benchmark_reports_the_phases_so_far_when_terminated(monkeypatch, benchmark_module):
     """``gpu_check.sh`` stops a step with SIGTERM at its time limit: ``scale.py`` then still reports
     the phases it measured, with ``status: "timed_out"``, instead of writing nothing."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import scale
+    scale = benchmark_module("scale")
 
     import peft_eora
 
@@ -589,14 +589,10 @@ def test_scale_benchmark_group_size_fits_the_shape():
     assert "--group-size 128 does not divide" in proc.stderr
 
 
-def test_live_tensor_peak_counts_new_storages_until_freed():
+def test_live_tensor_peak_counts_new_storages_until_freed(benchmark_module):
     """``bench_common.LiveTensorPeak`` (scale.py's ``tensor_peak_gib``): new storages count until freed;
     views and in-place results add nothing."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from bench_common import LiveTensorPeak
-    finally:
-        sys.path.pop(0)
+    LiveTensorPeak = benchmark_module("bench_common").LiveTensorPeak
     outside = torch.zeros(500, 500)
     phase = ["first"]
     with LiveTensorPeak(label=lambda: phase[0]) as live:
@@ -625,11 +621,10 @@ def test_linalg_benchmark_smoke():
     assert res["160"]["gram_top_eigh_ridge_warm_fp64_s"] > 0 and 1 <= warm[1] and 1 <= cold[1]
 
 
-def test_linalg_benchmark_saves_each_size_as_it_finishes():
+def test_linalg_benchmark_saves_each_size_as_it_finishes(benchmark_module):
     """A ``linalg.py`` run stopped by ``gpu_check.sh``'s time limit keeps the sizes it finished:
     ``probe`` hands its results to ``save`` after every size."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import linalg
+    linalg = benchmark_module("linalg")
 
     saved: list[list[str]] = []
     linalg.probe([96, 160], 128, 256, torch.device("cpu"), 1, save=lambda res: saved.append(sorted(res)))
@@ -711,7 +706,7 @@ def test_two_gpus_dispatched_by_accelerate_match_one_gpu(tiny_llama, calib_ids):
     assert max(((pa[k] - pb[k]).norm() / pa[k].norm()).item() for k in pa) <= 1e-4
 
 
-def test_kernel_benchmark_smoke_and_goals():
+def test_kernel_benchmark_smoke_and_goals(benchmark_module):
     """``benchmarks/kernel.py --smoke`` runs its layer rows and the end-to-end decode on CPU, and its
     goal table turns measured rows into the issue's ratios (synthetic GPU-like rows)."""
     res = _smoke("kernel.py")
@@ -719,11 +714,7 @@ def test_kernel_benchmark_smoke_and_goals():
     for row in res["layers"]:
         assert row["fused_rel_err_vs_torch"] < 1e-4
         assert all(row["timings_us"][k] > 0 for k in ("base", "unfused", "fused", "fused_int8"))
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import kernel
-    finally:
-        sys.path.pop(0)
+    kernel = benchmark_module("kernel")
     us1 = dict(fp16_linear=13.0, int4_tinygemm=7.0, base=9.0, unfused=22.0, fused=10.0, fused_v3=11.0,
                fused_lora_in_epilogue=12.0, fused_triton=14.0, base_triton=12.0, fused_triton_default=21.0)
     row1 = dict(shape="4096x4096", bits=4, rank=128, batch=1, timings_us=us1, bandwidth_fraction_fused=0.5)
