@@ -74,6 +74,7 @@ from .walker import (
     NO_TIMES,
     BlockVisit,
     BlockWalker,
+    Inputs,
     PhaseTimes,
     capture_block_inputs,
     device_of,
@@ -144,6 +145,7 @@ class CompensationStats:
     heldout_tokens: int = 0
     allocation: Optional[dict[str, Any]] = None
     current_block: Optional[int] = None  # the block being computed (error messages)
+    warned: set[str] = field(default_factory=set, repr=False)  # warnings given once per run
 
     def summary(self) -> dict[str, Any]:
         rel = [m.error_after / m.error_before for m in self.modules if m.error_before > 0]
@@ -245,17 +247,18 @@ def _first_row(obj: Any, batch: int) -> Any:
     return map_tensors(obj, lambda t: t[:1] if batch > 1 and t.ndim >= 1 and t.shape[0] == batch else t)
 
 
-def _visit_groups(block: nn.Module, targets: list[Target], sample: tuple[torch.Tensor, dict[str, Any]],
-                  value_weighting: str = "attention") -> tuple[list[list[Target]], list[Any], list[Any]]:
-    """The block's groups (:func:`_input_groups`), each group's statistics hook point (its first
-    layer, or a :class:`~peft_eora.value_weighting.ValueTap`) and the taps.
+def _visit_groups(block: nn.Module, targets: list[Target], samples: Inputs, value_weighting: str = "attention"
+                  ) -> tuple[list[list[Target]], list[Any], list[Any], bool]:
+    """The block's groups (:func:`_probe`), each group's statistics hook point (its first layer, or a
+    :class:`~peft_eora.value_weighting.ValueTap`), the taps, and whether some target sees a subset of
+    the tokens (routed: the block is then run one forward per group, not parked).
 
     With ``value_weighting="attention"``, each targeted value projection whose attention the tap
     can follow becomes a group of its own right after the group it shared its input with; its
     statistics are taken inside the attention (``P̄·X``, see :mod:`peft_eora.value_weighting`)."""
     taps = value_taps(block, {id(t.layer) for t in targets}) if value_weighting == "attention" else []
     with attached(taps):  # the module-order probe also checks each tap's value-state layout
-        groups = _input_groups(block, targets, sample)
+        groups, routed = _probe(block, targets, samples)
     taps = verified(taps)
     by_layer = {id(tap.layer): tap for tap in taps}
     out: list[list[Target]] = []
@@ -269,34 +272,66 @@ def _visit_groups(block: nn.Module, targets: list[Target], sample: tuple[torch.T
             if id(t.layer) in by_layer:
                 out.append([t])
                 points.append(by_layer[id(t.layer)])
-    return out, points, taps
+    return out, points, taps, routed
 
 
 def _input_groups(
-    block: nn.Module, targets: list[Target], sample: tuple[torch.Tensor, dict[str, Any]]
+    block: nn.Module, targets: list[Target], samples: Union[Inputs, tuple[torch.Tensor, dict[str, Any]]]
 ) -> list[list[Target]]:
-    """Targets of a block in execution order, grouped by shared input tensor (one probe forward)."""
+    """Targets of a block in execution order, grouped by shared input tensor (probe forwards)."""
+    return _probe(block, targets, samples)[0]
+
+
+def _probe(
+    block: nn.Module, targets: list[Target], samples: Union[Inputs, tuple[torch.Tensor, dict[str, Any]]]
+) -> tuple[list[list[Target]], bool]:
+    """``(groups, routed)``: the targets in execution order, grouped by shared input tensor, and whether
+    some target sees a subset of the tokens (a routed MoE expert).
+
+    One calibration row is probed first; targets it does not reach (experts no token of that row was
+    routed to) are looked for in the whole first batch, then in the next batches."""
+    if isinstance(samples, tuple):
+        samples = [samples]
     order: list[tuple[Target, torch.Tensor]] = []  # holding the inputs keeps their identity unambiguous
+    tokens = [0]  # token positions of the probe's input
+    routed = False
     handles = []
     for t in targets:
         def hook(_m: nn.Module, args: tuple, t: Target = t) -> None:
+            nonlocal routed
             if all(o[0] is not t for o in order):
                 order.append((t, args[0]))
+                routed = routed or args[0][..., 0].numel() != tokens[0]
         handles.append(t.layer.register_forward_pre_hook(hook))
+
+    def run(hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        tokens[0] = hidden[..., 0].numel()
+        block(hidden, **kwargs)
+
+    def missing() -> list[Target]:
+        return [t for t in targets if all(o[0] is not t for o in order)]
+
     try:
         with torch.no_grad():
-            hidden, kwargs = sample
+            hidden, kwargs = samples[0]
             try:  # one calibration row is enough to see the call order (a whole batch costs a forward)
-                block(_first_row(hidden, hidden.shape[0]), **_first_row(kwargs, hidden.shape[0]))
+                run(_first_row(hidden, hidden.shape[0]), _first_row(kwargs, hidden.shape[0]))
             except Exception:  # noqa: BLE001 - kwargs this slicing does not understand: the whole batch
                 order.clear()
-                block(hidden, **kwargs)
+                run(hidden, kwargs)
+            for hidden, kwargs in samples:  # targets no token of that row reached (routed experts)
+                if not missing():
+                    break
+                run(hidden, kwargs)
     finally:
         for h in handles:
             h.remove()
-    missing = [t.name for t in targets if all(o[0] is not t for o in order)]
-    if missing:
-        raise RuntimeError(f"These targeted modules are never called in the forward pass: {missing}.")
+    if missing():
+        raise RuntimeError(
+            f"These targeted modules are never called in the forward pass of the calibration data: "
+            f"{[t.name for t in missing()]}. If they are MoE experts no calibration token was routed to, use more "
+            "calibration data or leave them out with exclude_modules."
+        )
     groups: list[list[Target]] = []
     last_input: Optional[torch.Tensor] = None
     for t, x in order:
@@ -305,7 +340,7 @@ def _input_groups(
         else:
             groups.append([t])
         last_input = x
-    return groups
+    return groups, routed
 
 
 def accumulate_gram(H: torch.Tensor, x: torch.Tensor) -> None:
@@ -363,8 +398,11 @@ class _Covariances:
     beside the factor steps of the six projections before it."""
 
     def __init__(self, groups: list[list[Target]], device: torch.device, masks: list[Optional[torch.Tensor]],
-                 holdout: Optional[list[torch.Tensor]], times: PhaseTimes) -> None:
+                 holdout: Optional[list[torch.Tensor]], times: PhaseTimes, inputs: Optional[Inputs] = None,
+                 warned: Optional[set[str]] = None) -> None:
         self.parts = 1 if holdout is None else 2
+        # per batch, (windows, tokens) of the block's input: a layer fed the tokens flattened is viewed back
+        self.token_shapes = None if inputs is None else [tuple(h.shape[:-1]) for h, _ in inputs]
         self.H: list[Optional[list[torch.Tensor]]] = [[] for _ in groups]
         self.groups = groups
         self.masks = masks
@@ -372,26 +410,40 @@ class _Covariances:
         self.times = times
         self.device = device
         self.seen: set[tuple[int, int]] = set()
+        #: groups whose inputs are a subset of the tokens (routed MoE experts): with damping="auto" no window can be
+        #: held out of them, so they are fitted on every token with the fixed ridge
+        self.routed: set[int] = set()
+        self.warned = set() if warned is None else warned
 
     def collect(self, g: int, inp: torch.Tensor, batch: int) -> None:
         if (g, batch) in self.seen:  # a module called twice in one forward: its first input counts
             return
         self.seen.add((g, batch))
         with self.times.phase("covariance", self.device):
+            shape = None if self.token_shapes is None else self.token_shapes[batch]
+            if shape is not None and tuple(inp.shape[:-1]) != shape and inp[..., 0].numel() == math.prod(shape):
+                inp = inp.reshape(*shape, inp.shape[-1])  # e.g. OPT's fc1/fc2 see (batch·seq, features)
             x = inp.reshape(-1, inp.shape[-1])
             mask = self.masks[batch]
             H = self._matrices(g)
-            if self.parts == 1:
+            if mask is not None and x.shape[0] != mask.numel():  # a subset of the tokens (a routed MoE expert)
+                if "padding" not in self.warned:
+                    self.warned.add("padding")
+                    logger.warning(
+                        "%s sees %d of the batch's %d token positions (a routed MoE expert?), so the padding mask "
+                        "cannot be applied: its covariance (and any such layer's) includes tokens routed from padded "
+                        "positions. Calibrate with windows of equal length (no padding) to avoid it.",
+                        self.groups[g][0].name, x.shape[0], mask.numel())
+                mask = None
+            rows = None if self.holdout is None else self.holdout[batch]
+            if rows is not None and (inp.ndim < 3 or inp.shape[0] != rows.numel()):
+                self.routed.add(g)  # no window to hold out: its group takes the fixed ridge (see routed)
+                rows = None
+            if rows is None:
                 if mask is not None:
                     x = x[mask.reshape(-1).to(x.device).bool()]
                 accumulate_gram(H[0], x)
                 return
-            rows = self.holdout[batch]
-            if inp.ndim < 3 or inp.shape[0] != rows.numel():
-                raise RuntimeError(
-                    f"damping='auto' needs (batch, seq, features) inputs to split windows; {self.groups[g][0].name} "
-                    f"got shape {tuple(inp.shape)} for a batch of {rows.numel()}. Use a fixed damping."
-                )
             val = rows.to(x.device).view(-1, *([1] * (inp.ndim - 2))).expand(inp.shape[:-1]).reshape(-1)
             keep = mask.reshape(-1).to(x.device).bool() if mask is not None else torch.ones_like(val)
             for part, sel in ((0, keep & ~val), (1, keep & val)):
@@ -409,6 +461,8 @@ class _Covariances:
         """The finished covariance(s) of group ``g`` (released here: the group is done)."""
         H = self._matrices(g)  # zeros if no input reached it
         self.H[g] = None
+        if g in self.routed and len(H) == 2:  # batches split before the group was found routed: one covariance
+            H[0].add_(H.pop())
         return H
 
 
@@ -628,8 +682,8 @@ def _compensate_visit(
     value_weighting: str = "attention",
     logits: tuple[str, Optional[AttentionShape]] = ("none", None),
 ) -> None:
-    groups, points, taps = _visit_groups(visit.block, block_targets, visit.inputs[0], value_weighting)
-    cov = _Covariances(groups, visit.device, masks, holdout, times)
+    groups, points, taps, routed = _visit_groups(visit.block, block_targets, visit.inputs, value_weighting)
+    cov = _Covariances(groups, visit.device, masks, holdout, times, visit.inputs, stats.warned)
     # on a CPU in float32 the installed layers run as one dense product for the rest of the visit
     merged = merged_forward.MergedForwards(adapter_name, [t.layer for t in block_targets],
                                            enabled=sequential and _merges(visit))
@@ -637,7 +691,12 @@ def _compensate_visit(
     metric = _output_metric(original, logits, visit.device)
 
     def finish(g: int) -> None:
-        if holdout is not None:  # the pair and H_fit's eigh (made only if needed) go with the last member
+        if holdout is not None and g in cov.routed and "routed" not in stats.warned:
+            stats.warned.add("routed")
+            logger.warning("%s sees only the tokens routed to it (a MoE expert?), whose windows cannot be told apart: "
+                           "damping='auto' cannot hold any out, so it and every such layer use the fixed ridge %g "
+                           "(eora_stats['damping_per_module'] lists them).", groups[g][0].name, FIXED_DAMPING)
+        if holdout is not None and g not in cov.routed:  # the pair and H_fit's eigh (made only if needed) go with the last member
             held = _HeldOut(*cov.take(g), users=len(groups[g]), times=times, device=visit.device)
             with original.keeping(_read_twice(groups[g], logits)):
                 for t in groups[g]:
@@ -648,17 +707,19 @@ def _compensate_visit(
         H = cov.take(g)[0]
         with original.keeping(_read_twice(groups[g], logits)):
             out_weights = [metric(t, H) for t in groups[g]]  # the logit weighting reads H itself
+            ridge = FIXED_DAMPING if holdout is not None else float(damping)
             with times.phase("decomposition", visit.device):  # shared by the group's members
-                projection = _Shared(projection_and_root(H, float(damping), eig_rtol), users=len(groups[g]))
+                projection = _Shared(projection_and_root(H, ridge, eig_rtol), users=len(groups[g]))
             del H  # the statistics read the projection's root: the float32 H goes before any factor step
             for t, weight in zip(groups[g], out_weights):
                 stats.modules.append(_install(t, adapter_name, original, projection, "eora", eig_rtol,
                                               device=visit.device, times=times, adapter_bits=adapter_bits,
-                                              out_weight=weight, damping=float(damping), merged=merged))
+                                              out_weight=weight, damping=ridge, merged=merged))
 
     with attached(taps), merged:
         if sequential:  # one forward: the batches park at each group while its factors are installed
-            visit.run(points, cov.collect, on_group=finish, keep_outputs=keep_outputs)
+            # parked batches move in step from group to group; a batch that skips a routed expert would not
+            visit.run(points, cov.collect, on_group=finish, keep_outputs=keep_outputs, park=False if routed else None)
         else:  # every group from the uncompensated block; the walker then forwards the compensated block
             visit.run(points, cov.collect, on_group=None, keep_outputs=False)
     if not sequential:
@@ -992,8 +1053,8 @@ def collect_spectra(
                 block_targets = by_block.get(visit.index, [])
                 if not block_targets:
                     continue
-                groups, points, taps = _visit_groups(visit.block, block_targets, visit.inputs[0], value_weighting)
-                cov = _Covariances(groups, visit.device, masks, None, times)
+                groups, points, taps, _ = _visit_groups(visit.block, block_targets, visit.inputs, value_weighting)
+                cov = _Covariances(groups, visit.device, masks, None, times, visit.inputs)
                 metric = _output_metric(original, logits, visit.device)
                 with attached(taps), adapters_off([t.layer for t in block_targets]):  # zero updates: not computed
                     visit.run(points, cov.collect, on_group=None, keep_outputs=visit.index < last)

@@ -249,8 +249,9 @@ def check_rank(rank: int, out_features: int, in_features: int, name: str = "laye
     if rank >= limit:
         raise ValueError(
             f"EoRA rank r={rank} is too large for {name} ({out_features}×{in_features}): it must be "
-            f"smaller than min(out, in) = {limit}. Lower `r`, or set a smaller rank for this module "
-            f"with `rank_pattern={{'{name.split('.')[-1]}': <r>}}`."
+            f"smaller than min(out, in) = {limit}. Lower `r`, give this module a smaller rank with "
+            f"`rank_pattern={{'{name.split('.')[-1]}': <r>}}`, or leave it out with "
+            f"`exclude_modules=['{name.split('.')[-1]}']`."
         )
 
 

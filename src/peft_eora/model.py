@@ -38,7 +38,7 @@ from .fingerprint import record_fingerprint, verify_fingerprint
 from .kernels.gptq_linear import GPTQLinear, register_gptq_linear
 from .layer import with_mixed_batch
 from .original import OriginalWeights
-from .residual import is_supported, prepare_model
+from .residual import backend_for, is_supported, prepare_model
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +57,29 @@ def decoder_blocks_path(model: nn.Module) -> str:
 
 
 def default_target_modules(model: nn.Module) -> str:
-    """A regex matching every supported linear inside the decoder blocks (not the LM head)."""
+    """A regex matching every supported linear inside the decoder blocks (not the LM head).
+
+    In a model that holds compressed linears (GPTQ, AWQ, …), the float ``nn.Linear`` layers beside
+    them — MoE routers and shared-expert gates, layers the quantizer skipped — carry no compression
+    residual and are left out (logged); name them in ``target_modules`` to compensate them anyway.
+    A model of float linears only (pruned or fake-quantized: the ``dense`` back-end) keeps them all.
+    """
     path = decoder_blocks_path(model)
     blocks = model.get_submodule(path)
-    suffixes = sorted(  # the base layers' names, also when adapters already wrap them (a second adapter)
-        {_unwrapped(name) for block in blocks for name, m in block.named_modules()
-         if name and is_supported(m) and not any(part.startswith("lora_") for part in name.split("."))}
-    )  # fmt: skip
-    if not suffixes:
+    kinds: dict[str, set[str]] = {}  # the base layers' names (also when adapters already wrap them) → back-ends
+    for block in blocks:
+        for name, m in block.named_modules():
+            if name and is_supported(m) and not any(part.startswith("lora_") for part in name.split(".")):
+                kinds.setdefault(_unwrapped(name), set()).add(backend_for(m).name)
+    if not kinds:
         raise ValueError(f"No supported linear layer inside {path}; set target_modules explicitly.")
+    compressed = sorted(s for s, names in kinds.items() if names != {"dense"})
+    suffixes = compressed or sorted(kinds)
+    if compressed and len(compressed) < len(kinds):
+        logger.info(
+            "EoRA leaves out the float linears beside the compressed ones (no compression residual): %s. Name them "
+            "in target_modules to compensate them too.", ", ".join(sorted(set(kinds) - set(compressed))),
+        )
     alternatives = "|".join(re.escape(s) for s in suffixes)
     return rf"(.*\.)?{re.escape(path)}\.\d+\.({alternatives})"
 

@@ -124,8 +124,12 @@ class OriginalWeights:
 
     @classmethod
     def from_module(cls, module: nn.Module) -> "OriginalWeights":
-        params = {n[: -len(".weight")]: p for n, p in module.named_parameters() if n.endswith(".weight")}
-        return cls({n: tuple(p.shape) for n, p in params.items()}, lambda n: params[n].detach(), type(module).__name__)
+        """Wrap an in-memory model: its ``*.weight`` parameters, and the experts that transformers keeps
+        fused in 3-D parameters under the names of one linear per expert (:func:`fused_expert_weights`)."""
+        weights: dict[str, Callable[[], torch.Tensor]] = fused_expert_weights(module)
+        weights.update({n[: -len(".weight")]: p.detach for n, p in module.named_parameters() if n.endswith(".weight")})
+        shapes = {n: tuple(get().shape) for n, get in weights.items()}
+        return cls(shapes, lambda n: weights[n](), type(module).__name__)
 
     def resolve(self, name: str) -> Optional[str]:
         """The checkpoint's name for module ``name`` (tolerating a leading ``model.``-style prefix difference)."""
@@ -225,3 +229,30 @@ class OriginalWeights:
                 f"Shape mismatch for {name}: original ({self.source}) has {tuple(shape)}, compressed model has "
                 f"{tuple(expected)}. Pass the uncompressed checkpoint the compressed model was made from."
             )
+
+
+def fused_expert_weights(module: nn.Module) -> dict[str, Callable[[], torch.Tensor]]:
+    """Each expert's weights, named as the linears gptqmodel's loader (``defuser``) makes of them.
+
+    transformers 5 keeps a mixture of experts' weights as ``experts.gate_up_proj`` (experts × 2·inter ×
+    hidden: the gate's rows, then the up projection's) and ``experts.down_proj`` (experts × hidden ×
+    inter); a quantized model holds one linear per expert instead, ``experts.{e}.gate_proj``,
+    ``.up_proj`` and ``.down_proj``. Other layouts (transposed, interleaved, with biases, as in gpt-oss)
+    are not recognised: their names stay missing, which :meth:`OriginalWeights.check` reports.
+    """
+    out: dict[str, Callable[[], torch.Tensor]] = {}
+    for prefix, sub in module.named_modules():
+        gate_up, down = getattr(sub, "gate_up_proj", None), getattr(sub, "down_proj", None)
+        if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.ndim == down.ndim == 3):
+            continue
+        experts, two_inter, hidden = gate_up.shape
+        inter = two_inter // 2
+        if (getattr(sub, "is_transposed", False) or two_inter % 2 or getattr(sub, "gate_up_proj_bias", None) is not None
+                or tuple(down.shape) != (experts, hidden, inter)):
+            continue
+        base = f"{prefix}." if prefix else ""
+        for e in range(experts):
+            out[f"{base}{e}.gate_proj"] = lambda gu=gate_up, e=e, i=inter: gu.detach()[e, :i]
+            out[f"{base}{e}.up_proj"] = lambda gu=gate_up, e=e, i=inter: gu.detach()[e, i:]
+            out[f"{base}{e}.down_proj"] = lambda d=down, e=e: d.detach()[e]
+    return out

@@ -1,0 +1,297 @@
+"""EoRA through the public API on tiny random models of the architectures users quantize.
+
+Every model is built from its transformers config (random weights, no download), its linears
+inside the decoder blocks rounded to 3 bits (the dense back-end) or packed as GPTQ
+(``GPTQLinear``); the default ``target_modules`` must find them, EoRA must bring the logits on
+held-out tokens closer to the original's, and the adapter must save and load back.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import peft_eora  # noqa: F401  (registers the EORA PEFT type)
+from peft_eora import EoRAConfig, initialize_eora_weights
+from peft_eora.kernels.gptq_linear import GPTQLinear
+from peft_eora.model import default_target_modules
+
+VOCAB = 256
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+#: model type → extra config (its linears per block with the defaults, for the target check)
+ARCHITECTURES = {
+    "llama": ({"num_key_value_heads": 2}, 7),
+    "mistral": ({"num_key_value_heads": 2}, 7),
+    "qwen2": ({"num_key_value_heads": 2}, 7),
+    "qwen3": ({"num_key_value_heads": 2, "head_dim": 16}, 7),
+    "gemma2": ({"num_key_value_heads": 2, "head_dim": 16}, 7),
+    "phi3": ({"num_key_value_heads": 2}, 4),  # fused qkv_proj and gate_up_proj
+    "olmo2": ({"num_key_value_heads": 2}, 7),
+    "gpt_neox": ({}, 4),  # query_key_value, dense, dense_h_to_4h, dense_4h_to_h
+    "falcon": ({}, 4),  # under transformer.h, not model.layers
+    "phi": ({}, 6),
+    "opt": ({"ffn_dim": 128, "word_embed_proj_dim": 64}, 6),  # fc1/fc2 see the tokens flattened
+    "qwen3_moe": ({"num_key_value_heads": 2, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                   "moe_intermediate_size": 64}, 4),  # fused expert parameters: attention only
+}
+
+
+def _blocks_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and any(f".{p}." in f".{n}" for p in ("layers", "h"))]
+
+
+@torch.no_grad()
+def _round_(model: nn.Module, bits: int = 3, group: int = 16) -> nn.Module:
+    """Round every linear of the decoder blocks to ``bits`` per group of inputs, in place."""
+    qmax = 2**bits - 1
+    for _, m in _blocks_linears(model):
+        w = m.weight.reshape(m.weight.shape[0], -1, group)
+        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        scale = (hi - lo).clamp_min(1e-8) / qmax
+        m.weight.copy_((((w - lo) / scale).round().clamp(0, qmax) * scale + lo).reshape_as(m.weight))
+    return model
+
+
+def _build(model_type: str, extra: dict) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, **{**COMMON, **extra})
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _logit_error(model: nn.Module, original: nn.Module, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(ids).logits - original(ids).logits).pow(2).mean())
+
+
+@pytest.mark.parametrize("model_type", list(ARCHITECTURES))
+def test_eora_on_architecture(model_type, tmp_path):
+    extra, per_block = ARCHITECTURES[model_type]
+    original = _build(model_type, extra)
+    quantized = _round_(copy.deepcopy(original))
+    base_copy = copy.deepcopy(quantized)
+    torch.manual_seed(1)
+    calib, held = torch.randint(3, VOCAB, (8, 32)), torch.randint(3, VOCAB, (4, 32))
+    before = _logit_error(quantized, original, held)
+
+    pm = get_peft_model(quantized, EoRAConfig(r=8))  # damping="auto", the default
+    adapters = [n for n, m in pm.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
+    assert len(adapters) == 2 * per_block, adapters
+    stats = initialize_eora_weights(pm, original, calib, progress=False)
+    assert len(stats.modules) == 2 * per_block
+    after = _logit_error(pm, original, held)
+    assert after < 0.8 * before, (before, after)
+
+    pm.save_pretrained(tmp_path)
+    back = PeftModel.from_pretrained(base_copy, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(held).logits, pm(held).logits)
+
+
+def _gptq_with_float_gates(original: nn.Module) -> nn.Module:
+    """``original`` with every block linear packed as 4-bit GPTQ except the shared-expert gates (1 output),
+    as GPTQ quantizers leave MoE gates in float."""
+    model = copy.deepcopy(original)
+    for name, lin in _blocks_linears(model):
+        if not name.endswith("shared_expert_gate"):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, GPTQLinear.from_linear(lin, 4, 16))
+    return model
+
+
+def test_float_linears_beside_compressed_ones_are_left_out(caplog):
+    """A GPTQ MoE keeps its gates in float: the default targets leave them out (they carry no residual,
+    and a 1-output gate cannot hold any rank), and EoRA runs on the packed layers."""
+    original = _build("qwen2_moe", {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
+                                    "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64})
+    assert any(n.endswith("shared_expert_gate") for n, _ in _blocks_linears(original))
+    quantized = _gptq_with_float_gates(original)
+    with caplog.at_level(logging.INFO, logger="peft_eora.model"):
+        pattern = default_target_modules(quantized)
+    assert "shared_expert_gate" not in pattern and "shared_expert\\.down_proj" in pattern
+    assert "leaves out the float linears" in caplog.text and "mlp.shared_expert_gate" in caplog.text
+
+    torch.manual_seed(1)
+    calib, held = torch.randint(3, VOCAB, (8, 32)), torch.randint(3, VOCAB, (4, 32))
+    before = _logit_error(quantized, original, held)
+    pm = get_peft_model(quantized, EoRAConfig(r=8))
+    stats = initialize_eora_weights(pm, original, calib, progress=False)
+    assert len(stats.modules) == 2 * 7 and not any("shared_expert_gate" in m.name for m in stats.modules)
+    assert _logit_error(pm, original, held) < before
+
+    # all-float (pruned or fake-quantized) models keep every linear; named explicitly, a gate is refused clearly
+    assert "shared_expert_gate" in default_target_modules(_round_(copy.deepcopy(original)))
+    pm = get_peft_model(_round_(copy.deepcopy(original)), EoRAConfig(r=8, target_modules=["shared_expert_gate"]))
+    with pytest.raises(ValueError, match=r"too large for .*shared_expert_gate \(1×64\).*exclude_modules=\['shared_expert_gate'\]"):
+        initialize_eora_weights(pm, original, calib, progress=False)
+
+
+class _Routed(nn.Module):
+    """A block whose ``expert`` sees every other token only (as a routed MoE expert sees its share)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(32, 32, bias=False)
+        self.expert = nn.Linear(32, 32, bias=False)
+
+    def forward(self, h: torch.Tensor, **_: object) -> torch.Tensor:
+        h = h + self.proj(h)
+        flat = h.reshape(-1, h.shape[-1])
+        out = flat.clone()
+        out[::2] = out[::2] + self.expert(flat[::2])
+        return out.view_as(h)
+
+
+class _Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.embed = nn.Embedding(VOCAB, 32)
+        self.layers = nn.ModuleList([_Routed()])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for block in self.layers:
+            h = block(h)
+        return h
+
+
+def test_layer_fed_a_subset_of_tokens(caplog):
+    """A layer fed a subset of the tokens (a routed MoE expert) has no windows to hold out: with
+    ``damping="auto"`` it takes the fixed ridge (warned once) while its neighbours choose theirs; a padding
+    mask cannot be applied to its rows (warned once)."""
+    original = _Toy().eval()
+    quantized = _round_(copy.deepcopy(original))
+    ids = torch.randint(3, VOCAB, (8, 16))
+
+    def run(damping, calib, targets=None):
+        pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, damping=damping, target_modules=targets))
+        stats = initialize_eora_weights(pm, original, calib, progress=False)
+        expert = pm.base_model.model.layers[0].expert
+        return stats, (expert.lora_A["default"].weight.clone(), expert.lora_B["default"].weight.clone())
+
+    with caplog.at_level(logging.WARNING, logger="peft_eora.compensate"):
+        auto, _ = run("auto", ids)
+    assert [m.name for m in auto.modules] == ["layers.0.proj", "layers.0.expert"]
+    assert auto.summary()["damping_per_module"]["layers.0.expert"] == 0.01 and auto.modules[1].heldout_errors is None
+    assert auto.modules[0].heldout_errors is not None  # proj sees whole windows: chosen on held-out ones
+    assert caplog.text.count("sees only the tokens routed to it") == 1
+    # the expert alone: the same factors as a fixed-ridge run
+    for a, b in zip(run("auto", ids, ["expert"])[1], run(0.01, ids, ["expert"])[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    mask = torch.ones_like(ids)
+    mask[0, -4:] = 0  # one window padded
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="peft_eora.compensate"):
+        padded, _ = run(0.01, [{"input_ids": ids, "attention_mask": mask}])
+    assert caplog.text.count("padding mask cannot be applied") == 1 and len(padded.modules) == 2
+
+
+MOE = {
+    "qwen3_moe": {"num_key_value_heads": 2, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 64},
+    "mixtral": {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                  "shared_expert_intermediate_size": 64},
+}
+
+
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_moe_with_experts_as_linears(model_type):
+    """A MoE whose experts are linears fed their routed tokens (gptqmodel's loader turns transformers' fused
+    expert parameters into these with ``defuser`` before quantizing), the original left fused in memory:
+    its experts are read under the per-expert names, the default targets reach every expert,
+    ``damping="auto"`` gives them the fixed ridge, and the logits come closer to the original's."""
+    defuser = pytest.importorskip("defuser", reason="defuser comes with the gptq extra (gptqmodel)")
+    from peft_eora.original import OriginalWeights
+
+    original = _build(model_type, MOE[model_type])  # fused experts, as transformers loads it
+    defused = copy.deepcopy(original)
+    assert defuser.convert_model(defused)
+    reference = OriginalWeights.from_module(original)
+    experts = [(n, m) for n, m in defused.named_modules() if ".experts." in n and isinstance(m, nn.Linear)]
+    assert len(experts) == 2 * 4 * 3
+    for name, lin in experts:  # the per-expert views are exactly the weights defuser moved into linears
+        assert torch.equal(reference.get(name), lin.weight.float()), name
+
+    quantized = _round_(defused)
+    torch.manual_seed(1)
+    calib, held = torch.randint(3, VOCAB, (8, 32)), torch.randint(3, VOCAB, (4, 32))
+    before = _logit_error(quantized, original, held)
+    # all linears are float here (rounded in place), so the 1-output shared-expert gate is a target unless excluded
+    pm = get_peft_model(quantized, EoRAConfig(r=8, exclude_modules=["shared_expert_gate"]))
+    stats = initialize_eora_weights(pm, original, calib, progress=False)
+    per_module = stats.summary()["damping_per_module"]
+    assert sorted(n for n in per_module if ".experts." in n) == sorted(n for n, _ in experts)
+    assert all(per_module[n] == 0.01 for n, _ in experts)
+    assert _logit_error(pm, original, held) < 0.8 * before
+
+
+class _TwoExperts(nn.Module):
+    """Tokens whose first feature is positive go to ``a``, the others to ``b`` (an expert no token is
+    routed to is not called, as in transformers' MoE loops)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(32, 32, bias=False)
+        self.b = nn.Linear(32, 32, bias=False)
+
+    def forward(self, h: torch.Tensor, **_: object) -> torch.Tensor:
+        flat = h.reshape(-1, h.shape[-1])
+        out = flat.clone()
+        for expert, sel in ((self.a, flat[:, 0] > 0), (self.b, flat[:, 0] <= 0)):
+            if sel.any():
+                out[sel] = out[sel] + expert(flat[sel])
+        return out.view_as(h)
+
+
+class _ToyMoE(_Toy):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([_TwoExperts(), _TwoExperts()])
+        with torch.no_grad():  # ids below VOCAB/2 are routed to `a`, the others to `b`
+            self.embed.weight[:, 0] = torch.where(torch.arange(VOCAB) < VOCAB // 2, 1.0, -1.0)
+
+
+def test_expert_skipped_by_a_whole_batch(monkeypatch):
+    """An expert that one calibration batch never calls: the batches cannot move in step from group to
+    group, so the block runs one forward per group; the expert's statistics are those of the tokens
+    routed to it, whichever batches they came from."""
+    original = _ToyMoE().eval()
+    quantized = _round_(copy.deepcopy(original))
+    mixed = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(5))
+    only_b = torch.randint(VOCAB // 2, VOCAB, (4, 16), generator=torch.Generator().manual_seed(6))
+
+    def factors(calib, targets, damping=0.01):
+        pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, damping=damping, target_modules=targets))
+        stats = initialize_eora_weights(pm, original, calib, progress=False)
+        layers = {n: m for n, m in pm.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+        return stats, {n: m.lora_B["default"].weight @ m.lora_A["default"].weight for n, m in layers.items()}
+
+    stats, both = factors([mixed, only_b], None)
+    assert len(stats.modules) == 4 and all(m.error_after < m.error_before for m in stats.modules)
+    # batches parked in step would let the second batch run `b` before `b` was compensated, so the second
+    # block's inputs would differ: the result is that of one forward per group, as on a GPU
+    from peft_eora import walker
+
+    with monkeypatch.context() as m:
+        m.setattr(walker, "PARK_LIMIT_BYTES", 0)
+        _, per_group = factors([mixed, only_b], None)
+    for name, update in both.items():
+        torch.testing.assert_close(update, per_group[name], rtol=0, atol=0)
+    # the first block's `a` sees no token of the second batch: the same factors as from the first batch alone
+    _, first_only = factors([mixed], ["0.a"])
+    torch.testing.assert_close(both["base_model.model.layers.0.a"], first_only["base_model.model.layers.0.a"])
+    stats, _ = factors([mixed, only_b], None, damping="auto")  # four windows: two held out
+    assert stats.summary()["damping_per_module"]["layers.0.a"] == 0.01
+
+    with pytest.raises(RuntimeError, match=r"never called .*layers\.0\.a.*exclude_modules"):
+        factors([only_b], None)
