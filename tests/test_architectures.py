@@ -129,7 +129,8 @@ def test_float_linears_beside_compressed_ones_are_left_out(caplog):
     # all-float (pruned or fake-quantized) models keep every linear; named explicitly, a gate is refused clearly
     assert "shared_expert_gate" in default_target_modules(_round_(copy.deepcopy(original)))
     pm = get_peft_model(_round_(copy.deepcopy(original)), EoRAConfig(r=8, target_modules=["shared_expert_gate"]))
-    with pytest.raises(ValueError, match=r"too large for .*shared_expert_gate \(1×64\).*exclude_modules=\['shared_expert_gate'\]"):
+    with pytest.raises(ValueError,
+                       match=r"too large for .*shared_expert_gate \(1×64\).*exclude_modules=\['shared_expert_gate'\]"):
         initialize_eora_weights(pm, original, calib, progress=False)
 
 
@@ -295,3 +296,28 @@ def test_expert_skipped_by_a_whole_batch(monkeypatch):
 
     with pytest.raises(RuntimeError, match=r"never called .*layers\.0\.a.*exclude_modules"):
         factors([only_b], None)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_moe_original_from_a_checkpoint(model_type, tmp_path):
+    """transformers writes a MoE checkpoint with one tensor per expert under the model's historical names:
+    Qwen3-MoE's (``mlp.experts.{e}.gate_proj``) are those of the defused linears, Mixtral's
+    (``block_sparse_moe.experts.{e}.w1``) are not, which is refused before any compute."""
+    defuser = pytest.importorskip("defuser", reason="defuser comes with the gptq extra (gptqmodel)")
+    from peft_eora.original import ModelMismatchError
+
+    original = _build(model_type, MOE[model_type])
+    original.save_pretrained(tmp_path)
+    defused = copy.deepcopy(original)
+    assert defuser.convert_model(defused)
+    pm = get_peft_model(_round_(defused), EoRAConfig(r=8, damping=0.01))
+    calib = torch.randint(3, VOCAB, (4, 32))
+    if model_type == "mixtral":
+        with pytest.raises(ModelMismatchError,
+                           match=r"no weight for module .*mlp\.experts\.0\.(gate|up|down)_proj.*in memory"):
+            initialize_eora_weights(pm, str(tmp_path), calib, progress=False)
+        assert all(float(m.lora_B["default"].weight.abs().sum()) == 0 for m in pm.modules() if hasattr(m, "lora_B")
+                   and "default" in m.lora_B)
+        return
+    stats = initialize_eora_weights(pm, str(tmp_path), calib, progress=False)
+    assert sum(".experts." in m.name for m in stats.modules) == 2 * 4 * 3

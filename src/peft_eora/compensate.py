@@ -696,7 +696,8 @@ def _compensate_visit(
             logger.warning("%s sees only the tokens routed to it (a MoE expert?), whose windows cannot be told apart: "
                            "damping='auto' cannot hold any out, so it and every such layer use the fixed ridge %g "
                            "(eora_stats['damping_per_module'] lists them).", groups[g][0].name, FIXED_DAMPING)
-        if holdout is not None and g not in cov.routed:  # the pair and H_fit's eigh (made only if needed) go with the last member
+        if holdout is not None and g not in cov.routed:
+            # the pair and H_fit's eigh (made only if needed) go with the last member
             held = _HeldOut(*cov.take(g), users=len(groups[g]), times=times, device=visit.device)
             with original.keeping(_read_twice(groups[g], logits)):
                 for t in groups[g]:

@@ -220,9 +220,12 @@ class OriginalWeights:
         """Raise :class:`ModelMismatchError` unless the original has ``name`` with shape ``expected``."""
         shape = self.shape(name)
         if shape is None:
+            hint = (" If the checkpoint names its experts differently (Mixtral's block_sparse_moe.experts.N.w1), "
+                    "pass the original loaded in memory instead (AutoModelForCausalLM.from_pretrained): its fused "
+                    "experts are read under the per-expert names." if ".experts." in name and self.reads_from_disk else "")
             raise ModelMismatchError(
                 f"The original model ({self.source}) has no weight for module {name} of the compressed model: the "
-                "two models do not match. Pass the uncompressed checkpoint the compressed model was made from."
+                f"two models do not match. Pass the uncompressed checkpoint the compressed model was made from.{hint}"
             )
         if tuple(shape) != tuple(expected):
             raise ModelMismatchError(
@@ -243,7 +246,8 @@ def fused_expert_weights(module: nn.Module) -> dict[str, Callable[[], torch.Tens
     out: dict[str, Callable[[], torch.Tensor]] = {}
     for prefix, sub in module.named_modules():
         gate_up, down = getattr(sub, "gate_up_proj", None), getattr(sub, "down_proj", None)
-        if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor) and gate_up.ndim == down.ndim == 3):
+        if not (isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)
+                and gate_up.ndim == down.ndim == 3):
             continue
         experts, two_inter, hidden = gate_up.shape
         inter = two_inter // 2
