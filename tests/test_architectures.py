@@ -321,3 +321,70 @@ def test_moe_original_from_a_checkpoint(model_type, tmp_path):
         return
     stats = initialize_eora_weights(pm, str(tmp_path), calib, progress=False)
     assert sum(".experts." in m.name for m in stats.modules) == 2 * 4 * 3
+
+
+_GPTQ_MOE = """
+import json, os, torch
+from peft import get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from peft_eora import EoRAConfig, initialize_eora_weights
+from peft_eora.quantize.gptq import quantize_gptq
+from peft_eora.quantize.loading import load_quantized
+
+args = wait_for_job()
+torch.manual_seed(0)
+cfg = AutoConfig.for_model("qwen3_moe", vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4,
+                           num_experts_per_tok=2, moe_intermediate_size=128, max_position_embeddings=256,
+                           tie_word_embeddings=True)
+original = AutoModelForCausalLM.from_config(cfg).eval()  # fused experts: defuser has patched nothing yet
+if args["stage"] == "quantize":  # gptqmodel's quantizer patches transformers' classes itself: a process of its own
+    original.save_pretrained(args["original"])
+    AutoTokenizer.from_pretrained(args["tokenizer"]).save_pretrained(args["original"])
+    quantize_gptq(args["original"], bits=3, group_size=32, num_samples=8, seq_len=64, out_dir=args["gptq"])
+    print(json.dumps({}))
+    raise SystemExit
+quantized = load_quantized(args["gptq"])
+experts = sorted({type(m).__name__ for n, m in quantized.named_modules() if ".experts.0." in n})
+ids, held = torch.randint(0, 49152, (8, 64)), torch.randint(0, 49152, (4, 64))
+
+def error(model):
+    with torch.no_grad():
+        return float((model(held).logits - original(held).logits).pow(2).mean())
+
+before = error(quantized)
+pm = get_peft_model(quantized, EoRAConfig(r=8))
+stats = initialize_eora_weights(pm, args["original"], ids, progress=False)
+print(json.dumps({"experts": experts, "before": before, "after": error(pm),
+                  "damping": stats.summary()["damping_per_module"]}))
+"""
+
+
+@pytest.mark.slow
+def test_gptq_moe_end_to_end(tmp_path):
+    """A tiny Qwen3-MoE quantized by gptqmodel (3-bit GPTQ, experts as one packed linear each), loaded with
+    ``load_quantized`` in a fresh process (it builds the experts as gptqmodel stored them: transformers
+    alone would leave them random) and compensated from the original's checkpoint folder. Fresh processes:
+    defuser patches transformers' classes for good."""
+    pytest.importorskip("gptqmodel", reason="needs the gptq extra")
+    import os
+
+    from child_process import WarmChild
+
+    from peft_eora.embedded import export_original
+
+    tokenizer = export_original(torch.float32, num_layers=2)  # the cached 2-layer SmolLM2 fixture's folder
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTQMODEL_CPU_WORKERS": "2"}
+    job = {"original": str(tmp_path / "fp"), "gptq": str(tmp_path / "gptq"), "tokenizer": str(tokenizer)}
+    for stage in ("quantize", "eora"):
+        (tmp_path / stage).mkdir()
+        child = WarmChild(_GPTQ_MOE, tmp_path / stage, env)
+        try:
+            out = child.run({**job, "stage": stage})
+        finally:
+            child.close()
+    assert "TorchLinear" in out["experts"], out["experts"]  # packed experts (`.experts.0.gate_proj` …)
+    experts = [n for n in out["damping"] if ".experts." in n]
+    assert len(experts) == 2 * 4 * 3 and all(out["damping"][n] == 0.01 for n in experts)
+    assert len(out["damping"]) == 2 * 4 + len(experts)
+    assert out["after"] < 0.85 * out["before"], out

@@ -182,7 +182,7 @@ def find_targets(model: nn.Module, adapter_name: str) -> tuple[nn.ModuleList, li
     for name, layer in named:
         parts = name.split(".")
         hit = None
-        for i in range(len(parts) - 1, 0, -1):
+        for i in range(1, len(parts) - 1):  # the outermost list: a MoE's list of experts sits inside a block
             if parts[i].isdigit() and isinstance(model.get_submodule(".".join(parts[:i])), nn.ModuleList):
                 hit = (".".join(parts[:i]), int(parts[i]))
                 break

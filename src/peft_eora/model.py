@@ -44,13 +44,13 @@ logger = logging.getLogger(__name__)
 
 
 def decoder_blocks_path(model: nn.Module) -> str:
-    """Dotted path of the model's decoder-block ``ModuleList`` (the longest one holding linears)."""
-    best: Optional[tuple[int, str]] = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            if any(isinstance(m, nn.Linear) or is_supported(m) for m in module[0].modules()):
-                if best is None or len(module) > best[0]:
-                    best = (len(module), name)
+    """Dotted path of the model's decoder-block ``ModuleList``: the longest one holding linears that no
+    other such list holds (a MoE block's list of experts, often longer, sits inside one)."""
+    lists = {name: len(module) for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) > 0
+             and any(isinstance(m, nn.Linear) or is_supported(m) for m in module[0].modules())}
+    outer = [n for n in lists if not any(n.startswith(f"{o}.") for o in lists if o != n)]
+    best = max(((lists[n], n) for n in outer), key=lambda c: c[0], default=None)  # the first of equal length
     if best is None:
         raise ValueError("Could not find the decoder blocks (a ModuleList of layers with linears); set target_modules.")
     return best[1]

@@ -5,12 +5,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from .awq import awq_float32_forward_
 from .gptqmodel_run import import_gptqmodel
+
+logger = logging.getLogger(__name__)
 
 
 def load_quantized(
@@ -71,9 +74,19 @@ def load_quantized(
         qcfg = GPTQConfig(bits=bits, group_size=group_size, backend=backend or "gptq_torch")
     else:
         raise ValueError(f"{path} is a {method!r} checkpoint; load_quantized reads GPTQ and AWQ checkpoints only.")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=compute_dtype or dtype, device_map=str(device), quantization_config=qcfg
+    _defuse_experts(AutoConfig.from_pretrained(str(path)).model_type)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=compute_dtype or dtype, device_map=str(device), quantization_config=qcfg,
+        output_loading_info=True,
     )
+    unloaded = {k: sorted(v) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if (v := info.get(k))}
+    if unloaded:
+        detail = "; ".join(f"{k.replace('_', ' ')}: {len(v)} (e.g. {', '.join(map(str, v[:2]))})" for k, v in unloaded.items())
+        raise ValueError(
+            f"{path} did not load cleanly into {type(model).__name__} ({detail}): its tensors do not fit the modules "
+            "transformers built, so some weights would be random. Load it with gptqmodel's GPTQModel.load, or a "
+            "transformers/gptqmodel pair that supports this architecture."
+        )
     if method == "awq" and compute_dtype == torch.float32:
         awq_float32_forward_(model)
     elif compute_dtype is not None:
@@ -81,6 +94,18 @@ def load_quantized(
             if isinstance(module, BaseQuantLinear) and module.scales.dtype != dtype:
                 module.scales = module.scales.to(dtype)
     return model.eval()
+
+
+def _defuse_experts(model_type: str) -> None:
+    """Make transformers build one linear per MoE expert for ``model_type``, as gptqmodel's loader does
+    (``defuser``) before quantizing: its checkpoints store each expert's packed layers, which the fused
+    3-D expert parameters of transformers 5 cannot hold. A no-op for dense models or without defuser."""
+    try:
+        import defuser
+    except ImportError:  # older gptqmodel: its checkpoints of such models load as they are
+        return
+    if defuser.replace_fused_blocks(model_type):
+        logger.info("%s: experts built as one linear per expert (defuser), as gptqmodel quantized them", model_type)
 
 
 def upcast_unquantized(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
