@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the EoRA step under torch.profiler and report the operators that took the most "
                         "self time on the device (CPU without one): where block forwards and factors spend it "
                         "(the step's own timings then include the profiler's overhead)")
+    p.add_argument("--experts", type=int, default=0,
+                   help="replace every block's MLP by this many routed experts, one linear each (as gptqmodel's "
+                        "loader makes of a MoE; --moe-intermediate wide, --top-k per token)")
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--moe-intermediate", type=int, default=None, help="an expert's width (default: --intermediate)")
+    p.add_argument("--stage-bytes", type=int, default=None,
+                   help="compensate.STAGE_BYTES: covariance bytes one stage of experts may hold (0: one forward "
+                        "per expert group, as before stages)")
     p.add_argument("--smoke", action="store_true", help="a 2-block toy on CPU (checks the code paths)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -144,6 +152,31 @@ def _drop_caches() -> bool:
         return True
     except OSError:
         return False
+
+
+class RoutedExperts(torch.nn.Module):
+    """A MoE block with one linear per expert (the layout gptqmodel quantizes and EoRA compensates):
+    softmax router, top-k experts per token, SwiGLU experts; an expert no token is routed to is not called."""
+
+    def __init__(self, hidden: int, inter: int, experts: int, top_k: int) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.gate = torch.nn.Linear(hidden, experts, bias=False)  # the router (kept in float, not targeted)
+        self.experts = torch.nn.ModuleList(
+            torch.nn.ModuleDict({"gate_proj": torch.nn.Linear(hidden, inter, bias=False),
+                                 "up_proj": torch.nn.Linear(hidden, inter, bias=False),
+                                 "down_proj": torch.nn.Linear(inter, hidden, bias=False)}) for _ in range(experts))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        flat = h.reshape(-1, h.shape[-1])
+        weights, chosen = torch.softmax(self.gate(flat).float(), -1).topk(self.top_k, -1)
+        out = torch.zeros_like(flat)
+        for e in chosen.unique().tolist():
+            tokens, slot = torch.where(chosen == e)
+            ex = self.experts[e]
+            y = ex["down_proj"](torch.nn.functional.silu(ex["gate_proj"](flat[tokens])) * ex["up_proj"](flat[tokens]))
+            out.index_add_(0, tokens, (y * weights[tokens, slot, None]).to(out.dtype))
+        return out.view_as(h)
 
 
 def _fake_quantize_(weight: torch.Tensor, bits: int, group_size: int) -> None:
@@ -347,7 +380,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, args.vocab = 4096, 14336, 1, 32, 8, 1000
         args.samples, args.seq_len, args.batch_size = 64, 1024, 8
         args.device, args.dtype, args.per_group_forwards = "cpu", args.dtype or "bfloat16", True
-    widths = (args.hidden, args.intermediate)
+    widths = (args.hidden, args.intermediate, args.moe_intermediate or args.intermediate)
     if args.group_size is None:
         args.group_size = next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), 0)
     elif args.group_size > 0 and any(w % args.group_size for w in widths):
@@ -361,7 +394,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peft_eora import EoRAConfig, decompose, initialize_eora_weights, merged_forward, walker
+    from peft_eora import EoRAConfig, compensate, decompose, initialize_eora_weights, merged_forward, walker
     from peft_eora import original as original_mod
     from peft_eora.kernels.gptq_linear import GPTQLinear
     from peft_eora.original import OriginalWeights
@@ -374,6 +407,10 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
                       max_position_embeddings=max(2048, args.seq_len), tie_word_embeddings=False)
     with torch.device(build_device), default_dtype(dtype):
         model = LlamaForCausalLM(cfg).eval()
+        for layer in model.model.layers if args.experts else ():
+            layer.mlp = RoutedExperts(args.hidden, args.moe_intermediate or args.intermediate, args.experts, args.top_k)
+    if args.stage_bytes is not None:
+        compensate.STAGE_BYTES = args.stage_bytes
     # the "original": every decoder linear's weight, on the host
     originals: dict[str, torch.Tensor] = {}
     for name, mod in model.named_modules():
@@ -387,7 +424,9 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
                         GPTQLinear.from_linear(mod, args.bits, args.group_size, dtype=dtype))
     if args.original_dir:
         signature = (f"hidden={args.hidden} intermediate={args.intermediate} layers={args.layers} heads={args.heads} "
-                     f"kv_heads={args.kv_heads} vocab={args.vocab} dtype={dtype} built_on={build_device} seed=0")
+                     f"kv_heads={args.kv_heads} vocab={args.vocab} dtype={dtype} built_on={build_device} seed=0"
+                     + (f" experts={args.experts} top_k={args.top_k} moe_intermediate={args.moe_intermediate}"
+                        if args.experts else ""))
         original = OriginalWeights.open(_write_originals(originals, Path(args.original_dir), signature))
         originals.clear()  # read back from disk only
     else:
@@ -441,7 +480,10 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
             device=torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu"),
             torch=torch.__version__,
             shape=dict(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
-                       kv_heads=args.kv_heads, vocab=args.vocab),
+                       kv_heads=args.kv_heads, vocab=args.vocab,
+                       **(dict(experts=args.experts, top_k=args.top_k, moe_intermediate=args.moe_intermediate
+                               or args.intermediate) if args.experts else {})),
+            stage_bytes=compensate.STAGE_BYTES, modules=len(stats.modules) if stats is not None else None,
             params_b=params_b,
             dtype=str(dtype).replace("torch.", ""), format=args.format, bits=args.bits, group_size=args.group_size,
             rank=args.rank, damping=damping, forward_dtype=args.forward_dtype, calibration_tokens=args.samples * args.seq_len, batch_size=args.batch_size,

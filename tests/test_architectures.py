@@ -388,3 +388,45 @@ def test_gptq_moe_end_to_end(tmp_path):
     assert len(experts) == 2 * 4 * 3 and all(out["damping"][n] == 0.01 for n in experts)
     assert len(out["damping"]) == 2 * 4 + len(experts)
     assert out["after"] < 0.85 * out["before"], out
+
+
+def test_experts_collected_by_stage(monkeypatch):
+    """Experts do not feed each other: one forward collects every expert's gate/up, the next every down,
+    instead of a forward per expert group; the factors are bit-identical to one stage per group, and a
+    covariance budget splits a kind into several stages without changing them."""
+    defuser = pytest.importorskip("defuser", reason="defuser comes with the gptq extra (gptqmodel)")
+    from peft_eora import compensate
+
+    extra = {**MOE["qwen3_moe"], "num_experts": 8}
+    original = _build("qwen3_moe", extra)
+    defused = copy.deepcopy(original)
+    assert defuser.convert_model(defused)
+    quantized = _round_(defused)
+    calib = [torch.randint(3, VOCAB, (4, 32)) for _ in range(2)]
+    seen_stages = []
+    real_stages = compensate._stages
+
+    def run(budget):
+        monkeypatch.setattr(compensate, "STAGE_BYTES", budget)
+        pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8))
+        block = pm.base_model.model.model.layers[1]
+        calls = [0]
+        block.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        monkeypatch.setattr(compensate, "_stages", lambda g, r, b=None: seen_stages.append(real_stages(g, r, b))
+                            or seen_stages[-1])
+        initialize_eora_weights(pm, original, calib, progress=False)
+        layers = {n: m for n, m in pm.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+        return calls[0], {n: (m.lora_A["default"].weight, m.lora_B["default"].weight) for n, m in layers.items()}
+
+    staged_calls, staged = run(compensate.STAGE_BYTES)
+    kinds = [len(s) for s in seen_stages[-1]]
+    assert kinds[-2:] == [8, 8] and all(k == 1 for k in kinds[:-2]), kinds  # attention groups, then two stages
+    two_calls, two = run(4 * 64**2 * 4)  # room for four experts' gate/up covariances (64 wide) per stage
+    assert [len(s) for s in seen_stages[-1]][-4:] == [4, 4, 4, 4]  # gate/up 0-3, down 0-3, gate/up 4-7, down 4-7
+    single_calls, single = run(0)
+    assert all(len(s) == 1 for s in seen_stages[-1])
+    assert staged_calls < two_calls < single_calls, (staged_calls, two_calls, single_calls)
+    for name, (a, b) in single.items():
+        for other in (staged, two):
+            torch.testing.assert_close(other[name][0], a, rtol=0, atol=0)
+            torch.testing.assert_close(other[name][1], b, rtol=0, atol=0)

@@ -34,7 +34,7 @@ import math
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional, Union
@@ -248,10 +248,10 @@ def _first_row(obj: Any, batch: int) -> Any:
 
 
 def _visit_groups(block: nn.Module, targets: list[Target], samples: Inputs, value_weighting: str = "attention"
-                  ) -> tuple[list[list[Target]], list[Any], list[Any], bool]:
+                  ) -> tuple[list[list[Target]], list[Any], list[Any], set[int]]:
     """The block's groups (:func:`_probe`), each group's statistics hook point (its first layer, or a
-    :class:`~peft_eora.value_weighting.ValueTap`), the taps, and whether some target sees a subset of
-    the tokens (routed: the block is then run one forward per group, not parked).
+    :class:`~peft_eora.value_weighting.ValueTap`), the taps, and the groups whose members see a subset
+    of the tokens (routed MoE experts: the block then runs in :func:`_stages`, not parked).
 
     With ``value_weighting="attention"``, each targeted value projection whose attention the tap
     can follow becomes a group of its own right after the group it shared its input with; its
@@ -272,7 +272,7 @@ def _visit_groups(block: nn.Module, targets: list[Target], samples: Inputs, valu
             if id(t.layer) in by_layer:
                 out.append([t])
                 points.append(by_layer[id(t.layer)])
-    return out, points, taps, routed
+    return out, points, taps, {g for g, members in enumerate(out) if all(id(t.layer) in routed for t in members)}
 
 
 def _input_groups(
@@ -284,9 +284,9 @@ def _input_groups(
 
 def _probe(
     block: nn.Module, targets: list[Target], samples: Union[Inputs, tuple[torch.Tensor, dict[str, Any]]]
-) -> tuple[list[list[Target]], bool]:
-    """``(groups, routed)``: the targets in execution order, grouped by shared input tensor, and whether
-    some target sees a subset of the tokens (a routed MoE expert).
+) -> tuple[list[list[Target]], set[int]]:
+    """``(groups, routed)``: the targets in execution order, grouped by shared input tensor, and the
+    ids of the targets that see a subset of the tokens (routed MoE experts).
 
     One calibration row is probed first; targets it does not reach (experts no token of that row was
     routed to) are looked for in the whole first batch, then in the next batches."""
@@ -294,14 +294,14 @@ def _probe(
         samples = [samples]
     order: list[tuple[Target, torch.Tensor]] = []  # holding the inputs keeps their identity unambiguous
     tokens = [0]  # token positions of the probe's input
-    routed = False
+    routed: set[int] = set()
     handles = []
     for t in targets:
         def hook(_m: nn.Module, args: tuple, t: Target = t) -> None:
-            nonlocal routed
             if all(o[0] is not t for o in order):
                 order.append((t, args[0]))
-                routed = routed or args[0][..., 0].numel() != tokens[0]
+                if args[0][..., 0].numel() != tokens[0]:
+                    routed.add(id(t.layer))
         handles.append(t.layer.register_forward_pre_hook(hook))
 
     def run(hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
@@ -399,7 +399,7 @@ class _Covariances:
 
     def __init__(self, groups: list[list[Target]], device: torch.device, masks: list[Optional[torch.Tensor]],
                  holdout: Optional[list[torch.Tensor]], times: PhaseTimes, inputs: Optional[Inputs] = None,
-                 warned: Optional[set[str]] = None) -> None:
+                 warned: Optional[set[str]] = None, routed: Iterable[int] = ()) -> None:
         self.parts = 1 if holdout is None else 2
         # per batch, (windows, tokens) of the block's input: a layer fed the tokens flattened is viewed back
         self.token_shapes = None if inputs is None else [tuple(h.shape[:-1]) for h, _ in inputs]
@@ -412,7 +412,7 @@ class _Covariances:
         self.seen: set[tuple[int, int]] = set()
         #: groups whose inputs are a subset of the tokens (routed MoE experts): with damping="auto" no window can be
         #: held out of them, so they are fitted on every token with the fixed ridge
-        self.routed: set[int] = set()
+        self.routed: set[int] = set(routed) if holdout is not None else set()
         self.warned = set() if warned is None else warned
 
     def collect(self, g: int, inp: torch.Tensor, batch: int) -> None:
@@ -436,7 +436,7 @@ class _Covariances:
                         self.groups[g][0].name, x.shape[0], mask.numel())
                 mask = None
             rows = None if self.holdout is None else self.holdout[batch]
-            if rows is not None and (inp.ndim < 3 or inp.shape[0] != rows.numel()):
+            if rows is not None and (g in self.routed or inp.ndim < 3 or inp.shape[0] != rows.numel()):
                 self.routed.add(g)  # no window to hold out: its group takes the fixed ridge (see routed)
                 rows = None
             if rows is None:
@@ -454,7 +454,8 @@ class _Covariances:
         assert H is not None, "covariance requested after its group was finished"
         if not H:
             n = self.groups[g][0].shape[1]
-            H.extend(torch.zeros(n, n, dtype=torch.float32, device=self.device) for _ in range(self.parts))
+            parts = 1 if g in self.routed else self.parts  # known routed: no window is held out of it
+            H.extend(torch.zeros(n, n, dtype=torch.float32, device=self.device) for _ in range(parts))
         return H
 
     def take(self, g: int) -> list[torch.Tensor]:
@@ -683,7 +684,7 @@ def _compensate_visit(
     logits: tuple[str, Optional[AttentionShape]] = ("none", None),
 ) -> None:
     groups, points, taps, routed = _visit_groups(visit.block, block_targets, visit.inputs, value_weighting)
-    cov = _Covariances(groups, visit.device, masks, holdout, times, visit.inputs, stats.warned)
+    cov = _Covariances(groups, visit.device, masks, holdout, times, visit.inputs, stats.warned, routed)
     # on a CPU in float32 the installed layers run as one dense product for the rest of the visit
     merged = merged_forward.MergedForwards(adapter_name, [t.layer for t in block_targets],
                                            enabled=sequential and _merges(visit))
@@ -719,13 +720,70 @@ def _compensate_visit(
 
     with attached(taps), merged:
         if sequential:  # one forward: the batches park at each group while its factors are installed
-            # parked batches move in step from group to group; a batch that skips a routed expert would not
-            visit.run(points, cov.collect, on_group=finish, keep_outputs=keep_outputs, park=False if routed else None)
+            if routed:  # parked batches move in step from group to group; a batch that skips an expert would not
+                visit.run(points, cov.collect, on_group=finish, keep_outputs=keep_outputs, park=False,
+                          stages=_stages(groups, routed))
+            else:
+                visit.run(points, cov.collect, on_group=finish, keep_outputs=keep_outputs)
         else:  # every group from the uncompensated block; the walker then forwards the compensated block
             visit.run(points, cov.collect, on_group=None, keep_outputs=False)
     if not sequential:
         for g in range(len(groups)):
             finish(g)
+
+
+#: Bytes of float32 covariances one stage of routed experts may hold at once (:func:`_stages`).
+STAGE_BYTES = 1 << 30
+
+
+def _expert_of(name: str) -> Optional[tuple[str, str, str]]:
+    """``model.layers.3.mlp.experts.7.up_proj`` → ``("mlp.experts", "7", "up_proj")``: the list of
+    experts inside the block, the expert and the layer in it (None outside a nested list)."""
+    digits = [i for i, part in enumerate(name.split(".")) if part.isdigit()]
+    if len(digits) < 2:
+        return None
+    parts, (i, j) = name.split("."), digits[:2]
+    return ".".join(parts[i + 1 : j]), parts[j], ".".join(parts[j + 1 :])
+
+
+def _stages(groups: list[list[Target]], routed: set[int], budget: Optional[int] = None) -> list[list[int]]:
+    """The order a block with routed experts collects and installs its groups in, as stages of groups.
+
+    The groups of routed experts of one kind (one list of experts, the same member names: every
+    expert's gate/up, then every expert's down) share a stage, whose forwards collect all of them with
+    none installed meanwhile — experts do not feed each other — while their covariances fit ``budget``
+    bytes (:data:`STAGE_BYTES`); every other group is a stage of its own. A group joins the first
+    stage of its kind after those holding what it may read: the last group before it that is not a
+    routed expert, and its own expert's group before it. Without experts: one stage per group.
+    """
+    budget = STAGE_BYTES if budget is None else budget
+    stages: list[list[int]] = []
+    kinds: list[Optional[tuple[Any, ...]]] = []
+    sizes: list[int] = []
+    last_plain = -1
+    last_of_expert: dict[tuple[str, str], int] = {}
+    for g, group in enumerate(groups):
+        where = [_expert_of(t.name) for t in group] if g in routed else [None]
+        if any(w is None for w in where) or len({w[:2] for w in where}) != 1:  # type: ignore[index]
+            stages.append([g])
+            kinds.append(None)
+            sizes.append(0)
+            last_plain = len(stages) - 1
+            continue
+        experts, index = where[0][:2]  # type: ignore[index]
+        kind = (experts, tuple(w[2] for w in where))  # type: ignore[index]
+        nbytes = 4 * group[0].shape[1] ** 2
+        after = max(last_plain, last_of_expert.get((experts, index), -1))
+        s = next((i for i in range(after + 1, len(stages)) if kinds[i] == kind and sizes[i] + nbytes <= budget), None)
+        if s is None:
+            stages.append([])
+            kinds.append(kind)
+            sizes.append(0)
+            s = len(stages) - 1
+        stages[s].append(g)
+        sizes[s] += nbytes
+        last_of_expert[(experts, index)] = s
+    return stages
 
 
 def _merges(visit: BlockVisit) -> bool:

@@ -259,6 +259,7 @@ class BlockVisit:
         on_group: Optional[Callable[[int], None]] = None,
         keep_outputs: bool = True,
         park: Optional[bool] = None,
+        stages: Optional[list[list[int]]] = None,
     ) -> None:
         """Forward every batch through the block with a hook at each of ``first_modules``.
 
@@ -272,12 +273,15 @@ class BlockVisit:
         meanwhile); ``False`` (default on GPUs, where memory is scarce and forwards cheap, and on
         CPU when the parked activations would exceed :data:`PARK_LIMIT_BYTES`): one forward per
         group, cut short after the group's input, then one plain forward for the outputs. Both
-        give the same numbers.
+        give the same numbers. ``stages`` (with ``park=False``) lists groups whose inputs one forward
+        may collect together, none of them installed meanwhile (a MoE's experts, which do not feed each
+        other): a stage of several groups runs whole forwards, a stage of one is cut short at its input.
         """
         if park is None:
             park = self.device.type == "cpu" and self.parked_bytes() <= PARK_LIMIT_BYTES
         if on_group is not None and not park:
-            self._run_per_group(first_modules, collect, on_group, keep_outputs)
+            self._run_stages(first_modules, collect, on_group, keep_outputs,
+                             stages if stages is not None else [[g] for g in range(len(first_modules))])
             return
         runner = PausingRunner(len(self.inputs), self._forward)
         pausing = on_group is not None
@@ -323,16 +327,18 @@ class BlockVisit:
         the MLP's wide intermediate, attention, residual)."""
         return 8 * sum(h.numel() * h.element_size() for h, _ in self.inputs)
 
-    def _run_per_group(self, first_modules: list[nn.Module], collect: Callable[[int, torch.Tensor, int], None],
-                       on_group: Callable[[int], None], keep_outputs: bool) -> None:
-        for g, module in enumerate(first_modules):
+    def _run_stages(self, first_modules: list[nn.Module], collect: Callable[[int, torch.Tensor, int], None],
+                    on_group: Callable[[int], None], keep_outputs: bool, stages: list[list[int]]) -> None:
+        for stage in stages:
             batch = [0]
+            cut = len(stage) == 1  # one group: the forward stops at its input
 
-            def hook(_m: nn.Module, args: tuple, g: int = g) -> None:
+            def hook(_m: nn.Module, args: tuple, g: int) -> None:
                 collect(g, args[0].detach(), batch[0])
-                raise StopForward
+                if cut:
+                    raise StopForward
 
-            handle = module.register_forward_pre_hook(hook)
+            handles = [first_modules[g].register_forward_pre_hook(lambda m, a, g=g: hook(m, a, g)) for g in stage]
             try:
                 with self.times.phase("block_forward", self.device), torch.no_grad(), self._precision():
                     for i, (hidden, kwargs) in enumerate(self.inputs):
@@ -342,8 +348,10 @@ class BlockVisit:
                         except StopForward:
                             pass
             finally:
-                handle.remove()
-            on_group(g)
+                for handle in handles:
+                    handle.remove()
+            for g in stage:
+                on_group(g)
         if keep_outputs:
             self.forward_all()
 
