@@ -2,8 +2,8 @@
 # One command on a GPU machine: build the CUDA extension, run the GPU tests, the kernel and
 # end-to-end decode benchmarks, the EoRA-at-scale benchmark (fixed ridge and the default
 # damping="auto", then two blocks of it under torch.profiler), the linear-algebra probe (with the int4
-# adapter fitting), an Nsight Compute probe of the fused kernel, a 1.1B shape offloaded, and the factor
-# step's memory.
+# adapter fitting), an Nsight Compute probe of the fused kernel, a 1.1B shape offloaded, the factor
+# step's memory, and four blocks of a 128-expert MoE (last: cut first when time runs short).
 # JSON results and one log go to a single folder (default: $OUT, else benchmarks/results/gpu).
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]                 # everything, within 9 min (H200: ~8-9 min)
@@ -27,7 +27,7 @@ LOG="$OUT_DIR/gpu_check.log"
 SUMMARY="$OUT_DIR/summary.txt"
 : > "$LOG"
 : > "$SUMMARY"
-STEPS="${GPU_CHECK_STEPS:-build tests kernel scale scale_auto profile linalg ncu offload factor_memory}"
+STEPS="${GPU_CHECK_STEPS:-build tests kernel scale scale_auto profile linalg ncu offload factor_memory moe}"
 PY="${PYTHON:-python3}"
 
 if ls .whl/*.whl > /dev/null 2>&1; then
@@ -97,4 +97,9 @@ step factor_memory 120 bash -c "r=0; \"$PY\" benchmarks/factor_memory.py --devic
 --out \"$OUT_DIR/factor_memory_auto_dead16.json\" || r=1; \"$PY\" benchmarks/factor_memory.py --device cuda \
 --out \"$OUT_DIR/factor_memory_auto.json\" || r=1; \"$PY\" benchmarks/factor_memory.py --device cuda --damping 0.01 \
 --out \"$OUT_DIR/factor_memory_fixed.json\" || r=1; exit \$r"
+# four blocks of a Qwen3-30B-A3B shape (128 routed experts, top 8, one linear each as gptqmodel makes them) at
+# damping="auto": seconds per block of the staged expert collection and of ~390 small factor steps per block
+step moe 150 "$PY" benchmarks/scale.py --hidden 2048 --intermediate 6144 --layers 4 --heads 32 --kv-heads 4 \
+  --vocab 32000 --experts 128 --top-k 8 --moe-intermediate 768 --samples 64 --seq-len 1024 --damping auto \
+  --out "$OUT_DIR/scale_moe.json"
 echo "total $SECONDS s" | tee -a "$SUMMARY"

@@ -430,3 +430,43 @@ def test_experts_collected_by_stage(monkeypatch):
         for other in (staged, two):
             torch.testing.assert_close(other[name][0], a, rtol=0, atol=0)
             torch.testing.assert_close(other[name][1], b, rtol=0, atol=0)
+
+
+class _ListedExperts(nn.Module):
+    """Experts in a nested list, as a MoE holds them; the last one is never routed to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(32, 32, bias=False) for _ in range(3))
+
+    def forward(self, h: torch.Tensor, **_: object) -> torch.Tensor:
+        flat = h.reshape(-1, h.shape[-1])
+        out = flat.clone()
+        for expert, sel in ((self.experts[0], flat[:, 0] > 0), (self.experts[1], flat[:, 0] <= 0)):
+            if sel.any():
+                out[sel] = out[sel] + expert(flat[sel])
+        return out.view_as(h)
+
+
+def test_expert_no_token_reaches(caplog):
+    """An expert no calibration token is routed to has no activation statistics: its adapter is the plain
+    SVD of its residual (warned once), the other experts are compensated as usual."""
+    original = _ToyMoE().eval()
+    original.layers = nn.ModuleList([_ListedExperts(), _ListedExperts()])
+    quantized = _round_(copy.deepcopy(original))
+    calib = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(5))
+
+    def run(method):
+        pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, method=method))
+        stats = initialize_eora_weights(pm, original, calib, progress=False)
+        lin = pm.base_model.model.layers[1].experts[2]
+        return stats, lin.lora_B["default"].weight @ lin.lora_A["default"].weight
+
+    with caplog.at_level(logging.INFO, logger="peft_eora.compensate"):
+        stats, update = run("eora")
+    per_module = stats.summary()["damping_per_module"]
+    assert per_module["layers.1.experts.2"] == "inf" and per_module["layers.1.experts.0"] == 0.01  # inf: plain SVD
+    assert len(stats.modules) == 6
+    assert "receive no calibration token" in caplog.text and "block 1: 1 expert layer(s)" in caplog.text
+    _, svd_update = run("svd")
+    torch.testing.assert_close(update, svd_update)

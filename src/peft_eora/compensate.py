@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -247,18 +247,26 @@ def _first_row(obj: Any, batch: int) -> Any:
     return map_tensors(obj, lambda t: t[:1] if batch > 1 and t.ndim >= 1 and t.shape[0] == batch else t)
 
 
+class _BlockPlan(NamedTuple):
+    groups: list[list[Target]]
+    points: list[Any]  # per group, where its statistics are taken: its first layer, or a ValueTap
+    taps: list[Any]
+    routed: set[int]  # groups of routed MoE experts: the block then runs in _stages, not parked
+    unreached: list[Target]  # experts no calibration token reaches (in no group)
+
+
 def _visit_groups(block: nn.Module, targets: list[Target], samples: Inputs, value_weighting: str = "attention"
-                  ) -> tuple[list[list[Target]], list[Any], list[Any], set[int]]:
+                  ) -> _BlockPlan:
     """The block's groups (:func:`_probe`), each group's statistics hook point (its first layer, or a
-    :class:`~peft_eora.value_weighting.ValueTap`), the taps, and the groups whose members see a subset
-    of the tokens (routed MoE experts: the block then runs in :func:`_stages`, not parked).
+    :class:`~peft_eora.value_weighting.ValueTap`), the taps, the groups whose members see a subset of
+    the tokens, and the experts no token reaches.
 
     With ``value_weighting="attention"``, each targeted value projection whose attention the tap
     can follow becomes a group of its own right after the group it shared its input with; its
     statistics are taken inside the attention (``P̄·X``, see :mod:`peft_eora.value_weighting`)."""
     taps = value_taps(block, {id(t.layer) for t in targets}) if value_weighting == "attention" else []
     with attached(taps):  # the module-order probe also checks each tap's value-state layout
-        groups, routed = _probe(block, targets, samples)
+        groups, routed, unreached = _probe(block, targets, samples)
     taps = verified(taps)
     by_layer = {id(tap.layer): tap for tap in taps}
     out: list[list[Target]] = []
@@ -272,7 +280,8 @@ def _visit_groups(block: nn.Module, targets: list[Target], samples: Inputs, valu
             if id(t.layer) in by_layer:
                 out.append([t])
                 points.append(by_layer[id(t.layer)])
-    return out, points, taps, {g for g, members in enumerate(out) if all(id(t.layer) in routed for t in members)}
+    routed_groups = {g for g, members in enumerate(out) if all(id(t.layer) in routed for t in members)}
+    return _BlockPlan(out, points, taps, routed_groups, unreached)
 
 
 def _input_groups(
@@ -284,9 +293,10 @@ def _input_groups(
 
 def _probe(
     block: nn.Module, targets: list[Target], samples: Union[Inputs, tuple[torch.Tensor, dict[str, Any]]]
-) -> tuple[list[list[Target]], set[int]]:
-    """``(groups, routed)``: the targets in execution order, grouped by shared input tensor, and the
-    ids of the targets that see a subset of the tokens (routed MoE experts).
+) -> tuple[list[list[Target]], set[int], list[Target]]:
+    """``(groups, routed, unreached)``: the targets in execution order, grouped by shared input tensor;
+    the ids of the targets that see a subset of the tokens (routed MoE experts); and the experts of such
+    a block that no calibration token reaches (in no group). Any other target never called is an error.
 
     One calibration row is probed first; targets it does not reach (experts no token of that row was
     routed to) are looked for in the whole first batch, then in the next batches."""
@@ -326,11 +336,14 @@ def _probe(
     finally:
         for h in handles:
             h.remove()
-    if missing():
+    # experts of a block with routed ones that no calibration token reaches: factors without statistics
+    unreached = [t for t in missing() if routed and _expert_of(t.name) is not None]
+    never = [t.name for t in missing() if t not in unreached]
+    if never:
         raise RuntimeError(
-            f"These targeted modules are never called in the forward pass of the calibration data: "
-            f"{[t.name for t in missing()]}. If they are MoE experts no calibration token was routed to, use more "
-            "calibration data or leave them out with exclude_modules."
+            f"{len(never)} targeted module(s) are never called in the forward pass of the calibration data "
+            f"({', '.join(never[:3])}{', …' if len(never) > 3 else ''}): leave them out of target_modules "
+            "(exclude_modules=[...])."
         )
     groups: list[list[Target]] = []
     last_input: Optional[torch.Tensor] = None
@@ -340,7 +353,7 @@ def _probe(
         else:
             groups.append([t])
         last_input = x
-    return groups, routed
+    return groups, routed, unreached
 
 
 def accumulate_gram(H: torch.Tensor, x: torch.Tensor) -> None:
@@ -683,7 +696,7 @@ def _compensate_visit(
     value_weighting: str = "attention",
     logits: tuple[str, Optional[AttentionShape]] = ("none", None),
 ) -> None:
-    groups, points, taps, routed = _visit_groups(visit.block, block_targets, visit.inputs, value_weighting)
+    groups, points, taps, routed, unreached = _visit_groups(visit.block, block_targets, visit.inputs, value_weighting)
     cov = _Covariances(groups, visit.device, masks, holdout, times, visit.inputs, stats.warned, routed)
     # on a CPU in float32 the installed layers run as one dense product for the rest of the visit
     merged = merged_forward.MergedForwards(adapter_name, [t.layer for t in block_targets],
@@ -730,6 +743,22 @@ def _compensate_visit(
     if not sequential:
         for g in range(len(groups)):
             finish(g)
+    if unreached:  # no token reaches them, so they change no calibration activation: installed last
+        names = ", ".join(t.name for t in unreached[:3]) + (", …" if len(unreached) > 3 else "")
+        if "unreached" not in stats.warned:
+            stats.warned.add("unreached")
+            logger.warning("%d expert layer(s) of block %d receive no calibration token (%s): their adapters are the "
+                           "plain SVD of the residual, without activation statistics (later blocks are logged at INFO). "
+                           "More calibration data reaches more experts.",
+                           len(unreached), visit.index, names)
+        else:
+            logger.info("block %d: %d expert layer(s) receive no calibration token (%s): plain SVD", visit.index,
+                        len(unreached), names)
+        for t in unreached:
+            module = _install(t, adapter_name, original, None, "svd", eig_rtol, device=visit.device, times=times,
+                              adapter_bits=adapter_bits)
+            module.damping = math.inf if holdout is not None else None  # damping="auto" lists plain SVD as inf
+            stats.modules.append(module)
 
 
 #: Bytes of float32 covariances one stage of routed experts may hold at once (:func:`_stages`).
@@ -1112,7 +1141,10 @@ def collect_spectra(
                 block_targets = by_block.get(visit.index, [])
                 if not block_targets:
                     continue
-                groups, points, taps, _ = _visit_groups(visit.block, block_targets, visit.inputs, value_weighting)
+                groups, points, taps, _, unreached = _visit_groups(visit.block, block_targets, visit.inputs,
+                                                                   value_weighting)
+                for t in unreached:  # no statistics: no gain from any rank, so the allocation's smallest
+                    spectra[t.name], energy[t.name] = torch.zeros(min(t.shape)), 1.0
                 cov = _Covariances(groups, visit.device, masks, None, times, visit.inputs)
                 metric = _output_metric(original, logits, visit.device)
                 with attached(taps), adapters_off([t.layer for t in block_targets]):  # zero updates: not computed
