@@ -376,3 +376,18 @@ def test_weighting_choices_are_the_configs():
     choices = {o: a.choices for a in compute._actions for o in a.option_strings}
     assert tuple(choices["--logit-weighting"]) == LOGIT_WEIGHTINGS
     assert tuple(choices["--value-weighting"]) == VALUE_WEIGHTINGS
+
+
+def test_exclude_modules_reaches_the_config():
+    """``--exclude-modules`` takes the forms of ``--target-modules`` and lands in ``EoRAConfig.exclude_modules``
+    (what PEFT leaves out of the default targets too)."""
+    from peft_eora.cli.compute import eora_config
+
+    compute = cli.build_parser()._subparsers._group_actions[0].choices["compute"]
+    base = ["--embedded", "--rank", "8", "--out", "x"]
+    args = compute.parse_args([*base, "--exclude-modules", "shared_expert_gate,mlp.gate"])
+    config = eora_config(args, 8, "eora", "orig", None)
+    assert sorted(config.exclude_modules) == ["mlp.gate", "shared_expert_gate"] and config.target_modules is None
+    args = compute.parse_args([*base, "--exclude-modules", r".*\.experts\.7\..*"])
+    assert eora_config(args, 8, "eora", "orig", None).exclude_modules == r".*\.experts\.7\..*"
+    assert eora_config(compute.parse_args(base), 8, "eora", "orig", None).exclude_modules is None

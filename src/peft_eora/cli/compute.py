@@ -78,15 +78,16 @@ def calibration_summary(calibration) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(calibration).items() if k != "tokenizer"}
 
 
-def target_modules(values: Optional[list[str]]) -> Union[list[str], str, None]:
-    """``--target-modules``: a list of suffixes (comma-separated allowed) or one regular expression."""
+def target_modules(values: Optional[list[str]], option: str = "--target-modules") -> Union[list[str], str, None]:
+    """``--target-modules`` (or ``--exclude-modules``): a list of suffixes (comma-separated allowed) or one
+    regular expression."""
     if not values:
         return None
     if len(values) == 1 and _REGEX_CHARS & set(values[0]):
         return values[0]
     names = [v.strip() for value in values for v in value.split(",") if v.strip()]
     if not names:
-        raise CLIError("--target-modules: no module name given.")
+        raise CLIError(f"{option}: no module name given.")
     return names
 
 
@@ -134,6 +135,8 @@ def eora_config(args: argparse.Namespace, rank: int, method: str, original: Unio
         kwargs["value_weighting"] = args.value_weighting
     if getattr(args, "logit_weighting", None) is not None:
         kwargs["logit_weighting"] = args.logit_weighting
+    if getattr(args, "exclude_modules", None):
+        kwargs["exclude_modules"] = target_modules(args.exclude_modules, "--exclude-modules")
     return EoRAConfig(
         r=rank,
         method=method,

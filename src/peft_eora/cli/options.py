@@ -194,6 +194,11 @@ def add_eora(parser: argparse.ArgumentParser, sweep: bool) -> None:
         help="Layers to adapt: module-name suffixes (q_proj v_proj, or comma-separated), or one regular expression "
         "matched against full module names. Default: every linear inside the decoder blocks.",
     )  # fmt: skip
+    group.add_argument(
+        "--exclude-modules", nargs="+", default=None,
+        help="Layers to leave out (same forms as --target-modules), e.g. a MoE's shared_expert_gate, whose one "
+        "output cannot hold a rank.",
+    )  # fmt: skip
 
 
 def add_evaluation(parser: argparse.ArgumentParser) -> None:
