@@ -409,6 +409,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         model = LlamaForCausalLM(cfg).eval()
         for layer in model.model.layers if args.experts else ():
             layer.mlp = RoutedExperts(args.hidden, args.moe_intermediate or args.intermediate, args.experts, args.top_k)
+    stage_bytes = compensate.STAGE_BYTES  # restored at the end (run() may be called in-process)
     if args.stage_bytes is not None:
         compensate.STAGE_BYTES = args.stage_bytes
     # the "original": every decoder linear's weight, on the host
@@ -523,6 +524,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
                        gpu_peak_over_model_gib=round(peak - model_gib, 2))
             if args.gpu_8b and stats is not None:
                 res["goals"] = dict(le_60_s=seconds <= 60.0, peak_le_model_plus_4_gib=(peak - model_gib) <= 4.0)
+        compensate.STAGE_BYTES = stage_bytes
         return res
 
 

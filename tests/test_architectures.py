@@ -301,26 +301,26 @@ def test_expert_skipped_by_a_whole_batch(monkeypatch):
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
 def test_moe_original_from_a_checkpoint(model_type, tmp_path):
     """transformers writes a MoE checkpoint with one tensor per expert under the model's historical names:
-    Qwen3-MoE's (``mlp.experts.{e}.gate_proj``) are those of the defused linears, Mixtral's
-    (``block_sparse_moe.experts.{e}.w1``) are not, which is refused before any compute."""
+    Qwen3-MoE's (``mlp.experts.{e}.gate_proj``) are those of the defused linears; Mixtral's
+    (``block_sparse_moe.experts.{e}.w1``/``w3``/``w2``) are read through transformers' conversion mapping.
+    Either way the factors equal those from the original in memory (experts fused)."""
     defuser = pytest.importorskip("defuser", reason="defuser comes with the gptq extra (gptqmodel)")
-    from peft_eora.original import ModelMismatchError
-
     original = _build(model_type, MOE[model_type])
     original.save_pretrained(tmp_path)
     defused = copy.deepcopy(original)
     assert defuser.convert_model(defused)
-    pm = get_peft_model(_round_(defused), EoRAConfig(r=8, damping=0.01))
+    quantized = _round_(defused)
     calib = torch.randint(3, VOCAB, (4, 32))
-    if model_type == "mixtral":
-        with pytest.raises(ModelMismatchError,
-                           match=r"no weight for module .*mlp\.experts\.0\.(gate|up|down)_proj.*in memory"):
-            initialize_eora_weights(pm, str(tmp_path), calib, progress=False)
-        assert all(float(m.lora_B["default"].weight.abs().sum()) == 0 for m in pm.modules() if hasattr(m, "lora_B")
-                   and "default" in m.lora_B)
-        return
-    stats = initialize_eora_weights(pm, str(tmp_path), calib, progress=False)
-    assert sum(".experts." in m.name for m in stats.modules) == 2 * 4 * 3
+
+    def factors(reference):
+        pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, damping=0.01))
+        stats = initialize_eora_weights(pm, reference, calib, progress=False)
+        assert sum(".experts." in m.name for m in stats.modules) == 2 * 4 * 3
+        return {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_" in n}
+
+    from_folder, from_memory = factors(str(tmp_path)), factors(original)
+    for name, value in from_memory.items():
+        torch.testing.assert_close(from_folder[name], value, rtol=0, atol=0)
 
 
 _GPTQ_MOE = """
@@ -470,3 +470,51 @@ def test_expert_no_token_reaches(caplog):
     assert "receive no calibration token" in caplog.text and "block 1: 1 expert layer(s)" in caplog.text
     _, svd_update = run("svd")
     torch.testing.assert_close(update, svd_update)
+
+
+class _HotExpertAndCross(nn.Module):
+    """``experts.0`` is chosen by every token but sees them in the router's order (permuted), as a MoE
+    expert every token picked does; ``cross`` reads another sequence (the first 4 positions: cross-attention's
+    keys/values see (batch, other length, features)), one window per row as usual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList([nn.Linear(32, 32, bias=False)])
+        self.cross = nn.Linear(32, 32, bias=False)
+
+    def forward(self, h: torch.Tensor, **_: object) -> torch.Tensor:
+        flat = h.reshape(-1, h.shape[-1])
+        order = torch.arange(flat.shape[0]).flip(0)  # the router's order
+        out = flat.clone()
+        out[order] = out[order] + self.experts[0](flat[order])
+        out = out.view_as(h)
+        return out + self.cross(out[:, :4]).mean(1, keepdim=True)
+
+
+def test_hot_expert_and_cross_sequence(caplog):
+    """An expert every token chose receives the batch's token count in another order: it is still routed
+    (no padding mask, no held-out window, fixed ridge), while a layer reading another sequence keeps its
+    held-out windows and only loses the padding mask."""
+    original = _Toy().eval()
+    original.layers = nn.ModuleList([_HotExpertAndCross()])
+    quantized = _round_(copy.deepcopy(original))
+    ids = torch.randint(3, VOCAB, (8, 16), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, -4:] = 0
+
+    def run(damping, calib, targets=None):
+        pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, damping=damping, target_modules=targets))
+        stats = initialize_eora_weights(pm, original, calib, progress=False)
+        lin = pm.base_model.model.layers[0].experts[0]
+        return stats, lin.lora_B["default"].weight @ lin.lora_A["default"].weight
+
+    with caplog.at_level(logging.WARNING, logger="peft_eora.compensate"):
+        stats, _ = run("auto", [{"input_ids": ids, "attention_mask": mask}])
+    per_module = {m.name: m for m in stats.modules}
+    assert per_module["layers.0.experts.0"].damping == 0.01 and per_module["layers.0.experts.0"].heldout_errors is None
+    assert per_module["layers.0.cross"].heldout_errors is not None  # its windows are still held out
+    assert "padding mask cannot be applied" in caplog.text
+    # the expert alone: the mask is not applied to its rows, so padding changes nothing
+    _, padded = run(0.01, [{"input_ids": ids, "attention_mask": mask}], ["experts.0"])
+    _, plain = run(0.01, ids, ["experts.0"])
+    torch.testing.assert_close(padded, plain, rtol=0, atol=0)

@@ -35,7 +35,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, NamedTuple, Optional, Union
 
@@ -255,8 +255,8 @@ class _BlockPlan(NamedTuple):
     unreached: list[Target]  # experts no calibration token reaches (in no group)
 
 
-def _visit_groups(block: nn.Module, targets: list[Target], samples: Inputs, value_weighting: str = "attention"
-                  ) -> _BlockPlan:
+def _visit_groups(block: nn.Module, targets: list[Target], samples: Inputs, value_weighting: str = "attention",
+                  precision: Callable[[], Any] = nullcontext) -> _BlockPlan:
     """The block's groups (:func:`_probe`), each group's statistics hook point (its first layer, or a
     :class:`~peft_eora.value_weighting.ValueTap`), the taps, the groups whose members see a subset of
     the tokens, and the experts no token reaches.
@@ -266,7 +266,7 @@ def _visit_groups(block: nn.Module, targets: list[Target], samples: Inputs, valu
     statistics are taken inside the attention (``P̄·X``, see :mod:`peft_eora.value_weighting`)."""
     taps = value_taps(block, {id(t.layer) for t in targets}) if value_weighting == "attention" else []
     with attached(taps):  # the module-order probe also checks each tap's value-state layout
-        groups, routed, unreached = _probe(block, targets, samples)
+        groups, routed, unreached = _probe(block, targets, samples, precision)
     taps = verified(taps)
     by_layer = {id(tap.layer): tap for tap in taps}
     out: list[list[Target]] = []
@@ -291,15 +291,24 @@ def _input_groups(
     return _probe(block, targets, samples)[0]
 
 
+def _routed_input(name: str, x: torch.Tensor, tokens: int) -> bool:
+    """Whether a layer's input ``x`` holds some of the tokens, gathered (a routed MoE expert): rows of a
+    flattened batch in a number other than its ``tokens``, or any flattened rows inside a list of experts
+    (an expert every token chose sees them all, in the router's order)."""
+    return x.ndim == 2 and (x.shape[0] != tokens or _expert_of(name) is not None)
+
+
 def _probe(
-    block: nn.Module, targets: list[Target], samples: Union[Inputs, tuple[torch.Tensor, dict[str, Any]]]
+    block: nn.Module, targets: list[Target], samples: Union[Inputs, tuple[torch.Tensor, dict[str, Any]]],
+    precision: Callable[[], Any] = nullcontext,
 ) -> tuple[list[list[Target]], set[int], list[Target]]:
     """``(groups, routed, unreached)``: the targets in execution order, grouped by shared input tensor;
     the ids of the targets that see a subset of the tokens (routed MoE experts); and the experts of such
     a block that no calibration token reaches (in no group). Any other target never called is an error.
 
     One calibration row is probed first; targets it does not reach (experts no token of that row was
-    routed to) are looked for in the whole first batch, then in the next batches."""
+    routed to) are looked for in the whole first batch, then in the next batches. ``precision``: the
+    block forwards' autocast (routing may depend on it)."""
     if isinstance(samples, tuple):
         samples = [samples]
     order: list[tuple[Target, torch.Tensor]] = []  # holding the inputs keeps their identity unambiguous
@@ -310,13 +319,14 @@ def _probe(
         def hook(_m: nn.Module, args: tuple, t: Target = t) -> None:
             if all(o[0] is not t for o in order):
                 order.append((t, args[0]))
-                if args[0][..., 0].numel() != tokens[0]:
+                if _routed_input(t.name, args[0], tokens[0]):
                     routed.add(id(t.layer))
         handles.append(t.layer.register_forward_pre_hook(hook))
 
     def run(hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
         tokens[0] = hidden[..., 0].numel()
-        block(hidden, **kwargs)
+        with precision():
+            block(hidden, **kwargs)
 
     def missing() -> list[Target]:
         return [t for t in targets if all(o[0] is not t for o in order)]
@@ -324,12 +334,15 @@ def _probe(
     try:
         with torch.no_grad():
             hidden, kwargs = samples[0]
+            first = 0  # the first batch still to run whole
             try:  # one calibration row is enough to see the call order (a whole batch costs a forward)
                 run(_first_row(hidden, hidden.shape[0]), _first_row(kwargs, hidden.shape[0]))
             except Exception:  # noqa: BLE001 - kwargs this slicing does not understand: the whole batch
                 order.clear()
+                routed.clear()
                 run(hidden, kwargs)
-            for hidden, kwargs in samples:  # targets no token of that row reached (routed experts)
+                first = 1
+            for hidden, kwargs in samples[first:]:  # targets no token of that row reached (routed experts)
                 if not missing():
                     break
                 run(hidden, kwargs)
@@ -423,9 +436,11 @@ class _Covariances:
         self.times = times
         self.device = device
         self.seen: set[tuple[int, int]] = set()
-        #: groups whose inputs are a subset of the tokens (routed MoE experts): with damping="auto" no window can be
-        #: held out of them, so they are fitted on every token with the fixed ridge
-        self.routed: set[int] = set(routed) if holdout is not None else set()
+        #: groups whose inputs are tokens gathered by a router (MoE experts), as the probe found them or a batch
+        #: showed: their rows are not in the batch's order, so neither a padding mask nor, with damping="auto", a
+        #: held-out window can be told apart in them: they are fitted on every row with the fixed ridge
+        self.routed: set[int] = set(routed)
+        self.rows = [0] * len(groups)  # rows collected per group (a routed expert may receive none)
         self.warned = set() if warned is None else warned
 
     def collect(self, g: int, inp: torch.Tensor, batch: int) -> None:
@@ -434,19 +449,22 @@ class _Covariances:
         self.seen.add((g, batch))
         with self.times.phase("covariance", self.device):
             shape = None if self.token_shapes is None else self.token_shapes[batch]
-            if shape is not None and tuple(inp.shape[:-1]) != shape and inp[..., 0].numel() == math.prod(shape):
-                inp = inp.reshape(*shape, inp.shape[-1])  # e.g. OPT's fc1/fc2 see (batch·seq, features)
+            if shape is not None and _routed_input(self.groups[g][0].name, inp, math.prod(shape)):
+                self.routed.add(g)
+            if g not in self.routed and shape is not None and inp.ndim == 2:
+                inp = inp.reshape(*shape, inp.shape[-1])  # the batch's tokens flattened (OPT's fc1/fc2), in order
             x = inp.reshape(-1, inp.shape[-1])
+            self.rows[g] += x.shape[0]
             mask = self.masks[batch]
             H = self._matrices(g)
-            if mask is not None and x.shape[0] != mask.numel():  # a subset of the tokens (a routed MoE expert)
-                if "padding" not in self.warned:
+            if mask is not None and (g in self.routed or x.shape[0] != mask.numel()):
+                if "padding" not in self.warned:  # gathered tokens, or another sequence (cross-attention)
                     self.warned.add("padding")
                     logger.warning(
-                        "%s sees %d of the batch's %d token positions (a routed MoE expert?), so the padding mask "
-                        "cannot be applied: its covariance (and any such layer's) includes tokens routed from padded "
-                        "positions. Calibrate with windows of equal length (no padding) to avoid it.",
-                        self.groups[g][0].name, x.shape[0], mask.numel())
+                        "%s sees %d rows that are not the batch's %d token positions in order (a routed MoE "
+                        "expert?), so the padding mask cannot be applied: its covariance (and any such layer's) "
+                        "includes rows from padded positions. Calibrate with windows of equal length (no padding) to "
+                        "avoid it.", self.groups[g][0].name, x.shape[0], mask.numel())
                 mask = None
             rows = None if self.holdout is None else self.holdout[batch]
             if rows is not None and (g in self.routed or inp.ndim < 3 or inp.shape[0] != rows.numel()):
@@ -696,7 +714,8 @@ def _compensate_visit(
     value_weighting: str = "attention",
     logits: tuple[str, Optional[AttentionShape]] = ("none", None),
 ) -> None:
-    groups, points, taps, routed, unreached = _visit_groups(visit.block, block_targets, visit.inputs, value_weighting)
+    groups, points, taps, routed, unreached = _visit_groups(visit.block, block_targets, visit.inputs, value_weighting,
+                                                            visit._precision)
     cov = _Covariances(groups, visit.device, masks, holdout, times, visit.inputs, stats.warned, routed)
     # on a CPU in float32 the installed layers run as one dense product for the rest of the visit
     merged = merged_forward.MergedForwards(adapter_name, [t.layer for t in block_targets],
@@ -704,7 +723,28 @@ def _compensate_visit(
 
     metric = _output_metric(original, logits, visit.device)
 
+    def plain_svd(members: list[Target]) -> None:
+        """Experts no calibration token reaches: no statistics, so the plain SVD of the residual (warned)."""
+        names = ", ".join(t.name for t in members[:3]) + (", …" if len(members) > 3 else "")
+        if "unreached" not in stats.warned:
+            stats.warned.add("unreached")
+            logger.warning("%d expert layer(s) of block %d receive no calibration token (%s): their adapters are the "
+                           "plain SVD of the residual, without activation statistics (later blocks are logged at "
+                           "INFO). More calibration data reaches more experts.", len(members), visit.index, names)
+        else:
+            logger.info("block %d: %d expert layer(s) receive no calibration token (%s): plain SVD", visit.index,
+                        len(members), names)
+        for t in members:
+            module = _install(t, adapter_name, original, None, "svd", eig_rtol, device=visit.device, times=times,
+                              adapter_bits=adapter_bits)
+            module.damping = math.inf if holdout is not None else None  # damping="auto" lists plain SVD as inf
+            stats.modules.append(module)
+
     def finish(g: int) -> None:
+        if g in cov.routed and cov.rows[g] == 0:  # the probe reached it; routing moved with the compensation
+            cov.take(g)  # released
+            plain_svd(groups[g])
+            return
         if holdout is not None and g in cov.routed and "routed" not in stats.warned:
             stats.warned.add("routed")
             logger.warning("%s sees only the tokens routed to it (a MoE expert?), whose windows cannot be told apart: "
@@ -744,21 +784,7 @@ def _compensate_visit(
         for g in range(len(groups)):
             finish(g)
     if unreached:  # no token reaches them, so they change no calibration activation: installed last
-        names = ", ".join(t.name for t in unreached[:3]) + (", …" if len(unreached) > 3 else "")
-        if "unreached" not in stats.warned:
-            stats.warned.add("unreached")
-            logger.warning("%d expert layer(s) of block %d receive no calibration token (%s): their adapters are the "
-                           "plain SVD of the residual, without activation statistics (later blocks are logged at INFO). "
-                           "More calibration data reaches more experts.",
-                           len(unreached), visit.index, names)
-        else:
-            logger.info("block %d: %d expert layer(s) receive no calibration token (%s): plain SVD", visit.index,
-                        len(unreached), names)
-        for t in unreached:
-            module = _install(t, adapter_name, original, None, "svd", eig_rtol, device=visit.device, times=times,
-                              adapter_bits=adapter_bits)
-            module.damping = math.inf if holdout is not None else None  # damping="auto" lists plain SVD as inf
-            stats.modules.append(module)
+        plain_svd(unreached)
 
 
 #: Bytes of float32 covariances one stage of routed experts may hold at once (:func:`_stages`).
@@ -1131,6 +1157,7 @@ def collect_spectra(
         if count_tokens(batches) == 0:
             raise ValueError("The calibration data is empty: no token to estimate the activation statistics from.")
         masks = [b.get("attention_mask") for b in batches]
+        warned: set[str] = set()  # warnings given once per pass
         by_block = _by_block(targets)
         last = max(by_block)
         walker = BlockWalker(model, blocks, batches, device=device, times=times, autocast=forward_dtype)
@@ -1141,16 +1168,20 @@ def collect_spectra(
                 block_targets = by_block.get(visit.index, [])
                 if not block_targets:
                     continue
-                groups, points, taps, _, unreached = _visit_groups(visit.block, block_targets, visit.inputs,
-                                                                   value_weighting)
-                for t in unreached:  # no statistics: no gain from any rank, so the allocation's smallest
-                    spectra[t.name], energy[t.name] = torch.zeros(min(t.shape)), 1.0
-                cov = _Covariances(groups, visit.device, masks, None, times, visit.inputs)
+                groups, points, taps, routed, unreached = _visit_groups(visit.block, block_targets, visit.inputs,
+                                                                        value_weighting, visit._precision)
+                cov = _Covariances(groups, visit.device, masks, None, times, visit.inputs, warned, routed)
                 metric = _output_metric(original, logits, visit.device)
                 with attached(taps), adapters_off([t.layer for t in block_targets]):  # zero updates: not computed
                     visit.run(points, cov.collect, on_group=None, keep_outputs=visit.index < last)
+                for g in [g for g in routed if cov.rows[g] == 0]:  # reached by the probe only
+                    unreached += groups[g]
+                for t in unreached:  # no statistics: no gain from any rank, so the allocation's smallest
+                    spectra[t.name], energy[t.name] = torch.zeros(min(t.shape)), 1.0
                 for g, group in enumerate(groups):
                     (H,) = cov.take(g)
+                    if group[0].name in spectra:
+                        continue
                     with original.keeping(_read_twice(group, logits)):
                         for t in group:  # no eigendecomposition: a Cholesky at most (see projected_spectrum)
                             w_fp, w_q = _weights(t, original, H.device, times)

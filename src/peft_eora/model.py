@@ -80,7 +80,9 @@ def default_target_modules(model: nn.Module) -> str:
             "EoRA leaves out the float linears beside the compressed ones (no compression residual): %s. Name them "
             "in target_modules to compensate them too.", ", ".join(sorted(set(kinds) - set(compressed))),
         )
-    alternatives = "|".join(re.escape(s) for s in suffixes)
+    # one alternative per kind of layer: a MoE's experts.0.gate_proj … experts.127.gate_proj as experts.\d+.gate_proj
+    alternatives = "|".join(dict.fromkeys(
+        r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in s.split(".")) for s in suffixes))
     return rf"(.*\.)?{re.escape(path)}\.\d+\.({alternatives})"
 
 

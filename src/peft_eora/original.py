@@ -99,6 +99,7 @@ class OriginalWeights:
                 )
         key_file: dict[str, Path] = {}
         shapes: dict[str, tuple[int, ...]] = {}
+        renamed: dict[str, str] = {}  # module name → the checkpoint's name for it
         for f in files:
             try:
                 with safe_open(str(f), framework="pt") as st:
@@ -109,6 +110,10 @@ class OriginalWeights:
                             shapes[name] = tuple(st.get_slice(key).get_shape())
             except Exception as exc:  # truncated or corrupted shard
                 raise ModelMismatchError(f"Cannot read {f} of the original checkpoint ({type(exc).__name__}: {exc}).") from exc
+        for name, stored in checkpoint_aliases(path, list(key_file)).items():  # transformers' renames of its keys
+            if name not in key_file:
+                key_file[name], shapes[name] = key_file[stored], shapes[stored]
+                renamed[name] = stored
         listed = [k for k, f in weight_map.items() if k.endswith(".weight") and k[: -len(".weight")] not in key_file]
         if listed:
             raise ModelMismatchError(
@@ -118,7 +123,7 @@ class OriginalWeights:
 
         def load(name: str) -> torch.Tensor:
             with safe_open(str(key_file[name]), framework="pt") as st:
-                return st.get_tensor(name + ".weight")
+                return st.get_tensor(renamed.get(name, name) + ".weight")
 
         return cls(shapes, load, str(path), reads_from_disk=True)
 
@@ -220,9 +225,14 @@ class OriginalWeights:
         """Raise :class:`ModelMismatchError` unless the original has ``name`` with shape ``expected``."""
         shape = self.shape(name)
         if shape is None:
-            hint = (" If the checkpoint names its experts differently (Mixtral's block_sparse_moe.experts.N.w1), "
-                    "pass the original loaded in memory instead (AutoModelForCausalLM.from_pretrained): its fused "
-                    "experts are read under the per-expert names." if ".experts." in name and self.reads_from_disk else "")
+            hint = ""
+            if ".experts." in name and self.reads_from_disk:
+                hint = (" If the checkpoint names its experts in a way transformers' conversion mapping for this model "
+                        "does not cover, pass the original loaded in memory instead "
+                        "(AutoModelForCausalLM.from_pretrained): its fused experts are read under the per-expert names.")
+            elif ".experts." in name:
+                hint = (" Fused expert parameters are read as experts.gate_up_proj (experts × 2·inter × hidden, gate "
+                        "rows first) and experts.down_proj (experts × hidden × inter); other layouts are not.")
             raise ModelMismatchError(
                 f"The original model ({self.source}) has no weight for module {name} of the compressed model: the "
                 f"two models do not match. Pass the uncompressed checkpoint the compressed model was made from.{hint}"
@@ -260,3 +270,42 @@ def fused_expert_weights(module: nn.Module) -> dict[str, Callable[[], torch.Tens
             out[f"{base}{e}.up_proj"] = lambda gu=gate_up, e=e, i=inter: gu.detach()[e, i:]
             out[f"{base}{e}.down_proj"] = lambda d=down, e=e: d.detach()[e]
     return out
+
+
+def checkpoint_aliases(path: Path, names: list[str]) -> dict[str, str]:
+    """Module names transformers gives the checkpoint's weights ``names`` (without ``.weight``), where
+    they differ: ``{module name: checkpoint name}``, from the model type's conversion mapping (its
+    renames, e.g. Mixtral's ``block_sparse_moe`` → ``mlp``), with experts merged into fused parameters
+    named as one linear per expert, as gptqmodel's loader and :func:`fused_expert_weights` name them
+    (``experts.{e}.w1`` → ``experts.{e}.gate_proj``, ``w3`` → ``up_proj``, ``w2`` → ``down_proj``).
+    Empty without a ``config.json``, a mapping, or the transformers API this reads."""
+    try:
+        model_type = json.loads((path / "config.json").read_text())["model_type"]
+        from transformers import conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_converters, apply_renamings
+
+        get = getattr(conversion_mapping, "orig_get_checkpoint_conversion_mapping",  # before defuser's patch
+                      conversion_mapping.get_checkpoint_conversion_mapping)
+        mapping = get(model_type) or []
+    except Exception:  # noqa: BLE001 - no config, or another transformers: names as stored
+        return {}
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    out: dict[str, str] = {}
+    for name in names:
+        key = apply_renamings(f"{name}.weight", renamings)
+        fused, pattern = apply_converters(key, converters)
+        if pattern is None:
+            if key != f"{name}.weight":
+                out[key[: -len(".weight")]] = name
+            continue
+        converter = next(c for c in converters if pattern in c.source_patterns)
+        target = fused.rsplit(".", 1)[-1]  # gate_up_proj (two sources merged) or down_proj
+        head, sep, tail = key.partition(".experts.")
+        index = tail.split(".", 1)[0]
+        if not (sep and index.isdigit() and target in ("gate_up_proj", "down_proj")):
+            continue
+        layer = ("gate_proj", "up_proj")[converter.source_patterns.index(pattern)] if target == "gate_up_proj" \
+            else "down_proj"
+        out[f"{head}.experts.{index}.{layer}"] = name
+    return {alias: name for alias, name in out.items() if alias != name}

@@ -63,7 +63,8 @@ def load_quantized(
 
     if dtype is None:
         dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-    stored = AutoConfig.from_pretrained(str(path)).quantization_config
+    config = AutoConfig.from_pretrained(str(path))
+    stored = config.quantization_config
     if not isinstance(stored, dict):
         stored = stored.to_dict()
     method = str(stored.get("quant_method", "gptq")).lower().removeprefix("quantizationmethod.")
@@ -74,7 +75,7 @@ def load_quantized(
         qcfg = GPTQConfig(bits=bits, group_size=group_size, backend=backend or "gptq_torch")
     else:
         raise ValueError(f"{path} is a {method!r} checkpoint; load_quantized reads GPTQ and AWQ checkpoints only.")
-    _defuse_experts(AutoConfig.from_pretrained(str(path)).model_type)
+    _defuse_experts(config.model_type)
     model, info = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=compute_dtype or dtype, device_map=str(device), quantization_config=qcfg,
         output_loading_info=True,
@@ -99,7 +100,9 @@ def load_quantized(
 def _defuse_experts(model_type: str) -> None:
     """Make transformers build one linear per MoE expert for ``model_type``, as gptqmodel's loader does
     (``defuser``) before quantizing: its checkpoints store each expert's packed layers, which the fused
-    3-D expert parameters of transformers 5 cannot hold. A no-op for dense models or without defuser."""
+    3-D expert parameters of transformers 5 cannot hold. A no-op for dense models or without defuser.
+    The patch holds for the rest of the process (defuser has no undo): an original model of that type
+    loaded afterwards has one linear per expert too, which EoRA reads as well."""
     try:
         import defuser
     except ImportError:  # older gptqmodel: its checkpoints of such models load as they are
