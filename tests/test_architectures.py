@@ -518,3 +518,27 @@ def test_hot_expert_and_cross_sequence(caplog):
     _, padded = run(0.01, [{"input_ids": ids, "attention_mask": mask}], ["experts.0"])
     _, plain = run(0.01, ids, ["experts.0"])
     torch.testing.assert_close(padded, plain, rtol=0, atol=0)
+
+
+def test_routed_inputs_and_aliased_names():
+    """Which inputs count as gathered by a router, and an alias that adds a prefix to a stored name (as
+    transformers' renames of multimodal checkpoints do) does not make a suffix lookup ambiguous."""
+    from peft_eora.compensate import _routed_input
+    from peft_eora.original import OriginalWeights
+
+    batch = (4, 16)
+    expert, dense = "model.layers.0.mlp.experts.3.up_proj", "model.layers.0.mlp.up_proj"
+    assert _routed_input(dense, torch.zeros(10, 8), batch)  # a subset of the 64 tokens, flattened
+    assert not _routed_input(dense, torch.zeros(64, 8), batch)  # all of them in order (OPT's fc1)
+    assert not _routed_input(dense, torch.zeros(4, 7, 8), batch)  # another sequence (cross-attention)
+    assert _routed_input(expert, torch.zeros(64, 8), batch)  # every token chose it: the router's order
+    assert _routed_input(expert, torch.zeros(1, 10, 8), batch)  # gathered, kept 3-D
+    assert not _routed_input(expert, torch.zeros(4, 16, 8), batch)  # a nested list fed the batch as it is
+
+    stored = "language_model.model.layers.0.self_attn.q_proj"
+    alias = "model.language_model.model.layers.0.self_attn.q_proj"
+    weights = OriginalWeights({stored: (8, 8), alias: (8, 8)}, lambda n: torch.zeros(8, 8), "checkpoint",
+                              aliases={alias: stored})
+    assert weights.resolve("model.layers.0.self_attn.q_proj") in (stored, alias)
+    assert OriginalWeights({stored: (8, 8), alias: (8, 8)}, lambda n: torch.zeros(8, 8), "checkpoint"
+                           ).resolve("model.layers.0.self_attn.q_proj") is None  # two tensors: ambiguous

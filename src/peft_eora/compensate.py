@@ -291,11 +291,14 @@ def _input_groups(
     return _probe(block, targets, samples)[0]
 
 
-def _routed_input(name: str, x: torch.Tensor, tokens: int) -> bool:
-    """Whether a layer's input ``x`` holds some of the tokens, gathered (a routed MoE expert): rows of a
-    flattened batch in a number other than its ``tokens``, or any flattened rows inside a list of experts
-    (an expert every token chose sees them all, in the router's order)."""
-    return x.ndim == 2 and (x.shape[0] != tokens or _expert_of(name) is not None)
+def _routed_input(name: str, x: torch.Tensor, shape: tuple[int, ...]) -> bool:
+    """Whether a layer's input ``x`` holds tokens gathered by a router (a MoE expert) rather than the
+    batch's ``shape`` of tokens in order: flattened rows in another number than the batch's tokens, or,
+    inside a list of experts, any input not laid out as the batch (an expert every token chose sees
+    them all, in the router's order)."""
+    if x.ndim == 2 and x.shape[0] != math.prod(shape):
+        return True
+    return _expert_of(name) is not None and tuple(x.shape[:-1]) != tuple(shape)
 
 
 def _probe(
@@ -312,7 +315,7 @@ def _probe(
     if isinstance(samples, tuple):
         samples = [samples]
     order: list[tuple[Target, torch.Tensor]] = []  # holding the inputs keeps their identity unambiguous
-    tokens = [0]  # token positions of the probe's input
+    tokens: list[tuple[int, ...]] = [()]  # the probe input's (batch, seq)
     routed: set[int] = set()
     handles = []
     for t in targets:
@@ -324,7 +327,7 @@ def _probe(
         handles.append(t.layer.register_forward_pre_hook(hook))
 
     def run(hidden: torch.Tensor, kwargs: dict[str, Any]) -> None:
-        tokens[0] = hidden[..., 0].numel()
+        tokens[0] = tuple(hidden.shape[:-1])
         with precision():
             block(hidden, **kwargs)
 
@@ -449,9 +452,9 @@ class _Covariances:
         self.seen.add((g, batch))
         with self.times.phase("covariance", self.device):
             shape = None if self.token_shapes is None else self.token_shapes[batch]
-            if shape is not None and _routed_input(self.groups[g][0].name, inp, math.prod(shape)):
+            if shape is not None and _routed_input(self.groups[g][0].name, inp, shape):
                 self.routed.add(g)
-            if g not in self.routed and shape is not None and inp.ndim == 2:
+            if g not in self.routed and shape is not None and inp.ndim == 2 and len(shape) > 1:
                 inp = inp.reshape(*shape, inp.shape[-1])  # the batch's tokens flattened (OPT's fc1/fc2), in order
             x = inp.reshape(-1, inp.shape[-1])
             self.rows[g] += x.shape[0]
@@ -488,6 +491,10 @@ class _Covariances:
             parts = 1 if g in self.routed else self.parts  # known routed: no window is held out of it
             H.extend(torch.zeros(n, n, dtype=torch.float32, device=self.device) for _ in range(parts))
         return H
+
+    def drop(self, g: int) -> None:
+        """Release group ``g``'s covariance(s) unread (allocating none if no input reached it)."""
+        self.H[g] = None
 
     def take(self, g: int) -> list[torch.Tensor]:
         """The finished covariance(s) of group ``g`` (released here: the group is done)."""
@@ -742,7 +749,7 @@ def _compensate_visit(
 
     def finish(g: int) -> None:
         if g in cov.routed and cov.rows[g] == 0:  # the probe reached it; routing moved with the compensation
-            cov.take(g)  # released
+            cov.drop(g)
             plain_svd(groups[g])
             return
         if holdout is not None and g in cov.routed and "routed" not in stats.warned:
@@ -1174,14 +1181,14 @@ def collect_spectra(
                 metric = _output_metric(original, logits, visit.device)
                 with attached(taps), adapters_off([t.layer for t in block_targets]):  # zero updates: not computed
                     visit.run(points, cov.collect, on_group=None, keep_outputs=visit.index < last)
-                for g in [g for g in routed if cov.rows[g] == 0]:  # reached by the probe only
-                    unreached += groups[g]
-                for t in unreached:  # no statistics: no gain from any rank, so the allocation's smallest
-                    spectra[t.name], energy[t.name] = torch.zeros(min(t.shape)), 1.0
+                empty = {g for g in cov.routed if cov.rows[g] == 0}  # reached by the probe only
+                for t in unreached + [t for g in sorted(empty) for t in groups[g]]:
+                    spectra[t.name], energy[t.name] = torch.zeros(min(t.shape)), 1.0  # no gain: the smallest rank
                 for g, group in enumerate(groups):
-                    (H,) = cov.take(g)
-                    if group[0].name in spectra:
+                    if g in empty:
+                        cov.drop(g)
                         continue
+                    (H,) = cov.take(g)
                     with original.keeping(_read_twice(group, logits)):
                         for t in group:  # no eigendecomposition: a Cholesky at most (see projected_spectrum)
                             w_fp, w_q = _weights(t, original, H.device, times)

@@ -80,10 +80,22 @@ def default_target_modules(model: nn.Module) -> str:
             "EoRA leaves out the float linears beside the compressed ones (no compression residual): %s. Name them "
             "in target_modules to compensate them too.", ", ".join(sorted(set(kinds) - set(compressed))),
         )
-    # one alternative per kind of layer: a MoE's experts.0.gate_proj … experts.127.gate_proj as experts.\d+.gate_proj
-    alternatives = "|".join(dict.fromkeys(
-        r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in s.split(".")) for s in suffixes))
-    return rf"(.*\.)?{re.escape(path)}\.\d+\.({alternatives})"
+    return rf"(.*\.)?{re.escape(path)}\.\d+\.({'|'.join(_alternatives(suffixes, set(kinds)))})"
+
+
+def _alternatives(chosen: list[str], every: set[str]) -> list[str]:
+    """Regex alternatives for the ``chosen`` layer names: a MoE's ``experts.0.gate_proj`` …
+    ``experts.127.gate_proj`` as one ``experts\.\d+\.gate_proj``, where that form matches no name of
+    ``every`` that was not chosen (a float expert the quantizer skipped stays out)."""
+    def collapsed(name: str) -> str:
+        return r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in name.split("."))
+
+    left_out = [name for name in every if name not in set(chosen)]
+    out: dict[str, None] = {}
+    for name in chosen:
+        form = collapsed(name)
+        out[form if not any(re.fullmatch(form, other) for other in left_out) else re.escape(name)] = None
+    return list(out)
 
 
 def _unwrapped(name: str) -> str:

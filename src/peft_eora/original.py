@@ -44,8 +44,10 @@ class OriginalWeights:
         loader: Callable[[str], torch.Tensor],
         source: str,
         reads_from_disk: bool = False,
+        aliases: Optional[dict[str, str]] = None,
     ) -> None:
         self._shapes = shapes
+        self._aliases = aliases or {}  # a second name → the stored one (checkpoint_aliases): one tensor, not two
         self._loader = loader
         self.source = source
         self._kept: dict[str, dict[str, torch.Tensor]] = {}  # key -> device -> tensor, see keeping()
@@ -125,7 +127,7 @@ class OriginalWeights:
             with safe_open(str(key_file[name]), framework="pt") as st:
                 return st.get_tensor(renamed.get(name, name) + ".weight")
 
-        return cls(shapes, load, str(path), reads_from_disk=True)
+        return cls(shapes, load, str(path), reads_from_disk=True, aliases=renamed)
 
     @classmethod
     def from_module(cls, module: nn.Module) -> "OriginalWeights":
@@ -141,7 +143,8 @@ class OriginalWeights:
         if name in self._shapes:
             return name
         candidates = [k for k in self._shapes if k.endswith("." + name) or name.endswith("." + k)]
-        return candidates[0] if len(candidates) == 1 else None
+        stored = {self._aliases.get(k, k) for k in candidates}  # an alias and its stored name: one tensor
+        return candidates[0] if len(stored) == 1 else None
 
     def shape(self, name: str) -> Optional[tuple[int, ...]]:
         key = self.resolve(name)
@@ -289,23 +292,40 @@ def checkpoint_aliases(path: Path, names: list[str]) -> dict[str, str]:
         mapping = get(model_type) or []
     except Exception:  # noqa: BLE001 - no config, or another transformers: names as stored
         return {}
-    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
-    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    try:
+        return _aliases(names, [m for m in mapping if isinstance(m, WeightRenaming)],
+                        [m for m in mapping if isinstance(m, WeightConverter)], apply_renamings, apply_converters)
+    except Exception:  # noqa: BLE001 - a transformers whose transforms behave otherwise: names as stored
+        logger.debug("checkpoint names of %s kept as stored", path, exc_info=True)
+        return {}
+
+
+#: The operations of a converter that only stacks per-expert tensors (and concatenates gate and up).
+_STACKING = {"MergeModulelist", "Concatenate"}
+
+
+def _aliases(names: list[str], renamings: list, converters: list, rename: Callable, convert: Callable
+             ) -> dict[str, str]:
     out: dict[str, str] = {}
     for name in names:
-        key = apply_renamings(f"{name}.weight", renamings)
-        fused, pattern = apply_converters(key, converters)
+        key = rename(f"{name}.weight", renamings)
+        fused, pattern = convert(key, converters)
+        if not key.endswith(".weight"):
+            continue
         if pattern is None:
             if key != f"{name}.weight":
-                out[key[: -len(".weight")]] = name
+                out.setdefault(key[: -len(".weight")], name)
             continue
-        converter = next(c for c in converters if pattern in c.source_patterns)
-        target = fused.rsplit(".", 1)[-1]  # gate_up_proj (two sources merged) or down_proj
+        converter = next((c for c in converters if pattern in c.source_patterns), None)
         head, sep, tail = key.partition(".experts.")
         index = tail.split(".", 1)[0]
-        if not (sep and index.isdigit() and target in ("gate_up_proj", "down_proj")):
+        target = fused.rsplit(".", 1)[-1]  # gate_up_proj (gate and up stacked) or down_proj
+        sources = len(converter.source_patterns) if converter is not None else 0
+        if (converter is None or not sep or not index.isdigit()
+                or {type(op).__name__ for op in converter.operations} - _STACKING
+                or (target, sources) not in (("gate_up_proj", 2), ("down_proj", 1))):
             continue
         layer = ("gate_proj", "up_proj")[converter.source_patterns.index(pattern)] if target == "gate_up_proj" \
             else "down_proj"
-        out[f"{head}.experts.{index}.{layer}"] = name
+        out.setdefault(f"{head}.experts.{index}.{layer}", name)
     return {alias: name for alias, name in out.items() if alias != name}
