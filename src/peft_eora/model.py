@@ -85,8 +85,8 @@ def default_target_modules(model: nn.Module) -> str:
 
 def _alternatives(chosen: list[str], every: set[str]) -> list[str]:
     """Regex alternatives for the ``chosen`` layer names: a MoE's ``experts.0.gate_proj`` …
-    ``experts.127.gate_proj`` as one ``experts\.\d+\.gate_proj``, where that form matches no name of
-    ``every`` that was not chosen (a float expert the quantizer skipped stays out)."""
+    ``experts.127.gate_proj`` as one alternative with the index as ``\\d+``, where that form matches no
+    name of ``every`` that was not chosen (a float expert the quantizer skipped stays out)."""
     def collapsed(name: str) -> str:
         return r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in name.split("."))
 
