@@ -9,7 +9,9 @@ held-out tokens closer to the original's, and the adapter must save and load bac
 from __future__ import annotations
 
 import copy
+import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -543,3 +545,57 @@ def test_routed_inputs_and_aliased_names():
     assert weights.resolve("model.layers.0.self_attn.q_proj") in (stored, alias)
     assert OriginalWeights({stored: (8, 8), alias: (8, 8)}, lambda n: torch.zeros(8, 8), "checkpoint"
                            ).resolve("model.layers.0.self_attn.q_proj") is None  # two tensors: ambiguous
+
+
+def test_moe_offloaded_interrupted_and_resumed(tmp_path, monkeypatch):
+    """A MoE dispatched by accelerate with its second block on disk (weights on ``meta`` until a forward
+    loads them), stopped after the first block's checkpoint commit and resumed: the same factors, bit for
+    bit, as one uninterrupted run of the plain model (its experts collected in stages either way)."""
+    defuser = pytest.importorskip("defuser", reason="defuser comes with the gptq extra (gptqmodel)")
+    from accelerate import dispatch_model
+
+    from peft_eora.checkpoint import Checkpoint
+
+    original = _build("qwen3_moe", MOE["qwen3_moe"])
+    defused = copy.deepcopy(original)
+    assert defuser.convert_model(defused)
+    quantized = _round_(defused)
+    calib = torch.randint(3, VOCAB, (8, 32), generator=torch.Generator().manual_seed(2))
+
+    def lora(pm):
+        return {n: p.detach().to("cpu", copy=True) for n, p in pm.named_parameters() if "lora_" in n}
+
+    def run(model, **kwargs):
+        pm = get_peft_model(model, EoRAConfig(r=8))
+        initialize_eora_weights(pm, original, calib, batch_size=4, progress=False, **kwargs)
+        return pm
+
+    plain = lora(run(copy.deepcopy(quantized)))
+
+    def offloaded():
+        device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                      "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+        model = dispatch_model(copy.deepcopy(quantized), device_map=device_map,
+                               offload_dir=str(tmp_path / "offload"), main_device="cpu")
+        assert model.model.layers[1].mlp.experts[0].gate_proj.weight.device.type == "meta"
+        return model
+
+    class Interrupted(Exception):
+        pass
+
+    real_commit = Checkpoint.commit
+
+    def commit_then_stop(self, index):
+        real_commit(self, index)
+        raise Interrupted(index)
+
+    ckpt = str(tmp_path / "run")
+    with monkeypatch.context() as m:
+        m.setattr(Checkpoint, "commit", commit_then_stop)
+        with pytest.raises(Interrupted):
+            run(offloaded(), checkpoint_dir=ckpt)
+    assert json.loads((Path(ckpt) / "manifest.json").read_text())["done"] == 0
+    resumed = lora(run(offloaded(), checkpoint_dir=ckpt, resume=True))
+    assert set(resumed) == set(plain) and any(".experts." in n for n in plain)
+    for name, value in plain.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
