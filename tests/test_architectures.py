@@ -326,7 +326,7 @@ def test_moe_original_from_a_checkpoint(model_type, tmp_path):
         torch.testing.assert_close(from_folder[name], value, rtol=0, atol=0)
 
 
-_GPTQ_MOE = """
+_GPTQ_CHILD = """
 import json, os, torch
 from peft import get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -336,10 +336,7 @@ from peft_eora.quantize.loading import load_quantized
 
 args = wait_for_job()
 torch.manual_seed(0)
-cfg = AutoConfig.for_model("qwen3_moe", vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4,
-                           num_experts_per_tok=2, moe_intermediate_size=128, max_position_embeddings=256,
-                           tie_word_embeddings=True)
+cfg = AutoConfig.for_model(**args["config"])
 original = AutoModelForCausalLM.from_config(cfg).eval()  # fused experts: defuser has patched nothing yet
 if args["stage"] == "quantize":  # gptqmodel's quantizer patches transformers' classes itself: a process of its own
     original.save_pretrained(args["original"])
@@ -348,7 +345,7 @@ if args["stage"] == "quantize":  # gptqmodel's quantizer patches transformers' c
     print(json.dumps({}))
     raise SystemExit
 quantized = load_quantized(args["gptq"])
-experts = sorted({type(m).__name__ for n, m in quantized.named_modules() if ".experts.0." in n})
+kinds = sorted({type(m).__name__ for n, m in quantized.named_modules() if args["probe"] in n})
 ids, held = torch.randint(0, 49152, (8, 64)), torch.randint(0, 49152, (4, 64))
 
 def error(model):
@@ -358,9 +355,33 @@ def error(model):
 before = error(quantized)
 pm = get_peft_model(quantized, EoRAConfig(r=8))
 stats = initialize_eora_weights(pm, args["original"], ids, progress=False)
-print(json.dumps({"experts": experts, "before": before, "after": error(pm),
+print(json.dumps({"kinds": kinds, "before": before, "after": error(pm),
                   "damping": stats.summary()["damping_per_module"]}))
 """
+
+
+def _gptq_end_to_end(tmp_path, config: dict, probe: str) -> dict:
+    """Quantize a random model of ``config`` with gptqmodel (3-bit GPTQ g32) in a fresh process, then in
+    another load it with ``load_quantized``, compensate it from the original's folder and report the
+    layer classes whose names hold ``probe``, the held-out logit error before and after, and the ridges."""
+    import os
+
+    from child_process import WarmChild
+
+    from peft_eora.embedded import export_original
+
+    tokenizer = export_original(torch.float32, num_layers=2)  # the cached 2-layer SmolLM2 fixture's folder
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTQMODEL_CPU_WORKERS": "2"}
+    job = {"original": str(tmp_path / "fp"), "gptq": str(tmp_path / "gptq"), "tokenizer": str(tokenizer),
+           "config": config, "probe": probe}
+    for stage in ("quantize", "eora"):
+        (tmp_path / stage).mkdir()
+        child = WarmChild(_GPTQ_CHILD, tmp_path / stage, env)
+        try:
+            out = child.run({**job, "stage": stage})
+        finally:
+            child.close()
+    return out
 
 
 @pytest.mark.slow
@@ -370,27 +391,29 @@ def test_gptq_moe_end_to_end(tmp_path):
     alone would leave them random) and compensated from the original's checkpoint folder. Fresh processes:
     defuser patches transformers' classes for good."""
     pytest.importorskip("gptqmodel", reason="needs the gptq extra")
-    import os
-
-    from child_process import WarmChild
-
-    from peft_eora.embedded import export_original
-
-    tokenizer = export_original(torch.float32, num_layers=2)  # the cached 2-layer SmolLM2 fixture's folder
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GPTQMODEL_CPU_WORKERS": "2"}
-    job = {"original": str(tmp_path / "fp"), "gptq": str(tmp_path / "gptq"), "tokenizer": str(tokenizer)}
-    for stage in ("quantize", "eora"):
-        (tmp_path / stage).mkdir()
-        child = WarmChild(_GPTQ_MOE, tmp_path / stage, env)
-        try:
-            out = child.run({**job, "stage": stage})
-        finally:
-            child.close()
-    assert "TorchLinear" in out["experts"], out["experts"]  # packed experts (`.experts.0.gate_proj` …)
+    config = dict(model_type="qwen3_moe", vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2,
+                  moe_intermediate_size=128, max_position_embeddings=256, tie_word_embeddings=True)
+    out = _gptq_end_to_end(tmp_path, config, ".experts.0.")
+    assert "TorchLinear" in out["kinds"], out["kinds"]  # packed experts (`.experts.0.gate_proj` …)
     experts = [n for n in out["damping"] if ".experts." in n]
     assert len(experts) == 2 * 4 * 3 and all(out["damping"][n] == 0.01 for n in experts)
     assert len(out["damping"]) == 2 * 4 + len(experts)
     assert out["after"] < 0.85 * out["before"], out
+
+
+@pytest.mark.slow
+def test_gptq_gpt2_end_to_end(tmp_path):
+    """GPT-2 quantized by gptqmodel: its ``Conv1D``s become packed linears, which ``load_quantized`` loads
+    (transformers' GPT-2 init would otherwise touch their weightless ``weight`` stand-in), while the original's
+    folder stores them ``(in, out)``: read transposed, all four layers of each block are compensated."""
+    pytest.importorskip("gptqmodel", reason="needs the gptq extra")
+    config = dict(model_type="gpt2", vocab_size=49152, n_embd=128, n_layer=2, n_head=4, n_positions=256,
+                  bos_token_id=1, eos_token_id=2)
+    out = _gptq_end_to_end(tmp_path, config, "attn.c_proj")
+    assert out["kinds"] == ["TorchLinear"], out["kinds"]
+    assert len(out["damping"]) == 2 * 4
+    assert out["after"] < 0.9 * out["before"], out
 
 
 def test_experts_collected_by_stage(monkeypatch):
@@ -599,3 +622,105 @@ def test_moe_offloaded_interrupted_and_resumed(tmp_path, monkeypatch):
     assert set(resumed) == set(plain) and any(".experts." in n for n in plain)
     for name, value in plain.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
+
+
+def _gpt2_pair() -> tuple[nn.Module, nn.Module]:
+    """A tiny random GPT-2 (its linears are transformers' ``Conv1D``, weights stored ``(in, out)``) and a copy
+    whose ``Conv1D``s became ``nn.Linear``s (``(out, in)``), as gptqmodel and bitsandbytes load a GPT-2."""
+    from transformers.pytorch_utils import Conv1D
+
+    original = _build("gpt2", {})
+    linears = copy.deepcopy(original)
+    for parent in list(linears.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                lin = nn.Linear(child.nx, child.nf)
+                with torch.no_grad():
+                    lin.weight.copy_(child.weight.T)
+                    lin.bias.copy_(child.bias)
+                setattr(parent, child_name, lin)
+    return original, linears.eval()
+
+
+def test_gpt2_original_read_as_linears(tmp_path):
+    """A compressed GPT-2 whose layers are linears reads its original's ``Conv1D`` weights transposed, from
+    memory or from the checkpoint folder: there they are found on an empty skeleton of the model its config
+    describes, since the square ``attn.c_proj`` cannot be told by its shape. Both give the same factors."""
+    from peft_eora.original import ModelMismatchError, OriginalWeights
+
+    original, linears = _gpt2_pair()
+    original.save_pretrained(tmp_path)
+    from_folder = OriginalWeights.open(tmp_path)
+    square = "transformer.h.0.attn.c_proj"
+    assert torch.equal(from_folder.get(square), original.get_submodule(square).weight.T)
+    assert from_folder.shape("transformer.h.0.attn.c_attn") == (192, 64)
+    assert OriginalWeights.open(original).shape("transformer.h.0.mlp.c_fc") == (256, 64)  # n_inner = 4 · n_embd
+    (tmp_path / "config.json").rename(tmp_path / "config.json.away")  # no model type: stored as it is, and said so
+    with pytest.raises(ModelMismatchError, match=r"c_attn: original .* \(64, 192\), compressed model has \(192, 64\).*transpose"):
+        OriginalWeights.open(tmp_path).check("transformer.h.0.attn.c_attn", (192, 64))
+    (tmp_path / "config.json.away").rename(tmp_path / "config.json")
+
+    quantized = _round_(linears)
+    torch.manual_seed(1)
+    calib, held = torch.randint(3, VOCAB, (8, 32)), torch.randint(3, VOCAB, (4, 32))
+    before = _logit_error(quantized, original, held)
+
+    def factors(reference):
+        pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8))
+        stats = initialize_eora_weights(pm, reference, calib, progress=False)
+        assert len(stats.modules) == 2 * 4
+        return pm, {n: p.detach().clone() for n, p in pm.named_parameters() if "lora_" in n}
+
+    pm, in_memory = factors(original)
+    assert _logit_error(pm, original, held) < 0.8 * before
+    _, on_disk = factors(str(tmp_path))
+    for name, value in in_memory.items():
+        torch.testing.assert_close(on_disk[name], value, rtol=0, atol=0)
+
+
+def test_gpt2_conv1d_base(tmp_path):
+    """A GPT-2 base that keeps its ``Conv1D``s (here magnitude-pruned to half) is compensated through the dense
+    back-end (the weight read transposed); the adapter saves, loads back to the same outputs and merges."""
+    from transformers.pytorch_utils import Conv1D
+
+    original, _ = _gpt2_pair()
+    pruned = copy.deepcopy(original)
+    with torch.no_grad():
+        for m in pruned.modules():
+            if isinstance(m, Conv1D):
+                m.weight.mul_(m.weight.abs() >= m.weight.abs().median())
+    torch.manual_seed(1)
+    calib, held = torch.randint(3, VOCAB, (8, 32)), torch.randint(3, VOCAB, (4, 32))
+    before = _logit_error(pruned, original, held)
+    pm = get_peft_model(copy.deepcopy(pruned), EoRAConfig(r=8))
+    stats = initialize_eora_weights(pm, original, calib, progress=False)
+    assert sorted(m.name.rsplit(".", 1)[-1] for m in stats.modules) == ["c_attn", "c_attn", "c_fc", "c_fc"] + ["c_proj"] * 4
+    assert all(m.error_after < m.error_before for m in stats.modules)
+    assert _logit_error(pm, original, held) < 0.8 * before
+    pm.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(pruned), tmp_path).eval()
+    with torch.no_grad():
+        expected = pm(held).logits
+        torch.testing.assert_close(loaded(held).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(loaded.merge_and_unload()(held).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_gpt2_bitsandbytes_4bit(tmp_path):
+    """GPT-2 loaded in 4 bits by bitsandbytes (its ``Conv1D``s become ``Linear4bit``) against its checkpoint
+    folder, whose weights are stored ``(in, out)``."""
+    pytest.importorskip("bitsandbytes", reason="needs bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    original, _ = _gpt2_pair()
+    original.save_pretrained(tmp_path)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)).eval()
+    assert type(quantized.transformer.h[0].attn.c_proj).__name__ == "Linear4bit"
+    torch.manual_seed(1)
+    calib, held = torch.randint(3, VOCAB, (8, 32)), torch.randint(3, VOCAB, (4, 32))
+    before = _logit_error(quantized, original, held)
+    pm = get_peft_model(quantized, EoRAConfig(r=8))
+    stats = initialize_eora_weights(pm, str(tmp_path), calib, progress=False)
+    assert len(stats.modules) == 2 * 4
+    assert _logit_error(pm, original, held) < 0.8 * before

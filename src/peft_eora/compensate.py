@@ -69,6 +69,7 @@ from .factor_quant import fit_lowbit_factors
 from .logit_weighting import AttentionShape, attention_shape, output_weights, partner
 from .original import ModelMismatchError, OriginalWeights
 from .residual import UnsupportedModuleError, backend_for
+from .residual.base import is_conv1d
 from .value_weighting import attached, value_taps, verified
 from .walker import (
     NO_TIMES,
@@ -114,6 +115,8 @@ class Target:
     @property
     def shape(self) -> tuple[int, int]:
         base = self.base
+        if is_conv1d(base):  # weight (in, out)
+            return (int(base.nf), int(base.nx))
         return (int(base.out_features), int(base.in_features))
 
 

@@ -16,6 +16,7 @@ import json
 import logging
 import mmap
 import os
+import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
+
+from .residual.base import is_conv1d
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +48,13 @@ class OriginalWeights:
         source: str,
         reads_from_disk: bool = False,
         aliases: Optional[dict[str, str]] = None,
+        transposed: Iterable[str] = (),
     ) -> None:
-        self._shapes = shapes
         self._aliases = aliases or {}  # a second name → the stored one (checkpoint_aliases): one tensor, not two
+        # stored as (in, out), as transformers' Conv1D (GPT-2) keeps them: read as (out, in), as a linear's
+        self._transposed = frozenset(transposed)
+        self._shapes = {n: (tuple(reversed(s)) if self._aliases.get(n, n) in self._transposed else s)
+                        for n, s in shapes.items()}
         self._loader = loader
         self.source = source
         self._kept: dict[str, dict[str, torch.Tensor]] = {}  # key -> device -> tensor, see keeping()
@@ -116,6 +123,7 @@ class OriginalWeights:
             if name not in key_file:
                 key_file[name], shapes[name] = key_file[stored], shapes[stored]
                 renamed[name] = stored
+        transposed = conv1d_names(path, [n for n in key_file if n not in renamed])
         listed = [k for k, f in weight_map.items() if k.endswith(".weight") and k[: -len(".weight")] not in key_file]
         if listed:
             raise ModelMismatchError(
@@ -127,16 +135,18 @@ class OriginalWeights:
             with safe_open(str(key_file[name]), framework="pt") as st:
                 return st.get_tensor(renamed.get(name, name) + ".weight")
 
-        return cls(shapes, load, str(path), reads_from_disk=True, aliases=renamed)
+        return cls(shapes, load, str(path), reads_from_disk=True, aliases=renamed, transposed=transposed)
 
     @classmethod
     def from_module(cls, module: nn.Module) -> "OriginalWeights":
-        """Wrap an in-memory model: its ``*.weight`` parameters, and the experts that transformers keeps
-        fused in 3-D parameters under the names of one linear per expert (:func:`fused_expert_weights`)."""
+        """Wrap an in-memory model: its ``*.weight`` parameters (a ``Conv1D``'s read as ``(out, in)``), and the
+        experts that transformers keeps fused in 3-D parameters under the names of one linear per expert
+        (:func:`fused_expert_weights`)."""
         weights: dict[str, Callable[[], torch.Tensor]] = fused_expert_weights(module)
         weights.update({n[: -len(".weight")]: p.detach for n, p in module.named_parameters() if n.endswith(".weight")})
         shapes = {n: tuple(get().shape) for n, get in weights.items()}
-        return cls(shapes, lambda n: weights[n](), type(module).__name__)
+        convs = [n for n, m in module.named_modules() if is_conv1d(m) and n in weights]
+        return cls(shapes, lambda n: weights[n](), type(module).__name__, transposed=convs)
 
     def resolve(self, name: str) -> Optional[str]:
         """The checkpoint's name for module ``name`` (tolerating a leading ``model.``-style prefix difference)."""
@@ -164,6 +174,8 @@ class OriginalWeights:
         # moved in its own dtype, converted where it lands: torch converts a blocking CPU → GPU copy
         # on the CPU first, and a bf16 checkpoint would cross the bus as float32 (twice the bytes)
         weight = stored.to(device=device).to(torch.float32)
+        if self._aliases.get(key, key) in self._transposed:
+            weight = weight.T.contiguous()
         if kept is not None:
             kept[where] = weight
         return weight
@@ -241,10 +253,38 @@ class OriginalWeights:
                 f"two models do not match. Pass the uncompressed checkpoint the compressed model was made from.{hint}"
             )
         if tuple(shape) != tuple(expected):
+            hint = ""
+            if tuple(shape) == tuple(reversed(expected)):
+                hint = (" It holds the transpose: a checkpoint storing this layer (in, out), as transformers' Conv1D "
+                        "does, is read so only where its config.json names a model type whose code uses Conv1D.")
             raise ModelMismatchError(
                 f"Shape mismatch for {name}: original ({self.source}) has {tuple(shape)}, compressed model has "
-                f"{tuple(expected)}. Pass the uncompressed checkpoint the compressed model was made from."
+                f"{tuple(expected)}. Pass the uncompressed checkpoint the compressed model was made from.{hint}"
             )
+
+
+def conv1d_names(path: Path, names: list[str]) -> set[str]:
+    """The checkpoint's weights ``names`` (without ``.weight``) that belong to ``Conv1D`` modules (GPT-2 and
+    its kin store those ``(in, out)``): found on an empty skeleton of the model that ``config.json``
+    describes, built only where the model's modeling code uses ``Conv1D``. Empty without a config
+    transformers can read without remote code."""
+    try:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+        from transformers.pytorch_utils import Conv1D
+
+        config = AutoConfig.from_pretrained(str(path))
+        mapping = AutoModelForCausalLM._model_mapping
+        model_class = mapping[type(config)] if type(config) in mapping else AutoModel._model_mapping[type(config)]
+        if getattr(sys.modules.get(model_class.__module__), "Conv1D", None) is not Conv1D:
+            return set()
+        with init_empty_weights():
+            skeleton = model_class(config)
+    except Exception:  # noqa: BLE001 - no config, remote code, another transformers: no Conv1D known
+        logger.debug("no Conv1D layout read for %s", path, exc_info=True)
+        return set()
+    convs = {n for n, m in skeleton.named_modules() if isinstance(m, Conv1D)}
+    return {k for k in names if any(c == k or c.endswith("." + k) or k.endswith("." + c) for c in convs)}
 
 
 def fused_expert_weights(module: nn.Module) -> dict[str, Callable[[], torch.Tensor]]:

@@ -213,6 +213,9 @@ def prune_model_(
         raise ValueError("Pruning needs calibration batches; got none.")
     path = decoder_blocks_path(model)
     blocks = model.get_submodule(path)
+    if not any(_linears(block) for block in blocks):
+        raise ValueError(f"{type(model).__name__} has no nn.Linear in its decoder blocks ({path}) to prune; this "
+                         "pruner handles nn.Linear only (not transformers' Conv1D, GPT-2's layers).")
     for b, block in enumerate(blocks):
         for name, lin in _linears(block).items():
             full = f"{path}.{b}.{name}"

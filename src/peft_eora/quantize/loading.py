@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -76,10 +78,11 @@ def load_quantized(
     else:
         raise ValueError(f"{path} is a {method!r} checkpoint; load_quantized reads GPTQ and AWQ checkpoints only.")
     _defuse_experts(config.model_type)
-    model, info = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=compute_dtype or dtype, device_map=str(device), quantization_config=qcfg,
-        output_loading_info=True,
-    )
+    with _weight_shims_initialized():
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=compute_dtype or dtype, device_map=str(device), quantization_config=qcfg,
+            output_loading_info=True,
+        )
     unloaded = {k: sorted(v) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if (v := info.get(k))}
     if unloaded:
         detail = "; ".join(f"{k.replace('_', ' ')}: {len(v)} (e.g. {', '.join(map(str, v[:2]))})" for k, v in unloaded.items())
@@ -95,6 +98,28 @@ def load_quantized(
             if isinstance(module, BaseQuantLinear) and module.scales.dtype != dtype:
                 module.scales = module.scales.to(dtype)
     return model.eval()
+
+
+@contextmanager
+def _weight_shims_initialized() -> Iterator[None]:
+    """Inside, transformers' weight initialisation skips the tensor-like ``weight`` stand-in of gptqmodel's
+    packed layers. GPT-2's ``_init_weights`` re-initialises ``attn.c_proj.weight`` whatever its type (its
+    scaled init), and the stand-in has no data: loading a GPTQ GPT-2 raised ``AttributeError: ...
+    '_LinearWeightMetadata' object has no attribute 'normal_'``. Marked initialised for the load only."""
+    try:
+        from gptqmodel.nn_modules.qlinear.torch import _LinearWeightMetadata as shim
+    except ImportError:  # another gptqmodel: nothing to mark
+        yield
+        return
+    before = shim.__dict__.get("_is_hf_initialized")
+    shim._is_hf_initialized = True
+    try:
+        yield
+    finally:
+        if before is None:
+            del shim._is_hf_initialized
+        else:
+            shim._is_hf_initialized = before
 
 
 def _defuse_experts(model_type: str) -> None:

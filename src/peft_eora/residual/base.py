@@ -63,6 +63,11 @@ def prepare_model(model: nn.Module) -> None:
             hook(model)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's linear, its weight stored ``(in, out)``)."""
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers.") for c in type(module).__mro__)
+
+
 def is_supported(module: nn.Module) -> bool:
     return any(b.matches(module) for b in _REGISTRY)
 

@@ -1,20 +1,24 @@
-"""Dense float layers: pruned (2:4 or unstructured) or fake-quantized bases keep nn.Linear."""
+"""Dense float layers: pruned (2:4 or unstructured) or fake-quantized bases keep nn.Linear (or, in GPT-2 and
+its kin, transformers' ``Conv1D``, whose weight is stored ``(in, out)``: read transposed)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .base import is_conv1d
+
 
 class DenseBackend:
     name = "dense"
-    description = "torch.nn.Linear with a plain float weight: pruned or fake-quantized bases"
+    description = "torch.nn.Linear (or transformers' Conv1D) with a plain float weight: pruned or fake-quantized bases"
 
     def matches(self, module: nn.Module) -> bool:
-        return isinstance(module, nn.Linear) and not _is_quantized(module)
+        return (isinstance(module, nn.Linear) or is_conv1d(module)) and not _is_quantized(module)
 
     def dequantize(self, module: nn.Module) -> torch.Tensor:
-        return module.weight.detach().float()
+        weight = module.weight.detach()
+        return weight.T.float().contiguous() if is_conv1d(module) else weight.float()
 
     def refusal(self, module: nn.Module) -> str | None:
         weight = getattr(module, "weight", None)
