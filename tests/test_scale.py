@@ -209,6 +209,29 @@ def test_offloaded_model_gives_the_same_factors(tiny_llama, calib_ids, tmp_path)
     assert max(((pa[k] - pb[k]).norm() / pa[k].norm()).item() for k in pa) <= 1e-6
 
 
+def test_offloaded_gptq_model_gives_the_same_factors(tiny_gptq3_dir, tiny_original_dir, calib_ids, tmp_path):
+    """A GPTQ model (gptqmodel's packed layers hold buffers, not parameters) dispatched by accelerate with a
+    block on disk and ``offload_buffers=True`` (its packed weights on 'meta' until a forward loads them) gives
+    the factors of the model kept in memory, bit for bit."""
+    from accelerate import dispatch_model
+
+    from peft_eora.quantize.loading import load_quantized
+
+    plain, _ = _eora(load_quantized(tiny_gptq3_dir), str(tiny_original_dir), calib_ids, damping="auto")
+    model = load_quantized(tiny_gptq3_dir)
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = dispatch_model(model, device_map=device_map, offload_dir=str(tmp_path / "offload"), main_device="cpu",
+                           offload_buffers=True)
+    assert model.model.layers[1].mlp.down_proj.qweight.device.type == "meta"
+    offloaded = get_peft_model(model, EoRAConfig(r=8, damping="auto"))  # no copy: accelerate's hooks do not survive one
+    initialize_eora_weights(offloaded, str(tiny_original_dir), calib_ids, batch_size=4, progress=False)
+    a, b = _factors(plain), _factors(offloaded)
+    assert set(a) == set(b) and len(a) == 2 * 7 * 2
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+
 def test_walker_moves_each_blocks_inputs_to_that_blocks_device(tiny_llama, calib_ids, monkeypatch):
     """Device bookkeeping of multi-device models, checked on CPU: the walker asks every block where it
     computes (accelerate's execution device) and hands it its inputs there."""
