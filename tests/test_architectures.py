@@ -23,6 +23,7 @@ import peft_eora  # noqa: F401  (registers the EORA PEFT type)
 from peft_eora import EoRAConfig, initialize_eora_weights
 from peft_eora.kernels.gptq_linear import GPTQLinear
 from peft_eora.model import default_target_modules
+from peft_eora.residual.base import is_conv1d
 
 VOCAB = 256
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -40,14 +41,18 @@ ARCHITECTURES = {
     "falcon": ({}, 4),  # under transformer.h, not model.layers
     "phi": ({}, 6),
     "opt": ({"ffn_dim": 128, "word_embed_proj_dim": 64}, 6),  # fc1/fc2 see the tokens flattened
+    "gpt2": ({"n_inner": 128}, 4),  # transformers' Conv1D: weights stored (in, out)
+    "openai-gpt": ({}, 4),  # Conv1D, and blocks that take no use_cache
+    "ctrl": ({"dff": 128}, 6),  # ffn = Sequential(Linear, ReLU, Linear): the ReLU is no target
     "qwen3_moe": ({"num_key_value_heads": 2, "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
                    "moe_intermediate_size": 64}, 4),  # fused expert parameters: attention only
 }
 
 
-def _blocks_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+def _blocks_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The decoder blocks' linears: ``nn.Linear`` and transformers' ``Conv1D`` (GPT-1/2, weight ``(in, out)``)."""
     return [(n, m) for n, m in model.named_modules()
-            if isinstance(m, nn.Linear) and any(f".{p}." in f".{n}" for p in ("layers", "h"))]
+            if (isinstance(m, nn.Linear) or is_conv1d(m)) and any(f".{p}." in f".{n}" for p in ("layers", "h"))]
 
 
 @torch.no_grad()
@@ -55,10 +60,11 @@ def _round_(model: nn.Module, bits: int = 3, group: int = 16) -> nn.Module:
     """Round every linear of the decoder blocks to ``bits`` per group of inputs, in place."""
     qmax = 2**bits - 1
     for _, m in _blocks_linears(model):
-        w = m.weight.reshape(m.weight.shape[0], -1, group)
+        weight = m.weight.T if is_conv1d(m) else m.weight  # (out, in) either way
+        w = weight.reshape(weight.shape[0], -1, group)
         lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
         scale = (hi - lo).clamp_min(1e-8) / qmax
-        m.weight.copy_((((w - lo) / scale).round().clamp(0, qmax) * scale + lo).reshape_as(m.weight))
+        weight.copy_((((w - lo) / scale).round().clamp(0, qmax) * scale + lo).reshape_as(weight))
     return model
 
 
@@ -659,6 +665,13 @@ def test_gpt2_original_read_as_linears(tmp_path):
     with pytest.raises(ModelMismatchError, match=r"c_attn: original .* \(64, 192\), compressed model has \(192, 64\).*transpose"):
         OriginalWeights.open(tmp_path).check("transformer.h.0.attn.c_attn", (192, 64))
     (tmp_path / "config.json.away").rename(tmp_path / "config.json")
+    remote = tmp_path / "remote"  # a model type only its own code knows: that code is never run (nor asked about)
+    remote.mkdir()
+    (remote / "config.json").write_text(json.dumps({"model_type": "made_up", "auto_map": {"AutoConfig": "x.Config"}}))
+    (remote / "x.py").write_text("raise SystemExit('the folder code ran')\n")
+    from peft_eora.original import conv1d_names
+
+    assert conv1d_names(remote, ["h.0.attn.c_proj"]) == set()
 
     quantized = _round_(linears)
     torch.manual_seed(1)
@@ -678,7 +691,7 @@ def test_gpt2_original_read_as_linears(tmp_path):
         torch.testing.assert_close(on_disk[name], value, rtol=0, atol=0)
 
 
-def test_gpt2_conv1d_base(tmp_path):
+def test_gpt2_conv1d_base(tmp_path, monkeypatch):
     """A GPT-2 base that keeps its ``Conv1D``s (here magnitude-pruned to half) is compensated through the dense
     back-end (the weight read transposed); the adapter saves, loads back to the same outputs and merges."""
     from transformers.pytorch_utils import Conv1D
@@ -697,6 +710,15 @@ def test_gpt2_conv1d_base(tmp_path):
     assert sorted(m.name.rsplit(".", 1)[-1] for m in stats.modules) == ["c_attn", "c_attn", "c_fc", "c_fc"] + ["c_proj"] * 4
     assert all(m.error_after < m.error_before for m in stats.modules)
     assert _logit_error(pm, original, held) < 0.8 * before
+    from peft_eora import merged_forward
+
+    with monkeypatch.context() as m:  # the CPU's merged forward of installed Conv1D layers is their own forward
+        m.setattr(merged_forward, "ENABLED", False)
+        own = get_peft_model(copy.deepcopy(pruned), EoRAConfig(r=8))
+        initialize_eora_weights(own, original, calib, progress=False)
+    ours, theirs = dict(pm.named_parameters()), dict(own.named_parameters())
+    for name in (n for n in ours if "lora_" in n):
+        torch.testing.assert_close(theirs[name], ours[name], rtol=1e-4, atol=1e-5)
     pm.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(copy.deepcopy(pruned), tmp_path).eval()
     with torch.no_grad():

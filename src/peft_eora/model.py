@@ -67,10 +67,13 @@ def default_target_modules(model: nn.Module) -> str:
     path = decoder_blocks_path(model)
     blocks = model.get_submodule(path)
     kinds: dict[str, set[str]] = {}  # the base layers' names (also when adapters already wrap them) → back-ends
+    every: set[str] = set()  # every submodule's name: a pattern must match none but the chosen layers
     for block in blocks:
         for name, m in block.named_modules():
-            if name and is_supported(m) and not any(part.startswith("lora_") for part in name.split(".")):
-                kinds.setdefault(_unwrapped(name), set()).add(backend_for(m).name)
+            if name and not any(part.startswith("lora_") for part in name.split(".")):
+                every.add(_unwrapped(name))
+                if is_supported(m):
+                    kinds.setdefault(_unwrapped(name), set()).add(backend_for(m).name)
     if not kinds:
         raise ValueError(f"No supported linear layer inside {path}; set target_modules explicitly.")
     compressed = sorted(s for s, names in kinds.items() if names != {"dense"})
@@ -80,13 +83,15 @@ def default_target_modules(model: nn.Module) -> str:
             "EoRA leaves out the float linears beside the compressed ones (no compression residual): %s. Name them "
             "in target_modules to compensate them too.", ", ".join(sorted(set(kinds) - set(compressed))),
         )
-    return rf"(.*\.)?{re.escape(path)}\.\d+\.({'|'.join(_alternatives(suffixes, set(kinds)))})"
+    return rf"(.*\.)?{re.escape(path)}\.\d+\.({'|'.join(_alternatives(suffixes, every))})"
 
 
 def _alternatives(chosen: list[str], every: set[str]) -> list[str]:
     """Regex alternatives for the ``chosen`` layer names: a MoE's ``experts.0.gate_proj`` …
     ``experts.127.gate_proj`` as one alternative with the index as ``\\d+``, where that form matches no
-    name of ``every`` that was not chosen (a float expert the quantizer skipped stays out)."""
+    name of ``every`` (the block's submodules) that was not chosen: a float expert the quantizer skipped
+    stays out, and so does the activation between two linears of a ``Sequential`` (CTRL's ``ffn.0``,
+    ``ffn.1`` = ReLU, ``ffn.2``)."""
     def collapsed(name: str) -> str:
         return r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in name.split("."))
 

@@ -266,22 +266,33 @@ class OriginalWeights:
 def conv1d_names(path: Path, names: list[str]) -> set[str]:
     """The checkpoint's weights ``names`` (without ``.weight``) that belong to ``Conv1D`` modules (GPT-2 and
     its kin store those ``(in, out)``): found on an empty skeleton of the model that ``config.json``
-    describes, built only where the model's modeling code uses ``Conv1D``. Empty without a config
-    transformers can read without remote code."""
+    describes, built only where the model's modeling code uses ``Conv1D``. Empty without a ``config.json``
+    whose model type this transformers knows (a folder's own code is never run)."""
+    try:
+        model_type = json.loads((path / "config.json").read_text())["model_type"]
+        from transformers import CONFIG_MAPPING
+        from transformers.pytorch_utils import Conv1D
+
+        if model_type not in CONFIG_MAPPING:  # remote code or another transformers: never run the folder's code
+            return set()
+    except Exception:  # noqa: BLE001 - no config.json or no model_type: nothing known
+        logger.debug("no Conv1D layout read for %s", path, exc_info=True)
+        return set()
     try:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-        from transformers.pytorch_utils import Conv1D
 
-        config = AutoConfig.from_pretrained(str(path))
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
         mapping = AutoModelForCausalLM._model_mapping
         model_class = mapping[type(config)] if type(config) in mapping else AutoModel._model_mapping[type(config)]
         if getattr(sys.modules.get(model_class.__module__), "Conv1D", None) is not Conv1D:
             return set()
         with init_empty_weights():
             skeleton = model_class(config)
-    except Exception:  # noqa: BLE001 - no config, remote code, another transformers: no Conv1D known
-        logger.debug("no Conv1D layout read for %s", path, exc_info=True)
+    except Exception as exc:  # noqa: BLE001 - a config this transformers cannot build
+        logger.warning("Could not build an empty %s from %s to tell which weights are stored (in, out) as Conv1D "
+                       "(%s: %s): they are read as stored; a square one would be read untransposed.",
+                       model_type, path, type(exc).__name__, exc)
         return set()
     convs = {n for n, m in skeleton.named_modules() if isinstance(m, Conv1D)}
     return {k for k in names if any(c == k or c.endswith("." + k) or k.endswith("." + c) for c in convs)}

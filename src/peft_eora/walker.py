@@ -27,6 +27,7 @@ owns what is common to them:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -375,9 +376,13 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list
         rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         rest.pop("past_key_values", None)
         rest.pop("past_key_value", None)
-        rest["use_cache"] = False
+        if takes_use_cache:  # GPT-1's blocks take no use_cache
+            rest["use_cache"] = False
         captured.append((hidden.detach(), rest))
         raise StopForward
+
+    params = inspect.signature(type(first_block).forward).parameters.values()  # the class's: hooks wrap instances
+    takes_use_cache = any(p.name == "use_cache" or p.kind is p.VAR_KEYWORD for p in params)
 
     device = device_of(model)
     handle = first_block.register_forward_pre_hook(pre_hook, with_kwargs=True)
