@@ -61,6 +61,8 @@ def _round_(model: nn.Module, bits: int = 3, group: int = 16) -> nn.Module:
     qmax = 2**bits - 1
     for _, m in _blocks_linears(model):
         weight = m.weight.T if is_conv1d(m) else m.weight  # (out, in) either way
+        if weight.shape[1] % group:  # e.g. a Mamba dt_proj's few inputs: kept as it is
+            continue
         w = weight.reshape(weight.shape[0], -1, group)
         lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
         scale = (hi - lo).clamp_min(1e-8) / qmax
@@ -746,3 +748,20 @@ def test_gpt2_bitsandbytes_4bit(tmp_path):
     stats = initialize_eora_weights(pm, str(tmp_path), calib, progress=False)
     assert len(stats.modules) == 2 * 4
     assert _logit_error(pm, original, held) < 0.8 * before
+
+
+
+def test_every_layer_too_narrow_for_the_rank_in_one_error():
+    """A Mamba mixer holds two narrow linears (here ``dt_proj`` 128 × 4 and ``x_proj`` 36 × 128): at r = 8 the
+    error names the one, at r = 40 both, with the config change that fixes them all at once."""
+    model = _round_(_build("mamba", {"state_size": 16}))
+    original = _build("mamba", {"state_size": 16})
+    calib = torch.randint(3, VOCAB, (4, 32))
+    with pytest.raises(ValueError, match=r"rank r=8 is too large for .*dt_proj \(128×4\).*exclude_modules=\['dt_proj'\]"):
+        initialize_eora_weights(get_peft_model(copy.deepcopy(model), EoRAConfig(r=8)), original, calib, progress=False)
+    with pytest.raises(ValueError, match=r"too large for 2 kinds of layer: .*x_proj \(36×128, r=40\).*dt_proj \(128×4, r=40\)"
+                                         r".*rank_pattern=\{'x_proj': <r>, 'dt_proj': <r>\}.*exclude_modules=\['x_proj', 'dt_proj'\]"):
+        initialize_eora_weights(get_peft_model(copy.deepcopy(model), EoRAConfig(r=40)), original, calib, progress=False)
+    pm = get_peft_model(copy.deepcopy(model), EoRAConfig(r=40, exclude_modules=["x_proj", "dt_proj"]))
+    stats = initialize_eora_weights(pm, original, calib, progress=False)
+    assert sorted({m.name.rsplit(".", 1)[-1] for m in stats.modules}) == ["in_proj", "out_proj"]

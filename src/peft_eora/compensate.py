@@ -204,12 +204,29 @@ def find_targets(model: nn.Module, adapter_name: str) -> tuple[nn.ModuleList, li
 
 
 def validate(targets: list[Target], original: OriginalWeights, check_ranks: bool = True) -> None:
-    """Check every target before any work: back-end, original weight and shape, rank."""
+    """Check every target before any work: back-end, original weight and shape, rank (every kind of layer
+    too narrow for its rank named in one error, so that one change of the config fixes them all)."""
+    narrow: dict[str, tuple[Target, ValueError]] = {}  # layer kind (last name part) → its first target, error
     for t in targets:
         backend_for(t.base, t.name)
         original.check(t.name, t.shape)
         if check_ranks:
-            check_rank(t.rank, *t.shape, name=t.name)
+            try:
+                check_rank(t.rank, *t.shape, name=t.name)
+            except ValueError as exc:
+                if not (isinstance(t.rank, int) and t.rank > 0):
+                    raise
+                narrow.setdefault(t.name.rsplit(".", 1)[-1], (t, exc))
+    if len(narrow) == 1:
+        raise next(iter(narrow.values()))[1]
+    if narrow:
+        layers = ", ".join(f"{t.name} ({t.shape[0]}×{t.shape[1]}, r={t.rank})" for t, _ in narrow.values())
+        kinds = list(narrow)
+        raise ValueError(
+            f"EoRA ranks are too large for {len(kinds)} kinds of layer: {layers}; a rank must be smaller than "
+            f"min(out, in). Lower `r`, give them smaller ranks with `rank_pattern={{{', '.join(f'{k!r}: <r>' for k in kinds)}}}`, "
+            f"or leave them out with `exclude_modules={kinds!r}`."
+        )
 
 
 def holdout_rows(batches: list[Batch], every: int = AUTO_HOLDOUT_EVERY) -> list[torch.Tensor]:
