@@ -759,7 +759,7 @@ def test_every_layer_too_narrow_for_the_rank_in_one_error():
     calib = torch.randint(3, VOCAB, (4, 32))
     with pytest.raises(ValueError, match=r"rank r=8 is too large for .*dt_proj \(128×4\).*exclude_modules=\['dt_proj'\]"):
         initialize_eora_weights(get_peft_model(copy.deepcopy(model), EoRAConfig(r=8)), original, calib, progress=False)
-    with pytest.raises(ValueError, match=r"too large for 2 kinds of layer: .*x_proj \(36×128, r=40\).*dt_proj \(128×4, r=40\)"
+    with pytest.raises(ValueError, match=r"rank r=40 is too large for 2 kinds of layer: .*x_proj \(36×128\).*dt_proj \(128×4\)"
                                          r".*rank_pattern=\{'x_proj': <r>, 'dt_proj': <r>\}.*exclude_modules=\['x_proj', 'dt_proj'\]"):
         initialize_eora_weights(get_peft_model(copy.deepcopy(model), EoRAConfig(r=40)), original, calib, progress=False)
     pm = get_peft_model(copy.deepcopy(model), EoRAConfig(r=40, exclude_modules=["x_proj", "dt_proj"]))

@@ -220,10 +220,12 @@ def validate(targets: list[Target], original: OriginalWeights, check_ranks: bool
     if len(narrow) == 1:
         raise next(iter(narrow.values()))[1]
     if narrow:
-        layers = ", ".join(f"{t.name} ({t.shape[0]}×{t.shape[1]}, r={t.rank})" for t, _ in narrow.values())
-        kinds = list(narrow)
+        kinds, ranks = list(narrow), {t.rank for t, _ in narrow.values()}
+        one = len(ranks) == 1  # the same r everywhere: said once
+        layers = ", ".join(f"{t.name} ({t.shape[0]}×{t.shape[1]}{'' if one else f', r={t.rank}'})" for t, _ in narrow.values())
         raise ValueError(
-            f"EoRA ranks are too large for {len(kinds)} kinds of layer: {layers}; a rank must be smaller than "
+            f"EoRA {f'rank r={ranks.pop()} is' if one else 'ranks are'} too large for {len(kinds)} kinds of layer: "
+            f"{layers}; a rank must be smaller than "
             f"min(out, in). Lower `r`, give them smaller ranks with `rank_pattern={{{', '.join(f'{k!r}: <r>' for k in kinds)}}}`, "
             f"or leave them out with `exclude_modules={kinds!r}`."
         )
