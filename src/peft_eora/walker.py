@@ -381,8 +381,11 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list
         captured.append((hidden.detach(), rest))
         raise StopForward
 
-    params = inspect.signature(type(first_block).forward).parameters.values()  # the class's: hooks wrap instances
-    takes_use_cache = any(p.name == "use_cache" or p.kind is p.VAR_KEYWORD for p in params)
+    try:  # the class's forward: accelerate's hooks wrap the instance's in (*args, **kwargs)
+        params = inspect.signature(type(first_block).forward).parameters.values()
+        takes_use_cache = any(p.name == "use_cache" or p.kind is p.VAR_KEYWORD for p in params)
+    except (TypeError, ValueError):  # no signature to read: as before
+        takes_use_cache = True
 
     device = device_of(model)
     handle = first_block.register_forward_pre_hook(pre_hook, with_kwargs=True)
