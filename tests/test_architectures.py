@@ -765,3 +765,45 @@ def test_every_layer_too_narrow_for_the_rank_in_one_error():
     pm = get_peft_model(copy.deepcopy(model), EoRAConfig(r=40, exclude_modules=["x_proj", "dt_proj"]))
     stats = initialize_eora_weights(pm, original, calib, progress=False)
     assert sorted({m.name.rsplit(".", 1)[-1] for m in stats.modules}) == ["in_proj", "out_proj"]
+
+
+class _GatedBlock(nn.Module):
+    """A block the model calls with a second positional argument (as older and some newer models do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(32, 64, bias=False)
+        self.down = nn.Linear(64, 32, bias=False)
+
+    def forward(self, hidden: torch.Tensor, gate: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+        return hidden + self.down(torch.relu(self.up(hidden))) * gate
+
+
+class _PositionalToy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.embed = nn.Embedding(VOCAB, 32)
+        self.layers = nn.ModuleList([_GatedBlock(), _GatedBlock()])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+        h = self.embed(input_ids)
+        gate = torch.sigmoid(h[..., :1])  # per token, from the embeddings
+        for block in self.layers:
+            h = block(h, gate)
+        return h
+
+
+def test_blocks_called_with_positional_arguments():
+    """The second positional argument a model passes its blocks is kept under its parameter name and passed
+    to every replay of the block (it was dropped: ``missing 1 required positional argument``)."""
+    original = _PositionalToy().eval()
+    quantized = _round_(copy.deepcopy(original))
+    calib, held = torch.randint(3, VOCAB, (8, 16)), torch.randint(3, VOCAB, (4, 16))
+    with torch.no_grad():
+        before = float((quantized(held) - original(held)).pow(2).mean())
+    pm = get_peft_model(quantized, EoRAConfig(r=4))
+    stats = initialize_eora_weights(pm, original, calib, progress=False)
+    assert len(stats.modules) == 4 and all(m.error_after < m.error_before for m in stats.modules)
+    with torch.no_grad():
+        assert float((pm(held) - original(held)).pow(2).mean()) < 0.8 * before

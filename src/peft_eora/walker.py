@@ -368,12 +368,23 @@ class BlockVisit:
 
 
 def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[Batch]) -> Inputs:
-    """Run the model up to ``first_block`` for each batch; return (hidden_states, kwargs) per batch."""
+    """Run the model up to ``first_block`` for each batch; return (hidden_states, kwargs) per batch.
+
+    Arguments the model passes its blocks by position after the hidden states (``block_states``,
+    older code's ``attention_mask``) are kept under their parameter names, so every later call of a
+    block passes them as keywords."""
     captured: Inputs = []
 
     def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
         rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        if len(args) > 1:
+            if names is None or len(args) > len(names):
+                raise ValueError(
+                    f"{type(first_block).__name__} is called with {len(args)} positional arguments that its "
+                    "forward's signature does not name; EoRA replays each block with keyword arguments."
+                )
+            rest.update(zip(names[1:], args[1:]))
         rest.pop("past_key_values", None)
         rest.pop("past_key_value", None)
         if takes_use_cache:  # GPT-1's blocks take no use_cache
@@ -381,9 +392,13 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list
         captured.append((hidden.detach(), rest))
         raise StopForward
 
+    names: Optional[list[str]] = None  # the forward's parameters that may be passed by name, in order
     try:  # the class's forward: accelerate's hooks wrap the instance's in (*args, **kwargs)
-        params = inspect.signature(type(first_block).forward).parameters.values()
+        params = list(inspect.signature(type(first_block).forward).parameters.values())[1:]  # without self
         takes_use_cache = any(p.name == "use_cache" or p.kind is p.VAR_KEYWORD for p in params)
+        names = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+        if any(p.kind is p.POSITIONAL_ONLY for p in params):
+            names = None
     except (TypeError, ValueError):  # no signature to read: as before
         takes_use_cache = True
 
