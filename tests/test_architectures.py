@@ -807,3 +807,39 @@ def test_blocks_called_with_positional_arguments():
     assert len(stats.modules) == 4 and all(m.error_after < m.error_before for m in stats.modules)
     with torch.no_grad():
         assert float((pm(held) - original(held)).pow(2).mean()) < 0.8 * before
+
+
+def test_vision_language_model_compensates_its_language_model(tmp_path):
+    """A vision-language model whose vision tower holds more blocks than its language model (Qwen2.5-VL-7B:
+    32 against 28; here 4 against 2): the decoder blocks are the language model's (``get_decoder()``), the
+    default targets its linears, and text-only calibration brings its logits closer to the original's; the
+    original is read from its checkpoint folder as well."""
+    from transformers import AutoModelForImageTextToText
+
+    from peft_eora.model import decoder_blocks_path
+
+    cfg = AutoConfig.for_model(
+        "qwen2_5_vl",
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           fullatt_block_indexes=[1]))
+    torch.manual_seed(0)
+    original = AutoModelForImageTextToText.from_config(cfg).eval()
+    assert decoder_blocks_path(original) == "model.language_model.layers"
+    original.save_pretrained(tmp_path)
+    quantized = copy.deepcopy(original)
+    _round_(quantized.model.language_model)
+    torch.manual_seed(1)
+    calib, held = torch.randint(3, 200, (8, 32)), torch.randint(3, 200, (4, 32))
+    before = _logit_error(quantized, original, held)
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8))
+    stats = initialize_eora_weights(pm, original, calib, progress=False)
+    assert len(stats.modules) == 2 * 7 and all(".language_model.layers." in m.name for m in stats.modules)
+    assert _logit_error(pm, original, held) < 0.8 * before
+    from_folder = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8))
+    initialize_eora_weights(from_folder, str(tmp_path), calib, progress=False)
+    ours = dict(pm.named_parameters())
+    for name, value in from_folder.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(value, ours[name], rtol=0, atol=0)

@@ -45,15 +45,32 @@ logger = logging.getLogger(__name__)
 
 def decoder_blocks_path(model: nn.Module) -> str:
     """Dotted path of the model's decoder-block ``ModuleList``: the longest one holding linears that no
-    other such list holds (a MoE block's list of experts, often longer, sits inside one)."""
+    other such list holds (a MoE block's list of experts, often longer, sits inside one), inside the
+    language decoder where transformers names one (``get_decoder()``: a vision-language model's vision
+    tower may hold more blocks than its language model, Qwen2.5-VL-7B's 32 against 28)."""
     lists = {name: len(module) for name, module in model.named_modules()
              if isinstance(module, nn.ModuleList) and len(module) > 0
              and any(isinstance(m, nn.Linear) or is_supported(m) for m in module[0].modules())}
+    scope = _decoder_path(model)
+    inside = {n: k for n, k in lists.items() if scope is not None and (not scope or n.startswith(f"{scope}."))}
+    lists = inside or lists
     outer = [n for n in lists if not any(n.startswith(f"{o}.") for o in lists if o != n)]
     best = max(((lists[n], n) for n in outer), key=lambda c: c[0], default=None)  # the first of equal length
     if best is None:
         raise ValueError("Could not find the decoder blocks (a ModuleList of layers with linears); set target_modules.")
     return best[1]
+
+
+def _decoder_path(model: nn.Module) -> Optional[str]:
+    """Where transformers' ``get_decoder()`` puts the language decoder (``""``: the model itself), or None."""
+    get = getattr(model, "get_decoder", None)
+    try:
+        decoder = get() if callable(get) else None
+    except Exception:  # noqa: BLE001 - a model whose get_decoder does not apply
+        return None
+    if not isinstance(decoder, nn.Module):
+        return None
+    return next((name for name, m in model.named_modules() if m is decoder), None)
 
 
 def default_target_modules(model: nn.Module) -> str:

@@ -16,7 +16,6 @@ import json
 import logging
 import mmap
 import os
-import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -119,11 +118,12 @@ class OriginalWeights:
                             shapes[name] = tuple(st.get_slice(key).get_shape())
             except Exception as exc:  # truncated or corrupted shard
                 raise ModelMismatchError(f"Cannot read {f} of the original checkpoint ({type(exc).__name__}: {exc}).") from exc
-        for name, stored in checkpoint_aliases(path, list(key_file)).items():  # transformers' renames of its keys
+        skeleton = model_skeleton(path)  # the empty model of its config: its names and layer kinds
+        for name, stored in checkpoint_aliases(path, list(key_file), skeleton).items():  # transformers' renames
             if name not in key_file:
                 key_file[name], shapes[name] = key_file[stored], shapes[stored]
                 renamed[name] = stored
-        transposed = conv1d_names(path, [n for n in key_file if n not in renamed])
+        transposed = conv1d_names(path, [n for n in key_file if n not in renamed], skeleton)
         listed = [k for k, f in weight_map.items() if k.endswith(".weight") and k[: -len(".weight")] not in key_file]
         if listed:
             raise ModelMismatchError(
@@ -263,37 +263,56 @@ class OriginalWeights:
             )
 
 
-def conv1d_names(path: Path, names: list[str]) -> set[str]:
-    """The checkpoint's weights ``names`` (without ``.weight``) that belong to ``Conv1D`` modules (GPT-2 and
-    its kin store those ``(in, out)``): found on an empty skeleton of the model that ``config.json``
-    describes, built only where the model's modeling code uses ``Conv1D``. Empty without a ``config.json``
-    whose model type this transformers knows (a folder's own code is never run)."""
+def model_skeleton(path: Path) -> Optional[nn.Module]:
+    """An empty model (weights on ``meta``) of the class that ``config.json`` in ``path`` names: what
+    transformers would build to load the checkpoint, for its weights' names and layer kinds. None without
+    a ``config.json`` whose model type this transformers knows (a folder's own code never runs), or where
+    the model cannot be built."""
     try:
         model_type = json.loads((path / "config.json").read_text())["model_type"]
         from transformers import CONFIG_MAPPING
-        from transformers.pytorch_utils import Conv1D
 
-        if model_type not in CONFIG_MAPPING:  # remote code or another transformers: never run the folder's code
-            return set()
+        if model_type not in CONFIG_MAPPING:  # remote code or another transformers
+            return None
     except Exception:  # noqa: BLE001 - no config.json or no model_type: nothing known
-        logger.debug("no Conv1D layout read for %s", path, exc_info=True)
-        return set()
+        logger.debug("no model skeleton for %s", path, exc_info=True)
+        return None
     try:
+        import transformers
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-        mapping = AutoModelForCausalLM._model_mapping
-        model_class = mapping[type(config)] if type(config) in mapping else AutoModel._model_mapping[type(config)]
-        if getattr(sys.modules.get(model_class.__module__), "Conv1D", None) is not Conv1D:
-            return set()
+        named = [getattr(transformers, a, None) for a in (getattr(config, "architectures", None) or [])]
+        model_class = next((c for c in named if isinstance(c, type) and issubclass(c, nn.Module)), None)
+        if model_class is None:
+            mapping = AutoModelForCausalLM._model_mapping
+            model_class = mapping[type(config)] if type(config) in mapping else AutoModel._model_mapping[type(config)]
         with init_empty_weights():
-            skeleton = model_class(config)
+            return model_class(config)
     except Exception as exc:  # noqa: BLE001 - a config this transformers cannot build
-        logger.warning("Could not build an empty %s from %s to tell which weights are stored (in, out) as Conv1D "
-                       "(%s: %s): they are read as stored; a square one would be read untransposed.",
-                       model_type, path, type(exc).__name__, exc)
+        logger.info("no empty %s built from %s (%s: %s): its checkpoint names are read as stored", model_type, path,
+                    type(exc).__name__, exc)
+        return None
+
+
+def conv1d_names(path: Path, names: list[str], skeleton: Optional[nn.Module] = None) -> set[str]:
+    """The checkpoint's weights ``names`` (without ``.weight``) that belong to ``Conv1D`` modules (GPT-2 and
+    its kin store those ``(in, out)``), found on the empty model of its config (:func:`model_skeleton`,
+    ``skeleton`` when already built). Empty where there is none; where its model type's code uses
+    ``Conv1D`` that is warned about, since a square one would then be read untransposed."""
+    skeleton = model_skeleton(path) if skeleton is None else skeleton
+    if skeleton is None:
+        try:
+            model_type = json.loads((path / "config.json").read_text())["model_type"]
+        except Exception:  # noqa: BLE001
+            return set()
+        if model_type in ("gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"):
+            logger.warning("%s: a %s checkpoint stores some weights (in, out) (transformers' Conv1D), but no empty "
+                           "model could be built to tell which: they are read as stored.", path, model_type)
         return set()
+    from transformers.pytorch_utils import Conv1D
+
     convs = {n for n, m in skeleton.named_modules() if isinstance(m, Conv1D)}
     return {k for k in names if any(c == k or c.endswith("." + k) or k.endswith("." + c) for c in convs)}
 
@@ -326,13 +345,17 @@ def fused_expert_weights(module: nn.Module) -> dict[str, Callable[[], torch.Tens
     return out
 
 
-def checkpoint_aliases(path: Path, names: list[str]) -> dict[str, str]:
+def checkpoint_aliases(path: Path, names: list[str], skeleton: Optional[nn.Module] = None) -> dict[str, str]:
     """Module names transformers gives the checkpoint's weights ``names`` (without ``.weight``), where
     they differ: ``{module name: checkpoint name}``, from the model type's conversion mapping (its
     renames, e.g. Mixtral's ``block_sparse_moe`` → ``mlp``), with experts merged into fused parameters
     named as one linear per expert, as gptqmodel's loader and :func:`fused_expert_weights` name them
-    (``experts.{e}.w1`` → ``experts.{e}.gate_proj``, ``w3`` → ``up_proj``, ``w2`` → ``down_proj``).
-    Empty without a ``config.json``, a mapping, or the transformers API this reads."""
+    (``experts.{e}.w1`` → ``experts.{e}.gate_proj``, ``w3`` → ``up_proj``, ``w2`` → ``down_proj``); then,
+    for names still as stored, from the mapping transformers builds for the empty model of the config
+    (``skeleton``: class-specific and per-submodel renames, e.g. a vision-language checkpoint's
+    ``model.layers`` → ``model.language_model.layers``). Empty without a ``config.json``, a mapping, or
+    the transformers API this reads."""
+    out: dict[str, str] = {}
     try:
         model_type = json.loads((path / "config.json").read_text())["model_type"]
         from transformers import conversion_mapping
@@ -340,15 +363,21 @@ def checkpoint_aliases(path: Path, names: list[str]) -> dict[str, str]:
 
         get = getattr(conversion_mapping, "orig_get_checkpoint_conversion_mapping",  # before defuser's patch
                       conversion_mapping.get_checkpoint_conversion_mapping)
-        mapping = get(model_type) or []
+        mappings = [get(model_type) or []]
+        if skeleton is not None and hasattr(conversion_mapping, "get_model_conversion_mapping"):
+            mappings.append(conversion_mapping.get_model_conversion_mapping(skeleton))
     except Exception:  # noqa: BLE001 - no config, or another transformers: names as stored
-        return {}
-    try:
-        return _aliases(names, [m for m in mapping if isinstance(m, WeightRenaming)],
-                        [m for m in mapping if isinstance(m, WeightConverter)], apply_renamings, apply_converters)
-    except Exception:  # noqa: BLE001 - a transformers whose transforms behave otherwise: names as stored
-        logger.debug("checkpoint names of %s kept as stored", path, exc_info=True)
-        return {}
+        return out
+    for mapping in mappings:
+        try:
+            found = _aliases(names, [m for m in mapping if isinstance(m, WeightRenaming)],
+                             [m for m in mapping if isinstance(m, WeightConverter)], apply_renamings, apply_converters)
+        except Exception:  # noqa: BLE001 - a transformers whose transforms behave otherwise: names as stored
+            logger.debug("checkpoint names of %s kept as stored", path, exc_info=True)
+            continue
+        for alias, name in found.items():
+            out.setdefault(alias, name)
+    return out
 
 
 #: The operations of a converter that only stacks per-expert tensors (and concatenates gate and up).
