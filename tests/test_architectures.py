@@ -843,3 +843,40 @@ def test_vision_language_model_compensates_its_language_model(tmp_path):
     for name, value in from_folder.named_parameters():
         if "lora_" in name:
             torch.testing.assert_close(value, ours[name], rtol=0, atol=0)
+
+
+#: Models whose layers of two kinds take different arguments (a sliding-window or a full mask; Gemma 3: a
+#: local or a global rotary table), with windows shorter than the calibration windows.
+LAYER_KINDS = {
+    "gemma2": {"num_key_value_heads": 2, "head_dim": 16, "sliding_window": 4},
+    "gemma3_text": {"num_key_value_heads": 2, "head_dim": 16, "sliding_window": 4,
+                    "layer_types": ["sliding_attention", "full_attention"] * 2},
+    "gpt_oss": {"num_key_value_heads": 2, "head_dim": 16, "sliding_window": 4, "num_local_experts": 4,
+                "num_experts_per_tok": 2, "layer_types": ["sliding_attention", "full_attention"] * 2},
+    "llama": {"num_key_value_heads": 2},
+}
+
+
+@pytest.mark.parametrize("model_type", list(LAYER_KINDS))
+def test_every_block_gets_its_own_arguments(model_type):
+    """The walk hands every block the arguments the model itself passes it (they were block 0's for all:
+    a full-attention layer of Gemma 2/3 or gpt-oss computed with the sliding-window mask, Gemma 3's global
+    layers with the local rotary table): each block's replayed output equals the model's own hidden states."""
+    from peft_eora.walker import BlockWalker
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, **{**COMMON, "num_hidden_layers": 4, **LAYER_KINDS[model_type]})
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(3, VOCAB, (2, 16))
+    seen: list[torch.Tensor] = []
+    hooks = [b.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+             for b in model.model.layers]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    walker = BlockWalker(model, model.model.layers, [{"input_ids": ids[:1]}, {"input_ids": ids[1:]}])
+    for visit in walker.visits(len(model.model.layers) - 1):
+        outs = visit.forward_all()
+        replayed = torch.cat([h for h, _ in outs])
+        torch.testing.assert_close(replayed, seen[visit.index], rtol=1e-5, atol=1e-5, msg=f"block {visit.index}")

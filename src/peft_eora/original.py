@@ -288,7 +288,7 @@ def model_skeleton(path: Path) -> Optional[nn.Module]:
         if model_class is None:
             mapping = AutoModelForCausalLM._model_mapping
             model_class = mapping[type(config)] if type(config) in mapping else AutoModel._model_mapping[type(config)]
-        with init_empty_weights():
+        with init_empty_weights(include_buffers=True):  # fused expert tensors too: nothing allocated
             return model_class(config)
     except Exception as exc:  # noqa: BLE001 - a config this transformers cannot build
         logger.info("no empty %s built from %s (%s: %s): its checkpoint names are read as stored", model_type, path,
@@ -364,10 +364,13 @@ def checkpoint_aliases(path: Path, names: list[str], skeleton: Optional[nn.Modul
         get = getattr(conversion_mapping, "orig_get_checkpoint_conversion_mapping",  # before defuser's patch
                       conversion_mapping.get_checkpoint_conversion_mapping)
         mappings = [get(model_type) or []]
-        if skeleton is not None and hasattr(conversion_mapping, "get_model_conversion_mapping"):
-            mappings.append(conversion_mapping.get_model_conversion_mapping(skeleton))
     except Exception:  # noqa: BLE001 - no config, or another transformers: names as stored
         return out
+    if skeleton is not None and hasattr(conversion_mapping, "get_model_conversion_mapping"):
+        try:
+            mappings.append(conversion_mapping.get_model_conversion_mapping(skeleton))
+        except Exception:  # noqa: BLE001 - e.g. transforms transformers finds in conflict: the model type's only
+            logger.debug("no model conversion mapping for %s", path, exc_info=True)
     for mapping in mappings:
         try:
             found = _aliases(names, [m for m in mapping if isinstance(m, WeightRenaming)],

@@ -203,7 +203,7 @@ def prune_model_(
 
     >>> prune_model_(model, [{"input_ids": ids}], method="wanda", pattern="2:4")
     """
-    from .compensate import capture_block_inputs
+    from .walker import capture_inputs
     from .model import decoder_blocks_path
 
     if method not in METHODS:
@@ -225,13 +225,14 @@ def prune_model_(
                 raise ValueError(f"{full} has {lin.in_features} inputs, not a multiple of M={nm[1]} for pattern {pattern}.")
     was_training = model.training
     model.eval()
-    inputs = capture_block_inputs(model, blocks[0], batches)
+    inputs, block_kwargs = capture_inputs(model, blocks, batches)
     measured: dict[str, float] = {}
     try:
         for b, block in enumerate(tqdm(blocks, desc=f"{method} {pattern or ratio}", unit="block", disable=not progress)):
             linears = _linears(block)
             stats = {n: _new_stat(lin, method) for n, lin in linears.items()}
             handles = [lin.register_forward_pre_hook(_stat_hook(stats, n, method)) for n, lin in linears.items()]
+            inputs = [(h, own if own is not None else kw) for (h, kw), own in zip(inputs, block_kwargs[b])]
             try:
                 for hidden, kwargs in inputs:
                     block(hidden, **kwargs)

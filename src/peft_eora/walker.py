@@ -367,55 +367,130 @@ class BlockVisit:
 # the walker
 
 
+class _BlockCall:
+    """How a model calls a block class: positional arguments after the hidden states mapped to their
+    parameter names (the block is replayed with keywords), ``use_cache=False`` where it is taken."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.kind = type(block).__name__
+        self.names: Optional[list[str]] = None  # the forward's parameters that may be passed by name, in order
+        try:  # the class's forward: accelerate's hooks wrap the instance's in (*args, **kwargs)
+            params = list(inspect.signature(type(block).forward).parameters.values())[1:]  # without self
+            self.takes_use_cache = any(p.name == "use_cache" or p.kind is p.VAR_KEYWORD for p in params)
+            if not any(p.kind is p.POSITIONAL_ONLY for p in params):
+                self.names = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+        except (TypeError, ValueError):  # no signature to read: as before
+            self.takes_use_cache = True
+
+    def split(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``(hidden_states, keyword arguments to replay the call with)``."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        if len(args) > 1:
+            if self.names is None or len(args) > len(self.names):
+                raise ValueError(
+                    f"{self.kind} is called with {len(args)} positional arguments that its forward's signature "
+                    "does not name; EoRA replays each block with keyword arguments."
+                )
+            rest.update(zip(self.names[1:], args[1:]))
+        rest.pop("past_key_values", None)
+        rest.pop("past_key_value", None)
+        if self.takes_use_cache:  # GPT-1's blocks take no use_cache
+            rest["use_cache"] = False
+        return hidden, rest
+
+
 def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[Batch]) -> Inputs:
     """Run the model up to ``first_block`` for each batch; return (hidden_states, kwargs) per batch.
 
     Arguments the model passes its blocks by position after the hidden states (``block_states``,
     older code's ``attention_mask``) are kept under their parameter names, so every later call of a
-    block passes them as keywords."""
-    captured: Inputs = []
+    block passes them as keywords. The keyword arguments are block 0's: :func:`capture_inputs` also
+    reads every other block's (a sliding-window model's masks and rotary tables differ by layer)."""
+    return capture_inputs(model, None, batches, first_block)[0]
 
-    def pre_hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        if len(args) > 1:
-            if names is None or len(args) > len(names):
-                raise ValueError(
-                    f"{type(first_block).__name__} is called with {len(args)} positional arguments that its "
-                    "forward's signature does not name; EoRA replays each block with keyword arguments."
-                )
-            rest.update(zip(names[1:], args[1:]))
-        rest.pop("past_key_values", None)
-        rest.pop("past_key_value", None)
-        if takes_use_cache:  # GPT-1's blocks take no use_cache
-            rest["use_cache"] = False
-        captured.append((hidden.detach(), rest))
-        raise StopForward
 
-    names: Optional[list[str]] = None  # the forward's parameters that may be passed by name, in order
-    try:  # the class's forward: accelerate's hooks wrap the instance's in (*args, **kwargs)
-        params = list(inspect.signature(type(first_block).forward).parameters.values())[1:]  # without self
-        takes_use_cache = any(p.name == "use_cache" or p.kind is p.VAR_KEYWORD for p in params)
-        names = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
-        if any(p.kind is p.POSITIONAL_ONLY for p in params):
-            names = None
-    except (TypeError, ValueError):  # no signature to read: as before
-        takes_use_cache = True
+#: Per block, per calibration batch: the keyword arguments the model calls the block with (None where
+#: the capture did not reach the block: the walk keeps the arguments it has).
+BlockKwargs = list[list[Optional[dict[str, Any]]]]
 
+
+def capture_inputs(model: nn.Module, blocks: Optional[nn.ModuleList], batches: list[Batch],
+                   first_block: Optional[nn.Module] = None) -> tuple[Inputs, BlockKwargs]:
+    """Block 0's inputs per batch, and the keyword arguments of every block per batch.
+
+    Models with layers of several kinds pass each its own arguments (Gemma 2/3 and gpt-oss: a
+    sliding-window or a full causal mask, Gemma 3 a local or a global rotary table, Gemma 3n a
+    per-layer input), computed before the loop over the blocks. To read them without computing
+    the blocks, each block is stood in for by a recorder that hands its hidden states straight on, and
+    the last one stops the forward. Arguments that depend on earlier blocks' outputs cannot be read
+    this way (where a model's loop fails on what the recorders hand on, the blocks not reached keep
+    block 0's arguments, as before); tensors equal to the block before's are shared, not copied.
+    """
+    blocks_ = list(blocks) if blocks is not None else [first_block]
+    calls = {id(b): _BlockCall(b) for b in blocks_}
+    inputs: Inputs = []
+    kwargs_of: BlockKwargs = [[None] * len(batches) for _ in blocks_]
+    batch_now = [0]
+
+    def recorder(i: int, block: nn.Module) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            hidden, rest = calls[id(block)].split(args, kwargs)
+            b = batch_now[0]
+            if i == 0:
+                inputs.append((hidden.detach(), rest))
+            kwargs_of[i][b] = _shared(rest, kwargs_of[i - 1][b] if i else None)
+            if i == len(blocks_) - 1:
+                raise StopForward
+            return hidden  # the next block's hidden states do not matter here, only its arguments
+
+        return forward
+
+    saved = [b.__dict__.get("forward") for b in blocks_]  # accelerate's hooks put a forward on the instance
     device = device_of(model)
-    handle = first_block.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
+        for i, block in enumerate(blocks_):
+            block.forward = recorder(i, block)
         with torch.no_grad():
-            for batch in batches:
+            for b, batch in enumerate(batches):
+                batch_now[0] = b
                 try:
                     model(**to_device(batch, device), use_cache=False)
                 except StopForward:
                     pass
-                else:  # pragma: no cover - the hook always fires for decoder models
+                except Exception:
+                    if len(inputs) != b + 1:  # before block 0: the model's own failure
+                        raise
+                    # past block 0, a loop that wants another output than the hidden states handed on (a
+                    # tuple): the blocks not reached keep the arguments the walk has (block 0's)
+                    logger.debug("block arguments read up to a failure in batch %d", b, exc_info=True)
+                if len(inputs) != b + 1:
                     raise RuntimeError("The first decoder block was never called; is this a decoder model?")
     finally:
-        handle.remove()
-    return captured
+        for block, forward in zip(blocks_, saved):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+    return inputs, kwargs_of
+
+
+def _shared(kwargs: dict[str, Any], before: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """``kwargs`` with every tensor equal to the same argument of ``before`` replaced by that one (the
+    same mask or rotary table recomputed per block is then held once)."""
+    if before is None:
+        return kwargs
+    return {k: before[k] if k in before and _same(v, before[k]) else v for k, v in kwargs.items()}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return False
 
 
 class BlockWalker:
@@ -446,6 +521,7 @@ class BlockWalker:
         self.device = torch.device(device) if device is not None else None
         self.times = times
         self.checkpoint = checkpoint
+        self.block_kwargs: Optional[BlockKwargs] = None  # every block's own arguments, from first_inputs()
 
     def offloading(self, block: nn.Module) -> bool:
         """Whether ``block`` is moved to :attr:`device` for its visit."""
@@ -468,8 +544,15 @@ class BlockWalker:
                 block.to(home)
 
     def first_inputs(self) -> Inputs:
+        """Block 0's inputs per batch; every block's own keyword arguments are kept for the walk."""
         with self.times.phase("capture_inputs", self.device):
-            return capture_block_inputs(self.model, self.blocks[0], self.batches)
+            inputs, self.block_kwargs = capture_inputs(self.model, self.blocks, self.batches)
+        return inputs
+
+    def _kwargs(self, idx: int, batch: int, walked: dict[str, Any]) -> dict[str, Any]:
+        """Block ``idx``'s arguments for ``batch``: its own where captured, else those the walk carries."""
+        own = self.block_kwargs[idx][batch] if self.block_kwargs is not None and idx < len(self.block_kwargs) else None
+        return own if own is not None else walked
 
     def visits(self, last: int, start: int = 0, inputs: Optional[Inputs] = None) -> Iterator[BlockVisit]:
         """Yield a :class:`BlockVisit` for blocks ``start..last``; between visits, the visit's
@@ -483,7 +566,8 @@ class BlockWalker:
             block = self.blocks[idx]
             with self._placed(block) as device:
                 with self.times.phase("activation_moves", device):
-                    moved = [(to_device(h, device), to_device(kw, device)) for h, kw in inputs]
+                    moved = [(to_device(h, device), to_device(self._kwargs(idx, b, kw), device))
+                             for b, (h, kw) in enumerate(inputs)]
                 visit = BlockVisit(idx, block, moved, device, self.times, autocast=self.autocast)
                 yield visit
                 if idx < last:
