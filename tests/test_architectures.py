@@ -671,9 +671,9 @@ def test_gpt2_original_read_as_linears(tmp_path):
     remote.mkdir()
     (remote / "config.json").write_text(json.dumps({"model_type": "made_up", "auto_map": {"AutoConfig": "x.Config"}}))
     (remote / "x.py").write_text("raise SystemExit('the folder code ran')\n")
-    from peft_eora.original import conv1d_names
+    from peft_eora.original import conv1d_names, model_skeleton
 
-    assert conv1d_names(remote, ["h.0.attn.c_proj"]) == set()
+    assert model_skeleton(remote) is None and conv1d_names(remote, ["h.0.attn.c_proj"], None) == set()
 
     quantized = _round_(linears)
     torch.manual_seed(1)

@@ -296,12 +296,11 @@ def model_skeleton(path: Path) -> Optional[nn.Module]:
         return None
 
 
-def conv1d_names(path: Path, names: list[str], skeleton: Optional[nn.Module] = None) -> set[str]:
+def conv1d_names(path: Path, names: list[str], skeleton: Optional[nn.Module]) -> set[str]:
     """The checkpoint's weights ``names`` (without ``.weight``) that belong to ``Conv1D`` modules (GPT-2 and
-    its kin store those ``(in, out)``), found on the empty model of its config (:func:`model_skeleton`,
-    ``skeleton`` when already built). Empty where there is none; where its model type's code uses
-    ``Conv1D`` that is warned about, since a square one would then be read untransposed."""
-    skeleton = model_skeleton(path) if skeleton is None else skeleton
+    its kin store those ``(in, out)``), found on ``skeleton``, the empty model of its config
+    (:func:`model_skeleton`). Empty where none could be built; for a model type whose code uses ``Conv1D``
+    that is warned about, since a square one would then be read untransposed."""
     if skeleton is None:
         try:
             model_type = json.loads((path / "config.json").read_text())["model_type"]

@@ -203,7 +203,7 @@ def prune_model_(
 
     >>> prune_model_(model, [{"input_ids": ids}], method="wanda", pattern="2:4")
     """
-    from .walker import capture_inputs
+    from .walker import capture_inputs, with_block_kwargs
     from .model import decoder_blocks_path
 
     if method not in METHODS:
@@ -232,7 +232,7 @@ def prune_model_(
             linears = _linears(block)
             stats = {n: _new_stat(lin, method) for n, lin in linears.items()}
             handles = [lin.register_forward_pre_hook(_stat_hook(stats, n, method)) for n, lin in linears.items()]
-            inputs = [(h, own if own is not None else kw) for (h, kw), own in zip(inputs, block_kwargs[b])]
+            inputs = with_block_kwargs(inputs, block_kwargs[b])
             try:
                 for hidden, kwargs in inputs:
                     block(hidden, **kwargs)

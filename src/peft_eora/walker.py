@@ -475,6 +475,14 @@ def capture_inputs(model: nn.Module, blocks: Optional[nn.ModuleList], batches: l
     return inputs, kwargs_of
 
 
+def with_block_kwargs(inputs: Inputs, own: Optional[list[Optional[dict[str, Any]]]]) -> Inputs:
+    """``inputs`` with each batch's keyword arguments replaced by the block's own (one row of
+    :func:`capture_inputs`' :data:`BlockKwargs`) where they were read; the others kept."""
+    if own is None:
+        return inputs
+    return [(h, kw if mine is None else mine) for (h, kw), mine in zip(inputs, own)]
+
+
 def _shared(kwargs: dict[str, Any], before: Optional[dict[str, Any]]) -> dict[str, Any]:
     """``kwargs`` with every tensor equal to the same argument of ``before`` replaced by that one (the
     same mask or rotary table recomputed per block is then held once)."""
@@ -549,10 +557,6 @@ class BlockWalker:
             inputs, self.block_kwargs = capture_inputs(self.model, self.blocks, self.batches)
         return inputs
 
-    def _kwargs(self, idx: int, batch: int, walked: dict[str, Any]) -> dict[str, Any]:
-        """Block ``idx``'s arguments for ``batch``: its own where captured, else those the walk carries."""
-        own = self.block_kwargs[idx][batch] if self.block_kwargs is not None and idx < len(self.block_kwargs) else None
-        return own if own is not None else walked
 
     def visits(self, last: int, start: int = 0, inputs: Optional[Inputs] = None) -> Iterator[BlockVisit]:
         """Yield a :class:`BlockVisit` for blocks ``start..last``; between visits, the visit's
@@ -566,8 +570,8 @@ class BlockWalker:
             block = self.blocks[idx]
             with self._placed(block) as device:
                 with self.times.phase("activation_moves", device):
-                    moved = [(to_device(h, device), to_device(self._kwargs(idx, b, kw), device))
-                             for b, (h, kw) in enumerate(inputs)]
+                    own = self.block_kwargs[idx] if self.block_kwargs is not None else None
+                    moved = [(to_device(h, device), to_device(kw, device)) for h, kw in with_block_kwargs(inputs, own)]
                 visit = BlockVisit(idx, block, moved, device, self.times, autocast=self.autocast)
                 yield visit
                 if idx < last:
