@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -247,6 +248,41 @@ def test_moe_with_experts_as_linears(model_type):
     assert _logit_error(pm, original, held) < 0.8 * before
 
 
+def test_narrow_experts_beside_a_wide_shared_expert():
+    """The rank error's fix must spare the layers that need none: in a Qwen2-MoE whose routed experts (48 wide)
+    are too narrow for r = 48 while its shared expert (64 wide) is not, ``down_proj`` alone would exclude both,
+    so the error names the experts by ``experts\\.\\d+\\.down_proj`` (one key for all of them); the ``rank_pattern`` it
+    suggests then runs, the shared expert at the full rank (k/v, 32 wide, are too narrow as well)."""
+    defuser = pytest.importorskip("defuser", reason="defuser comes with the gptq extra (gptqmodel)")
+    from peft_eora.compensate import _narrow_kinds
+
+    assert _narrow_kinds(["m.0.ffn.0", "m.1.ffn.0"], ["m.0.ffn.2", "m.1.ffn.2"]) == {"ffn.0": ["m.0.ffn.0", "m.1.ffn.0"]}
+    assert _narrow_kinds(["m.0.mixer.dt_proj"], ["m.0.mixer.in_proj"]) == {"dt_proj": ["m.0.mixer.dt_proj"]}
+    original = _build("qwen2_moe", MOE["qwen2_moe"])
+    defused = copy.deepcopy(original)
+    assert defuser.convert_model(defused)
+    quantized = _round_(defused)
+    calib = torch.randint(3, VOCAB, (4, 32))
+    config = {"r": 48, "exclude_modules": ["shared_expert_gate"]}
+    with pytest.raises(ValueError, match=r"rank r=48 is too large for 5 kinds of layer: .*experts\.0\.gate_proj \(48×64\)"
+                                         r".*rank_pattern=\{'k_proj': <r>, 'v_proj': <r>, r'experts\\\.\\d\+\\\.down_proj': <r>, "
+                                         r".*exclude_modules=r'\(\.\*\\\.\)\?\(k_proj\|v_proj\|experts") as error:
+        initialize_eora_weights(get_peft_model(copy.deepcopy(quantized), EoRAConfig(**config)), original, calib,
+                                progress=False)
+    exclude = re.search(r"exclude_modules=r'([^']+)'", str(error.value)).group(1)  # the regex it suggests, applied
+    wrapped = [n for n, m in get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=48, exclude_modules=exclude)
+                                            ).named_modules() if hasattr(m, "lora_A")]
+    assert not any(".experts." in n or n.endswith(("k_proj", "v_proj")) for n in wrapped)
+    assert sum(".shared_expert." in n for n in wrapped) == 2 * 3
+    pattern = {"k_proj": 8, "v_proj": 8, r"experts\.\d+\.down_proj": 8, r"experts\.\d+\.gate_proj": 8,
+               r"experts\.\d+\.up_proj": 8}
+    pm = get_peft_model(quantized, EoRAConfig(**config, rank_pattern=pattern))
+    stats = initialize_eora_weights(pm, original, calib, progress=False)
+    ranks = {m.name: m.rank for m in stats.modules}
+    assert {r for n, r in ranks.items() if ".experts." in n} == {8}
+    assert {r for n, r in ranks.items() if ".shared_expert." in n} == {48}
+
+
 class _TwoExperts(nn.Module):
     """Tokens whose first feature is positive go to ``a``, the others to ``b`` (an expert no token is
     routed to is not called, as in transformers' MoE loops)."""
@@ -408,6 +444,34 @@ def test_gptq_moe_end_to_end(tmp_path):
     assert len(experts) == 2 * 4 * 3 and all(out["damping"][n] == 0.01 for n in experts)
     assert len(out["damping"]) == 2 * 4 + len(experts)
     assert out["after"] < 0.85 * out["before"], out
+
+
+def test_weight_shims_marked_while_any_load_runs():
+    """The initialised mark on gptqmodel's weight stand-in (which lets GPT-2 checkpoints load) is on a class,
+    shared by every thread: a load that ends while another still runs must leave it on, the last one take it off."""
+    import threading
+
+    pytest.importorskip("gptqmodel", reason="gptqmodel is an optional extra")
+    from gptqmodel.nn_modules.qlinear.torch import _LinearWeightMetadata as shim
+
+    from peft_eora.quantize.loading import _weight_shims_initialized
+
+    assert "_is_hf_initialized" not in shim.__dict__
+    entered, release = threading.Event(), threading.Event()
+
+    def other_load() -> None:
+        with _weight_shims_initialized():
+            entered.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=other_load)
+    with _weight_shims_initialized():
+        thread.start()
+        assert entered.wait(10)
+    assert shim._is_hf_initialized  # this load ended, the other still runs
+    release.set()
+    thread.join(10)
+    assert "_is_hf_initialized" not in shim.__dict__
 
 
 @pytest.mark.slow

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 import warnings
 from collections import Counter
@@ -206,7 +207,7 @@ def find_targets(model: nn.Module, adapter_name: str) -> tuple[nn.ModuleList, li
 def validate(targets: list[Target], original: OriginalWeights, check_ranks: bool = True) -> None:
     """Check every target before any work: back-end, original weight and shape, rank (every kind of layer
     too narrow for its rank named in one error, so that one change of the config fixes them all)."""
-    narrow: dict[str, tuple[Target, ValueError]] = {}  # layer kind (last name part) → its first target, error
+    narrow: list[tuple[Target, ValueError]] = []
     for t in targets:
         backend_for(t.base, t.name)
         original.check(t.name, t.shape)
@@ -216,19 +217,71 @@ def validate(targets: list[Target], original: OriginalWeights, check_ranks: bool
             except ValueError as exc:
                 if not (isinstance(t.rank, int) and t.rank > 0):
                     raise
-                narrow.setdefault(t.name.rsplit(".", 1)[-1], (t, exc))
-    if len(narrow) == 1:
-        raise next(iter(narrow.values()))[1]
-    if narrow:
-        kinds, ranks = list(narrow), {t.rank for t, _ in narrow.values()}
-        one = len(ranks) == 1  # the same r everywhere: said once
-        layers = ", ".join(f"{t.name} ({t.shape[0]}×{t.shape[1]}{'' if one else f', r={t.rank}'})" for t, _ in narrow.values())
+                narrow.append((t, exc))
+    if not narrow:
+        return
+    too_narrow = {t.name for t, _ in narrow}
+    kinds = _narrow_kinds([t.name for t, _ in narrow], [t.name for t in targets if t.name not in too_narrow])
+    first = {key: next(t for t, _ in narrow if t.name == names[0]) for key, names in kinds.items()}
+    regex = any(key != key.replace("\\d+", "") for key in kinds)
+    exclude = (f"exclude_modules=r'(.*\\.)?({'|'.join(kinds)})'" if regex  # PEFT matches a str as a whole regex
+               else f"exclude_modules={list(kinds)!r}")
+    if len(kinds) == 1 and not regex:
+        key, t = next(iter(first.items()))
         raise ValueError(
-            f"EoRA {f'rank r={ranks.pop()} is' if one else 'ranks are'} too large for {len(kinds)} kinds of layer: "
-            f"{layers}; a rank must be smaller than "
-            f"min(out, in). Lower `r`, give them smaller ranks with `rank_pattern={{{', '.join(f'{k!r}: <r>' for k in kinds)}}}`, "
-            f"or leave them out with `exclude_modules={kinds!r}`."
+            f"EoRA rank r={t.rank} is too large for {t.name} ({t.shape[0]}×{t.shape[1]}): it must be smaller than "
+            f"min(out, in) = {min(t.shape)}. Lower `r`, give {'this module' if len(kinds[key]) == 1 else 'these modules'} "
+            f"a smaller rank with `rank_pattern={{{_shown(key)}: <r>}}`, or leave {'it' if len(kinds[key]) == 1 else 'them'} "
+            f"out with `{exclude}`."
         )
+    ranks = {t.rank for t in first.values()}
+    one = len(ranks) == 1  # the same r everywhere: said once
+    layers = ", ".join(f"{t.name} ({t.shape[0]}×{t.shape[1]}{'' if one else f', r={t.rank}'})" for t in first.values())
+    raise ValueError(
+        f"EoRA {f'rank r={ranks.pop()} is' if one else 'ranks are'} too large for {len(kinds)} kind"
+        f"{'s' if len(kinds) > 1 else ''} of layer: {layers}; a rank must be smaller than min(out, in). Lower `r`, "
+        f"give them smaller ranks with `rank_pattern={{{', '.join(f'{_shown(k)}: <r>' for k in kinds)}}}`, or leave them "
+        f"out with `{exclude}`."
+    )
+
+
+def _shown(key: str) -> str:
+    """A pattern as the user would type it: a raw string where it holds a backslash."""
+    return f"r'{key}'" if "\\" in key else repr(key)
+
+
+def _narrow_kinds(narrow: list[str], wide: list[str]) -> dict[str, list[str]]:
+    """Group the names of layers too narrow for their rank by the shortest name suffix that PEFT's
+    ``rank_pattern`` (``re.match(r"(.*\\.)?(key)$", name)``) matches on none of the ``wide`` layers, so that
+    the fix the error suggests touches no layer that needs none: ``dt_proj`` in a Mamba, but
+    ``shared_expert.down_proj`` in a MoE whose routed experts' ``down_proj`` are wide. Indices become
+    ``\\d+`` where that still spares the wide layers (``experts\\.\\d+\\.down_proj``, one key for every expert);
+    a key starts at a name, never at an index.
+
+    >>> _narrow_kinds(["l.0.mlp.shared_expert.down_proj"], ["l.0.mlp.experts.3.down_proj"])
+    {'shared_expert.down_proj': ['l.0.mlp.shared_expert.down_proj']}
+    """
+    def spares_wide(key: str) -> bool:
+        return not any(re.match(rf"(.*\.)?({key})$", w) for w in wide)
+
+    kinds: dict[str, list[str]] = {}
+    for name in narrow:
+        parts = name.split(".")
+        key = name
+        for k in range(1, len(parts) + 1):
+            tail = parts[-k:]
+            if tail[0].isdigit() and k < len(parts):  # a key starts at a name, not an index ("0" would match anything's 0)
+                continue
+            collapsed = "\\.".join("\\d+" if p.isdigit() else re.escape(p) for p in tail)
+            literal = ".".join(tail)
+            if any(p.isdigit() for p in tail) and spares_wide(collapsed):
+                key = collapsed
+                break
+            if spares_wide(re.escape(literal)):
+                key = literal
+                break
+        kinds.setdefault(key, []).append(name)
+    return kinds
 
 
 def holdout_rows(batches: list[Batch], every: int = AUTO_HOLDOUT_EVERY) -> list[torch.Tensor]:

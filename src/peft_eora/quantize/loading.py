@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -100,26 +101,38 @@ def load_quantized(
     return model.eval()
 
 
+_SHIMS_LOCK = threading.Lock()
+_SHIMS: dict = {"users": 0, "before": None}  # loads inside _weight_shims_initialized now (all threads); the mark before
+
+
 @contextmanager
 def _weight_shims_initialized() -> Iterator[None]:
     """Inside, transformers' weight initialisation skips the tensor-like ``weight`` stand-in of gptqmodel's
     packed layers. GPT-2's ``_init_weights`` re-initialises ``attn.c_proj.weight`` whatever its type (its
     scaled init), and the stand-in has no data: loading a GPTQ GPT-2 raised ``AttributeError: ...
-    '_LinearWeightMetadata' object has no attribute 'normal_'``. Marked initialised for the load only."""
+    '_LinearWeightMetadata' object has no attribute 'normal_'``. Marked initialised while any load runs (the
+    mark is on the class, so loads in several threads share it: the last to finish takes it off)."""
     try:
         from gptqmodel.nn_modules.qlinear.torch import _LinearWeightMetadata as shim
     except ImportError:  # another gptqmodel: nothing to mark
         yield
         return
-    before = shim.__dict__.get("_is_hf_initialized")
-    shim._is_hf_initialized = True
+    with _SHIMS_LOCK:
+        if _SHIMS["users"] == 0:
+            _SHIMS["before"] = shim.__dict__.get("_is_hf_initialized")
+            shim._is_hf_initialized = True
+        _SHIMS["users"] += 1
     try:
         yield
     finally:
-        if before is None:
-            del shim._is_hf_initialized
-        else:
-            shim._is_hf_initialized = before
+        with _SHIMS_LOCK:
+            _SHIMS["users"] -= 1
+            if _SHIMS["users"] == 0:
+                before = _SHIMS["before"]
+                if before is None:
+                    del shim._is_hf_initialized
+                else:
+                    shim._is_hf_initialized = before
 
 
 def _defuse_experts(model_type: str) -> None:
