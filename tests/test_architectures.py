@@ -248,6 +248,17 @@ def test_moe_with_experts_as_linears(model_type):
     assert _logit_error(pm, original, held) < 0.8 * before
 
 
+def test_layers_kept_in_parallel_lists_refused():
+    """XLM keeps each layer's attention and MLP in two lists (``transformer.attentions[i]``, ``transformer.ffns[i]``)
+    with no module per block: EoRA's block walk cannot serve it, and it says so at ``get_peft_model`` instead of
+    failing inside a forward with a tensor-size error."""
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("xlm", vocab_size=VOCAB, emb_dim=64, n_layers=2,
+                                                                   n_heads=4)).eval()
+    with pytest.raises(ValueError, match=r"XLMWithLMHeadModel keeps the parts of each layer in parallel lists "
+                                         r"\(transformer\.attentions, transformer\.ffns\)"):
+        get_peft_model(model, EoRAConfig(r=4))
+
+
 def test_narrow_experts_beside_a_wide_shared_expert():
     """The rank error's fix must spare the layers that need none: in a Qwen2-MoE whose routed experts (48 wide)
     are too narrow for r = 48 while its shared expert (64 wide) is not, ``down_proj`` alone would exclude both,

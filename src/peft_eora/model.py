@@ -58,6 +58,14 @@ def decoder_blocks_path(model: nn.Module) -> str:
     best = max(((lists[n], n) for n in outer), key=lambda c: c[0], default=None)  # the first of equal length
     if best is None:
         raise ValueError("Could not find the decoder blocks (a ModuleList of layers with linears); set target_modules.")
+    parent = best[1].rpartition(".")[0]
+    siblings = [n for n in outer if n != best[1] and n.rpartition(".")[0] == parent and lists[n] == best[0]]
+    if siblings:  # XLM / FlauBERT: transformer.attentions[i] and transformer.ffns[i], no module per layer
+        raise ValueError(
+            f"{type(model).__name__} keeps the parts of each layer in parallel lists ({', '.join([best[1], *siblings])}) "
+            "instead of one module per decoder block; EoRA walks decoder blocks one at a time and cannot compensate "
+            "this model."
+        )
     return best[1]
 
 
