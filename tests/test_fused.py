@@ -273,9 +273,171 @@ def test_skips_with_reasons():
     pm.base_model.model.q.get_base_layer().bits = 4
     pm.base_model.set_adapter("default")
     assert len(fuse(pm)) == 2
-    assert len(fuse(pm)) == 0  # already fused
+    fused = dict(fused_modules(pm))
+    assert len(fuse(pm)) == 2 and fused_modules(pm) == fused  # fused before: bound again in place, listed
     with pytest.raises(ValueError, match="adapter_bits"):
         fuse(pm, adapter_bits=3)
+
+
+def test_fused_follows_scaling_changes():
+    """The adapter's scaling is read on every call: ``set_scale`` and ``rescale_adapter_scale`` act on fused layers
+    as on PEFT's (the first fused call inside the context no longer freezes its scale)."""
+    from peft.helpers import rescale_adapter_scale
+
+    pm = peft_model()
+    x = torch.randn(2, 128)
+    fuse(pm, backend="torch")
+    with torch.no_grad():
+        with pm.disable_adapter():
+            base = pm(x)
+        with rescale_adapter_scale(pm, 0.0):
+            assert rel_err(pm(x), base) <= F32_TOL
+        fused = pm(x)
+        for layer in fused_modules(pm).values():
+            layer.set_scale("default", 0.5)
+        half = pm(x)
+        unfuse(pm)
+        half_ref = pm(x)
+    assert rel_err(half, half_ref) <= F32_TOL and rel_err(half, fused) > 10 * F32_TOL
+
+
+@pytest.mark.parametrize("dtype,bits", [(torch.float16, None), (torch.float32, 8)])
+def test_fused_sees_training_steps_and_replaced_adapters(dtype, bits):
+    """Copies made for the fused op (float16 activations beside float32 factors, int8 codes) are remade when the
+    factors change: an optimizer step between two evaluations, an adapter deleted and loaded under the same name."""
+    pm = peft_model().to(dtype)
+    for layer in pm.modules():  # PEFT keeps adapters in float32 (autocast_adapter_dtype)
+        if isinstance(layer, GPTQLoraLinear):
+            layer.lora_A.float(), layer.lora_B.float()
+    x = torch.randn(2, 128, dtype=dtype)
+    tol = F16_TOL if dtype == torch.float16 else 2e-2  # int8 factors: their rounding
+    fuse(pm, backend="torch", adapter_bits=bits)
+    q = pm.base_model.model.q
+    with torch.no_grad():
+        before = q(x)
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
+    pm.train()
+    pm(x).float().pow(2).mean().backward()
+    opt.step()
+    pm.eval()
+    with torch.no_grad():
+        after = q(x)
+        unfuse(pm)
+        reference = pm.base_model.model.q(x)
+    assert rel_err(after, reference) <= tol and rel_err(after, before) > 3 * tol
+
+    fuse(pm, backend="torch", adapter_bits=bits)
+    with torch.no_grad():
+        pm(x)
+        other = peft_model(seed=5)
+        pm.delete_adapter("default")
+        pm.add_adapter("default", other.peft_config["default"])
+        pm.load_state_dict(other.state_dict(), strict=False)
+        pm.set_adapter("default")
+        pm.to(dtype).eval()
+        for layer in pm.modules():
+            if isinstance(layer, GPTQLoraLinear):
+                layer.lora_A.float(), layer.lora_B.float()
+        swapped = pm(x)
+        unfuse(pm)
+        assert rel_err(swapped, pm(x)) <= tol
+
+
+def test_fused_mixed_batch_keeps_adapter_names():
+    """EoRA's GPTQ layers take ``adapter_names`` (one adapter per row); their fused twins still do."""
+    from peft_eora import EoRAConfig
+    from peft_eora.fused import FusedMixedBatchGPTQLoraLinear
+    from peft_eora.layer import MixedBatchGPTQLoraLinear
+
+    torch.manual_seed(0)
+    pm = get_peft_model(TinyBlock(), EoRAConfig(r=8, target_modules=["q", "down"])).eval()
+    pm.add_adapter("other", EoRAConfig(r=8, target_modules=["q", "down"]))
+    with torch.no_grad():
+        for layer in pm.modules():
+            if isinstance(layer, GPTQLoraLinear):
+                for name in layer.lora_B:
+                    layer.lora_B[name].weight.normal_(0.0, 0.05)
+    pm.set_adapter("default")
+    x = torch.randn(3, 128)
+    names = ["default", "other", "__base__"]
+    with torch.no_grad():
+        ref = pm(x, adapter_names=names)
+        fuse(pm, backend="torch")
+        q = pm.base_model.model.q
+        assert isinstance(q, FusedMixedBatchGPTQLoraLinear) and isinstance(q, MixedBatchGPTQLoraLinear)
+        assert torch.equal(pm(x, adapter_names=names), ref)  # PEFT's mixed-batch forward, as before
+        unfuse(pm)
+    assert type(pm.base_model.model.q) is MixedBatchGPTQLoraLinear
+
+
+def test_hooks_follow_the_layer_across_fuse_and_unfuse():
+    """A forward hook belongs to the layer: one removed while fused stops firing, one added while fused stays."""
+    pm = peft_model()
+    x = torch.randn(2, 128)
+    fired: list[str] = []
+    before = pm.base_model.model.q.register_forward_hook(lambda *_: fired.append("before"))
+    fuse(pm, backend="torch")
+    with torch.no_grad():
+        pm(x)
+        before.remove()
+        pm(x)
+        pm.base_model.model.q.register_forward_hook(lambda *_: fired.append("while"))
+        unfuse(pm)
+        pm(x)
+    assert fired == ["before", "while"]
+
+
+def test_fused_rereads_the_group_order():
+    """A base layer given an act-order permutation after fusing (a checkpoint loaded into the skeleton) is computed
+    with it: the layout the op reads is re-derived when ``g_idx`` changes."""
+    from peft_eora.kernels.gptq_linear import GPTQLinear, register_gptq_linear
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(128)  # PEFT's injection reads the device off a parameter
+            self.q = GPTQLinear.from_linear(nn.Linear(128, 64), bits=4, group_size=32)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.q(self.norm(x))
+
+    torch.manual_seed(0)
+    pm = get_peft_model(Model(), register_gptq_linear(LoraConfig(r=4, target_modules=["q"], init_lora_weights=False)))
+    pm.eval()
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        fuse(pm, backend="torch")
+        pm(x)
+        pm.base_model.model.q.base_layer.set_g_idx(torch.arange(128).flip(0) // 32)
+        fused = pm(x)
+        assert pm.base_model.model.q._fused_meta.act_order
+        unfuse(pm)
+        assert rel_err(fused, pm(x)) <= F32_TOL
+
+
+def test_fused_adapter_follows_set_adapter():
+    """Active adapters a layer does not hold do not keep it from fusing (an adapter on ``lm_head`` only); after
+    ``set_adapter("other")`` a second ``fuse`` binds the fused layers to ``other``."""
+    pm = peft_model()
+    x = torch.randn(2, 128)
+    pm.add_adapter("head", LoraConfig(r=4, target_modules=["lm_head"]))
+    pm.base_model.set_adapter(["default", "head"])
+    with torch.no_grad():
+        ref = pm(x)
+        assert len(fuse(pm, backend="torch")) == 2
+        assert rel_err(pm(x), ref) <= F32_TOL
+        assert pm.base_model.model.q._fused_cache  # the fused op ran
+        unfuse(pm)
+    pm.base_model.set_adapter("default")
+    pm.add_adapter("other", LoraConfig(r=8, target_modules=["q", "down"], init_lora_weights=False))
+    fuse(pm, backend="torch")
+    pm.set_adapter("other")
+    with torch.no_grad():
+        ref_other = pm(x)  # falls back to PEFT's forward: "default" is what the layers were fused for
+        report = fuse(pm, backend="torch")
+        assert sorted(report.fused) == ["base_model.model.down", "base_model.model.q"] and not report.skipped
+        assert pm.base_model.model.q._fused_adapter == "other"
+        assert rel_err(pm(x), ref_other) <= F32_TOL
 
 
 def test_dora_is_not_fused():

@@ -24,8 +24,12 @@ float32 reference, slower than gptqmodel's CPU kernel); pass ``backend="torch"``
 force the op there. At call time a fused layer also falls back to the plain PEFT forward
 whenever the fused op would not compute the same thing: gradients needed (the op has no
 backward: use ``torch.no_grad()``, as ``generate`` does), dropout active (training mode),
-adapters disabled, another adapter set active, or extra forward arguments. Because it *is* a ``GPTQLoraLinear``, PEFT's
-``disable_adapter()``/``set_adapter()`` keep working on fused models.
+adapters disabled, another adapter set active, or extra forward arguments (EoRA's mixed-batch
+``adapter_names``: the fused twin of its layer keeps that forward). Because it *is* a ``GPTQLoraLinear``,
+PEFT's ``disable_adapter()``/``set_adapter()``/``set_scale()`` keep working on fused models, and hooks are
+shared with the original layer. The tensors the op reads are re-derived whenever their sources are
+replaced or changed in place (identity, storage, version) or the scaling changes; after writes through
+``.data`` (PEFT's ``hotswap_adapter``) call ``fuse(model)`` again.
 
 Tolerance: against the unfused PEFT model the fused output differs only by rounding: the
 kernels dequantize in float32 (gptqmodel's ``TorchLinear`` in the scales' float16) and the
@@ -50,7 +54,7 @@ from .kernels import ops as _ops  # registers torch.ops.peft_eora.gptq_lora_line
 from .kernels.gptq_linear import GPTQLinear
 from .kernels.lowbit import quantize_lora_pair
 from .kernels.reference import SUPPORTED_BITS, packed_len
-from .layer import plain_adapter
+from .layer import MixedBatchGPTQLoraLinear, plain_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ __all__ = [
     "DEFAULT_BASES",
     "FuseReport",
     "FusedGPTQLoraLinear",
+    "FusedMixedBatchGPTQLoraLinear",
     "fuse",
     "unfuse",
     "fused_modules",
@@ -68,22 +73,12 @@ __all__ = [
 DEFAULT_BASES: tuple[str, ...] = ("TorchLinear", "TritonV2Linear")
 
 # nn.Module bookkeeping that must be per-instance (copied, not shared) between the
-# original PEFT layer and its fused twin.
+# original PEFT layer and its fused twin. The hook dicts are shared instead: a hook belongs to "the
+# layer", so one registered (or removed through its handle) before, during or after fusing acts on both.
 _MODULE_INTERNALS = (
     "_parameters",
     "_buffers",
     "_non_persistent_buffers_set",
-    "_backward_pre_hooks",
-    "_backward_hooks",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
     "_modules",
 )
 _FUSED_ATTRS = ("_fused_original", "_fused_adapter", "_fused_backend", "_fused_adapter_bits", "_fused_meta",
@@ -170,10 +165,27 @@ def _base_meta(base: nn.Module) -> _BaseMeta:
     )
 
 
+def _own_tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
+    """``module.<name>`` without ``nn.Module.__getattr__``'s cost (a parameter, buffer or plain attribute)."""
+    t = module._buffers.get(name)  # GPTQ layers keep their packed tensors as buffers
+    if t is None:
+        t = module._parameters.get(name)
+        if t is None:
+            t = module.__dict__.get(name)
+            return t if isinstance(t, torch.Tensor) else None
+    return t
+
+
+def _stamps(sources: tuple[Optional[torch.Tensor], ...]) -> list:
+    """Which tensor, which storage, which in-place version: equal stamps, equal contents (writes through
+    ``.data`` aside, which bypass the version counter)."""
+    return [None if t is None else (id(t), t.data_ptr(), t._version) for t in sources]
+
+
 class FusedGPTQLoraLinear(GPTQLoraLinear):
     """A ``GPTQLoraLinear`` whose forward runs the fused GPTQ + low-rank op (see module docs).
 
-    Built by :func:`fuse` (never directly): it shares submodules, parameters and PEFT adapter
+    Built by :func:`fuse` (never directly): it shares submodules, parameters, hooks and PEFT adapter
     dictionaries with the original layer, which it keeps for :func:`unfuse`.
     """
 
@@ -196,12 +208,16 @@ class FusedGPTQLoraLinear(GPTQLoraLinear):
                 state[key] = type(state[key])(state[key])  # per-instance copy (same entries)
         new.__dict__.update(state)
         object.__setattr__(new, "_fused_original", layer)
-        object.__setattr__(new, "_fused_adapter", adapter)
-        object.__setattr__(new, "_fused_backend", backend)
-        object.__setattr__(new, "_fused_adapter_bits", int(adapter_bits))
-        object.__setattr__(new, "_fused_meta", _base_meta(layer.get_base_layer()))
-        object.__setattr__(new, "_fused_cache", {})
+        new._bind(adapter, backend, adapter_bits)
         return new
+
+    def _bind(self, adapter: str, backend: str, adapter_bits: int) -> None:
+        """Compute ``adapter`` with ``backend`` and ``adapter_bits`` from now on (nothing cached)."""
+        object.__setattr__(self, "_fused_adapter", adapter)
+        object.__setattr__(self, "_fused_backend", backend)
+        object.__setattr__(self, "_fused_adapter_bits", int(adapter_bits))
+        object.__setattr__(self, "_fused_meta", _base_meta(self.get_base_layer()))
+        object.__setattr__(self, "_fused_cache", {})
 
     @property
     def original(self) -> GPTQLoraLinear:
@@ -209,12 +225,22 @@ class FusedGPTQLoraLinear(GPTQLoraLinear):
         return self._fused_original
 
     def refresh(self) -> None:
-        """Drop cached dtype/device copies (call after editing the adapter or base tensors in place)."""
+        """Drop the cached dtype/device copies and re-read the base layer's layout.
+
+        Rarely needed: every call checks that the tensors it copied are still the layer's (same objects,
+        storage and version) and that the adapter's scaling is unchanged, so training steps, loaded
+        state dicts, ``set_scale`` and swapped adapters are picked up. Only writes through ``.data``
+        (``p.data.copy_(...)``, as PEFT's ``hotswap_adapter`` does) bypass the version counter.
+        """
         self._fused_cache.clear()
+        object.__setattr__(self, "_fused_meta", _base_meta(self.get_base_layer()))
+
+    def _active(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.lora_A]  # as fuse() counts them
 
     def _can_fuse_call(self, x: torch.Tensor) -> bool:
         name = self._fused_adapter
-        if self.disable_adapters or self.merged or self.active_adapters != [name] or name not in self.lora_A:
+        if self.disable_adapters or self.merged or self._active() != [name]:
             return False
         if name in getattr(self, "lora_variant", {}):
             return False
@@ -232,20 +258,37 @@ class FusedGPTQLoraLinear(GPTQLoraLinear):
         return not (x.device.type == "cpu" and self._fused_backend == "auto"
                     and os.environ.get(_ops.ENV_BACKEND, "auto") in ("", "auto"))
 
+    def _sources(self) -> tuple[Optional[torch.Tensor], ...]:
+        """The tensors the cached copies are made from (read off the modules' own dicts: this runs every call)."""
+        base = self._modules["base_layer"]
+        name = self._fused_adapter
+        lora_a = self._modules["lora_A"]._modules.get(name)
+        lora_b = self._modules["lora_B"]._modules.get(name)
+        if lora_a is None or lora_b is None:  # the adapter was deleted: nothing to stamp
+            return (None,) * 8
+        get = _own_tensor
+        return (get(base, "qweight"), get(base, "qzeros"), get(base, "scales"), get(base, "g_idx"), get(base, "bias"),
+                lora_a._parameters.get("weight"), lora_b._parameters.get("weight"), lora_b._parameters.get("bias"))
+
     def _prepared(self, x: torch.Tensor) -> dict[str, Any]:
         key = (x.dtype, x.device)
         cached = self._fused_cache.get(key)
+        scaling = float(self.scaling[self._fused_adapter])
         if cached is not None:
-            return cached
-        self._fused_cache.clear()  # one live copy: dtype/device changed
+            if torch.compiler.is_compiling():  # traced once; data_ptr/_version are not traceable
+                return cached
+            if scaling == cached["scaling"] and _stamps(self._sources()) == cached["stamps"]:
+                return cached  # the same tensors (the entry holds them: ids stay theirs), unchanged since
+            object.__setattr__(self, "_fused_meta", _base_meta(self.get_base_layer()))  # g_idx may have changed
+        self._fused_cache.clear()  # one live copy: dtype/device or the layer's tensors changed
         meta = self._fused_meta
         base = self.get_base_layer()
         name = self._fused_adapter
         dev = x.device
         compute = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+        sources = self._sources()
         lora_a = self.lora_A[name].weight.detach()
         lora_b = self.lora_B[name].weight.detach()
-        scaling = float(self.scaling[name])
         bias = base.bias.detach().to(dev, torch.float32) if getattr(base, "bias", None) is not None else None
         if self.lora_B[name].bias is not None:  # lora_bias=True: folded into the output bias
             lb = self.lora_B[name].bias.detach().to(dev, torch.float32) * scaling
@@ -257,6 +300,8 @@ class FusedGPTQLoraLinear(GPTQLoraLinear):
             g_idx=base.g_idx.detach().to(dev, torch.int32).contiguous() if meta.act_order else None,
             bias=bias.to(compute) if bias is not None else None,
             scaling=scaling,
+            sources=sources,
+            stamps=_stamps(sources),
         )
         if self._fused_adapter_bits == 16:
             prepared.update(
@@ -294,6 +339,17 @@ class FusedGPTQLoraLinear(GPTQLoraLinear):
         )
 
 
+class FusedMixedBatchGPTQLoraLinear(FusedGPTQLoraLinear, MixedBatchGPTQLoraLinear):
+    """The fused twin of EoRA's mixed-batch layer: ``adapter_names=[...]`` keeps working (PEFT's forward)."""
+
+
+#: the class of PEFT layer → the class of its fused twin (a subclass of both)
+_FUSED_CLASS: dict[type, type[FusedGPTQLoraLinear]] = {
+    GPTQLoraLinear: FusedGPTQLoraLinear,
+    MixedBatchGPTQLoraLinear: FusedMixedBatchGPTQLoraLinear,
+}
+
+
 def _parent(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
     if "." not in qualified:
         return model, qualified
@@ -315,6 +371,9 @@ def fuse(
     per-channel copies (quantized once, at the first call per dtype/device). ``None`` (default)
     takes each adapter's ``EoRAConfig.adapter_bits`` (16 for other LoRA configs): factors that
     EoRA already rounded onto that grid are read back as the very same codes.
+
+    Layers fused before are bound again to the adapter active now and to these settings (after
+    ``set_adapter("other")``, call ``fuse`` again to fuse ``other``); they are listed in ``fused``.
     """
     if backend not in _ops.BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: expected one of {_ops.BACKENDS}")
@@ -325,21 +384,26 @@ def fuse(
     report = FuseReport()
     targets = []
     for name, module in model.named_modules():
-        if not isinstance(module, GPTQLoraLinear) or isinstance(module, FusedGPTQLoraLinear):
+        if not isinstance(module, GPTQLoraLinear):
             continue
         reason = base_layer_reason(module.get_base_layer(), supported)
         adapter = None
         if reason is None:
             reason, adapter = plain_adapter(module)
+        if reason is None and not isinstance(module, FusedGPTQLoraLinear) and type(module) not in _FUSED_CLASS:
+            reason = f"{type(module).__name__} overrides PEFT's GPTQLoraLinear, and the fused twin would drop its forward"
         if reason is not None:
             report.skipped[name] = reason
             logger.info("not fusing %s: %s", name, reason)
             continue
         targets.append((name, module, adapter))
     for name, module, adapter in targets:
-        parent, child = _parent(model, name)
         bits = adapter_bits if adapter_bits is not None else int(getattr(configs.get(adapter), "adapter_bits", 16))
-        setattr(parent, child, FusedGPTQLoraLinear.from_peft(module, adapter, backend, bits))
+        if isinstance(module, FusedGPTQLoraLinear):  # fused before: bound again (another adapter may be active now)
+            module._bind(adapter, backend, bits)
+        else:
+            parent, child = _parent(model, name)
+            setattr(parent, child, _FUSED_CLASS[type(module)].from_peft(module, adapter, backend, bits))
         report.fused.append(name)
     logger.info("fused %d GPTQ LoRA layer(s), skipped %d", len(report.fused), len(report.skipped))
     return report
