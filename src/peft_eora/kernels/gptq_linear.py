@@ -132,7 +132,10 @@ class GPTQLinear(nn.Module):
         from . import ops
 
         dtype = x.dtype
-        compute = self.scales.dtype if x.device.type == "cuda" else torch.float32
+        if x.device.type != "cuda":
+            compute = torch.float32
+        else:  # the activations' half dtype (a bfloat16 x cast to float16 scales could overflow), as fuse() does
+            compute = dtype if dtype in (torch.float16, torch.bfloat16) else self.scales.dtype
         y = ops.gptq_lora_linear_eager(
             x.to(compute), self.qweight, self.qzeros, self.scales.to(compute),
             self.g_idx if self.act_order else None, self.bias.to(compute) if self.bias is not None else None,
