@@ -37,7 +37,8 @@ def _products(f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _eora(quantized, original, calib, **kwargs):
-    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, damping=kwargs.pop("damping", 0.01)))
+    config = {"damping": kwargs.pop("damping", 0.01), **kwargs.pop("config", {})}
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, **config))
     stats = initialize_eora_weights(pm, original_model=original, calibration=calib, batch_size=4, progress=False,
                                     **kwargs)
     return pm, stats
@@ -305,6 +306,13 @@ def test_checkpoint_refuses_other_runs_and_unrequested_resumes(tiny_llama, calib
         _eora(quantized, original, calib_ids, checkpoint_dir=str(tmp_path / "run"), resume=True, damping=0.1)
     with pytest.raises(CheckpointMismatchError, match="calibration"):
         _eora(quantized, original, calib_ids[:8], checkpoint_dir=str(tmp_path / "run"), resume=True)
+    # lora_B is stored over the layer's scaling, and adapter_bits decides the rounding: both must match
+    with pytest.raises(CheckpointMismatchError, match="scalings"):
+        _eora(quantized, original, calib_ids, checkpoint_dir=str(tmp_path / "run"), resume=True,
+              config={"lora_alpha": 16})
+    with pytest.raises(CheckpointMismatchError, match="adapter_bits"):
+        _eora(quantized, original, calib_ids, checkpoint_dir=str(tmp_path / "run"), resume=True,
+              config={"adapter_bits": 8})
 
 
 _KILL_SCRIPT = textwrap.dedent("""

@@ -293,6 +293,10 @@ def _run_signature(model: nn.Module, config: EoRAConfig, adapter_name: str, batc
         "value_weighting": getattr(config, "value_weighting", "attention"),
         "logit_weighting": getattr(config, "logit_weighting", DEFAULT_LOGIT_WEIGHTING),
         "ranks": {t.name: t.rank for t in targets},
+        # the stored lora_B is the factor over the layer's scaling (lora_alpha, alpha_pattern, use_rslora), and
+        # adapter_bits decides how the factors are rounded: finished blocks restored at another are wrong
+        "scalings": {t.name: float(t.layer.scaling[adapter_name]) for t in targets},
+        "adapter_bits": int(getattr(config, "adapter_bits", 16)),
         # a resumed run's forwards must keep the precision of the interrupted one's
         **({"forward_dtype": config.forward_dtype} if getattr(config, "forward_dtype", None) not in (None, "model") else {}),
     }
