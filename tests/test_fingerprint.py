@@ -129,6 +129,28 @@ def test_same_base_loads_silently(computed):
         PeftModel.from_pretrained(copy.deepcopy(quantized), path)
 
 
+@pytest.mark.parametrize("extra", [{"modules_to_save": ["lm_head"]}, {"trainable_token_indices": [3, 5]}])
+def test_wrapped_base_modules_read_as_the_modules_they_wrap(extra, tmp_path):
+    """``modules_to_save`` and trainable tokens wrap a base module (and hold a trainable copy or delta): the
+    fingerprint reads the module they wrap, so the adapter saved from the wrapped model loads on its plain base."""
+    original, quantized = tiny_llama_pair(seed=0)
+    model = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, **extra))
+    peft_eora.initialize_eora_weights(model, original_model=original, calibration=CALIB, progress=False)
+    assert compute_fingerprint(model) == compute_fingerprint(quantized)
+    with torch.no_grad():  # the trainable copy moves away from the base: still the same base
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name or "trainable_tokens_delta" in name:
+                param.add_(0.5)
+    assert compute_fingerprint(model) == compute_fingerprint(quantized)
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BaseMismatchWarning)
+        loaded = PeftModel.from_pretrained(copy.deepcopy(quantized), tmp_path).eval()
+    ids = CALIB[:, :8]
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model.eval()(ids).logits, atol=1e-5)
+
+
 def test_packed_weights_are_compared_only_between_equal_kernels(computed):
     quantized, _, _ = computed
     fp = compute_fingerprint(quantized).to_dict()

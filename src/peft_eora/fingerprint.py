@@ -98,13 +98,34 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+#: where PEFT's ``modules_to_save`` / ``trainable_token_indices`` wrappers keep the module they wrap
+_ORIGINAL_PATHS = ("original_module", "token_adapter.base_layer")
+
+
 def _base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` of the base as if no adapter were injected (adapter modules skipped,
-    ``.base_layer`` removed from the names of PEFT-wrapped layers)."""
+    ``.base_layer`` removed from the names of PEFT-wrapped layers; a ``modules_to_save`` or trainable-tokens
+    wrapper stands for the module it wraps, its trainable copies skipped)."""
+    try:
+        from peft.utils.other import AuxiliaryTrainingWrapper as wrapper_type
+    except ImportError:  # an older PEFT
+        from peft.utils.other import ModulesToSaveWrapper as wrapper_type
+    wrappers: list[str] = []
     for name, module in model.named_modules():
         parts = name.split(".") if name else []
         if any(p.startswith("lora_") for p in parts):
             continue
+        if isinstance(module, wrapper_type):
+            wrappers.append(name)
+            continue
+        owner = next((w for w in wrappers if name.startswith(f"{w}.")), None)
+        if owner is not None:
+            rel = name[len(owner) + 1:]
+            path = next((p for p in _ORIGINAL_PATHS if rel == p or rel.startswith(f"{p}.")), None)
+            if path is None:  # the adapter's own copy of the module
+                continue
+            name = owner + rel[len(path):]
+            parts = name.split(".")
         yield ".".join(p for p in parts if p != "base_layer"), module
 
 
