@@ -283,3 +283,35 @@ def test_plain_lora_folders_are_not_taken_for_eora(models, tmp_path):
     assert type(PeftConfig.from_pretrained(tmp_path / "lora")) is LoraConfig
     peft_eora.export_lora(lora, tmp_path / "exported")
     assert type(PeftModel.from_pretrained(copy.deepcopy(quantized), tmp_path / "exported").peft_config["default"]) is LoraConfig
+
+
+def test_lora_and_eora_adapters_share_one_model(models, saved, tmp_path):
+    """PEFT refuses adapters of two peft types in one model; an EoRA adapter is a LoRA adapter at inference, so a
+    LoRA adapter joins an EoRA model (and is saved and reloaded beside it) and a float EoRA adapter joins a LoRA
+    model, each computing what it computes alone; an int8 one, which only EoRA's tuner unpacks, is refused."""
+    _, quantized, eora = models
+    lora = get_peft_model(copy.deepcopy(quantized), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                init_lora_weights=False)).eval()
+    lora.save_pretrained(tmp_path / "lora")
+    alone = logits(lora)
+
+    both = PeftModel.from_pretrained(copy.deepcopy(quantized), saved["float"])
+    both.load_adapter(tmp_path / "lora", adapter_name="task")
+    both.set_adapter("task")
+    assert (logits(both.eval()) - alone).abs().max().item() <= 1e-5
+    both.set_adapter("default")
+    assert (logits(both) - logits(eora["float"])).abs().max().item() <= 1e-5
+    both.save_pretrained(tmp_path / "both")
+    again = PeftModel.from_pretrained(copy.deepcopy(quantized), tmp_path / "both")
+    assert isinstance(again.peft_config["default"], EoRAConfig)
+    again.load_adapter(tmp_path / "both" / "task", adapter_name="task")
+    assert type(again.peft_config["task"]) is LoraConfig
+    again.set_adapter("task")
+    assert (logits(again.eval()) - alone).abs().max().item() <= 1e-5
+
+    into_lora = PeftModel.from_pretrained(copy.deepcopy(quantized), tmp_path / "lora")
+    into_lora.load_adapter(saved["float"], adapter_name="eora")
+    into_lora.set_adapter("eora")
+    assert (logits(into_lora.eval()) - logits(eora["float"])).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="cannot join a LoRA model: it stores int8 factors"):
+        into_lora.load_adapter(saved["int8"], adapter_name="int8")

@@ -53,7 +53,18 @@ def _install() -> Any:
     _peft_compat.patch_config_loading(EoRAConfig, is_eora_adapter)
     # model.save_pretrained/push_to_hub of EoRA adapters: atomic, safetensors-only, EoRA model card
     _peft_compat.patch_peft_model(lambda m, sel: bool(eora_adapter_names(m, sel)), save_pretrained, push_to_hub)
+    # LoRA and EoRA adapters side by side in one PeftModel (PEFT refuses two peft types)
+    _peft_compat.patch_add_adapter(peft_type, _needs_eora_tuner)
     return peft_type
+
+
+def _needs_eora_tuner(config: Any) -> Any:
+    """Why an EoRA adapter cannot live in a plain LoRA model, or None (a float adapter is a LoRA one)."""
+    if getattr(config, "adapter_bits", 16) != 16:
+        return f"it stores int{config.adapter_bits} factors, which only EoRA's tuner unpacks"
+    if getattr(config, "init_eora", False):
+        return "its factors are still to be computed, which EoRA's tuner does"
+    return None
 
 
 _peft_compat.when_peft_ready(_install)

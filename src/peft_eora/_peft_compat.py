@@ -143,6 +143,45 @@ def patch_peft_model(
     PeftModel.push_to_hub = push_to_hub_
 
 
+def patch_add_adapter(peft_type: Any, refuse_in_lora_model: Callable[[Any], Optional[str]]) -> None:
+    """Let one ``PeftModel`` hold LoRA and ``peft_type`` (EoRA) adapters side by side. Idempotent.
+
+    PEFT refuses adapters of another ``peft_type`` than the model's first (``add_adapter``, so also
+    ``load_adapter``). An EoRA adapter *is* a LoRA adapter at inference time and EoRA's tuner is a
+    ``LoraModel``, so: a LoRA adapter joins an EoRA model as it would a LoRA one; an EoRA adapter joins a
+    LoRA model unless ``refuse_in_lora_model(config)`` gives the reason it needs EoRA's tuner (int8/int4
+    codes to unpack, factors to compute), which is raised.
+    """
+    from peft import PeftModel
+    from peft.utils import PeftType
+
+    current = PeftModel.add_adapter
+    if getattr(current, "_peft_eora", False):
+        return
+    pair = {PeftType.LORA, peft_type}
+
+    @functools.wraps(current)
+    def add_adapter(self, adapter_name, peft_config, *args, **kwargs):
+        kept = getattr(self, "peft_type", None)
+        if kept == peft_config.peft_type or {kept, peft_config.peft_type} != pair:
+            return current(self, adapter_name, peft_config, *args, **kwargs)
+        if kept == PeftType.LORA:
+            reason = refuse_in_lora_model(peft_config)
+            if reason is not None:
+                raise ValueError(
+                    f"Adapter {adapter_name!r} cannot join a LoRA model: {reason}. Create the model from the EoRA "
+                    "adapter first (PeftModel.from_pretrained(base, eora_dir)) and add LoRA adapters to it."
+                )
+        self.peft_type = peft_config.peft_type  # PEFT compares the two; nothing else reads it here
+        try:
+            return current(self, adapter_name, peft_config, *args, **kwargs)
+        finally:
+            self.peft_type = kept
+
+    add_adapter._peft_eora = True  # type: ignore[attr-defined]
+    PeftModel.add_adapter = add_adapter
+
+
 def patch_config_loading(config_cls: type, is_own_adapter: Callable[..., bool]) -> None:
     """Make ``PeftConfig.from_pretrained``/``LoraConfig.from_pretrained`` return ``config_cls.from_pretrained(...)``
     for adapters where ``is_own_adapter(model_id, subfolder, **kwargs)`` is true.
