@@ -120,6 +120,13 @@ def test_allow_base_mismatch_loads_with_a_warning(computed, tmp_path):
     config.allow_base_mismatch = True
     with pytest.warns(BaseMismatchWarning):
         PeftModel.from_pretrained(tiny_llama_pair(seed=1)[1], path, config=config)
+    # and for a second adapter: load_adapter takes the flag as from_pretrained does (PEFT drops it on the way)
+    with pytest.raises(BaseMismatchError):
+        loaded.load_adapter(path, adapter_name="strict")
+    assert "strict" not in loaded.peft_config
+    with pytest.warns(BaseMismatchWarning, match="Loading anyway"):
+        loaded.load_adapter(path, adapter_name="second", allow_base_mismatch=True)
+    assert loaded.peft_config["second"].allow_base_mismatch is True
 
 
 def test_same_base_loads_silently(computed):

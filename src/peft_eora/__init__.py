@@ -55,6 +55,8 @@ def _install() -> Any:
     _peft_compat.patch_peft_model(lambda m, sel: bool(eora_adapter_names(m, sel)), save_pretrained, push_to_hub)
     # LoRA and EoRA adapters side by side in one PeftModel (PEFT refuses two peft types)
     _peft_compat.patch_add_adapter(peft_type, _needs_eora_tuner)
+    # model.load_adapter(path, name, allow_base_mismatch=True) as PeftModel.from_pretrained takes it
+    _peft_compat.patch_load_adapter(("allow_base_mismatch",))
     return peft_type
 
 

@@ -35,6 +35,7 @@ hook that watches ``peft`` and ``peft_eora.*`` imports and removes itself afterw
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.abc
 import inspect
@@ -162,6 +163,9 @@ def patch_add_adapter(peft_type: Any, refuse_in_lora_model: Callable[[Any], Opti
 
     @functools.wraps(current)
     def add_adapter(self, adapter_name, peft_config, *args, **kwargs):
+        for key, value in _LOAD_OVERRIDES.get().items():  # load_adapter(..., allow_base_mismatch=True)
+            if hasattr(peft_config, key):
+                setattr(peft_config, key, value)
         kept = getattr(self, "peft_type", None)
         if kept == peft_config.peft_type or {kept, peft_config.peft_type} != pair:
             return current(self, adapter_name, peft_config, *args, **kwargs)
@@ -180,6 +184,33 @@ def patch_add_adapter(peft_type: Any, refuse_in_lora_model: Callable[[Any], Opti
 
     add_adapter._peft_eora = True  # type: ignore[attr-defined]
     PeftModel.add_adapter = add_adapter
+
+
+#: config fields given to the ``load_adapter`` call running now, set on the config it loads
+_LOAD_OVERRIDES: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("peft_eora_load_overrides", default={})
+
+
+def patch_load_adapter(keywords: tuple[str, ...]) -> None:
+    """Let ``PeftModel.load_adapter(..., <keyword>=value)`` set config fields, as ``PeftModel.from_pretrained``
+    does (PEFT hands ``load_adapter``'s config loader only the Hub download options). Idempotent; needs
+    :func:`patch_add_adapter`, which applies them."""
+    from peft import PeftModel
+
+    current = PeftModel.load_adapter
+    if getattr(current, "_peft_eora", False):
+        return
+
+    @functools.wraps(current)
+    def load_adapter(self, *args, **kwargs):
+        overrides = {k: kwargs.pop(k) for k in keywords if k in kwargs}
+        token = _LOAD_OVERRIDES.set(overrides)
+        try:
+            return current(self, *args, **kwargs)
+        finally:
+            _LOAD_OVERRIDES.reset(token)
+
+    load_adapter._peft_eora = True  # type: ignore[attr-defined]
+    PeftModel.load_adapter = load_adapter
 
 
 def patch_config_loading(config_cls: type, is_own_adapter: Callable[..., bool]) -> None:
