@@ -61,6 +61,20 @@ def test_train_losses_needs_trainable_parameters(tiny_original_dir, tokenizer):
         train_losses(model, data, steps=0)
 
 
+def test_train_losses_pads_with_the_first_of_several_end_tokens():
+    """Llama 3 and Qwen2.5 configs have no pad token and a list of end tokens: the first pads the batches."""
+    from peft import LoraConfig, get_peft_model
+
+    from tiny_models import tiny_llama_pair
+
+    _, model = tiny_llama_pair(seed=0)
+    model.config.pad_token_id, model.config.eos_token_id = None, [1, 2]
+    pm = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    rows = [{"input_ids": [5, 6, 7][: n], "attention_mask": [1] * n, "labels": [5, 6, 7][: n]} for n in (2, 3)]
+    losses = train_losses(pm, rows, steps=1, batch_size=2)
+    assert len(losses) == 1
+
+
 def test_plot_losses_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     out = plot_losses({"a": [3.0, 2.5, 2.0, 1.8], "b": [3.2, 3.0, 2.9, 2.7]}, tmp_path / "sub" / "l.png", smooth=2)

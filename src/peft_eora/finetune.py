@@ -131,6 +131,8 @@ def train_losses(
         pad_token_id = getattr(config, "pad_token_id", None)
         if pad_token_id is None:
             pad_token_id = getattr(config, "eos_token_id", 0) or 0
+            if isinstance(pad_token_id, (list, tuple)):  # Llama 3, Qwen2.5: several end tokens
+                pad_token_id = pad_token_id[0] if pad_token_id else 0
     with tempfile.TemporaryDirectory(prefix="peft-eora-train-") as tmp:
         args = TrainingArguments(
             output_dir=str(output_dir or tmp),
