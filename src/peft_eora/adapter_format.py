@@ -89,6 +89,12 @@ def merge(adapter: dict[str, Any], sidecar: Optional[dict[str, Any]], where: str
     """
     peft_type = adapter.get("peft_type")
     if sidecar is None:
+        if peft_type == QUANTIZED_PEFT_TYPE:
+            raise AdapterFileError(
+                f"{where} is an int8/int4 EoRA adapter whose {EORA_CONFIG_NAME} is missing: the settings needed to read "
+                f"its factor codes are kept there. Copy {EORA_CONFIG_NAME} back beside adapter_config.json from where "
+                "the adapter was saved or downloaded, or compute the adapter again."
+            )
         if peft_type != LEGACY_PEFT_TYPE:
             raise AdapterFileError(
                 f"{where} has no {EORA_CONFIG_NAME}: it is a {peft_type} adapter, not an EoRA one. Load it with "
