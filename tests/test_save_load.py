@@ -244,3 +244,31 @@ def test_named_adapter_saves_into_subfolder_and_loads(computed, tmp_path):
     assert (tmp_path / "multi" / "second" / "eora_config.json").is_file()
     loaded = load(quantized, tmp_path / "multi", subfolder="second", adapter_name="second")
     assert (logits(loaded) - logits(model)).abs().max().item() <= 1e-5
+
+
+def test_fine_tuned_adapters_are_saved_as_such(computed, saved, tmp_path):
+    """eora_stats and the card describe the factors EoRA computed: once the factors are trained further, saving
+    marks the adapter ``fine_tuned`` (kept through reloads) and the card says so. A cast to half precision is
+    no training."""
+    quantized, model = computed
+    assert model.peft_config["default"].eora_stats["factor_signature"][3] > 0
+    sidecar = json.loads((saved / "eora_config.json").read_text())
+    assert sidecar["fine_tuned"] is False and "A training-free" in (saved / "README.md").read_text()
+
+    cast = load(quantized, saved).to(torch.bfloat16)
+    cast.save_pretrained(tmp_path / "cast")
+    assert json.loads((tmp_path / "cast" / "eora_config.json").read_text())["fine_tuned"] is False
+
+    trained = load(quantized, saved, is_trainable=True).train()
+    optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        trained(INPUT, labels=INPUT).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    trained.save_pretrained(tmp_path / "tuned")
+    assert json.loads((tmp_path / "tuned" / "eora_config.json").read_text())["fine_tuned"] is True
+    card = (tmp_path / "tuned" / "README.md").read_text()
+    assert "then fine-tuned" in card and "A training-free" not in card
+    again = load(quantized, tmp_path / "tuned")
+    assert again.peft_config["default"].fine_tuned is True
+    assert torch.allclose(logits(again), logits(trained.eval()), atol=1e-5)

@@ -155,15 +155,16 @@ def _eora_section(
         damping_text = f" (damping {damping}" + (f": {picked}" if picked else "") + ")"
     else:
         damping_text = f" (damping {damping:g})" if damping is not None else ""
+    fine_tuned = bool(getattr(config, "fine_tuned", False))
     rows = [
         ("Compressed base model", base_text if base_id else "not recorded"),
         ("Original (uncompressed) model", f"`{original}`" if original else "not recorded"),
         ("Compression", _describe_quant(quant)),
-        ("Method", f"{method}{damping_text}"),
+        ("Method", f"{method}{damping_text}" + (", then fine-tuned" if fine_tuned else "")),
         ("Rank", f"{rank_text} (lora_alpha {_fmt(config.lora_alpha)})"),
         ("Target modules", f"{len(layers)} linear layers ({', '.join(suffixes)})"),
         ("Calibration data", calib_text),
-        ("Perplexity before → after", ppl),
+        ("Perplexity before → after" + (" (EoRA initialisation)" if fine_tuned else ""), ppl),
         ("Base fingerprint", fingerprint),
     ]
     table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
@@ -210,12 +211,18 @@ model = PeftModel.from_pretrained(base, "{where}")
 
 Loading checks the base against the recorded fingerprint. Without peft-eora, or for vLLM-style
 serving engines, export a float LoRA adapter: `peft_eora.export_lora(model, "lora-export")`."""
+    intro = (f"A training-free [EoRA]({PAPER_URL}) adapter: low-rank factors that compensate the compression "
+             f"error of {base_text}, computed by projecting the residual `W_original − W_compressed` into the "
+             "eigenspace of the calibration activations")
+    if fine_tuned:
+        intro = (f"An adapter initialised by [EoRA]({PAPER_URL}) (low-rank factors that compensate the compression "
+                 f"error of {base_text}, computed without training from the residual `W_original − W_compressed` in "
+                 "the eigenspace of the calibration activations) and then fine-tuned. The statistics below describe "
+                 "the EoRA initialisation, not the fine-tuned factors")
     return f"""{CARD_BEGIN}
 ## EoRA adapter
 
-A training-free [EoRA]({PAPER_URL}) adapter: low-rank factors that compensate the compression error of
-{base_text}, computed by projecting the residual `W_original − W_compressed` into the eigenspace of
-the calibration activations; {kind}.
+{intro}; {kind}.
 
 {table}
 

@@ -276,6 +276,13 @@ class EoRAConfig(LoraConfig):
         default=None,
         metadata={"help": "Fingerprint of the quantized base the factors were computed against (checked on load)."},
     )
+    fine_tuned: bool = field(
+        default=False,
+        metadata={
+            "help": "Set when the adapter is saved with factors that moved since EoRA computed them (fine-tuning): "
+            "eora_stats then describe the EoRA initialisation, not the saved factors."
+        },
+    )
     execution_device: Optional[str] = field(
         default="auto",
         metadata={

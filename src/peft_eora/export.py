@@ -134,6 +134,9 @@ def export_lora(
         lora_config.save_pretrained(tmp)
         _sort_json_lists(os.path.join(tmp, CONFIG_NAME), ("target_modules",))
         if model_card:
+            from .saving import mark_fine_tuned
+
+            mark_fine_tuned(model, [adapter_name])  # the card then says the factors were trained further
             build_model_card(model, adapter_name, exported=True).save(os.path.join(tmp, README_NAME))
     logger.info("Exported adapter %r as plain LoRA (%d modules) to %s", adapter_name, len(layers), save_directory)
     return os.fspath(save_directory)

@@ -314,3 +314,51 @@ def verify_fingerprint(model: nn.Module, config: Any, adapter_name: str = "defau
         message + ", or pass allow_base_mismatch=True (PeftModel.from_pretrained(model, path, "
         "allow_base_mismatch=True), or set it on the EoRAConfig) to load it anyway."
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# the factors' signature: did they move since EoRA computed them (fine-tuning)?
+
+#: same precision as when recorded: a change of a signature sum beyond this share of ``Σ |t|`` is a change of
+#: the factors (float64 sums in another order differ by far less)
+FACTOR_CHANGE_RTOL = 1e-7
+#: factors cast to a coarser dtype since (model.half()): each entry moves by up to u·|t| (u the dtype's unit
+#: roundoff) with a random sign, so a signature sum by about u·‖t‖₂; beyond this many times that, a change
+CAST_SIGMAS = 8.0
+
+
+def factor_signature(model: nn.Module, adapter_name: str) -> list[float]:
+    """Sums over every ``lora_A``/``lora_B`` weight of ``adapter_name`` (layers in name order, float64): ``Σ t``,
+    ``Σ w₁·t``, ``Σ w₂·t`` with two fixed ±1 patterns ``w`` over each tensor's entries, ``Σ |t|``, ``Σ t²``, and the
+    unit roundoff of the coarsest dtype among them. Recorded in ``eora_stats["factor_signature"]`` when EoRA
+    computes the factors; :func:`factors_changed` compares it with the current factors when the adapter is saved::
+
+        >>> factors_changed(model, "default", config.eora_stats["factor_signature"])  # after fine-tuning: True
+    """
+    from peft.tuners.lora import LoraLayer
+
+    sums = torch.zeros(5, dtype=torch.float64)
+    roundoff = 0.0
+    layers = sorted((n, m) for n, m in _unwrap(model).named_modules()
+                    if isinstance(m, LoraLayer) and adapter_name in getattr(m, "lora_A", {}))
+    for _, layer in layers:
+        for t in (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight):
+            if t.is_floating_point():
+                roundoff = max(roundoff, torch.finfo(t.dtype).eps / 2)
+            x = t.detach().reshape(-1).to(torch.float64)
+            i = torch.arange(x.numel(), device=x.device, dtype=torch.int64)
+            signs = [1.0 - 2.0 * (((i * 2654435761 + k * 40503) >> 17) & 1).to(torch.float64) for k in (1, 2)]
+            sums += torch.stack([x.sum(), (x * signs[0]).sum(), (x * signs[1]).sum(), x.abs().sum(), x.square().sum()]
+                                ).cpu()
+    return [float(v) for v in sums] + [roundoff]
+
+
+def factors_changed(model: nn.Module, adapter_name: str, recorded: list[float]) -> bool:
+    """Whether ``adapter_name``'s factors moved since ``recorded`` (a :func:`factor_signature`): beyond summation
+    round-off at the recorded precision, beyond what the cast can explain where they were cast to a coarser dtype
+    since (then a fine-tuning too slight to outgrow the cast's rounding passes unnoticed)."""
+    now = factor_signature(model, adapter_name)
+    tol = FACTOR_CHANGE_RTOL * max(abs(recorded[3]), abs(now[3]))
+    if now[5] > recorded[5]:  # coarser now
+        tol += CAST_SIGMAS * now[5] * max(recorded[4], now[4]) ** 0.5
+    return any(abs(a - b) > tol for a, b in zip(now[:4], recorded[:4]))

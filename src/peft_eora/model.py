@@ -34,7 +34,7 @@ from .adapter_quant import is_packed, pack_adapter_state_dict, quantize_adapter_
 from .calibration import CalibrationData, as_batches
 from .compensate import CompensationStats, RankPlan, compensate, find_targets, plan_ranks
 from .config import DEFAULT_LOGIT_WEIGHTING, FIXED_DAMPING, EoRAConfig
-from .fingerprint import record_fingerprint, verify_fingerprint
+from .fingerprint import factor_signature, record_fingerprint, verify_fingerprint
 from .kernels.gptq_linear import GPTQLinear, register_gptq_linear
 from .layer import with_mixed_batch
 from .original import OriginalWeights
@@ -388,6 +388,7 @@ def _compute(
     quantize_adapter_(model, adapter_name, config.adapter_bits)  # no-op for adapter_bits=16
     config.init_eora = False  # the weights now hold the factors; loading must not recompute
     config.eora_stats = stats.summary()
+    config.eora_stats["factor_signature"] = factor_signature(model, adapter_name)  # tells a fine-tuned copy apart
     record_fingerprint(model, config)
     return stats
 

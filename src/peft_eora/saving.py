@@ -21,6 +21,7 @@ from torch import nn
 
 from .card import build_model_card
 from .config import EoRAConfig
+from .fingerprint import factors_changed
 from .safe_files import README_NAME, PathLike, atomic_directory
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ def save_pretrained(
     if not is_main_process:
         return save_directory
     names = eora_adapter_names(model, selected_adapters) or list(getattr(model, "peft_config", {}))
+    mark_fine_tuned(model, names)
     card_kwargs = dict(card_kwargs or {}, repo_id=repo_id)
     with atomic_directory(save_directory) as tmp:
         _peft_save(
@@ -84,6 +86,18 @@ def save_pretrained(
                 os.remove(os.path.join(tmp, README_NAME))
     logger.info("Saved EoRA adapter(s) %s to %s", names, save_directory)
     return save_directory
+
+
+def mark_fine_tuned(model: nn.Module, names: list[str]) -> None:
+    """Set ``fine_tuned`` on the configs of ``names`` whose factors moved since EoRA computed them, so that the
+    saved ``eora_config.json`` and card do not present trained factors as EoRA's training-free ones."""
+    configs = getattr(model, "peft_config", {}) or {}
+    for name in names:
+        config = configs.get(name)
+        recorded = (getattr(config, "eora_stats", None) or {}).get("factor_signature")
+        if recorded and not getattr(config, "fine_tuned", True) and factors_changed(model, name, recorded):
+            config.fine_tuned = True
+            logger.info("Adapter %r was fine-tuned since EoRA computed it: saved with fine_tuned=True.", name)
 
 
 def _write_card(
