@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import warnings
 
 import pytest
@@ -43,7 +44,7 @@ def test_recorded_when_factors_are_computed_and_saved(computed):
     quantized, model, path = computed
     recorded = model.peft_config["default"].base_fingerprint
     assert recorded == compute_fingerprint(quantized).to_dict()
-    assert recorded["version"] == 1 and recorded["digest"].startswith("eora-fp1:")
+    assert recorded["version"] == 2 and recorded["digest"].startswith("eora-fp2:")
     assert recorded["kernels"] == [] and recorded["num_modules"] == 2 * 9 + 3  # 7 linears + 2 norms per block
     saved = json.loads((path / "eora_config.json").read_text())["base_fingerprint"]
     assert saved == recorded
@@ -65,6 +66,27 @@ def test_stable_and_independent_of_adapters(computed):
     # loading the same checkpoint in another float dtype (fp16 checkpoint read as fp32) is the same base
     half = copy.deepcopy(quantized).half()
     assert compute_fingerprint(copy.deepcopy(half).float()) == compute_fingerprint(half)
+    # ... and read in bfloat16 for serving (version 2 samples at bfloat16 precision; version 1 did not)
+    assert compute_fingerprint(copy.deepcopy(half).bfloat16()) == compute_fingerprint(half)
+    assert compute_fingerprint(copy.deepcopy(quantized).bfloat16()) == fp  # a float32 checkpoint read in bf16
+    assert (compute_fingerprint(copy.deepcopy(half).bfloat16(), version=1).digest
+            != compute_fingerprint(half, version=1).digest)
+
+
+def test_fingerprints_of_the_previous_version_are_still_checked(computed, tmp_path):
+    """Adapters saved before version 2 record a version-1 fingerprint: it is checked by computing version 1."""
+    quantized, model, path = computed
+    old = tmp_path / "v1"
+    shutil.copytree(path, old)
+    sidecar = json.loads((old / "eora_config.json").read_text())
+    sidecar["base_fingerprint"] = compute_fingerprint(quantized, version=1).to_dict()
+    assert sidecar["base_fingerprint"]["digest"].startswith("eora-fp1:")
+    (old / "eora_config.json").write_text(json.dumps(sidecar))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BaseMismatchWarning)
+        PeftModel.from_pretrained(copy.deepcopy(quantized), old)
+    with pytest.raises(BaseMismatchError):
+        PeftModel.from_pretrained(tiny_llama_pair(seed=1)[1], old)
 
 
 def test_sensitive_to_weights_structure_and_quantization(computed):

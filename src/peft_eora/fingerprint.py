@@ -19,8 +19,8 @@ What is hashed (SHA-256 over canonical JSON / float64 bytes), per part:
 - ``quantization``: ``bits``, ``group_size``, ``sym``, ``desc_act``, ``quant_method`` of the
   model's ``config.quantization_config`` (``None`` for dense bases).
 - ``dense_weights``: 8 evenly spaced values of every tensor of the non-quantized modules
-  (embeddings, norms, dense linears), as float64, so the same checkpoint loaded in fp16 or fp32
-  gives the same value.
+  (embeddings, norms, dense linears), rounded to bfloat16 (version 2), so the same fp16 or bf16
+  checkpoint loaded in fp16, bf16 or fp32 gives the same value.
 - ``packed_weights``: 8 evenly spaced values of every tensor of the quantized modules, as stored
   by the loaded kernel (``qweight``, ``scales``, ...), or in the canonical layout the back-end's
   optional ``fingerprint_tensors(module)`` gives for kernels that repack lazily (bitsandbytes on
@@ -48,8 +48,11 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-#: Bump when what is hashed changes; fingerprints of another version are not compared.
-FINGERPRINT_VERSION = 1
+#: Bump when what is hashed changes. Version 1 hashed float samples as stored; version 2 rounds them to
+#: bfloat16 first, so a checkpoint loaded in float16, bfloat16 or float32 gives one fingerprint. Recorded
+#: fingerprints of a version listed here are checked by computing that version; others are not compared.
+FINGERPRINT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SAMPLES_PER_TENSOR = 8
 _QUANT_KEYS = ("quant_method", "bits", "group_size", "sym", "desc_act")
 _PARTS = ("structure", "quantization", "dense_weights", "packed_weights")
@@ -162,13 +165,16 @@ def _quantization_summary(model: nn.Module) -> Optional[dict[str, Any]]:
     return summary
 
 
-def _sample(tensor: torch.Tensor, k: int) -> Optional[torch.Tensor]:
-    """``k`` evenly spaced values of ``tensor`` (flat order) as float64, or None if unreadable."""
+def _sample(tensor: torch.Tensor, k: int, version: int = FINGERPRINT_VERSION) -> Optional[torch.Tensor]:
+    """``k`` evenly spaced values of ``tensor`` (flat order) as float64, or None if unreadable. From version 2,
+    floating-point values are rounded to bfloat16 first: a float16 or bfloat16 checkpoint then samples the same
+    whatever dtype it was loaded in (float16 ↔ bfloat16 ↔ float32 casts of its values round to the same
+    bfloat16; a float32 checkpoint loaded in float16 may still differ, by double rounding)."""
     if tensor.device.type == "meta":
         return None
     if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
         # tensor subclasses (torchao quantized weights) cannot be indexed: sample their inner tensors
-        inner = [_sample(getattr(tensor, attr), k) for attr in tensor.__tensor_flatten__()[0]]
+        inner = [_sample(getattr(tensor, attr), k, version) for attr in tensor.__tensor_flatten__()[0]]
         return None if any(v is None for v in inner) else torch.cat([v.reshape(-1) for v in inner])
     n = tensor.numel()
     if n == 0:
@@ -177,6 +183,8 @@ def _sample(tensor: torch.Tensor, k: int) -> Optional[torch.Tensor]:
     coords = torch.unravel_index(flat_idx, tensor.shape) if tensor.dim() > 0 else ()
     with torch.no_grad():
         values = tensor.detach()[coords] if coords else tensor.detach().reshape(1)
+        if version >= 2 and values.is_floating_point() and values.dtype.itemsize >= 2:
+            values = values.to(torch.bfloat16)
         try:
             return values.to(torch.float64).cpu()
         except (RuntimeError, TypeError):  # exotic packed dtypes: hash the raw bytes instead
@@ -188,11 +196,15 @@ def _canonical_hash(obj: Any) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def compute_fingerprint(model: nn.Module, samples_per_tensor: int = SAMPLES_PER_TENSOR) -> BaseFingerprint:
+def compute_fingerprint(model: nn.Module, samples_per_tensor: int = SAMPLES_PER_TENSOR,
+                        version: int = FINGERPRINT_VERSION) -> BaseFingerprint:
     """Fingerprint the base of ``model`` (a transformers model, ``PeftModel`` or PEFT tuner).
 
-    Deterministic across processes and machines, independent of any injected adapter.
+    Deterministic across processes and machines, independent of any injected adapter. ``version``: one of
+    ``READABLE_VERSIONS`` (an older one to check a fingerprint an older peft-eora recorded).
     """
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"Fingerprint version {version} is not one this peft-eora computes ({READABLE_VERSIONS}).")
     model = _unwrap(model)
     structure: list[Any] = []
     dense = hashlib.sha256()
@@ -220,7 +232,7 @@ def compute_fingerprint(model: nn.Module, samples_per_tensor: int = SAMPLES_PER_
         if quantized and hasattr(backend, "fingerprint_tensors"):  # layouts that change after loading
             tensors = backend.fingerprint_tensors(module)
         for t_name, t in tensors:
-            values = _sample(t, samples_per_tensor)
+            values = _sample(t, samples_per_tensor, version)
             if values is None:
                 readable[key] = False
                 continue
@@ -234,9 +246,10 @@ def compute_fingerprint(model: nn.Module, samples_per_tensor: int = SAMPLES_PER_
         "dense_weights": dense.hexdigest()[:16] if readable["dense"] else None,
         "packed_weights": packed.hexdigest()[:16] if readable["packed"] else None,
     }
-    digest = hashlib.sha256(f"v{FINGERPRINT_VERSION}|{json.dumps(parts, sort_keys=True)}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"v{version}|{json.dumps(parts, sort_keys=True)}".encode()).hexdigest()[:16]
     return BaseFingerprint(
-        digest=f"eora-fp{FINGERPRINT_VERSION}:{digest}",
+        digest=f"eora-fp{version}:{digest}",
+        version=version,
         kernels=sorted(kernels),
         num_modules=count,
         model=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
@@ -281,16 +294,16 @@ def verify_fingerprint(model: nn.Module, config: Any, adapter_name: str = "defau
     if not data:
         logger.debug("adapter %r has no recorded base fingerprint; not checked", adapter_name)
         return None
-    if data.get("version") != FINGERPRINT_VERSION:
+    if data.get("version") not in READABLE_VERSIONS:
         warnings.warn(
             f"Adapter {adapter_name!r} records a version-{data.get('version')} base fingerprint; this peft-eora "
-            f"computes version {FINGERPRINT_VERSION}, so the base could not be checked.",
+            f"computes versions {READABLE_VERSIONS}, so the base could not be checked.",
             BaseMismatchWarning,
             stacklevel=3,
         )
         return None
     recorded = BaseFingerprint.from_dict(data)
-    current = compute_fingerprint(model)
+    current = compute_fingerprint(model, version=recorded.version)
     differ, unchecked = differences(recorded, current)
     if not differ:
         if unchecked:
