@@ -101,3 +101,61 @@ def test_cli_mix_argument():
 
     with pytest.raises(argparse.ArgumentTypeError, match="JSON object with keys dataset"):
         _mix_source('{"path": "x"}')
+
+
+def test_rows_that_are_neither_text_nor_token_ids_are_refused(tmp_path):
+    """A column of numbers or of nested lists gets one error naming it (a TypeError deep inside before); blank
+    texts and rows missing a value the template names are skipped, not calibrated on as spaces or "None"."""
+    from peft_eora.calibration import load_documents
+
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text("".join(json.dumps({"text": 12345 + i}) + "\n" for i in range(4)))
+    with pytest.raises(CalibrationError, match="holds int values .* text or a flat list of token ids"):
+        load_documents(CalibrationSource(str(numbers)))
+    nested = tmp_path / "nested.jsonl"
+    nested.write_text(json.dumps({"ids": [[1, 2], [3]]}) + "\n")
+    with pytest.raises(CalibrationError, match="holds list values"):
+        load_documents(CalibrationSource(str(nested), column="ids"))
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("  \n ", "real text", "\t")))
+    assert load_documents(CalibrationSource(str(blank))) == ["real text"]
+    blank.write_text(json.dumps({"text": "   "}) + "\n")
+    with pytest.raises(CalibrationError, match="is empty"):
+        load_documents(CalibrationSource(str(blank)))
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"q": "a?", "a": None}) + "\n" + json.dumps({"q": "b?", "a": "yes"}) + "\n")
+    assert load_documents(CalibrationSource(str(qa), template="{q} {a}")) == ["b? yes"]
+
+
+def test_a_source_given_no_window_is_said(tmp_path, caplog):
+    a, b = _ids_file(tmp_path / "a.jsonl", 7), _ids_file(tmp_path / "b.jsonl", 9)
+    spec = CalibrationConfig(a, column="ids", num_samples=4, seq_len=8,
+                             mix=[{"dataset": b, "column": "ids", "weight": 0.1}])
+    with caplog.at_level("WARNING", logger="peft_eora.calibration"):
+        tokens = load_calibration_tokens(spec)
+    assert set(tokens.unique().tolist()) == {7}
+    assert "gets no window of the 4" in caplog.text and "b.jsonl" in caplog.text
+
+
+def test_token_batches_accepted_and_checked():
+    """A tokenizer's output passes as it is (one batch of rows, split by batch_size, its padding mask kept); ids
+    that are not integers, negative or beyond the model's vocabulary are refused with one error."""
+    from transformers import BatchEncoding
+
+    from peft_eora.calibration import as_batches, check_vocabulary
+
+    ids = torch.randint(3, 100, (5, 6))
+    mask = torch.ones(5, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    batches = as_batches(BatchEncoding({"input_ids": ids, "attention_mask": mask}), batch_size=2)
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1]
+    assert torch.equal(torch.cat([b["input_ids"] for b in batches]), ids) and "attention_mask" in batches[0]
+    assert "attention_mask" not in batches[1]  # an all-ones mask is dropped, as for batches given one by one
+    assert len(as_batches({"input_ids": ids[0]})) == 1
+    with pytest.raises(CalibrationError, match="integer tensor"):
+        as_batches(ids.float())
+    with pytest.raises(CalibrationError, match="≥ 0"):
+        as_batches([{"input_ids": -ids}])
+    check_vocabulary(batches, 100)
+    with pytest.raises(CalibrationError, match="outside the model's vocabulary \\(50 tokens\\)"):
+        check_vocabulary(batches, 50)

@@ -244,6 +244,33 @@ def test_missing_paths_fail_before_loading_anything(tmp_path, tiny_gptq3_dir, ti
         run(["compute", "--original", missing, "--compressed", tiny_original_dir, "--rank", 4, "--out", tmp_path, "--debug"])
 
 
+def test_bad_inputs_fail_before_loading_anything(tmp_path, tiny_gptq3_dir, model_opts):
+    """Each of these was a traceback (some only after the model loaded, --out after the whole evaluation)."""
+    (tmp_path / "folder").mkdir()
+    code, out, err = run(["eval", "--model", tiny_gptq3_dir, "--ppl", "wikitext2", "--out", tmp_path / "folder"])
+    assert_one_error_line(code, out, err, 1, "is a folder: give the path of the JSON file")
+    code, out, err = run(["eval", "--model", tiny_gptq3_dir, "--ppl", "wikitext2", "--out", tmp_path / "no" / "x.json"])
+    assert_one_error_line(code, out, err, 1, "does not exist")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"content": "words"}\n')
+    code, out, err = run(["eval", "--model", tiny_gptq3_dir, "--ppl", rows])
+    assert_one_error_line(code, out, err, 1, "its rows have no 'text' field (fields: ['content'])")
+    for option, value in (("--target-modules", "(q_proj"), ("--exclude-modules", "*proj")):
+        code, out, err = run(["compute", *model_opts, "--rank", 4, option, value, "--out", tmp_path / "a"])
+        assert_one_error_line(code, out, err, 1, f"{option} {value!r} is not a valid regular expression")
+    code, out, err = run(["compute", *model_opts, "--rank", 4, "--device", "bogus", "--out", tmp_path / "a"])
+    assert_one_error_line(code, out, err, 1, "--device bogus: not a device torch knows")
+    assert not (tmp_path / "a").exists()
+
+
+def test_perplexity_metrics_of_files_sharing_a_name_stay_apart():
+    from peft_eora.cli.evaluate import flat_metrics
+
+    result = {"perplexity": {"a/test.txt": {"perplexity": 1.0}, "b/test.txt": {"perplexity": 2.0},
+                             "wikitext2": {"perplexity": 3.0}}}
+    assert flat_metrics(result) == {"ppl/a/test.txt": 1.0, "ppl/b/test.txt": 2.0, "ppl/wikitext2": 3.0}
+
+
 def test_bad_rank_and_options(tmp_path, model_opts, eval_opts):
     code, out, err = run(["compute", *model_opts, "--rank", 0, "--out", tmp_path / "a"])
     assert_one_error_line(code, out, err, 2, "argument --rank: expected a positive integer, got 0")

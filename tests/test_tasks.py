@@ -208,6 +208,24 @@ def test_gsm8k_exact_match_from_completions(model, tokenizer, monkeypatch):
     assert seen["prompts"][0] == prompt and again["exact_match_strict"] == result["exact_match_strict"]
 
 
+def test_gsm8k_few_shot_prompts_are_lm_eval_s(monkeypatch):
+    """lm-eval 0.4 draws exactly ``num_fewshot`` shots per question when they come from another split (gsm8k: train
+    shots, test questions): with the same seed, every prompt is the one lm-eval builds."""
+    samplers = pytest.importorskip("lm_eval.api.samplers", reason="lm-evaluation-harness is an optional extra")
+    from peft_eora.eval import generation
+
+    pool, tests = load_gsm8k(DATA / "gsm8k/train.jsonl"), load_gsm8k(DATA / "gsm8k/test.jsonl")
+    seen: list[str] = []
+    monkeypatch.setattr(generation, "generate_greedy", lambda m, t, prompts, **kw: seen.extend(prompts) or [""] * len(prompts))
+    generation.evaluate_gsm8k(None, None, tests, num_fewshot=3, fewshot_pool=pool, progress=False)
+    docs = [json.loads(line) for line in (DATA / "gsm8k/train.jsonl").read_text().splitlines() if line.strip()]
+    sampler = samplers.ContextSampler(docs, rnd=1234)
+    for ex, prompt in zip(tests, seen):
+        shots = sampler.sample(n=3)
+        expected = [f"Question: {d['question']}\nAnswer: {d['answer']}" for d in shots]
+        assert prompt == "\n\n".join([*expected, f"Question: {ex.question}\nAnswer:"])
+
+
 def test_gsm8k_end_to_end_on_the_tiny_model(model, tokenizer):
     result = evaluate_task(
         model, tokenizer, "gsm8k", data_dir=DATA, limit=2, num_fewshot=1, max_new_tokens=12, details=True,

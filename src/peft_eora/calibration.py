@@ -18,7 +18,7 @@ import logging
 import random
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -75,8 +75,8 @@ def load_documents(source: Union[CalibrationConfig, CalibrationSource]) -> list[
     if template is None and source.column not in ds.column_names:
         template = BUILTIN_TEMPLATES.get(name)
     if template is not None:
-        try:
-            rows = [template.format(**row) for row in ds]
+        try:  # a row missing a value it names is skipped, not rendered as "None"
+            rows = [template.format(**row) for row in ds if not any(row[k] is None for k in _fields(template, row))]
         except (KeyError, IndexError, ValueError) as exc:
             raise CalibrationError(
                 f"Calibration template {template!r} does not fit dataset {name!r} ({exc!r}); its columns are "
@@ -89,10 +89,32 @@ def load_documents(source: Union[CalibrationConfig, CalibrationSource]) -> list[
         )
     else:
         rows = ds[source.column]
-    rows = [r for r in rows if r is not None and len(r) > 0]
+    for r in rows:
+        if r is not None and not _is_document(r):
+            raise CalibrationError(
+                f"Calibration dataset {name!r} (column {source.column!r}) holds {type(r).__name__} values such as "
+                f"{str(r)[:60]!r}: each row must be a text or a flat list of token ids. Pick another column= or "
+                "a template=."
+            )
+    rows = [r for r in rows if r is not None and (r.strip() if isinstance(r, str) else len(r) > 0)]
     if not rows:
-        raise CalibrationError(f"Calibration dataset {name!r} (column {source.column!r}) is empty.")
+        raise CalibrationError(f"Calibration dataset {name!r} (column {source.column!r}) is empty (or blank).")
     return rows
+
+
+def _fields(template: str, row: Mapping[str, Any]) -> list[str]:
+    """The columns ``template`` names (``{question}`` → ``question``) that ``row`` has."""
+    import string
+
+    return [f.split(".")[0].split("[")[0] for _, f, _, _ in string.Formatter().parse(template)
+            if f and f.split(".")[0].split("[")[0] in row]
+
+
+def _is_document(row: Any) -> bool:
+    """A text, or a flat sequence of integer token ids."""
+    if isinstance(row, str):
+        return True
+    return isinstance(row, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in row)
 
 
 def share_windows(weights: list[float], total: int) -> list[int]:
@@ -116,6 +138,13 @@ def load_calibration_tokens(spec: CalibrationConfig, tokenizer=None) -> torch.Te
     """
     sources = spec.sources
     counts = share_windows([s.weight for s in sources], spec.num_samples)
+    for source, count in zip(sources, counts):
+        if count == 0:
+            logger.warning(
+                "Calibration source %r gets no window of the %d (its weight %g of %g): it is left out. Raise "
+                "num_samples or its weight to use it.", source.dataset, spec.num_samples, source.weight,
+                sum(s.weight for s in sources),
+            )
     parts = [
         _windows(source, count, spec.seq_len, spec.seed, tokenizer, mixed=len(sources) > 1)
         for source, count in zip(sources, counts)
@@ -157,8 +186,18 @@ def _windows(source: CalibrationSource, count: int, seq_len: int, seed: int, tok
 
 
 def as_batches(data: CalibrationData, tokenizer=None, batch_size: int = 8) -> list[Batch]:
-    """Normalise any accepted calibration input to a list of ``{"input_ids", "attention_mask"?}``."""
-    if isinstance(data, Mapping) and not isinstance(data, CalibrationConfig):
+    """Normalise any accepted calibration input to a list of ``{"input_ids", "attention_mask"?}``.
+
+    A mapping with ``input_ids`` (a tokenizer's output) is one batch of rows, split by ``batch_size``;
+    any other mapping holds the fields of a :class:`CalibrationConfig`.
+    """
+    if isinstance(data, Mapping) and not isinstance(data, CalibrationConfig) and "input_ids" in data:
+        ids = torch.as_tensor(data["input_ids"])
+        mask = data.get("attention_mask")
+        rows = ids.split(batch_size) if ids.ndim == 2 else [ids]
+        masks = torch.as_tensor(mask).split(batch_size) if mask is not None and ids.ndim == 2 else [mask] * len(rows)
+        data = [{"input_ids": r, "attention_mask": m} for r, m in zip(rows, masks)]
+    elif isinstance(data, Mapping) and not isinstance(data, CalibrationConfig):
         data = CalibrationConfig(**data)
     if isinstance(data, CalibrationConfig):
         data = load_calibration_tokens(data, tokenizer)
@@ -167,7 +206,7 @@ def as_batches(data: CalibrationData, tokenizer=None, batch_size: int = 8) -> li
             data = data[None]
         if data.ndim != 2 or data.shape[0] == 0 or data.shape[1] == 0:
             raise CalibrationError(f"Calibration token tensor must be (n, seq_len) and non-empty, got {tuple(data.shape)}.")
-        return [{"input_ids": chunk} for chunk in data.long().split(batch_size)]
+        return [{"input_ids": chunk} for chunk in _token_ids(data).split(batch_size)]
     if isinstance(data, (str, bytes)):
         raise CalibrationError("Pass a CalibrationConfig (e.g. CalibrationConfig(dataset=path)) rather than a bare string.")
     batches: list[Batch] = []
@@ -180,7 +219,7 @@ def as_batches(data: CalibrationData, tokenizer=None, batch_size: int = 8) -> li
             item = {k: v for k, v in item.items() if k in ("input_ids", "attention_mask")}
         else:
             raise CalibrationError(f"Unsupported calibration batch of type {type(item).__name__}.")
-        ids = torch.as_tensor(item["input_ids"]).long()
+        ids = _token_ids(torch.as_tensor(item["input_ids"]))
         if ids.ndim == 1:
             ids = ids[None]
         batch: Batch = {"input_ids": ids}
@@ -193,6 +232,27 @@ def as_batches(data: CalibrationData, tokenizer=None, batch_size: int = 8) -> li
     if not batches:
         raise CalibrationError("The calibration data is empty: no batch with any token was given.")
     return batches
+
+
+def _token_ids(ids: torch.Tensor) -> torch.Tensor:
+    """``ids`` as int64 token ids; float or boolean tensors (not token ids) and negative ids are refused."""
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise CalibrationError(f"Calibration token ids must be an integer tensor, got dtype {ids.dtype}.")
+    if ids.numel() and int(ids.min()) < 0:
+        raise CalibrationError(f"Calibration token ids must be ≥ 0, got {int(ids.min())}.")
+    return ids.long()
+
+
+def check_vocabulary(batches: list[Batch], vocab_size: Optional[int]) -> None:
+    """One clear error if a token id is outside the model's vocabulary (else an index error deep in a forward)."""
+    if not vocab_size:
+        return
+    top = max(int(b["input_ids"].max()) for b in batches if b["input_ids"].numel())
+    if top >= vocab_size:
+        raise CalibrationError(
+            f"Calibration token id {top} is outside the model's vocabulary ({vocab_size} tokens): the ids come from "
+            "another tokenizer. Tokenize with the model's own tokenizer."
+        )
 
 
 def count_tokens(batches: list[Batch]) -> int:

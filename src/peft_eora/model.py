@@ -23,6 +23,7 @@ import logging
 import math
 import re
 import warnings
+from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 import torch
@@ -31,7 +32,7 @@ from torch import nn
 
 from ._peft_compat import only_active
 from .adapter_quant import is_packed, pack_adapter_state_dict, quantize_adapter_, unpack_adapter_state_dict
-from .calibration import CalibrationData, as_batches
+from .calibration import CalibrationData, as_batches, check_vocabulary
 from .compensate import CompensationStats, RankPlan, compensate, find_targets, plan_ranks
 from .config import DEFAULT_LOGIT_WEIGHTING, FIXED_DAMPING, EoRAConfig
 from .fingerprint import factor_signature, record_fingerprint, verify_fingerprint
@@ -336,6 +337,7 @@ def _compute(
         if tokenizer is None and not _is_token_data(calibration):
             tokenizer = _load_tokenizer(calibration, original_model, model)
         batches = as_batches(calibration, tokenizer, batch_size=batch_size)
+        check_vocabulary(batches, _vocabulary_size(model))
     _, targets = find_targets(model, adapter_name)
     device = resolve_execution_device(model, targets, getattr(config, "execution_device", "auto"))
     if device is not None:
@@ -449,10 +451,20 @@ def _resize_adapter(layer: LoraLayer, adapter_name: str, r: int, alpha: Union[in
     layer.scaling[adapter_name] = alpha / (math.sqrt(r) if layer.use_rslora.get(adapter_name, False) else r)
 
 
+def _vocabulary_size(model: nn.Module) -> Optional[int]:
+    """Rows of the model's input embedding (None where it has none that says)."""
+    try:
+        return int(model.get_input_embeddings().num_embeddings)
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+
+
 def _is_token_data(calibration: CalibrationData) -> bool:
     from .config import CalibrationConfig
 
-    return not isinstance(calibration, (CalibrationConfig, dict))
+    if isinstance(calibration, Mapping) and not isinstance(calibration, CalibrationConfig):
+        return "input_ids" in calibration  # a tokenizer's output, not a config's fields
+    return not isinstance(calibration, CalibrationConfig)
 
 
 def _load_tokenizer(calibration: Any, original_model: Any, model: nn.Module):

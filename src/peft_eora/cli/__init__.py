@@ -94,9 +94,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     handler: Callable[[argparse.Namespace], dict[str, Any]] = args.handler
     stdout = sys.stdout
+    out = getattr(args, "out", None) if args.command == "eval" else None
     with terminal(args):
         try:
             result = handler(args)
+            text = json.dumps(result, indent=2, default=str) + "\n"
+            if out:  # checked before any work; a write that still fails is one error line, as any other
+                atomic_write_text(Path(out).expanduser(), text)
+                logger.info("Wrote %s", out)
         except KeyboardInterrupt:
             sys.stderr.write(f"peft-eora {args.command}: interrupted\n")
             return 130
@@ -106,12 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             message = one_line(str(exc)) or type(exc).__name__
             sys.stderr.write(f"peft-eora {args.command}: error: {message}\n")
             return 1
-    text = json.dumps(result, indent=2, default=str) + "\n"
-    out = getattr(args, "out", None) if args.command == "eval" else None
-    if out:
-        atomic_write_text(Path(out).expanduser(), text)
-        logger.info("Wrote %s", out)
-    else:
+    if not out:
         stdout.write(text)
         stdout.flush()
     return 0

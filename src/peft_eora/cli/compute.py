@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -84,6 +85,11 @@ def target_modules(values: Optional[list[str]], option: str = "--target-modules"
     if not values:
         return None
     if len(values) == 1 and _REGEX_CHARS & set(values[0]):
+        try:
+            re.compile(values[0])
+        except re.error as exc:
+            raise CLIError(f"{option} {values[0]!r} is not a valid regular expression ({exc}); give module names "
+                           "(q_proj,v_proj) or a regex such as '.*proj'.") from exc
         return values[0]
     names = [v.strip() for value in values for v in value.split(",") if v.strip()]
     if not names:

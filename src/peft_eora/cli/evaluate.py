@@ -10,12 +10,16 @@ Also what ``sweep`` shares: :func:`evaluate` (every measurement the options ask 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .models import count_lora_parameters, load_adapter, load_model, load_tokenizer, pick_device, resolve_model
 from .options import CLIError, add_evaluation
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -45,9 +49,21 @@ def check_eval_inputs(args: argparse.Namespace) -> None:
     from ..eval.perplexity import BUILTIN_TEXTS
     from ..eval.tasks import task_file
 
+    if "c4" in args.ppl:
+        logger.warning("--ppl c4 reads the same C4 documents the default calibration (builtin:c4) draws from: for "
+                       "adapters calibrated on it this is not held-out text (wikitext2 is).")
     for source in args.ppl:
         if source not in BUILTIN_TEXTS and not Path(source).expanduser().is_file():
             raise CLIError(f"--ppl {source}: no such file (nor one of {sorted(BUILTIN_TEXTS)}).")
+        if source not in BUILTIN_TEXTS and Path(source).suffix == ".jsonl":
+            first = _first_row(Path(source).expanduser())
+            if first is not None and "text" not in first:
+                raise CLIError(f"--ppl {source}: its rows have no 'text' field (fields: {sorted(first)}).")
+    out = getattr(args, "out", None) if getattr(args, "command", None) == "eval" else None  # sweep: a folder
+    if out and Path(out).expanduser().is_dir():
+        raise CLIError(f"--out {out} is a folder: give the path of the JSON file to write.")
+    if out and not Path(out).expanduser().parent.is_dir():
+        raise CLIError(f"--out {out}: the folder {Path(out).expanduser().parent} does not exist.")
     for task in args.tasks:
         task_file(task, args.task_data)
     if "gsm8k" in args.tasks and args.num_fewshot:
@@ -58,6 +74,19 @@ def check_eval_inputs(args: argparse.Namespace) -> None:
             raise CLIError(f"--num-fewshot {args.num_fewshot}: the GSM8K few-shot pool {pool} is missing.")
     if not args.ppl and not args.tasks:
         raise CLIError("Nothing to evaluate: give --ppl TEXT… and/or --tasks TASK….")
+
+
+def _first_row(path: Path) -> Optional[dict[str, Any]]:
+    """The first row of a JSON-lines file (None if it has none or it is not an object)."""
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise CLIError(f"{path}: its first row is not JSON ({exc}).") from exc
+                return row if isinstance(row, dict) else None
+    return None
 
 
 def evaluate(model, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
@@ -92,8 +121,9 @@ def evaluate(model, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
 def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     """``{"ppl/wikitext2": …, "arc_easy/acc": …, "arc_easy/acc_norm": …, "gsm8k/exact_match_strict": …}``."""
     flat: dict[str, float] = {}
+    names = _ppl_names(list(result.get("perplexity", {})))
     for source, entry in result.get("perplexity", {}).items():
-        flat[f"ppl/{Path(source).name}"] = entry["perplexity"]
+        flat[f"ppl/{names[source]}"] = entry["perplexity"]
     for task, entry in result.get("tasks", {}).items():
         for key in ("acc", "acc_norm", "exact_match_strict", "exact_match_flexible"):
             if key in entry:
@@ -101,9 +131,17 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
+def _ppl_names(sources: list[str]) -> dict[str, str]:
+    """Each ``--ppl`` source's metric name: its file name, or the path as given where two share a file name."""
+    counts: dict[str, int] = {}
+    for source in sources:
+        counts[Path(source).name] = counts.get(Path(source).name, 0) + 1
+    return {source: Path(source).name if counts[Path(source).name] == 1 else source for source in sources}
+
+
 def expected_metrics(args: argparse.Namespace) -> list[str]:
     """The metric names :func:`flat_metrics` will produce for these evaluation options."""
-    names = [f"ppl/{Path(source).name}" for source in args.ppl]
+    names = [f"ppl/{name}" for name in _ppl_names(list(args.ppl)).values()]
     for task in args.tasks:
         keys = ("exact_match_strict", "exact_match_flexible") if task == "gsm8k" else ("acc", "acc_norm")
         names += [f"{task}/{k}" for k in keys]

@@ -29,6 +29,10 @@ def pick_device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(name)
+    except RuntimeError as exc:
+        raise CLIError(f"--device {name}: not a device torch knows (use auto, cpu, cuda or cuda:N).") from exc
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise CLIError(f"--device {name}: CUDA is not available on this machine.")
     return name

@@ -206,7 +206,8 @@ def add_evaluation(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("evaluation")
     group.add_argument(
         "--ppl", nargs="+", default=[], metavar="TEXT",
-        help="Perplexity on these texts: 'wikitext2' or 'c4' (shipped samples) or files (.txt, .jsonl with a 'text' field).",
+        help="Perplexity on these texts: 'wikitext2' or 'c4' (shipped samples; 'c4' is the text the default "
+        "calibration builtin:c4 draws from, so not held out for such adapters) or files (.txt, .jsonl with a 'text' field).",
     )  # fmt: skip
     group.add_argument("--ppl-seq-len", type=positive_int, default=512, help="Tokens per perplexity window.")
     group.add_argument(

@@ -89,6 +89,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_original = checkpoint_parameter_count(original)
     rows: list[dict[str, Any]] = []
 
+    def summary(complete: bool) -> dict[str, Any]:
+        return {
+            "original": str(original), "compressed": str(compressed), "original_parameters": n_original,
+            "calibration": calibration_summary(calibration),
+            "methods": args.methods, "ranks": sorted(set(args.ranks)), "damping": args.damping,
+            "target_modules": target_modules(args.target_modules), "complete": complete, "rows": rows,
+        }  # fmt: skip
+
+    def write(complete: bool) -> None:  # after every row: a run stopped part-way keeps what it measured
+        atomic_write_text(out_dir / "sweep.json", json.dumps(summary(complete), indent=2, default=str) + "\n")
+        atomic_write_text(out_dir / "sweep.md", sweep_markdown(rows))
+
     def record(label: str, kind: str, method: Optional[str], rank: int, model, params: int, seconds=None, adapter=None):
         logger.info("Evaluating %s", label)
         result = evaluate(model, tokenizer, args)
@@ -98,6 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "compute_seconds": None if seconds is None else round(seconds, 2), "adapter": adapter,
             "metrics": flat_metrics(result), "result": result,
         })  # fmt: skip
+        write(complete=False)
 
     if not args.skip_original:
         model = load_model(original, device, args.dtype)
@@ -118,14 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         record(f"{method} r={rank}", "adapter", method, rank, model, count_lora_parameters(model), seconds, adapter)
         del model
         gc.collect()
-    summary = {
-        "original": str(original), "compressed": str(compressed), "original_parameters": n_original,
-        "calibration": calibration_summary(calibration),
-        "methods": args.methods, "ranks": sorted(set(args.ranks)), "damping": args.damping,
-        "target_modules": target_modules(args.target_modules), "rows": rows,
-    }  # fmt: skip
-    atomic_write_text(out_dir / "sweep.json", json.dumps(summary, indent=2, default=str) + "\n")
-    atomic_write_text(out_dir / "sweep.md", sweep_markdown(rows))
+    write(complete=True)
     files = {"json": str(out_dir / "sweep.json"), "markdown": str(out_dir / "sweep.md")}
     if not args.no_plot:
         metric = args.plot_metric or expected[0]

@@ -77,17 +77,24 @@ def _transformers_errors_only() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _no_library_progress_bars() -> Iterator[None]:
-    """``--no-progress``: huggingface_hub's and transformers' bars too (env for later imports, switch for earlier)."""
+    """``--no-progress``: huggingface_hub's, transformers' and datasets' bars too (env for later imports of the
+    first, switches for the others)."""
     module = sys.modules.get("transformers.utils.logging")
     active = module is not None and module.is_progress_bar_enabled()
     if active:
         module.disable_progress_bar()
+    datasets = sys.modules.get("datasets")  # its "Generating train split" bars when a calibration file is read
+    bars = datasets is not None and datasets.is_progress_bar_enabled()
+    if bars:
+        datasets.disable_progress_bars()
     try:
-        with _environment({"HF_HUB_DISABLE_PROGRESS_BARS": "1"}):
+        with _environment({"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}):
             yield
     finally:
         if active:
             module.enable_progress_bar()
+        if bars:
+            datasets.enable_progress_bars()
 
 
 @contextlib.contextmanager

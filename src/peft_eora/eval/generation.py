@@ -108,11 +108,16 @@ def evaluate_gsm8k(
     if num_fewshot and (not fewshot_pool or len(fewshot_pool) < num_fewshot):
         raise ValueError(f"num_fewshot={num_fewshot} needs a few-shot pool of at least that many examples.")
     rng = random.Random(seed)
+    pool = list(fewshot_pool or [])
+    # lm-eval draws one shot more, to drop the question itself, only where the pool is the evaluated split
+    # (its gsm8k task: shots from train, questions from test, so exactly num_fewshot draws per question)
+    asked = {ex.question for ex in examples}
+    extra = int(any(s.question in asked for s in pool))
     prompts = []
     for ex in examples:
         shots: list[GenerationExample] = []
         if num_fewshot:
-            candidates = rng.sample(list(fewshot_pool), min(num_fewshot + 1, len(fewshot_pool)))
+            candidates = rng.sample(pool, min(num_fewshot + extra, len(pool)))
             shots = [s for s in candidates if s.question != ex.question][:num_fewshot]
         prompts.append(gsm8k_prompt(ex, shots))
     completions = generate_greedy(

@@ -37,6 +37,9 @@ BUILTIN_TEXTS = {
 def load_text(source: str | Path, field: str = "text", max_chars: int | None = None) -> str:
     """Read evaluation text from a built-in name (``"wikitext2"``, ``"c4"``) or a file.
 
+    ``"c4"`` is the file ``builtin:c4`` calibration draws its windows from: held-out only for adapters
+    calibrated on other data. ``"wikitext2"`` (the test split's head) is held out from every built-in set.
+
     ``.jsonl`` files join the ``field`` of each row (GSM8K: use ``field="question+answer"`` to
     join question and answer) with blank lines; other files are read as text.
     """
