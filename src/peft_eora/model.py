@@ -39,7 +39,7 @@ from .fingerprint import factor_signature, record_fingerprint, verify_fingerprin
 from .kernels.gptq_linear import GPTQLinear, register_gptq_linear
 from .layer import with_mixed_batch
 from .original import OriginalWeights
-from .residual import backend_for, is_supported, prepare_model
+from .residual import backend_for, is_supported, prepare_model, registered
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ def decoder_blocks_path(model: nn.Module) -> str:
     outer = [n for n in lists if not any(n.startswith(f"{o}.") for o in lists if o != n)]
     best = max(((lists[n], n) for n in outer), key=lambda c: c[0], default=None)  # the first of equal length
     if best is None:
+        _raise_refusal(model)
         raise ValueError("Could not find the decoder blocks (a ModuleList of layers with linears); set target_modules.")
     parent = best[1].rpartition(".")[0]
     siblings = [n for n in outer if n != best[1] and n.rpartition(".")[0] == parent and lists[n] == best[0]]
@@ -68,6 +69,14 @@ def decoder_blocks_path(model: nn.Module) -> str:
             "this model."
         )
     return best[1]
+
+
+def _raise_refusal(model: nn.Module, prefix: str = "") -> None:
+    """Where no layer is supported: the back-ends' reason for the first layer one of them refuses (a GPTQ kernel
+    that repacks its weights, a scheme that quantizes activations, ...), as the error, rather than "none found"."""
+    for name, module in model.named_modules():
+        if any(hasattr(b, "refusal") and b.refusal(module) for b in registered()):
+            backend_for(module, prefix + name)  # raises UnsupportedModuleError with the reason
 
 
 def _decoder_path(model: nn.Module) -> Optional[str]:
@@ -101,6 +110,7 @@ def default_target_modules(model: nn.Module) -> str:
                 if is_supported(m):
                     kinds.setdefault(_unwrapped(name), set()).add(backend_for(m).name)
     if not kinds:
+        _raise_refusal(blocks, prefix=f"{path}.")
         raise ValueError(f"No supported linear layer inside {path}; set target_modules explicitly.")
     compressed = sorted(s for s, names in kinds.items() if names != {"dense"})
     suffixes = compressed or sorted(kinds)

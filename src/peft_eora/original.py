@@ -37,6 +37,20 @@ class ModelMismatchError(ValueError):
     """The original model does not match the compressed one."""
 
 
+#: safetensors dtypes of an unquantized original's weights
+_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+#: tensors that only a quantized checkpoint holds beside (or instead of) its ``weight``
+_QUANTIZED_SUFFIXES = (".weight_scale_inv", ".weight_scale", ".qweight", ".weight_packed", ".SCB")
+
+
+def _quantized_original(source: str, found: list[str]) -> ModelMismatchError:
+    return ModelMismatchError(
+        f"The original model {source} is itself quantized ({', '.join(found[:3])}"
+        f"{f', … {len(found)} in all' if len(found) > 3 else ''}): its weights are codes, not the uncompressed weights "
+        "the residual W_original − W_compressed needs. Pass the unquantized release (float16/bfloat16/float32)."
+    )
+
+
 class OriginalWeights:
     """Name → weight lookup over a safetensors checkpoint or a module (``name`` without ``.weight``)."""
 
@@ -108,6 +122,7 @@ class OriginalWeights:
         key_file: dict[str, Path] = {}
         shapes: dict[str, tuple[int, ...]] = {}
         renamed: dict[str, str] = {}  # module name → the checkpoint's name for it
+        quantized: list[str] = []  # weights stored as codes (float8, integers) or beside quantization scales
         for f in files:
             try:
                 with safe_open(str(f), framework="pt") as st:
@@ -116,8 +131,15 @@ class OriginalWeights:
                             name = key[: -len(".weight")]
                             key_file[name] = f
                             shapes[name] = tuple(st.get_slice(key).get_shape())
+                            dtype = st.get_slice(key).get_dtype()
+                            if dtype not in _FLOAT_DTYPES:
+                                quantized.append(f"{key} ({dtype})")
+                        elif key.endswith(_QUANTIZED_SUFFIXES):
+                            quantized.append(key)
             except Exception as exc:  # truncated or corrupted shard
                 raise ModelMismatchError(f"Cannot read {f} of the original checkpoint ({type(exc).__name__}: {exc}).") from exc
+        if quantized:
+            raise _quantized_original(str(path), quantized)
         skeleton = model_skeleton(path)  # the empty model of its config: its names and layer kinds
         for name, stored in checkpoint_aliases(path, list(key_file), skeleton).items():  # transformers' renames
             if name not in key_file:
@@ -144,6 +166,11 @@ class OriginalWeights:
         (:func:`fused_expert_weights`)."""
         weights: dict[str, Callable[[], torch.Tensor]] = fused_expert_weights(module)
         weights.update({n[: -len(".weight")]: p.detach for n, p in module.named_parameters() if n.endswith(".weight")})
+        quantized = [f"{n} ({p.dtype})" for n, p in module.named_parameters()
+                     if n.endswith(".weight") and (not p.is_floating_point() or p.element_size() == 1)]
+        quantized += [n for n, _ in module.named_buffers() if n.endswith(_QUANTIZED_SUFFIXES)]
+        if quantized:
+            raise _quantized_original(type(module).__name__, quantized)
         shapes = {n: tuple(get().shape) for n, get in weights.items()}
         convs = [n for n, m in module.named_modules() if is_conv1d(m) and n in weights]
         return cls(shapes, lambda n: weights[n](), type(module).__name__, transposed=convs)

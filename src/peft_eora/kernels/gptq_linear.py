@@ -89,7 +89,6 @@ class GPTQLinear(nn.Module):
         self.register_buffer("g_idx", trivial_g_idx(in_features, self.group_size, device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
         self.backend = "auto"
-        self.act_order = False  # g_idx is not k // group_size (kept in sync by set_g_idx / state-dict loads)
 
     @classmethod
     @torch.no_grad()
@@ -114,13 +113,19 @@ class GPTQLinear(nn.Module):
         self.g_idx.copy_(g_idx.to(self.g_idx))
         self._refresh_act_order()
 
-    def _refresh_act_order(self) -> None:
-        trivial = torch.arange(self.in_features, device=self.g_idx.device) // self.group_size
-        self.act_order = not torch.equal(self.g_idx.long(), trivial)
+    @property
+    def act_order(self) -> bool:
+        """Whether ``g_idx`` is not ``k // group_size``: re-derived whenever ``g_idx`` was replaced or written in place
+        since (however it was loaded: state dict, accelerate's ``set_module_tensor_to_device``, a buffer copy)."""
+        g = self._buffers["g_idx"]
+        seen = self.__dict__.get("_act_order_seen")
+        if seen is None or seen[0] is not g or seen[1:3] != (g.data_ptr(), g._version):
+            trivial = torch.arange(self.in_features, device=g.device) // self.group_size
+            self.__dict__["_act_order_seen"] = (g, g.data_ptr(), g._version, not torch.equal(g.long(), trivial))
+        return self.__dict__["_act_order_seen"][3]
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._refresh_act_order()
+    def _refresh_act_order(self) -> None:
+        self.__dict__.pop("_act_order_seen", None)
 
     @torch.no_grad()
     def dequantize(self) -> torch.Tensor:

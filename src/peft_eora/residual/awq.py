@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .gptq import has_gptqmodel_base
+from .gptq import forward_extras, has_gptqmodel_base
 
 #: Kernels whose ``qweight``/``qzeros``/``scales`` keep the AWQ GEMM checkpoint layout.
 GEMM_LAYOUT_KERNELS = frozenset({"AwqTorchLinear", "AwqGEMMLinear", "AwqGEMMTritonLinear"})
@@ -60,9 +60,18 @@ class AWQBackend:
     )
 
     def matches(self, module: nn.Module) -> bool:
-        return has_gptqmodel_base(module, "AWQuantLinear") and any(
-            c.__name__ in GEMM_LAYOUT_KERNELS and c.__module__.startswith("gptqmodel.") for c in type(module).__mro__
-        )
+        # the exact kernel classes: subclasses such as ParoQuant's ParoLinear rotate and scale the input first
+        return (has_gptqmodel_base(module, "AWQuantLinear") and type(module).__name__ in GEMM_LAYOUT_KERNELS
+                and type(module).__module__.startswith("gptqmodel.") and forward_extras(module) is None)
+
+    def refusal(self, module: nn.Module) -> str | None:
+        if not has_gptqmodel_base(module, "AWQuantLinear"):
+            return None
+        if type(module).__name__ not in GEMM_LAYOUT_KERNELS:
+            return (f"gptqmodel's {type(module).__name__} is not one of the AWQ GEMM-layout kernels "
+                    f"({', '.join(sorted(GEMM_LAYOUT_KERNELS))}) or transforms its input (ParoQuant); load an AWQ "
+                    "checkpoint with backend='torch_awq' (peft_eora.quantize.load_quantized does)")
+        return forward_extras(module)
 
     @torch.no_grad()
     def dequantize(self, module: nn.Module) -> torch.Tensor:

@@ -40,6 +40,13 @@ def quantizes_activations(module: nn.Module) -> bool:
     )
 
 
+def has_transform(module: nn.Module) -> bool:
+    """True where compressed-tensors attached a transform (QuIP / SpinQuant rotations from a ``transform_config``):
+    the weight is stored rotated and a hook rotates the layer's input online, so its weight alone is not its
+    forward."""
+    return any(type(m).__module__.startswith("compressed_tensors.transform") for m in module.children())
+
+
 class CompressedTensorsBackend:
     name = "compressed-tensors"
     description = ("nn.Linear with a compressed-tensors weight-only scheme (W4A16/W8A16 pack- or naive-quantized, "
@@ -48,12 +55,15 @@ class CompressedTensorsBackend:
     def matches(self, module: nn.Module) -> bool:
         scheme = _scheme(module)
         return (isinstance(module, nn.Linear) and scheme is not None and getattr(scheme, "weights", None) is not None
-                and not quantizes_activations(module))
+                and not quantizes_activations(module) and not has_transform(module))
 
     def refusal(self, module: nn.Module) -> str | None:
         if quantizes_activations(module):
             return ("its compressed-tensors scheme quantizes the activations too (e.g. W8A8, FP8_DYNAMIC, NVFP4), so no "
                     "single weight matrix describes its forward; use a weight-only scheme (W4A16, W8A16)")
+        if _scheme(module) is not None and has_transform(module):
+            return ("its checkpoint applies a compressed-tensors transform (QuIP / SpinQuant rotation): the weight is "
+                    "stored rotated and the input rotated online, so the weight alone does not describe its forward")
         return None
 
     @torch.no_grad()

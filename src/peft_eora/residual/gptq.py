@@ -30,16 +30,46 @@ def _eager_dequantize_weight(module: nn.Module) -> torch.Tensor:
     return method(module) if callable(method) else module.dequantize_weight()
 
 
+#: gptqmodel GPTQ kernels whose ``dequantize_weight()`` is checked to be what their forward multiplies by, at any
+#: time (others repack their buffers in place on the first forward, quantize the activations too, or are untested)
+GPTQ_KERNELS = frozenset({"TorchLinear", "TorchCpuAvx512Linear", "TorchInt8Linear", "TritonV2Linear"})
+
+
+def forward_extras(module: nn.Module) -> str | None:
+    """Why a gptqmodel layer's forward computes more than ``x·Wᵀ + b`` (an online Hadamard rotation of its input, a
+    gptqmodel adapter of its own), or None."""
+    if getattr(module, "online_full_had", False) or getattr(module, "online_partial_had", False) or (
+        getattr(module, "had_K", None) is not None
+    ):
+        return ("it rotates its input online (a checkpoint quantized with rotation='hadamard'), so its weight alone "
+                "does not describe its forward")
+    if getattr(module, "adapter", None) is not None:
+        return ("it carries gptqmodel's own adapter (loaded with GPTQModel.load(..., adapter=...)); load the model "
+                "without it")
+    return None
+
+
 class GPTQBackend:
     name = "gptq"
-    description = "gptqmodel GPTQ QuantLinear (TorchLinear on CPU; Marlin/ExLlama/Triton kernels on GPU) or peft_eora GPTQLinear"
+    description = (f"gptqmodel GPTQ QuantLinear ({', '.join(sorted(GPTQ_KERNELS))}: load_quantized's CPU default "
+                   "'gptq_torch', 'triton' on GPU) or peft_eora GPTQLinear")
 
     def matches(self, module: nn.Module) -> bool:
         from ..kernels.gptq_linear import GPTQLinear
 
         if isinstance(module, GPTQLinear):
             return True
-        return has_gptqmodel_base(module, "GPTQQuantLinear") and hasattr(module, "dequantize_weight")
+        return (type(module).__name__ in GPTQ_KERNELS and has_gptqmodel_base(module, "GPTQQuantLinear")
+                and hasattr(module, "dequantize_weight") and forward_extras(module) is None)
+
+    def refusal(self, module: nn.Module) -> str | None:
+        if not (has_gptqmodel_base(module, "GPTQQuantLinear") and hasattr(module, "dequantize_weight")):
+            return None
+        if type(module).__name__ not in GPTQ_KERNELS:
+            return (f"gptqmodel's {type(module).__name__} kernel repacks or transforms what it stores (or quantizes "
+                    "the activations), so its weight cannot be read back reliably; load the checkpoint with "
+                    "backend='gptq_torch' (peft_eora.quantize.load_quantized does)")
+        return forward_extras(module)
 
     @torch.no_grad()
     def dequantize(self, module: nn.Module) -> torch.Tensor:

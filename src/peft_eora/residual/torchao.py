@@ -4,9 +4,11 @@ Recognised by the weight's class path (torchao is never imported here). The weig
 tensor's own ``dequantize()``, what its weight-only ``F.linear`` computes with: CPU layouts
 ``IntxUnpackedToInt8Tensor`` (``IntxWeightOnlyConfig``, int1-8 per group), ``Int8Tensor``
 (``Int8WeightOnlyConfig``) and ``Float8Tensor`` (``Float8WeightOnlyConfig``: float8 e4m3, a
-scale per row); the CUDA int4 layouts dequantize the same way. Subclasses that also
-quantize the *activations* (dynamic-activation configs) are not matched: no single weight
-matrix describes their forward.
+scale per row); the CUDA int4 layouts dequantize the same way. A per-row ``Int8Tensor`` is read
+as its kernel computes, ``q·scale`` (``dequantize()`` rounds each product to the model dtype), and an
+input pre-scale (``act_pre_scale``: torchao's AWQ and SmoothQuant) is folded into the weight's
+columns. Subclasses that also quantize the *activations* (dynamic-activation configs) are not
+matched: no single weight matrix describes their forward.
 
     >>> w = TorchAOBackend().dequantize(model.model.layers[0].mlp.down_proj)   # (576, 1536) float32
 """
@@ -47,8 +49,27 @@ class TorchAOBackend:
 
     @torch.no_grad()
     def dequantize(self, module: nn.Module) -> torch.Tensor:
-        w = module.weight.dequantize()
+        weight = module.weight
         shape = (int(module.out_features), int(module.in_features))
+        w = _per_row_int8(weight, shape[0])
+        if w is None:
+            w = weight.dequantize().float()
         if tuple(w.shape) != shape:
             raise ValueError(f"torchao dequantized a weight of shape {tuple(w.shape)} for a {shape[1]}→{shape[0]} layer.")
-        return w.float().contiguous()
+        pre_scale = getattr(weight, "act_pre_scale", None)
+        if isinstance(pre_scale, torch.Tensor):  # AWQ / SmoothQuant: the forward computes (x·s)·Wᵀ = x·(W·diag(s))ᵀ
+            w = w * pre_scale.detach().float().reshape(1, -1).to(w.device)
+        return w.contiguous()
+
+
+def _per_row_int8(weight: object, rows: int) -> torch.Tensor | None:
+    """For a per-row ``Int8Tensor``, the weight its kernel computes with, ``q·scale`` with the scale in the tensor's
+    dtype and no per-element rounding (``dequantize()`` rounds every ``q·scale`` to that dtype: in bfloat16 half the
+    size of a 3-bit residual); None for other tensors."""
+    qdata, scale = getattr(weight, "qdata", None), getattr(weight, "scale", None)
+    if type(weight).__name__ != "Int8Tensor" or not isinstance(qdata, torch.Tensor) or not isinstance(scale, torch.Tensor):
+        return None
+    if scale.numel() != rows or qdata.dim() != 2:
+        return None
+    dtype = getattr(weight, "dtype", torch.float32)
+    return qdata.float() * scale.detach().to(dtype).float().reshape(-1, 1)
