@@ -236,6 +236,8 @@ def as_batches(data: CalibrationData, tokenizer=None, batch_size: int = 8) -> li
 
 def _token_ids(ids: torch.Tensor) -> torch.Tensor:
     """``ids`` as int64 token ids; float or boolean tensors (not token ids) and negative ids are refused."""
+    if ids.numel() == 0:  # nothing to check (empty data is said where batches are counted)
+        return ids.long()
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise CalibrationError(f"Calibration token ids must be an integer tensor, got dtype {ids.dtype}.")
     if ids.numel() and int(ids.min()) < 0:
