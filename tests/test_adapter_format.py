@@ -316,3 +316,11 @@ def test_lora_and_eora_adapters_share_one_model(models, saved, tmp_path):
     assert (logits(into_lora.eval()) - logits(eora["float"])).abs().max().item() <= 1e-5
     with pytest.raises(ValueError, match="cannot join a LoRA model: it stores int8 factors"):
         into_lora.load_adapter(saved["int8"], adapter_name="int8")
+    # joining a LoRA model, an EoRA adapter is still checked against its base
+    elsewhere = PeftModel.from_pretrained(tiny_llama_pair(seed=1)[1], tmp_path / "lora")
+    with pytest.raises(BaseMismatchError):
+        elsewhere.load_adapter(saved["float"], adapter_name="eora")
+    assert "eora" not in elsewhere.peft_config
+    # and a LoRA config without target_modules joining an EoRA model gets PEFT's defaults, not EoRA's
+    both.add_adapter("plain", LoraConfig(r=4))
+    assert both.peft_config["plain"].target_modules == {"q_proj", "v_proj"}

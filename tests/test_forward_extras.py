@@ -66,10 +66,18 @@ def test_gptq_layers_with_input_transforms_or_own_adapters_are_refused():
 
 def test_gptq_kernels_that_repack_in_place_are_refused():
     """``TorchAtenLinear`` (gptqmodel's ``backend="auto"`` on CPU) repacks its buffers on its first half-precision
-    forward, after which reading them failed with an unrelated torch error."""
+    forward, after which reading them failed with an unrelated torch error. Refused as EoRA's base, it is still the
+    same base for an adapter's fingerprint check (a GPTQ layer whatever kernel holds it)."""
     pytest.importorskip("gptqmodel", reason="gptqmodel provides the GPTQ layers")
+    from peft_eora.fingerprint import compute_fingerprint, differences
+
+    aten = _torch_linear("TorchAtenLinear")
     with pytest.raises(UnsupportedModuleError, match="TorchAtenLinear kernel repacks .* backend='gptq_torch'"):
-        backend_for(_torch_linear("TorchAtenLinear"))
+        backend_for(aten)
+    plain = nn.Sequential(_torch_linear("TorchLinear"))
+    fp = compute_fingerprint(plain)
+    assert fp.structure == compute_fingerprint(nn.Sequential(aten)).structure
+    assert differences(fp, compute_fingerprint(nn.Sequential(aten)))[0] == []
 
 
 def test_paroquant_layers_are_not_read_as_awq():

@@ -440,6 +440,32 @@ def test_fused_adapter_follows_set_adapter():
         assert rel_err(pm(x), ref_other) <= F32_TOL
 
 
+def test_fused_under_inference_mode_and_compile():
+    """Tensors made under ``torch.inference_mode()`` track no version (gptqmodel packs its buffers there); the
+    stamps then fall back to identity and storage. Compiled, a new scaling is still read (a traced float)."""
+    pm = peft_model()
+    x = torch.randn(2, 128)
+    with torch.inference_mode():
+        ref = pm(x)
+        fuse(pm, backend="torch")
+        pm.base_model.model.q.base_layer.qweight = pm.base_model.model.q.base_layer.qweight.clone()  # an inference tensor
+        assert pm.base_model.model.q.base_layer.qweight.is_inference()
+        assert rel_err(pm(x), ref) <= F32_TOL
+        assert rel_err(pm(x), ref) <= F32_TOL  # cached
+    unfuse(pm)
+    torch._dynamo.reset()
+    pm = peft_model()
+    with torch.no_grad():
+        fuse(pm, backend="torch")
+        compiled = torch.compile(pm, backend="aot_eager")
+        compiled(x)
+        for layer in fused_modules(pm).values():
+            layer.set_scale("default", 3.0)
+        got = compiled(x)
+        unfuse(pm)
+        assert rel_err(got, pm(x)) <= F32_TOL
+
+
 def test_dora_is_not_fused():
     torch.manual_seed(0)
     model = TinyBlock()

@@ -258,6 +258,9 @@ def test_fine_tuned_adapters_are_saved_as_such(computed, saved, tmp_path):
     cast = load(quantized, saved).to(torch.bfloat16)
     cast.save_pretrained(tmp_path / "cast")
     assert json.loads((tmp_path / "cast" / "eora_config.json").read_text())["fine_tuned"] is False
+    # reloaded (PEFT keeps adapters in float32: the bf16-rounded values) and saved again: still not trained
+    load(quantized, tmp_path / "cast").save_pretrained(tmp_path / "cast-again")
+    assert json.loads((tmp_path / "cast-again" / "eora_config.json").read_text())["fine_tuned"] is False
 
     trained = load(quantized, saved, is_trainable=True).train()
     optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=1e-2)

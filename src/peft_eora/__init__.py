@@ -54,19 +54,28 @@ def _install() -> Any:
     # model.save_pretrained/push_to_hub of EoRA adapters: atomic, safetensors-only, EoRA model card
     _peft_compat.patch_peft_model(lambda m, sel: bool(eora_adapter_names(m, sel)), save_pretrained, push_to_hub)
     # LoRA and EoRA adapters side by side in one PeftModel (PEFT refuses two peft types)
-    _peft_compat.patch_add_adapter(peft_type, _needs_eora_tuner)
+    _peft_compat.patch_add_adapter(peft_type, _join_lora_model)
     # model.load_adapter(path, name, allow_base_mismatch=True) as PeftModel.from_pretrained takes it
     _peft_compat.patch_load_adapter(("allow_base_mismatch",))
     return peft_type
 
 
-def _needs_eora_tuner(config: Any) -> Any:
-    """Why an EoRA adapter cannot live in a plain LoRA model, or None (a float adapter is a LoRA one)."""
+def _join_lora_model(model: Any, adapter_name: str, config: Any) -> None:
+    """Before an EoRA adapter joins a plain LoRA model: refused where it needs EoRA's tuner (int8/int4 codes to
+    unpack, factors to compute); else what EoRA's tuner does before injecting (the base fingerprint checked)."""
+    from .model import prepare_for_eora
+
+    reason = None
     if getattr(config, "adapter_bits", 16) != 16:
-        return f"it stores int{config.adapter_bits} factors, which only EoRA's tuner unpacks"
-    if getattr(config, "init_eora", False):
-        return "its factors are still to be computed, which EoRA's tuner does"
-    return None
+        reason = f"it stores int{config.adapter_bits} factors, which only EoRA's tuner unpacks"
+    elif getattr(config, "init_eora", False):
+        reason = "its factors are still to be computed, which EoRA's tuner does"
+    if reason is not None:
+        raise ValueError(
+            f"Adapter {adapter_name!r} cannot join a LoRA model: {reason}. Create the model from the EoRA adapter "
+            "first (PeftModel.from_pretrained(base, eora_dir)) and add LoRA adapters to it."
+        )
+    prepare_for_eora(model.base_model.model, config, adapter_name)
 
 
 _peft_compat.when_peft_ready(_install)

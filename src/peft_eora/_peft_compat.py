@@ -144,14 +144,14 @@ def patch_peft_model(
     PeftModel.push_to_hub = push_to_hub_
 
 
-def patch_add_adapter(peft_type: Any, refuse_in_lora_model: Callable[[Any], Optional[str]]) -> None:
+def patch_add_adapter(peft_type: Any, join_lora_model: Callable[[Any, str, Any], None]) -> None:
     """Let one ``PeftModel`` hold LoRA and ``peft_type`` (EoRA) adapters side by side. Idempotent.
 
     PEFT refuses adapters of another ``peft_type`` than the model's first (``add_adapter``, so also
     ``load_adapter``). An EoRA adapter *is* a LoRA adapter at inference time and EoRA's tuner is a
     ``LoraModel``, so: a LoRA adapter joins an EoRA model as it would a LoRA one; an EoRA adapter joins a
-    LoRA model unless ``refuse_in_lora_model(config)`` gives the reason it needs EoRA's tuner (int8/int4
-    codes to unpack, factors to compute), which is raised.
+    LoRA model after ``join_lora_model(peft_model, adapter_name, config)``, which raises where it needs EoRA's
+    tuner and does what EoRA's tuner would do first (check the base fingerprint).
     """
     from peft import PeftModel
     from peft.utils import PeftType
@@ -169,13 +169,8 @@ def patch_add_adapter(peft_type: Any, refuse_in_lora_model: Callable[[Any], Opti
         kept = getattr(self, "peft_type", None)
         if kept == peft_config.peft_type or {kept, peft_config.peft_type} != pair:
             return current(self, adapter_name, peft_config, *args, **kwargs)
-        if kept == PeftType.LORA:
-            reason = refuse_in_lora_model(peft_config)
-            if reason is not None:
-                raise ValueError(
-                    f"Adapter {adapter_name!r} cannot join a LoRA model: {reason}. Create the model from the EoRA "
-                    "adapter first (PeftModel.from_pretrained(base, eora_dir)) and add LoRA adapters to it."
-                )
+        if kept == PeftType.LORA and adapter_name not in self.peft_config:
+            join_lora_model(self, adapter_name, peft_config)
         self.peft_type = peft_config.peft_type  # PEFT compares the two; nothing else reads it here
         try:
             return current(self, adapter_name, peft_config, *args, **kwargs)

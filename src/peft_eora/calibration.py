@@ -192,7 +192,14 @@ def as_batches(data: CalibrationData, tokenizer=None, batch_size: int = 8) -> li
     any other mapping holds the fields of a :class:`CalibrationConfig`.
     """
     if isinstance(data, Mapping) and not isinstance(data, CalibrationConfig) and "input_ids" in data:
-        ids = torch.as_tensor(data["input_ids"])
+        try:
+            ids = torch.as_tensor(data["input_ids"])
+        except (ValueError, TypeError) as exc:  # rows of different lengths
+            raise CalibrationError(
+                f"Calibration input_ids could not be made one tensor ({exc}): rows of different lengths need padding "
+                "and an attention mask (tokenizer(texts, padding=True, return_tensors='pt')), or pass a list of "
+                "batches."
+            ) from exc
         mask = data.get("attention_mask")
         rows = ids.split(batch_size) if ids.ndim == 2 else [ids]
         masks = torch.as_tensor(mask).split(batch_size) if mask is not None and ids.ndim == 2 else [mask] * len(rows)
@@ -219,7 +226,12 @@ def as_batches(data: CalibrationData, tokenizer=None, batch_size: int = 8) -> li
             item = {k: v for k, v in item.items() if k in ("input_ids", "attention_mask")}
         else:
             raise CalibrationError(f"Unsupported calibration batch of type {type(item).__name__}.")
-        ids = _token_ids(torch.as_tensor(item["input_ids"]))
+        try:
+            ids = torch.as_tensor(item["input_ids"])
+        except (ValueError, TypeError) as exc:
+            raise CalibrationError(f"A calibration batch's input_ids could not be made one tensor ({exc}): pad its "
+                                   "rows to one length and pass an attention mask.") from exc
+        ids = _token_ids(ids)
         if ids.ndim == 1:
             ids = ids[None]
         batch: Batch = {"input_ids": ids}

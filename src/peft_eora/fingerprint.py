@@ -140,10 +140,22 @@ def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return sorted(tensors, key=lambda item: item[0])
 
 
-def _kind(module: nn.Module) -> tuple[str, Any]:
-    """(kind label, back-end if quantized else None): the residual back-end name, or the class name."""
-    from .residual import registered
+class _Packed:
+    """Stands for the back-end of a quantized layer that EoRA does not read but the fingerprint must still treat as
+    one (a gptqmodel kernel outside the residual back-ends' list: Marlin, ExLlama, TorchAtenLinear, ...)."""
 
+
+def _kind(module: nn.Module) -> tuple[str, Any]:
+    """(kind label, back-end if quantized else None): the residual back-end name, or the class name. gptqmodel's
+    GPTQ and AWQ layers are "gptq"/"awq" whatever kernel holds them, so the same checkpoint loaded with another
+    kernel differs only in ``packed_weights`` (compared between equal kernels only)."""
+    from .residual import registered
+    from .residual.gptq import has_gptqmodel_base
+
+    for base, label in (("GPTQQuantLinear", "gptq"), ("AWQuantLinear", "awq")):
+        if has_gptqmodel_base(module, base):
+            backend = next((b for b in registered() if b.name == label and b.matches(module)), _Packed())
+            return label, backend
     for backend in registered():
         if backend.matches(module):
             return backend.name, (backend if backend.name != "dense" else None)
@@ -370,7 +382,11 @@ def factors_changed(model: nn.Module, adapter_name: str, recorded: list[float]) 
     """Whether ``adapter_name``'s factors moved since ``recorded`` (a :func:`factor_signature`): beyond summation
     round-off at the recorded precision, beyond what the cast can explain where they were cast to a coarser dtype
     since (then a fine-tuning too slight to outgrow the cast's rounding passes unnoticed)."""
-    now = factor_signature(model, adapter_name)
+    return signature_moved(recorded, factor_signature(model, adapter_name))
+
+
+def signature_moved(recorded: list[float], now: list[float]) -> bool:
+    """:func:`factors_changed` on two signatures."""
     tol = FACTOR_CHANGE_RTOL * max(abs(recorded[3]), abs(now[3]))
     if now[5] > recorded[5]:  # coarser now
         tol += CAST_SIGMAS * now[5] * max(recorded[4], now[4]) ** 0.5

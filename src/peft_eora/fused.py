@@ -178,8 +178,14 @@ def _own_tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
 
 def _stamps(sources: tuple[Optional[torch.Tensor], ...]) -> list:
     """Which tensor, which storage, which in-place version: equal stamps, equal contents (writes through
-    ``.data`` aside, which bypass the version counter)."""
-    return [None if t is None else (id(t), t.data_ptr(), t._version) for t in sources]
+    ``.data`` aside, which bypass the version counter, as do in-place writes to inference-mode tensors, which
+    have none)."""
+    return [None if t is None else (id(t), t.data_ptr(), tensor_version(t)) for t in sources]
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """``t._version``; 0 for tensors made under ``torch.inference_mode()``, which track no version."""
+    return 0 if t.is_inference() else t._version
 
 
 class FusedGPTQLoraLinear(GPTQLoraLinear):
@@ -275,9 +281,10 @@ class FusedGPTQLoraLinear(GPTQLoraLinear):
         cached = self._fused_cache.get(key)
         scaling = float(self.scaling[self._fused_adapter])
         if cached is not None:
-            if torch.compiler.is_compiling():  # traced once; data_ptr/_version are not traceable
-                return cached
-            if scaling == cached["scaling"] and _stamps(self._sources()) == cached["stamps"]:
+            if scaling == cached["scaling"] and (
+                torch.compiler.is_compiling()  # data_ptr/_version are not traceable: the scaling is (a float)
+                or _stamps(self._sources()) == cached["stamps"]
+            ):
                 return cached  # the same tensors (the entry holds them: ids stay theirs), unchanged since
             object.__setattr__(self, "_fused_meta", _base_meta(self.get_base_layer()))  # g_idx may have changed
         self._fused_cache.clear()  # one live copy: dtype/device or the layer's tensors changed
@@ -301,7 +308,7 @@ class FusedGPTQLoraLinear(GPTQLoraLinear):
             bias=bias.to(compute) if bias is not None else None,
             scaling=scaling,
             sources=sources,
-            stamps=_stamps(sources),
+            stamps=None if torch.compiler.is_compiling() else _stamps(sources),  # traced: rebuilt once when eager
         )
         if self._fused_adapter_bits == 16:
             prepared.update(

@@ -178,14 +178,7 @@ class EoRAModel(LoraModel):
 
     def _pre_injection_hook(self, model: nn.Module, config: EoRAConfig, adapter_name: str) -> None:
         super()._pre_injection_hook(model, config, adapter_name)
-        if any(isinstance(m, GPTQLinear) for m in model.modules()):
-            register_gptq_linear(config)  # PEFT wraps our packed GPTQ layers like gptqmodel's
-        prepare_model(model)  # e.g. decompress a compressed-tensors model, as its first forward would
-        if not getattr(config, "init_eora", False):  # loading computed factors: same base?
-            verify_fingerprint(model, config, adapter_name)
-        if config.target_modules is None and not config.target_parameters:
-            config.target_modules = default_target_modules(model)
-            logger.info("EoRA targets: %s", config.target_modules)
+        prepare_for_eora(model, config, adapter_name)
 
     @staticmethod
     def _create_new_module(lora_config, adapter_name, target, **kwargs):
@@ -225,6 +218,22 @@ class EoRAModel(LoraModel):
 #: Base-layer residual back-ends whose modules move between devices with ``.to()`` unchanged
 #: (execution_device="auto" offloads only such models; others compute where they are).
 MOVABLE_BACKENDS = ("dense", "gptq")
+
+
+def prepare_for_eora(model: nn.Module, config: Any, adapter_name: str) -> None:
+    """What an EoRA adapter needs before PEFT injects it, in any tuner (EoRA's, or a LoRA model it joins): our packed
+    GPTQ layers registered with PEFT, the base prepared (compressed-tensors decompressed), a loaded adapter's base
+    fingerprint checked, EoRA's default targets. Plain LoRA configs get the first two only."""
+    if any(isinstance(m, GPTQLinear) for m in model.modules()):
+        register_gptq_linear(config)  # PEFT wraps our packed GPTQ layers like gptqmodel's
+    prepare_model(model)  # e.g. decompress a compressed-tensors model, as its first forward would
+    if isinstance(config, EoRAConfig):
+        if not getattr(config, "init_eora", False):  # loading computed factors: same base?
+            verify_fingerprint(model, config, adapter_name)
+        if config.target_modules is None and not config.target_parameters:
+            config.target_modules = default_target_modules(model)
+            logger.info("EoRA targets: %s", config.target_modules)
+
 
 
 def resolve_execution_device(model: nn.Module, targets: list, choice: Optional[str] = "auto") -> Optional[torch.device]:

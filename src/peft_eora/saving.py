@@ -21,7 +21,7 @@ from torch import nn
 
 from .card import build_model_card
 from .config import EoRAConfig
-from .fingerprint import factors_changed
+from .fingerprint import factor_signature, signature_moved
 from .safe_files import README_NAME, PathLike, atomic_directory
 
 logger = logging.getLogger(__name__)
@@ -95,9 +95,14 @@ def mark_fine_tuned(model: nn.Module, names: list[str]) -> None:
     for name in names:
         config = configs.get(name)
         recorded = (getattr(config, "eora_stats", None) or {}).get("factor_signature")
-        if recorded and not getattr(config, "fine_tuned", True) and factors_changed(model, name, recorded):
+        if not recorded or getattr(config, "fine_tuned", True):
+            continue
+        now = factor_signature(model, name)
+        if signature_moved(recorded, now):
             config.fine_tuned = True
             logger.info("Adapter %r was fine-tuned since EoRA computed it: saved with fine_tuned=True.", name)
+        elif now[5] > recorded[5]:  # cast to a coarser dtype since: its rounding is now part of the factors
+            config.eora_stats["factor_signature"] = now
 
 
 def _write_card(

@@ -118,10 +118,11 @@ class GPTQLinear(nn.Module):
         """Whether ``g_idx`` is not ``k // group_size``: re-derived whenever ``g_idx`` was replaced or written in place
         since (however it was loaded: state dict, accelerate's ``set_module_tensor_to_device``, a buffer copy)."""
         g = self._buffers["g_idx"]
+        version = 0 if g.is_inference() else g._version  # inference-mode tensors track no version
         seen = self.__dict__.get("_act_order_seen")
-        if seen is None or seen[0] is not g or seen[1:3] != (g.data_ptr(), g._version):
+        if seen is None or seen[0] is not g or seen[1:3] != (g.data_ptr(), version):
             trivial = torch.arange(self.in_features, device=g.device) // self.group_size
-            self.__dict__["_act_order_seen"] = (g, g.data_ptr(), g._version, not torch.equal(g.long(), trivial))
+            self.__dict__["_act_order_seen"] = (g, g.data_ptr(), version, not torch.equal(g.long(), trivial))
         return self.__dict__["_act_order_seen"][3]
 
     def _refresh_act_order(self) -> None:
