@@ -356,7 +356,8 @@ def factor_signature(model: nn.Module, adapter_name: str) -> list[float]:
     """Sums over every ``lora_A``/``lora_B`` weight of ``adapter_name`` (layers in name order, float64): ``Σ t``,
     ``Σ w₁·t``, ``Σ w₂·t`` with two fixed ±1 patterns ``w`` over each tensor's entries, ``Σ |t|``, ``Σ t²``, and the
     unit roundoff of the coarsest dtype among them. Recorded in ``eora_stats["factor_signature"]`` when EoRA
-    computes the factors; :func:`factors_changed` compares it with the current factors when the adapter is saved::
+    computes the factors (empty where a factor is not materialised); :func:`factors_changed` compares it with the
+    current factors when the adapter is saved::
 
         >>> factors_changed(model, "default", config.eora_stats["factor_signature"])  # after fine-tuning: True
     """
@@ -368,6 +369,8 @@ def factor_signature(model: nn.Module, adapter_name: str) -> list[float]:
                     if isinstance(m, LoraLayer) and adapter_name in getattr(m, "lora_A", {}))
     for _, layer in layers:
         for t in (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight):
+            if t.device.type == "meta":  # not materialised (offloaded): no signature
+                return []
             if t.is_floating_point():
                 roundoff = max(roundoff, torch.finfo(t.dtype).eps / 2)
             x = t.detach().reshape(-1).to(torch.float64)

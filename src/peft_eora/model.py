@@ -409,7 +409,9 @@ def _compute(
     quantize_adapter_(model, adapter_name, config.adapter_bits)  # no-op for adapter_bits=16
     config.init_eora = False  # the weights now hold the factors; loading must not recompute
     config.eora_stats = stats.summary()
-    config.eora_stats["factor_signature"] = factor_signature(model, adapter_name)  # tells a fine-tuned copy apart
+    signature = factor_signature(model, adapter_name)  # tells a fine-tuned copy apart when saved
+    if signature:
+        config.eora_stats["factor_signature"] = signature
     record_fingerprint(model, config)
     return stats
 

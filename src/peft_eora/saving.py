@@ -98,6 +98,8 @@ def mark_fine_tuned(model: nn.Module, names: list[str]) -> None:
         if not recorded or getattr(config, "fine_tuned", True):
             continue
         now = factor_signature(model, name)
+        if not now:  # factors not materialised here: nothing to compare
+            continue
         if signature_moved(recorded, now):
             config.fine_tuned = True
             logger.info("Adapter %r was fine-tuned since EoRA computed it: saved with fine_tuned=True.", name)
