@@ -77,6 +77,17 @@ def test_sparsegpt_reconstructs_better_than_wanda(pattern):
     assert err_s < 0.9 * err_w, (float(err_s), float(err_w))
 
 
+@pytest.mark.parametrize("pattern", [(1, 3), (2, 6), (2, 4)])
+def test_sparsegpt_n_m_groups_span_its_blocks(pattern):
+    """SparseGPT works in blocks of 128 columns: for an M that does not divide 128, groups were cut at block edges
+    (1:3 kept two weights in 15 % of its groups; 2:6 crashed). Blocks now hold whole groups."""
+    n, m = pattern
+    X = _correlated_inputs(1024, 384)
+    W = torch.randn(8, 384, generator=torch.Generator().manual_seed(3))
+    Ws = sparsegpt_prune(W, X.T @ X, pattern, 0.5)
+    assert ((Ws.reshape(8, 384 // m, m) != 0).sum(-1) == n).all()
+
+
 def test_sparsegpt_zeroes_dead_inputs():
     X = _correlated_inputs(512, 16)
     X[:, 3] = 0.0

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .embedded import atomic_publish, cache_dir, dtype_name, is_complete, make_temp_dir, remove_stale_temps
 from .quantize import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, META_FILE, _versions, calibration_metadata, gptq_calibration
-from .quantize.checkpoints import machine_metadata
+from .quantize.checkpoints import machine_metadata, recorded_differences
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +135,8 @@ def sparsegpt_prune(
     H += damp * float(torch.diagonal(H).mean()) * torch.eye(cols, dtype=H.dtype, device=H.device)
     L = torch.linalg.cholesky(H)
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()  # upper Cholesky of H⁻¹
+    if nm is not None:  # blocks of whole N:M groups (1:3 or 2:6 in blocks of 128 cut groups in two)
+        blocksize = max(nm[1], blocksize // nm[1] * nm[1])
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
@@ -308,6 +310,11 @@ def prune(
         meta = json.loads((final / META_FILE).read_text())
         if (meta.get("method"), meta.get("pattern")) != (method, label):
             raise ValueError(f"{final} holds a {meta.get('method')} {meta.get('pattern')} model, not {method} {label}: "
+                             "pass another out_dir or delete it")
+        requested = {"num_samples": num_samples, "seq_len": seq_len, **({"damp": damp} if method == "sparsegpt" else {})}
+        differ = recorded_differences(meta, requested)
+        if differ:
+            raise ValueError(f"{final} holds a {method} {label} model made with other settings ({'; '.join(differ)}): "
                              "pass another out_dir or delete it")
         return final
     if not (model_dir / "config.json").is_file():

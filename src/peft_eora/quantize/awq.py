@@ -8,6 +8,7 @@ and a float32 forward for CPUs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -63,7 +64,7 @@ def quantize_awq(
         raise ValueError(f"AWQ quantization needs dtype float16 or bfloat16 (gptqmodel's AWQ kernels), got {dtype}.")
     model_dir = Path(model_dir)
     final = Path(out_dir) if out_dir is not None else awq_dir(model_dir, bits, group_size, num_samples, seq_len)
-    if _cached(final, "awq", bits, group_size):
+    if _cached(final, "awq", bits, group_size, {"num_samples": num_samples, "seq_len": seq_len, "dtype": dtype, **kw}):
         return final
     config_file = model_dir / "config.json"
     if group_size > 0 and config_file.is_file():  # AWQ stores one zero/scale row per whole group
@@ -202,7 +203,8 @@ def smooth_state_dict(state: dict[str, torch.Tensor], records: list[dict[str, An
 def awq_smoothed_original(
     awq_path: str | Path, original_dir: str | Path | None = None, out_dir: str | Path | None = None
 ) -> Path:
-    """Write (once, cached next to the AWQ checkpoint as ``<awq name>-smoothed-original``) the
+    """Write (once, cached as ``<awq name>-<key>-smoothed-original``, the key a hash of the AWQ checkpoint's path and
+    scales and of the original's path, checked again on every cache hit) the
     original float model with the AWQ scales of ``awq_path`` folded in, and return its folder.
 
     It computes the same function as the original but its linears live in the AWQ model's
@@ -215,13 +217,26 @@ def awq_smoothed_original(
     from safetensors.torch import load_file, save_file
 
     awq_path = Path(awq_path)
-    final = Path(out_dir) if out_dir is not None else cache_dir() / "models" / f"{awq_path.name}-smoothed-original"
-    if is_complete(final):
-        return final
-    records = read_awq_scales(awq_path)
     if original_dir is None:
         original_dir = json.loads((awq_path / META_FILE).read_text())["source_model"]
     original_dir = Path(original_dir)
+    scales = awq_path / AWQ_SCALES_FILE
+    made_from = {  # what the folder is made from: a cached folder of other sources is never handed back
+        "source_model": str(original_dir.resolve()), "awq_checkpoint": str(awq_path.resolve()),
+        "awq_scales_sha256": hashlib.sha256(scales.read_bytes()).hexdigest() if scales.is_file() else None,
+    }
+    key = hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:10]
+    final = Path(out_dir) if out_dir is not None else cache_dir() / "models" / f"{awq_path.name}-{key}-smoothed-original"
+    if is_complete(final):
+        recorded = json.loads((final / "peft_eora_smoothed.json").read_text())
+        if {k: recorded.get(k) for k in made_from} != made_from:
+            raise ValueError(
+                f"{final} holds the smoothed original of {recorded.get('awq_checkpoint')} (from "
+                f"{recorded.get('source_model')}), not of {awq_path} from {original_dir} as it is now: pass another "
+                "out_dir or delete it."
+            )
+        return final
+    records = read_awq_scales(awq_path)
     files = sorted(original_dir.glob("*.safetensors"))
     if len(files) != 1:
         raise ValueError(f"{original_dir}: expected one model.safetensors file, found {[f.name for f in files]}.")
@@ -234,10 +249,7 @@ def awq_smoothed_original(
             if item.is_file() and item.suffix != ".safetensors" and not item.name.startswith("."):
                 shutil.copy2(item, tmp / item.name)
         save_file(state, str(tmp / files[0].name), metadata={"format": "pt"})
-        (tmp / "peft_eora_smoothed.json").write_text(json.dumps({
-            "source_model": str(original_dir.resolve()), "awq_checkpoint": str(awq_path.resolve()),
-            "groups": len(records),
-        }, indent=2) + "\n")
+        (tmp / "peft_eora_smoothed.json").write_text(json.dumps({**made_from, "groups": len(records)}, indent=2) + "\n")
         atomic_publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,10 +14,11 @@ import json
 import os
 import platform
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
-from ..embedded import cache_dir, is_complete
+from ..embedded import cache_dir, dtype_name, is_complete
 from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
 
 META_FILE = "peft_eora_quantize.json"
@@ -52,8 +53,13 @@ def awq_dir(
     return _checkpoint_dir(model_dir, "awq", bits, group_size, num_samples, seq_len)
 
 
-def _cached(final: Path, method: str, bits: int, group_size: int) -> bool:
-    """True if ``final`` is a complete checkpoint of these settings; ``ValueError`` if it holds others."""
+def _cached(final: Path, method: str, bits: int, group_size: int, requested: Optional[dict[str, Any]] = None) -> bool:
+    """True if ``final`` is a complete checkpoint of these settings; ``ValueError`` if it holds others.
+
+    ``requested``: the other settings of this call (``num_samples``, ``seq_len``, ``dtype``, the quantizer's
+    keyword overrides): each is compared with what the checkpoint recorded, and the overrides it was made with
+    must all be asked for again, so a cached checkpoint made otherwise is never handed back in silence.
+    """
     if not is_complete(final):
         return False
     meta = json.loads((final / META_FILE).read_text())
@@ -63,7 +69,33 @@ def _cached(final: Path, method: str, bits: int, group_size: int) -> bool:
             f"{final} holds a {found[0]} w{found[1]}g{found[2]} checkpoint, not {method} w{bits}g{group_size}: "
             "pass another out_dir or delete it"
         )
+    differ = recorded_differences(meta, requested or {})
+    if differ:
+        raise ValueError(f"{final} holds a {method} w{bits}g{group_size} checkpoint made with other settings "
+                         f"({'; '.join(differ)}): pass another out_dir or delete it")
     return True
+
+
+def recorded_differences(meta: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """``"name: recorded → requested"`` for each requested setting the metadata records otherwise (``num_samples``
+    and ``seq_len`` under ``calibration``, ``dtype`` as ``quantize_dtype``, anything else at the top level or
+    among ``user_overrides``), and each recorded user override this call does not ask for."""
+    calibration = meta.get("calibration") or {}
+    overrides = meta.get("user_overrides") or {}
+    differ = []
+    for key, value in requested.items():
+        if key in ("num_samples", "seq_len"):
+            recorded, wanted = calibration.get(key), value
+        elif key == "dtype":
+            recorded, wanted = meta.get("quantize_dtype"), dtype_name(value) if value is not None else None
+        elif key in overrides:
+            recorded, wanted = overrides[key], repr(value)
+        else:
+            recorded, wanted = meta.get(key), value
+        if recorded is not None and wanted is not None and recorded != wanted:
+            differ.append(f"{key}: {recorded} → {wanted}")
+    differ += [f"{key}={value} (not asked for now)" for key, value in overrides.items() if key not in requested]
+    return differ
 
 
 def machine_metadata() -> dict[str, object]:

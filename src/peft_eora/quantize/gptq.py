@@ -41,7 +41,7 @@ def quantize_gptq(
     """
     model_dir = Path(model_dir)
     final = Path(out_dir) if out_dir is not None else gptq_dir(model_dir, bits, group_size, num_samples, seq_len)
-    if _cached(final, "gptq", bits, group_size):
+    if _cached(final, "gptq", bits, group_size, {"num_samples": num_samples, "seq_len": seq_len, "dtype": dtype, **kw}):
         return final
 
     def describe(qcfg: Any) -> dict[str, Any]:

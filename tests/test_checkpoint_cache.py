@@ -1,0 +1,78 @@
+"""Cached compressed checkpoints are handed back only for the settings they were made with.
+
+A complete folder under the cache (or an explicit ``out_dir``) is returned without recomputing. Its name holds
+the method, bits, group size and calibration size only, so every other setting a call asks for (the quantizer's
+overrides, ``dtype``, SparseGPT's ``damp``) is compared with the recorded metadata; and the AWQ-smoothed
+original is keyed on the AWQ checkpoint's path and scales and on the original's path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from peft_eora.embedded import COMPLETE_MARKER
+from peft_eora.quantize.checkpoints import META_FILE, gptq_dir
+from tiny_models import tiny_llama_pair
+
+
+def _published(folder: Path, meta: dict) -> None:
+    """A folder as a finished earlier call left it."""
+    folder.mkdir(parents=True)
+    (folder / COMPLETE_MARKER).write_text("")
+    (folder / META_FILE).write_text(json.dumps(meta))
+
+
+def test_cached_checkpoints_made_with_other_settings_are_refused(tmp_path, monkeypatch):
+    from peft_eora.prune import prune, pruned_dir
+    from peft_eora.quantize import quantize_gptq
+
+    monkeypatch.setenv("PEFT_EORA_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "m"
+    source.mkdir()
+    calibration = {"num_samples": 128, "seq_len": 512}
+    _published(gptq_dir(source, 4, 128), {"method": "gptq", "bits": 4, "group_size": 128, "sym": True,
+                                          "desc_act": False, "user_overrides": {}, "quantize_dtype": "float32",
+                                          "calibration": calibration})
+    assert quantize_gptq(source, 4, 128) == gptq_dir(source, 4, 128)  # the same settings: handed back
+    with pytest.raises(ValueError, match=r"made with other settings \(desc_act: False → True\)"):
+        quantize_gptq(source, 4, 128, desc_act=True)
+    with pytest.raises(ValueError, match="dtype: float32 → bfloat16"):
+        quantize_gptq(source, 4, 128, dtype=torch.bfloat16)
+    _published(pruned_dir(source, "sparsegpt", "2:4"), {"method": "sparsegpt", "pattern": "2of4", "damp": 0.01,
+                                                        "calibration": calibration})
+    with pytest.raises(ValueError, match=r"damp: 0.01 → 0.1"):
+        prune(source, "sparsegpt", "2:4", damp=0.1)
+
+
+def test_smoothed_originals_of_two_awq_checkpoints_stay_apart(tmp_path, monkeypatch):
+    """Two AWQ folders of one name (two runs, or one folder quantized again) got one cached smoothed original."""
+    from peft_eora.quantize.awq import AWQ_SCALES_FILE, awq_smoothed_original
+
+    monkeypatch.setenv("PEFT_EORA_CACHE", str(tmp_path / "cache"))
+    original, _ = tiny_llama_pair(layers=1)
+    original.save_pretrained(tmp_path / "orig")
+
+    def fake_awq(folder: Path, scale: float) -> Path:
+        folder.mkdir(parents=True)
+        records = [{"prev": "model.layers.0.input_layernorm", "kind": "norm",
+                    "layers": [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]}]
+        save_file({"0": torch.full((64,), scale)}, str(folder / AWQ_SCALES_FILE),
+                  metadata={"records": json.dumps(records)})
+        (folder / META_FILE).write_text(json.dumps({"source_model": str(tmp_path / "orig")}))
+        return folder
+
+    first = awq_smoothed_original(fake_awq(tmp_path / "run1" / "q4", 2.0))
+    second = awq_smoothed_original(fake_awq(tmp_path / "run2" / "q4", 4.0))
+    assert first != second
+    w = original.state_dict()["model.layers.0.self_attn.q_proj.weight"]
+    for folder, scale in ((first, 2.0), (second, 4.0)):
+        smoothed = load_file(str(folder / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
+        assert torch.allclose(smoothed, w * scale)
+    assert awq_smoothed_original(tmp_path / "run1" / "q4") == first  # cached
+    with pytest.raises(ValueError, match="holds the smoothed original of"):
+        awq_smoothed_original(tmp_path / "run2" / "q4", out_dir=first)
