@@ -51,6 +51,8 @@ def quantize_compressed_tensors(
     config = json.loads((model_dir / "config.json").read_text())
     if group_size > 0:
         dims = {k: config[k] for k in ("hidden_size", "intermediate_size") if isinstance(config.get(k), int)}
+        if isinstance(config.get("head_dim"), int) and isinstance(config.get("num_attention_heads"), int):
+            dims["num_attention_heads × head_dim"] = config["num_attention_heads"] * config["head_dim"]  # o_proj's input
         bad = {k: v for k, v in dims.items() if v % group_size}
         if bad:
             raise ValueError(f"group_size={group_size} must divide every linear's input size; {model_dir.name} has {bad}.")
