@@ -185,13 +185,18 @@ def _windows(source: CalibrationSource, count: int, seq_len: int, seed: int, tok
     return torch.tensor(ids[:need], dtype=torch.long).view(count, seq_len)
 
 
+def is_token_mapping(data: Any) -> bool:
+    """A mapping with ``input_ids`` (a tokenizer's output), not the fields of a :class:`CalibrationConfig`."""
+    return isinstance(data, Mapping) and not isinstance(data, CalibrationConfig) and "input_ids" in data
+
+
 def as_batches(data: CalibrationData, tokenizer=None, batch_size: int = 8) -> list[Batch]:
     """Normalise any accepted calibration input to a list of ``{"input_ids", "attention_mask"?}``.
 
     A mapping with ``input_ids`` (a tokenizer's output) is one batch of rows, split by ``batch_size``;
     any other mapping holds the fields of a :class:`CalibrationConfig`.
     """
-    if isinstance(data, Mapping) and not isinstance(data, CalibrationConfig) and "input_ids" in data:
+    if is_token_mapping(data):
         try:
             ids = torch.as_tensor(data["input_ids"])
         except (ValueError, TypeError) as exc:  # rows of different lengths

@@ -207,22 +207,22 @@ def find_targets(model: nn.Module, adapter_name: str) -> tuple[nn.ModuleList, li
 def validate(targets: list[Target], original: OriginalWeights, check_ranks: bool = True) -> None:
     """Check every target before any work: back-end, original weight and shape, rank (every kind of layer
     too narrow for its rank named in one error, so that one change of the config fixes them all)."""
-    narrow: list[tuple[Target, ValueError]] = []
+    narrow: list[Target] = []
     for t in targets:
         backend_for(t.base, t.name)
         original.check(t.name, t.shape)
         if check_ranks:
             try:
                 check_rank(t.rank, *t.shape, name=t.name)
-            except ValueError as exc:
+            except ValueError:
                 if not (isinstance(t.rank, int) and t.rank > 0):
                     raise
-                narrow.append((t, exc))
+                narrow.append(t)
     if not narrow:
         return
-    too_narrow = {t.name for t, _ in narrow}
-    kinds = _narrow_kinds([t.name for t, _ in narrow], [t.name for t in targets if t.name not in too_narrow])
-    first = {key: next(t for t, _ in narrow if t.name == names[0]) for key, names in kinds.items()}
+    too_narrow = {t.name for t in narrow}
+    kinds = _narrow_kinds([t.name for t in narrow], [t.name for t in targets if t.name not in too_narrow])
+    first = {key: next(t for t in narrow if t.name == names[0]) for key, names in kinds.items()}
     regex = any(key != key.replace("\\d+", "") for key in kinds)
     exclude = (f"exclude_modules=r'(.*\\.)?({'|'.join(kinds)})'" if regex  # PEFT matches a str as a whole regex
                else f"exclude_modules={list(kinds)!r}")
@@ -250,6 +250,11 @@ def _shown(key: str) -> str:
     return f"r'{key}'" if "\\" in key else repr(key)
 
 
+def index_pattern(name: str) -> str:
+    """``name`` as a regex with its indices as ``\\d+``: ``experts.3.down_proj`` → ``experts\\.\\d+\\.down_proj``."""
+    return r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in name.split("."))
+
+
 def _narrow_kinds(narrow: list[str], wide: list[str]) -> dict[str, list[str]]:
     """Group the names of layers too narrow for their rank by the shortest name suffix that PEFT's
     ``rank_pattern`` (``re.match(r"(.*\\.)?(key)$", name)``) matches on none of the ``wide`` layers, so that
@@ -272,8 +277,8 @@ def _narrow_kinds(narrow: list[str], wide: list[str]) -> dict[str, list[str]]:
             tail = parts[-k:]
             if tail[0].isdigit() and k < len(parts):  # a key starts at a name, not an index ("0" would match anything's 0)
                 continue
-            collapsed = "\\.".join("\\d+" if p.isdigit() else re.escape(p) for p in tail)
             literal = ".".join(tail)
+            collapsed = index_pattern(literal)
             if any(p.isdigit() for p in tail) and spares_wide(collapsed):
                 key = collapsed
                 break

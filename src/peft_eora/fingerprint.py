@@ -356,10 +356,10 @@ def factor_signature(model: nn.Module, adapter_name: str) -> list[float]:
     """Sums over every ``lora_A``/``lora_B`` weight of ``adapter_name`` (layers in name order, float64): ``Σ t``,
     ``Σ w₁·t``, ``Σ w₂·t`` with two fixed ±1 patterns ``w`` over each tensor's entries, ``Σ |t|``, ``Σ t²``, and the
     unit roundoff of the coarsest dtype among them. Recorded in ``eora_stats["factor_signature"]`` when EoRA
-    computes the factors (empty where a factor is not materialised); :func:`factors_changed` compares it with the
-    current factors when the adapter is saved::
+    computes the factors (empty where a factor is not materialised); :func:`signature_moved` compares it with the
+    current factors' when the adapter is saved::
 
-        >>> factors_changed(model, "default", config.eora_stats["factor_signature"])  # after fine-tuning: True
+        >>> signature_moved(config.eora_stats["factor_signature"], factor_signature(model, "default"))  # tuned: True
     """
     from peft.tuners.lora import LoraLayer
 
@@ -381,15 +381,10 @@ def factor_signature(model: nn.Module, adapter_name: str) -> list[float]:
     return [float(v) for v in sums] + [roundoff]
 
 
-def factors_changed(model: nn.Module, adapter_name: str, recorded: list[float]) -> bool:
-    """Whether ``adapter_name``'s factors moved since ``recorded`` (a :func:`factor_signature`): beyond summation
-    round-off at the recorded precision, beyond what the cast can explain where they were cast to a coarser dtype
-    since (then a fine-tuning too slight to outgrow the cast's rounding passes unnoticed)."""
-    return signature_moved(recorded, factor_signature(model, adapter_name))
-
-
 def signature_moved(recorded: list[float], now: list[float]) -> bool:
-    """:func:`factors_changed` on two signatures."""
+    """Whether the factors moved between two :func:`factor_signature` s: beyond summation round-off at the recorded
+    precision, or beyond what a cast can explain where they were cast to a coarser dtype since (a fine-tuning too
+    slight to outgrow the cast's rounding then passes unnoticed)."""
     tol = FACTOR_CHANGE_RTOL * max(abs(recorded[3]), abs(now[3]))
     if now[5] > recorded[5]:  # coarser now
         tol += CAST_SIGMAS * now[5] * max(recorded[4], now[4]) ** 0.5

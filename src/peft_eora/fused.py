@@ -51,7 +51,7 @@ from peft.tuners.lora.gptq import GPTQLoraLinear
 from torch import nn
 
 from .kernels import ops as _ops  # registers torch.ops.peft_eora.gptq_lora_linear
-from .kernels.gptq_linear import GPTQLinear
+from .kernels.gptq_linear import GPTQLinear, tensor_stamp
 from .kernels.lowbit import quantize_lora_pair
 from .kernels.reference import SUPPORTED_BITS, packed_len
 from .layer import MixedBatchGPTQLoraLinear, plain_adapter
@@ -177,15 +177,8 @@ def _own_tensor(module: nn.Module, name: str) -> Optional[torch.Tensor]:
 
 
 def _stamps(sources: tuple[Optional[torch.Tensor], ...]) -> list:
-    """Which tensor, which storage, which in-place version: equal stamps, equal contents (writes through
-    ``.data`` aside, which bypass the version counter, as do in-place writes to inference-mode tensors, which
-    have none)."""
-    return [None if t is None else (id(t), t.data_ptr(), tensor_version(t)) for t in sources]
-
-
-def tensor_version(t: torch.Tensor) -> int:
-    """``t._version``; 0 for tensors made under ``torch.inference_mode()``, which track no version."""
-    return 0 if t.is_inference() else t._version
+    """Each source's :func:`~peft_eora.kernels.gptq_linear.tensor_stamp` (None for an absent one)."""
+    return [None if t is None else tensor_stamp(t) for t in sources]
 
 
 class FusedGPTQLoraLinear(GPTQLoraLinear):

@@ -32,8 +32,8 @@ from torch import nn
 
 from ._peft_compat import only_active
 from .adapter_quant import is_packed, pack_adapter_state_dict, quantize_adapter_, unpack_adapter_state_dict
-from .calibration import CalibrationData, as_batches, check_vocabulary
-from .compensate import CompensationStats, RankPlan, compensate, find_targets, plan_ranks
+from .calibration import CalibrationData, as_batches, check_vocabulary, is_token_mapping
+from .compensate import CompensationStats, RankPlan, compensate, find_targets, index_pattern, plan_ranks
 from .config import DEFAULT_LOGIT_WEIGHTING, FIXED_DAMPING, EoRAConfig
 from .fingerprint import factor_signature, record_fingerprint, verify_fingerprint
 from .kernels.gptq_linear import GPTQLinear, register_gptq_linear
@@ -128,13 +128,10 @@ def _alternatives(chosen: list[str], every: set[str]) -> list[str]:
     name of ``every`` (the block's submodules) that was not chosen: a float expert the quantizer skipped
     stays out, and so does the activation between two linears of a ``Sequential`` (CTRL's ``ffn.0``,
     ``ffn.1`` = ReLU, ``ffn.2``)."""
-    def collapsed(name: str) -> str:
-        return r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in name.split("."))
-
     left_out = [name for name in every if name not in set(chosen)]
     out: dict[str, None] = {}
     for name in chosen:
-        form = collapsed(name)
+        form = index_pattern(name)
         out[form if not any(re.fullmatch(form, other) for other in left_out) else re.escape(name)] = None
     return list(out)
 
@@ -483,9 +480,7 @@ def _vocabulary_size(model: nn.Module) -> Optional[int]:
 def _is_token_data(calibration: CalibrationData) -> bool:
     from .config import CalibrationConfig
 
-    if isinstance(calibration, Mapping) and not isinstance(calibration, CalibrationConfig):
-        return "input_ids" in calibration  # a tokenizer's output, not a config's fields
-    return not isinstance(calibration, CalibrationConfig)
+    return is_token_mapping(calibration) or not isinstance(calibration, (CalibrationConfig, Mapping))
 
 
 def _load_tokenizer(calibration: Any, original_model: Any, model: nn.Module):

@@ -130,8 +130,9 @@ class OriginalWeights:
                         if key.endswith(".weight"):
                             name = key[: -len(".weight")]
                             key_file[name] = f
-                            shapes[name] = tuple(st.get_slice(key).get_shape())
-                            dtype = st.get_slice(key).get_dtype()
+                            tensor_slice = st.get_slice(key)
+                            shapes[name] = tuple(tensor_slice.get_shape())
+                            dtype = tensor_slice.get_dtype()
                             if dtype not in _FLOAT_DTYPES:
                                 quantized.append(f"{key} ({dtype})")
                         elif key.endswith(_QUANTIZED_SUFFIXES):

@@ -62,6 +62,13 @@ def quantize_rtn(
             scale.T.contiguous())
 
 
+def tensor_stamp(t: torch.Tensor) -> tuple[int, int, int]:
+    """Which tensor, which storage, which in-place version: equal stamps, equal contents, short of writes through
+    ``.data`` (they bypass the version counter) and of in-place writes to inference-mode tensors (version 0 here:
+    they track none)."""
+    return (id(t), t.data_ptr(), 0 if t.is_inference() else t._version)
+
+
 class GPTQLinear(nn.Module):
     """Plain GPTQ layer (gptqmodel's in-memory layout, v2 zeros) computed by the fused op.
 
@@ -118,12 +125,11 @@ class GPTQLinear(nn.Module):
         """Whether ``g_idx`` is not ``k // group_size``: re-derived whenever ``g_idx`` was replaced or written in place
         since (however it was loaded: state dict, accelerate's ``set_module_tensor_to_device``, a buffer copy)."""
         g = self._buffers["g_idx"]
-        version = 0 if g.is_inference() else g._version  # inference-mode tensors track no version
-        seen = self.__dict__.get("_act_order_seen")
-        if seen is None or seen[0] is not g or seen[1:3] != (g.data_ptr(), version):
+        seen = self.__dict__.get("_act_order_seen")  # (g_idx, its stamp, act order): g_idx held, so ids stay its
+        if seen is None or seen[0] is not g or seen[1] != tensor_stamp(g):
             trivial = torch.arange(self.in_features, device=g.device) // self.group_size
-            self.__dict__["_act_order_seen"] = (g, g.data_ptr(), version, not torch.equal(g.long(), trivial))
-        return self.__dict__["_act_order_seen"][3]
+            self.__dict__["_act_order_seen"] = (g, tensor_stamp(g), not torch.equal(g.long(), trivial))
+        return self.__dict__["_act_order_seen"][2]
 
     def _refresh_act_order(self) -> None:
         self.__dict__.pop("_act_order_seen", None)
