@@ -473,15 +473,16 @@ def test_llm_int8_is_refused_with_the_reason():
         backend_for(bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False), "lin")
 
 
-def test_repacking_awq_kernel_is_refused():
-    """A gptqmodel AWQ kernel that repacks its buffers (here: Marlin's class path) has no back-end."""
+def test_repacking_awq_kernel_is_read_through_its_forward():
+    """A gptqmodel AWQ kernel that repacks its buffers (here: Marlin's class path) is not read as the GEMM layout
+    but through its forward (the ``probe`` back-end)."""
     _require("gptqmodel")
     from gptqmodel.nn_modules.qlinear.marlin_awq import AwqMarlinLinear
 
     fake = AwqMarlinLinear.__new__(AwqMarlinLinear)
     nn.Module.__init__(fake)
-    with pytest.raises(UnsupportedModuleError, match=r"AwqMarlinLinear.*awq \(gptqmodel AWQ QuantLinear in the GEMM"):
-        backend_for(fake, "q_proj")
+    fake.in_features, fake.out_features = 128, 64
+    assert backend_for(fake, "q_proj").name == "probe"
 
 
 def test_peft_eora_works_without_the_format_libraries(tiny_original_dir):
@@ -494,7 +495,8 @@ for name in ("bitsandbytes", "hqq", "torchao", "gptqmodel", "compressed_tensors"
 import torch, peft_eora
 from peft_eora.residual import backend_for, registered
 from peft_eora import prune, quantize
-assert [b.name for b in registered()] == ["gptq", "awq", "bnb-4bit", "hqq", "torchao", "compressed-tensors", "dense"]
+assert [b.name for b in registered()] == ["gptq", "awq", "bnb-4bit", "hqq", "torchao", "compressed-tensors", "probe",
+        "dense"]
 assert backend_for(torch.nn.Linear(4, 4)).name == "dense"
 try:
     quantize.load_and_quantize({str(tiny_original_dir)!r}, "hqq")

@@ -23,7 +23,9 @@ def _forward_error(layer: nn.Module, x: torch.Tensor) -> float:
     """Relative max difference between the layer's forward and ``x·Wᵀ + b`` with its back-end's weight."""
     with torch.no_grad():
         y = layer(x).double()
-        w = backend_for(layer).dequantize(layer).double()
+        backend = backend_for(layer)
+        kw = {"dtype": x.dtype} if getattr(backend, "reads_forward", False) else {}  # read for x's dtype
+        w = backend.dequantize(layer, **kw).double()
         ref = x.double() @ w.T
         bias = getattr(layer, "bias", None)
         if isinstance(bias, torch.Tensor):
@@ -49,13 +51,17 @@ def _torch_linear(cls_name: str = "TorchLinear", k: int = 128, n: int = 64, bits
     return layer.eval()
 
 
-def test_gptq_layers_with_input_transforms_or_own_adapters_are_refused():
+def test_gptq_layers_with_input_transforms_are_read_through_their_forward_own_adapters_refused():
+    """A Hadamard-rotated layer's stored weight is in rotated coordinates: it is read through its forward (the
+    ``probe`` back-end), rotation included. A layer carrying gptqmodel's own adapter is refused."""
     pytest.importorskip("gptqmodel", reason="gptqmodel provides the GPTQ layers")
     layer = _torch_linear()
-    assert _forward_error(layer, torch.randn(4, 128)) < 1e-5
+    assert backend_for(layer).name == "gptq" and _forward_error(layer, torch.randn(4, 128)) < 1e-5
+    stored = backend_for(layer).dequantize(layer)
     layer.online_full_had, layer.K = True, 1  # what gptqmodel's loader sets for rotation="hadamard" checkpoints
-    with pytest.raises(UnsupportedModuleError, match="rotates its input online"):
-        backend_for(layer)
+    assert backend_for(layer).name == "probe"
+    assert _forward_error(layer, torch.randn(4, 128)) < 1e-5
+    assert (backend_for(layer).dequantize(layer, dtype=torch.float32) - stored).abs().max() > 0.1 * stored.abs().max()
     from gptqmodel.adapter.adapter import Lora
 
     layer = _torch_linear()
@@ -64,30 +70,34 @@ def test_gptq_layers_with_input_transforms_or_own_adapters_are_refused():
         backend_for(layer)
 
 
-def test_gptq_kernels_that_repack_in_place_are_refused():
+def test_gptq_kernels_that_repack_in_place_are_read_through_their_forward():
     """``TorchAtenLinear`` (gptqmodel's ``backend="auto"`` on CPU) repacks its buffers on its first half-precision
-    forward, after which reading them failed with an unrelated torch error. Refused as EoRA's base, it is still the
-    same base for an adapter's fingerprint check (a GPTQ layer whatever kernel holds it)."""
+    forward, after which reading them failed with an unrelated torch error: it is read through its forward. It is
+    also the same base as a ``TorchLinear`` load for an adapter's fingerprint, before and after that forward."""
     pytest.importorskip("gptqmodel", reason="gptqmodel provides the GPTQ layers")
     from peft_eora.fingerprint import compute_fingerprint, differences
 
     aten = _torch_linear("TorchAtenLinear")
-    with pytest.raises(UnsupportedModuleError, match="TorchAtenLinear kernel repacks .* backend='gptq_torch'"):
-        backend_for(aten)
+    aten.post_init()
+    assert backend_for(aten).name == "probe"
     plain = nn.Sequential(_torch_linear("TorchLinear"))
-    fp = compute_fingerprint(plain)
-    assert fp.structure == compute_fingerprint(nn.Sequential(aten)).structure
-    assert differences(fp, compute_fingerprint(nn.Sequential(aten)))[0] == []
+    fp, before = compute_fingerprint(plain), compute_fingerprint(nn.Sequential(aten))
+    assert fp.structure == before.structure
+    assert differences(fp, before)[0] == []
+    aten(torch.randn(2, 128, dtype=torch.bfloat16))  # repacks
+    assert aten._cpu_transformed
+    assert compute_fingerprint(nn.Sequential(aten)).digest == before.digest
+    assert _forward_error(aten, torch.randn(4, 128, dtype=torch.bfloat16)) < 1e-2
 
 
 def test_paroquant_layers_are_not_read_as_awq():
+    """ParoQuant rotates and scales the input before its AWQ-layout kernel: not read from its buffers."""
     pytest.importorskip("gptqmodel", reason="gptqmodel provides the AWQ layers")
     from gptqmodel.nn_modules.qlinear.paroquant import ParoLinear
 
     layer = ParoLinear(bits=4, group_size=64, sym=True, desc_act=False, in_features=128, out_features=64, bias=False,
                        register_buffers=False)
-    with pytest.raises(UnsupportedModuleError, match="ParoLinear is not one of the AWQ GEMM-layout kernels"):
-        backend_for(layer)
+    assert backend_for(layer).name == "probe"
 
 
 def test_torchao_input_pre_scale_is_folded_into_the_weight():

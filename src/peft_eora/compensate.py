@@ -108,6 +108,8 @@ class Target:
     layer: LoraLayer
     block: int
     rank: int
+    #: the model's activation dtype (its input embeddings'), in which a layer read through its forward is read
+    activation_dtype: Optional[torch.dtype] = None
 
     @property
     def base(self) -> nn.Module:
@@ -199,9 +201,19 @@ def find_targets(model: nn.Module, adapter_name: str) -> tuple[nn.ModuleList, li
             blocks_path = hit[0]
         elif hit[0] != blocks_path:
             raise ValueError(f"Targets span two block lists ({blocks_path} and {hit[0]}); compensate one at a time.")
-        targets.append(Target(name, layer, hit[1], int(layer.r[adapter_name])))
+        targets.append(Target(name, layer, hit[1], int(layer.r[adapter_name]), activation_dtype(model)))
     assert blocks_path is not None
     return model.get_submodule(blocks_path), targets
+
+
+def activation_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the activations entering the decoder blocks (the input embeddings' weight's), or None."""
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        weight = getattr(get() if callable(get) else None, "weight", None)
+    except Exception:  # noqa: BLE001 - a model whose get_input_embeddings does not apply
+        return None
+    return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else None
 
 
 def validate(targets: list[Target], original: OriginalWeights, check_ranks: bool = True) -> None:
@@ -1158,7 +1170,11 @@ def _weights(t: Target, original: OriginalWeights, device: torch.device,
              times: PhaseTimes = NO_TIMES) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W_original, W_compressed)`` of one target (float, on ``device``), NaN/inf refused."""
     with times.phase("residual", device), _weights_on(t.base, device):
-        w_q = backend_for(t.base, t.name).dequantize(t.base).to(device)
+        backend = backend_for(t.base, t.name)
+        if getattr(backend, "reads_forward", False):  # the kernel rounds as it does on the model's activations
+            w_q = backend.dequantize(t.base, dtype=t.activation_dtype).to(device)
+        else:
+            w_q = backend.dequantize(t.base).to(device)
     with times.phase("original_reads", device):
         w_fp = original.get(t.name, device)
     for label, w in (("compressed", w_q), ("original", w_fp)):

@@ -29,7 +29,9 @@ What is hashed (SHA-256 over canonical JSON / float64 bytes), per part:
 Kernels that repack at load time (gptqmodel's Marlin, ExLlama) store the same checkpoint in
 another layout, so ``packed_weights`` can only be compared between bases loaded with the same
 kernel classes (recorded in ``kernels``); across kernels it is skipped with a warning, while
-structure, quantization config and dense weights are still checked. The cost is a few small
+structure, quantization config and dense weights are still checked. gptqmodel's CPU kernels that
+repack on their *first forward* (``TorchAtenLinear``, ``TorchFusedLinear``, ``TorchCpuAvx512Linear``)
+hold different buffers before and after it, so their layers add nothing to ``packed_weights``. The cost is a few small
 index operations per tensor: well under a second for 7B models.
 """
 
@@ -142,7 +144,8 @@ def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 class _Packed:
     """Stands for the back-end of a quantized layer that EoRA does not read but the fingerprint must still treat as
-    one (a gptqmodel kernel outside the residual back-ends' list: Marlin, ExLlama, TorchAtenLinear, ...)."""
+    one (a gptqmodel GPTQ/AWQ kernel whose buffers are not read, its layer read through its forward by the ``probe``
+    back-end: Marlin, ExLlama, TorchAtenLinear, ...)."""
 
 
 def _kind(module: nn.Module) -> tuple[str, Any]:
@@ -160,6 +163,16 @@ def _kind(module: nn.Module) -> tuple[str, Any]:
         if backend.matches(module):
             return backend.name, (backend if backend.name != "dense" else None)
     return type(module).__name__, None
+
+
+def repacks_on_first_forward(module: nn.Module) -> bool:
+    """gptqmodel's CPU kernels that rewrite their buffers on their first forward (``TorchAtenLinear``,
+    ``TorchFusedLinear``, ``TorchCpuAvx512Linear`` and their AWQ twins: a ``_cpu_transformed`` or ``linear_mode``
+    flag)."""
+    from .residual.gptq import has_gptqmodel_base
+
+    return has_gptqmodel_base(module, "BaseQuantLinear") and (
+        hasattr(module, "_cpu_transformed") or hasattr(module, "linear_mode"))
 
 
 def _quantization_summary(model: nn.Module) -> Optional[dict[str, Any]]:
@@ -241,6 +254,8 @@ def compute_fingerprint(model: nn.Module, samples_per_tensor: int = SAMPLES_PER_
             shape = [[t_name, list(t.shape)] for t_name, t in tensors]
         structure.append([name, kind, shape])
         target, key = (packed, "packed") if quantized else (dense, "dense")
+        if quantized and repacks_on_first_forward(module):
+            continue  # its buffers before and after the first forward differ: structure and config stand for it
         if quantized and hasattr(backend, "fingerprint_tensors"):  # layouts that change after loading
             tensors = backend.fingerprint_tensors(module)
         for t_name, t in tensors:

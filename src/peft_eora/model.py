@@ -72,8 +72,8 @@ def decoder_blocks_path(model: nn.Module) -> str:
 
 
 def _raise_refusal(model: nn.Module, prefix: str = "") -> None:
-    """Where no layer is supported: the back-ends' reason for the first layer one of them refuses (a GPTQ kernel
-    that repacks its weights, a scheme that quantizes activations, ...), as the error, rather than "none found"."""
+    """Where no layer is supported: the back-ends' reason for the first layer one of them refuses (a kernel that
+    quantizes activations, a layer with gptqmodel's own adapter, ...), as the error, rather than "none found"."""
     for name, module in model.named_modules():
         if any(hasattr(b, "refusal") and b.refusal(module) for b in registered()):
             backend_for(module, prefix + name)  # raises UnsupportedModuleError with the reason

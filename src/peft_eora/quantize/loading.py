@@ -33,8 +33,9 @@ def load_quantized(
     for every bit width, whose buffers keep the GPTQ packed layout and whose
     ``dequantize_weight()`` is what its forward multiplies by. With ``"auto"``, 4-bit layers on
     CPU become ``TorchAtenLinear`` instead: it repacks its buffers in place on the first forward
-    (after which ``dequantize_weight()`` returns garbage) and fails when ``in_features`` is not a
-    multiple of the group size (SmolLM2's 576 with g128). The default for AWQ, ``"torch_awq"``,
+    (after which ``dequantize_weight()`` returns garbage: EoRA reads such layers through their forward,
+    the ``probe`` back-end) and fails when ``in_features`` is not a multiple of the group size
+    (SmolLM2's 576 with g128). The default for AWQ, ``"torch_awq"``,
     gives ``AwqTorchLinear`` (GEMM layout kept; it computes in float16 whatever the activation
     dtype: float32 inputs are cast to float16 and the output cast back).
 

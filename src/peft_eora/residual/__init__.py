@@ -9,7 +9,8 @@ adapter must compensate::
     >>> w_q = backend.dequantize(module)       # (out_features, in_features), float32
 
 Registered formats: GPTQ and AWQ (gptqmodel), bitsandbytes 4-bit, HQQ, torchao weight-only,
-compressed-tensors weight-only (llm-compressor / vLLM checkpoints), and dense float layers (pruned or fake-quantized). Back-ends recognise modules by class path:
+compressed-tensors weight-only (llm-compressor / vLLM checkpoints), any other gptqmodel kernel (Marlin, ExLlama,
+...: read through its forward, ``probe``), and dense float layers (pruned or fake-quantized). Back-ends recognise modules by class path:
 none of these libraries is imported until a layer of its kind is dequantized. Register a new
 format with :func:`register_backend`.
 """
@@ -31,6 +32,7 @@ from .compressed_tensors import CompressedTensorsBackend
 from .dense import DenseBackend
 from .gptq import GPTQBackend
 from .hqq import HQQBackend
+from .probe import ProbeBackend
 from .torchao import TorchAOBackend
 
 register_backend(GPTQBackend())
@@ -39,6 +41,7 @@ register_backend(BnB4bitBackend())
 register_backend(HQQBackend())
 register_backend(TorchAOBackend())
 register_backend(CompressedTensorsBackend())
+register_backend(ProbeBackend())  # gptqmodel kernels the two above do not read from their buffers
 register_backend(DenseBackend())  # last: a plain nn.Linear check
 
 __all__ = [

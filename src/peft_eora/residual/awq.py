@@ -10,7 +10,8 @@ is unpacked from its buffers with the same arithmetic as the kernel's ``dequanti
 ``[0, 2, 4, 6, 1, 3, 5, 7][k]`` of each block of 8); other widths are a little-endian bit
 stream along the output dimension. Only kernels that keep this layout in their buffers are
 matched (``AwqTorchLinear``, the CPU default of :func:`peft_eora.quantize.load_quantized`,
-and the GEMM kernels); Marlin, ExLlama, GEMV and the repacking CPU kernels are not.
+and the GEMM kernels); Marlin, ExLlama, GEMV and the repacking CPU kernels are read through their forward by
+the ``probe`` back-end.
 
 AWQ also *rescales* the float model before quantizing (norm weights divided by per-channel
 scales, linear columns multiplied), so the original weights must be brought into the same
@@ -63,15 +64,6 @@ class AWQBackend:
         # the exact kernel classes: subclasses such as ParoQuant's ParoLinear rotate and scale the input first
         return (has_gptqmodel_base(module, "AWQuantLinear") and type(module).__name__ in GEMM_LAYOUT_KERNELS
                 and type(module).__module__.startswith("gptqmodel.") and forward_extras(module) is None)
-
-    def refusal(self, module: nn.Module) -> str | None:
-        if not has_gptqmodel_base(module, "AWQuantLinear"):
-            return None
-        if type(module).__name__ not in GEMM_LAYOUT_KERNELS:
-            return (f"gptqmodel's {type(module).__name__} is not one of the AWQ GEMM-layout kernels "
-                    f"({', '.join(sorted(GEMM_LAYOUT_KERNELS))}) or transforms its input (ParoQuant); load an AWQ "
-                    "checkpoint with backend='torch_awq' (peft_eora.quantize.load_quantized does)")
-        return forward_extras(module)
 
     @torch.no_grad()
     def dequantize(self, module: nn.Module) -> torch.Tensor:

@@ -33,6 +33,9 @@ class ResidualBackend(Protocol):
 #   refusal(module) -> str | None
 # for a layer of this library that the back-end deliberately does not handle, why (put into the
 # UnsupportedModuleError), e.g. schemes that quantize activations too;
+#   reads_forward = True (attribute)
+# for a back-end that reads the weight through the layer's forward: dequantize(module, dtype=...) is then given the
+# model's activation dtype (None where unknown);
 #   prepare_model(model) -> None
 # called on the whole model before PEFT wraps its layers (computing or loading an adapter): brings
 # layers into the state their forward runs in (compressed-tensors decompresses on the first forward).

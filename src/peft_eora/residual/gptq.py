@@ -31,13 +31,15 @@ def _eager_dequantize_weight(module: nn.Module) -> torch.Tensor:
 
 
 #: gptqmodel GPTQ kernels whose ``dequantize_weight()`` is checked to be what their forward multiplies by, at any
-#: time (others repack their buffers in place on the first forward, quantize the activations too, or are untested)
+#: time; others (which repack their buffers, at load or on the first forward) are read through their forward by the
+#: ``probe`` back-end
 GPTQ_KERNELS = frozenset({"TorchLinear", "TorchCpuAvx512Linear", "TorchInt8Linear", "TritonV2Linear"})
 
 
 def forward_extras(module: nn.Module) -> str | None:
-    """Why a gptqmodel layer's forward computes more than ``x·Wᵀ + b`` (an online Hadamard rotation of its input, a
-    gptqmodel adapter of its own), or None."""
+    """Why a gptqmodel layer's forward computes more than ``x·Wᵀ + b`` with its stored weight (an online Hadamard
+    rotation of its input, a gptqmodel adapter of its own), or None. Such layers are not read from their buffers
+    (a rotated one is read through its forward by the ``probe`` back-end; one with its own adapter is refused)."""
     if getattr(module, "online_full_had", False) or getattr(module, "online_partial_had", False) or (
         getattr(module, "had_K", None) is not None
     ):
@@ -61,15 +63,6 @@ class GPTQBackend:
             return True
         return (type(module).__name__ in GPTQ_KERNELS and has_gptqmodel_base(module, "GPTQQuantLinear")
                 and hasattr(module, "dequantize_weight") and forward_extras(module) is None)
-
-    def refusal(self, module: nn.Module) -> str | None:
-        if not (has_gptqmodel_base(module, "GPTQQuantLinear") and hasattr(module, "dequantize_weight")):
-            return None
-        if type(module).__name__ not in GPTQ_KERNELS:
-            return (f"gptqmodel's {type(module).__name__} kernel repacks or transforms what it stores (or quantizes "
-                    "the activations), so its weight cannot be read back reliably; load the checkpoint with "
-                    "backend='gptq_torch' (peft_eora.quantize.load_quantized does)")
-        return forward_extras(module)
 
     @torch.no_grad()
     def dequantize(self, module: nn.Module) -> torch.Tensor:

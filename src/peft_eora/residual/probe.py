@@ -1,0 +1,145 @@
+"""Any other gptqmodel quantized linear, read through its own forward.
+
+gptqmodel loads GPTQ/AWQ checkpoints into the fastest kernel it finds: Marlin, Machete or ExLlama on a
+GPU, ``TorchAtenLinear`` on a CPU. Those repack the checkpoint's buffers into their own layouts (at load
+time or on the first forward), and some rotate the input first (QuaRot/SpinQuant Hadamard checkpoints,
+ParoQuant), so the stored buffers do not say what the layer multiplies by. Its forward does, for a layer
+that is linear in its input::
+
+    W[:, j] = f(e_j)        (bias left out; e_j the j-th unit row)
+
+This back-end feeds the identity matrix through the forward, a block of rows at a time, in the
+activations' dtype (:attr:`~peft_eora.compensate.Target.activation_dtype`: the kernel rounds as it does in
+the model), then checks the read: a heavy-tailed random batch must give ``x·Wᵀ`` within 1 %. A kernel that quantizes activations too (W4A8, FP8 inputs) fails the check, and the known
+ones are refused up front. The read costs one ``in × in`` product per layer (a few ms on a GPU for 4096²)::
+
+    >>> qmodel = AutoModelForCausalLM.from_pretrained("…-GPTQ-4bit", device_map="cuda")   # Marlin
+    >>> model = get_peft_model(qmodel, EoRAConfig(r=128, original_model=fp_dir, calibration=data))
+
+Kernels whose buffers keep the checkpoint layout are read exactly from those buffers by the ``gptq`` and
+``awq`` back-ends instead (checked first).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .base import UnsupportedModuleError
+from .gptq import has_gptqmodel_base
+
+#: gptqmodel class-name prefixes of kernels that quantize the activations as well (QQQ's W4A8, the W4A FP8 and NVFP4
+#: kernels): no weight matrix describes their forward
+ACTIVATION_QUANT_PREFIXES = ("QQQ", "W4A")
+#: the identity is fed this many bytes of float32 output at a time
+PROBE_BYTES = 256 << 20
+#: the read is accepted when the check batch's relative error is at most this: the output's rounding to half precision
+#: (0.24 % in bfloat16 for TorchAtenLinear) and half-precision accumulation pass, while 8-bit activations fail
+#: (per-token int8: 2.6-4.3 %, per-token FP8 e4m3: 2.1-2.6 % for 256-4096 inputs; tests/test_probe_backend.py)
+TOLERANCE = 1e-2
+
+
+def _own_adapter(module: nn.Module) -> bool:
+    return getattr(module, "adapter", None) is not None
+
+
+def quantizes_activations(module: nn.Module) -> bool:
+    """Whether ``module`` is one of gptqmodel's kernels known to quantize their input as well."""
+    return any(c.__module__.startswith("gptqmodel.") and c.__name__.startswith(ACTIVATION_QUANT_PREFIXES)
+               for c in type(module).__mro__)
+
+
+class ProbeBackend:
+    name = "probe"
+    reads_forward = True  # dequantize takes the activations' dtype
+    description = ("any other gptqmodel quantized linear (Marlin, Machete, ExLlama, TorchAtenLinear, Hadamard-rotated, "
+                   "ParoQuant, GGUF, ...), read through its forward and checked to be linear")
+
+    def matches(self, module: nn.Module) -> bool:
+        return (has_gptqmodel_base(module, "BaseQuantLinear") and isinstance(getattr(module, "in_features", None), int)
+                and isinstance(getattr(module, "out_features", None), int) and not quantizes_activations(module)
+                and not _own_adapter(module))
+
+    def refusal(self, module: nn.Module) -> str | None:
+        if not has_gptqmodel_base(module, "BaseQuantLinear"):
+            return None
+        if quantizes_activations(module):
+            return (f"gptqmodel's {type(module).__name__} quantizes the activations too (W4A8, FP8 or FP4 inputs), so "
+                    "no weight matrix describes its forward; EoRA compensates weight-only compression (exclude these "
+                    "layers from target_modules)")
+        if _own_adapter(module):
+            return ("it carries gptqmodel's own adapter (loaded with GPTQModel.load(..., adapter=...)); load the model "
+                    "without it")
+        return None
+
+    def dequantize(self, module: nn.Module, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The ``(out, in)`` float32 weight ``module``'s forward multiplies by, for inputs of ``dtype`` (default: the
+        dtype of its scales or bias, else float16)."""
+        return read_through_forward(module, dtype or _natural_dtype(module))
+
+
+def _natural_dtype(module: nn.Module) -> torch.dtype:
+    for name in ("bias", "scales"):
+        t = getattr(module, name, None)
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype.itemsize >= 2:
+            return t.dtype
+    return torch.float16
+
+
+def _device(module: nn.Module) -> torch.device:
+    from ..walker import device_of
+
+    return device_of(module)
+
+
+@torch.no_grad()
+def read_through_forward(module: nn.Module, dtype: torch.dtype, check_rows: int = 16) -> torch.Tensor:
+    """``(out, in)`` float32: ``module.forward`` applied to the identity in ``dtype`` (hooks not run, bias left out),
+    checked on a heavy-tailed random batch; raises :class:`UnsupportedModuleError` where the forward is not linear."""
+    in_f, out_f = int(module.in_features), int(module.out_features)
+    device = _device(module)
+    bias = getattr(module, "bias", None)
+    has_bias = isinstance(bias, torch.Tensor)
+    if has_bias:
+        module.bias = None  # the kernels add the bias when they hold one: left out, f(e_j) is column j exactly
+    try:
+        forward = module.forward  # not __call__: the walk's covariance hooks must not see the probe
+        weight = torch.empty(out_f, in_f, dtype=torch.float32, device=device)
+        rows = max(1, min(in_f, PROBE_BYTES // (4 * max(in_f, out_f))))
+        for start in range(0, in_f, rows):
+            n = min(rows, in_f - start)
+            eye = torch.zeros(n, in_f, dtype=dtype, device=device)
+            eye[torch.arange(n, device=device), torch.arange(start, start + n, device=device)] = 1
+            weight[:, start:start + n] = _output(forward(eye), n, out_f).T
+            del eye
+        gen = torch.Generator(device="cpu").manual_seed(in_f * 31 + out_f)
+        x = torch.randn(check_rows, in_f, generator=gen)
+        outliers = torch.randint(0, in_f, (check_rows, max(1, in_f // 64)), generator=gen)
+        x.scatter_(1, outliers, x.gather(1, outliers) * 20)  # a few large inputs per row: what activation scales meet
+        x = x.to(device=device, dtype=dtype)
+        got = _output(forward(x), check_rows, out_f)
+        zero = _output(forward(torch.zeros(1, in_f, dtype=dtype, device=device)), 1, out_f)
+    finally:
+        if has_bias:
+            module.bias = bias
+    want = x.float() @ weight.T
+    error = float((got - want).norm() / want.norm().clamp_min(torch.finfo(torch.float32).tiny))
+    offset = float(zero.abs().max() / want.abs().max().clamp_min(torch.finfo(torch.float32).tiny))
+    if not (error <= TOLERANCE and offset <= TOLERANCE) or not torch.isfinite(weight).all():
+        raise UnsupportedModuleError(
+            f"{type(module).__name__}'s forward is not x·Wᵀ for one matrix W in {dtype} (read through the identity, "
+            f"a random batch differs by {error:.2e} relative, the zero input gives {offset:.2e}; up to {TOLERANCE:g} "
+            "is allowed): it quantizes or transforms its input non-linearly. Load the checkpoint "
+            "with a weight-only kernel (backend='gptq_torch' or 'triton'), or exclude the layer from target_modules."
+        )
+    return weight
+
+
+def _output(y: torch.Tensor, rows: int, out_f: int) -> torch.Tensor:
+    y = y.reshape(-1, y.shape[-1]) if y.dim() != 2 else y
+    if y.shape != (rows, out_f):
+        raise UnsupportedModuleError(f"A forward of {rows} rows gave an output of shape {tuple(y.shape)}, not "
+                                     f"({rows}, {out_f}): not a linear layer's forward.")
+    return y.float()
