@@ -131,7 +131,7 @@ def test_saved_files_are_plain_lora_plus_eora_config(saved, models):
     # nothing in adapter_config.json that stock LoraConfig does not know (no "unexpected keyword" warning)
     assert set(lora) <= {f.name for f in __import__("dataclasses").fields(LoraConfig)}
     assert sidecar["format"] == "peft-eora" and sidecar["format_version"] == FORMAT_VERSION
-    assert sidecar["method"] == "eora" and sidecar["base_fingerprint"]["digest"].startswith("eora-fp2:")
+    assert sidecar["method"] == "eora" and sidecar["base_fingerprint"]["digest"].startswith("eora-fp3:")
     tensors = load_file(saved["float"] / "adapter_model.safetensors")
     assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors)
     quantized = json.loads((saved["int8"] / "adapter_config.json").read_text())

@@ -282,7 +282,8 @@ def test_a_groups_covariances_exist_only_from_its_first_input_to_its_factors():
     from peft_eora.compensate import _Covariances
     from peft_eora.walker import NO_TIMES
 
-    groups = [[SimpleNamespace(shape=(3, 4), name="a")], [SimpleNamespace(shape=(5, 6), name="b")]]
+    groups = [[SimpleNamespace(shape=(3, 4), name="a", input_dtype=None)],
+              [SimpleNamespace(shape=(5, 6), name="b", input_dtype=None)]]
     holdout = [torch.tensor([False, True])]
     cov = _Covariances(groups, torch.device("cpu"), [None], holdout, NO_TIMES)
     assert cov.H == [[], []]

@@ -44,7 +44,7 @@ def test_recorded_when_factors_are_computed_and_saved(computed):
     quantized, model, path = computed
     recorded = model.peft_config["default"].base_fingerprint
     assert recorded == compute_fingerprint(quantized).to_dict()
-    assert recorded["version"] == 2 and recorded["digest"].startswith("eora-fp2:")
+    assert recorded["version"] == 3 and recorded["digest"].startswith("eora-fp3:")
     assert recorded["kernels"] == [] and recorded["num_modules"] == 2 * 9 + 3  # 7 linears + 2 norms per block
     saved = json.loads((path / "eora_config.json").read_text())["base_fingerprint"]
     assert saved == recorded

@@ -86,8 +86,35 @@ def test_gptq_kernels_that_repack_in_place_are_read_through_their_forward():
     assert differences(fp, before)[0] == []
     aten(torch.randn(2, 128, dtype=torch.bfloat16))  # repacks
     assert aten._cpu_transformed
-    assert compute_fingerprint(nn.Sequential(aten)).digest == before.digest
+    after = compute_fingerprint(nn.Sequential(aten))
+    # repacked buffers are not the checkpoint's: not compared (version 3), where version 2 called it another base
+    assert after.packed_weights == "repacked"
+    differ, unchecked = differences(before, after)
+    assert differ == [] and any("repacked its buffers" in u for u in unchecked)
+    assert differences(compute_fingerprint(nn.Sequential(_torch_linear("TorchAtenLinear")), version=2),
+                       compute_fingerprint(nn.Sequential(aten), version=2))[0] == ["packed_weights"]
     assert _forward_error(aten, torch.randn(4, 128, dtype=torch.bfloat16)) < 1e-2
+
+
+def test_probe_reads_a_kernel_in_the_dtype_it_was_set_up_for():
+    """A kernel a bfloat16 forward already repacked (o_proj under forward_dtype autocast) refuses float32 inputs: the
+    probe reads it in bfloat16 whatever dtype it is asked for, and a failing forward is one error naming the layer."""
+    aten = _torch_linear("TorchAtenLinear")
+    aten.post_init()
+    aten(torch.randn(2, 128, dtype=torch.bfloat16))
+    w = backend_for(aten).dequantize(aten, dtype=torch.float32)
+    x = torch.randn(4, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert float((aten(x).float() - x.float() @ w.T).norm() / (x.float() @ w.T).norm()) < 8e-3
+
+    class Broken(type(_torch_linear())):
+        def forward(self, x):
+            raise RuntimeError("kernel exploded")
+
+    broken = _torch_linear()
+    broken.__class__ = Broken
+    with pytest.raises(UnsupportedModuleError, match="Broken's forward failed on .*kernel exploded.*gptq_torch"):
+        backend_for(broken).dequantize(broken, dtype=torch.float32)
 
 
 def test_paroquant_layers_are_not_read_as_awq():
@@ -97,6 +124,9 @@ def test_paroquant_layers_are_not_read_as_awq():
 
     layer = ParoLinear(bits=4, group_size=64, sym=True, desc_act=False, in_features=128, out_features=64, bias=False,
                        register_buffers=False)
+    with pytest.raises(UnsupportedModuleError, match="through their qweight, which ParoLinear does not hold"):
+        backend_for(layer)  # PEFT could not wrap it either
+    layer.register_buffer("qweight", torch.zeros(128, 8, dtype=torch.int32))  # as its loader fills it
     assert backend_for(layer).name == "probe"
 
 

@@ -63,7 +63,7 @@ def test_round_trip_restores_identical_logits(computed, saved):
     assert config["format"] == "peft-eora" and config["format_version"] == 1
     assert config["init_eora"] is False
     assert config["eora_stats"]["calibration_tokens"] == CALIB.numel()
-    assert config["base_fingerprint"]["digest"].startswith("eora-fp2:")
+    assert config["base_fingerprint"]["digest"].startswith("eora-fp3:")
     assert "allow_base_mismatch" not in config  # a loading choice, never saved
     assert not set(config) & set(lora)  # each field in one file
     tensors = load_file(saved / "adapter_model.safetensors")

@@ -108,8 +108,10 @@ class Target:
     layer: LoraLayer
     block: int
     rank: int
-    #: the model's activation dtype (its input embeddings'), in which a layer read through its forward is read
+    #: the model's activation dtype (its input embeddings'), and the dtype of the layer's inputs in the calibration
+    #: walk (None until a batch reached it): a layer read through its forward is read in the latter, else the former
     activation_dtype: Optional[torch.dtype] = None
+    input_dtype: Optional[torch.dtype] = None
 
     @property
     def base(self) -> nn.Module:
@@ -542,6 +544,8 @@ class _Covariances:
         if (g, batch) in self.seen:  # a module called twice in one forward: its first input counts
             return
         self.seen.add((g, batch))
+        for t in self.groups[g]:
+            t.input_dtype = t.input_dtype or inp.dtype
         with self.times.phase("covariance", self.device):
             shape = None if self.token_shapes is None else self.token_shapes[batch]
             if shape is not None and _routed_input(self.groups[g][0].name, inp, shape):
@@ -1172,7 +1176,7 @@ def _weights(t: Target, original: OriginalWeights, device: torch.device,
     with times.phase("residual", device), _weights_on(t.base, device):
         backend = backend_for(t.base, t.name)
         if getattr(backend, "reads_forward", False):  # the kernel rounds as it does on the model's activations
-            w_q = backend.dequantize(t.base, dtype=t.activation_dtype).to(device)
+            w_q = backend.dequantize(t.base, dtype=t.input_dtype or t.activation_dtype).to(device)
         else:
             w_q = backend.dequantize(t.base).to(device)
     with times.phase("original_reads", device):

@@ -31,7 +31,9 @@ another layout, so ``packed_weights`` can only be compared between bases loaded 
 kernel classes (recorded in ``kernels``); across kernels it is skipped with a warning, while
 structure, quantization config and dense weights are still checked. gptqmodel's CPU kernels that
 repack on their *first forward* (``TorchAtenLinear``, ``TorchFusedLinear``, ``TorchCpuAvx512Linear``)
-hold different buffers before and after it, so their layers add nothing to ``packed_weights``. The cost is a few small
+hold different buffers before and after it: EoRA records the fingerprint before its calibration
+forwards, and a base fingerprinted after such a forward has ``packed_weights = "repacked"`` (version 3),
+which is reported as not compared rather than as a mismatch. The cost is a few small
 index operations per tensor: well under a second for 7B models.
 """
 
@@ -51,10 +53,14 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 #: Bump when what is hashed changes. Version 1 hashed float samples as stored; version 2 rounds them to
-#: bfloat16 first, so a checkpoint loaded in float16, bfloat16 or float32 gives one fingerprint. Recorded
-#: fingerprints of a version listed here are checked by computing that version; others are not compared.
-FINGERPRINT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: bfloat16 first, so a checkpoint loaded in float16, bfloat16 or float32 gives one fingerprint; version 3 leaves
+#: out the buffers of gptqmodel CPU kernels once their first forward repacked them (``packed_weights`` is then
+#: ``"repacked"``, compared with nothing). Recorded fingerprints of a version listed here are checked by computing
+#: that version; others are not compared.
+FINGERPRINT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+#: ``packed_weights`` of a base some of whose layers repacked their buffers on a first forward (version 3)
+REPACKED = "repacked"
 SAMPLES_PER_TENSOR = 8
 _QUANT_KEYS = ("quant_method", "bits", "group_size", "sym", "desc_act")
 _PARTS = ("structure", "quantization", "dense_weights", "packed_weights")
@@ -165,14 +171,15 @@ def _kind(module: nn.Module) -> tuple[str, Any]:
     return type(module).__name__, None
 
 
-def repacks_on_first_forward(module: nn.Module) -> bool:
-    """gptqmodel's CPU kernels that rewrite their buffers on their first forward (``TorchAtenLinear``,
-    ``TorchFusedLinear``, ``TorchCpuAvx512Linear`` and their AWQ twins: a ``_cpu_transformed`` or ``linear_mode``
-    flag)."""
-    from .residual.gptq import has_gptqmodel_base
+def repacked(module: nn.Module) -> bool:
+    """Whether ``module`` is one of gptqmodel's CPU kernels that rewrite their buffers on their first forward
+    (:func:`~peft_eora.residual.probe.repacks_on_first_forward`) and has done so."""
+    from .residual.probe import repacks_on_first_forward
 
-    return has_gptqmodel_base(module, "BaseQuantLinear") and (
-        hasattr(module, "_cpu_transformed") or hasattr(module, "linear_mode"))
+    if not repacks_on_first_forward(module):
+        return False
+    mode = getattr(module, "linear_mode", None)
+    return bool(getattr(module, "_cpu_transformed", False)) or str(getattr(mode, "value", mode)).lower() == "inference"
 
 
 def _quantization_summary(model: nn.Module) -> Optional[dict[str, Any]]:
@@ -234,7 +241,7 @@ def compute_fingerprint(model: nn.Module, samples_per_tensor: int = SAMPLES_PER_
     structure: list[Any] = []
     dense = hashlib.sha256()
     packed = hashlib.sha256()
-    readable = {"dense": True, "packed": True}
+    readable = {"dense": True, "packed": True, "repacked": False}
     kernels: set[str] = set()
     count = 0
     for name, module in _base_modules(model):
@@ -254,8 +261,9 @@ def compute_fingerprint(model: nn.Module, samples_per_tensor: int = SAMPLES_PER_
             shape = [[t_name, list(t.shape)] for t_name, t in tensors]
         structure.append([name, kind, shape])
         target, key = (packed, "packed") if quantized else (dense, "dense")
-        if quantized and repacks_on_first_forward(module):
-            continue  # its buffers before and after the first forward differ: structure and config stand for it
+        if quantized and version >= 3 and repacked(module):
+            readable["repacked"] = True  # its buffers are no longer the checkpoint's: structure and config stand for it
+            continue
         if quantized and hasattr(backend, "fingerprint_tensors"):  # layouts that change after loading
             tensors = backend.fingerprint_tensors(module)
         for t_name, t in tensors:
@@ -271,7 +279,7 @@ def compute_fingerprint(model: nn.Module, samples_per_tensor: int = SAMPLES_PER_
         "structure": _canonical_hash(structure),
         "quantization": _canonical_hash(_quantization_summary(model)),
         "dense_weights": dense.hexdigest()[:16] if readable["dense"] else None,
-        "packed_weights": packed.hexdigest()[:16] if readable["packed"] else None,
+        "packed_weights": (REPACKED if readable["repacked"] else packed.hexdigest()[:16]) if readable["packed"] else None,
     }
     digest = hashlib.sha256(f"v{version}|{json.dumps(parts, sort_keys=True)}".encode()).hexdigest()[:16]
     return BaseFingerprint(
@@ -284,9 +292,10 @@ def compute_fingerprint(model: nn.Module, samples_per_tensor: int = SAMPLES_PER_
     )
 
 
-def record_fingerprint(model: nn.Module, config: Any) -> BaseFingerprint:
-    """Compute the fingerprint of ``model``'s base and store it in ``config.base_fingerprint``."""
-    fp = compute_fingerprint(model)
+def record_fingerprint(model: nn.Module, config: Any, fp: Optional[BaseFingerprint] = None) -> BaseFingerprint:
+    """Store the fingerprint of ``model``'s base (``fp``: computed earlier, before any forward) in
+    ``config.base_fingerprint``."""
+    fp = fp if fp is not None else compute_fingerprint(model)
     config.base_fingerprint = fp.to_dict()
     logger.info("EoRA base fingerprint %s (%d modules, kernels %s)", fp.digest, fp.num_modules, fp.kernels or "dense")
     return fp
@@ -301,6 +310,9 @@ def differences(recorded: BaseFingerprint, current: BaseFingerprint) -> tuple[li
             unchecked.append(f"{part} (weights not materialised)")
         elif part == "packed_weights" and a != b and recorded.kernels != current.kernels:
             unchecked.append(f"packed_weights (kernels {recorded.kernels} vs {current.kernels} store them differently)")
+        elif part == "packed_weights" and a != b and REPACKED in (a, b):
+            unchecked.append("packed_weights (a gptqmodel CPU kernel repacked its buffers on its first forward: they "
+                             "compare only before it)")
         elif a != b:
             differ.append(part)
     return differ, unchecked

@@ -35,11 +35,13 @@ from .adapter_quant import is_packed, pack_adapter_state_dict, quantize_adapter_
 from .calibration import CalibrationData, as_batches, check_vocabulary, is_token_mapping
 from .compensate import CompensationStats, RankPlan, compensate, find_targets, index_pattern, plan_ranks
 from .config import DEFAULT_LOGIT_WEIGHTING, FIXED_DAMPING, EoRAConfig
-from .fingerprint import factor_signature, record_fingerprint, verify_fingerprint
+from .fingerprint import compute_fingerprint, factor_signature, record_fingerprint, verify_fingerprint
 from .kernels.gptq_linear import GPTQLinear, register_gptq_linear
 from .layer import with_mixed_batch
 from .original import OriginalWeights
 from .residual import backend_for, is_supported, prepare_model, registered
+from .residual.awq import check_awq_coordinates
+from .residual.probe import repacks_on_first_forward
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +273,15 @@ def resolve_forward_dtype(model: nn.Module, choice: Optional[str], device: Optio
     """
     if choice is None or choice == "model":
         return None
+    locking = next((m for m in model.modules() if repacks_on_first_forward(m)), None)
+    if locking is not None:  # autocast would set such a layer up for the autocast dtype, for good
+        if choice != "auto":
+            raise ValueError(
+                f"forward_dtype={choice!r}: gptqmodel's {type(locking).__name__} sets itself up for the dtype of its "
+                "first inputs and refuses any other after it, so calibration forwards under autocast would leave the "
+                "model unusable in its own dtype. Load the model in that dtype instead, or leave forward_dtype unset.")
+        logger.info("forward_dtype='auto': no autocast (%s keeps the dtype of its first inputs)", type(locking).__name__)
+        return None
     if choice != "auto":
         return getattr(torch, choice)
     params = [p for p in model.parameters() if p.is_floating_point() and p.device.type != "meta"]
@@ -290,8 +301,6 @@ def resolve_forward_dtype(model: nn.Module, choice: Optional[str], device: Optio
 def _run_signature(model: nn.Module, config: EoRAConfig, adapter_name: str, batches: list) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one (model, data, settings, ranks)."""
     import hashlib
-
-    from .fingerprint import compute_fingerprint
 
     h = hashlib.sha256()
     for b in batches:
@@ -347,6 +356,8 @@ def _compute(
     times: Any = None,
 ) -> CompensationStats:
     original = OriginalWeights.open(original_model)
+    check_awq_coordinates(model, original)  # a raw original of an AWQ model: one error before any work
+    base = compute_fingerprint(model)  # before any forward: gptqmodel's CPU kernels repack on their first one
     if config.method == "svd":  # the plain-SVD baseline reads weights only
         batches = []
     else:
@@ -409,7 +420,7 @@ def _compute(
     signature = factor_signature(model, adapter_name)  # tells a fine-tuned copy apart when saved
     if signature:
         config.eora_stats["factor_signature"] = signature
-    record_fingerprint(model, config)
+    record_fingerprint(model, config, base)
     return stats
 
 

@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 
 from .models import (
     EMBEDDED,
+    _quant_method,
     checkpoint_parameter_count,
     count_lora_parameters,
     load_model,
@@ -191,6 +192,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     calibration = calibration_from_args(args)
     original = resolve_model(original_spec, "Original")
     compressed = resolve_model(compressed_spec, "Compressed")
+    if isinstance(original, Path) and isinstance(compressed, Path) and _quant_method(compressed) == "awq":
+        from ..quantize import awq_original
+
+        original = awq_original(compressed, original)  # AWQ's coordinates: scales recorded or recovered
     config = eora_config(args, args.rank, args.method, original, calibration)
     tokenizer = load_tokenizer(original, compressed)
     if args.method == "eora":

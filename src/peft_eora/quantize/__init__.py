@@ -33,11 +33,13 @@ removed afterwards, never into the working directory.
 from .awq import (
     AWQ_SCALES_FILE,
     awq_float32_forward_,
+    awq_original,
     awq_smoothed_original,
     quantize_awq,
     read_awq_scales,
     smooth_state_dict,
 )
+from .awq_recover import recover_awq_scales
 from .calibration import C4_SAMPLE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, calibration_metadata, gptq_calibration
 from .checkpoints import META_FILE, _versions, awq_dir, gptq_dir  # noqa: F401  (_versions: used by prune)
 from .compressed_tensors import quantize_compressed_tensors
@@ -63,6 +65,8 @@ __all__ = [
     "read_awq_scales",
     "smooth_state_dict",
     "awq_smoothed_original",
+    "awq_original",
+    "recover_awq_scales",
     "load_quantized",
     "awq_float32_forward_",
     "quantize_compressed_tensors",

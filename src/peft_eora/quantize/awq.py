@@ -156,7 +156,8 @@ def read_awq_scales(awq_path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{awq_path} has no {AWQ_SCALES_FILE}: its AWQ smoothing scales are unknown, so the original weights "
-            "cannot be expressed in its coordinates. Quantize with peft_eora.quantize.quantize_awq, which records them."
+            "cannot be read from it (awq_smoothed_original(path, original_dir) recovers them from the checkpoint and "
+            "its original)."
         )
     with safe_open(str(path), framework="pt") as st:
         index = json.loads(st.metadata()["records"])
@@ -173,7 +174,7 @@ def smooth_state_dict(state: dict[str, torch.Tensor], records: list[dict[str, An
     def get(name: str, what: str = "weight") -> torch.Tensor:
         key = f"{name}.{what}"
         if key not in state:
-            raise KeyError(f"The original checkpoint has no {key}, which AWQ rescaled; is it the model AWQ quantized?")
+            raise ValueError(f"The original checkpoint has no {key}, which AWQ rescaled; is it the model AWQ quantized?")
         return state[key]
 
     for rec in records:
@@ -205,7 +206,9 @@ def awq_smoothed_original(
 ) -> Path:
     """Write (once, cached as ``<awq name>-<key>-smoothed-original``, the key a hash of the AWQ checkpoint's path and
     scales and of the original's path, checked again on every cache hit) the
-    original float model with the AWQ scales of ``awq_path`` folded in, and return its folder.
+    original float model with the AWQ scales of ``awq_path`` folded in, and return its folder. Checkpoints
+    made elsewhere (AutoAWQ, gptqmodel, the Hub: no recorded scales) have them recovered from the checkpoint and
+    ``original_dir`` (:func:`~peft_eora.quantize.awq_recover.recover_awq_scales`). The original may be sharded.
 
     It computes the same function as the original but its linears live in the AWQ model's
     coordinates, so ``W_smoothed − W_awq`` is the true compression residual: pass this folder
@@ -218,13 +221,20 @@ def awq_smoothed_original(
 
     awq_path = Path(awq_path)
     if original_dir is None:
-        original_dir = json.loads((awq_path / META_FILE).read_text())["source_model"]
+        meta = awq_path / META_FILE
+        if not meta.is_file():
+            raise ValueError(f"{awq_path} was not made by peft_eora.quantize.quantize_awq: pass the float model it was "
+                             "quantized from as original_dir.")
+        original_dir = json.loads(meta.read_text())["source_model"]
     original_dir = Path(original_dir)
     scales = awq_path / AWQ_SCALES_FILE
     made_from = {  # what the folder is made from: a cached folder of other sources is never handed back
         "source_model": str(original_dir.resolve()), "awq_checkpoint": str(awq_path.resolve()),
         "awq_scales_sha256": hashlib.sha256(scales.read_bytes()).hexdigest() if scales.is_file() else None,
     }
+    if not scales.is_file():  # made elsewhere: the scales are recovered from the checkpoint and the original
+        made_from["awq_checkpoint_files"] = sorted(
+            f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in awq_path.glob("*.safetensors"))
     key = hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:10]
     final = Path(out_dir) if out_dir is not None else cache_dir() / "models" / f"{awq_path.name}-{key}-smoothed-original"
     if is_complete(final):
@@ -236,11 +246,17 @@ def awq_smoothed_original(
                 "out_dir or delete it."
             )
         return final
-    records = read_awq_scales(awq_path)
+    if scales.is_file():
+        records = read_awq_scales(awq_path)
+    else:
+        from .awq_recover import recover_awq_scales
+
+        records = recover_awq_scales(awq_path, original_dir)
     files = sorted(original_dir.glob("*.safetensors"))
-    if len(files) != 1:
-        raise ValueError(f"{original_dir}: expected one model.safetensors file, found {[f.name for f in files]}.")
-    state = load_file(str(files[0]))
+    if not files:
+        raise ValueError(f"{original_dir} holds no .safetensors file: the original must be a safetensors checkpoint.")
+    shards = [load_file(str(f)) for f in files]
+    state = {k: v for shard in shards for k, v in shard.items()}
     smooth_state_dict(state, records)
     remove_stale_temps(final)
     tmp = make_temp_dir(final)
@@ -248,8 +264,12 @@ def awq_smoothed_original(
         for item in original_dir.iterdir():
             if item.is_file() and item.suffix != ".safetensors" and not item.name.startswith("."):
                 shutil.copy2(item, tmp / item.name)
-        save_file(state, str(tmp / files[0].name), metadata={"format": "pt"})
-        (tmp / "peft_eora_smoothed.json").write_text(json.dumps({**made_from, "groups": len(records)}, indent=2) + "\n")
+        for f, shard in zip(files, shards):  # each tensor back into its shard (an index file was copied above)
+            save_file({k: state[k] for k in shard}, str(tmp / f.name), metadata={"format": "pt"})
+        recovered = not scales.is_file()
+        (tmp / "peft_eora_smoothed.json").write_text(json.dumps({**made_from, "groups": len(records),
+                                                                 "scales": "recovered" if recovered else "recorded"},
+                                                                indent=2) + "\n")
         atomic_publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -299,3 +319,32 @@ def _awq_forward_float32(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
     if getattr(self, "adapter", None):
         out = self.adapter.apply(x=x_flat, out=out)
     return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def awq_original(awq_path: str | Path, original_dir: str | Path) -> Path:
+    """``original_dir`` in AWQ checkpoint ``awq_path``'s coordinates: itself where its norms already match the
+    checkpoint's (a smoothed original), else :func:`awq_smoothed_original` of the pair (cached)::
+
+        >>> EoRAConfig(original_model=str(awq_original("Llama-3-8B-AWQ", "Llama-3-8B")), ...)
+    """
+    from safetensors import safe_open
+
+    from ..residual.awq import NORM_TOLERANCE, norm_gap
+
+    def norms(folder: Path) -> dict[str, torch.Tensor]:
+        found = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    if key.endswith(".weight") and "norm" in key.lower() and len(st.get_slice(key).get_shape()) == 1:
+                        found[key] = st.get_tensor(key)
+        return found
+
+    awq_path, original_dir = Path(awq_path), Path(original_dir)
+    ours, theirs = norms(awq_path), norms(original_dir)
+    shared = [k for k in ours if k in theirs and ours[k].shape == theirs[k].shape]
+    if shared and all(norm_gap(ours[k], theirs[k]) <= NORM_TOLERANCE for k in shared):
+        return original_dir
+    smoothed = awq_smoothed_original(awq_path, original_dir)
+    logger.info("AWQ base: the original in its coordinates is %s", smoothed)
+    return smoothed

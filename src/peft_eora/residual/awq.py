@@ -81,3 +81,38 @@ class AWQBackend:
         diff = (q - z.repeat_interleave(group, dim=0)).to(scales.dtype)
         w = diff * scales.repeat_interleave(group, dim=0)  # rounded in the scales' dtype, as the kernel does
         return w.T.float().contiguous()
+
+
+#: a norm of the original differing from the AWQ model's by more than this (relative, per channel) is not smoothed
+NORM_TOLERANCE = 1e-2
+
+
+def norm_gap(base: torch.Tensor, original: torch.Tensor) -> float:
+    """Largest relative per-channel difference of two norm weights (0 where both are 0)."""
+    b, o = base.detach().float().cpu(), original.detach().float().cpu()
+    return float(((o - b).abs() / torch.maximum(o.abs(), b.abs()).clamp_min(1e-6)).max()) if b.numel() else 0.0
+
+
+def check_awq_coordinates(model: nn.Module, original: object) -> None:
+    """Refuse a raw original for a model holding AWQ layers: AWQ divided its norms (and scaled its linears' columns)
+    by per-channel smoothing scales, so ``W_original − W_awq`` is only the compression residual once the original is
+    in the AWQ model's coordinates (:func:`peft_eora.quantize.awq_smoothed_original`). Told by the norms, which AWQ
+    stores rescaled; a smoothed original's match to rounding. ``original``: an :class:`~peft_eora.original.OriginalWeights`."""
+    if not any(has_gptqmodel_base(m, "AWQuantLinear") for m in model.modules()):
+        return
+    from ..original import ModelMismatchError
+
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if ("norm" not in type(module).__name__.lower() or not isinstance(weight, torch.Tensor) or weight.dim() != 1
+                or weight.device.type == "meta" or original.shape(name) != tuple(weight.shape)):
+            continue
+        gap = norm_gap(weight, original.get(name))
+        if gap > NORM_TOLERANCE:
+            raise ModelMismatchError(
+                f"The original's {original.resolve(name)} differs from the AWQ model's by up to {gap:.0%} per channel: "
+                "AWQ divided the norms by its smoothing scales, so the residual against this original would be wrong. "
+                "Pass the original in the AWQ model's coordinates: original_model=str(peft_eora.quantize."
+                "awq_smoothed_original(awq_checkpoint, original)) (it recovers the scales of checkpoints made "
+                "elsewhere; the CLI does this itself)."
+            )

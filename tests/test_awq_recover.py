@@ -1,0 +1,138 @@
+"""AWQ checkpoints made elsewhere carry no record of their smoothing scales: they are recovered from the checkpoint and
+its original (norm scales exactly, linear→linear scales from the first linear's rows), so the smoothed original EoRA
+needs can be written for any AWQ (GEMM layout) checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("gptqmodel", reason="gptqmodel made the AWQ fixture")
+
+
+def _elsewhere(awq_dir: Path, tmp_path: Path) -> Path:
+    """The AWQ checkpoint as another tool would have written it: no recorded scales, no peft_eora metadata."""
+    from peft_eora.quantize import AWQ_SCALES_FILE
+    from peft_eora.quantize.checkpoints import META_FILE
+
+    out = tmp_path / "hub-awq"
+    shutil.copytree(awq_dir, out, ignore=shutil.ignore_patterns(AWQ_SCALES_FILE, META_FILE))
+    return out
+
+
+def test_recovered_scales_match_the_recorded_ones(tiny_awq4_dir, tiny_original_dir):
+    from peft_eora.quantize import read_awq_scales, recover_awq_scales
+
+    recorded, recovered = read_awq_scales(tiny_awq4_dir), recover_awq_scales(tiny_awq4_dir, tiny_original_dir)
+    assert [(r["prev"], r["kind"], sorted(r["layers"])) for r in recorded] == \
+        [(r["prev"], r["kind"], sorted(r["layers"])) for r in recovered]
+    for a, b in zip(recorded, recovered):
+        err = (b["scales"].double() / a["scales"].double()).log().abs()
+        if a["kind"] == "norm":  # the stored norm's float16 rounding (the recovered scale is what the model computes)
+            assert float(err.max()) < 1e-3, a["prev"]
+        else:  # from the rows of up_proj and the columns of down_proj
+            assert float(err.median()) < 0.02 and float(err.max()) < 0.15, (a["prev"], err.median(), err.max())
+    assert any(r["kind"] == "linear" for r in recovered)
+
+
+def test_smoothed_original_of_a_checkpoint_made_elsewhere(tiny_awq4_dir, tiny_original_dir, tmp_path):
+    """The recovered-scale original computes the original function and sits as close to the AWQ weights as the
+    recorded-scale one (norm groups: the same residuals; up/down: a smaller total)."""
+    from transformers import AutoModelForCausalLM
+
+    from peft_eora.original import OriginalWeights
+    from peft_eora.quantize import awq_smoothed_original
+    from peft_eora.quantize.awq_recover import _dequantize
+
+    hub = _elsewhere(tiny_awq4_dir, tmp_path)
+    with pytest.raises(ValueError, match="pass the float model it was quantized from as original_dir"):
+        awq_smoothed_original(hub)
+    made = awq_smoothed_original(hub, tiny_original_dir, out_dir=tmp_path / "smoothed")
+    assert json.loads((made / "peft_eora_smoothed.json").read_text())["scales"] == "recovered"
+    original = AutoModelForCausalLM.from_pretrained(tiny_original_dir, dtype=torch.float32).eval()
+    smoothed = AutoModelForCausalLM.from_pretrained(made, dtype=torch.float32).eval()
+    ids = torch.randint(0, original.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = original(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        got = smoothed(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    assert float((got - ref).norm() / ref.norm()) < 1e-5
+    recorded = OriginalWeights.open(str(awq_smoothed_original(tiny_awq4_dir)))
+    recovered = OriginalWeights.open(str(made))
+    from safetensors.torch import load_file
+
+    q = load_file(str(tiny_awq4_dir / "model.safetensors"))
+    cfg = json.loads((tiny_awq4_dir / "config.json").read_text())["quantization_config"]
+    def residual(weights: OriginalWeights, full: str) -> float:
+        w_q = _dequantize(q, full, cfg["bits"], cfg["group_size"])
+        return float((weights.get(full, torch.device("cpu")) - w_q).pow(2).sum())
+
+    for block in (0, 1):
+        for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj"):  # norm scales: the same up to rounding
+            full = f"model.layers.{block}.{name}"
+            assert residual(recovered, full) < 1.001 * residual(recorded, full), full
+        # up → down: the scales minimising the two residuals' energy together (measured 0.97× AWQ's own)
+        pair = [f"model.layers.{block}.mlp.{n}" for n in ("up_proj", "down_proj")]
+        assert sum(residual(recovered, n) for n in pair) <= sum(residual(recorded, n) for n in pair), block
+
+
+def test_unexplained_scaling_is_refused(tiny_awq4_dir, tiny_original_dir, tmp_path):
+    """An original whose down_proj columns were rescaled by something no norm or linear before it explains: refused,
+    naming the layer, rather than smoothed wrongly."""
+    from safetensors.torch import load_file, save_file
+
+    from peft_eora.quantize import recover_awq_scales
+
+    other = tmp_path / "other-original"
+    shutil.copytree(tiny_original_dir, other)
+    state = load_file(str(other / "model.safetensors"))
+    key = "model.layers.1.self_attn.o_proj.weight"
+    state[key] = state[key] * torch.linspace(0.3, 3.0, state[key].shape[1])[None, :]
+    save_file(state, str(other / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="o_proj's columns are scaled against the original"):
+        recover_awq_scales(tiny_awq4_dir, other)
+
+
+def test_raw_original_of_an_awq_model_is_refused_before_work(tiny_awq4_dir, tiny_original_dir):
+    """Without the smoothing, the residual against the raw original is 0.39-1.25 of the weights instead of
+    ~0.1: an error naming the fix, before any calibration forward."""
+    from peft import get_peft_model
+
+    from peft_eora import CalibrationConfig, EoRAConfig
+    from peft_eora.original import ModelMismatchError
+    from peft_eora.quantize import awq_smoothed_original, load_quantized
+
+    calib = CalibrationConfig(dataset="builtin:c4", num_samples=2, seq_len=32)
+    with pytest.raises(ModelMismatchError, match=r"AWQ divided the norms .*awq_smoothed_original"):
+        get_peft_model(load_quantized(tiny_awq4_dir, compute_dtype=torch.float32),
+                       EoRAConfig(r=8, original_model=str(tiny_original_dir), calibration=calib))
+    # the smoothed one passes the check (and the plain-SVD baseline is checked the same way)
+    get_peft_model(load_quantized(tiny_awq4_dir, compute_dtype=torch.float32),
+                   EoRAConfig(r=8, method="svd", original_model=str(awq_smoothed_original(tiny_awq4_dir))))
+
+
+def test_awq_original_smooths_only_a_raw_original(tiny_awq4_dir, tiny_original_dir, tmp_path):
+    from peft_eora.quantize import awq_original, awq_smoothed_original
+
+    smoothed = awq_smoothed_original(tiny_awq4_dir)
+    assert awq_original(tiny_awq4_dir, tiny_original_dir) == smoothed
+    assert awq_original(tiny_awq4_dir, smoothed) == smoothed  # never smoothed twice
+
+
+@pytest.mark.slow
+def test_cli_computes_on_an_awq_checkpoint_made_elsewhere(tiny_awq4_dir, tiny_original_dir, tmp_path, capsys):
+    """``peft-eora compute --original RAW --compressed AWQ`` brings the original into AWQ's coordinates itself
+    (scales recovered: the checkpoint has none recorded) and writes an adapter."""
+    from peft_eora import cli
+
+    hub = _elsewhere(tiny_awq4_dir, tmp_path)
+    code = cli.main(["compute", "--original", str(tiny_original_dir), "--compressed", str(hub), "--rank", "8",
+                     "--method", "svd", "--out", str(tmp_path / "adapter"), "--no-progress"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["original"] != str(tiny_original_dir) and Path(result["original"]).name.endswith("smoothed-original")
+    assert json.loads((Path(result["original"]) / "peft_eora_smoothed.json").read_text())["scales"] == "recovered"
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
