@@ -92,7 +92,7 @@ def test_unexplained_scaling_is_refused(tiny_awq4_dir, tiny_original_dir, tmp_pa
     key = "model.layers.1.self_attn.o_proj.weight"
     state[key] = state[key] * torch.linspace(0.3, 3.0, state[key].shape[1])[None, :]
     save_file(state, str(other / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="o_proj's columns are scaled against the original"):
+    with pytest.raises(ValueError, match="o_proj's columns stay scaled against the original"):
         recover_awq_scales(tiny_awq4_dir, other)
 
 
@@ -123,10 +123,13 @@ def test_awq_original_smooths_only_a_raw_original(tiny_awq4_dir, tiny_original_d
 
 
 @pytest.mark.slow
-def test_cli_computes_on_an_awq_checkpoint_made_elsewhere(tiny_awq4_dir, tiny_original_dir, tmp_path, capsys):
+def test_cli_computes_on_an_awq_checkpoint_made_elsewhere(tiny_awq4_dir, tiny_original_dir, tmp_path, capsys,
+                                                          monkeypatch):
     """``peft-eora compute --original RAW --compressed AWQ`` brings the original into AWQ's coordinates itself
-    (scales recovered: the checkpoint has none recorded) and writes an adapter."""
+    (scales recovered: the checkpoint has none recorded) and writes an adapter whose card names the original."""
     from peft_eora import cli
+
+    monkeypatch.setenv("PEFT_EORA_CACHE", str(tmp_path / "cache"))  # the smoothed copy: not into the user's cache
 
     hub = _elsewhere(tiny_awq4_dir, tmp_path)
     code = cli.main(["compute", "--original", str(tiny_original_dir), "--compressed", str(hub), "--rank", "8",
@@ -136,3 +139,102 @@ def test_cli_computes_on_an_awq_checkpoint_made_elsewhere(tiny_awq4_dir, tiny_or
     assert result["original"] != str(tiny_original_dir) and Path(result["original"]).name.endswith("smoothed-original")
     assert json.loads((Path(result["original"]) / "peft_eora_smoothed.json").read_text())["scales"] == "recovered"
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert f"`{Path(tiny_original_dir).resolve()}` (in the AWQ model's coordinates" in card
+
+
+def _synthetic(folder: Path, *, kv: int, plus_one: bool = False, bias: bool = False, extra_norms: tuple = (),
+               norm_dtype: torch.dtype = torch.float16, seed: int = 0) -> tuple[Path, Path, dict]:
+    """One Llama-style block (hidden 128, 4 heads of 32, ``kv`` key/value heads, MLP 256) and its AWQ checkpoint
+    made as gptqmodel's ``apply_scale`` does: random log-normal scales for input norm → q/k/v, post norm → gate/up,
+    up → down and, where the shapes match (``kv`` = 4), v → o; 4-bit RTN in the GEMM layout. Returns the original
+    folder, the AWQ folder and the true scales."""
+    from gptqmodel.quantization.awq.utils.packing_utils import pack_awq
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    hidden, inter, hd, p = 128, 256, 32, "model.layers.0"
+    shapes = {"self_attn.q_proj": (128, hidden), "self_attn.k_proj": (kv * hd, hidden),
+              "self_attn.v_proj": (kv * hd, hidden), "self_attn.o_proj": (hidden, 128),
+              "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden), "mlp.down_proj": (hidden, inter)}
+    orig = {f"{p}.{n}.weight": torch.randn(*s, generator=gen) / s[1] ** 0.5 for n, s in shapes.items()}
+    if bias:
+        orig.update({f"{p}.self_attn.{n}.bias": torch.randn(shapes[f"self_attn.{n}"][0], generator=gen)
+                     for n in ("q_proj", "k_proj", "v_proj")})
+    for n in ("input_layernorm", "post_attention_layernorm", *extra_norms):
+        orig[f"{p}.{n}.weight"] = torch.rand(hidden, generator=gen) * 2 - 0.5 if plus_one else \
+            0.5 + torch.rand(hidden, generator=gen)
+    orig["model.embed_tokens.weight"] = torch.randn(16, hidden, generator=gen)
+
+    def scales(n: int) -> torch.Tensor:
+        return torch.exp(torch.randn(n, generator=gen) * 0.5)
+
+    truth = {"input_layernorm": scales(hidden), "post_attention_layernorm": scales(hidden),
+             "mlp.up_proj": scales(inter)}
+    if kv * hd == 128:
+        truth["self_attn.v_proj"] = scales(kv * hd)
+    smooth = {k: v.clone() for k, v in orig.items()}
+    for norm, layers in (("input_layernorm", ("q_proj", "k_proj", "v_proj")), ("post_attention_layernorm", ())):
+        s, key = truth[norm], f"{p}.{norm}.weight"
+        smooth[key] = ((smooth[key] + 1) / s - 1) if plus_one else smooth[key] / s
+        targets = [f"self_attn.{n}" for n in layers] or ["mlp.gate_proj", "mlp.up_proj"]
+        for n in targets:
+            smooth[f"{p}.{n}.weight"] = smooth[f"{p}.{n}.weight"] * s[None, :]
+    for prev, nxt in (("mlp.up_proj", "mlp.down_proj"), ("self_attn.v_proj", "self_attn.o_proj")):
+        if prev in truth:
+            s = truth[prev]
+            smooth[f"{p}.{prev}.weight"] = smooth[f"{p}.{prev}.weight"] / s[:, None]
+            if f"{p}.{prev}.bias" in smooth:
+                smooth[f"{p}.{prev}.bias"] = smooth[f"{p}.{prev}.bias"] / s
+            smooth[f"{p}.{nxt}.weight"] = smooth[f"{p}.{nxt}.weight"] * s[None, :]
+    awq = {k: v.to(norm_dtype) if "norm" in k else v.half() for k, v in smooth.items() if k[:-7] not in
+           {f"{p}.{n}" for n in shapes}}
+    group = 32
+    for n in shapes:
+        w = smooth[f"{p}.{n}.weight"]  # (out, in) → groups along in
+        g = w.T.reshape(w.shape[1] // group, group, w.shape[0])
+        lo, hi = g.amin(1), g.amax(1)
+        sc = ((hi - lo).clamp_min(1e-6) / 15).half().float()
+        z = (-lo / sc).round().clamp(0, 15)
+        codes = ((g / sc[:, None]).round() + z[:, None]).clamp(0, 15).reshape(w.shape[1], w.shape[0])
+        qweight, qzeros = pack_awq(codes.to(torch.int32), z.to(torch.int32), 4)
+        awq.update({f"{p}.{n}.qweight": qweight, f"{p}.{n}.qzeros": qzeros, f"{p}.{n}.scales": sc.half()})
+    config = {"model_type": "llama", "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": group,
+                                                             "version": "gemm", "zero_point": True}}
+    out = {}
+    for name, state in (("original", orig), ("awq", awq)):
+        (folder / name).mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / name / "model.safetensors"))
+        (folder / name / "config.json").write_text(json.dumps(config if name == "awq" else {"model_type": "llama"}))
+        out[name] = folder / name
+    return out["original"], out["awq"], truth
+
+
+@pytest.mark.parametrize("case", [
+    {"kv": 4},                                                      # MHA: v → o scaled too
+    {"kv": 2},                                                      # GQA: no v → o
+    {"kv": 4, "plus_one": True},                                    # Gemma: γ − 1 stored, γ divided
+    {"kv": 4, "extra_norms": ("pre_feedforward_layernorm", "post_feedforward_layernorm"), "seed": 1},
+    {"kv": 4, "extra_norms": ("pre_feedforward_layernorm",), "norm_dtype": torch.bfloat16, "seed": 2},
+    {"kv": 4, "bias": True},                                        # Qwen-style q/k/v biases: v → o exact
+])
+def test_recovery_on_synthetic_blocks(case, tmp_path):
+    """The groups AWQ made, found whatever the convention; norms it did not scale (only rounded to the stored dtype)
+    attract no linear. Norm scales exact to the stored norm's rounding; v → o exact from v's bias where it has one."""
+    from peft_eora.quantize import recover_awq_scales
+
+    original, awq, truth = _synthetic(tmp_path, **case)
+    records = {r["prev"].split("layers.0.")[1]: r for r in recover_awq_scales(awq, original)}
+    assert set(records) == set(truth), (set(records), set(truth))
+    expect = {"input_layernorm": ["q_proj", "k_proj", "v_proj"], "post_attention_layernorm": ["gate_proj", "up_proj"],
+              "mlp.up_proj": ["down_proj"], "self_attn.v_proj": ["o_proj"]}
+    for prev, rec in records.items():
+        assert sorted(n.rpartition(".")[2] for n in rec["layers"]) == sorted(expect[prev]), prev
+        err = (rec["scales"].double() / truth[prev].double()).log().abs()
+        if "norm" in prev:
+            assert rec["kind"] == ("gemma_norm" if case.get("plus_one") else "norm")
+            assert float(err.max()) < 2 * torch.finfo(case.get("norm_dtype", torch.float16)).eps * 4, prev
+        elif prev == "self_attn.v_proj" and case.get("bias"):
+            assert float(err.max()) < 2e-3, prev  # the float16 bias's rounding
+        else:
+            assert float(err.median()) < 0.03, (prev, float(err.median()))

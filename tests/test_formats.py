@@ -482,6 +482,7 @@ def test_repacking_awq_kernel_is_read_through_its_forward():
     fake = AwqMarlinLinear.__new__(AwqMarlinLinear)
     nn.Module.__init__(fake)
     fake.in_features, fake.out_features = 128, 64
+    fake.register_buffer("qweight", torch.zeros(8, 128, dtype=torch.int32))  # Marlin's repacked codes
     assert backend_for(fake, "q_proj").name == "probe"
 
 

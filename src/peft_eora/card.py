@@ -10,6 +10,7 @@ between the ``peft-eora`` markers is replaced).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any, Optional
@@ -158,7 +159,7 @@ def _eora_section(
     fine_tuned = bool(getattr(config, "fine_tuned", False))
     rows = [
         ("Compressed base model", base_text if base_id else "not recorded"),
-        ("Original (uncompressed) model", f"`{original}`" if original else "not recorded"),
+        ("Original (uncompressed) model", _original_text(original) if original else "not recorded"),
         ("Compression", _describe_quant(quant)),
         ("Method", f"{method}{damping_text}" + (", then fine-tuned" if fine_tuned else "")),
         ("Rank", f"{rank_text} (lora_alpha {_fmt(config.lora_alpha)})"),
@@ -296,3 +297,15 @@ def build_model_card(
         title = f"EoRA adapter for {base_id}" if base_id else "EoRA adapter"
         text = f"\n# {title}\n\n{section}"
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{text}")
+
+
+def _original_text(original: str) -> str:
+    """The original as the user named it; an AWQ-smoothed copy (``awq_smoothed_original``) by its source."""
+    from pathlib import Path
+
+    made = Path(str(original)) / "peft_eora_smoothed.json"
+    try:
+        source = json.loads(made.read_text()).get("source_model") if made.is_file() else None
+    except (OSError, ValueError):
+        source = None
+    return f"`{source}` (in the AWQ model's coordinates: `{original}`)" if source else f"`{original}`"

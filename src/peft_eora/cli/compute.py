@@ -185,6 +185,15 @@ def compute_adapter(args: argparse.Namespace, compressed: Union[Path, str], conf
     return model, time.perf_counter() - start
 
 
+def _local(spec: Union[Path, str]) -> Path:
+    """A model folder: a Hub id's cached (or downloaded) snapshot, its weights, configs and tokenizer files."""
+    if isinstance(spec, Path):
+        return spec
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(spec, allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"]))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Compute one adapter and save it to ``--out``."""
     original_spec, compressed_spec = models_from_args(args)
@@ -192,10 +201,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     calibration = calibration_from_args(args)
     original = resolve_model(original_spec, "Original")
     compressed = resolve_model(compressed_spec, "Compressed")
-    if isinstance(original, Path) and isinstance(compressed, Path) and _quant_method(compressed) == "awq":
+    if _quant_method(compressed) == "awq":  # the original in AWQ's coordinates: scales recorded or recovered
         from ..quantize import awq_original
 
-        original = awq_original(compressed, original)  # AWQ's coordinates: scales recorded or recovered
+        original = awq_original(_local(compressed), _local(original))
     config = eora_config(args, args.rank, args.method, original, calibration)
     tokenizer = load_tokenizer(original, compressed)
     if args.method == "eora":

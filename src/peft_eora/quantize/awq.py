@@ -14,7 +14,7 @@ import logging
 import math
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -25,6 +25,9 @@ from .gptqmodel_run import _quantize_with_gptqmodel
 
 logger = logging.getLogger("peft_eora.quantize")
 
+#: norm classes whose weight stores ``γ − 1`` and which gptqmodel's ``apply_scale`` divides as ``γ`` (others, Gemma 3's
+#: included, it divides as stored)
+_PLUS_ONE_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm")
 #: AWQ's per-channel smoothing scales, recorded by :func:`quantize_awq` inside the checkpoint.
 AWQ_SCALES_FILE = "peft_eora_awq_scales.safetensors"
 
@@ -122,8 +125,8 @@ class _AwqScaleRecorder:
             prev = block.get_submodule(prev_name)
             if isinstance(prev, torch.nn.Linear):
                 kind = "linear"
-            elif "gemma" in type(prev).__name__.lower() and "norm" in type(prev).__name__.lower():
-                kind = "gemma_norm"  # weight stored as (w - 1)
+            elif any(c.__name__ in _PLUS_ONE_NORMS for c in type(prev).__mro__):
+                kind = "gemma_norm"  # weight stored as (γ − 1): gptqmodel divides γ for these classes only
             elif hasattr(prev, "weight") and "norm" in type(prev).__name__.lower():
                 kind = "norm"
             else:
@@ -164,51 +167,65 @@ def read_awq_scales(awq_path: str | Path) -> list[dict[str, Any]]:
         return [{**rec, "scales": st.get_tensor(str(i))} for i, rec in enumerate(index)]
 
 
-def smooth_state_dict(state: dict[str, torch.Tensor], records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+def smooth_state_dict(state: dict[str, torch.Tensor], records: list[dict[str, Any]],
+                      done: Optional[set[str]] = None) -> dict[str, torch.Tensor]:
     """Apply AWQ's recorded scalings to a float state dict (in place, float32 math), exactly as
     gptqmodel's ``apply_scale`` does: the model computes the same function, and each linear
-    now holds the weight its AWQ-quantized counterpart approximates.
+    now holds the weight its AWQ-quantized counterpart approximates. ``done``: the state is one
+    shard of a checkpoint; weights it does not hold are skipped and those it rescaled added to
+    ``done`` (:func:`scaled_weights` lists what every shard together must cover).
 
     >>> smooth_state_dict(state, read_awq_scales(q4))
     """
-    def get(name: str, what: str = "weight") -> torch.Tensor:
-        key = f"{name}.{what}"
-        if key not in state:
+    def has(key: str) -> bool:
+        if key in state:
+            if done is not None:
+                done.add(key)
+            return True
+        if done is None:
             raise ValueError(f"The original checkpoint has no {key}, which AWQ rescaled; is it the model AWQ quantized?")
-        return state[key]
+        return False
+
+    def scaled(key: str, f: Any) -> None:
+        if key in state:  # optional tensors (biases) are rescaled where they exist
+            state[key] = f(state[key].double()).to(state[key].dtype)
 
     for rec in records:
         s = rec["scales"].double()
         prev = rec["prev"]
         if rec["kind"] == "linear":
-            w = get(prev)
-            w[-s.numel():] = (w[-s.numel():].double() / s[:, None]).to(w.dtype)
-            if f"{prev}.bias" in state:
-                state[f"{prev}.bias"] = (state[f"{prev}.bias"].double() / s).to(state[f"{prev}.bias"].dtype)
+            if has(f"{prev}.weight"):
+                w = state[f"{prev}.weight"]
+                w[-s.numel():] = (w[-s.numel():].double() / s[:, None]).to(w.dtype)
+            scaled(f"{prev}.bias", lambda b: b / s)
         else:
-            w = get(prev)
-            if rec["kind"] == "gemma_norm":
-                state[f"{prev}.weight"] = (((w.double() + 1) / s) - 1).to(w.dtype)
-            else:
-                state[f"{prev}.weight"] = (w.double() / s).to(w.dtype)
-            if f"{prev}.bias" in state:
-                state[f"{prev}.bias"] = (state[f"{prev}.bias"].double() / s).to(state[f"{prev}.bias"].dtype)
+            if has(f"{prev}.weight"):
+                scaled(f"{prev}.weight", (lambda g: (g + 1) / s - 1) if rec["kind"] == "gemma_norm" else (lambda g: g / s))
+            scaled(f"{prev}.bias", lambda b: b / s)
         for layer in rec["layers"]:
-            w = get(layer)
-            if w.shape[1] != s.numel():
-                raise ValueError(f"AWQ scales of length {s.numel()} do not fit {layer} of shape {tuple(w.shape)}.")
-            state[f"{layer}.weight"] = (w.double() * s[None, :]).to(w.dtype)
+            if not has(f"{layer}.weight"):
+                continue
+            if state[f"{layer}.weight"].shape[1] != s.numel():
+                raise ValueError(f"AWQ scales of length {s.numel()} do not fit {layer} of shape "
+                                 f"{tuple(state[f'{layer}.weight'].shape)}.")
+            scaled(f"{layer}.weight", lambda w: w * s[None, :])
     return state
+
+
+def scaled_weights(records: list[dict[str, Any]]) -> set[str]:
+    """The weight tensors that :func:`smooth_state_dict` rescales for ``records``."""
+    return {f"{r['prev']}.weight" for r in records} | {f"{n}.weight" for r in records for n in r["layers"]}
 
 
 def awq_smoothed_original(
     awq_path: str | Path, original_dir: str | Path | None = None, out_dir: str | Path | None = None
 ) -> Path:
-    """Write (once, cached as ``<awq name>-<key>-smoothed-original``, the key a hash of the AWQ checkpoint's path and
-    scales and of the original's path, checked again on every cache hit) the
-    original float model with the AWQ scales of ``awq_path`` folded in, and return its folder. Checkpoints
-    made elsewhere (AutoAWQ, gptqmodel, the Hub: no recorded scales) have them recovered from the checkpoint and
-    ``original_dir`` (:func:`~peft_eora.quantize.awq_recover.recover_awq_scales`). The original may be sharded.
+    """Write (once, cached as ``<awq name>-<key>-smoothed-original``, the key a hash of both checkpoints' paths and
+    files and of the recorded scales, checked again on every cache hit) the original float model with the AWQ
+    scales of ``awq_path`` folded in, and return its folder. Checkpoints made elsewhere (AutoAWQ, gptqmodel: no
+    recorded scales) have them recovered from the checkpoint and ``original_dir``
+    (:func:`~peft_eora.quantize.awq_recover.recover_awq_scales`). Both are local folders (download Hub ids first,
+    ``huggingface_hub.snapshot_download``); the original may be sharded (rewritten one shard at a time).
 
     It computes the same function as the original but its linears live in the AWQ model's
     coordinates, so ``W_smoothed − W_awq`` is the true compression residual: pass this folder
@@ -219,6 +236,8 @@ def awq_smoothed_original(
     """
     from safetensors.torch import load_file, save_file
 
+    from .awq_recover import checkpoint_files
+
     awq_path = Path(awq_path)
     if original_dir is None:
         meta = awq_path / META_FILE
@@ -228,13 +247,14 @@ def awq_smoothed_original(
         original_dir = json.loads(meta.read_text())["source_model"]
     original_dir = Path(original_dir)
     scales = awq_path / AWQ_SCALES_FILE
+    files = checkpoint_files(original_dir)
     made_from = {  # what the folder is made from: a cached folder of other sources is never handed back
         "source_model": str(original_dir.resolve()), "awq_checkpoint": str(awq_path.resolve()),
         "awq_scales_sha256": hashlib.sha256(scales.read_bytes()).hexdigest() if scales.is_file() else None,
+        "source_files": _stats(files),
     }
     if not scales.is_file():  # made elsewhere: the scales are recovered from the checkpoint and the original
-        made_from["awq_checkpoint_files"] = sorted(
-            f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in awq_path.glob("*.safetensors"))
+        made_from["awq_checkpoint_files"] = _stats(checkpoint_files(awq_path))
     key = hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:10]
     final = Path(out_dir) if out_dir is not None else cache_dir() / "models" / f"{awq_path.name}-{key}-smoothed-original"
     if is_complete(final):
@@ -242,7 +262,7 @@ def awq_smoothed_original(
         if {k: recorded.get(k) for k in made_from} != made_from:
             raise ValueError(
                 f"{final} holds the smoothed original of {recorded.get('awq_checkpoint')} (from "
-                f"{recorded.get('source_model')}), not of {awq_path} from {original_dir} as it is now: pass another "
+                f"{recorded.get('source_model')}), not of {awq_path} from {original_dir} as they are now: pass another "
                 "out_dir or delete it."
             )
         return final
@@ -252,30 +272,38 @@ def awq_smoothed_original(
         from .awq_recover import recover_awq_scales
 
         records = recover_awq_scales(awq_path, original_dir)
-    files = sorted(original_dir.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{original_dir} holds no .safetensors file: the original must be a safetensors checkpoint.")
-    shards = [load_file(str(f)) for f in files]
-    state = {k: v for shard in shards for k, v in shard.items()}
-    smooth_state_dict(state, records)
     remove_stale_temps(final)
     tmp = make_temp_dir(final)
     try:
-        for item in original_dir.iterdir():
-            if item.is_file() and item.suffix != ".safetensors" and not item.name.startswith("."):
+        for item in original_dir.iterdir():  # config, tokenizer, the shards' index: not weights in other formats
+            if (item.is_file() and item.suffix not in _WEIGHT_SUFFIXES and not item.name.startswith(".")):
                 shutil.copy2(item, tmp / item.name)
-        for f, shard in zip(files, shards):  # each tensor back into its shard (an index file was copied above)
-            save_file({k: state[k] for k in shard}, str(tmp / f.name), metadata={"format": "pt"})
-        recovered = not scales.is_file()
-        (tmp / "peft_eora_smoothed.json").write_text(json.dumps({**made_from, "groups": len(records),
-                                                                 "scales": "recovered" if recovered else "recorded"},
-                                                                indent=2) + "\n")
+        done: set[str] = set()
+        for f in files:  # one shard in memory at a time
+            shard = load_file(str(f))
+            smooth_state_dict(shard, records, done)
+            save_file(shard, str(tmp / f.name), metadata={"format": "pt"})
+            del shard
+        missing = sorted(scaled_weights(records) - done)
+        if missing:
+            raise ValueError(f"The original checkpoint {original_dir} has no {', '.join(missing[:3])}, which AWQ "
+                             "rescaled; is it the model AWQ quantized?")
+        (tmp / "peft_eora_smoothed.json").write_text(json.dumps({
+            **made_from, "groups": len(records), "scales": "recorded" if scales.is_file() else "recovered"},
+            indent=2) + "\n")
         atomic_publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("AWQ-smoothed original (%d scaling groups) written to %s", len(records), final)
     return final
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
+
+
+def _stats(files: list[Path]) -> list[str]:
+    return sorted(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
 
 def awq_float32_forward_(model: torch.nn.Module) -> int:
@@ -322,8 +350,9 @@ def _awq_forward_float32(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor
 
 
 def awq_original(awq_path: str | Path, original_dir: str | Path) -> Path:
-    """``original_dir`` in AWQ checkpoint ``awq_path``'s coordinates: itself where its norms already match the
-    checkpoint's (a smoothed original), else :func:`awq_smoothed_original` of the pair (cached)::
+    """``original_dir`` in AWQ checkpoint ``awq_path``'s coordinates: itself where it was smoothed for that checkpoint
+    or its norms already match the checkpoint's, else :func:`awq_smoothed_original` of the pair (cached). Both are
+    local folders::
 
         >>> EoRAConfig(original_model=str(awq_original("Llama-3-8B-AWQ", "Llama-3-8B")), ...)
     """
@@ -341,6 +370,9 @@ def awq_original(awq_path: str | Path, original_dir: str | Path) -> Path:
         return found
 
     awq_path, original_dir = Path(awq_path), Path(original_dir)
+    made = original_dir / "peft_eora_smoothed.json"
+    if made.is_file() and json.loads(made.read_text()).get("awq_checkpoint") == str(awq_path.resolve()):
+        return original_dir  # smoothed for this checkpoint already
     ours, theirs = norms(awq_path), norms(original_dir)
     shared = [k for k in ours if k in theirs and ours[k].shape == theirs[k].shape]
     if shared and all(norm_gap(ours[k], theirs[k]) <= NORM_TOLERANCE for k in shared):

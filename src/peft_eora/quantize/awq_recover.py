@@ -1,27 +1,29 @@
-"""AWQ's smoothing scales of a checkpoint made elsewhere (AutoAWQ, gptqmodel, the Hub), recovered from it and
-its original.
+"""AWQ's smoothing scales of a checkpoint made elsewhere (AutoAWQ, gptqmodel; Hub checkpoints once downloaded),
+recovered from it and its original.
 
 AWQ divides each norm's weight by per-channel scales ``s`` and multiplies the columns of the linears after it
-by ``s`` (linear → linear: the first one's rows divided, the next one's columns multiplied) before quantizing.
-EoRA needs the original in those coordinates (:func:`~peft_eora.quantize.awq_smoothed_original`);
-:func:`~peft_eora.quantize.quantize_awq` records the scales, but checkpoints made elsewhere do not. Both
-kinds of scaling can be read back from the pair:
+by ``s`` (linear → linear: the first one's rows and bias divided, the next one's columns multiplied) before
+quantizing. EoRA needs the original in those coordinates (:func:`~peft_eora.quantize.awq_smoothed_original`);
+:func:`~peft_eora.quantize.quantize_awq` records the scales, but checkpoints made elsewhere do not. Both kinds
+of scaling can be read back from the pair, one decoder block at a time:
 
-- **norm → linears**: ``s = g_original / g_awq`` per channel, exact: the AWQ model multiplies its activations
-  by the stored ``g_awq``, so ``W·diag(s)`` is what its linears must equal. Which linears follow the norm is
-  found by their columns: per input column ``j``, ``c_j = ⟨Ŵ[:, j], W[:, j]⟩ / ‖W[:, j]‖²`` (``Ŵ`` dequantized)
-  follows ``s`` (the logs correlate) for the linears AWQ scaled with it.
-- **linear → linear** (``up_proj → down_proj``; ``v_proj → o_proj`` where the shapes match): the first's rows
-  were divided by ``s``; each row has its own quantization scales, so its ratio ``ρ = ⟨Ŵ[i], W[i]⟩ / ‖W[i]‖²``
-  is ``1/s_i`` within the rounding noise over the row (the second's columns, sharing groups, quantize a small
-  ``s_j`` to zeros). Which linear came first is the one whose ``1/ρ`` explains the second's columns best; the
-  scale is then refined per channel to the one that minimises the two residuals' energy together (the ratios
-  of both layers, Newton's method from ``1/ρ``). Any ``s`` computes the same function (it moves ``ε·W`` between
-  the two residuals), so the least total residual is the one to compensate.
+- **norm → linears**: ``s = g_original / g_awq`` per channel, exact: the AWQ model multiplies its activations by
+  the stored ``g_awq``, so ``W·diag(s)`` is what its linears must equal. Gemma's norms store ``γ − 1`` and
+  gptqmodel divides ``γ`` for some of them and ``γ − 1`` for others, so both readings are candidates. Each linear
+  goes to the candidate whose scales reproduce its dequantized weight best (relative error of
+  ``diag(ρ)·W·diag(s)`` against ``Ŵ``, with the best row ratios ``ρ``), if that beats "unscaled" by a clear
+  margin; norms that differ from the original only by the checkpoint dtype's rounding are no candidates.
+- **linear → linear** (``up_proj → down_proj``; ``v_proj → o_proj`` where the shapes match; siblings under one
+  parent module): the first's rows were divided by ``s``. Where it has a bias, ``s = b_original / b_awq``
+  exactly; elsewhere each row has its own quantization scales, so its ratio ``ρ = ⟨Ŵ[i], W[i]⟩ / ‖W[i]‖²`` is
+  ``1/s_i`` within the rounding noise, refined per channel to the scales that minimise the two layers' residual
+  energy together (any ``s`` computes the same function: it moves ``ε·W`` between the two residuals).
 
-A linear whose columns stay scaled after all this (``|log c|``'s median above 0.02) is an error naming it::
+Afterwards every linear's columns must be unscaled against the smoothed original (median |log ratio| at most
+0.05 once rows are fitted; unscaled 4-bit layers read ~0.01); one that is not is an error naming it, never a
+silently wrong original::
 
-    >>> records = recover_awq_scales("TheBloke/…-AWQ folder", "the original folder")
+    >>> records = recover_awq_scales("Llama-3-8B-AWQ", "Llama-3-8B")     # local folders
     >>> smooth_state_dict(original_state, records)     # what awq_smoothed_original does with them
 """
 
@@ -31,36 +33,63 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 logger = logging.getLogger("peft_eora.quantize")
 
-#: a linear no scaling explains is refused when the median |log c| of its columns is above this
-SCALED = 0.02
+#: a linear whose columns stay scaled beyond this (median |log ratio|, rows fitted) is refused
+SCALED = 0.05
+#: a scaling hypothesis must reproduce a linear's weight this much better than "unscaled" (relative error ratio)
+MARGIN = 0.9
 
 
-def _load_all(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+def checkpoint_files(folder: Path) -> list[Path]:
+    """A checkpoint's safetensors files: the index's shards where an index exists (Mistral folders also hold a
+    ``consolidated.safetensors`` beside them), else every ``*.safetensors``."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder} holds no .safetensors file.")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    return state
+    return files
 
 
-def _dequantize(q: dict[str, torch.Tensor], prefix: str, bits: int, group: int) -> torch.Tensor:
+class _Tensors:
+    """Name → tensor over a checkpoint's safetensors files, read one tensor at a time."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        self.where: dict[str, Path] = {}
+        for f in checkpoint_files(folder):
+            with safe_open(str(f), framework="pt") as st:
+                self.where.update({k: f for k in st.keys()})
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.where[key]), framework="pt") as st:
+            return st.get_tensor(key)
+
+
+def _dequantize(q: Any, prefix: str, bits: int, group: int) -> torch.Tensor:
     """``(out, in)`` float32 weight of an AWQ GEMM-layout linear from its checkpoint tensors."""
     from ..residual.awq import unpack_awq_codes
 
     scales = q[f"{prefix}.scales"].float()
-    in_f, out_f = q[f"{prefix}.qweight"].shape[0], scales.shape[1]
-    codes = unpack_awq_codes(q[f"{prefix}.qweight"], bits, out_f).float()
-    zeros = unpack_awq_codes(q[f"{prefix}.qzeros"], bits, out_f).float()
+    qweight = q[f"{prefix}.qweight"]
+    in_f, out_f = qweight.shape[0], scales.shape[1]
+    codes = unpack_awq_codes(qweight, bits, out_f).float()
+    if f"{prefix}.qzeros" in q:
+        zeros = unpack_awq_codes(q[f"{prefix}.qzeros"], bits, out_f).float()
+    else:  # zero_point=False: symmetric codes around the middle
+        zeros = torch.full_like(scales, float(1 << (bits - 1)))
     g = group if group > 0 else in_f
     return ((codes - zeros.repeat_interleave(g, 0)[:in_f]) * scales.repeat_interleave(g, 0)[:in_f]).T
 
@@ -71,22 +100,34 @@ def _row_ratios(w_q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(den))
 
 
-def _fit_error(w_q: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None = None) -> float:
+def _fit_error(w_q: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor] = None) -> float:
     """How well ``diag(ρ)·W·diag(s)`` reproduces ``Ŵ`` with the best row ratios ``ρ`` (relative Frobenius error):
     the hypothesis that AWQ scaled ``W``'s columns by ``s`` (and maybe its rows)."""
     ws = w if s is None else w * s[None, :]
     return float((w_q - _row_ratios(w_q, ws)[:, None] * ws).norm() / w_q.norm().clamp_min(1e-30))
 
 
-def _best(w_q: torch.Tensor, w: torch.Tensor, hypotheses: dict[str, torch.Tensor]) -> str | None:
-    """The hypothesis (a name → column scales) that reproduces ``Ŵ`` best, or None when unscaled does."""
-    errors = {None: _fit_error(w_q, w)}
-    errors.update({k: _fit_error(w_q, w, s) for k, s in hypotheses.items() if s.numel() == w.shape[1]})
-    return min(errors, key=lambda k: errors[k])
+def _column_offset(w_q: torch.Tensor, w: torch.Tensor) -> float:
+    """Median |log| of ``Ŵ``'s column ratios against ``W`` once its rows are fitted: ~0 when ``W`` is in ``Ŵ``'s
+    coordinates (columns AWQ scaled down to zeros count as far off, hence the median)."""
+    wr = _row_ratios(w_q, w)[:, None] * w
+    num, den = (w_q * wr).sum(0), (wr * wr).sum(0)
+    ratio = torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(den))
+    return float(ratio.clamp_min(1e-6).log().abs().median())
+
+
+def _norm_scales(g_o: torch.Tensor, g_q: torch.Tensor, noise: float) -> Optional[torch.Tensor]:
+    """``g_o / g_q`` where that is a positive per-channel scaling beyond the stored dtype's rounding, else None."""
+    if ((g_q == 0) != (g_o == 0)).any():
+        return None
+    s = torch.where(g_q != 0, g_o / torch.where(g_q != 0, g_q, torch.ones_like(g_q)), torch.ones_like(g_q))
+    if not bool((s > 0).all()) or float(s.log().abs().max()) <= noise:
+        return None
+    return s
 
 
 def recover_awq_scales(awq_path: str | Path, original_dir: str | Path) -> list[dict[str, Any]]:
-    """The scaling groups of AWQ checkpoint ``awq_path`` against its float original, in the format of
+    """The scaling groups of AWQ checkpoint ``awq_path`` (local folder) against its float original, in the format of
     :func:`~peft_eora.quantize.read_awq_scales`: ``[{"prev", "kind", "layers", "scales"}]``."""
     awq_path, original_dir = Path(awq_path), Path(original_dir)
     config = json.loads((awq_path / "config.json").read_text())
@@ -98,9 +139,8 @@ def recover_awq_scales(awq_path: str | Path, original_dir: str | Path) -> list[d
         raise ValueError(f"{awq_path} stores AWQ's {layout!r} layout; recovering its scales reads the 'gemm' layout "
                          "(AutoAWQ's default) only.")
     bits, group = int(qc.get("bits", qc.get("w_bit", 4))), int(qc.get("group_size", qc.get("q_group_size", 128)))
-    gemma = str(config.get("model_type", "")).startswith("gemma")
-    q, o = _load_all(awq_path), _load_all(original_dir)
-    linears = sorted(k[: -len(".qweight")] for k in q if k.endswith(".qweight"))
+    q, o = _Tensors(awq_path), _Tensors(original_dir)
+    linears = sorted(k[: -len(".qweight")] for k in q.where if k.endswith(".qweight"))
     if not linears:
         raise ValueError(f"{awq_path} holds no AWQ linear (no '*.qweight' tensor).")
     blocks: dict[str, list[str]] = {}
@@ -109,65 +149,84 @@ def recover_awq_scales(awq_path: str | Path, original_dir: str | Path) -> list[d
         blocks.setdefault(m.group(1) if m else "", []).append(name)
     records: list[dict[str, Any]] = []
     for block, names in blocks.items():
-        records += _block_records(block, names, q, o, bits, group, gemma)
+        records += _block_records(block, names, q, o, bits, group)
     logger.info("Recovered %d AWQ scaling groups of %s from its original %s", len(records), awq_path, original_dir)
     return records
 
 
-def _block_records(block: str, names: list[str], q: dict[str, torch.Tensor], o: dict[str, torch.Tensor],
-                   bits: int, group: int, gemma: bool) -> list[dict[str, Any]]:
+def _block_records(block: str, names: list[str], q: _Tensors, o: _Tensors, bits: int,
+                   group: int) -> list[dict[str, Any]]:
     w: dict[str, torch.Tensor] = {}
     w_q: dict[str, torch.Tensor] = {}
     for name in names:
         if f"{name}.weight" not in o:
             raise ValueError(f"The original has no {name}.weight, which the AWQ checkpoint quantized; is it the model "
-                           "AWQ quantized?")
+                             "AWQ quantized?")
         w[name], w_q[name] = o[f"{name}.weight"].float(), _dequantize(q, name, bits, group)
         if w[name].shape != w_q[name].shape:
             raise ValueError(f"{name}: original {tuple(w[name].shape)} against AWQ {tuple(w_q[name].shape)}.")
-    records: list[dict[str, Any]] = []
     prefix = f"{block}." if block else ""
-    norms: dict[str, torch.Tensor] = {}  # the block's rescaled norms → their scales
-    for key in sorted(k for k in q if k.startswith(prefix) and k.endswith(".weight") and "norm" in k.lower()
-                      and q[k].dim() == 1 and k in o and o[k].shape == q[k].shape):
-        g_q, g_o = q[key].float(), o[key].float()
-        if gemma:  # stored as (γ − 1)
-            g_q, g_o = g_q + 1, g_o + 1
-        if ((g_q == 0) != (g_o == 0)).any():
-            raise ValueError(f"{key}: zero channels differ between the original and the AWQ checkpoint.")
-        scale = torch.where(g_q != 0, g_o / torch.where(g_q != 0, g_q, torch.ones_like(g_q)), torch.ones_like(g_q))
-        if (scale > 0).all() and scale.log().abs().max() > 1e-6:  # rescaled (a sign change is no smoothing)
-            norms[key[: -len(".weight")]] = scale
-    members: dict[str, list[str]] = {}
-    for name in names:  # norm → linears: each linear to the norm whose scales reproduce its weight best
-        best = _best(w_q[name], w[name], norms)
-        if best is not None:
-            members.setdefault(best, []).append(name)
-    grouped: set[str] = set()
-    for norm, layers in ((n, members[n]) for n in norms if n in members):  # in the block's order
-        records.append({"prev": norm, "kind": "gemma_norm" if gemma else "norm", "layers": layers,
-                        "scales": norms[norm]})
+    # norm → linears: candidates (norm, reading) → scales
+    candidates: dict[tuple[str, str], torch.Tensor] = {}
+    for key in sorted(k for k in q.where if k.startswith(prefix) and k.endswith(".weight") and "norm" in k.lower()
+                      and k in o):
+        stored, g_o = q[key], o[key].float()
+        if stored.dim() != 1 or stored.shape != g_o.shape:
+            continue
+        noise = 4 * torch.finfo(stored.dtype).eps if stored.is_floating_point() else 1e-6
+        g_q = stored.float()
+        for kind, (a, b) in (("norm", (g_o, g_q)), ("gemma_norm", (g_o + 1, g_q + 1))):
+            s = _norm_scales(a, b, noise)
+            if s is not None:
+                candidates[(key[: -len(".weight")], kind)] = s
+    chosen: dict[str, tuple[str, str]] = {}  # linear → its candidate
+    for name in names:
+        none = _fit_error(w_q[name], w[name])
+        fits = {c: _fit_error(w_q[name], w[name], s) for c, s in candidates.items() if s.numel() == w[name].shape[1]}
+        best = min(fits, key=fits.__getitem__, default=None)
+        if best is not None and fits[best] < MARGIN * none:
+            chosen[name] = best
+    records: list[dict[str, Any]] = []
+    for norm in dict.fromkeys(c[0] for c in candidates):  # the block's order
+        kinds = {chosen[n][1] for n in names if n in chosen and chosen[n][0] == norm}
+        if len(kinds) > 1:
+            raise ValueError(f"{norm}: its linears fit two readings of its weight (γ and γ − 1); cannot tell which "
+                             "one AWQ divided.")
+        if not kinds:
+            continue
+        kind = kinds.pop()
+        layers = [n for n in names if chosen.get(n) == (norm, kind)]
+        records.append({"prev": norm, "kind": kind, "layers": layers, "scales": candidates[(norm, kind)]})
         for n in layers:
-            grouped.add(n)
-            w[n] = w[n] * norms[norm][None, :]
-    for name in names:  # linear → linear: a linear before it whose rows were divided by its columns' scales
-        if name in grouped:
+            w[n] = w[n] * candidates[(norm, kind)][None, :]
+    for name in names:  # linear → linear: a sibling before it whose rows were divided by its columns' scales
+        if name in chosen:
             continue
-        before = {p: 1 / _row_ratios(w_q[p], w[p]) for p in names
-                  if p != name and w[p].shape[0] == w[name].shape[1] and not any(r["prev"] == p for r in records)}
-        best = _best(w_q[name], w[name], {p: t.clamp_min(1e-6) for p, t in before.items()})
-        if best is None:
-            num, den = (w_q[name] * w[name]).sum(0), (w[name] * w[name]).sum(0)
-            log_c = torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(den)).clamp_min(1e-6).log()
-            if float(log_c.abs().median()) > SCALED:
-                raise ValueError(
-                    f"{name}'s columns are scaled against the original (median |log ratio| "
-                    f"{float(log_c.abs().median()):.3f}) but no norm or linear before it explains it: is "
-                    f"{block or 'it'} from the model AWQ quantized, and a norm→linear / linear→linear model (Llama "
-                    "family)?")
+        parent = name.rpartition(".")[0]
+        before = {p: 1 / _row_ratios(w_q[p], w[p]).clamp_min(1e-6) for p in names
+                  if p != name and p.rpartition(".")[0] == parent and w[p].shape[0] == w[name].shape[1]
+                  and not any(r["prev"] == p for r in records)}
+        none = _fit_error(w_q[name], w[name])
+        fits = {p: _fit_error(w_q[name], w[name], t) for p, t in before.items()}
+        best = min(fits, key=fits.__getitem__, default=None)
+        if best is None or fits[best] >= MARGIN * none:
             continue
-        scales = _joint_scales(w_q[best], w[best], w_q[name], w[name], before[best].clamp_min(1e-6))
+        scales = _joint_scales(w_q[best], w[best], w_q[name], w[name], before[best])
+        bias = f"{best}.bias"
+        if bias in q and bias in o:  # the bias was divided by the same scales and kept in float: exact there
+            b_q, b_o = q[bias].float(), o[bias].float()
+            exact = (b_q != 0) & (b_o / torch.where(b_q != 0, b_q, torch.ones_like(b_q)) > 0)
+            scales = torch.where(exact, b_o / torch.where(exact, b_q, torch.ones_like(b_q)), scales)
         records.append({"prev": best, "kind": "linear", "layers": [name], "scales": scales})
+        w[name] = w[name] * scales[None, :]
+        w[best] = w[best] / scales[:, None]
+    for name in names:  # every linear now in the AWQ model's coordinates, or an error naming it
+        offset = _column_offset(w_q[name], w[name])
+        if offset > SCALED:
+            raise ValueError(
+                f"{name}'s columns stay scaled against the original after the recovered scalings (median |log ratio| "
+                f"{offset:.3f}): no norm or linear before it explains them. Is {block or 'it'} from the model AWQ "
+                "quantized, and a norm→linear / linear→linear model (Llama family)?")
     return records
 
 
