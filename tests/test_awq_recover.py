@@ -238,3 +238,18 @@ def test_recovery_on_synthetic_blocks(case, tmp_path):
             assert float(err.max()) < 2e-3, prev  # the float16 bias's rounding
         else:
             assert float(err.median()) < 0.03, (prev, float(err.median()))
+
+
+def test_the_check_reads_offloaded_norms(tiny_awq4_dir, tiny_original_dir):
+    """Norms accelerate offloaded (on ``meta``, their values in the hook) are read through the hook."""
+    from accelerate import cpu_offload
+
+    from peft_eora.original import ModelMismatchError, OriginalWeights
+    from peft_eora.quantize import load_quantized
+    from peft_eora.residual.awq import check_awq_coordinates
+
+    model = load_quantized(tiny_awq4_dir, compute_dtype=torch.float32)
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    assert model.model.layers[0].input_layernorm.weight.device.type == "meta"
+    with pytest.raises(ModelMismatchError, match="AWQ divided the norms"):
+        check_awq_coordinates(model, OriginalWeights.open(str(tiny_original_dir)))

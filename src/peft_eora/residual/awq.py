@@ -113,8 +113,17 @@ def check_awq_coordinates(model: nn.Module, original: object) -> None:
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if ("norm" not in type(module).__name__.lower() or not isinstance(weight, torch.Tensor) or weight.dim() != 1
-                or weight.device.type == "meta" or original.shape(name) != tuple(weight.shape)):
+                or original.shape(name) != tuple(weight.shape)):
             continue
+        if weight.device.type == "meta":  # offloaded by accelerate: its hook holds the values
+            if getattr(module, "_hf_hook", None) is None:
+                continue
+            from accelerate.utils import align_module_device
+
+            with align_module_device(module, torch.device("cpu")):
+                weight = module.weight.detach().clone()
+            if weight.device.type == "meta":
+                continue
         gap = norm_gap(weight, original.get(name))
         if gap > NORM_TOLERANCE:
             raise ModelMismatchError(
