@@ -191,7 +191,8 @@ def _local(spec: Union[Path, str]) -> Path:
         return spec
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(spec, allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"]))
+    return Path(snapshot_download(spec, allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"],
+                                  ignore_patterns=["consolidated*"]))  # Mistral's second copy of the weights
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -28,6 +28,8 @@ logger = logging.getLogger("peft_eora.quantize")
 #: norm classes whose weight stores ``γ − 1`` and which gptqmodel's ``apply_scale`` divides as ``γ`` (others, Gemma 3's
 #: included, it divides as stored)
 _PLUS_ONE_NORMS = ("GemmaRMSNorm", "Gemma2RMSNorm")
+#: model types whose RMS norms multiply by ``1 + w`` (Gemma 3n and 4 multiply by ``w``)
+_PLUS_ONE_MODELS = ("gemma", "gemma2", "gemma3", "gemma3_text")
 #: AWQ's per-channel smoothing scales, recorded by :func:`quantize_awq` inside the checkpoint.
 AWQ_SCALES_FILE = "peft_eora_awq_scales.safetensors"
 
@@ -249,12 +251,7 @@ def awq_smoothed_original(
     scales = awq_path / AWQ_SCALES_FILE
     files = checkpoint_files(original_dir)
     made_from = {  # what the folder is made from: a cached folder of other sources is never handed back
-        "source_model": str(original_dir.resolve()), "awq_checkpoint": str(awq_path.resolve()),
-        "awq_scales_sha256": hashlib.sha256(scales.read_bytes()).hexdigest() if scales.is_file() else None,
-        "source_files": _stats(files),
-    }
-    if not scales.is_file():  # made elsewhere: the scales are recovered from the checkpoint and the original
-        made_from["awq_checkpoint_files"] = _stats(checkpoint_files(awq_path))
+        "source_model": str(original_dir.resolve()), "source_files": _stats(files), **_awq_side(awq_path)}
     key = hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:10]
     final = Path(out_dir) if out_dir is not None else cache_dir() / "models" / f"{awq_path.name}-{key}-smoothed-original"
     if is_complete(final):
@@ -303,7 +300,31 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h
 
 
 def _stats(files: list[Path]) -> list[str]:
-    return sorted(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    """Per file: name, size and a hash of its first and last MiB (a copy or a touch is the same file; new weights
+    change the safetensors header at least)."""
+    out = []
+    for f in files:
+        size, h = f.stat().st_size, hashlib.sha256()
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+        out.append(f"{f.name}:{size}:{h.hexdigest()[:16]}")
+    return sorted(out)
+
+
+def _awq_side(awq_path: Path) -> dict[str, Any]:
+    """What a smoothed copy records of its AWQ checkpoint (path, recorded scales or checkpoint files)."""
+    scales = awq_path / AWQ_SCALES_FILE
+    side: dict[str, Any] = {
+        "awq_checkpoint": str(awq_path.resolve()),
+        "awq_scales_sha256": hashlib.sha256(scales.read_bytes()).hexdigest() if scales.is_file() else None,
+    }
+    if not scales.is_file():  # made elsewhere: the scales are recovered from the checkpoint and the original
+        from .awq_recover import checkpoint_files
+
+        side["awq_checkpoint_files"] = _stats(checkpoint_files(awq_path))
+    return side
 
 
 def awq_float32_forward_(model: torch.nn.Module) -> int:
@@ -358,7 +379,7 @@ def awq_original(awq_path: str | Path, original_dir: str | Path) -> Path:
     """
     from safetensors import safe_open
 
-    from ..residual.awq import NORM_TOLERANCE, norm_gap
+    from ..residual.awq import norm_gap, norm_tolerance
 
     def norms(folder: Path) -> dict[str, torch.Tensor]:
         found = {}
@@ -371,11 +392,15 @@ def awq_original(awq_path: str | Path, original_dir: str | Path) -> Path:
 
     awq_path, original_dir = Path(awq_path), Path(original_dir)
     made = original_dir / "peft_eora_smoothed.json"
-    if made.is_file() and json.loads(made.read_text()).get("awq_checkpoint") == str(awq_path.resolve()):
-        return original_dir  # smoothed for this checkpoint already
+    if made.is_file():
+        recorded, side = json.loads(made.read_text()), _awq_side(awq_path)
+        if {k: recorded.get(k) for k in side} == side:
+            return original_dir  # smoothed for this checkpoint (as it is now) already
     ours, theirs = norms(awq_path), norms(original_dir)
     shared = [k for k in ours if k in theirs and ours[k].shape == theirs[k].shape]
-    if shared and all(norm_gap(ours[k], theirs[k]) <= NORM_TOLERANCE for k in shared):
+    model_type = json.loads((awq_path / "config.json").read_text()).get("model_type", "")
+    plus_one = model_type in _PLUS_ONE_MODELS  # their norms multiply by 1 + w
+    if shared and all(norm_gap(ours[k], theirs[k], plus_one) <= norm_tolerance(ours[k].dtype) for k in shared):
         return original_dir
     smoothed = awq_smoothed_original(awq_path, original_dir)
     logger.info("AWQ base: the original in its coordinates is %s", smoothed)

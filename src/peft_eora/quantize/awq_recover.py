@@ -11,8 +11,9 @@ of scaling can be read back from the pair, one decoder block at a time:
   the stored ``g_awq``, so ``W·diag(s)`` is what its linears must equal. Gemma's norms store ``γ − 1`` and
   gptqmodel divides ``γ`` for some of them and ``γ − 1`` for others, so both readings are candidates. Each linear
   goes to the candidate whose scales reproduce its dequantized weight best (relative error of
-  ``diag(ρ)·W·diag(s)`` against ``Ŵ``, with the best row ratios ``ρ``), if that beats "unscaled" by a clear
-  margin; norms that differ from the original only by the checkpoint dtype's rounding are no candidates.
+  ``diag(ρ)·W·diag(s)`` against ``Ŵ``, with the best row ratios ``ρ``), if that beats "unscaled"; norms that
+  differ from the original only by the checkpoint dtype's rounding are no candidates, and a norm that differs
+  beyond it but fits no linear is an error.
 - **linear → linear** (``up_proj → down_proj``; ``v_proj → o_proj`` where the shapes match; siblings under one
   parent module): the first's rows were divided by ``s``. Where it has a bias, ``s = b_original / b_awq``
   exactly; elsewhere each row has its own quantization scales, so its ratio ``ρ = ⟨Ŵ[i], W[i]⟩ / ‖W[i]‖²`` is
@@ -20,8 +21,8 @@ of scaling can be read back from the pair, one decoder block at a time:
   energy together (any ``s`` computes the same function: it moves ``ε·W`` between the two residuals).
 
 Afterwards every linear's columns must be unscaled against the smoothed original (median |log ratio| at most
-0.05 once rows are fitted; unscaled 4-bit layers read ~0.01); one that is not is an error naming it, never a
-silently wrong original::
+0.05 once rows are fitted, more for noisier quantization; unscaled 4-bit layers read ~0.01); one that is not
+is an error naming it::
 
     >>> records = recover_awq_scales("Llama-3-8B-AWQ", "Llama-3-8B")     # local folders
     >>> smooth_state_dict(original_state, records)     # what awq_smoothed_original does with them
@@ -39,9 +40,10 @@ import torch
 
 logger = logging.getLogger("peft_eora.quantize")
 
-#: a linear whose columns stay scaled beyond this (median |log ratio|, rows fitted) is refused
+#: a linear whose columns stay scaled beyond this (median |log ratio|, rows fitted; more for noisier quantization:
+#: :func:`_offset_limit`) is refused
 SCALED = 0.05
-#: a scaling hypothesis must reproduce a linear's weight this much better than "unscaled" (relative error ratio)
+#: a linear → linear hypothesis must reproduce a linear's weight this much better than "unscaled"
 MARGIN = 0.9
 
 
@@ -108,12 +110,20 @@ def _fit_error(w_q: torch.Tensor, w: torch.Tensor, s: Optional[torch.Tensor] = N
 
 
 def _column_offset(w_q: torch.Tensor, w: torch.Tensor) -> float:
-    """Median |log| of ``Ŵ``'s column ratios against ``W`` once its rows are fitted: ~0 when ``W`` is in ``Ŵ``'s
-    coordinates (columns AWQ scaled down to zeros count as far off, hence the median)."""
+    """Median |log| of ``Ŵ``'s column ratios against ``W`` once its rows are fitted, over columns not (nearly) zero:
+    ~0 when ``W`` is in ``Ŵ``'s coordinates (columns AWQ scaled down to zeros count as far off, hence the median)."""
     wr = _row_ratios(w_q, w)[:, None] * w
     num, den = (w_q * wr).sum(0), (wr * wr).sum(0)
-    ratio = torch.where(den > 0, num / den.clamp_min(1e-30), torch.ones_like(den))
-    return float(ratio.clamp_min(1e-6).log().abs().median())
+    live = den > 1e-6 * den.max().clamp_min(1e-30)
+    if not bool(live.any()):
+        return 0.0
+    return float((num[live] / den[live]).clamp_min(1e-6).log().abs().median())
+
+
+def _offset_limit(w_q: torch.Tensor, w: torch.Tensor) -> float:
+    """How far an unscaled layer's column ratios may read from 1: :data:`SCALED`, or more where the quantization
+    noise is larger (six times its relative error over √rows; 4-bit layers of 576 rows read ~0.01)."""
+    return max(SCALED, 6 * _fit_error(w_q, w) / w.shape[0] ** 0.5)
 
 
 def _norm_scales(g_o: torch.Tensor, g_q: torch.Tensor, noise: float) -> Optional[torch.Tensor]:
@@ -180,11 +190,11 @@ def _block_records(block: str, names: list[str], q: _Tensors, o: _Tensors, bits:
             if s is not None:
                 candidates[(key[: -len(".weight")], kind)] = s
     chosen: dict[str, tuple[str, str]] = {}  # linear → its candidate
-    for name in names:
+    for name in names:  # norms that differ only by rounding are no candidates, so "better than unscaled" is enough
         none = _fit_error(w_q[name], w[name])
         fits = {c: _fit_error(w_q[name], w[name], s) for c, s in candidates.items() if s.numel() == w[name].shape[1]}
         best = min(fits, key=fits.__getitem__, default=None)
-        if best is not None and fits[best] < MARGIN * none:
+        if best is not None and fits[best] < none:
             chosen[name] = best
     records: list[dict[str, Any]] = []
     for norm in dict.fromkeys(c[0] for c in candidates):  # the block's order
@@ -193,7 +203,9 @@ def _block_records(block: str, names: list[str], q: _Tensors, o: _Tensors, bits:
             raise ValueError(f"{norm}: its linears fit two readings of its weight (γ and γ − 1); cannot tell which "
                              "one AWQ divided.")
         if not kinds:
-            continue
+            raise ValueError(
+                f"{norm} differs from the original beyond rounding (AWQ scaled it), but no linear of {block or 'it'} "
+                "fits its scales: is the original the model AWQ quantized?")
         kind = kinds.pop()
         layers = [n for n in names if chosen.get(n) == (norm, kind)]
         records.append({"prev": norm, "kind": kind, "layers": layers, "scales": candidates[(norm, kind)]})
@@ -222,7 +234,7 @@ def _block_records(block: str, names: list[str], q: _Tensors, o: _Tensors, bits:
         w[best] = w[best] / scales[:, None]
     for name in names:  # every linear now in the AWQ model's coordinates, or an error naming it
         offset = _column_offset(w_q[name], w[name])
-        if offset > SCALED:
+        if offset > _offset_limit(w_q[name], w[name]):
             raise ValueError(
                 f"{name}'s columns stay scaled against the original after the recovered scalings (median |log ratio| "
                 f"{offset:.3f}): no norm or linear before it explains them. Is {block or 'it'} from the model AWQ "

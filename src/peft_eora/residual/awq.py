@@ -22,6 +22,8 @@ coordinates before taking the residual: see :func:`peft_eora.quantize.awq_smooth
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -83,22 +85,44 @@ class AWQBackend:
         return w.T.float().contiguous()
 
 
-#: a norm of the original differing from the AWQ model's by more than this (relative, per channel) is not smoothed
+#: a norm of the original differing from the AWQ model's by more than this (per channel, relative to the channel or
+#: to 1 % of the norm's largest weight, whichever is larger) is not in the AWQ model's coordinates
 NORM_TOLERANCE = 1e-2
 
 
-def norm_gap(base: torch.Tensor, original: torch.Tensor) -> float:
-    """How far two norm weights are apart: the largest difference over the largest magnitude, read as stored and as
-    Gemma's ``γ − 1`` (``γ`` compared), whichever is closer. Scale-free, and a Gemma channel near 0 rounded by an
-    in-place ``(γ / s) − 1`` in half precision does not read as a large relative change."""
+def norm_tolerance(dtype: torch.dtype) -> float:
+    """:data:`NORM_TOLERANCE`, or four roundings of ``dtype`` where that is coarser (bfloat16: 3 %)."""
+    return max(NORM_TOLERANCE, 4 * torch.finfo(dtype).eps) if dtype.is_floating_point else NORM_TOLERANCE
+
+
+def norm_gap(base: torch.Tensor, original: torch.Tensor, plus_one: Optional[bool] = None) -> float:
+    """How far two norm weights are apart: the largest per-channel difference relative to the channel (floored at 1 %
+    of the largest weight). ``plus_one``: the norm multiplies by ``1 + w`` (Gemma), so ``1 + w`` is compared (a
+    channel near 0 rounded by an in-place ``(γ / s) − 1`` in half precision is no large change); None: whichever
+    reading is closer (lenient, for checkpoint files without the module)."""
     b, o = base.detach().float().cpu(), original.detach().float().cpu()
     if not b.numel():
         return 0.0
 
     def gap(x: torch.Tensor, y: torch.Tensor) -> float:
-        return float((x - y).abs().max() / torch.maximum(x.abs().max(), y.abs().max()).clamp_min(1e-12))
+        floor = 1e-2 * float(torch.maximum(x.abs().max(), y.abs().max()).clamp_min(1e-12))
+        return float(((x - y).abs() / torch.maximum(torch.maximum(x.abs(), y.abs()), torch.tensor(floor))).max())
 
-    return min(gap(b, o), gap(b + 1, o + 1))
+    if plus_one is None:
+        return min(gap(b, o), gap(b + 1, o + 1))
+    return gap(b + 1, o + 1) if plus_one else gap(b, o)
+
+
+def _multiplies_one_plus(module: nn.Module, weight: torch.Tensor) -> bool:
+    """Whether norm ``module`` scales by ``1 + weight`` (Gemma's RMSNorm) rather than ``weight``: its output on a row of
+    ones (an RMS norm of ones is ones) tells."""
+    try:
+        with torch.no_grad():
+            y = module(torch.ones(1, weight.numel(), dtype=weight.dtype, device=weight.device)).float().reshape(-1)
+    except Exception:  # noqa: BLE001 - a norm that takes no such input: read as plain
+        return False
+    w = weight.detach().float().reshape(-1).to(y.device)
+    return bool(torch.allclose(y, 1 + w, rtol=1e-2, atol=1e-2)) and not bool(torch.allclose(y, w, rtol=1e-2, atol=1e-2))
 
 
 def check_awq_coordinates(model: nn.Module, original: object) -> None:
@@ -122,13 +146,15 @@ def check_awq_coordinates(model: nn.Module, original: object) -> None:
 
             with align_module_device(module, torch.device("cpu")):
                 weight = module.weight.detach().clone()
+                plus_one = _multiplies_one_plus(module, weight)
             if weight.device.type == "meta":
                 continue
-        gap = norm_gap(weight, original.get(name))
-        if gap > NORM_TOLERANCE:
+        else:
+            plus_one = _multiplies_one_plus(module, weight)
+        gap = norm_gap(weight, original.get(name), plus_one)
+        if gap > norm_tolerance(weight.dtype):
             raise ModelMismatchError(
-                f"The original's {original.resolve(name)} differs from the AWQ model's by up to {gap:.0%} of its largest "
-                "weight: "
+                f"The original's {original.resolve(name)} differs from the AWQ model's by up to {gap:.0%} per channel: "
                 "AWQ divided the norms by its smoothing scales, so the residual against this original would be wrong. "
                 "Pass the original in the AWQ model's coordinates: original_model=str(peft_eora.quantize."
                 "awq_smoothed_original(awq_checkpoint, original)) (it recovers the scales of checkpoints made "
