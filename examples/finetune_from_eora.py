@@ -83,8 +83,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     del original
 
     # task calibration on the training rows only (the held-out rows stay unseen)
+    rows = tempfile.TemporaryDirectory(prefix="eora-ft-")  # the training rows as a file; removed when run returns
     calibration = CalibrationConfig(dataset="builtin:c4", num_samples=args.calib_samples, seq_len=args.calib_seq_len,
-                                    mix=[gsm8k_calibration_source(args.train_examples, tempfile.mkdtemp(prefix="eora-ft-"))])
+                                    mix=[gsm8k_calibration_source(args.train_examples, rows.name)])
     runs = {
         "EoRA init": lambda base: get_peft_model(base, EoRAConfig(r=args.rank, target_modules=TARGETS,
                                                                   original_model=str(original_dir),
@@ -116,6 +117,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         del model, base
     title = f"GSM8K fine-tuning, SmolLM2-135M {args.format}, r={args.rank}"
     report["png"] = str(plot_losses(curves, args.png, title=title, smooth=min(5, args.steps)))
+    rows.cleanup()
     return report
 
 
