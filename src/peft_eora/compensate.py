@@ -187,6 +187,7 @@ def find_targets(model: nn.Module, adapter_name: str) -> tuple[nn.ModuleList, li
             raise UnsupportedModuleError(f"{name} ({type(layer).__name__}) is not a linear LoRA layer; EoRA needs linears.")
     blocks_path: Optional[str] = None
     targets: list[Target] = []
+    dtype = activation_dtype(model)
     for name, layer in named:
         parts = name.split(".")
         hit = None
@@ -203,7 +204,7 @@ def find_targets(model: nn.Module, adapter_name: str) -> tuple[nn.ModuleList, li
             blocks_path = hit[0]
         elif hit[0] != blocks_path:
             raise ValueError(f"Targets span two block lists ({blocks_path} and {hit[0]}); compensate one at a time.")
-        targets.append(Target(name, layer, hit[1], int(layer.r[adapter_name]), activation_dtype(model)))
+        targets.append(Target(name, layer, hit[1], int(layer.r[adapter_name]), dtype))
     assert blocks_path is not None
     return model.get_submodule(blocks_path), targets
 

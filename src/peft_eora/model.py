@@ -298,8 +298,10 @@ def resolve_forward_dtype(model: nn.Module, choice: Optional[str], device: Optio
     return None
 
 
-def _run_signature(model: nn.Module, config: EoRAConfig, adapter_name: str, batches: list) -> dict[str, Any]:
-    """What a resumed run must share with the interrupted one (model, data, settings, ranks)."""
+def _run_signature(model: nn.Module, config: EoRAConfig, adapter_name: str, batches: list,
+                   base: str) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one (model, data, settings, ranks); ``base``: the base
+    fingerprint's digest, taken before any forward."""
     import hashlib
 
     h = hashlib.sha256()
@@ -310,7 +312,7 @@ def _run_signature(model: nn.Module, config: EoRAConfig, adapter_name: str, batc
                 h.update(b[key].detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
     _, targets = find_targets(model, adapter_name)
     return {
-        "base": compute_fingerprint(model).digest,
+        "base": base,
         "calibration": h.hexdigest(),
         "method": config.method,
         "damping": config.damping,
@@ -392,7 +394,7 @@ def _compute(
     if getattr(config, "checkpoint_dir", None):
         from .checkpoint import Checkpoint
 
-        checkpoint = Checkpoint(config.checkpoint_dir, _run_signature(model, config, adapter_name, batches),
+        checkpoint = Checkpoint(config.checkpoint_dir, _run_signature(model, config, adapter_name, batches, base.digest),
                                 resume=bool(getattr(config, "resume", False)))
     stats = compensate(
         model,

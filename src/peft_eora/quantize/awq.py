@@ -377,18 +377,13 @@ def awq_original(awq_path: str | Path, original_dir: str | Path) -> Path:
 
         >>> EoRAConfig(original_model=str(awq_original("Llama-3-8B-AWQ", "Llama-3-8B")), ...)
     """
-    from safetensors import safe_open
-
     from ..residual.awq import norm_gap, norm_tolerance
+    from .awq_recover import CheckpointTensors
 
     def norms(folder: Path) -> dict[str, torch.Tensor]:
-        found = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(f), framework="pt") as st:
-                for key in st.keys():
-                    if key.endswith(".weight") and "norm" in key.lower() and len(st.get_slice(key).get_shape()) == 1:
-                        found[key] = st.get_tensor(key)
-        return found
+        tensors = CheckpointTensors(folder)
+        found = {key: tensors[key] for key in tensors.where if key.endswith(".weight") and "norm" in key.lower()}
+        return {key: t for key, t in found.items() if t.dim() == 1}
 
     awq_path, original_dir = Path(awq_path), Path(original_dir)
     made = original_dir / "peft_eora_smoothed.json"

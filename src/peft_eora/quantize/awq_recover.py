@@ -59,7 +59,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return files
 
 
-class _Tensors:
+class CheckpointTensors:
     """Name → tensor over a checkpoint's safetensors files, read one tensor at a time."""
 
     def __init__(self, folder: Path) -> None:
@@ -126,11 +126,17 @@ def _offset_limit(w_q: torch.Tensor, w: torch.Tensor) -> float:
     return max(SCALED, 6 * _fit_error(w_q, w) / w.shape[0] ** 0.5)
 
 
+def _ratio(num: torch.Tensor, den: torch.Tensor, where_zero: float = 1.0) -> torch.Tensor:
+    """``num / den`` per entry, ``where_zero`` where ``den`` is 0."""
+    nonzero = den != 0
+    return torch.where(nonzero, num / torch.where(nonzero, den, torch.ones_like(den)), torch.full_like(den, where_zero))
+
+
 def _norm_scales(g_o: torch.Tensor, g_q: torch.Tensor, noise: float) -> Optional[torch.Tensor]:
     """``g_o / g_q`` where that is a positive per-channel scaling beyond the stored dtype's rounding, else None."""
     if ((g_q == 0) != (g_o == 0)).any():
         return None
-    s = torch.where(g_q != 0, g_o / torch.where(g_q != 0, g_q, torch.ones_like(g_q)), torch.ones_like(g_q))
+    s = _ratio(g_o, g_q)
     if not bool((s > 0).all()) or float(s.log().abs().max()) <= noise:
         return None
     return s
@@ -149,7 +155,7 @@ def recover_awq_scales(awq_path: str | Path, original_dir: str | Path) -> list[d
         raise ValueError(f"{awq_path} stores AWQ's {layout!r} layout; recovering its scales reads the 'gemm' layout "
                          "(AutoAWQ's default) only.")
     bits, group = int(qc.get("bits", qc.get("w_bit", 4))), int(qc.get("group_size", qc.get("q_group_size", 128)))
-    q, o = _Tensors(awq_path), _Tensors(original_dir)
+    q, o = CheckpointTensors(awq_path), CheckpointTensors(original_dir)
     linears = sorted(k[: -len(".qweight")] for k in q.where if k.endswith(".qweight"))
     if not linears:
         raise ValueError(f"{awq_path} holds no AWQ linear (no '*.qweight' tensor).")
@@ -164,7 +170,7 @@ def recover_awq_scales(awq_path: str | Path, original_dir: str | Path) -> list[d
     return records
 
 
-def _block_records(block: str, names: list[str], q: _Tensors, o: _Tensors, bits: int,
+def _block_records(block: str, names: list[str], q: CheckpointTensors, o: CheckpointTensors, bits: int,
                    group: int) -> list[dict[str, Any]]:
     w: dict[str, torch.Tensor] = {}
     w_q: dict[str, torch.Tensor] = {}
@@ -226,9 +232,8 @@ def _block_records(block: str, names: list[str], q: _Tensors, o: _Tensors, bits:
         scales = _joint_scales(w_q[best], w[best], w_q[name], w[name], before[best])
         bias = f"{best}.bias"
         if bias in q and bias in o:  # the bias was divided by the same scales and kept in float: exact there
-            b_q, b_o = q[bias].float(), o[bias].float()
-            exact = (b_q != 0) & (b_o / torch.where(b_q != 0, b_q, torch.ones_like(b_q)) > 0)
-            scales = torch.where(exact, b_o / torch.where(exact, b_q, torch.ones_like(b_q)), scales)
+            from_bias = _ratio(o[bias].float(), q[bias].float(), 0)  # b_original / b_awq, 0 where b_awq is 0
+            scales = torch.where(from_bias > 0, from_bias, scales)
         records.append({"prev": best, "kind": "linear", "layers": [name], "scales": scales})
         w[name] = w[name] * scales[None, :]
         w[best] = w[best] / scales[:, None]

@@ -45,6 +45,11 @@ def forward_extras(module: nn.Module) -> str | None:
     ):
         return ("it rotates its input online (a checkpoint quantized with rotation='hadamard'), so its weight alone "
                 "does not describe its forward")
+    return own_adapter(module)
+
+
+def own_adapter(module: nn.Module) -> str | None:
+    """Why a gptqmodel layer carrying an adapter of its own is refused, or None (no adapter)."""
     if getattr(module, "adapter", None) is not None:
         return ("it carries gptqmodel's own adapter (loaded with GPTQModel.load(..., adapter=...)); load the model "
                 "without it")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .base import UnsupportedModuleError
-from .gptq import has_gptqmodel_base
+from .gptq import has_gptqmodel_base, own_adapter
 
 #: gptqmodel class-name prefixes of kernels that quantize the activations as well (QQQ's W4A8, the W4A FP8 and NVFP4
 #: kernels): no weight matrix describes their forward
@@ -51,10 +51,6 @@ def repacks_on_first_forward(module: nn.Module) -> bool:
         hasattr(module, "_cpu_transformed") or hasattr(module, "linear_mode"))
 
 
-def _own_adapter(module: nn.Module) -> bool:
-    return getattr(module, "adapter", None) is not None
-
-
 def quantizes_activations(module: nn.Module) -> bool:
     """Whether ``module`` is one of gptqmodel's kernels known to quantize their input as well."""
     return any(c.__module__.startswith("gptqmodel.") and c.__name__.startswith(ACTIVATION_QUANT_PREFIXES)
@@ -69,8 +65,7 @@ class ProbeBackend:
 
     def matches(self, module: nn.Module) -> bool:
         return (has_gptqmodel_base(module, "BaseQuantLinear") and isinstance(getattr(module, "in_features", None), int)
-                and isinstance(getattr(module, "out_features", None), int) and not quantizes_activations(module)
-                and not _own_adapter(module) and hasattr(module, "qweight"))
+                and isinstance(getattr(module, "out_features", None), int) and self.refusal(module) is None)
 
     def refusal(self, module: nn.Module) -> str | None:
         if not has_gptqmodel_base(module, "BaseQuantLinear"):
@@ -79,9 +74,9 @@ class ProbeBackend:
             return (f"gptqmodel's {type(module).__name__} quantizes the activations too (W4A8, FP8 or FP4 inputs), so "
                     "no weight matrix describes its forward; EoRA compensates weight-only compression (exclude these "
                     "layers from target_modules)")
-        if _own_adapter(module):
-            return ("it carries gptqmodel's own adapter (loaded with GPTQModel.load(..., adapter=...)); load the model "
-                    "without it")
+        adapter = own_adapter(module)
+        if adapter:
+            return adapter
         if not hasattr(module, "qweight"):
             return (f"PEFT wraps gptqmodel's layers through their qweight, which {type(module).__name__} does not hold; "
                     "exclude these layers from target_modules")
