@@ -762,20 +762,25 @@ def test_select_damping_in_threads_matches_one_at_a_time(seed, case, monkeypatch
         assert e == pytest.approx(got[1].errors[d], rel=1e-9)
 
 
-@pytest.mark.parametrize("case", ["wide", "tall", "dead-channel"])
+@pytest.mark.parametrize("case", ["wide", "tall", "dead-channel", "tall-zero-column"])
 @pytest.mark.parametrize("blocks", [False, True])
 def test_select_damping_paths_agree(case, blocks, monkeypatch):
-    """Wide residuals with a well-conditioned H_fit are scored from out × out Gram matrices (no eigh
-    of H_fit); tall ones and H_fit with an eigenvalue under the cut-off go through H_fit's
-    eigenbasis (a tall one without forming its out × out ``ΔW·H_val·ΔWᵀ``). Both give the held-out
-    errors of the fitted factors (identity rounding forces the eigenbasis route); ``blocks``: every
-    row-block loop takes a few rows at a time."""
+    """Residuals with a well-conditioned H_fit are scored from Gram matrices without an eigh of
+    H_fit: a wide one from its own out × out ones, a tall one from those of its in × in Gram root
+    ``R`` (``RᵀR = ΔWᵀΔW``). H_fit with an eigenvalue under the cut-off, and a tall residual short
+    of full column rank (no Cholesky factor of ``ΔWᵀΔW``), go through H_fit's eigenbasis (a tall one
+    without forming its out × out ``ΔW·H_val·ΔWᵀ``). All give the held-out errors of the fitted
+    factors (identity rounding forces the eigenbasis route); ``blocks``: every row-block loop takes a
+    few rows at a time."""
     if blocks:
         monkeypatch.setattr(decompose, "_PROJECT_BLOCK_BYTES", 8 * 40 * 3)
-    delta, X_fit, _, X_shift = _shifted_case(seed=3, out_f=40 if case == "tall" else 24)
+    delta, X_fit, _, X_shift = _shifted_case(seed=3, out_f=40 if case.startswith("tall") else 24)
     if case == "dead-channel":
         X_fit = X_fit.clone()
         X_fit[:, 0] = 0.0
+    if case == "tall-zero-column":  # an input channel the compression left exact in every row
+        delta = delta.clone()
+        delta[:, 5] = 0.0
     H_fit, H_val = X_fit.T @ X_fit, X_shift.T @ X_shift
     calls = []
 
@@ -784,11 +789,27 @@ def test_select_damping_paths_agree(case, blocks, monkeypatch):
         return eigen(H_fit)
 
     fast = select_damping(delta, H_fit, H_val, 6, fit=fit, early_stop=False)
-    assert len(calls) == (0 if case == "wide" else 1)  # the wide, well-conditioned case never decomposes H_fit
+    assert len(calls) == (0 if case in ("wide", "tall") else 1)  # well-conditioned cases never decompose H_fit
     ref = select_damping(delta, H_fit, H_val, 6, round_factors=lambda A, B: (A, B), early_stop=False)
     assert fast.damping == ref.damping
     for d, err in fast.errors.items():
         assert err == pytest.approx(ref.errors[d], rel=1e-6), (d, err, ref.errors[d])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tall_residuals_gram_root_scores_equal_the_eigenbasis_route(seed, monkeypatch):
+    """A tall residual's ridges scored through its Gram root equal those scored in H_fit's
+    eigenbasis to round-off (the same choice; every error within 1e-12)."""
+    delta, X_fit, _, X_shift = _shifted_case(seed=seed, out_f=60)
+    H_fit, H_val = X_fit.T @ X_fit, X_shift.T @ X_shift
+    R = decompose._gram_root(delta.double())
+    assert R.shape == (32, 32) and torch.allclose(R.T @ R, delta.T @ delta, rtol=1e-12, atol=1e-12 * delta.norm() ** 2)
+    fast = select_damping(delta, H_fit, H_val, 6, early_stop=False)
+    monkeypatch.setattr(decompose, "_gram_root", lambda D: None)
+    ref = select_damping(delta, H_fit, H_val, 6, early_stop=False)
+    assert fast.damping == ref.damping and list(fast.errors) == list(ref.errors)
+    for d, err in fast.errors.items():
+        assert err == pytest.approx(ref.errors[d], rel=1e-12), d
 
 
 def test_eora_factors_auto_refits_on_all_tokens():

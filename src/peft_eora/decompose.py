@@ -458,19 +458,27 @@ def eora_factors(
 ITERATIVE_MIN_DIM = int(os.environ.get("PEFT_EORA_ITERATIVE_MIN_DIM", "2048"))
 
 
+#: Stopping bound of the iterative route (:func:`peft_eora.topeig.top_eigh`'s ``tol``) for the
+#: truncated SVDs that only score a ridge candidate of ``damping="auto"``; the final factors keep
+#: :data:`peft_eora.topeig.DEFAULT_TOL`. ``PEFT_EORA_SCORE_TOL`` overrides it.
+SCORE_TOL = float(os.environ.get("PEFT_EORA_SCORE_TOL", str(topeig.DEFAULT_TOL)))
+
+
 def _gram_top(G: torch.Tensor, rank: int, owned: bool = False, start: torch.Tensor | None = None,
+              tol: float = topeig.DEFAULT_TOL,
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Top-``rank`` eigenvectors of a Gram matrix ``G = M·Mᵀ``, the singular values ``σ`` of ``M``
     (descending: all of them from ``eigh``, the top ``rank`` from the iterative route, see
     :data:`ITERATIVE_MIN_DIM`), which of the top ``rank`` are above ``1e-7·σ₁`` (the rest count
     as zero) and the iterative route's Ritz block (a ``start`` for a nearby Gram matrix; None from
-    ``eigh``). ``owned``: ``G`` is the caller's scratch and is symmetrised in place (no two temporaries)."""
+    ``eigh``). ``owned``: ``G`` is the caller's scratch and is symmetrised in place (no two temporaries);
+    ``tol``: the iteration's stopping bound (:func:`peft_eora.topeig.top_eigh`)."""
     Gs = _symmetrize_(G) if owned else 0.5 * (G + G.T)
     n = Gs.shape[0]
     found = basis = None
     if n >= ITERATIVE_MIN_DIM and 2 * topeig.block_size(n, rank) <= n:
         info: dict = {}
-        found = topeig.top_eigh(Gs, rank, info=info, start=start)  # products: every thread (no _lapack_threads)
+        found = topeig.top_eigh(Gs, rank, tol=tol, info=info, start=start)  # products: every thread (no _lapack_threads)
         basis = info.get("basis")
     if found is not None:
         lam, vecs = found
@@ -484,7 +492,7 @@ def _gram_top(G: torch.Tensor, rank: int, owned: bool = False, start: torch.Tens
 
 def truncated_svd(D: torch.Tensor, rank: int, col_scale: torch.Tensor | None = None,
                   gram: torch.Tensor | None = None, start: torch.Tensor | None = None,
-                  on_basis: Callable[[torch.Tensor], None] | None = None,
+                  on_basis: Callable[[torch.Tensor], None] | None = None, tol: float = topeig.DEFAULT_TOL,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets of a float64 matrix and its spectrum, via the Gram matrix.
 
@@ -516,7 +524,7 @@ def truncated_svd(D: torch.Tensor, rank: int, col_scale: torch.Tensor | None = N
     else:
         G = (D.T @ D if gram is None else gram) * col_scale[:, None]
         G.mul_(col_scale[None, :])
-    top, sv, live, basis = _gram_top(G, rank, owned=True, start=start)
+    top, sv, live, basis = _gram_top(G, rank, owned=True, start=start, tol=tol)
     if basis is not None and on_basis is not None:
         on_basis(basis)
     s = sv[:rank]
@@ -804,8 +812,9 @@ def select_damping(
         choice.damping, choice.errors          # e.g. 0.01, {0.0: 3.1, 0.001: 2.9, ...}
 
     ``H_fit`` is decomposed once (pass ``fit=eigen(H_fit)``, or a function returning it, to share it
-    across layers with one input); a wide residual (``out ≤ in``) whose ``H_fit`` has no eigenvalue
-    under the cut-off needs no decomposition of ``H_fit`` at all (see :func:`_gram_scores`); each
+    across layers with one input); a residual whose ``H_fit`` has no eigenvalue under the cut-off
+    needs no decomposition of ``H_fit`` at all (see :func:`_gram_scores`; a tall one is scored
+    through its ``in × in`` Gram root, :func:`_gram_root`, unless it is short of full rank); each
     candidate costs one truncated SVD (an ``eigh`` of the smaller Gram matrix, or from 2048 wide an
     iteration started from the smallest ridge's and plain SVD's results, see :class:`_RidgeStarts`)
     and one ``out × out × r`` product. With ``early_stop`` (default) the finite ridges are scored in ascending
@@ -830,11 +839,11 @@ def select_damping(
     if float(torch.diagonal(H_val).sum(dtype=torch.float64)) <= 0.0:
         raise ValueError(f"{name}: the held-out covariance is zero (no held-out token): cannot choose the damping.")
     starts = _RidgeStarts(grid)
-    if round_factors is None and out_f <= in_f:
+    if round_factors is None:
         del D  # made again once H_fit is tested: its float64 copy is the largest matrix alive then
         gram = _gram_scores(delta, H_fit, H_val, rank, grid, eig_rtol, early_stop, name, starts)
-        if gram is not None:
-            return _choose(gram, starts.bases)
+        if gram is not None:  # a tall residual's Ritz blocks live in its Gram root's space: no refit start
+            return _choose(gram, starts.bases if out_f <= in_f else {})
         D = _check_residual(delta, rank, name)
     # Where no eigenvalue is cut, B·A = U_r·U_rᵀ·ΔW (U_r: the candidate's top left singular vectors),
     # so its held-out error is tr(K) − tr(U_rᵀ·K·U_r) with K = ΔW·H_val·ΔWᵀ, shared by every candidate.
@@ -849,7 +858,7 @@ def select_damping(
     def score(d: float) -> float:
         sqrt_lam, inv_sqrt, kept = fit.scales(d, eig_rtol)
         U, sv, Vh = truncated_svd(DQ, rank, col_scale=sqrt_lam, gram=gram, start=starts.start(d),
-                                  on_basis=functools.partial(starts.record, d))
+                                  on_basis=functools.partial(starts.record, d), tol=SCORE_TOL)
         if outside is not None and kept == in_f:
             return outside(U[:, :rank])
         root = sv[:rank].sqrt()
@@ -1018,7 +1027,9 @@ def _nothing_cut_(H: torch.Tensor, trace: float, eig_rtol: float) -> bool:
 def _gram_scores(delta: torch.Tensor, H_fit: torch.Tensor, H_val: torch.Tensor, rank: int,
                  grid: tuple[float, ...], eig_rtol: float, early_stop: bool,
                  name: str, starts: _RidgeStarts) -> dict[float, float] | None:
-    """Held-out errors of every ridge for a wide residual (``out ≤ in``) without decomposing ``H_fit``.
+    """Held-out errors of every ridge without decomposing ``H_fit``: for a wide residual (``out ≤ in``)
+    from ``ΔW`` itself, for a tall one from its Gram root ``R`` (:func:`_gram_root`: ``in × in``; None
+    where ``ΔW`` is short of full column rank).
 
     ``U_r`` of ``ΔW·S_δ`` (any square root ``S_δ·S_δᵀ = H_fit + δ·m·I``) is the top eigenvectors of
     ``ΔW·H_fit·ΔWᵀ + δ·m·ΔW·ΔWᵀ`` (``out × out``), so the ``in × in`` ``eigh`` of ``H_fit`` is not needed.
@@ -1039,17 +1050,35 @@ def _gram_scores(delta: torch.Tensor, H_fit: torch.Tensor, H_val: torch.Tensor, 
     if not ok:
         return None  # some eigenvalue may fall under the cut-off
     D = _check_residual(delta, rank, name)
+    if D.shape[0] > D.shape[1]:  # tall: scored through its Gram root, which every score depends on alone
+        D = _gram_root(D)
+        if D is None:
+            return None  # rank-deficient: the eigenbasis route
     K, G0, G1 = _sandwich(D, H_val), _sandwich(D, H_fit), D @ D.T
     del D
 
     def score(d: float) -> float:
         G = G1 if d == math.inf else G0 + (d * mean_diag) * G1 if d > 0 else G0
         # G0 and G1 are shared by the threads
-        top, _, live, basis = _gram_top(G, rank, owned=0 < d < math.inf, start=starts.start(d))
+        top, _, live, basis = _gram_top(G, rank, owned=0 < d < math.inf, start=starts.start(d), tol=SCORE_TOL)
         starts.record(d, basis)
         return _outside_error(K, top * live)  # as truncated_svd: directions with σ ≈ 0 dropped
 
     return _score_ridges(grid, score, early_stop, delta.device, starts.needs)
+
+
+def _gram_root(D: torch.Tensor) -> torch.Tensor | None:
+    """``R`` (``in × in``, upper triangular) with ``RᵀR = DᵀD`` for a tall float64 ``D``, or None where
+    ``DᵀD`` is not numerically positive definite (``D`` short of full column rank).
+
+    Every held-out score of a ridge depends on ``D`` through ``DᵀD`` alone: with ``D = Q_D·R`` (``Q_D``
+    orthonormal columns) the left singular vectors of ``D·S`` are ``Q_D·W`` (``W``: those of ``R·S``),
+    and ``U_rᵀ·D = W_rᵀ·R``, so ``tr(ΔW·H·ΔWᵀ) − tr(U_rᵀ·ΔW·H·ΔWᵀ·U_r)`` is ``R``'s. Scoring ``R``
+    as a wide residual needs no ``eigh`` of ``H_fit`` (one 4096² ``eigh`` per 8B block: gate/up)."""
+    G = D.T @ D
+    if not _cholesky_(G):  # G's lower triangle: L with L·Lᵀ = DᵀD, so R = Lᵀ
+        return None
+    return G.tril_().T.contiguous()
 
 
 def refit_auto(
