@@ -54,7 +54,7 @@ def probe(sizes: list[int], out_rows: int, tokens: int, device: torch.device, re
     """Timings per size (``res[str(n)]``); ``save(res)`` after each size, so a run stopped by its time
     limit keeps the sizes it finished."""
     from peft_eora import topeig
-    from peft_eora.decompose import CovarianceRoot, weighted_error, weighted_errors
+    from peft_eora.decompose import SCORE_TOL, CovarianceRoot, weighted_error, weighted_errors
     from peft_eora.factor_quant import fit_lowbit_factors, gptq_round
     from peft_eora.kernels.lowbit import factor_group_size
 
@@ -116,11 +116,13 @@ def probe(sizes: list[int], out_rows: int, tokens: int, device: torch.device, re
                 ref = torch.linalg.eigvalsh(M).flip(0)[:r_top]
                 row[f"gram_top_eigh{tag}_max_rel_err"] = float((found[0] - ref).abs().max() / ref[0])
         # damping="auto"'s ridge candidates: a mid ridge of the pencil steep + δ·flat (G₀ + δ·m·G₁) from a
-        # random start and from the span of the two ends' Ritz blocks (decompose._RidgeStarts)
+        # random start and from the span of the two ends' Ritz blocks (decompose._RidgeStarts), and
+        # from them to the looser bound that only scores a candidate (decompose.SCORE_TOL)
         if all(b is not None for b in bases.values()) and 2 * topeig.block_size(G.shape[0], r_top) <= G.shape[0]:
             Gm = Gs + (0.3 * float(Gs.trace() / G.trace())) * G
             start = torch.cat([bases["_steep"], bases[""]], dim=1)
-            for tag, kw in (("cold", {}), ("warm", {"start": start})):
+            row["score_tol"] = SCORE_TOL
+            for tag, kw in (("cold", {}), ("warm", {"start": start}), ("warm_score", {"start": start, "tol": SCORE_TOL})):
                 info = {}
                 topeig.top_eigh(Gm, r_top, info=info, **kw)
                 row[f"gram_top_eigh_ridge_{tag}_products_steps"] = [info["products"], info["steps"]]

@@ -211,8 +211,8 @@ def test_factors_match_the_eigh_route(routes, shape):
 
 @pytest.mark.parametrize("shape", [(160, 320), (320, 160)])
 def test_ridge_choice_matches_the_eigh_route(routes, shape):
-    """``damping="auto"``'s held-out errors per ridge agree to 1e-7 (Gram route for the wide
-    residual, eigenbasis route for the tall one) and the choice is the same."""
+    """``damping="auto"``'s held-out errors per ridge agree to 1e-7 (Gram route: the wide residual's
+    own Gram matrices, the tall one's Gram root's) and the choice is the same."""
     delta, H_fit, H_val = _layer(*shape, seed=2)
     fast, exact = routes(lambda: select_damping(delta, H_fit.float(), H_val.float(), rank=16, early_stop=False))
     assert fast.damping == exact.damping
@@ -240,7 +240,7 @@ def test_ridges_start_from_their_anchors_alike_in_threads(monkeypatch, starts_lo
     """Iterative route: the smallest ridge and plain SVD are scored first (one at a time too) and
     every other ridge starts from their Ritz blocks, so scoring in two threads gives the errors and
     the choice of one at a time. A wide residual's choice carries its block (``out × q``) for the
-    refit; a tall one's Gram matrices live in ``H_fit``'s eigenbasis, not the refit's: none."""
+    refit; a tall one's Gram matrices are its Gram root's, not the refit's: none."""
     monkeypatch.setattr(decompose, "ITERATIVE_MIN_DIM", 0)
     delta, H_fit, H_val = _layer(*shape, seed=3)
     got = {}
@@ -281,6 +281,30 @@ def test_the_refit_starts_from_the_chosen_block(monkeypatch, starts_log, heldout
     e_warm = weighted_error(delta, H, (factors.B @ factors.A).double())
     e_cold = weighted_error(delta, H, (cold.B @ cold.A).double())
     assert e_warm == pytest.approx(e_cold, rel=1e-6)  # float32 factors: their rounding dominates
+
+
+def test_ridge_scoring_stops_at_the_score_bound_the_factors_at_the_default(monkeypatch):
+    """The truncated SVDs that only score a ridge candidate stop at ``SCORE_TOL``; the refit's, whose
+    factors are kept, at topeig's default bound. A looser scoring bound moves each held-out error
+    by about a tenth of it here, and the choice not at all."""
+    monkeypatch.setattr(decompose, "ITERATIVE_MIN_DIM", 0)
+    delta, H_fit, H_val = _layer(160, 320, seed=2)
+    ref = select_damping(delta, H_fit, H_val, rank=16, early_stop=False)
+    tols = []
+    solve = topeig.top_eigh
+
+    def logged(G, rank, *args, **kwargs):
+        tols.append(kwargs.get("tol", topeig.DEFAULT_TOL))
+        return solve(G, rank, *args, **kwargs)
+
+    monkeypatch.setattr(topeig, "top_eigh", logged)
+    monkeypatch.setattr(decompose, "SCORE_TOL", 1e-6)
+    monkeypatch.setattr(decompose, "_ridge_workers", lambda device: 1)  # no speculative ridge
+    factors, choice = decompose.eora_factors_auto(delta, H_fit, H_val, 16)
+    assert tols[:-1] == [1e-6] * len(choice.errors) and tols[-1] == topeig.DEFAULT_TOL
+    assert choice.damping == ref.damping
+    for d, e in choice.errors.items():
+        assert e == pytest.approx(ref.errors[d], rel=1e-6), d
 
 
 def test_small_gram_matrices_keep_eigh(monkeypatch):

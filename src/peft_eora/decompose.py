@@ -461,7 +461,7 @@ ITERATIVE_MIN_DIM = int(os.environ.get("PEFT_EORA_ITERATIVE_MIN_DIM", "2048"))
 #: Stopping bound of the iterative route (:func:`peft_eora.topeig.top_eigh`'s ``tol``) for the
 #: truncated SVDs that only score a ridge candidate of ``damping="auto"``; the final factors keep
 #: :data:`peft_eora.topeig.DEFAULT_TOL`. ``PEFT_EORA_SCORE_TOL`` overrides it.
-SCORE_TOL = float(os.environ.get("PEFT_EORA_SCORE_TOL", str(topeig.DEFAULT_TOL)))
+SCORE_TOL = float(os.environ.get("PEFT_EORA_SCORE_TOL", "1e-6"))
 
 
 def _gram_top(G: torch.Tensor, rank: int, owned: bool = False, start: torch.Tensor | None = None,
