@@ -653,6 +653,9 @@ def test_linalg_benchmark_smoke():
     # a ridge between the steep and the flat Gram matrix, from a random start and from their Ritz blocks
     cold, warm = res["160"]["gram_top_eigh_ridge_cold_products_steps"], res["160"]["gram_top_eigh_ridge_warm_products_steps"]
     assert res["160"]["gram_top_eigh_ridge_warm_fp64_s"] > 0 and 1 <= warm[1] and 1 <= cold[1]
+    # and from the same blocks to the looser bound that only scores a candidate: no more products
+    score = res["160"]["gram_top_eigh_ridge_warm_score_products_steps"]
+    assert res["160"]["score_tol"] > 1e-10 and 1 <= score[1] and score[0] <= warm[0]
 
 
 def test_linalg_benchmark_saves_each_size_as_it_finishes(benchmark_module):
