@@ -802,10 +802,11 @@ def test_tall_residuals_gram_root_scores_equal_the_eigenbasis_route(seed, monkey
     eigenbasis to round-off (the same choice; every error within 1e-12)."""
     delta, X_fit, _, X_shift = _shifted_case(seed=seed, out_f=60)
     H_fit, H_val = X_fit.T @ X_fit, X_shift.T @ X_shift
-    R = decompose._gram_root(delta.double())
-    assert R.shape == (32, 32) and torch.allclose(R.T @ R, delta.T @ delta, rtol=1e-12, atol=1e-12 * delta.norm() ** 2)
+    R = decompose._gram_root(delta.T @ delta)
+    assert R.shape == (32, 32) and torch.equal(R, R.triu())
+    assert torch.allclose(R.T @ R, delta.T @ delta, rtol=1e-12, atol=1e-12 * delta.norm() ** 2)
     fast = select_damping(delta, H_fit, H_val, 6, early_stop=False)
-    monkeypatch.setattr(decompose, "_gram_root", lambda D: None)
+    monkeypatch.setattr(decompose, "_gram_root", lambda G: None)
     ref = select_damping(delta, H_fit, H_val, 6, early_stop=False)
     assert fast.damping == ref.damping and list(fast.errors) == list(ref.errors)
     for d, err in fast.errors.items():

@@ -283,12 +283,20 @@ def test_the_refit_starts_from_the_chosen_block(monkeypatch, starts_log, heldout
     assert e_warm == pytest.approx(e_cold, rel=1e-6)  # float32 factors: their rounding dominates
 
 
-def test_ridge_scoring_stops_at_the_score_bound_the_factors_at_the_default(monkeypatch):
-    """The truncated SVDs that only score a ridge candidate stop at ``SCORE_TOL``; the refit's, whose
-    factors are kept, at topeig's default bound. A looser scoring bound moves each held-out error
-    by about a tenth of it here, and the choice not at all."""
+@pytest.mark.parametrize("shape", [(160, 288), (288, 160)])
+def test_ridge_scoring_stops_at_the_score_bound_the_factors_at_the_default(monkeypatch, shape):
+    """The truncated SVDs that only score a ridge candidate stop at ``SCORE_TOL`` (wide residuals
+    from their own Gram matrices, tall ones from their Gram root's); the refit's, whose factors are
+    kept, at topeig's default bound. On a flat spectrum (quantisation noise, near-isotropic inputs:
+    where the bound matters most) a 1e-6 bound moves each held-out error by at most about that much
+    against 1e-10, and the choice not at all."""
     monkeypatch.setattr(decompose, "ITERATIVE_MIN_DIM", 0)
-    delta, H_fit, H_val = _layer(160, 320, seed=2)
+    monkeypatch.setattr(decompose, "_ridge_workers", lambda device: 1)  # no speculative ridge
+    g = torch.Generator().manual_seed(7)
+    delta = _rtn_residual(torch.randn(*shape, generator=g, dtype=F64) * 0.02)
+    X = torch.randn(4096, shape[1], generator=g, dtype=F64) * (1 + 0.1 * torch.rand(shape[1], generator=g, dtype=F64))
+    H_fit, H_val = X[::2].T @ X[::2], X[1::2].T @ X[1::2]
+    monkeypatch.setattr(decompose, "SCORE_TOL", 1e-10)
     ref = select_damping(delta, H_fit, H_val, rank=16, early_stop=False)
     tols = []
     solve = topeig.top_eigh
@@ -299,12 +307,11 @@ def test_ridge_scoring_stops_at_the_score_bound_the_factors_at_the_default(monke
 
     monkeypatch.setattr(topeig, "top_eigh", logged)
     monkeypatch.setattr(decompose, "SCORE_TOL", 1e-6)
-    monkeypatch.setattr(decompose, "_ridge_workers", lambda device: 1)  # no speculative ridge
     factors, choice = decompose.eora_factors_auto(delta, H_fit, H_val, 16)
     assert tols[:-1] == [1e-6] * len(choice.errors) and tols[-1] == topeig.DEFAULT_TOL
     assert choice.damping == ref.damping
-    for d, e in choice.errors.items():
-        assert e == pytest.approx(ref.errors[d], rel=1e-6), d
+    moved = max(abs(e / ref.errors[d] - 1) for d, e in choice.errors.items())
+    assert moved <= 2e-6, moved
 
 
 def test_small_gram_matrices_keep_eigh(monkeypatch):

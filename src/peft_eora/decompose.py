@@ -458,10 +458,25 @@ def eora_factors(
 ITERATIVE_MIN_DIM = int(os.environ.get("PEFT_EORA_ITERATIVE_MIN_DIM", "2048"))
 
 
+def _score_tol() -> float:
+    text = os.environ.get("PEFT_EORA_SCORE_TOL", "1e-6")
+    try:
+        tol = float(text)
+    except ValueError:
+        tol = math.nan
+    if not 0.0 < tol < 1.0:
+        raise ValueError(f"PEFT_EORA_SCORE_TOL must be a number in (0, 1), e.g. 1e-6; got {text!r}.")
+    return tol
+
+
 #: Stopping bound of the iterative route (:func:`peft_eora.topeig.top_eigh`'s ``tol``) for the
 #: truncated SVDs that only score a ridge candidate of ``damping="auto"``; the final factors keep
-#: :data:`peft_eora.topeig.DEFAULT_TOL`. ``PEFT_EORA_SCORE_TOL`` overrides it.
-SCORE_TOL = float(os.environ.get("PEFT_EORA_SCORE_TOL", "1e-6"))
+#: :data:`peft_eora.topeig.DEFAULT_TOL`. A held-out error scored this way is good to about this
+#: much (relative; up to ~1.2e-6 at 1e-6 on flat spectra), so candidates closer than that are told
+#: apart by the iteration rather than by :data:`AUTO_DAMPING_TIE_RTOL` (their errors then differ by
+#: less than it). Only Gram matrices of :data:`ITERATIVE_MIN_DIM` and wider are iterated; below,
+#: ``eigh`` scores exactly. ``PEFT_EORA_SCORE_TOL`` overrides it.
+SCORE_TOL = _score_tol()
 
 
 def _gram_top(G: torch.Tensor, rank: int, owned: bool = False, start: torch.Tensor | None = None,
@@ -486,8 +501,8 @@ def _gram_top(G: torch.Tensor, rank: int, owned: bool = False, start: torch.Tens
         lam, vecs = _eigh(Gs)
         lam, vecs = lam.flip(0), vecs[:, n - min(rank, n):].flip(1)  # flip only the kept columns
     sv = lam.clamp_min(0).sqrt()
-    tol = max(float(sv[0]) if sv.numel() else 0.0, 0.0) * 1e-7
-    return vecs[:, :rank], sv, sv[:rank] > tol, basis
+    floor = max(float(sv[0]) if sv.numel() else 0.0, 0.0) * 1e-7
+    return vecs[:, :rank], sv, sv[:rank] > floor, basis
 
 
 def truncated_svd(D: torch.Tensor, rank: int, col_scale: torch.Tensor | None = None,
@@ -507,7 +522,8 @@ def truncated_svd(D: torch.Tensor, rank: int, col_scale: torch.Tensor | None = N
     (``out > in``), whose Gram matrix is ``diag(s)·DᵀD·diag(s)``; ``gram``: that ``DᵀD``, when the
     caller scores several scalings of one ``D``. ``start``: the iterative route's first block (the
     Gram matrix's rows: ``out`` for a wide ``D``, ``in`` for a tall one), e.g. what ``on_basis``
-    received for a nearby matrix; ``on_basis`` is called with the iterative route's Ritz block.
+    received for a nearby matrix; ``on_basis`` is called with the iterative route's Ritz block;
+    ``tol``: the iterative route's stopping bound (:data:`SCORE_TOL` where a result is only scored).
     """
     m, n = D.shape
     wide = m <= n
@@ -817,7 +833,7 @@ def select_damping(
     through its ``in × in`` Gram root, :func:`_gram_root`, unless it is short of full rank); each
     candidate costs one truncated SVD (an ``eigh`` of the smaller Gram matrix, or from 2048 wide an
     iteration started from the smallest ridge's and plain SVD's results, see :class:`_RidgeStarts`)
-    and one ``out × out × r`` product. With ``early_stop`` (default) the finite ridges are scored in ascending
+    and one ``k × k × r`` product (``k``: the smaller side). With ``early_stop`` (default) the finite ridges are scored in ascending
     order until the held-out error first rises, and plain SVD (``inf``) is always scored: on
     SmolLM2-135M (GPTQ 3-bit r=64, 4-bit r=128) that picked the full grid's choice for every layer
     while scoring ~4.4 of 7 candidates. Ties (within
@@ -1032,11 +1048,13 @@ def _gram_scores(delta: torch.Tensor, H_fit: torch.Tensor, H_val: torch.Tensor, 
     where ``ΔW`` is short of full column rank).
 
     ``U_r`` of ``ΔW·S_δ`` (any square root ``S_δ·S_δᵀ = H_fit + δ·m·I``) is the top eigenvectors of
-    ``ΔW·H_fit·ΔWᵀ + δ·m·ΔW·ΔWᵀ`` (``out × out``), so the ``in × in`` ``eigh`` of ``H_fit`` is not needed.
+    ``ΔW·H_fit·ΔWᵀ + δ·m·ΔW·ΔWᵀ`` (``out × out``; ``R``'s, ``in × in``, for a tall one), so the ``in × in``
+    ``eigh`` of ``H_fit`` is not needed.
     That equals the eigenbasis route only where no eigenvalue of ``H_fit`` is cut; a Cholesky
     factorisation of ``H_fit − eig_rtol·tr(H_fit)·I`` proves that (``λ_min > eig_rtol·λ_max``), else
     None and the caller decomposes ``H_fit``. ``K = ΔW·H_val·ΔWᵀ`` scores the held-out tokens.
-    Memory: the test runs first, with nothing of ``ΔW`` made yet; the ``out × out`` products after it.
+    Memory: the test runs first, with nothing of ``ΔW`` made yet; the Gram-sized products after it.
+    Scores from the iterative route are good to about :data:`SCORE_TOL` (relative), not to round-off.
     """
     if not _all_finite(H_fit):
         raise ValueError("The activation covariance contains NaN or inf; check the calibration inputs.")
@@ -1051,7 +1069,10 @@ def _gram_scores(delta: torch.Tensor, H_fit: torch.Tensor, H_val: torch.Tensor, 
         return None  # some eigenvalue may fall under the cut-off
     D = _check_residual(delta, rank, name)
     if D.shape[0] > D.shape[1]:  # tall: scored through its Gram root, which every score depends on alone
-        D = _gram_root(D)
+        G = D.T @ D
+        del D  # the float64 out × in copy (448 MiB for an 8B gate_proj) goes before the root is made
+        D = _gram_root(G)
+        del G
         if D is None:
             return None  # rank-deficient: the eigenbasis route
     K, G0, G1 = _sandwich(D, H_val), _sandwich(D, H_fit), D @ D.T
@@ -1067,18 +1088,18 @@ def _gram_scores(delta: torch.Tensor, H_fit: torch.Tensor, H_val: torch.Tensor, 
     return _score_ridges(grid, score, early_stop, delta.device, starts.needs)
 
 
-def _gram_root(D: torch.Tensor) -> torch.Tensor | None:
-    """``R`` (``in × in``, upper triangular) with ``RᵀR = DᵀD`` for a tall float64 ``D``, or None where
-    ``DᵀD`` is not numerically positive definite (``D`` short of full column rank).
+def _gram_root(G: torch.Tensor) -> torch.Tensor | None:
+    """``R`` (``in × in``, upper triangular) with ``RᵀR = DᵀD`` from ``G = DᵀD`` (float64, the caller's
+    scratch: factorised in place) for a tall ``D``, or None where ``G`` is not numerically positive
+    definite (``D`` short of full column rank).
 
     Every held-out score of a ridge depends on ``D`` through ``DᵀD`` alone: with ``D = Q_D·R`` (``Q_D``
     orthonormal columns) the left singular vectors of ``D·S`` are ``Q_D·W`` (``W``: those of ``R·S``),
     and ``U_rᵀ·D = W_rᵀ·R``, so ``tr(ΔW·H·ΔWᵀ) − tr(U_rᵀ·ΔW·H·ΔWᵀ·U_r)`` is ``R``'s. Scoring ``R``
     as a wide residual needs no ``eigh`` of ``H_fit`` (one 4096² ``eigh`` per 8B block: gate/up)."""
-    G = D.T @ D
-    if not _cholesky_(G):  # G's lower triangle: L with L·Lᵀ = DᵀD, so R = Lᵀ
+    if not _cholesky_(G):  # G's lower triangle: L with L·Lᵀ = DᵀD (the rest zeroed), so R = Lᵀ
         return None
-    return G.tril_().T.contiguous()
+    return G.tril_().mT  # a view: no second in × in matrix
 
 
 def refit_auto(
