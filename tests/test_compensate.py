@@ -351,15 +351,30 @@ def test_a_groups_covariance_is_freed_before_its_factor_steps_and_its_projection
         assert trace_root == pytest.approx(trace_h, rel=1e-9)
 
 
-def test_a_groups_covariance_pair_is_freed_before_its_last_members_refit(tiny_llama, calib_ids, monkeypatch):
+@pytest.mark.parametrize("route", ["gram", "refit_auto"])
+def test_a_groups_covariance_pair_is_freed_before_its_last_members_refit(tiny_llama, calib_ids, monkeypatch, route):
     """``damping="auto"``: the fit and held-out covariances (for the 8B ``down_proj`` a 1.5 GiB float32
-    pair) are shared by a group's members and dropped by the last one once its refit has summed them in
-    float64: they are dead while that member's factors are computed, alive for the members before it;
-    the statistics then read the refit's factorisation and agree with the pair's."""
+    pair) are shared by a group's members. Where the refit sums them in float64 (``refit_auto``: δ = 0,
+    or no Gram matrices from the scoring) the last member drops them once summed: they are dead while
+    its factors are computed, alive for the members before it; the statistics then read the refit's
+    factorisation. From the scoring's Gram matrices (``gram_refit``, nothing summed in float64) the
+    pair is read by the statistics and dropped after them. Either way every pair is gone at the end."""
     import gc
     import weakref
 
     from peft_eora import compensate, decompose
+
+    refits: list[str] = []
+    real_gram_refit = compensate.gram_refit
+
+    def gram_refit(delta, choice, *args, **kwargs):
+        if route == "refit_auto":
+            return None
+        factors = real_gram_refit(delta, choice, *args, **kwargs)
+        refits.append("gram" if factors is not None else "declined")
+        return factors
+
+    monkeypatch.setattr(compensate, "gram_refit", gram_refit)
 
     pairs: list = []
     real_init = compensate._HeldOut.__init__
@@ -381,10 +396,17 @@ def test_a_groups_covariance_pair_is_freed_before_its_last_members_refit(tiny_ll
     monkeypatch.setattr(decompose, "eora_factors", eora_factors)
     original, quantized = tiny_llama
     pm, stats = _eora(quantized, original, calib_ids, damping="auto")
-    assert alive_at_factors, "no refit ran"
-    # groups of a block: [q, k], [v], [o], [gate, up], [down]: alive only for a group's first members
-    assert all(alive == (name in ("q_proj", "gate_proj")) for name, alive in alive_at_factors), alive_at_factors
-    assert {name for name, _ in alive_at_factors} >= {"k_proj", "down_proj"}
+    if route == "refit_auto":
+        assert alive_at_factors, "no refit ran"
+        # groups of a block: [q, k], [v], [o], [gate, up], [down]: alive only for a group's first members
+        assert all(alive == (name in ("q_proj", "gate_proj")) for name, alive in alive_at_factors), alive_at_factors
+        assert {name for name, _ in alive_at_factors} >= {"k_proj", "down_proj"}
+    else:  # every finite ridge but δ = 0 refitted from the Gram matrices (plain SVD: no refit at all)
+        finite = [m for m in stats.modules if m.damping not in (math.inf, None)]
+        assert refits.count("gram") == sum(m.damping > 0 for m in finite) + sum(m.damping == math.inf
+                                                                               for m in stats.modules)
+        assert refits.count("gram") > 0
+        assert len(alive_at_factors) == refits.count("declined")
     gc.collect()
     assert all(r() is None for pair in pairs for r in pair)
     for m in stats.modules:  # the statistics are computed: finite, and the fit improves on the residual

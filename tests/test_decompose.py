@@ -1254,6 +1254,103 @@ def test_refit_auto_refuses_what_it_cannot_refit():
         refit_auto(delta, (H_fit, H_val), 0.1, 5)
 
 
+@pytest.mark.parametrize("iterate,shape", [(False, (24, 40)), (False, (40, 40)), (False, (60, 40)), (True, (80, 120)),
+                                            (True, (160, 100))])
+@pytest.mark.parametrize("damping", [0.01, 0.3, math.inf])
+def test_gram_refit_gives_the_refits_factors_from_the_scorings_gram_matrices(damping, shape, iterate, monkeypatch):
+    """A residual scored from Gram matrices keeps them (``choice.gram``): ``G0 + K + δ·m·G1`` is the Gram
+    matrix of ``ΔW·S`` on all tokens (of ``R·S`` for a tall one, ``RᵀR = ΔWᵀΔW``), so ``gram_refit``
+    gives ``refit_auto``'s factors (plain SVD's at δ = inf) with no ``S`` made — wide, square and tall,
+    by ``eigh`` and by the iterative route (started from the chosen candidate's block) — and uses the
+    pencil up."""
+    from peft_eora.decompose import gram_refit, refit_auto
+
+    calls: list[int] = []
+    if iterate:
+        monkeypatch.setattr(decompose, "ITERATIVE_MIN_DIM", 0)
+        top_eigh = decompose.topeig.top_eigh
+        monkeypatch.setattr(decompose.topeig, "top_eigh", lambda *a, **k: calls.append(1) or top_eigh(*a, **k))
+    H_fit, H_val = _pair(n=shape[1])
+    delta = torch.randn(*shape, generator=torch.Generator().manual_seed(5)) * 0.01
+    ranks = 5
+    choice = select_damping(delta, H_fit, H_val, ranks, grid=(damping,), early_stop=False)
+    assert choice.damping == damping and choice.gram is not None
+    assert (choice.gram.root is not None) == (shape[0] > shape[1])
+    got = gram_refit(delta, choice, ranks, H=(H_fit, H_val))
+    assert len(calls) == (2 if iterate else 0)  # scored and refitted by the route under test
+    if damping == math.inf:
+        ref = eora_factors(delta, None, ranks, method="svd")
+    else:
+        ref, _ = refit_auto(delta, (H_fit, H_val), damping, ranks)
+    assert rel_diff(product(got), product(ref)) < 1e-8
+    torch.testing.assert_close(got.singular_values[:ranks], ref.singular_values[:ranks], rtol=1e-6, atol=0)
+    assert got.kept_eigen == ref.kept_eigen == shape[1]
+    assert got.energy_retained == pytest.approx(ref.energy_retained, rel=1e-6)
+    assert got.A.dtype == got.B.dtype == torch.float32 and got.A.shape == (ranks, shape[1])
+    with pytest.raises(RuntimeError, match="already used"):
+        choice.gram.take()
+    # the public pair of calls takes this route too
+    factors, _ = eora_factors_auto(delta, H_fit, H_val, ranks, grid=(damping,))
+    assert rel_diff(product(factors), product(ref)) < 1e-8
+
+
+def test_gram_refit_declines_what_it_cannot_prove():
+    """δ = 0 needs ``refit_auto``'s test of ``H_fit + H_val`` (the pencil is dropped all the same); a
+    tall residual's refit needs the covariances; an ``H_fit`` with dead channels is scored in its
+    eigenbasis (no Gram matrices at all); a tall residual's errors before are known only unweighted."""
+    from peft_eora.decompose import gram_refit
+
+    H_fit, H_val = _pair()
+    delta = torch.randn(24, 40, generator=torch.Generator().manual_seed(5)) * 0.01
+    choice = select_damping(delta, H_fit, H_val, 5, grid=(0.0,))
+    assert choice.gram is not None and gram_refit(delta, choice, 5) is None
+    with pytest.raises(RuntimeError, match="already used"):
+        choice.gram.take()
+    tall = select_damping(delta.T.contiguous(), H_fit[:24, :24], H_val[:24, :24], 5, grid=(0.1,))
+    weights = torch.rand(40, dtype=F64) + 0.5
+    assert tall.gram.before_sq() is not None and tall.gram.before_sq(weights) is None
+    assert gram_refit(delta.T, tall, 5) is None
+    H_dead, H_dead_val = _pair(dead=3)
+    assert select_damping(delta, H_dead, H_dead_val, 5, grid=(0.1,)).gram is None
+    # a wide residual's rows: the weighted residual's errors before, row by row
+    wide = select_damping(delta * weights[:24, None].sqrt(), H_fit, H_val, 5, grid=(0.1,))
+    both = H_fit.double() + H_val.double()
+    assert wide.gram.before_sq(weights[:24]) == pytest.approx(float((delta.double() @ both * delta.double()).sum()),
+                                                              rel=1e-6)
+
+
+@pytest.mark.parametrize("out_f", [24, 60])
+@pytest.mark.parametrize("factors", ["refit", "rounded", "exact"])
+def test_weighted_errors_known_equals_the_pass_over_h(factors, out_f):
+    """With the error before known (``GramPencil.before_sq``), the errors before and after come from
+    ``H·Aᵀ`` alone: those of ``weighted_errors`` for the refit's factors (wide and tall), for factors
+    rounded away from them, and for factors that reproduce the residual exactly (where the terms
+    cancel to ~1e-8)."""
+    from peft_eora.decompose import gram_refit, weighted_errors, weighted_errors_known
+
+    H_fit, H_val = _pair()
+    gen = torch.Generator().manual_seed(8)
+    delta = torch.randn(out_f, 40, generator=gen) * 0.01
+    choice = select_damping(delta, H_fit, H_val, 5, grid=(0.1,))
+    before_sq = choice.gram.before_sq()
+    f = gram_refit(delta, choice, 5, H=(H_fit, H_val))
+    B, A = f.B, f.A
+    if factors == "rounded":
+        B, A = (B * 64).round() / 64, (A * 64).round() / 64
+    elif factors == "exact":  # delta of rank 5 and its exact factors
+        B, A = torch.randn(out_f, 5, generator=gen) * 0.1, torch.randn(5, 40, generator=gen) * 0.1
+        delta = B @ A
+        before_sq = float((delta.double() @ (H_fit.double() + H_val.double()) * delta.double()).sum())
+    ref = weighted_errors(delta, (H_fit, H_val), B, A)
+    got = weighted_errors_known(delta, (H_fit, H_val), B, A, before_sq)
+    assert got[0] == pytest.approx(ref[0], rel=1e-6)
+    if factors == "exact":
+        assert got[1] <= 1e-6 * got[0] and ref[1] <= 1e-6 * ref[0]
+    else:
+        assert got[1] == pytest.approx(ref[1], rel=1e-6)
+        assert got[1] < got[0]
+
+
 def test_eigh_in_place_and_the_eigen_root():
     """``eigen(H, overwrite=True)`` writes the eigenvectors over a float64 ``H`` (no copy): the values
     of ``torch.linalg.eigh``; ``Eigen.root`` projects and unprojects as the ``(S, S⁺)`` tuple does."""

@@ -60,11 +60,13 @@ from .decompose import (
     damped,
     eigen,
     eora_factors,
+    gram_refit,
     projected_spectrum,
     projection_and_root,
     refit_auto,
     select_damping,
     weighted_errors,
+    weighted_errors_known,
 )
 from .factor_quant import fit_lowbit_factors
 from .logit_weighting import AttentionShape, attention_shape, output_weights, partner
@@ -1030,8 +1032,10 @@ class _Shared:
 class _HeldOut:
     """``damping="auto"``: a group's fit and held-out covariances and the eigendecomposition of
     ``H_fit`` (made only if a member's ridge scoring needs it), shared by the group's members. The
-    last member drops the eigendecomposition once it has chosen its ridge and the pair once its
-    refit has summed it: neither is alive while the 8B ``down_proj`` is factorised (1.5 GiB each)."""
+    last member drops the eigendecomposition once it has chosen its ridge, and the pair once its
+    refit has summed it in float64 (``refit_auto``: neither is alive while that sum of an 8B
+    ``down_proj`` is factorised, 1.5 GiB each) or, refitted from the scoring's Gram matrices
+    (``gram_refit``: no sum made), once its statistics have read it."""
 
     def __init__(self, H_fit: torch.Tensor, H_val: torch.Tensor, users: int, times: PhaseTimes,
                  device: torch.device) -> None:
@@ -1094,6 +1098,8 @@ def _install(
     if merged is None or not merged.enabled:
         w_q = None
     H: Optional[Union[Covariance, CovarianceRoot]] = None  # what the statistics read (None: plain SVD)
+    pair_for_stats = False  # damping="auto": the statistics read the pair, released after them
+    before_sq: Optional[float] = None  # tr(ΔW·H·ΔWᵀ) where the refit's Gram matrices gave it
     heldout_errors = None
     with times.phase("factors", device):
         root = None if out_weight is None else out_weight.to(device, torch.float64).sqrt()[:, None]
@@ -1103,10 +1109,17 @@ def _install(
             auto.chosen()
             damping, heldout_errors = choice.damping, choice.errors
             logger.debug("%s: damping %g chosen, held-out errors %s", t.name, damping, heldout_errors)
-            if damping == math.inf:  # plain SVD; the statistics read the pair, released after them
+            # from the scoring's Gram matrices, or plain SVD: the statistics read the pair, released after them;
+            # else (δ = 0, or H_fit decomposed) they read refit_auto's factorisation, the pair released in there
+            factors = gram_refit(fitted, choice, t.rank, eig_rtol, t.name, H=auto.pair)
+            pair_for_stats = factors is not None or damping == math.inf
+            if factors is not None:
+                H = auto.pair
+                before_sq = choice.gram.before_sq(None if root is None else root[:, 0].square())
+            elif damping == math.inf:
                 factors = eora_factors(fitted, None, t.rank, method="svd", name=t.name, start=choice.basis)
                 H = auto.pair
-            else:  # the statistics read the refit's factorisation: the pair is released in there
+            else:
                 factors, H = refit_auto(fitted, auto.pair, damping, t.rank, eig_rtol, t.name, release=auto.release,
                                         start=choice.basis)
             del choice  # the chosen candidate's Ritz block
@@ -1131,11 +1144,13 @@ def _install(
         scaling = t.layer.scaling[adapter_name]
         lora_A.weight.copy_(factors.A.to(lora_A.weight))
         lora_B.weight.copy_((factors.B / scaling).to(lora_B.weight))
-        if H is not None:  # one pass over H for both
+        if before_sq is not None:  # the error before known: only H·Aᵀ is made
+            before, after = weighted_errors_known(delta, H, factors.B, factors.A, before_sq)
+        elif H is not None:  # one pass over H for both
             before, after = weighted_errors(delta, H, factors.B, factors.A)
         else:  # plain SVD: the unweighted Frobenius error
             before, after = float(delta.norm()), float((delta - factors.B @ factors.A).norm())
-        if auto is not None and damping == math.inf:
+        if auto is not None and pair_for_stats:
             del H
             auto.release()
         if merged is not None and w_q is not None:

@@ -658,6 +658,46 @@ def weighted_errors(delta: torch.Tensor, H: Covariance | CovarianceRoot, B: torc
     return math.sqrt(max(before, 0.0)), math.sqrt(max(after, 0.0))
 
 
+def _cov_times(H: Covariance, M: torch.Tensor) -> torch.Tensor:
+    """``H·M`` (``in × k``, float64, on ``M``'s device) for a float64 ``M``, ``H`` (or each of its parts)
+    read a block of rows at a time: no float64 copy of ``H``."""
+    out = M.new_zeros((M.shape[0], M.shape[1]))
+    for part in covariance_parts(H):
+        step = _block_rows(part, 8)
+        for j in range(0, part.shape[0], step):
+            out[j:j + step].addmm_(part[j:j + step].detach().to(M), M)
+    return out
+
+
+def _rows_times(D: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """``D·M`` in float64 (``out × k``) for a residual ``D`` of any dtype, a block of its rows converted
+    at a time: no float64 copy of ``D`` (448 MiB for an 8B ``down_proj``)."""
+    out = M.new_empty((D.shape[0], M.shape[1]))
+    step = _block_rows(D, 8)
+    for i in range(0, D.shape[0], step):
+        torch.mm(D[i:i + step].detach().to(M), M, out=out[i:i + step])
+    return out
+
+
+def weighted_errors_known(delta: torch.Tensor, H: Covariance, B: torch.Tensor, A: torch.Tensor,
+                          before_sq: float) -> tuple[float, float]:
+    """:func:`weighted_errors` where ``before_sq = tr(ΔW·H·ΔWᵀ)`` is known (:meth:`GramPencil.before_sq`)::
+
+        before, after = weighted_errors_known(delta, (H_fit, H_val), f.B, f.A, choice.gram.before_sq())
+
+    ``tr(E·H·Eᵀ) = tr(ΔW·H·ΔWᵀ) − 2·tr(Bᵀ·ΔW·(H·Aᵀ)) + tr(BᵀB·A·(H·Aᵀ))`` for ``E = ΔW − B·A``: the
+    only product with ``H`` is ``H·Aᵀ`` (``in × in × r``, ``H`` read a block of rows at a time) instead
+    of :func:`weighted_errors`' ``out × in × in``. In float64; the three terms cancel down to
+    about 1e-16 of the error before, i.e. an error after of ~1e-8 of it where the factors are exact.
+    """
+    device = covariance_parts(H)[0].device
+    Ad, Bd = A.detach().to(device, torch.float64), B.detach().to(device, torch.float64)
+    HA = _cov_times(H, Ad.T)  # in × r
+    cross = float((Bd * _rows_times(delta, HA)).sum())
+    quad = float(((Bd.T @ Bd) * (Ad @ HA)).sum())
+    return math.sqrt(max(before_sq, 0.0)), math.sqrt(max(before_sq - 2.0 * cross + quad, 0.0))
+
+
 # --------------------------------------------------------------------------------------------
 # damping="auto": the ridge strength chosen on held-out calibration tokens
 # --------------------------------------------------------------------------------------------
@@ -754,6 +794,45 @@ class DampingChoice:
     damping: float
     errors: dict[float, float]
     basis: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    #: a residual scored from Gram matrices (:func:`_gram_scores`): those matrices, for :func:`gram_refit`
+    gram: GramPencil | None = field(default=None, compare=False, repr=False)
+
+
+class GramPencil:
+    """What a residual's ridge scoring made from Gram matrices (:func:`_gram_scores`), kept for its
+    refit (:func:`gram_refit`): ``G0 = M·H_fit·Mᵀ``, ``K = M·H_val·Mᵀ`` and ``G1 = M·Mᵀ`` (float64) with
+    ``M = ΔW`` for a wide residual and ``M = R`` (``in × in``, ``RᵀR = ΔWᵀΔW``: :func:`_gram_root`) for a
+    tall one, and ``trace = tr(H_fit + H_val)``. On all tokens the ridge-δ Gram matrix of ``M·S``
+    (``S·Sᵀ = H_fit + H_val + δ·m·I``, ``m = trace / in``) is ``G0 + K + δ·m·G1``: the refit needs
+    neither ``H_fit + H_val`` in float64 nor its factorisation nor an ``out × in × in`` product (for an
+    8B ``down_proj``: 1.5 GiB, 14336³/3 and 4096·14336² multiply-adds). :meth:`take` hands the
+    matrices over once (the refit writes over them)."""
+
+    def __init__(self, G0: torch.Tensor, K: torch.Tensor, G1: torch.Tensor, trace: float,
+                 root: torch.Tensor | None = None) -> None:
+        self._mats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = (G0, K, G1)
+        self.trace = trace
+        self.root = root  # R of a tall residual; None: M = ΔW
+        #: the chosen candidate's Ritz block where it lives in ``M``'s space (a tall residual's)
+        self.start: torch.Tensor | None = None
+        #: ``diag(M·(H_fit + H_val)·Mᵀ)``: for a wide residual, each output row's error before the factors
+        self._rows = torch.diagonal(G0) + torch.diagonal(K)
+
+    def before_sq(self, row_weight: torch.Tensor | None = None) -> float | None:
+        """``tr(ΔW·(H_fit + H_val)·ΔWᵀ)`` (the squared error before the factors, for
+        :func:`weighted_errors_known`) of the residual ``diag(√w)·ΔW`` scored here, for
+        ``row_weight = w``: the ``ΔW`` of ``diag(√w)·ΔW`` (None where a tall one's rows are unknown)."""
+        if row_weight is None:
+            return float(self._rows.sum())
+        if self.root is not None:
+            return None
+        return float((self._rows / row_weight.to(self._rows)).sum())
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._mats is None:
+            raise RuntimeError("the Gram matrices of this choice were already used by a refit")
+        mats, self._mats = self._mats, None
+        return mats
 
 
 class _RidgeStarts:
@@ -858,8 +937,12 @@ def select_damping(
     if round_factors is None:
         del D  # made again once H_fit is tested: its float64 copy is the largest matrix alive then
         gram = _gram_scores(delta, H_fit, H_val, rank, grid, eig_rtol, early_stop, name, starts)
-        if gram is not None:  # a tall residual's Ritz blocks live in its Gram root's space: no refit start
-            return _choose(gram, starts.bases if out_f <= in_f else {})
+        if gram is not None:  # a tall residual's Ritz blocks live in its Gram root's space: not refit_auto's start
+            errors, pencil = gram
+            choice = _choose(errors, starts.bases if out_f <= in_f else {}, pencil)
+            if pencil.root is not None:  # R's space: a start for gram_refit only
+                pencil.start = starts.bases.get(choice.damping)
+            return choice
         D = _check_residual(delta, rank, name)
     # Where no eigenvalue is cut, B·A = U_r·U_rᵀ·ΔW (U_r: the candidate's top left singular vectors),
     # so its held-out error is tr(K) − tr(U_rᵀ·K·U_r) with K = ΔW·H_val·ΔWᵀ, shared by every candidate.
@@ -889,10 +972,11 @@ def select_damping(
     return _choose(errors, starts.bases if out_f <= in_f else {})
 
 
-def _choose(errors: dict[float, float], bases: dict[float, torch.Tensor]) -> DampingChoice:
+def _choose(errors: dict[float, float], bases: dict[float, torch.Tensor],
+            gram: GramPencil | None = None) -> DampingChoice:
     best = min(errors.values())
     chosen = max(d for d, e in errors.items() if e <= best * (1 + AUTO_DAMPING_TIE_RTOL))
-    return DampingChoice(damping=chosen, errors=errors, basis=bases.get(chosen))
+    return DampingChoice(damping=chosen, errors=errors, basis=bases.get(chosen), gram=gram)
 
 
 def _ridge_workers(device: torch.device) -> int:
@@ -1042,7 +1126,7 @@ def _nothing_cut_(H: torch.Tensor, trace: float, eig_rtol: float) -> bool:
 
 def _gram_scores(delta: torch.Tensor, H_fit: torch.Tensor, H_val: torch.Tensor, rank: int,
                  grid: tuple[float, ...], eig_rtol: float, early_stop: bool,
-                 name: str, starts: _RidgeStarts) -> dict[float, float] | None:
+                 name: str, starts: _RidgeStarts) -> tuple[dict[float, float], GramPencil | None] | None:
     """Held-out errors of every ridge without decomposing ``H_fit``: for a wide residual (``out ≤ in``)
     from ``ΔW`` itself, for a tall one from its Gram root ``R`` (:func:`_gram_root`: ``in × in``; None
     where ``ΔW`` is short of full column rank).
@@ -1055,6 +1139,7 @@ def _gram_scores(delta: torch.Tensor, H_fit: torch.Tensor, H_val: torch.Tensor, 
     None and the caller decomposes ``H_fit``. ``K = ΔW·H_val·ΔWᵀ`` scores the held-out tokens.
     Memory: the test runs first, with nothing of ``ΔW`` made yet; the Gram-sized products after it.
     Scores from the iterative route are good to about :data:`SCORE_TOL` (relative), not to round-off.
+    Returns the held-out errors and the :class:`GramPencil` (for :func:`gram_refit`).
     """
     if not _all_finite(H_fit):
         raise ValueError("The activation covariance contains NaN or inf; check the calibration inputs.")
@@ -1068,10 +1153,11 @@ def _gram_scores(delta: torch.Tensor, H_fit: torch.Tensor, H_val: torch.Tensor, 
     if not ok:
         return None  # some eigenvalue may fall under the cut-off
     D = _check_residual(delta, rank, name)
-    if D.shape[0] > D.shape[1]:  # tall: scored through its Gram root, which every score depends on alone
+    wide = D.shape[0] <= D.shape[1]
+    if not wide:  # tall: scored through its Gram root, which every score depends on alone
         G = D.T @ D
         del D  # the float64 out × in copy (448 MiB for an 8B gate_proj) goes before the root is made
-        D = _gram_root(G)
+        D = R = _gram_root(G)
         del G
         if D is None:
             return None  # rank-deficient: the eigenbasis route
@@ -1085,7 +1171,9 @@ def _gram_scores(delta: torch.Tensor, H_fit: torch.Tensor, H_val: torch.Tensor, 
         starts.record(d, basis)
         return _outside_error(K, top * live)  # as truncated_svd: directions with σ ≈ 0 dropped
 
-    return _score_ridges(grid, score, early_stop, delta.device, starts.needs)
+    errors = _score_ridges(grid, score, early_stop, delta.device, starts.needs)
+    trace_all = trace + float(torch.diagonal(H_val).sum(dtype=torch.float64))
+    return errors, GramPencil(G0, K, G1, trace_all, root=None if wide else R)
 
 
 def _gram_root(G: torch.Tensor) -> torch.Tensor | None:
@@ -1100,6 +1188,60 @@ def _gram_root(G: torch.Tensor) -> torch.Tensor | None:
     if not _cholesky_(G):  # G's lower triangle: L with L·Lᵀ = DᵀD (the rest zeroed), so R = Lᵀ
         return None
     return G.tril_().mT  # a view: no second in × in matrix
+
+
+def gram_refit(delta: torch.Tensor, choice: DampingChoice, rank: int, eig_rtol: float = DEFAULT_EIG_RTOL,
+               name: str = "layer", H: Covariance | None = None) -> Factors | None:
+    """The factors of ``damping="auto"`` on all tokens from the Gram matrices its scoring made
+    (``choice.gram``, a :class:`GramPencil`), or None where there are none, or the chosen ridge is too
+    small to prove that nothing is cut (δ = 0: :func:`refit_auto` tests it), or a tall residual comes
+    without ``H`` (``(H_fit, H_val)``)::
+
+        choice = select_damping(delta, H_fit, H_val, rank=8)
+        factors = gram_refit(delta, choice, 8, H=(H_fit, H_val))   # = refit_auto(delta, (H_fit, H_val), ...)[0]
+
+    ``U_r, σ``: the top eigenpairs of ``G = G0 + K + δ·m·G1`` (plain SVD: ``G1``), which is
+    ``ΔW·S·(ΔW·S)ᵀ`` for any root ``S`` of the damped ``H_fit + H_val``; then ``B = U_r·√σ`` and
+    ``A = √σ·V_rᵀ·S⁻¹ = diag(1/√σ)·U_rᵀ·ΔW`` (``V_rᵀ = diag(1/σ)·U_rᵀ·ΔW·S``): EoRA's factors without
+    ``S``. A tall residual's pencil is its root ``R``'s (``ΔW = Q·R``, ``U_r = Q·W_r``): ``A =
+    diag(1/√σ)·W_rᵀ·R`` and ``B = ΔW·Ĥ·Aᵀ·diag(1/σ)`` (``Ĥ``: the damped ``H``; the least-squares ``B``
+    for that ``A``, which is ``U_r·√σ``), one ``in × in × r`` product with ``H``. ``delta`` is the
+    residual ``choice`` was scored on; the pencil is used up (or dropped).
+    """
+    pencil = choice.gram
+    if pencil is None:
+        return None
+    out_f, in_f = delta.shape
+    damping = choice.damping
+    G0, K, G1 = pencil.take()  # used up (or dropped) here either way: refit_auto needs the memory
+    R, start = pencil.root, choice.basis if pencil.root is None else pencil.start
+    pencil.root = pencil.start = None
+    if damping != math.inf and not (damping > eig_rtol * in_f and pencil.trace > 0):
+        return None  # the ridge alone does not keep every eigenvalue above the cut-off (refit_auto's rule)
+    if R is not None and H is None:
+        return None
+    ridge = 0.0 if damping == math.inf else damping * pencil.trace / in_f
+    G = G1 if damping == math.inf else G0.add_(K).add_(G1, alpha=ridge)
+    del G0, K, G1
+    total = float(torch.diagonal(G).sum())  # ‖ΔW·S‖²_F: the whole spectrum's energy
+    top, sv, live, _ = _gram_top(G, rank, owned=True, start=start)
+    del G
+    s = sv[:rank]
+    inv = torch.where(live, 1.0 / torch.where(live, s, torch.ones_like(s)), torch.zeros_like(s))
+    root = s.sqrt()  # directions with σ ≈ 0 dropped from both factors, as truncated_svd does
+    if R is None:  # (ΔW residual checked finite by the scoring; blocks of its rows in float64, no copy)
+        B = (top * live) * root
+        UtD = top.new_zeros((top.shape[1], in_f))  # U_rᵀ·ΔW, a block of ΔW's rows at a time
+        step = _block_rows(delta, 8)
+        for i in range(0, out_f, step):
+            UtD.addmm_(top[i:i + step].T, delta[i:i + step].detach().to(top))
+        A = (root * inv)[:, None] * UtD
+    else:
+        A = (root * inv)[:, None] * (top.T @ R)
+        HA = A.T.clone() if damping == math.inf else _cov_times(H, A.T.contiguous()).add_(A.T, alpha=ridge)
+        B = _rows_times(delta, HA) * inv
+    return Factors(A=A.float(), B=B.float(), singular_values=sv.float(), kept_eigen=in_f,
+                   total_energy=total if sv.numel() < min(out_f, in_f) else None)
 
 
 def refit_auto(
@@ -1181,11 +1323,15 @@ def eora_factors_auto(
 
         factors, choice = eora_factors_auto(delta, H_fit, H_val, rank=8)
 
-    The final factors are ``eora_factors(delta, H_fit + H_val, rank, damping=choice.damping)``:
-    plain SVD for ``inf``, else :func:`refit_auto` (a Cholesky factorisation where the ridge allows
-    it, else the eigendecomposition ``full=eigen(H_fit + H_val)``, computed there when not given).
+    The final factors are ``eora_factors(delta, H_fit + H_val, rank, damping=choice.damping)``: from
+    the scoring's Gram matrices where it made them (:func:`gram_refit`), else plain SVD for ``inf`` or
+    :func:`refit_auto` (a Cholesky factorisation where the ridge allows it, else the eigendecomposition
+    ``full=eigen(H_fit + H_val)``, computed there when not given).
     """
     choice = select_damping(delta, H_fit, H_val, rank, grid, eig_rtol, name, fit, round_factors)
+    factors = gram_refit(delta, choice, rank, eig_rtol, name, H=(H_fit, H_val))
+    if factors is not None:
+        return factors, choice
     if choice.damping == math.inf:
         return eora_factors(delta, None, rank, method="svd", name=name, start=choice.basis), choice
     factors, _ = refit_auto(delta, (H_fit, H_val), choice.damping, rank, eig_rtol, name, full=full,
