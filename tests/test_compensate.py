@@ -351,6 +351,50 @@ def test_a_groups_covariance_is_freed_before_its_factor_steps_and_its_projection
         assert trace_root == pytest.approx(trace_h, rel=1e-9)
 
 
+@pytest.mark.parametrize("head_dim", [16, 32])
+def test_auto_refit_from_the_scorings_gram_matrices_matches_refit_auto(calib_ids, monkeypatch, head_dim):
+    """``damping="auto"`` on a tiny model: refitted from the scoring's Gram matrices (``gram_refit``:
+    q/k/v/o/down wide, gate/up tall through ``R``; q/k logit-weighted) the ridges, factors and error
+    statistics are those of ``refit_auto``'s route. With ``head_dim=32`` (heads·head_dim = 128 > hidden
+    64) q_proj is tall *and* logit-weighted: its error before is not a tall pencil's (its rows are
+    ``R``'s), so the statistics read the pair."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peft_eora import compensate
+    from tiny_models import fake_quantize_
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=256)
+    original = LlamaForCausalLM(cfg).eval()
+    quantized = fake_quantize_(copy.deepcopy(original))
+    routes: list[tuple[str, bool]] = []
+    real_gram_refit = compensate.gram_refit
+
+    def spy(delta, choice, *args, **kwargs):
+        tall = choice.gram is not None and choice.gram.tall
+        factors = real_gram_refit(delta, choice, *args, **kwargs)
+        routes.append(("tall" if tall else "wide", factors is not None))
+        return factors
+
+    monkeypatch.setattr(compensate, "gram_refit", spy)
+    pm_gram, gram = _eora(quantized, original, calib_ids, damping="auto")
+    assert ("tall", True) in routes and ("wide", True) in routes, routes
+    monkeypatch.setattr(compensate, "gram_refit", lambda *args, **kwargs: None)
+    pm_ref, ref = _eora(quantized, original, calib_ids, damping="auto")
+    lora = {n: m for n, m in pm_gram.named_modules() if isinstance(m, LoraLayer)}
+    lora_ref = {n: m for n, m in pm_ref.named_modules() if isinstance(m, LoraLayer)}
+    assert len(gram.modules) == len(ref.modules) == 7
+    for a, b in zip(gram.modules, ref.modules):
+        assert a.name == b.name and a.damping == b.damping
+        assert a.error_before == pytest.approx(b.error_before, rel=1e-6), a.name
+        assert a.error_after == pytest.approx(b.error_after, rel=1e-5), a.name
+    for name, layer in lora.items():
+        got = layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
+        want = lora_ref[name].lora_B["default"].weight.double() @ lora_ref[name].lora_A["default"].weight.double()
+        assert float((got - want).norm() / want.norm()) < 1e-5, name
+
+
 @pytest.mark.parametrize("route", ["gram", "refit_auto"])
 def test_a_groups_covariance_pair_is_freed_before_its_last_members_refit(tiny_llama, calib_ids, monkeypatch, route):
     """``damping="auto"``: the fit and held-out covariances (for the 8B ``down_proj`` a 1.5 GiB float32

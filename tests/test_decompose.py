@@ -1269,7 +1269,8 @@ def test_gram_refit_gives_the_refits_factors_from_the_scorings_gram_matrices(dam
     if iterate:
         monkeypatch.setattr(decompose, "ITERATIVE_MIN_DIM", 0)
         top_eigh = decompose.topeig.top_eigh
-        monkeypatch.setattr(decompose.topeig, "top_eigh", lambda *a, **k: calls.append(1) or top_eigh(*a, **k))
+        monkeypatch.setattr(decompose.topeig, "top_eigh",
+                            lambda *a, **k: calls.append(k.get("start") is not None) or top_eigh(*a, **k))
     H_fit, H_val = _pair(n=shape[1])
     delta = torch.randn(*shape, generator=torch.Generator().manual_seed(5)) * 0.01
     ranks = 5
@@ -1277,7 +1278,8 @@ def test_gram_refit_gives_the_refits_factors_from_the_scorings_gram_matrices(dam
     assert choice.damping == damping and choice.gram is not None
     assert (choice.gram.root is not None) == (shape[0] > shape[1])
     got = gram_refit(delta, choice, ranks, H=(H_fit, H_val))
-    assert len(calls) == (2 if iterate else 0)  # scored and refitted by the route under test
+    # scored (from a random start: one candidate) and refitted from the chosen candidate's Ritz block
+    assert calls == ([False, True] if iterate else [])
     if damping == math.inf:
         ref = eora_factors(delta, None, ranks, method="svd")
     else:
@@ -1310,6 +1312,7 @@ def test_gram_refit_declines_what_it_cannot_prove():
     weights = torch.rand(40, dtype=F64) + 0.5
     assert tall.gram.before_sq() is not None and tall.gram.before_sq(weights) is None
     assert gram_refit(delta.T, tall, 5) is None
+    assert tall.gram.before_sq(weights) is None  # still refused once the refit has taken R
     H_dead, H_dead_val = _pair(dead=3)
     assert select_damping(delta, H_dead, H_dead_val, 5, grid=(0.1,)).gram is None
     # a wide residual's rows: the weighted residual's errors before, row by row

@@ -688,7 +688,8 @@ def weighted_errors_known(delta: torch.Tensor, H: Covariance, B: torch.Tensor, A
     ``tr(E·H·Eᵀ) = tr(ΔW·H·ΔWᵀ) − 2·tr(Bᵀ·ΔW·(H·Aᵀ)) + tr(BᵀB·A·(H·Aᵀ))`` for ``E = ΔW − B·A``: the
     only product with ``H`` is ``H·Aᵀ`` (``in × in × r``, ``H`` read a block of rows at a time) instead
     of :func:`weighted_errors`' ``out × in × in``. In float64; the three terms cancel down to
-    about 1e-16 of the error before, i.e. an error after of ~1e-8 of it where the factors are exact.
+    about 1e-16 of the error before, i.e. an error after of ~1e-8 of it where the factors are exact
+    (as precise as ``before_sq``: from a residual rounded to float32, ~1e-4 of it).
     """
     device = covariance_parts(H)[0].device
     Ad, Bd = A.detach().to(device, torch.float64), B.detach().to(device, torch.float64)
@@ -812,7 +813,8 @@ class GramPencil:
                  root: torch.Tensor | None = None) -> None:
         self._mats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = (G0, K, G1)
         self.trace = trace
-        self.root = root  # R of a tall residual; None: M = ΔW
+        self.root = root  # R of a tall residual (handed to the refit); None: M = ΔW
+        self.tall = root is not None
         #: the chosen candidate's Ritz block where it lives in ``M``'s space (a tall residual's)
         self.start: torch.Tensor | None = None
         #: ``diag(M·(H_fit + H_val)·Mᵀ)``: for a wide residual, each output row's error before the factors
@@ -824,7 +826,7 @@ class GramPencil:
         ``row_weight = w``: the ``ΔW`` of ``diag(√w)·ΔW`` (None where a tall one's rows are unknown)."""
         if row_weight is None:
             return float(self._rows.sum())
-        if self.root is not None:
+        if self.tall:  # the rows are R's, not ΔW's
             return None
         return float((self._rows / row_weight.to(self._rows)).sum())
 
