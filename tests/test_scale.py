@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -689,14 +690,21 @@ def test_factor_memory_benchmark_runs(damping, dead):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
-def test_offload_to_gpu_matches_the_cpu_run(tiny_llama, calib_ids):
-    """The model stays on the CPU and its blocks visit the GPU: same factors as computing on the CPU."""
+@pytest.mark.parametrize("damping", [0.01, "auto"])
+def test_offload_to_gpu_matches_the_cpu_run(tiny_llama, calib_ids, damping):
+    """The model stays on the CPU and its blocks visit the GPU: same factors as computing on the CPU
+    (at ``auto`` — ridge scoring, ``gram_refit`` and its statistics on the device — wherever the two
+    runs chose the same ridge; round-off may tip a near-tie)."""
     original, quantized = tiny_llama
-    cpu_run, _ = _eora(quantized, original, calib_ids, execution_device=None)
-    gpu_run, _ = _eora(quantized, original, calib_ids, execution_device="cuda")
+    cpu_run, cpu_stats = _eora(quantized, original, calib_ids, damping=damping, execution_device=None)
+    gpu_run, gpu_stats = _eora(quantized, original, calib_ids, damping=damping, execution_device="cuda")
     assert all(p.device.type == "cpu" for p in gpu_run.parameters())  # blocks went back home
     pa, pb = _products(_factors(cpu_run)), _products(_factors(gpu_run))
-    assert max(((pa[k] - pb[k]).norm() / pa[k].norm()).item() for k in pa) <= 1e-3
+    same = {m.name for m, g in zip(cpu_stats.modules, gpu_stats.modules) if m.damping == g.damping}
+    assert len(same) >= 0.75 * len(cpu_stats.modules)
+    assert max(((pa[k] - pb[k]).norm() / pa[k].norm()).item() for k in pa if any(f"{n}.lora_A" in k for n in same)) <= 1e-3
+    for m in gpu_stats.modules:
+        assert math.isfinite(m.error_after) and m.error_after <= m.error_before
 
 
 @pytest.mark.gpu
