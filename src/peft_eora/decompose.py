@@ -319,6 +319,13 @@ def eigen_projection(
     return S, S_pinv, kept
 
 
+def _ridge_clears_cutoff(damping: float, n: int, eig_rtol: float) -> bool:
+    """Whether the ridge ``δ·mean(diag H)·I`` alone keeps every eigenvalue of an ``n × n`` ``H_δ``
+    above the ``eig_rtol`` cut-off (``δ > eig_rtol·n``): then no direction is cut, and any square root
+    of ``H_δ`` (a Cholesky factor, the scoring's Gram matrices) gives the eigenbasis route's factors."""
+    return damping > eig_rtol * max(n, 1)
+
+
 def cholesky_projection(H: torch.Tensor, damping: float, eig_rtol: float = DEFAULT_EIG_RTOL,
                         overwrite: bool = False) -> Projection | None:
     """``H_δ = L·Lᵀ`` as a :class:`Projection`, or None where the eigendecomposition must be used.
@@ -331,7 +338,7 @@ def cholesky_projection(H: torch.Tensor, damping: float, eig_rtol: float = DEFAU
     factors); a Cholesky is 10–75× cheaper than ``eigh`` (see ``benchmarks/linalg.py``).
     """
     n = H.shape[0]
-    if not damping > eig_rtol * max(n, 1):
+    if not _ridge_clears_cutoff(damping, n, eig_rtol):
         return None
     # one float64 copy, damped and factorised in place (Cholesky reads its lower triangle only)
     Hd = H if (overwrite and H.dtype == torch.float64) else H.to(torch.float64, copy=True)
@@ -813,7 +820,7 @@ class GramPencil:
                  root: torch.Tensor | None = None) -> None:
         self._mats: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = (G0, K, G1)
         self.trace = trace
-        self.root = root  # R of a tall residual (handed to the refit); None: M = ΔW
+        self.root = root  # R of a tall residual (handed over by take); None: M = ΔW
         self.tall = root is not None
         #: the chosen candidate's Ritz block where it lives in ``M``'s space (a tall residual's)
         self.start: torch.Tensor | None = None
@@ -830,11 +837,13 @@ class GramPencil:
             return None
         return float((self._rows / row_weight.to(self._rows)).sum())
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """``(G0, K, G1, R, start)``, once: the pencil keeps none of them after."""
         if self._mats is None:
             raise RuntimeError("the Gram matrices of this choice were already used by a refit")
-        mats, self._mats = self._mats, None
-        return mats
+        taken = (*self._mats, self.root, self.start)
+        self._mats = self.root = self.start = None
+        return taken
 
 
 class _RidgeStarts:
@@ -942,7 +951,7 @@ def select_damping(
         if gram is not None:  # a tall residual's Ritz blocks live in its Gram root's space: not refit_auto's start
             errors, pencil = gram
             choice = _choose(errors, starts.bases if out_f <= in_f else {}, pencil)
-            if pencil.root is not None:  # R's space: a start for gram_refit only
+            if pencil.tall:  # R's space: a start for gram_refit only
                 pencil.start = starts.bases.get(choice.damping)
             return choice
         D = _check_residual(delta, rank, name)
@@ -1215,11 +1224,10 @@ def gram_refit(delta: torch.Tensor, choice: DampingChoice, rank: int, eig_rtol: 
         return None
     out_f, in_f = delta.shape
     damping = choice.damping
-    G0, K, G1 = pencil.take()  # used up (or dropped) here either way: refit_auto needs the memory
-    R, start = pencil.root, choice.basis if pencil.root is None else pencil.start
-    pencil.root = pencil.start = None
-    if damping != math.inf and not (damping > eig_rtol * in_f and pencil.trace > 0):
-        return None  # the ridge alone does not keep every eigenvalue above the cut-off (refit_auto's rule)
+    G0, K, G1, R, start = pencil.take()  # used up (or dropped) here either way: refit_auto needs the memory
+    start = choice.basis if R is None else start
+    if damping != math.inf and not (_ridge_clears_cutoff(damping, in_f, eig_rtol) and pencil.trace > 0):
+        return None  # δ = 0: whether nothing is cut is refit_auto's test
     if R is not None and H is None:
         return None
     ridge = 0.0 if damping == math.inf else damping * pencil.trace / in_f
@@ -1282,7 +1290,7 @@ def refit_auto(
         raise ValueError(f"{name}: the activation covariance contains NaN or inf; check the calibration inputs.")
     mean_diag = float(torch.diagonal(H_all).mean()) if n else 0.0
     shift: float | None = None  # the Cholesky route: H_all holds the factor of H + shift·I
-    if mean_diag > 0 and damping > eig_rtol * n:
+    if mean_diag > 0 and _ridge_clears_cutoff(damping, n, eig_rtol):
         H_all.diagonal().add_(damping * mean_diag)
         shift = damping * mean_diag
     elif mean_diag > 0 and damping == 0:  # no ridge: Cholesky only where eigh would cut nothing
