@@ -395,6 +395,36 @@ def test_auto_refit_from_the_scorings_gram_matrices_matches_refit_auto(calib_ids
         assert float((got - want).norm() / want.norm()) < 1e-5, name
 
 
+def test_auto_tests_each_groups_fit_covariance_once(tiny_llama, calib_ids, monkeypatch):
+    """``damping="auto"``: whether ``H_fit`` has an eigenvalue under the cut-off (a float64 Cholesky
+    factorisation: 4096² for q/k/v of an 8B block) is asked once per group, not once per member, and
+    the shared answer gives the ridges, statistics and factors of testing per member."""
+    from peft_eora import compensate
+
+    tested: list[int] = []
+    real = compensate.is_cut_free
+
+    def spy(H_fit, *args, **kwargs):
+        tested.append(id(H_fit))
+        return real(H_fit, *args, **kwargs)
+
+    monkeypatch.setattr(compensate, "is_cut_free", spy)
+    original, quantized = tiny_llama
+    pm, shared = _eora(quantized, original, calib_ids, damping="auto")
+    blocks, _ = find_targets(pm.base_model.model, "default")
+    # groups of a block (value weighting on): [q, k], [v], [o], [gate, up], [down]; each H_fit once
+    assert len(tested) == 5 * len(blocks) and len(set(tested)) == len(tested)
+    assert {m.damping for m in shared.modules} - {math.inf}, "no layer took a finite ridge: the test proves nothing"
+    monkeypatch.setattr(compensate._HeldOut, "cut_free", lambda self, eig_rtol: None)  # each member tests again
+    pm_ref, ref = _eora(quantized, original, calib_ids, damping="auto")
+    assert len(tested) == 5 * len(blocks)  # the members' own tests are decompose's, not the spy's
+    for a, b in zip(shared.modules, ref.modules, strict=True):
+        assert (a.name, a.damping, a.heldout_errors) == (b.name, b.damping, b.heldout_errors)
+        assert (a.error_before, a.error_after) == (b.error_before, b.error_after)
+    for (name, p), (_, q) in zip(pm.named_parameters(), pm_ref.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
 @pytest.mark.parametrize("route", ["gram", "refit_auto"])
 def test_a_groups_covariance_pair_is_freed_before_its_last_members_refit(tiny_llama, calib_ids, monkeypatch, route):
     """``damping="auto"``: the fit and held-out covariances (for the 8B ``down_proj`` a 1.5 GiB float32

@@ -1296,6 +1296,30 @@ def test_gram_refit_gives_the_refits_factors_from_the_scorings_gram_matrices(dam
     assert rel_diff(product(factors), product(ref)) < 1e-8
 
 
+def test_the_cut_off_test_is_shareable_and_its_answer_routes_the_scoring():
+    """``is_cut_free``: True for a well-conditioned covariance, False with dead channels or none at
+    all, NaN refused. Passed to ``select_damping`` (a value or a function) it is the test itself:
+    True scores through the Gram matrices (as testing there would), False in ``H_fit``'s eigenbasis,
+    with the same ridge and errors where both apply."""
+    from peft_eora.decompose import is_cut_free
+
+    H_fit, H_val = _pair()
+    H_dead, _ = _pair(dead=3)
+    assert is_cut_free(H_fit) and not is_cut_free(H_dead) and not is_cut_free(torch.zeros(8, 8))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        is_cut_free(torch.full((4, 4), math.nan))
+    delta = torch.randn(24, 40, generator=torch.Generator().manual_seed(5)) * 0.01
+    asked: list[bool] = []
+    shared = select_damping(delta, H_fit, H_val, 5, early_stop=False,
+                            cut_free=lambda: asked.append(True) or is_cut_free(H_fit))
+    tested = select_damping(delta, H_fit, H_val, 5, early_stop=False)
+    eigenbasis = select_damping(delta, H_fit, H_val, 5, early_stop=False, cut_free=False)
+    assert asked == [True] and shared.gram is not None and eigenbasis.gram is None
+    assert shared.damping == tested.damping == eigenbasis.damping and shared.errors == tested.errors
+    for d, e in eigenbasis.errors.items():
+        assert shared.errors[d] == pytest.approx(e, rel=1e-8), d
+
+
 def test_gram_refit_declines_what_it_cannot_prove():
     """δ = 0 needs ``refit_auto``'s test of ``H_fit + H_val`` (the pencil is dropped all the same); a
     tall residual's refit needs the covariances; an ``H_fit`` with dead channels is scored in its

@@ -29,6 +29,7 @@ projected residual spectrum and allocates per-layer ranks under a parameter budg
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -61,6 +62,7 @@ from .decompose import (
     eigen,
     eora_factors,
     gram_refit,
+    is_cut_free,
     projected_spectrum,
     projection_and_root,
     refit_auto,
@@ -1043,6 +1045,7 @@ class _HeldOut:
         self.H_val: Optional[torch.Tensor] = H_val
         self.users, self.times, self.device = users, times, device
         self._eigen: Optional[Eigen] = None
+        self._cut_free: Optional[bool] = None
 
     @property
     def pair(self) -> Covariance:
@@ -1056,6 +1059,13 @@ class _HeldOut:
             with self.times.phase("decomposition", self.device):
                 self._eigen = eigen(self.H_fit)
         return self._eigen
+
+    def cut_free(self, eig_rtol: float) -> bool:
+        """Whether ``H_fit`` has no eigenvalue under the cut-off (:func:`is_cut_free`): tested once
+        for the group (one Cholesky factorisation of ``H_fit``: a 4096² one for q/k/v of an 8B block)."""
+        if self._cut_free is None:
+            self._cut_free = is_cut_free(self.pair[0], eig_rtol, self.device)
+        return self._cut_free
 
     @property
     def last(self) -> bool:
@@ -1105,7 +1115,8 @@ def _install(
         root = None if out_weight is None else out_weight.to(device, torch.float64).sqrt()[:, None]
         fitted = delta if root is None else (delta.double() * root).to(delta.dtype)
         if auto is not None:
-            choice = select_damping(fitted, auto.H_fit, auto.H_val, t.rank, eig_rtol=eig_rtol, name=t.name, fit=auto.fit)
+            choice = select_damping(fitted, auto.H_fit, auto.H_val, t.rank, eig_rtol=eig_rtol, name=t.name, fit=auto.fit,
+                                    cut_free=functools.partial(auto.cut_free, eig_rtol))
             auto.chosen()
             damping, heldout_errors = choice.damping, choice.errors
             logger.debug("%s: damping %g chosen, held-out errors %s", t.name, damping, heldout_errors)

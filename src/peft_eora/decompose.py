@@ -910,6 +910,7 @@ def select_damping(
     fit: Eigen | Callable[[], Eigen] | None = None,
     round_factors: RoundFactors | None = None,
     early_stop: bool = True,
+    cut_free: bool | Callable[[], bool] | None = None,
 ) -> DampingChoice:
     """Choose the ridge δ in ``grid`` whose rank-``rank`` factors, fitted on ``H_fit``, have the
     smallest activation-weighted error on held-out tokens (``H_val = Σ x_valᵀx_val``)::
@@ -920,7 +921,9 @@ def select_damping(
     ``H_fit`` is decomposed once (pass ``fit=eigen(H_fit)``, or a function returning it, to share it
     across layers with one input); a residual whose ``H_fit`` has no eigenvalue under the cut-off
     needs no decomposition of ``H_fit`` at all (see :func:`_gram_scores`; a tall one is scored
-    through its ``in × in`` Gram root, :func:`_gram_root`, unless it is short of full rank); each
+    through its ``in × in`` Gram root, :func:`_gram_root`, unless it is short of full rank). That
+    test is one Cholesky factorisation per ``H_fit``: pass ``cut_free`` (:func:`is_cut_free`'s
+    answer, or a function returning it) to share it likewise. Each
     candidate costs one truncated SVD (an ``eigh`` of the smaller Gram matrix, or from 2048 wide an
     iteration started from the smallest ridge's and plain SVD's results, see :class:`_RidgeStarts`)
     and one ``k × k × r`` product (``k``: the smaller side). With ``early_stop`` (default) the finite ridges are scored in ascending
@@ -947,7 +950,7 @@ def select_damping(
     starts = _RidgeStarts(grid)
     if round_factors is None:
         del D  # made again once H_fit is tested: its float64 copy is the largest matrix alive then
-        gram = _gram_scores(delta, H_fit, H_val, rank, grid, eig_rtol, early_stop, name, starts)
+        gram = _gram_scores(delta, H_fit, H_val, rank, grid, eig_rtol, early_stop, name, starts, cut_free)
         if gram is not None:  # a tall residual's Ritz blocks live in its Gram root's space: not refit_auto's start
             errors, pencil = gram
             choice = _choose(errors, starts.bases if out_f <= in_f else {}, pencil)
@@ -1135,9 +1138,29 @@ def _nothing_cut_(H: torch.Tensor, trace: float, eig_rtol: float) -> bool:
     return _cholesky_(H)
 
 
+def is_cut_free(H_fit: torch.Tensor, eig_rtol: float = DEFAULT_EIG_RTOL, device: torch.device | None = None) -> bool:
+    """Whether no eigenvalue of the covariance ``H_fit`` falls under the ``eig_rtol`` cut-off
+    (``λ_min > eig_rtol·tr(H_fit)``, proved by one Cholesky factorisation of a float64 copy on
+    ``device``): then :func:`select_damping` scores its ridges without decomposing ``H_fit``.
+    Layers that share an input share the answer::
+
+        free = is_cut_free(H_fit)                    # once per group (q/k/v, gate/up)
+        select_damping(delta_q, H_fit, H_val, 64, cut_free=free)
+
+    False for a zero covariance; NaN or inf raise."""
+    if not _all_finite(H_fit):
+        raise ValueError("The activation covariance contains NaN or inf; check the calibration inputs.")
+    trace = float(torch.diagonal(H_fit).sum(dtype=torch.float64))
+    if trace <= 0.0:
+        return False
+    Hf = damped(H_fit.to(device if device is not None else H_fit.device), 0.0)  # our own float64 copy
+    return _nothing_cut_(Hf, trace, eig_rtol)
+
+
 def _gram_scores(delta: torch.Tensor, H_fit: torch.Tensor, H_val: torch.Tensor, rank: int,
                  grid: tuple[float, ...], eig_rtol: float, early_stop: bool,
-                 name: str, starts: _RidgeStarts) -> tuple[dict[float, float], GramPencil | None] | None:
+                 name: str, starts: _RidgeStarts, cut_free: bool | Callable[[], bool] | None = None,
+                 ) -> tuple[dict[float, float], GramPencil | None] | None:
     """Held-out errors of every ridge without decomposing ``H_fit``: for a wide residual (``out ≤ in``)
     from ``ΔW`` itself, for a tall one from its Gram root ``R`` (:func:`_gram_root`: ``in × in``; None
     where ``ΔW`` is short of full column rank).
@@ -1148,21 +1171,17 @@ def _gram_scores(delta: torch.Tensor, H_fit: torch.Tensor, H_val: torch.Tensor, 
     That equals the eigenbasis route only where no eigenvalue of ``H_fit`` is cut; a Cholesky
     factorisation of ``H_fit − eig_rtol·tr(H_fit)·I`` proves that (``λ_min > eig_rtol·λ_max``), else
     None and the caller decomposes ``H_fit``. ``K = ΔW·H_val·ΔWᵀ`` scores the held-out tokens.
-    Memory: the test runs first, with nothing of ``ΔW`` made yet; the Gram-sized products after it.
+    ``cut_free``: that test's answer (:func:`is_cut_free`), or a function giving it, where layers
+    share ``H_fit``. Memory: the test runs first, with nothing of ``ΔW`` made yet; the Gram-sized
+    products after it.
     Scores from the iterative route are good to about :data:`SCORE_TOL` (relative), not to round-off.
     Returns the held-out errors and the :class:`GramPencil` (for :func:`gram_refit`).
     """
-    if not _all_finite(H_fit):
-        raise ValueError("The activation covariance contains NaN or inf; check the calibration inputs.")
+    free = cut_free() if callable(cut_free) else cut_free
+    if not (is_cut_free(H_fit, eig_rtol, delta.device) if free is None else free):
+        return None  # some eigenvalue may fall under the cut-off (or H_fit is zero)
     trace = float(torch.diagonal(H_fit).sum(dtype=torch.float64))
-    if trace <= 0.0:
-        return None
     mean_diag = trace / H_fit.shape[0]
-    Hf = damped(H_fit.to(delta.device), 0.0)  # our own float64 copy, tested in place
-    ok = _nothing_cut_(Hf, trace, eig_rtol)
-    del Hf
-    if not ok:
-        return None  # some eigenvalue may fall under the cut-off
     D = _check_residual(delta, rank, name)
     wide = D.shape[0] <= D.shape[1]
     if not wide:  # tall: scored through its Gram root, which every score depends on alone
