@@ -60,6 +60,18 @@ def test_pack_unpack_round_trip_odd_shapes(bits):
     assert packed["base_model.model.l.lora_A.qscale"].shape == (5,)
 
 
+@pytest.mark.parametrize("adapter", ["", ".task", ".lora_Alpaca", ".lora_B", ".lora_A"])
+def test_the_factor_kind_is_read_off_its_own_segment_whatever_the_adapter_is_called(adapter):
+    """int4 groups ``lora_A`` by columns and quantizes ``lora_B`` per row: an adapter named e.g.
+    ``lora_Alpaca`` (in the saved keys as ``...lora_B.lora_Alpaca.weight``) must not make ``B`` an ``A``."""
+    gen = torch.Generator().manual_seed(0)
+    sd = {f"base_model.model.mlp.up_proj.lora_A{adapter}.weight": torch.randn(32, 64, generator=gen),
+          f"base_model.model.mlp.up_proj.lora_B{adapter}.weight": torch.randn(128, 32, generator=gen)}
+    packed = pack_adapter_state_dict(sd, 4)
+    assert packed[f"base_model.model.mlp.up_proj.lora_B{adapter}.qscale"].shape == (128,)
+    assert packed[f"base_model.model.mlp.up_proj.lora_A{adapter}.qscale"].shape == (32, 64 // factor_group_size("lora_A", 4, 64))
+
+
 def test_unpack_errors_name_the_factor():
     packed = pack_adapter_state_dict({"m.lora_A.weight": torch.randn(4, 8)}, 8)
     incomplete = {k: v for k, v in packed.items() if not k.endswith("qscale")}

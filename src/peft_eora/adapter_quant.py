@@ -59,8 +59,16 @@ def check_bits(bits: int) -> int:
     return int(bits)
 
 
+_KIND = re.compile(r"\.(lora_[AB])(?:\.[^.]+)?$")  # the factor segment, then the adapter name if any
+
+
 def _kind(stem: str) -> str:
-    return "lora_A" if ".lora_A" in stem else "lora_B"
+    """``"lora_A"`` or ``"lora_B"`` for ``<module>.lora_[AB][.<adapter name>]`` (whatever the adapter is called:
+    a name such as ``lora_Alpaca`` must not make a ``lora_B`` an ``A``)."""
+    m = _KIND.search(stem)
+    if m is None:
+        raise ValueError(f"{stem!r} names no lora_A / lora_B factor.")
+    return m[1]
 
 
 def _round_to_grid(w: torch.Tensor, bits: int, kind: str) -> torch.Tensor:
