@@ -232,8 +232,8 @@ def _legacy_copy(folder: Path, target: Path) -> Path:
     shutil.copytree(folder, target)
     lora = json.loads((target / "adapter_config.json").read_text())
     sidecar = json.loads((target / "eora_config.json").read_text())
-    for key in ("format", "format_version", "peft_eora_version", "lora_signature"):
-        sidecar.pop(key)
+    for key in ("format", "format_version", "peft_eora_version", "lora_signature", "weights_sha256"):
+        sidecar.pop(key, None)  # the sidecar's own fields (0.1.0 had none)
     (target / "adapter_config.json").write_text(json.dumps({**lora, **sidecar, "peft_type": "EORA"}))
     (target / "eora_config.json").unlink()
     return target
@@ -324,3 +324,54 @@ def test_lora_and_eora_adapters_share_one_model(models, saved, tmp_path):
     # and a LoRA config without target_modules joining an EoRA model gets PEFT's defaults, not EoRA's
     both.add_adapter("plain", LoraConfig(r=4))
     assert both.peft_config["plain"].target_modules == {"q_proj", "v_proj"}
+
+
+def test_an_eora_config_beside_other_weights_is_not_taken_for_eora(models, saved, tmp_path):
+    """Another tool saving other weights (same LoRA settings) into an EoRA folder leaves its
+    eora_config.json behind: the SHA-256 it records of the weights no longer matches, so the folder loads
+    as plain LoRA (no base check: it may belong to another base), with a warning naming the stale file."""
+    from safetensors.torch import load_file, save_file
+
+    _, quantized, _ = models
+    folder = tmp_path / "overwritten"
+    shutil.copytree(saved["float"], folder)
+    assert len(json.loads((folder / "eora_config.json").read_text())["weights_sha256"]) == 64
+    weights = load_file(folder / "adapter_model.safetensors")
+    save_file({k: torch.randn_like(v) for k, v in weights.items()}, folder / "adapter_model.safetensors",
+              metadata={"format": "pt"})
+    elsewhere = tiny_llama_pair(seed=1)[1]
+    with pytest.warns(UserWarning, match="other weights than adapter_model.safetensors"):
+        model = PeftModel.from_pretrained(elsewhere, folder)
+    assert type(model.peft_config["default"]) is LoraConfig
+    # the weights it was written for: EoRA again (the digest of a file is remembered, not trusted: rewritten)
+    shutil.copy2(saved["float"] / "adapter_model.safetensors", folder / "adapter_model.safetensors")
+    assert isinstance(PeftConfig.from_pretrained(folder), EoRAConfig)
+
+
+def test_exports_and_plain_lora_saves_clear_a_stale_eora_config(models, saved, tmp_path):
+    """export_lora into a folder that held an (int8) EoRA adapter, or a save whose top adapter is plain
+    LoRA, removes the eora_config.json there: the folder holds a plain LoRA adapter and says so (config,
+    card). A named EoRA adapter saved beside a plain "default" has its card in its own folder, and that
+    card's usage line loads it from there."""
+    _, quantized, eora = models
+    folder = tmp_path / "exported-over"
+    shutil.copytree(saved["int8"], folder)
+    peft_eora.export_lora(eora["int8"], folder)
+    assert not (folder / "eora_config.json").exists()
+    assert type(PeftConfig.from_pretrained(folder)) is LoraConfig
+    assert "plain LoRA" in (folder / "README.md").read_text()
+
+    both = get_peft_model(copy.deepcopy(quantized), LoraConfig(r=4, target_modules=["q_proj"]))
+    both.load_adapter(saved["float"], adapter_name="eora")
+    mixed = tmp_path / "mixed"
+    shutil.copytree(saved["float"], mixed)  # an EoRA "default" saved here before
+    both.save_pretrained(mixed)
+    assert not (mixed / "eora_config.json").exists() and (mixed / "eora" / "eora_config.json").is_file()
+    assert type(PeftConfig.from_pretrained(mixed)) is LoraConfig
+    assert "peft-eora" not in (mixed / "README.md").read_text()  # PEFT's card for the plain LoRA at the top
+    card = (mixed / "eora" / "README.md").read_text()
+    assert 'subfolder="eora", adapter_name="eora"' in card
+    loaded = PeftModel.from_pretrained(copy.deepcopy(quantized), str(mixed), subfolder="eora", adapter_name="eora")
+    assert isinstance(loaded.peft_config["eora"], EoRAConfig)
+    loaded.set_adapter("eora")
+    assert (logits(loaded.eval()) - logits(eora["float"])).abs().max().item() <= 1e-5

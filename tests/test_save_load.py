@@ -166,6 +166,42 @@ def test_atomic_directory_appears_complete(tmp_path):
             pass
 
 
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 4])
+def test_a_merge_into_an_existing_directory_that_fails_half_way_is_undone(tmp_path, monkeypatch, fail_at):
+    """Saving into a folder that holds an adapter replaces its files one rename at a time: a rename failing
+    half-way (disk full, permissions) puts every file back as it was — the old adapter, not new weights beside
+    old configs — removes a subfolder it made, and leaves no temporary folder."""
+    target = tmp_path / "out"
+    target.mkdir()
+    old = {"adapter_model.safetensors": "old weights", "adapter_config.json": "old config",
+           "eora_config.json": "old sidecar", "notes.txt": "kept"}
+    for name, text in old.items():
+        (target / name).write_text(text)
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == fail_at:
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_directory(target, stale=["eora_config.json"]) as tmp:
+            Path(tmp, "adapter_model.safetensors").write_text("new weights")
+            Path(tmp, "adapter_config.json").write_text("new config")
+            Path(tmp, "task").mkdir()
+            Path(tmp, "task", "adapter_model.safetensors").write_text("new task weights")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert {p.name: p.read_text() for p in target.iterdir()} == old
+    assert temp_leftovers(tmp_path) == []
+    # and without a failure: the new files in, the stale sidecar gone, the rest kept
+    with atomic_directory(target, stale=["eora_config.json"]) as tmp:
+        Path(tmp, "adapter_model.safetensors").write_text("new weights")
+    assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt"]
+    assert (target / "adapter_model.safetensors").read_text() == "new weights"
+
+
 def test_pickle_serialization_is_refused(computed, tmp_path):
     with pytest.raises(ValueError, match="safetensors only"):
         computed[1].save_pretrained(tmp_path / "adapter", safe_serialization=False)

@@ -43,7 +43,7 @@ LEGACY_PEFT_TYPE = "EORA"
 QUANTIZED_PEFT_TYPE = "EORA-INT8/INT4 adapter: install peft-eora (pip install peft-eora) and import peft_eora to load it"
 #: ``adapter_config.json`` fields whose change means the sidecar no longer describes the adapter.
 _SIGNATURE_KEYS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora")
-_META_KEYS = ("format", "format_version", "peft_eora_version", "lora_signature")
+_META_KEYS = ("format", "format_version", "peft_eora_version", "lora_signature", "weights_sha256")
 
 
 def _lora_fields() -> frozenset[str]:
@@ -116,13 +116,37 @@ def merge(adapter: dict[str, Any], sidecar: Optional[dict[str, Any]], where: str
     return data
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime): a load asks several times
+
+
+def weights_digest(path: PathLike) -> str:
+    """The SHA-256 of a weights file (hex), remembered while the file is unchanged (~0.25 s per 400 MB)."""
+    path = os.path.realpath(os.fspath(path))
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        _DIGESTS.clear()  # one adapter at a time is all a load needs
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
 def write_split(directory: PathLike) -> None:
-    """Rewrite the full EoRA ``adapter_config.json`` PEFT saved in ``directory`` as the two files (atomically)."""
-    from .safe_files import atomic_write_text
+    """Rewrite the full EoRA ``adapter_config.json`` PEFT saved in ``directory`` as the two files (atomically).
+
+    The sidecar records the SHA-256 of ``adapter_model.safetensors`` beside it (PEFT writes the weights
+    before the config), so that weights another tool writes over it later are not taken for EoRA's."""
+    from .safe_files import SAFETENSORS_WEIGHTS_NAME, atomic_write_text
 
     path = os.path.join(os.fspath(directory), CONFIG_NAME)
     with open(path, encoding="utf-8") as f:
         adapter, sidecar = split(json.load(f))
+    weights = os.path.join(os.fspath(directory), SAFETENSORS_WEIGHTS_NAME)
+    if os.path.isfile(weights):
+        sidecar["weights_sha256"] = weights_digest(weights)
     atomic_write_text(os.path.join(os.fspath(directory), EORA_CONFIG_NAME), json.dumps(sidecar, indent=2, sort_keys=True))
     atomic_write_text(path, json.dumps(adapter, indent=2, sort_keys=True))
 
@@ -141,8 +165,10 @@ def is_eora_adapter(model_id: PathLike, subfolder: Optional[str] = None, **kwarg
     """Whether the adapter in a local folder or Hub repo is an EoRA adapter (any version of the format).
 
     A LoRA ``adapter_config.json`` counts only with an ``eora_config.json`` whose signature matches
-    it; a mismatch (another tool re-saved the adapter with other LoRA settings) warns and counts as
-    plain LoRA. Files that cannot be found count as not EoRA (the loader reports them itself).
+    it and, for float factors, whose recorded SHA-256 matches ``adapter_model.safetensors``; a
+    mismatch (another tool saved other LoRA settings or other weights into the folder) warns and
+    counts as plain LoRA. Files that cannot be found count as not EoRA (the loader reports them
+    itself).
     """
     try:
         adapter = read_json(model_id, CONFIG_NAME, subfolder, **kwargs)
@@ -156,13 +182,30 @@ def is_eora_adapter(model_id: PathLike, subfolder: Optional[str] = None, **kwarg
     sidecar = read_json(model_id, EORA_CONFIG_NAME, subfolder, **kwargs)
     if sidecar is None:
         return peft_type == QUANTIZED_PEFT_TYPE  # merge() then names the missing file
+    where = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
     recorded = sidecar.get("lora_signature")
     if recorded is not None and recorded != lora_signature(adapter):
-        where = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
         warnings.warn(
             f"{where}: {EORA_CONFIG_NAME} was written for other LoRA settings than {CONFIG_NAME} now holds (the adapter "
             "was re-saved by another tool); loading it as plain LoRA, without the EoRA base check.",
             stacklevel=3,
         )
         return False
+    digest = sidecar.get("weights_sha256")
+    if digest is not None and peft_type == "LORA":  # int8/int4 codes: only peft-eora writes (or reads) them
+        from .safe_files import SAFETENSORS_WEIGHTS_NAME, check_safetensors, resolve_file
+
+        weights = resolve_file(model_id, SAFETENSORS_WEIGHTS_NAME, subfolder, **kwargs)
+        try:
+            intact = weights is not None and bool(check_safetensors(weights))
+        except AdapterFileError:  # damaged: EoRAConfig.from_pretrained names it
+            intact = False
+        if intact and weights_digest(weights) != digest:
+            warnings.warn(
+                f"{where}: {EORA_CONFIG_NAME} was written for other weights than {SAFETENSORS_WEIGHTS_NAME} now holds "
+                "(another tool saved an adapter into this folder); loading it as plain LoRA, without the EoRA base "
+                "check. Delete the stale eora_config.json to silence this.",
+                stacklevel=3,
+            )
+            return False
     return True

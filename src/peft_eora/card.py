@@ -102,6 +102,7 @@ def _eora_section(
     ppl_after: Optional[float],
     exported: bool = False,
     base_model: Optional[str] = None,
+    subfolder: Optional[str] = None,
 ) -> str:
     import peft
     import transformers
@@ -170,6 +171,11 @@ def _eora_section(
     ]
     table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
     where = repo_id or "path/to/this/adapter"
+    # a named adapter is saved in a subfolder of its name, and loads under that name
+    peft_args = f'"{where}"' + (f', subfolder="{subfolder}", adapter_name="{subfolder}"' if subfolder else "")
+    tf_args = f'"{where}"' + (f', adapter_name="{subfolder}", adapter_kwargs={{"subfolder": "{subfolder}"}}'
+                               if subfolder else "")
+    lm_eval_peft = f"{where}/{subfolder}`, a local copy" if subfolder else f"{where}`"
     if exported:
         kind = "exported as a plain LoRA adapter (`peft_type: LORA`)"
         usage = f"""```python
@@ -177,7 +183,7 @@ from peft import PeftModel  # stock PEFT; peft-eora is not needed
 from transformers import AutoModelForCausalLM
 
 base = AutoModelForCausalLM.from_pretrained("{load_id}")
-model = PeftModel.from_pretrained(base, "{where}")
+model = PeftModel.from_pretrained(base, {peft_args})
 ```
 
 LoRA-serving engines (vLLM-style loaders) read `adapter_model.safetensors` and `adapter_config.json`
@@ -190,11 +196,11 @@ from peft import PeftModel  # stock PEFT; peft-eora is not needed
 from transformers import AutoModelForCausalLM
 
 base = AutoModelForCausalLM.from_pretrained("{load_id}")
-model = PeftModel.from_pretrained(base, "{where}")
+model = PeftModel.from_pretrained(base, {peft_args})
 ```
 
-transformers (`base.load_adapter("{where}")`) and lm-evaluation-harness
-(`--model_args pretrained={load_id},peft={where}`) load it the same way. The EoRA settings and
+transformers (`base.load_adapter({tf_args})`) and lm-evaluation-harness
+(`--model_args pretrained={load_id},peft={lm_eval_peft}) load it the same way. The EoRA settings and
 statistics are in `eora_config.json`: with peft-eora installed (`import peft_eora` before loading),
 loading also checks the base fingerprint, so the adapter is never applied to another checkpoint.
 For vLLM-style serving engines, export it: `peft_eora.export_lora(model, "lora-export")`."""
@@ -207,7 +213,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 base = AutoModelForCausalLM.from_pretrained("{load_id}")
-model = PeftModel.from_pretrained(base, "{where}")
+model = PeftModel.from_pretrained(base, {peft_args})
 ```
 
 Loading checks the base against the recorded fingerprint. Without peft-eora, or for vLLM-style
@@ -251,6 +257,7 @@ def build_model_card(
     existing: Optional[ModelCard] = None,
     extra_tags: Optional[list[str]] = None,
     exported: bool = False,
+    subfolder: Optional[str] = None,
 ) -> ModelCard:
     """The model card of an EoRA adapter (``huggingface_hub.ModelCard``).
 
@@ -262,7 +269,9 @@ def build_model_card(
     format/bits/group size, rank, method, calibration data and token count, and perplexity before/after
     (from ``eora_stats["ppl_before"/"ppl_after"]`` or the arguments). With ``existing``, its text and
     metadata are kept and only the peft-eora section (between ``<!-- peft-eora:... -->`` markers) is
-    replaced or appended.
+    replaced or appended. ``subfolder``: where the adapter's files sit under ``repo_id`` (a named
+    adapter's folder: ``save_pretrained`` writes each adapter but ``"default"`` into one of its name);
+    the usage snippet then loads it from there, under that name.
     """
     base, tuner = peft_model_parts(model)
     if adapter_name not in tuner.peft_config:
@@ -285,7 +294,7 @@ def build_model_card(
         data.base_model_relation = "adapter"
     if getattr(data, "pipeline_tag", None) is None and type(model).__name__ == "PeftModelForCausalLM":
         data.pipeline_tag = "text-generation"
-    section = _eora_section(model, adapter_name, repo_id, ppl_before, ppl_after, exported, base_model)
+    section = _eora_section(model, adapter_name, repo_id, ppl_before, ppl_after, exported, base_model, subfolder)
     if existing is not None:
         text = existing.text
         start, stop = text.find(CARD_BEGIN), text.find(CARD_END)

@@ -23,7 +23,7 @@ from torch import nn
 
 from .card import adapter_layers, build_model_card, peft_model_parts
 from .fingerprint import _base_modules
-from .safe_files import CONFIG_NAME, README_NAME, SAFETENSORS_WEIGHTS_NAME, PathLike, atomic_directory
+from .safe_files import CONFIG_NAME, EORA_CONFIG_NAME, README_NAME, SAFETENSORS_WEIGHTS_NAME, PathLike, atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,8 @@ def export_lora(
         base_model_name_or_path=config.base_model_name_or_path,
         inference_mode=True,
     )
-    with atomic_directory(save_directory) as tmp:
+    # an eora_config.json left by an earlier save would make this folder load as that EoRA adapter
+    with atomic_directory(save_directory, stale=[EORA_CONFIG_NAME]) as tmp:
         save_file(tensors, os.path.join(tmp, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
         lora_config.save_pretrained(tmp)
         _sort_json_lists(os.path.join(tmp, CONFIG_NAME), ("target_modules",))

@@ -11,6 +11,7 @@ Nothing here knows about EoRA configs or models: saving (:mod:`peft_eora.saving`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import shutil
 import struct
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Optional, Union
 
@@ -222,16 +223,20 @@ def _commit_order(rel: str) -> tuple[int, str]:
 
 
 @contextmanager
-def atomic_directory(target: PathLike) -> Iterator[str]:
+def atomic_directory(target: PathLike, stale: Iterable[str] = ()) -> Iterator[str]:
     """Write a directory atomically: yield a temporary directory beside ``target``, then move it in.
 
-        >>> with atomic_directory("out") as tmp:
+        >>> with atomic_directory("out", stale=["eora_config.json"]) as tmp:
         ...     write_files(tmp)
 
     If ``target`` does not exist (or is empty) the temporary directory is renamed onto it, so it
     appears complete or not at all. If it holds files, each written file replaces its namesake
-    with ``os.replace`` (weights first, config and card last) and other files are kept. On an
-    exception nothing in ``target`` changes and the temporary directory is removed.
+    with ``os.replace`` (weights first, config and card last) and other files are kept, but for
+    the ``stale`` ones (paths relative to ``target`` that no longer describe what is written, e.g.
+    an EoRA sidecar beside a plain-LoRA adapter), which are removed first unless written anew; the
+    files replaced or removed are set aside until the last rename, so an exception at any point
+    (in the body, or a rename failing half-way) leaves ``target`` as it was. Only a process killed
+    during the renames can leave old and new files side by side.
     """
     target = os.path.abspath(os.fspath(target))
     if os.path.exists(target) and not os.path.isdir(target):
@@ -251,10 +256,8 @@ def atomic_directory(target: PathLike) -> Iterator[str]:
         if not os.path.isdir(target) or not os.listdir(target):
             os.replace(tmp, target)  # atomic; replaces an empty directory
         else:
-            for rel in files:
-                dest = os.path.join(target, rel)
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                os.replace(os.path.join(tmp, rel), dest)
+            removed = sorted(set(map(os.path.normpath, stale)) - set(map(os.path.normpath, files)))
+            _merge_into(target, tmp, [(rel, False) for rel in removed] + [(rel, True) for rel in files])
             shutil.rmtree(tmp, ignore_errors=True)
         _fsync(target)
         _fsync(parent)
@@ -263,6 +266,44 @@ def atomic_directory(target: PathLike) -> Iterator[str]:
         raise
 
 
+def _merge_into(target: str, tmp: str, moves: list[tuple[str, bool]]) -> None:
+    """Per ``(rel, new)``: move ``tmp/rel`` onto ``target/rel`` (``new``) or remove ``target/rel``, in order.
+    What they replace or remove waits in ``tmp/.replaced/`` until the last move; on an exception every
+    move done is undone, newest first."""
+    aside = os.path.join(tmp, ".replaced")
+    done: list[tuple[str, Optional[str], bool]] = []  # (dest, its old file set aside or None, new file moved in)
+    made: list[str] = []
+    try:
+        for i, (rel, new) in enumerate(moves):
+            dest = os.path.join(target, rel)
+            old: Optional[str] = None
+            if os.path.lexists(dest):
+                old = os.path.join(aside, str(i))
+                os.makedirs(aside, exist_ok=True)
+                os.replace(dest, old)
+            done.append((dest, old, False))
+            if new:
+                folder = os.path.dirname(dest)
+                missing = []
+                while not os.path.isdir(folder):
+                    missing.append(folder)
+                    folder = os.path.dirname(folder)
+                for folder in reversed(missing):  # outermost first
+                    os.mkdir(folder)
+                    made.append(folder)
+                os.replace(os.path.join(tmp, rel), dest)
+                done[-1] = (dest, old, True)
+    except BaseException:
+        for dest, old, moved in reversed(done):
+            with contextlib.suppress(OSError):
+                if moved:
+                    os.remove(dest)
+                if old is not None:
+                    os.replace(old, dest)
+        for folder in reversed(made):  # the adapter folders this save created, empty again
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:

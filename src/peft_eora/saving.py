@@ -22,7 +22,7 @@ from torch import nn
 from .card import build_model_card
 from .config import EoRAConfig
 from .fingerprint import factor_signature, signature_moved
-from .safe_files import README_NAME, PathLike, atomic_directory
+from .safe_files import EORA_CONFIG_NAME, README_NAME, PathLike, atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -67,25 +67,39 @@ def save_pretrained(
     save_directory = os.fspath(save_directory)
     if not is_main_process:
         return save_directory
-    names = eora_adapter_names(model, selected_adapters) or list(getattr(model, "peft_config", {}))
+    configs = getattr(model, "peft_config", {}) or {}
+    saved = list(configs) if selected_adapters is None else [n for n in selected_adapters if n in configs]
+    names = eora_adapter_names(model, selected_adapters) or saved
     mark_fine_tuned(model, names)
     card_kwargs = dict(card_kwargs or {}, repo_id=repo_id)
-    with atomic_directory(save_directory) as tmp:
+    # PEFT writes the default adapter at the top and every other one into a subfolder of its name; an
+    # eora_config.json left there by an earlier save would pass a plain LoRA adapter off as EoRA
+    stale = [os.path.join(_folder(n), EORA_CONFIG_NAME) for n in saved if not isinstance(configs[n], EoRAConfig)]
+    with atomic_directory(save_directory, stale=stale) as tmp:
         _peft_save(
             model, tmp, safe_serialization=True, selected_adapters=selected_adapters, is_main_process=True, **kwargs
         )
-        # PEFT writes the default adapter at the top and every other one into a subfolder of its name:
-        # each gets its EoRA card beside its files
+        # each EoRA adapter gets its card beside its files
         for name in names:
             if name != "default":
-                _write_card(model, name, os.path.join(tmp, name), os.path.join(save_directory, name), None, card_kwargs)
-        if "default" in names or not os.path.isfile(os.path.join(save_directory, README_NAME)):
-            _write_card(model, "default" if "default" in names else names[0], tmp, save_directory, existing_card, card_kwargs)
-        else:  # saving named adapters only: the card at the top stays as it is
+                _write_card(model, name, os.path.join(tmp, name), os.path.join(save_directory, name), None,
+                            dict(card_kwargs, subfolder=name))
+        if "default" in names:
+            _write_card(model, "default", tmp, save_directory, existing_card, card_kwargs)
+        elif "default" in saved:  # a plain LoRA at the top: PEFT's card (in tmp) describes it
+            pass
+        elif not os.path.isfile(os.path.join(save_directory, README_NAME)):  # named ones only, no card yet
+            _write_card(model, names[0], tmp, save_directory, existing_card, dict(card_kwargs, subfolder=names[0]))
+        else:  # named adapters only: the card at the top stays as it is
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(tmp, README_NAME))
     logger.info("Saved EoRA adapter(s) %s to %s", names, save_directory)
     return save_directory
+
+
+def _folder(adapter_name: str) -> str:
+    """Where PEFT saves ``adapter_name`` in a save directory: the top for ``"default"``, else its own folder."""
+    return "" if adapter_name == "default" else adapter_name
 
 
 def mark_fine_tuned(model: nn.Module, names: list[str]) -> None:
