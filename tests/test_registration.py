@@ -57,7 +57,10 @@ def test_config_round_trip_is_json(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, phrase",
-    [({"method": "qr"}, "method must be one of"), ({"damping": -1.0}, "damping must be"), ({"use_dora": True}, "DoRA")],
+    [({"method": "qr"}, "method must be one of"), ({"damping": -1.0}, "damping must be"), ({"use_dora": True}, "DoRA"),
+     # initialisations that compute their own factors, and (but EVA) rewrite the base EoRA compensates
+     *[({"init_lora_weights": init}, "rewrite the base weights") for init in ("pissa", "pissa_niter_4", "olora", "corda",
+                                                                            "loftq", "eva")]],
 )
 def test_config_rejects_bad_values(kwargs, phrase):
     with pytest.raises(ValueError, match=phrase):
@@ -88,6 +91,21 @@ def test_import_does_not_need_gptqmodel():
     import sys
 
     code = "import sys; import peft, peft_eora; assert 'gptqmodel' not in sys.modules, 'gptqmodel imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
+
+
+def test_subpackages_are_attributes_of_the_package():
+    """The README's ``peft_eora.quantize.awq_original(...)``, ``peft_eora.prune.prune`` and
+    ``peft_eora.eval.perplexity`` work after a bare ``import peft_eora`` (imported on first use)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, peft_eora\n"
+            "assert 'peft_eora.quantize' not in sys.modules\n"
+            "assert callable(peft_eora.quantize.awq_original) and callable(peft_eora.prune.prune)\n"
+            "assert callable(peft_eora.eval.perplexity) and callable(peft_eora.eval.evaluate_task)\n"
+            "assert 'eval' in dir(peft_eora)\n"
+            "try:\n    peft_eora.nothing_here\nexcept AttributeError:\n    pass\nelse:\n    raise SystemExit(1)\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=600)
 
 

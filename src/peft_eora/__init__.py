@@ -88,11 +88,17 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
         globals()[name] = value
         return value
+    if name in _SUBPACKAGES:  # peft_eora.quantize.awq_original(...) after a bare `import peft_eora`
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+#: The subpackages a user reaches as attributes (``peft_eora.eval.perplexity``), imported on first use.
+_SUBPACKAGES = ("eval", "kernels", "prune", "quantize", "residual")
+
+
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY) | {"PEFT_TYPE"})
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBPACKAGES) | {"PEFT_TYPE"})
 
 
 __all__ = [

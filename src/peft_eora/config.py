@@ -156,6 +156,11 @@ LOGIT_WEIGHTINGS = ("queries_and_keys", "keys", "none")
 DEFAULT_LOGIT_WEIGHTING = "queries_and_keys"
 
 
+#: ``init_lora_weights`` values that compute their own factors (from the base or from data) and, all but EVA,
+#: rewrite the base weights: they cannot be combined with EoRA's factors.
+_OTHER_INITS = ("pissa", "olora", "corda", "loftq", "eva")
+
+
 @dataclass
 class EoRAConfig(LoraConfig):
     """LoRA config whose adapters are initialised by EoRA (arXiv 2410.21271).
@@ -322,6 +327,14 @@ class EoRAConfig(LoraConfig):
     def __post_init__(self) -> None:
         if self.lora_alpha is None:
             self.lora_alpha = self.r
+        init = self.init_lora_weights
+        if isinstance(init, str) and init.lower().startswith(_OTHER_INITS):
+            raise ValueError(
+                f"EoRAConfig(init_lora_weights={init!r}) is not supported: EoRA computes lora_A/lora_B itself, and "
+                f"{init!r} would compute other factors (and PiSSA, OLoRA, CorDA and LoftQ also rewrite the base weights, "
+                "so the residual and the base fingerprint would no longer be the compressed model's). Leave "
+                "init_lora_weights at its default; fine-tune from the EoRA init afterwards if you wish."
+            )
         super().__post_init__()
         from ._peft_compat import _extend_peft_type
 
