@@ -38,6 +38,23 @@ def test_default_targets_every_block_linear_not_lm_head(tiny_llama):
     assert not any("lm_head" in n for n in wrapped)
 
 
+def test_layers_to_transform_selects_blocks_of_the_default_targets(tiny_llama, calib_ids, tmp_path):
+    """PEFT applies ``layers_to_transform`` to lists of targets only; EoRA's default targets are a pattern, so the
+    blocks go into it (and the saved config loads: PEFT refuses ``layers_to_transform`` beside a pattern)."""
+    from peft import PeftModel
+
+    original, quantized = tiny_llama
+    last = original.config.num_hidden_layers - 1
+    pm, stats = _eora(quantized, original, calib_ids, layers_to_transform=[last])
+    wrapped = sorted(n for n, m in pm.named_modules() if isinstance(m, LoraLayer))
+    assert len(wrapped) == len(stats.modules) == 7 and all(f".layers.{last}." in n for n in wrapped)
+    pm.save_pretrained(tmp_path / "one-block")
+    again = PeftModel.from_pretrained(copy.deepcopy(quantized), tmp_path / "one-block")
+    assert sorted(n for n, m in again.named_modules() if isinstance(m, LoraLayer)) == wrapped
+    with pytest.raises(ValueError, match="names no decoder block"):
+        get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, layers_to_transform=[last + 1]))
+
+
 def test_groups_follow_execution_and_shared_inputs(tiny_llama, calib_ids):
     original, quantized = tiny_llama
     pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, init_eora=False))

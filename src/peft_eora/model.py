@@ -93,8 +93,10 @@ def _decoder_path(model: nn.Module) -> Optional[str]:
     return next((name for name, m in model.named_modules() if m is decoder), None)
 
 
-def default_target_modules(model: nn.Module) -> str:
-    """A regex matching every supported linear inside the decoder blocks (not the LM head).
+def default_target_modules(model: nn.Module, layers: Union[int, list[int], None] = None) -> str:
+    """A regex matching every supported linear inside the decoder blocks (not the LM head); with
+    ``layers`` (``EoRAConfig.layers_to_transform``: PEFT applies it to lists of targets only), inside
+    those blocks only.
 
     In a model that holds compressed linears (GPTQ, AWQ, …), the float ``nn.Linear`` layers beside
     them — MoE routers and shared-expert gates, layers the quantizer skipped — carry no compression
@@ -121,7 +123,16 @@ def default_target_modules(model: nn.Module) -> str:
             "EoRA leaves out the float linears beside the compressed ones (no compression residual): %s. Name them "
             "in target_modules to compensate them too.", ", ".join(sorted(set(kinds) - set(compressed))),
         )
-    return rf"(.*\.)?{re.escape(path)}\.\d+\.({'|'.join(_alternatives(suffixes, every))})"
+    if layers is None:
+        index = r"\d+"
+    else:
+        chosen = sorted({int(i) for i in ([layers] if isinstance(layers, int) else layers)})
+        outside = [i for i in chosen if not 0 <= i < len(blocks)]
+        if not chosen or outside:
+            raise ValueError(f"EoRAConfig.layers_to_transform={layers!r} names no decoder block of this model "
+                             f"({len(blocks)} blocks, numbered 0–{len(blocks) - 1}): {outside or 'none given'}.")
+        index = f"({'|'.join(map(str, chosen))})"
+    return rf"(.*\.)?{re.escape(path)}\.{index}\.({'|'.join(_alternatives(suffixes, every))})"
 
 
 def _alternatives(chosen: list[str], every: set[str]) -> list[str]:
@@ -230,7 +241,9 @@ def prepare_for_eora(model: nn.Module, config: Any, adapter_name: str) -> None:
         if not getattr(config, "init_eora", False):  # loading computed factors: same base?
             verify_fingerprint(model, config, adapter_name)
         if config.target_modules is None and not config.target_parameters:
-            config.target_modules = default_target_modules(model)
+            config.target_modules = default_target_modules(model, config.layers_to_transform)
+            # the blocks are in the pattern now; PEFT refuses layers_to_transform beside a pattern on loading
+            config.layers_to_transform = config.layers_pattern = None
             logger.info("EoRA targets: %s", config.target_modules)
 
 
@@ -537,11 +550,18 @@ def initialize_eora_weights(
                                 checkpoint_dir="eora-run", resume=True)             # resumable
         initialize_eora_weights(model, original, calib, forward_dtype="auto")        # bf16 forwards
 
-    ``times`` (a :class:`peft_eora.walker.PhaseTimes`) collects seconds per phase.
+    ``tokenizer`` turns a :class:`CalibrationConfig`'s texts into tokens (default: its own
+    ``tokenizer``, else the original checkpoint's, else the model's); ``batch_size``: calibration
+    rows per block forward; ``times`` (a :class:`peft_eora.walker.PhaseTimes`) collects seconds per
+    phase. Returns the run's :class:`~peft_eora.compensate.CompensationStats` (per module: rank,
+    activation-weighted error before/after, chosen ridge); its summary is kept in the config's
+    ``eora_stats`` (saved with the adapter).
     """
     tuner = getattr(peft_model, "base_model", peft_model)
     if not isinstance(tuner, LoraModel):
         raise TypeError("initialize_eora_weights expects a PeftModel (or LoraModel) made with an EoRAConfig.")
+    if adapter_name not in tuner.peft_config:
+        raise KeyError(f"No adapter named {adapter_name!r}; adapters: {sorted(tuner.peft_config)}.")
     config = tuner.peft_config[adapter_name]
     if not isinstance(config, EoRAConfig):
         raise TypeError(f"Adapter {adapter_name!r} has a {type(config).__name__}; EoRA needs an EoRAConfig.")
