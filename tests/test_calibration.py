@@ -73,6 +73,14 @@ def test_calibration_errors(tmp_path, tokenizer):
         CalibrationConfig(mix=[{"dataset": "builtin:gsm8k", "weight": -1}])
     with pytest.raises(ValueError, match="every source has weight 0"):
         CalibrationConfig(weight=0, mix=[{"dataset": "builtin:gsm8k", "weight": 0}])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(CalibrationError, match="empty.jsonl is empty"):
+        load_calibration_tokens(CalibrationConfig(str(empty), num_samples=1, seq_len=8), tokenizer)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "a"\n')
+    with pytest.raises(CalibrationError, match=r"Could not read the calibration file .*broken.jsonl .*valid"):
+        load_calibration_tokens(CalibrationConfig(str(broken), num_samples=1, seq_len=8), tokenizer)
     short = _ids_file(tmp_path / "short.jsonl", 3, rows=2, length=4)
     spec = CalibrationConfig("builtin:c4", num_samples=4, seq_len=16, mix=[{"dataset": short, "column": "ids"}])
     with pytest.raises(CalibrationError, match=r"has only 10 tokens but num_samples×seq_len \(its share of the mix\) = 2×16"):
@@ -156,6 +164,13 @@ def test_token_batches_accepted_and_checked():
         as_batches(ids.float())
     with pytest.raises(CalibrationError, match="≥ 0"):
         as_batches([{"input_ids": -ids}])
+    # DataLoader(TensorDataset(ids)) yields one-tensor lists; other types are refused saying what is accepted
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loaded = as_batches(DataLoader(TensorDataset(ids), batch_size=2))
+    assert torch.equal(torch.cat([b["input_ids"] for b in loaded]), ids)
+    with pytest.raises(CalibrationError, match="a token-id tensor, a mapping with 'input_ids'"):
+        as_batches([ids.tolist()])
     check_vocabulary(batches, 100)
     with pytest.raises(CalibrationError, match="outside the model's vocabulary \\(50 tokens\\)"):
         check_vocabulary(batches, 50)

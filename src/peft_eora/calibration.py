@@ -59,6 +59,8 @@ def load_documents(source: Union[CalibrationConfig, CalibrationSource]) -> list[
                     raise CalibrationError(
                         f"Calibration file {path} has an unsupported extension; use one of {sorted(_FILE_BUILDERS)}."
                     )
+                if path.stat().st_size == 0:
+                    raise CalibrationError(f"Calibration file {path} is empty: it needs documents to calibrate on.")
                 ds = datasets.load_dataset(builder, data_files={source.split: str(path)}, split=source.split)
         elif name.startswith("builtin:"):
             raise CalibrationError(f"Unknown built-in calibration set {name!r}; choose one of {sorted(BUILTIN_DATASETS)}.")
@@ -67,8 +69,15 @@ def load_documents(source: Union[CalibrationConfig, CalibrationSource]) -> list[
     except CalibrationError:
         raise
     except Exception as exc:  # datasets raises many types; give one actionable message
+        reason = str(exc).strip() or type(exc).__name__
+        if path.exists():
+            raise CalibrationError(
+                f"Could not read the calibration {'folder' if path.is_dir() else 'file'} {path} (split "
+                f"{source.split!r}): {reason}. Check that it is a dataset folder or a valid "
+                f"{'/'.join(sorted(_FILE_BUILDERS))} file with a {source.column!r} column (or set column=/template=)."
+            ) from exc
         raise CalibrationError(
-            f"Could not load calibration dataset {name!r} (split {source.split!r}): {exc}. Pass a local file, "
+            f"Could not load calibration dataset {name!r} (split {source.split!r}): {reason}. Pass a local file, "
             f"one of {sorted(BUILTIN_DATASETS)}, or a Hub id that is cached (offline) / reachable."
         ) from exc
     template = source.template
@@ -223,6 +232,8 @@ def as_batches(data: CalibrationData, tokenizer=None, batch_size: int = 8) -> li
         raise CalibrationError("Pass a CalibrationConfig (e.g. CalibrationConfig(dataset=path)) rather than a bare string.")
     batches: list[Batch] = []
     for item in data:
+        if isinstance(item, (list, tuple)) and len(item) == 1 and isinstance(item[0], torch.Tensor):
+            item = item[0]  # DataLoader(TensorDataset(ids)) yields [ids]
         if isinstance(item, torch.Tensor):
             item = {"input_ids": item}
         elif isinstance(item, Mapping):
@@ -230,7 +241,11 @@ def as_batches(data: CalibrationData, tokenizer=None, batch_size: int = 8) -> li
                 raise CalibrationError(f"Calibration batches need an 'input_ids' entry, got keys {sorted(item)}.")
             item = {k: v for k, v in item.items() if k in ("input_ids", "attention_mask")}
         else:
-            raise CalibrationError(f"Unsupported calibration batch of type {type(item).__name__}.")
+            raise CalibrationError(
+                f"Unsupported calibration batch of type {type(item).__name__}: each batch must be a token-id tensor, "
+                "a mapping with 'input_ids' (and 'attention_mask'), or a one-tensor tuple as DataLoader(TensorDataset(ids)) "
+                "yields."
+            )
         try:
             ids = torch.as_tensor(item["input_ids"])
         except (ValueError, TypeError) as exc:
