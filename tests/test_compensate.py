@@ -128,8 +128,24 @@ def test_config_driven_run_from_checkpoint_dir(tiny_llama, tmp_path, tiny_tokeni
 def test_rank_too_large_fails_before_any_work(tiny_llama, calib_ids):
     original, quantized = tiny_llama
     pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=32, rank_pattern={"k_proj": 32}, init_eora=False))
-    with pytest.raises(ValueError, match=r"rank r=32 is too large for .*k_proj \(32×64\)"):
+    with pytest.raises(ValueError, match=r"rank r=32 is too large for .*k_proj \(32×64\).*every layer here takes "
+                                         r"r ≤ 31.*CLI `--exclude-modules k_proj v_proj`"):
         initialize_eora_weights(pm, original_model=original, calibration=calib_ids, progress=False)
+    # every layer too narrow: excluding them all is no advice, the largest rank that fits is
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=64, init_eora=False))
+    with pytest.raises(ValueError, match=r"r ≤ 31\), .*\(Python API\)\.$") as info:
+        initialize_eora_weights(pm, original_model=original, calibration=calib_ids, progress=False)
+    assert "exclude" not in str(info.value)
+
+
+def test_the_same_model_as_original_and_compressed_is_said(tiny_llama, calib_ids):
+    """No residual anywhere (the original passed as the compressed model too): every adapter is a zero update, and
+    the user is told the inputs look swapped or the same rather than handed a silent no-op."""
+    original, _ = tiny_llama
+    with pytest.warns(UserWarning, match="identical in all 14 adapted layers"):
+        pm, stats = _eora(original, original, calib_ids, damping="auto")
+    assert all(m.error_before == 0 for m in stats.modules)
+    assert all(float(m.lora_B["default"].weight.abs().max()) == 0 for m in pm.modules() if isinstance(m, LoraLayer))
 
 
 def test_mismatched_original_names_the_module(tiny_llama, calib_ids):

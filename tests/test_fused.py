@@ -7,6 +7,7 @@ the interpreter). Stated tolerance (documented in ``peft_eora.fused``): max |fus
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import subprocess
@@ -473,6 +474,15 @@ def test_dora_is_not_fused():
     pm.base_model.model.q.lora_variant["default"] = object()  # stands in for a DoRA/QALoRA variant
     report = fuse(pm)
     assert "variant" in report.skipped["base_model.model.q"]
+
+
+def test_fusing_a_model_without_gptq_layers_says_so(tiny_llama):
+    """A dense (or bnb, AWQ, ...) base has nothing the fused path serves: an empty report, and a warning saying why."""
+    _, quantized = tiny_llama
+    pm = get_peft_model(copy.deepcopy(quantized), LoraConfig(r=4, target_modules=["q_proj"])).eval()
+    with pytest.warns(UserWarning, match="no GPTQ LoRA layer to fuse"):
+        report = fuse(pm)
+    assert not report.fused and not report.skipped
 
 
 def test_fused_model_compiles():

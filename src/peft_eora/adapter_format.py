@@ -15,7 +15,7 @@ time. With peft-eora imported, a LoRA folder with a matching ``eora_config.json`
 :class:`~peft_eora.EoRAConfig` instead: the base fingerprint is checked and the EoRA metadata kept
 (see :mod:`peft_eora._peft_compat`). Quantized adapters need peft-eora to unpack their codes; their
 ``peft_type`` is a sentence that stock PEFT reports as ``KeyError: '<that sentence>'``. Adapters
-saved by peft-eora 0.1.0 (everything in ``adapter_config.json``, ``peft_type: "EORA"``) still load.
+in the first, single-file layout (everything in ``adapter_config.json``, ``peft_type: "EORA"``) still load.
 
     >>> adapter, sidecar = split(config.to_dict())     # what EoRAConfig.save_pretrained writes
     >>> merge(adapter, sidecar, "eora-adapter")        # the keyword arguments of EoRAConfig
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "peft-eora"
 FORMAT_VERSION = 1
-#: ``peft_type`` of adapters saved by peft-eora 0.1.0 (all fields in adapter_config.json).
+#: ``peft_type`` of adapters in the first, single-file layout (all fields in adapter_config.json).
 LEGACY_PEFT_TYPE = "EORA"
 #: ``peft_type`` of int8/int4 adapters: stock PEFT cannot unpack their codes and says ``KeyError: '<this>'``.
 QUANTIZED_PEFT_TYPE = "EORA-INT8/INT4 adapter: install peft-eora (pip install peft-eora) and import peft_eora to load it"
@@ -83,7 +83,7 @@ def split(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 def merge(adapter: dict[str, Any], sidecar: Optional[dict[str, Any]], where: str) -> dict[str, Any]:
     """The keyword arguments of ``EoRAConfig`` from ``adapter_config.json`` and ``eora_config.json``.
 
-    ``sidecar`` is ``None`` for adapters saved by peft-eora 0.1.0. Raises
+    ``sidecar`` is ``None`` for adapters in the first, single-file layout. Raises
     :class:`~peft_eora.AdapterFileError` naming ``where`` when the files are not an EoRA adapter
     this version can read.
     """

@@ -245,22 +245,30 @@ def validate(targets: list[Target], original: OriginalWeights, check_ranks: bool
     regex = any(key != key.replace("\\d+", "") for key in kinds)
     exclude = (f"exclude_modules=r'(.*\\.)?({'|'.join(kinds)})'" if regex  # PEFT matches a str as a whole regex
                else f"exclude_modules={list(kinds)!r}")
+    # what fits every layer; excluding is no advice where it would leave nothing to adapt
+    largest = min(min(t.shape) for t in targets) - 1
+    lower = f"Lower `r` (CLI `--rank`; every layer here takes r ≤ {largest})"
+    cli = "" if regex else f" (CLI `--exclude-modules {' '.join(kinds)}`)"
+
+    def leave(them: str) -> str:
+        return "" if len(narrow) == len(targets) else f", or leave {them} out with `{exclude}`{cli}"
+
     if len(kinds) == 1 and not regex:
         key, t = next(iter(first.items()))
         raise ValueError(
             f"EoRA rank r={t.rank} is too large for {t.name} ({t.shape[0]}×{t.shape[1]}): it must be smaller than "
-            f"min(out, in) = {min(t.shape)}. Lower `r`, give {'this module' if len(kinds[key]) == 1 else 'these modules'} "
-            f"a smaller rank with `rank_pattern={{{_shown(key)}: <r>}}`, or leave {'it' if len(kinds[key]) == 1 else 'them'} "
-            f"out with `{exclude}`."
+            f"min(out, in) = {min(t.shape)}. {lower}, give {'this module' if len(kinds[key]) == 1 else 'these modules'} "
+            f"a smaller rank with `rank_pattern={{{_shown(key)}: <r>}}` (Python API)"
+            f"{leave('it' if len(kinds[key]) == 1 else 'them')}."
         )
     ranks = {t.rank for t in first.values()}
     one = len(ranks) == 1  # the same r everywhere: said once
     layers = ", ".join(f"{t.name} ({t.shape[0]}×{t.shape[1]}{'' if one else f', r={t.rank}'})" for t in first.values())
     raise ValueError(
         f"EoRA {f'rank r={ranks.pop()} is' if one else 'ranks are'} too large for {len(kinds)} kind"
-        f"{'s' if len(kinds) > 1 else ''} of layer: {layers}; a rank must be smaller than min(out, in). Lower `r`, "
-        f"give them smaller ranks with `rank_pattern={{{', '.join(f'{_shown(k)}: <r>' for k in kinds)}}}`, or leave them "
-        f"out with `{exclude}`."
+        f"{'s' if len(kinds) > 1 else ''} of layer: {layers}; a rank must be smaller than min(out, in). {lower}, "
+        f"give them smaller ranks with `rank_pattern={{{', '.join(f'{_shown(k)}: <r>' for k in kinds)}}}` (Python API)"
+        f"{leave('them')}."
     )
 
 
@@ -677,6 +685,13 @@ def compensate(
         "EoRA (%s, damping %s): %d modules in %.1f s over %d tokens", method, stats.damping, len(stats.modules),
         stats.seconds, stats.tokens,
     )
+    if stats.modules and all(m.error_before == 0 for m in stats.modules):
+        warnings.warn(
+            f"The original and compressed weights are identical in all {len(stats.modules)} adapted layers: there is "
+            "no compression error to compensate, and every adapter is a zero update. Is original_model the "
+            "uncompressed checkpoint, and the model the compressed one?",
+            UserWarning, stacklevel=3,
+        )
     return stats
 
 
@@ -694,7 +709,7 @@ def _oom_error(exc: BaseException, stats: CompensationStats, device: Any) -> EoR
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return EoRAOutOfMemoryError(
         f"Out of GPU memory in decoder block {where} ({first}). Lower the calibration batch size "
-        "(initialize_eora_weights(batch_size=...), CLI --batch-size), the calibration tokens (num_samples × seq_len), "
+        "(initialize_eora_weights(batch_size=...), CLI --calib-batch-size), the calibration tokens (num_samples × seq_len), "
         "or keep the model on the CPU so that only one block at a time visits the GPU (execution_device='cuda'). "
         "No adapter was changed."
     )

@@ -407,7 +407,7 @@ class EoRAConfig(LoraConfig):
             >>> EoRAConfig.from_pretrained("me/smollm2-gptq4-eora", revision="<commit sha>")
 
         Reads ``adapter_config.json`` and ``eora_config.json`` (or the single file of adapters
-        saved by peft-eora 0.1.0). Also checks the adapter weights: ``adapter_model.safetensors``
+        in the first, single-file layout). Also checks the adapter weights: ``adapter_model.safetensors``
         must be intact (a truncated or corrupted file raises :class:`peft_eora.AdapterFileError`
         naming it) and a pickle file is never loaded. ``allow_base_mismatch=True`` is honoured as
         a loading keyword; ``kwargs`` may hold Hub download options (``revision``, ``token``, …).

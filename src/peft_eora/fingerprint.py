@@ -364,7 +364,8 @@ def verify_fingerprint(model: nn.Module, config: Any, adapter_name: str = "defau
         return current
     raise BaseMismatchError(
         message + ", or pass allow_base_mismatch=True (PeftModel.from_pretrained(model, path, "
-        "allow_base_mismatch=True), or set it on the EoRAConfig) to load it anyway."
+        "allow_base_mismatch=True), or set it on the EoRAConfig; `peft-eora eval --allow-base-mismatch` on the "
+        "command line) to load it anyway."
     )
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -406,6 +407,11 @@ def fuse(
             setattr(parent, child, _FUSED_CLASS[type(module)].from_peft(module, adapter, backend, bits))
         report.fused.append(name)
     logger.info("fused %d GPTQ LoRA layer(s), skipped %d", len(report.fused), len(report.skipped))
+    if not report.fused and not report.skipped:
+        warnings.warn(
+            "fuse() found no GPTQ LoRA layer to fuse: the fused path serves adapters on GPTQ bases (gptqmodel's "
+            "layers or peft_eora's GPTQLinear); other bases keep PEFT's forward.", UserWarning, stacklevel=2,
+        )
     return report
 
 

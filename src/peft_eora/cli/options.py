@@ -25,8 +25,24 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """Option help ends with its default where there is one to say (not None, False or an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or default in (None, False, argparse.SUPPRESS) or default == []
+                or not action.option_strings or action.nargs == 0):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (``prog: error: message (see --help)``)."""
+    """argparse with one-line errors (``prog: error: message (see --help)``) and defaults in option help."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpWithDefaults)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
