@@ -219,6 +219,25 @@ def test_transformers_load_adapter_with_peft_eora_checks_the_base(models, saved)
         copy.deepcopy(quantized).load_adapter(str(saved["int8"]))  # transformers cannot unpack int8 codes
 
 
+def test_a_sidecar_written_before_its_weights_records_no_digest(models, saved, tmp_path):
+    """transformers' save_pretrained writes the config before the weights (PEFT the other way round): a sidecar
+    written then records no weights digest (one of the older file there would misjudge the new weights), so the
+    folder loads as EoRA, silently; peft-eora's own save records the digest once both are written."""
+    import warnings
+
+    _, quantized, eora = models
+    folder = tmp_path / "config-first"
+    shutil.copytree(saved["int8"], folder)  # an older adapter: other weights in the folder
+    eora["float"].peft_config["default"].save_pretrained(str(folder))  # the config first ...
+    shutil.copy2(saved["float"] / "adapter_model.safetensors", folder / "adapter_model.safetensors")  # ... then weights
+    assert "weights_sha256" not in json.loads((folder / "eora_config.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model = PeftModel.from_pretrained(copy.deepcopy(quantized), folder)
+    assert isinstance(model.peft_config["default"], EoRAConfig)
+    assert (logits(model.eval()) - logits(eora["float"])).abs().max().item() <= 1e-5
+
+
 def test_lm_eval_loading_path_with_peft_eora(models, saved):
     _, quantized, eora = models
     for name in ("float", "int8"):

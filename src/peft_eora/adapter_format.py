@@ -135,20 +135,32 @@ def weights_digest(path: PathLike) -> str:
 
 
 def write_split(directory: PathLike) -> None:
-    """Rewrite the full EoRA ``adapter_config.json`` PEFT saved in ``directory`` as the two files (atomically).
-
-    The sidecar records the SHA-256 of ``adapter_model.safetensors`` beside it (PEFT writes the weights
-    before the config), so that weights another tool writes over it later are not taken for EoRA's."""
-    from .safe_files import SAFETENSORS_WEIGHTS_NAME, atomic_write_text
+    """Rewrite the full EoRA ``adapter_config.json`` PEFT saved in ``directory`` as the two files (atomically)."""
+    from .safe_files import atomic_write_text
 
     path = os.path.join(os.fspath(directory), CONFIG_NAME)
     with open(path, encoding="utf-8") as f:
         adapter, sidecar = split(json.load(f))
-    weights = os.path.join(os.fspath(directory), SAFETENSORS_WEIGHTS_NAME)
-    if os.path.isfile(weights):
-        sidecar["weights_sha256"] = weights_digest(weights)
     atomic_write_text(os.path.join(os.fspath(directory), EORA_CONFIG_NAME), json.dumps(sidecar, indent=2, sort_keys=True))
     atomic_write_text(path, json.dumps(adapter, indent=2, sort_keys=True))
+
+
+def record_weights_digest(directory: PathLike) -> bool:
+    """Add the SHA-256 of ``adapter_model.safetensors`` to the ``eora_config.json`` beside it (atomically), once
+    both are written: weights another tool writes over it later are then not taken for EoRA's. Returns whether
+    both files were there. peft-eora's save calls it after PEFT's; a sidecar without it (written by
+    transformers' ``save_pretrained``, which writes the config before the weights) is not checked."""
+    from .safe_files import SAFETENSORS_WEIGHTS_NAME, atomic_write_text
+
+    sidecar_path = os.path.join(os.fspath(directory), EORA_CONFIG_NAME)
+    weights = os.path.join(os.fspath(directory), SAFETENSORS_WEIGHTS_NAME)
+    if not (os.path.isfile(sidecar_path) and os.path.isfile(weights)):
+        return False
+    with open(sidecar_path, encoding="utf-8") as f:
+        sidecar = json.load(f)
+    sidecar["weights_sha256"] = weights_digest(weights)
+    atomic_write_text(sidecar_path, json.dumps(sidecar, indent=2, sort_keys=True))
+    return True
 
 
 def read(model_id: PathLike, subfolder: Optional[str] = None, **kwargs: Any) -> dict[str, Any]:

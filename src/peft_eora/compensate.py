@@ -246,12 +246,14 @@ def validate(targets: list[Target], original: OriginalWeights, check_ranks: bool
     exclude = (f"exclude_modules=r'(.*\\.)?({'|'.join(kinds)})'" if regex  # PEFT matches a str as a whole regex
                else f"exclude_modules={list(kinds)!r}")
     # what fits every layer; excluding is no advice where it would leave nothing to adapt
-    largest = min(min(t.shape) for t in targets) - 1
-    lower = f"Lower `r` (CLI `--rank`; every layer here takes r ≤ {largest})"
+    largest = min(min(t.shape) for t in targets) - 1  # < 1: some layer (a 1-output gate) holds no rank at all
+    lower = "Lower `r` (CLI `--rank`" + (f"; every layer here takes r ≤ {largest})" if largest >= 1 else ")")
     cli = "" if regex else f" (CLI `--exclude-modules {' '.join(kinds)}`)"
 
     def leave(them: str) -> str:
-        return "" if len(narrow) == len(targets) else f", or leave {them} out with `{exclude}`{cli}"
+        if len(narrow) == len(targets) and largest >= 1:  # a lower r fits them all: excluding all is no advice
+            return ""
+        return f", or leave {them} out with `{exclude}`{cli}"
 
     if len(kinds) == 1 and not regex:
         key, t = next(iter(first.items()))

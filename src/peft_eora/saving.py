@@ -19,6 +19,7 @@ from typing import Any, Optional
 from huggingface_hub import ModelCard
 from torch import nn
 
+from .adapter_format import record_weights_digest
 from .card import build_model_card
 from .config import EoRAConfig
 from .fingerprint import factor_signature, signature_moved
@@ -79,6 +80,8 @@ def save_pretrained(
         _peft_save(
             model, tmp, safe_serialization=True, selected_adapters=selected_adapters, is_main_process=True, **kwargs
         )
+        for name in eora_adapter_names(model, saved):  # the weights each sidecar was written with
+            record_weights_digest(os.path.join(tmp, _folder(name)))
         # each EoRA adapter gets its card beside its files
         for name in names:
             if name != "default":
