@@ -14,6 +14,12 @@ namespace {
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
+// Every tensor the kernel reads must sit on x's GPU (a host or peer pointer would be read as device memory).
+void check_device(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), "peft_eora: ", name, " is on ", t.device(), ", x on ", x.device(),
+              ": move both to one GPU");
+}
+
 template <typename T>
 void dispatch_bits(Params& p, int bits, int options, int64_t ws_ints, int device, cudaStream_t stream) {
   switch (bits) {
@@ -51,6 +57,9 @@ at::Tensor gptq_lora_forward(const at::Tensor& x, const at::Tensor& qweight, con
                   scales.size(1) == N,
               "peft_eora: scales must be contiguous [groups, out] with x's dtype");
   const int64_t G = scales.size(0);
+  check_device(qweight, x, "qweight");
+  check_device(qzeros, x, "qzeros");
+  check_device(scales, x, "scales");
   TORCH_CHECK(qzeros.scalar_type() == at::kInt && qzeros.is_contiguous() && qzeros.dim() == 2 && qzeros.size(0) == G &&
                   qzeros.size(1) * 32 >= N * bits,
               "peft_eora: qzeros must be contiguous int32 [groups, ceil(out*bits/32)]");
@@ -63,8 +72,11 @@ at::Tensor gptq_lora_forward(const at::Tensor& x, const at::Tensor& qweight, con
   if (g_idx.has_value() && g_idx->defined()) {
     gidx = g_idx->to(at::kInt).contiguous();
     TORCH_CHECK(gidx.numel() == K, "peft_eora: g_idx must have in_features entries");
+    check_device(gidx, x, "g_idx");  // its values (< groups) are the caller's to keep: checking them would sync
   } else {
     if (group_size <= 0) group_size = K;
+    TORCH_CHECK(G == (K + group_size - 1) / group_size, "peft_eora: scales has ", G, " groups; in_features ", K,
+                " in groups of ", group_size, " needs ", (K + group_size - 1) / group_size);
     if (group_size % 32 != 0) {  // groups not aligned to 32-row blocks: per-row group lookup
       gidx = at::div(at::arange(K, x.options().dtype(at::kInt)), group_size, "floor").to(at::kInt);
     }
@@ -80,6 +92,7 @@ at::Tensor gptq_lora_forward(const at::Tensor& x, const at::Tensor& qweight, con
   at::Tensor bias_c;
   if (bias.has_value() && bias->defined()) {
     bias_c = bias->contiguous();
+    check_device(bias_c, x, "bias");
     TORCH_CHECK(bias_c.scalar_type() == x.scalar_type() && bias_c.numel() == N,
                 "peft_eora: bias must have x's dtype and out_features entries");
     p.bias = bias_c.data_ptr();
@@ -98,6 +111,8 @@ at::Tensor gptq_lora_forward(const at::Tensor& x, const at::Tensor& qweight, con
     TORCH_CHECK(lora_b.has_value() && lora_b->defined(), "peft_eora: lora_a given without lora_b");
     a_c = lora_a->contiguous();
     b_c = lora_b->contiguous();
+    check_device(a_c, x, "lora_a");
+    check_device(b_c, x, "lora_b");
     const int64_t R = a_c.size(0);
     TORCH_CHECK(R >= 1 && R <= kMaxRank, "peft_eora: rank must be in [1, ", kMaxRank, "], got ", R);
     TORCH_CHECK(b_c.dim() == 2 && b_c.size(0) == N, "peft_eora: lora_b must be [out, r]");
@@ -123,6 +138,8 @@ at::Tensor gptq_lora_forward(const at::Tensor& x, const at::Tensor& qweight, con
       TORCH_CHECK(lora_a_scale.has_value() && lora_b_scale.has_value(), "peft_eora: quantized LoRA needs scales");
       sa_c = lora_a_scale->to(at::kFloat).contiguous();
       sb_c = lora_b_scale->to(at::kFloat).contiguous();
+      check_device(sa_c, x, "lora_a_scale");
+      check_device(sb_c, x, "lora_b_scale");
       TORCH_CHECK(sb_c.numel() == N, "peft_eora: lora_b_scale must be [out]");
       if (sa_c.dim() == 2) {  // grouped: [r, K / group]
         TORCH_CHECK(sa_c.size(0) == R && sa_c.size(1) > 0 && K % sa_c.size(1) == 0 && (K / sa_c.size(1)) % 8 == 0,

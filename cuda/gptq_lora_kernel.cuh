@@ -953,10 +953,17 @@ __device__ __forceinline__ void prefetch_b_rows(const Params& p, int tile) {
   const size_t row_bytes = b_row_bytes(p.lora_bits, p.R);
   const int n0 = tile * kTileN;
   const int n1 = min(p.N, n0 + kTileN);
-  const size_t begin = (static_cast<size_t>(n0) * row_bytes) & ~static_cast<size_t>(127);
-  const size_t end = static_cast<size_t>(n1) * row_bytes;
+  // whole 128-byte lines of the rows' addresses (lora_b is only 16-byte aligned: rounding the offset would
+  // straddle lines and miss the last one); the first line starts at most 112 bytes before the rows, inside
+  // the allocation's 512-byte-aligned block
   const char* base = reinterpret_cast<const char*>(p.lora_b);
-  for (size_t off = begin + static_cast<size_t>(threadIdx.x) * 128; off < end; off += static_cast<size_t>(kThreads) * 128)
+  const uintptr_t first = reinterpret_cast<uintptr_t>(base + static_cast<size_t>(n0) * row_bytes);
+  // signed: the first line may begin before base (n0 = 0)
+  const intptr_t begin = static_cast<intptr_t>(first & ~static_cast<uintptr_t>(127)) -
+                         static_cast<intptr_t>(reinterpret_cast<uintptr_t>(base));
+  const intptr_t end = static_cast<intptr_t>(static_cast<size_t>(n1) * row_bytes);
+  for (intptr_t off = begin + static_cast<intptr_t>(threadIdx.x) * 128; off < end;
+       off += static_cast<intptr_t>(kThreads) * 128)
     prefetch_l2(base + off);
 }
 

@@ -434,11 +434,11 @@ def test_auto_tests_each_groups_fit_covariance_once(tiny_llama, calib_ids, monke
     the shared answer gives the ridges, statistics and factors of testing per member."""
     from peft_eora import compensate
 
-    tested: list[int] = []
+    tested: list[tuple[int, ...]] = []
     real = compensate.is_cut_free
 
     def spy(H_fit, *args, **kwargs):
-        tested.append(id(H_fit))
+        tested.append(tuple(H_fit.shape))
         return real(H_fit, *args, **kwargs)
 
     monkeypatch.setattr(compensate, "is_cut_free", spy)
@@ -446,7 +446,8 @@ def test_auto_tests_each_groups_fit_covariance_once(tiny_llama, calib_ids, monke
     pm, shared = _eora(quantized, original, calib_ids, damping="auto")
     blocks, _ = find_targets(pm.base_model.model, "default")
     # groups of a block (value weighting on): [q, k], [v], [o], [gate, up], [down]; each H_fit once
-    assert len(tested) == 5 * len(blocks) and len(set(tested)) == len(tested)
+    hidden, inner = original.config.hidden_size, original.config.intermediate_size
+    assert sorted(tested) == sorted([(hidden, hidden)] * 4 * len(blocks) + [(inner, inner)] * len(blocks)), tested
     assert {m.damping for m in shared.modules} - {math.inf}, "no layer took a finite ridge: the test proves nothing"
     monkeypatch.setattr(compensate._HeldOut, "cut_free", lambda self, eig_rtol: None)  # each member tests again
     pm_ref, ref = _eora(quantized, original, calib_ids, damping="auto")

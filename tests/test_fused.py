@@ -121,6 +121,38 @@ def test_fused_matches_unfused_torch_path(dtype, tol):
     assert isinstance(q, FusedGPTQLoraLinear) and q._fused_cache
 
 
+def test_a_layer_first_called_inside_graph_capture_keeps_peft_forward_there(monkeypatch, caplog):
+    """Copies (and the CUDA kernel's zeroed workspace) made inside CUDA graph capture exist only once the graph
+    replays: a fused layer not yet prepared runs PEFT's forward in the capture and prepares nothing, so the next
+    eager call prepares its copies for real; a prepared layer is captured fused. The workspace is never made in a
+    capture (one error naming the warm-up). Capture is mimicked on the CPU."""
+    import peft_eora.fused as fused_mod
+    from peft_eora.kernels import ops
+
+    pm = peft_model()
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        ref = pm(x)
+        fuse(pm, backend="torch")
+        q = pm.base_model.model.q
+        called = []
+        real_op = ops.gptq_lora_linear_eager
+        monkeypatch.setattr(ops, "gptq_lora_linear_eager", lambda *a, **k: called.append(1) or real_op(*a, **k))
+        monkeypatch.setattr(fused_mod, "_capturing", lambda t: True)
+        with caplog.at_level("WARNING", logger="peft_eora.fused"):
+            assert rel_err(pm(x), ref) <= F32_TOL
+        assert not called and not q._fused_cache and "captured with PEFT's forward" in caplog.text
+        monkeypatch.setattr(fused_mod, "_capturing", lambda t: False)
+        assert rel_err(pm(x), ref) <= F32_TOL and called and q._fused_cache  # eager: fused, prepared
+        called.clear()
+        monkeypatch.setattr(fused_mod, "_capturing", lambda t: True)
+        assert rel_err(pm(x), ref) <= F32_TOL and called  # prepared before: captured fused
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(ops, "_workspaces", {})
+    with pytest.raises(RuntimeError, match="workspace made before CUDA graph capture"):
+        ops._workspace(torch.device("cuda", 0), 1024)
+
+
 TRITON_CPU = _triton_cpu()
 
 

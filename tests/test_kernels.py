@@ -1168,6 +1168,29 @@ def test_gpu_cuda_graph_of_each_launch_variant(forced, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+def test_gpu_wide_rank_captured_at_a_larger_batch_than_its_warm_up(monkeypatch):
+    """r = 512 needs a workspace wider than the default one. Warmed up at batch 1 and captured at batch 16, it
+    was sized for batch 16 at the warm-up, so nothing is made (and left unzeroed) inside the capture, and eager
+    calls after the capture give what the graph gives. A review found the regrowth inside capture (2026-12-07)."""
+    monkeypatch.setenv(ops.ENV_CUDA_AUTOTUNE, "0")  # one variant: graph and eager bit for bit
+    monkeypatch.setattr(ops, "_workspaces", {})
+    args, kw = _gpu_case(4, 128, False, 512, 1, 16, torch.float16, (2048, 2048))
+    torch.ops.peft_eora.gptq_lora_linear(*args, **kw, backend="cuda")  # the warm-up, batch 1
+    big = (torch.randn(16, 2048, device="cuda", dtype=torch.float16), *args[1:])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = torch.ops.peft_eora.gptq_lora_linear(*big, **kw, backend="cuda")
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = torch.ops.peft_eora.gptq_lora_linear(*big, **kw, backend="cuda")
+    assert torch.equal(captured, eager)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 def test_gpu_backend_auto_prefers_cuda_then_triton():
     x = torch.randn(1, 256, device="cuda", dtype=torch.float16)
     assert ops.select_backend(x, 4, None, 16) in ("cuda", "triton")

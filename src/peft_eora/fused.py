@@ -83,7 +83,12 @@ _MODULE_INTERNALS = (
     "_modules",
 )
 _FUSED_ATTRS = ("_fused_original", "_fused_adapter", "_fused_backend", "_fused_adapter_bits", "_fused_meta",
-                "_fused_cache")
+                "_fused_cache", "_capture_warned")
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether ``x``'s stream is being captured into a CUDA graph."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 @dataclass
@@ -218,6 +223,7 @@ class FusedGPTQLoraLinear(GPTQLoraLinear):
         object.__setattr__(self, "_fused_adapter_bits", int(adapter_bits))
         object.__setattr__(self, "_fused_meta", _base_meta(self.get_base_layer()))
         object.__setattr__(self, "_fused_cache", {})
+        object.__setattr__(self, "_capture_warned", False)
 
     @property
     def original(self) -> GPTQLoraLinear:
@@ -270,16 +276,23 @@ class FusedGPTQLoraLinear(GPTQLoraLinear):
         return (get(base, "qweight"), get(base, "qzeros"), get(base, "scales"), get(base, "g_idx"), get(base, "bias"),
                 lora_a._parameters.get("weight"), lora_b._parameters.get("weight"), lora_b._parameters.get("bias"))
 
+    def _cached(self, x: torch.Tensor) -> Optional[dict[str, Any]]:
+        """The prepared copies for ``x``'s dtype and device if the layer's tensors are unchanged since, else None."""
+        cached = self._fused_cache.get((x.dtype, x.device))
+        if cached is not None and float(self.scaling[self._fused_adapter]) == cached["scaling"] and (
+            torch.compiler.is_compiling()  # data_ptr/_version are not traceable: the scaling is (a float)
+            or _stamps(self._sources()) == cached["stamps"]
+        ):
+            return cached  # the same tensors (the entry holds them: ids stay theirs), unchanged since
+        return None
+
     def _prepared(self, x: torch.Tensor) -> dict[str, Any]:
-        key = (x.dtype, x.device)
-        cached = self._fused_cache.get(key)
-        scaling = float(self.scaling[self._fused_adapter])
+        cached = self._cached(x)
         if cached is not None:
-            if scaling == cached["scaling"] and (
-                torch.compiler.is_compiling()  # data_ptr/_version are not traceable: the scaling is (a float)
-                or _stamps(self._sources()) == cached["stamps"]
-            ):
-                return cached  # the same tensors (the entry holds them: ids stay theirs), unchanged since
+            return cached
+        key = (x.dtype, x.device)
+        scaling = float(self.scaling[self._fused_adapter])
+        if self._fused_cache:
             object.__setattr__(self, "_fused_meta", _base_meta(self.get_base_layer()))  # g_idx may have changed
         self._fused_cache.clear()  # one live copy: dtype/device or the layer's tensors changed
         meta = self._fused_meta
@@ -320,6 +333,15 @@ class FusedGPTQLoraLinear(GPTQLoraLinear):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args or kwargs or not self._can_fuse_call(x):
+            return super().forward(x, *args, **kwargs)
+        if _capturing(x) and self._cached(x) is None:
+            # copies made (and a kernel workspace zeroed) inside CUDA graph capture only exist once the graph
+            # replays: later eager calls would read them unset. This graph keeps PEFT's forward; a layer called
+            # eagerly once before capture (the usual warm-up) is captured fused.
+            if not self._capture_warned:
+                object.__setattr__(self, "_capture_warned", True)
+                logger.warning("fused layer first called inside CUDA graph capture: captured with PEFT's forward; "
+                               "run one eager forward before capturing to capture the fused kernel")
             return super().forward(x, *args, **kwargs)
         p = self._prepared(x)
         meta = self._fused_meta

@@ -170,10 +170,19 @@ def select_backend(
 
 
 def _workspace(device: torch.device, ints: int) -> Tensor:
-    """Per-device int32 workspace of the in-kernel barrier (zero-initialised; the kernel resets it)."""
+    """Per-device int32 workspace of the in-kernel barrier (zero-initialised; the kernel resets it).
+
+    Sized by the caller for the largest batch (:data:`CUDA_MAX_M`), so it grows only for a wider rank.
+    Never made inside CUDA graph capture: zeroing it there would only be recorded, and an eager call
+    after would find it unset (the fused layers run PEFT's forward in a capture they were not warmed up for)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     ws = _workspaces.get(index)
     if ws is None or ws.numel() < ints:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "peft_eora's CUDA kernel needs its workspace made before CUDA graph capture: call the layer (or "
+                "gptq_lora_linear with this rank) once eagerly on this device before capturing."
+            )
         with _ws_lock:
             ws = _workspaces.get(index)
             if ws is None or ws.numel() < ints:
@@ -215,7 +224,7 @@ def _run_cuda(
     if g_idx is not None:
         g_idx = _aligned(g_idx.to(torch.int32))
     rank = lora_a.shape[0] if lora_a is not None else 0
-    ws = _workspace(x.device, ext.workspace_ints(x2.shape[0], rank, scales.shape[1]))
+    ws = _workspace(x.device, ext.workspace_ints(CUDA_MAX_M, rank, scales.shape[1]))  # any batch: no regrowth
     forced = (
         (_OPT_TWO_PASS if _env_flag(ENV_TWO_PASS) else 0)
         | (_OPT_LORA_IN_EPILOGUE if _env_flag(ENV_LORA_IN_EPILOGUE) else 0)
