@@ -148,6 +148,21 @@ def test_the_same_model_as_original_and_compressed_is_said(tiny_llama, calib_ids
     assert all(float(m.lora_B["default"].weight.abs().max()) == 0 for m in pm.modules() if isinstance(m, LoraLayer))
 
 
+def test_an_in_memory_original_with_offloaded_weights_is_refused_up_front(tiny_llama, calib_ids):
+    """accelerate leaves offloaded weights on the meta device: such an original cannot be read from the module, so
+    it is refused before any block is computed (it used to fail mid-walk), pointing at its checkpoint folder."""
+    from peft_eora.original import OriginalWeights
+
+    original, quantized = tiny_llama
+    layer = original.model.layers[1].mlp.up_proj
+    layer.weight = torch.nn.Parameter(torch.empty_like(layer.weight, device="meta"), requires_grad=False)
+    with pytest.raises(ModelMismatchError, match="offloaded by accelerate .*up_proj.*checkpoint's folder"):
+        OriginalWeights.from_module(original)
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, damping=0.01))
+    with pytest.raises(ModelMismatchError, match="offloaded"):
+        initialize_eora_weights(pm, original_model=original, calibration=calib_ids, progress=False)
+
+
 def test_mismatched_original_names_the_module(tiny_llama, calib_ids):
     original, quantized = tiny_llama
     from tiny_models import tiny_llama_pair

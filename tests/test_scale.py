@@ -314,6 +314,39 @@ def test_checkpoint_refuses_other_runs_and_unrequested_resumes(tiny_llama, calib
     with pytest.raises(CheckpointMismatchError, match="adapter_bits"):
         _eora(quantized, original, calib_ids, checkpoint_dir=str(tmp_path / "run"), resume=True,
               config={"adapter_bits": 8})
+    # another original of the same architecture: its finished blocks must not be kept (a review found them kept)
+    from tiny_models import tiny_llama_pair
+
+    with pytest.raises(CheckpointMismatchError, match="original"):
+        _eora(quantized, tiny_llama_pair(seed=1)[0], calib_ids, checkpoint_dir=str(tmp_path / "run"), resume=True)
+    # the same tokens cut into other batches: the saved block inputs are per batch
+    with pytest.raises(CheckpointMismatchError, match="calibration"):
+        _eora(quantized, original, calib_ids.reshape(-1, calib_ids.shape[1] // 2), checkpoint_dir=str(tmp_path / "run"),
+              resume=True)
+
+
+def test_a_layer_called_twice_in_one_forward_is_collected_once_on_both_walks(calib_ids, monkeypatch):
+    """A target layer run twice in one forward: its first input counts, and the parked walk (one forward per batch,
+    paused per group: the CPU default) pauses once for it, as the per-group walk collects it once. Both give the
+    same factors. The parked walk used to pause at every call, run ahead of its groups and stop with an error."""
+    from transformers.models.llama import modeling_llama
+
+    from peft_eora import walker
+    from tiny_models import tiny_llama_pair
+
+    def forward(self, x):
+        self.up_proj(x)  # an extra call, its result unused
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", forward)
+    original, quantized = tiny_llama_pair(layers=2)
+    parked, stats = _eora(quantized, original, calib_ids[:8], execution_device=None)
+    run = walker.BlockVisit.run
+    monkeypatch.setattr(walker.BlockVisit, "run", lambda self, *a, **k: run(self, *a, **{**k, "park": False}))
+    per_group, _ = _eora(quantized, original, calib_ids[:8], execution_device=None)
+    assert len(stats.modules) == 14
+    a, b = _factors(parked), _factors(per_group)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
 _KILL_SCRIPT = textwrap.dedent("""

@@ -34,10 +34,11 @@ import logging
 import math
 import re
 import time
+import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, NamedTuple, Optional, Union
 
@@ -678,6 +679,11 @@ def compensate(
         for t in targets:
             t.layer.lora_B[adapter_name].weight.zero_()
         if _is_oom(exc):
+            # the traceback's frames hold the visit's activations and covariances: let them go before the
+            # user retries with a smaller batch (a notebook keeps the last exception alive)
+            traceback.clear_frames(exc.__traceback__)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             raise _oom_error(exc, stats, device) from exc
         raise
     finally:
@@ -787,12 +793,17 @@ def _compensate_blocks(
         hidden = checkpoint.load_inputs(first)
         if len(hidden) != len(captured):
             raise ValueError(f"The checkpoint holds {len(hidden)} calibration batches, this run has {len(captured)}.")
+        if any(h.shape != hc.shape for h, (hc, _) in zip(hidden, captured)):
+            raise ValueError("The checkpoint's saved block inputs do not have this run's batch shapes: resume with the "
+                             "calibration batches (and batch size) of the interrupted run.")
         inputs = [(h.to(hc.device, hc.dtype), kw) for h, (hc, kw) in zip(hidden, captured)]
-        del captured
+        del captured, hidden
     bar = tqdm(total=last + 1, initial=first, desc="EoRA", unit="block", disable=not progress)
-    with _read_ahead(original, by_block) as read_ahead:
+    visits = walker.visits(last, first, inputs)
+    del inputs  # the walk holds them (a resumed run's loaded ones) only until the first visit replaces them
+    with closing(visits), _read_ahead(original, by_block) as read_ahead:  # closed at once on an error: block home
         read_ahead(first)
-        for visit in walker.visits(last, first, inputs):
+        for visit in visits:
             stats.current_block = visit.index
             read_ahead(visit.index + 1)
             block_targets = by_block.get(visit.index, [])

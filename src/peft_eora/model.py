@@ -312,20 +312,25 @@ def resolve_forward_dtype(model: nn.Module, choice: Optional[str], device: Optio
 
 
 def _run_signature(model: nn.Module, config: EoRAConfig, adapter_name: str, batches: list,
-                   base: str) -> dict[str, Any]:
-    """What a resumed run must share with the interrupted one (model, data, settings, ranks); ``base``: the base
-    fingerprint's digest, taken before any forward."""
+                   base: str, original: OriginalWeights, forward_dtype: Optional[torch.dtype]) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one (models, data, settings, ranks); ``base``: the base
+    fingerprint's digest, taken before any forward; ``forward_dtype``: what ``config.forward_dtype`` resolved to."""
     import hashlib
 
+    from ._version import __version__
+
     h = hashlib.sha256()
-    for b in batches:
+    for b in batches:  # the batches as cut (their shapes), not only the tokens: the saved inputs are per batch
         for key in ("input_ids", "attention_mask"):
             if key in b:
-                h.update(key.encode())
+                h.update(f"{key}{tuple(b[key].shape)}".encode())
                 h.update(b[key].detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
     _, targets = find_targets(model, adapter_name)
     return {
+        "peft_eora_version": __version__,
         "base": base,
+        # the first rows of every original weight: finished blocks of another original must not be kept
+        "original": original.digest([t.name for t in targets]),
         "calibration": h.hexdigest(),
         "method": config.method,
         "damping": config.damping,
@@ -338,8 +343,8 @@ def _run_signature(model: nn.Module, config: EoRAConfig, adapter_name: str, batc
         # adapter_bits decides how the factors are rounded: finished blocks restored at another are wrong
         "scalings": {t.name: float(t.layer.scaling[adapter_name]) for t in targets},
         "adapter_bits": int(getattr(config, "adapter_bits", 16)),
-        # a resumed run's forwards must keep the precision of the interrupted one's
-        **({"forward_dtype": config.forward_dtype} if getattr(config, "forward_dtype", None) not in (None, "model") else {}),
+        # a resumed run's forwards must keep the precision of the interrupted one's ("auto" as resolved here)
+        **({"forward_dtype": str(forward_dtype)} if forward_dtype is not None else {}),
     }
 
 
@@ -407,8 +412,8 @@ def _compute(
     if getattr(config, "checkpoint_dir", None):
         from .checkpoint import Checkpoint
 
-        checkpoint = Checkpoint(config.checkpoint_dir, _run_signature(model, config, adapter_name, batches, base.digest),
-                                resume=bool(getattr(config, "resume", False)))
+        run = _run_signature(model, config, adapter_name, batches, base.digest, original, forward_dtype)
+        checkpoint = Checkpoint(config.checkpoint_dir, run, resume=bool(getattr(config, "resume", False)))
     stats = compensate(
         model,
         adapter_name,

@@ -12,6 +12,7 @@ sits in memory; an in-memory ``nn.Module`` is also accepted (:meth:`OriginalWeig
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import mmap
@@ -62,6 +63,7 @@ class OriginalWeights:
         reads_from_disk: bool = False,
         aliases: Optional[dict[str, str]] = None,
         transposed: Iterable[str] = (),
+        sampler: Optional[Callable[[str, int], torch.Tensor]] = None,
     ) -> None:
         self._aliases = aliases or {}  # a second name → the stored one (checkpoint_aliases): one tensor, not two
         # stored as (in, out), as transformers' Conv1D (GPT-2) keeps them: read as (out, in), as a linear's
@@ -69,6 +71,8 @@ class OriginalWeights:
         self._shapes = {n: (tuple(reversed(s)) if self._aliases.get(n, n) in self._transposed else s)
                         for n, s in shapes.items()}
         self._loader = loader
+        # key, rows -> the first rows of the stored weight, without reading it whole (see digest())
+        self._sampler = sampler if sampler is not None else (lambda key, rows: loader(key)[:rows])
         self.source = source
         self._kept: dict[str, dict[str, torch.Tensor]] = {}  # key -> device -> tensor, see keeping()
         self.reads_from_disk = reads_from_disk  # the loader reads a checkpoint: prefetch() reads ahead
@@ -158,7 +162,12 @@ class OriginalWeights:
             with safe_open(str(key_file[name]), framework="pt") as st:
                 return st.get_tensor(renamed.get(name, name) + ".weight")
 
-        return cls(shapes, load, str(path), reads_from_disk=True, aliases=renamed, transposed=transposed)
+        def sample(name: str, rows: int) -> torch.Tensor:
+            with safe_open(str(key_file[name]), framework="pt") as st:
+                return st.get_slice(renamed.get(name, name) + ".weight")[:rows]
+
+        return cls(shapes, load, str(path), reads_from_disk=True, aliases=renamed, transposed=transposed,
+                   sampler=sample)
 
     @classmethod
     def from_module(cls, module: nn.Module) -> "OriginalWeights":
@@ -172,9 +181,31 @@ class OriginalWeights:
         quantized += [n for n, _ in module.named_buffers() if n.endswith(_QUANTIZED_SUFFIXES)]
         if quantized:
             raise _quantized_original(type(module).__name__, quantized)
+        offloaded = [n for n, p in module.named_parameters() if n.endswith(".weight") and p.device.type == "meta"]
+        if offloaded:
+            raise ModelMismatchError(
+                f"The in-memory original {type(module).__name__} has {len(offloaded)} weight(s) offloaded by accelerate "
+                f"(on the meta device: {', '.join(offloaded[:3])}), which cannot be read from the module. Pass the "
+                "original checkpoint's folder (or Hub id) as original_model instead: it is read a block at a time."
+            )
         shapes = {n: tuple(get().shape) for n, get in weights.items()}
         convs = [n for n, m in module.named_modules() if is_conv1d(m) and n in weights]
         return cls(shapes, lambda n: weights[n](), type(module).__name__, transposed=convs)
+
+    def digest(self, names: Iterable[str], rows: int = 2) -> str:
+        """A digest of the first ``rows`` rows (as stored) of each of ``names``' weights: tells two originals of one
+        architecture apart (a resumed run must read the interrupted one's) without reading them whole::
+
+            ref.digest([t.name for t in targets])      # e.g. "3f0c…" (16 hex digits)
+        """
+        h = hashlib.sha256()
+        for name in sorted(set(names)):
+            key = self.resolve(name)
+            h.update(name.encode())
+            if key is not None:
+                sample = self._sampler(key, rows).detach().to("cpu", torch.float32).contiguous()
+                h.update(str(tuple(sample.shape)).encode() + sample.numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def resolve(self, name: str) -> Optional[str]:
         """The checkpoint's name for module ``name`` (tolerating a leading ``model.``-style prefix difference)."""

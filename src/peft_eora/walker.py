@@ -287,8 +287,13 @@ class BlockVisit:
         runner = PausingRunner(len(self.inputs), self._forward)
         pausing = on_group is not None
 
+        seen: set[tuple[int, int]] = set()  # (group, batch): a layer called twice in one forward pauses once
+
         def make_hook(g: int) -> Callable[..., None]:
             def hook(_m: nn.Module, args: tuple) -> None:
+                if (g, runner.index) in seen:  # collect() keeps the first call's input only, as the cut-short walk
+                    return
+                seen.add((g, runner.index))
                 collect(g, args[0].detach(), runner.index)
                 if pausing:
                     runner.pause()
@@ -543,9 +548,9 @@ class BlockWalker:
             yield device_of(block)
             return
         home = device_of(block)
-        with self.times.phase("offload_moves", self.device):
-            block.to(self.device)
-        try:
+        try:  # a move that fails half-way (out of memory) is undone too
+            with self.times.phase("offload_moves", self.device):
+                block.to(self.device)
             yield self.device
         finally:
             with self.times.phase("offload_moves", self.device):
