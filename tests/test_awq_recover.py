@@ -143,6 +143,23 @@ def test_cli_computes_on_an_awq_checkpoint_made_elsewhere(tiny_awq4_dir, tiny_or
     assert f"`{Path(tiny_original_dir).resolve()}` (in the AWQ model's coordinates" in card
 
 
+def test_cli_sweep_on_an_awq_checkpoint_takes_the_original_into_its_coordinates(tiny_awq4_dir, tiny_original_dir,
+                                                                                  tmp_path, capsys, monkeypatch):
+    """``peft-eora sweep`` does what ``compute`` does for an AWQ model (it used to hand the raw original to the
+    residual and stop with a mismatch after evaluating the compressed model); its rows keep the original as given."""
+    from peft_eora import cli
+
+    monkeypatch.setenv("PEFT_EORA_CACHE", str(tmp_path / "cache"))
+    hub = _elsewhere(tiny_awq4_dir, tmp_path)
+    code = cli.main(["sweep", "--original", str(tiny_original_dir), "--compressed", str(hub), "--ranks", "4",
+                     "--methods", "svd", "--ppl", "wikitext2", "--ppl-seq-len", "64", "--ppl-windows", "1",
+                     "--skip-original", "--no-plot", "--no-progress", "--out-dir", str(tmp_path / "sweep")])
+    assert code == 0
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert summary["complete"] and summary["original"] == str(tiny_original_dir)
+    assert [r["label"] for r in summary["rows"]] == ["compressed", "svd r=4"]
+
+
 def _synthetic(folder: Path, *, kv: int, plus_one: bool = False, bias: bool = False, extra_norms: tuple = (),
                norm_dtype: torch.dtype = torch.float16, seed: int = 0, sigma: float = 0.5) -> tuple[Path, Path, dict]:
     """One Llama-style block (hidden 128, 4 heads of 32, ``kv`` key/value heads, MLP 256) and its AWQ checkpoint

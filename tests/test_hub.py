@@ -94,6 +94,25 @@ def test_push_creates_repo_with_adapter_and_model_card(hub, client, computed):
     assert info.library_name == "peft" and "eora" in info.tags
 
 
+def test_a_first_push_starts_from_the_given_card_a_later_one_from_the_repos(hub, client, computed, tmp_path):
+    """``card=`` (what ``peft-eora push`` reads from the adapter folder) keeps the user's own text on a repo that
+    has no card yet; once the repo has one, its text is what is kept (only the peft-eora section is rewritten)."""
+    from peft_eora.hub import push_to_hub
+
+    _, model = computed
+    model.save_pretrained(tmp_path / "adapter")
+    readme = tmp_path / "adapter" / "README.md"
+    readme.write_text(readme.read_text() + "\nMY LOCAL NOTE\n")
+    push_to_hub(model, "test-user/eora-local-card", card=ModelCard.load(readme))
+    text = hub.files("test-user/eora-local-card")["README.md"]
+    text = text.decode() if isinstance(text, bytes) else text
+    assert "MY LOCAL NOTE" in text and text.count(CARD_BEGIN) == 1
+    push_to_hub(model, "test-user/eora-local-card", card=ModelCard("---\nlicense: mit\n---\nANOTHER CARD\n"))
+    text = hub.files("test-user/eora-local-card")["README.md"]
+    text = text.decode() if isinstance(text, bytes) else text
+    assert "MY LOCAL NOTE" in text and "ANOTHER CARD" not in text
+
+
 def test_pull_restores_identical_logits(client, computed):
     quantized, model = computed
     model.push_to_hub("test-user/eora-pull")

@@ -86,8 +86,11 @@ def test_load_text_jsonl_question_plus_answer(tmp_path):
     assert load_text(p, field="question+answer") == "What is 2+2?\nIt is 4.\n#### 4\n\nHalf of 10?\n5"
     assert load_text(str(p), field="question") == "What is 2+2?\n\nHalf of 10?"
     assert load_text(p, field="question+answer", max_chars=12) == "What is 2+2?"
-    with pytest.raises(KeyError):
-        load_text(p)  # no "text" field
+    with pytest.raises(ValueError, match=r"gsm8k.jsonl, line 1: not a JSON object with the field\(s\) 'text'"):
+        load_text(p)  # no "text" field: one error naming the file and line (the CLI prints it as one line)
+    p.write_text(json.dumps(rows[0]) + "\n" + json.dumps([1, 2]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2"):
+        load_text(p, field="question")  # a later row that is no object
 
 
 def test_load_text_plain_file_normalises_crlf(tmp_path):

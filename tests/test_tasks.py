@@ -165,6 +165,28 @@ def test_shared_context_batching_equals_whole_sequences(model, tokenizer, task):
     assert longer < short
 
 
+def test_contexts_are_cut_on_the_left_to_fit_and_keep_a_token(model, tokenizer, monkeypatch):
+    """Contexts longer than the model's length are cut on the left to fit it; a continuation as long as the model
+    length keeps one context token (``ctx[-0:]`` used to keep the whole context)."""
+    from peft_eora.eval import multiple_choice
+
+    seen: list[list[int]] = []
+    real = multiple_choice.inference_batches
+
+    def spy(model, lengths, *args, **kwargs):
+        seen.append(list(lengths))
+        return real(model, lengths, *args, **kwargs)
+
+    monkeypatch.setattr(multiple_choice, "inference_batches", spy)
+    monkeypatch.setattr(multiple_choice, "max_length", lambda m: 12)
+    long_context = MultipleChoiceExample("Question: " + "why is the sky blue " * 8 + "?\nAnswer:", ("blue", "red"), 0)
+    long_choice = MultipleChoiceExample("Question: colors?\nAnswer:", ("blue " * 14, "red"), 0)
+    scores = score_choices(model, tokenizer, [long_context, long_choice], progress=False)
+    assert all(v < 0 for row in scores for v in row)
+    longest = len(tokenizer(" " + "blue " * 14, add_special_tokens=False)["input_ids"])
+    assert seen[0][0] == 12 and seen[0][1] <= longest + 1
+
+
 def test_evaluate_task_is_deterministic_and_reports_lm_eval_metrics(model, tokenizer):
     first = evaluate_task(model, tokenizer, "piqa", data_dir=DATA, limit=10, progress=False)
     second = evaluate_task(model, tokenizer, "piqa", data_dir=DATA, limit=10, batch_size=3, progress=False)

@@ -39,6 +39,7 @@ def push_to_hub(
     base_model: Optional[str] = None,
     ppl_before: Optional[float] = None,
     ppl_after: Optional[float] = None,
+    card: Optional[ModelCard] = None,
     **save_kwargs: Any,
 ):
     """Push an EoRA adapter (weights, config, model card) to the Hub in one commit.
@@ -48,7 +49,9 @@ def push_to_hub(
 
     ``model.push_to_hub(repo_id, ...)`` runs this once ``peft_eora`` is imported. An existing
     README on the Hub keeps its text; only its peft-eora section and metadata are updated. Pushing
-    to a ``revision`` creates that branch if needed. Returns ``huggingface_hub.CommitInfo``.
+    to a ``revision`` creates that branch if needed. ``card``: the card to start from where the repo has
+    none yet (e.g. the saved adapter folder's ``README.md``: ``ModelCard.load(path)``; ``peft-eora push``
+    passes it). Returns ``huggingface_hub.CommitInfo``.
     """
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
@@ -66,6 +69,7 @@ def push_to_hub(
             continue
         except RepositoryNotFoundError:
             break
+    existing = existing if existing is not None else card
     card_kwargs = {"base_model": base_model, "ppl_before": ppl_before, "ppl_after": ppl_after, "extra_tags": tags}
     with tempfile.TemporaryDirectory(prefix="peft-eora-push-") as tmp:
         work = os.path.join(tmp, "adapter")

@@ -18,6 +18,7 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -251,7 +252,9 @@ def atomic_directory(target: PathLike, stale: Iterable[str] = ()) -> Iterator[st
             (os.path.relpath(os.path.join(root, f), tmp) for root, _, names in os.walk(tmp) for f in names),
             key=_commit_order,
         )
+        mode = _file_mode()
         for rel in files:
+            os.chmod(os.path.join(tmp, rel), mode)  # safetensors writes 0600; the folder's files are ordinary ones
             _fsync(os.path.join(tmp, rel))
         if not os.path.isdir(target) or not os.listdir(target):
             os.replace(tmp, target)  # atomic; replaces an empty directory
@@ -306,6 +309,17 @@ def _merge_into(target: str, tmp: str, moves: list[tuple[str, bool]]) -> None:
         raise
 
 
+def _file_mode() -> int:
+    """The mode a new file gets from ``open()`` under the process's umask (e.g. 0644 under 022)."""
+    with _UMASK_LOCK:  # reading the umask means setting it: one thread at a time
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
+
+
+_UMASK_LOCK = threading.Lock()
+
+
 def atomic_write_text(path: PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically (a temporary file in the same folder, then a rename).
 
@@ -318,6 +332,7 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     ) as f:
         f.write(text)
     try:
+        os.chmod(f.name, _file_mode())  # a temporary file is private (0600): the result is an ordinary file
         os.replace(f.name, path)
     except BaseException:
         os.unlink(f.name)

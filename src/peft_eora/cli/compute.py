@@ -182,7 +182,9 @@ def compute_adapter(args: argparse.Namespace, compressed: Union[Path, str], conf
         checkpoint_dir=getattr(args, "checkpoint_dir", None),
         resume=bool(getattr(args, "resume", False)),
     )
-    return model, time.perf_counter() - start
+    # for inference (the CLI evaluates and saves it): PEFT leaves a new model in training mode, which some
+    # inference-only kernels (gptqmodel's AVX512 AWQ CPU kernel) refuse to be put back into after an evaluation
+    return model.eval(), time.perf_counter() - start
 
 
 def _local(spec: Union[Path, str]) -> Path:
@@ -195,6 +197,16 @@ def _local(spec: Union[Path, str]) -> Path:
                                   ignore_patterns=["consolidated*"]))  # Mistral's second copy of the weights
 
 
+def residual_original(original: Union[Path, str], compressed: Union[Path, str]) -> Union[Path, str]:
+    """The original the residual is taken against: for an AWQ model, the original in AWQ's coordinates (its
+    scales recorded or recovered, :func:`peft_eora.quantize.awq_original`); else ``original`` itself."""
+    if _quant_method(compressed) != "awq":
+        return original
+    from ..quantize import awq_original
+
+    return awq_original(_local(compressed), _local(original))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Compute one adapter and save it to ``--out``."""
     original_spec, compressed_spec = models_from_args(args)
@@ -202,10 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     calibration = calibration_from_args(args)
     original = resolve_model(original_spec, "Original")
     compressed = resolve_model(compressed_spec, "Compressed")
-    if _quant_method(compressed) == "awq":  # the original in AWQ's coordinates: scales recorded or recovered
-        from ..quantize import awq_original
-
-        original = awq_original(_local(compressed), _local(original))
+    original = residual_original(original, compressed)
     config = eora_config(args, args.rank, args.method, original, calibration)
     tokenizer = load_tokenizer(original, compressed)
     if args.method == "eora":

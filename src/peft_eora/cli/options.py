@@ -170,7 +170,8 @@ def add_calibration(parser: argparse.ArgumentParser) -> None:
         "main source's is 1), e.g. --mix builtin:gsm8k gives half C4, half GSM8K train (the paper's task calibration).",
     )  # fmt: skip
     group.add_argument("--num-samples", type=positive_int, default=128, help="Number of calibration windows.")
-    group.add_argument("--seq-len", type=positive_int, default=512, help="Tokens per calibration window (≥ 2).")
+    group.add_argument("--seq-len", type=int_at_least(2, "--seq-len"), default=512,
+                       help="Tokens per calibration window (≥ 2).")
     group.add_argument("--seed", type=int, default=0, help="Seed for shuffling the calibration documents.")
     group.add_argument("--calib-batch-size", type=positive_int, default=8, help="Calibration windows per forward pass.")
 
@@ -225,7 +226,8 @@ def add_evaluation(parser: argparse.ArgumentParser) -> None:
         help="Perplexity on these texts: 'wikitext2' or 'c4' (shipped samples; 'c4' is the text the default "
         "calibration builtin:c4 draws from, so not held out for such adapters) or files (.txt, .jsonl with a 'text' field).",
     )  # fmt: skip
-    group.add_argument("--ppl-seq-len", type=positive_int, default=512, help="Tokens per perplexity window.")
+    group.add_argument("--ppl-seq-len", type=int_at_least(2, "--ppl-seq-len"), default=512,
+                       help="Tokens per perplexity window (≥ 2: one token predicted from another at least).")
     group.add_argument(
         "--ppl-windows", type=positive_int, default=None, help="Use at most this many windows per text (default: all)."
     )

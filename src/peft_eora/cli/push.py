@@ -59,10 +59,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base_path = resolve_model(str(base_spec), "Base")
     model = load_adapter(load_model(base_path, pick_device(args.device), args.dtype), adapter, args.allow_base_mismatch)
     if isinstance(model.peft_config["default"], EoRAConfig):
+        from huggingface_hub import ModelCard
+
+        readme = adapter / "README.md"  # the folder's card (with the user's edits) where the repo has none yet
         commit = push_to_hub(
             model, args.repo_id, commit_message=args.commit_message, private=args.private or None,
             revision=args.revision, create_pr=args.create_pr, base_model=args.base_model_id,
             ppl_before=args.ppl_before, ppl_after=args.ppl_after,
+            card=ModelCard.load(readme) if readme.is_file() else None,
         )  # fmt: skip
     else:  # a plain-LoRA export: PEFT's own push
         commit = model.push_to_hub(

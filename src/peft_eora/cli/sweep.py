@@ -22,6 +22,7 @@ from .compute import (
     compute_adapter,
     eora_config,
     models_from_args,
+    residual_original,
     target_modules,
 )
 from .evaluate import check_eval_inputs, evaluate, expected_metrics, flat_metrics
@@ -79,8 +80,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     calibration = calibration_from_args(args)
     original = resolve_model(original_spec, "Original")
     compressed = resolve_model(compressed_spec, "Compressed")
+    # the adapters' residual reads this (an AWQ model's: the original in its coordinates); the "original" row
+    # and the parameter count keep the original as given
+    reference = residual_original(original, compressed)
     for method in args.methods:  # validates every option combination before any work
-        eora_config(args, args.ranks[0], method, original, calibration)
+        eora_config(args, args.ranks[0], method, reference, calibration)
     tokenizer = load_tokenizer(original, compressed)
     if "eora" in args.methods:
         check_calibration(calibration, tokenizer)
@@ -122,7 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs = [(m, r) for m in args.methods for r in sorted(set(args.ranks))]
     for i, (method, rank) in enumerate(runs, 1):
         logger.info("[%d/%d] %s r=%d", i, len(runs), method, rank)
-        config = eora_config(args, rank, method, original, calibration)
+        config = eora_config(args, rank, method, reference, calibration)
         model, seconds = compute_adapter(args, compressed, config, device, tokenizer)
         adapter = None
         if not args.no_save_adapters:

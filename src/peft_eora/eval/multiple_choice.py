@@ -83,7 +83,8 @@ def score_choices(
         longest = max(len(c) for c in conts)
         if len(ctx) + longest > max_len:
             logger.warning("Context of %d tokens cut on the left to fit %d tokens.", len(ctx), max_len)
-            ctx = ctx[-(max_len - longest) :]
+            # one context token at least: a continuation of max_len tokens or more left ctx[-0:], the whole context
+            ctx = ctx[-max(1, max_len - longest):]
         encoded.append((ctx, conts))
     sizes = [len(conts) for _, conts in encoded]
     lengths = [len(ctx) + max(map(len, conts)) for ctx, conts in encoded]

@@ -51,11 +51,15 @@ def load_text(source: str | Path, field: str = "text", max_chars: int | None = N
     if path.suffix == ".jsonl":
         parts = []
         with path.open(encoding="utf-8") as fh:
-            for line in fh:
+            for number, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
-                row = json.loads(line)
-                parts.append("\n".join(str(row[f]) for f in field.split("+")))
+                try:
+                    row = json.loads(line)
+                    parts.append("\n".join(str(row[f]) for f in field.split("+")))
+                except (ValueError, KeyError, TypeError) as exc:  # one error naming the line, not a traceback
+                    raise ValueError(f"{path}, line {number}: not a JSON object with the field(s) {field!r} "
+                                     f"({type(exc).__name__}: {exc}).") from exc
         text = "\n\n".join(parts)
     else:
         raw = path.read_text(encoding="utf-8")
