@@ -291,8 +291,11 @@ def test_checkpoint_resume_installs_saved_blocks_without_recomputing(tiny_llama,
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["done"] == len(quantized.model.layers) - 1
     assert sorted(p.name for p in (tmp_path / "run").glob("inputs_*")) == []  # committed inputs are dropped
-    # a second run on the finished folder only reloads
+    # a second run on the finished folder only reloads (and drops a write a killed run left unfinished)
+    stray = tmp_path / "run" / ".block_0001.safetensors.4242.tmp"
+    stray.write_bytes(b"partial")
     again, stats = _eora(quantized, original, calib_ids, checkpoint_dir=str(tmp_path / "run"), resume=True)
+    assert not stray.exists()
     a, b = _factors(full), _factors(again)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert len(stats.modules) == 7 * len(quantized.model.layers)
@@ -314,6 +317,14 @@ def test_checkpoint_refuses_other_runs_and_unrequested_resumes(tiny_llama, calib
     with pytest.raises(CheckpointMismatchError, match="adapter_bits"):
         _eora(quantized, original, calib_ids, checkpoint_dir=str(tmp_path / "run"), resume=True,
               config={"adapter_bits": 8})
+    # a folder of the earlier checkpoint format (its signature did not cover the original): refused as such
+    manifest = tmp_path / "run" / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "version": 1}))
+    with pytest.raises(CheckpointMismatchError, match="format 1"):
+        _eora(quantized, original, calib_ids, checkpoint_dir=str(tmp_path / "run"), resume=True)
+    from peft_eora.checkpoint import FORMAT_VERSION
+
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "version": FORMAT_VERSION}))
     # another original of the same architecture: its finished blocks must not be kept (a review found them kept)
     from tiny_models import tiny_llama_pair
 

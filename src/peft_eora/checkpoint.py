@@ -28,12 +28,26 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the signature covers the original and the batch shapes
 MANIFEST = "manifest.json"
 
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint folder holds another run (other model, data or settings)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -43,6 +57,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> None:
@@ -53,6 +68,7 @@ def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata:
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 class Checkpoint:
@@ -63,6 +79,8 @@ class Checkpoint:
         self.signature = json.loads(json.dumps(signature, sort_keys=True))
         self.done = -1
         manifest = self.path / MANIFEST
+        for partial in self.path.glob(".*.tmp"):  # a write a killed run left unfinished (one run per folder)
+            partial.unlink(missing_ok=True)
         if manifest.exists():
             data = json.loads(manifest.read_text())
             if not resume:
