@@ -388,6 +388,9 @@ def test_exports_and_plain_lora_saves_clear_a_stale_eora_config(models, saved, t
     assert not (mixed / "eora_config.json").exists() and (mixed / "eora" / "eora_config.json").is_file()
     assert type(PeftConfig.from_pretrained(mixed)) is LoraConfig
     assert "peft-eora" not in (mixed / "README.md").read_text()  # PEFT's card for the plain LoRA at the top
+    (mixed / "README.md").write_text("# My adapters\n\nHand-written.\n")  # the user's own card: kept on a re-save
+    both.save_pretrained(mixed)
+    assert (mixed / "README.md").read_text() == "# My adapters\n\nHand-written.\n"
     card = (mixed / "eora" / "README.md").read_text()
     assert 'subfolder="eora", adapter_name="eora"' in card
     loaded = PeftModel.from_pretrained(copy.deepcopy(quantized), str(mixed), subfolder="eora", adapter_name="eora")

@@ -149,18 +149,23 @@ def test_the_same_model_as_original_and_compressed_is_said(tiny_llama, calib_ids
 
 
 def test_an_in_memory_original_with_offloaded_weights_is_refused_up_front(tiny_llama, calib_ids):
-    """accelerate leaves offloaded weights on the meta device: such an original cannot be read from the module, so
-    it is refused before any block is computed (it used to fail mid-walk), pointing at its checkpoint folder."""
+    """accelerate leaves offloaded weights on the meta device: such an original cannot be read from the module, so a
+    target's offloaded weight is refused before any block is computed (it used to fail mid-walk), pointing at the
+    checkpoint folder; an offloaded weight EoRA does not read (the LM head) is no reason to refuse."""
     from peft_eora.original import OriginalWeights
 
     original, quantized = tiny_llama
+    head = original.lm_head
+    head.weight = torch.nn.Parameter(torch.empty_like(head.weight, device="meta"), requires_grad=False)
+    OriginalWeights.from_module(original).check("model.layers.1.mlp.up_proj", (128, 64))
     layer = original.model.layers[1].mlp.up_proj
     layer.weight = torch.nn.Parameter(torch.empty_like(layer.weight, device="meta"), requires_grad=False)
-    with pytest.raises(ModelMismatchError, match="offloaded by accelerate .*up_proj.*checkpoint's folder"):
-        OriginalWeights.from_module(original)
+    with pytest.raises(ModelMismatchError, match="up_proj offloaded by accelerate .*checkpoint's folder"):
+        OriginalWeights.from_module(original).check("model.layers.1.mlp.up_proj", (128, 64))
     pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, damping=0.01))
     with pytest.raises(ModelMismatchError, match="offloaded"):
         initialize_eora_weights(pm, original_model=original, calibration=calib_ids, progress=False)
+    assert all(float(m.lora_B["default"].weight.abs().max()) == 0 for m in pm.modules() if isinstance(m, LoraLayer))
 
 
 def test_mismatched_original_names_the_module(tiny_llama, calib_ids):

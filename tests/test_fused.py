@@ -149,8 +149,24 @@ def test_a_layer_first_called_inside_graph_capture_keeps_peft_forward_there(monk
         assert rel_err(pm(x), ref) <= F32_TOL and called  # prepared before: captured fused
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(ops, "_workspaces", {})
-    with pytest.raises(RuntimeError, match="workspace made before CUDA graph capture"):
+    with pytest.raises(ops.WorkspaceNotReady, match="workspace made before CUDA graph capture"):
         ops._workspace(torch.device("cuda", 0), 1024)
+    # prepared by an eager prefill (> 16 rows: not the CUDA kernel) and first decoded inside a capture: "auto" captures
+    # the next backend instead of making the workspace there; an explicit "cuda" says why it cannot
+    p, meta = q._prepared(x), q._fused_meta
+    args = (x, p["qweight"], p["qzeros"], p["scales"], p["g_idx"], p["bias"], p["lora_a"], p["lora_b"], None, None)
+    kw = dict(bits=meta.bits, group_size=meta.group_size, lora_bits=16, scaling=p["scaling"],
+              zero_offset=meta.zero_offset)
+    want = ops.gptq_lora_linear_eager(*args, **kw, backend="torch")
+    monkeypatch.setattr(ops, "select_backend", lambda *a, **k: "cuda")
+    monkeypatch.setattr(ops, "triton_available", lambda device: False)
+    monkeypatch.setattr(ops, "_warned_capture_fallback", False)
+    monkeypatch.setattr(ops, "_run_cuda", lambda *a, **k: ops._workspace(torch.device("cuda", 0), 1024))
+    with caplog.at_level("WARNING", logger="peft_eora.kernels.ops"):
+        assert torch.equal(ops.gptq_lora_linear_eager(*args, **kw, backend="auto"), want)
+    assert "captured with the torch backend" in caplog.text
+    with pytest.raises(ops.WorkspaceNotReady):
+        ops.gptq_lora_linear_eager(*args, **kw, backend="cuda")
 
 
 TRITON_CPU = _triton_cpu()

@@ -116,22 +116,25 @@ def merge(adapter: dict[str, Any], sidecar: Optional[dict[str, Any]], where: str
     return data
 
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime): a load asks several times
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime): a load asks several times
 
 
 def weights_digest(path: PathLike) -> str:
     """The SHA-256 of a weights file (hex), remembered while the file is unchanged (~0.25 s per 400 MB)."""
     path = os.path.realpath(os.fspath(path))
     st = os.stat(path)
-    key = (path, st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
+    key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+    digest = _DIGESTS.get(key)
+    if digest is None:
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 h.update(chunk)
-        _DIGESTS.clear()  # one adapter at a time is all a load needs
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
+        digest = h.hexdigest()
+        if len(_DIGESTS) > 16:  # a few adapters at a time is all loads need
+            _DIGESTS.clear()
+        _DIGESTS[key] = digest
+    return digest
 
 
 def write_split(directory: PathLike) -> None:

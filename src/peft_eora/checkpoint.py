@@ -79,8 +79,6 @@ class Checkpoint:
         self.signature = json.loads(json.dumps(signature, sort_keys=True))
         self.done = -1
         manifest = self.path / MANIFEST
-        for partial in self.path.glob(".*.tmp"):  # a write a killed run left unfinished (one run per folder)
-            partial.unlink(missing_ok=True)
         if manifest.exists():
             data = json.loads(manifest.read_text())
             if not resume:
@@ -102,11 +100,19 @@ class Checkpoint:
                 )
             self.done = int(data["done"])
             logger.info("resuming from %s: blocks 0..%d are done", self.path, self.done)
+            self._drop_partial_writes()
         else:
             self.path.mkdir(parents=True, exist_ok=True)
             for stale in self.path.glob("block_*.safetensors"):  # an uncommitted first block of an earlier run
                 stale.unlink()
+            self._drop_partial_writes()
             self._write_manifest()
+
+    def _drop_partial_writes(self) -> None:
+        """Remove the temporary files of writes a killed run left unfinished: only once this run owns the folder
+        (resuming it, or starting it), so that a mistaken second run never deletes a live run's files."""
+        for partial in self.path.glob(".*.tmp"):
+            partial.unlink(missing_ok=True)
 
     # -- writing --------------------------------------------------------------------------------
     def _write_manifest(self) -> None:

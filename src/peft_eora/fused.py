@@ -87,8 +87,9 @@ _FUSED_ATTRS = ("_fused_original", "_fused_adapter", "_fused_backend", "_fused_a
 
 
 def _capturing(x: torch.Tensor) -> bool:
-    """Whether ``x``'s stream is being captured into a CUDA graph."""
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+    """Whether ``x``'s stream is being captured into a CUDA graph (never asked while torch.compile traces: dynamo
+    cannot trace the query, and a compiled graph's capture comes after its eager warm-up)."""
+    return not torch.compiler.is_compiling() and x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 @dataclass

@@ -63,7 +63,7 @@ class OriginalWeights:
         reads_from_disk: bool = False,
         aliases: Optional[dict[str, str]] = None,
         transposed: Iterable[str] = (),
-        sampler: Optional[Callable[[str, int], torch.Tensor]] = None,
+        sampler: Optional[Callable[[list[str], int], Iterable[tuple[str, torch.Tensor]]]] = None,
     ) -> None:
         self._aliases = aliases or {}  # a second name → the stored one (checkpoint_aliases): one tensor, not two
         # stored as (in, out), as transformers' Conv1D (GPT-2) keeps them: read as (out, in), as a linear's
@@ -71,10 +71,11 @@ class OriginalWeights:
         self._shapes = {n: (tuple(reversed(s)) if self._aliases.get(n, n) in self._transposed else s)
                         for n, s in shapes.items()}
         self._loader = loader
-        # key, rows -> the first rows of the stored weight, without reading it whole (see digest())
-        self._sampler = sampler if sampler is not None else (lambda key, rows: loader(key)[:rows])
+        # (keys, rows) -> (key, the first rows of its stored weight) each, without reading them whole (see digest())
+        self._sampler = sampler if sampler is not None else (lambda keys, rows: ((k, loader(k)[:rows]) for k in keys))
         self.source = source
         self._kept: dict[str, dict[str, torch.Tensor]] = {}  # key -> device -> tensor, see keeping()
+        self._unreadable: frozenset[str] = frozenset()  # keys whose weight cannot be read (see from_module)
         self.reads_from_disk = reads_from_disk  # the loader reads a checkpoint: prefetch() reads ahead
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pending: dict[str, Future] = {}  # key -> the loader's result, see prefetch()
@@ -162,9 +163,14 @@ class OriginalWeights:
             with safe_open(str(key_file[name]), framework="pt") as st:
                 return st.get_tensor(renamed.get(name, name) + ".weight")
 
-        def sample(name: str, rows: int) -> torch.Tensor:
-            with safe_open(str(key_file[name]), framework="pt") as st:
-                return st.get_slice(renamed.get(name, name) + ".weight")[:rows]
+        def sample(names: list[str], rows: int) -> Iterator[tuple[str, torch.Tensor]]:
+            by_file: dict[Path, list[str]] = {}
+            for name in names:  # each shard opened once (a MoE has thousands of experts' weights)
+                by_file.setdefault(key_file[name], []).append(name)
+            for f, group in by_file.items():
+                with safe_open(str(f), framework="pt") as st:
+                    for name in group:
+                        yield name, st.get_slice(renamed.get(name, name) + ".weight")[:rows]
 
         return cls(shapes, load, str(path), reads_from_disk=True, aliases=renamed, transposed=transposed,
                    sampler=sample)
@@ -181,16 +187,13 @@ class OriginalWeights:
         quantized += [n for n, _ in module.named_buffers() if n.endswith(_QUANTIZED_SUFFIXES)]
         if quantized:
             raise _quantized_original(type(module).__name__, quantized)
-        offloaded = [n for n, p in module.named_parameters() if n.endswith(".weight") and p.device.type == "meta"]
-        if offloaded:
-            raise ModelMismatchError(
-                f"The in-memory original {type(module).__name__} has {len(offloaded)} weight(s) offloaded by accelerate "
-                f"(on the meta device: {', '.join(offloaded[:3])}), which cannot be read from the module. Pass the "
-                "original checkpoint's folder (or Hub id) as original_model instead: it is read a block at a time."
-            )
         shapes = {n: tuple(get().shape) for n, get in weights.items()}
         convs = [n for n, m in module.named_modules() if is_conv1d(m) and n in weights]
-        return cls(shapes, lambda n: weights[n](), type(module).__name__, transposed=convs)
+        ref = cls(shapes, lambda n: weights[n](), type(module).__name__, transposed=convs)
+        # weights accelerate offloaded (left on meta) cannot be read from the module: refused by check(), that is
+        # before any work, for the layers EoRA reads (an offloaded embedding or LM head does not matter)
+        ref._unreadable = frozenset(n for n, get in weights.items() if get().device.type == "meta")
+        return ref
 
     def digest(self, names: Iterable[str], rows: int = 2) -> str:
         """A digest of the first ``rows`` rows (as stored) of each of ``names``' weights: tells two originals of one
@@ -198,13 +201,14 @@ class OriginalWeights:
 
             ref.digest([t.name for t in targets])      # e.g. "3f0c…" (16 hex digits)
         """
+        keys = {name: self.resolve(name) for name in sorted(set(names))}
+        wanted = sorted({k for k in keys.values() if k is not None and k not in self._unreadable})
+        samples = {k: t.detach().to("cpu", torch.float32).contiguous() for k, t in self._sampler(wanted, rows)}
         h = hashlib.sha256()
-        for name in sorted(set(names)):
-            key = self.resolve(name)
+        for name, key in keys.items():
             h.update(name.encode())
-            if key is not None:
-                sample = self._sampler(key, rows).detach().to("cpu", torch.float32).contiguous()
-                h.update(str(tuple(sample.shape)).encode() + sample.numpy().tobytes())
+            if key in samples:
+                h.update(str(tuple(samples[key].shape)).encode() + samples[key].numpy().tobytes())
         return h.hexdigest()[:16]
 
     def resolve(self, name: str) -> Optional[str]:
@@ -297,6 +301,12 @@ class OriginalWeights:
 
     def check(self, name: str, expected: tuple[int, int]) -> None:
         """Raise :class:`ModelMismatchError` unless the original has ``name`` with shape ``expected``."""
+        if self.resolve(name) in self._unreadable:
+            raise ModelMismatchError(
+                f"The in-memory original {self.source} has the weight of {name} offloaded by accelerate (on the meta "
+                "device), which cannot be read from the module. Pass the original checkpoint's folder (or Hub id) as "
+                "original_model instead: it is read a block at a time."
+            )
         shape = self.shape(name)
         if shape is None:
             hint = ""

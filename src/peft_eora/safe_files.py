@@ -254,7 +254,7 @@ def atomic_directory(target: PathLike, stale: Iterable[str] = ()) -> Iterator[st
         )
         mode = _file_mode()
         for rel in files:
-            os.chmod(os.path.join(tmp, rel), mode)  # safetensors writes 0600; the folder's files are ordinary ones
+            _chmod(os.path.join(tmp, rel), mode)  # safetensors writes 0600; the folder's files are ordinary ones
             _fsync(os.path.join(tmp, rel))
         if not os.path.isdir(target) or not os.listdir(target):
             os.replace(tmp, target)  # atomic; replaces an empty directory
@@ -311,10 +311,19 @@ def _merge_into(target: str, tmp: str, moves: list[tuple[str, bool]]) -> None:
 
 def _file_mode() -> int:
     """The mode a new file gets from ``open()`` under the process's umask (e.g. 0644 under 022)."""
-    with _UMASK_LOCK:  # reading the umask means setting it: one thread at a time
-        mask = os.umask(0o022)
-        os.umask(mask)
+    try:  # Linux: read without setting it (setting it is process-wide, another thread could create a file meanwhile)
+        with open("/proc/self/status", encoding="ascii") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        with _UMASK_LOCK:
+            mask = os.umask(0o022)
+            os.umask(mask)
     return 0o666 & ~mask
+
+
+def _chmod(path: str, mode: int) -> None:
+    with contextlib.suppress(OSError):  # filesystems without modes (some FUSE or object-store mounts): keep theirs
+        os.chmod(path, mode)
 
 
 _UMASK_LOCK = threading.Lock()
@@ -332,7 +341,7 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     ) as f:
         f.write(text)
     try:
-        os.chmod(f.name, _file_mode())  # a temporary file is private (0600): the result is an ordinary file
+        _chmod(f.name, _file_mode())  # a temporary file is private (0600): the result is an ordinary file
         os.replace(f.name, path)
     except BaseException:
         os.unlink(f.name)

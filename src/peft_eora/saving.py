@@ -89,8 +89,8 @@ def save_pretrained(
                             dict(card_kwargs, subfolder=name))
         if "default" in names:
             _write_card(model, "default", tmp, save_directory, existing_card, card_kwargs)
-        elif "default" in saved:  # a plain LoRA at the top: PEFT's card (in tmp) describes it
-            pass
+        elif "default" in saved:  # a plain LoRA at the top
+            _keep_users_top_card(save_directory, tmp)
         elif not os.path.isfile(os.path.join(save_directory, README_NAME)):  # named ones only, no card yet
             _write_card(model, names[0], tmp, save_directory, existing_card, dict(card_kwargs, subfolder=names[0]))
         else:  # named adapters only: the card at the top stays as it is
@@ -98,6 +98,24 @@ def save_pretrained(
                 os.remove(os.path.join(tmp, README_NAME))
     logger.info("Saved EoRA adapter(s) %s to %s", names, save_directory)
     return save_directory
+
+
+def _keep_users_top_card(save_directory: str, tmp: str) -> None:
+    """A plain-LoRA adapter saved at the top: the user's own card there stays; an EoRA card (which described an
+    EoRA adapter saved there before) gives way to PEFT's card, written in ``tmp``."""
+    from .card import CARD_BEGIN
+
+    top = os.path.join(save_directory, README_NAME)
+    try:
+        with open(top, encoding="utf-8") as f:
+            eora_card = CARD_BEGIN in f.read()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return
+    if eora_card:
+        logger.info("%s described an EoRA adapter; the plain-LoRA adapter now at the top gets PEFT's card.", top)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(tmp, README_NAME))
 
 
 def _folder(adapter_name: str) -> str:

@@ -31,8 +31,8 @@ class _HelpWithDefaults(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if ("%(default)" in text or default in (None, False, argparse.SUPPRESS) or default == []
-                or not action.option_strings or action.nargs == 0):
+        if ("%(default)" in text or default is None or default is False or default is argparse.SUPPRESS
+                or default == [] or not action.option_strings or action.nargs == 0):
             return text
         return f"{text} (default: %(default)s)"
 

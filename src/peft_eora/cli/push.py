@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from .models import load_adapter, load_model, pick_device, resolve_model
 from .options import CLIError
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -62,11 +65,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from huggingface_hub import ModelCard
 
         readme = adapter / "README.md"  # the folder's card (with the user's edits) where the repo has none yet
+        try:
+            card = ModelCard.load(readme) if readme.is_file() else None
+        except Exception as exc:  # unparsable metadata: a fresh card, as a save would
+            logger.warning("Not starting from %s: its metadata could not be parsed (%s).", readme, exc)
+            card = None
         commit = push_to_hub(
             model, args.repo_id, commit_message=args.commit_message, private=args.private or None,
             revision=args.revision, create_pr=args.create_pr, base_model=args.base_model_id,
             ppl_before=args.ppl_before, ppl_after=args.ppl_after,
-            card=ModelCard.load(readme) if readme.is_file() else None,
+            card=card,
         )  # fmt: skip
     else:  # a plain-LoRA export: PEFT's own push
         commit = model.push_to_hub(

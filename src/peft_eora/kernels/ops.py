@@ -169,6 +169,13 @@ def select_backend(
     return "torch"
 
 
+class WorkspaceNotReady(RuntimeError):
+    """The CUDA kernel's workspace would have to be made inside CUDA graph capture (see :func:`_workspace`)."""
+
+
+_warned_capture_fallback = False
+
+
 def _workspace(device: torch.device, ints: int) -> Tensor:
     """Per-device int32 workspace of the in-kernel barrier (zero-initialised; the kernel resets it).
 
@@ -179,9 +186,10 @@ def _workspace(device: torch.device, ints: int) -> Tensor:
     ws = _workspaces.get(index)
     if ws is None or ws.numel() < ints:
         if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
+            raise WorkspaceNotReady(
                 "peft_eora's CUDA kernel needs its workspace made before CUDA graph capture: call the layer (or "
-                "gptq_lora_linear with this rank) once eagerly on this device before capturing."
+                "gptq_lora_linear with this rank) once eagerly on this device with a decode batch (≤ "
+                f"{CUDA_MAX_M} rows) before capturing."
             )
         with _ws_lock:
             ws = _workspaces.get(index)
@@ -293,7 +301,20 @@ def gptq_lora_linear_eager(
     args = (x, qweight, qzeros, scales, g_idx, bias, lora_a, lora_b, lora_a_scale, lora_b_scale)
     kwargs = dict(bits=bits, group_size=group_size, lora_bits=lora_bits, scaling=scaling, zero_offset=zero_offset)
     if chosen == "cuda":
-        return _run_cuda(*args, **kwargs)
+        try:
+            return _run_cuda(*args, **kwargs)
+        except WorkspaceNotReady:
+            # first CUDA call of this device/rank inside a capture (an eager prefill of more than 16 rows ran
+            # another backend): "auto" captures the next backend instead; "cuda" was asked for, so it is an error
+            if backend != "auto":
+                raise
+            global _warned_capture_fallback
+            if not _warned_capture_fallback:
+                _warned_capture_fallback = True
+                logger.warning("CUDA kernel first called inside CUDA graph capture: captured with the %s backend; "
+                               "run one eager decode step before capturing to capture the CUDA kernel",
+                               "triton" if triton_available(x.device) else "torch")
+            chosen = "triton" if triton_available(x.device) else "torch"
     if chosen == "triton":
         from .triton_gptq_lora import gptq_lora_linear_triton
 
