@@ -38,16 +38,9 @@ class CheckpointMismatchError(ValueError):
 
 def _fsync_dir(path: Path) -> None:
     """Make a rename in ``path`` durable (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    from .safe_files import _fsync
+
+    _fsync(str(path))
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
