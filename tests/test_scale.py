@@ -382,6 +382,15 @@ _KILL_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
+def test_plain_svd_leaves_no_checkpoint_to_block_the_next_run(tiny_llama, calib_ids, tmp_path):
+    # the baseline walks no blocks: a manifest written for it only made the next (EoRA) run in the folder fail
+    original, quantized = tiny_llama
+    _eora(quantized, original, calib_ids, checkpoint_dir=str(tmp_path / "run"), config={"method": "svd"})
+    assert not (tmp_path / "run" / "manifest.json").exists()
+    _eora(quantized, original, calib_ids, checkpoint_dir=str(tmp_path / "run"))
+    assert (tmp_path / "run" / "manifest.json").exists()
+
+
 def test_sigkilled_run_resumes_to_the_uninterrupted_factors(tmp_path):
     from tiny_models import tiny_llama_pair
 

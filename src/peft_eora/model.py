@@ -409,7 +409,11 @@ def _compute(
         apply_ranks(model, config, adapter_name, plan.ranks)
         config.rank_budget = plan.budget  # recorded: a recomputation keeps this budget, not the allocated ranks
     checkpoint = None
-    if getattr(config, "checkpoint_dir", None):
+    if getattr(config, "checkpoint_dir", None) and config.method == "svd":
+        # the plain-SVD baseline walks no blocks (seconds, no activations): nothing worth resuming, and a
+        # manifest left behind would only block the next run in that folder
+        logger.info("method='svd' needs no block walk: checkpoint_dir %s is not used", config.checkpoint_dir)
+    elif getattr(config, "checkpoint_dir", None):
         from .checkpoint import Checkpoint
 
         run = _run_signature(model, config, adapter_name, batches, base.digest, original, forward_dtype)
