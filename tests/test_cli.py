@@ -279,6 +279,8 @@ def test_bad_rank_and_options(tmp_path, model_opts, eval_opts):
     assert_one_error_line(code, out, err, 2, "expected a positive integer, got 'ten'")
     code, out, err = run(["compute", *model_opts, "--rank", 4, "--damping", -1, "--out", tmp_path / "a"])
     assert_one_error_line(code, out, err, 2, "--damping")
+    code, out, err = run(["eval", "--model", model_opts[1], *eval_opts, "--num-fewshot", 5])
+    assert_one_error_line(code, out, err, 1, "--num-fewshot 5 applies to gsm8k only")
     code, out, err = run(["sweep", *model_opts, "--ranks", 4, *eval_opts, "--plot-metric", "hellaswag/acc", "--out-dir", tmp_path])
     assert_one_error_line(code, out, err, 1, "--plot-metric hellaswag/acc: not measured")
     # a rank larger than a layer allows is found by the EoRA code itself, after loading

@@ -106,6 +106,9 @@ def test_gsm8k_answer_extraction_and_normalisation():
 def test_bad_task_data_gives_one_clear_error(tmp_path):
     with pytest.raises(TaskDataError, match="Unknown task 'hellaswag'"):
         load_examples("hellaswag", DATA)
+    # multiple-choice tasks are zero-shot: a few-shot request for one is refused, not silently ignored
+    with pytest.raises(TaskDataError, match="num_fewshot=5 applies to gsm8k only: arc_easy is scored zero-shot"):
+        evaluate_task(None, None, "arc_easy", data_dir=DATA, num_fewshot=5)
     with pytest.raises(TaskDataError, match="not found"):
         load_examples("arc_easy", tmp_path)
     (tmp_path / "piqa").mkdir()

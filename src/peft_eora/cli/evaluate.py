@@ -47,6 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction, common: argparse.Argument
 def check_eval_inputs(args: argparse.Namespace) -> None:
     """Every ``--ppl`` file and task data file exists (one clear error before any model is loaded)."""
     from ..eval.perplexity import BUILTIN_TEXTS
+    from ..eval.task_data import GENERATION_TASKS
     from ..eval.tasks import task_file
 
     if "c4" in args.ppl:
@@ -66,6 +67,9 @@ def check_eval_inputs(args: argparse.Namespace) -> None:
         raise CLIError(f"--out {out}: the folder {Path(out).expanduser().parent} does not exist.")
     for task in args.tasks:
         task_file(task, args.task_data)
+    if args.num_fewshot and not any(t in GENERATION_TASKS for t in args.tasks):
+        raise CLIError(f"--num-fewshot {args.num_fewshot} applies to {', '.join(GENERATION_TASKS)} only; the "
+                       "multiple-choice tasks are scored zero-shot. Drop --num-fewshot, or add --tasks gsm8k.")
     if "gsm8k" in args.tasks and args.num_fewshot:
         from ..eval.tasks import GSM8K_TRAIN_FILE, resolve_data_dir
 
@@ -92,6 +96,7 @@ def _first_row(path: Path) -> Optional[dict[str, Any]]:
 def evaluate(model, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
     """Perplexities and task results of ``model`` for the evaluation options in ``args``."""
     from ..eval.perplexity import load_text, perplexity
+    from ..eval.task_data import GENERATION_TASKS
     from ..eval.tasks import evaluate_task
 
     progress = not args.no_progress
@@ -110,7 +115,7 @@ def evaluate(model, tokenizer, args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         res = evaluate_task(
             model, tokenizer, task, data_dir=args.task_data, limit=args.limit, batch_size=args.batch_size,
-            num_fewshot=args.num_fewshot, max_new_tokens=args.max_new_tokens,
+            num_fewshot=args.num_fewshot if task in GENERATION_TASKS else 0, max_new_tokens=args.max_new_tokens,
             generation_batch_size=args.gen_batch_size, progress=progress, details=getattr(args, "details", False),
         )  # fmt: skip
         res["seconds"] = round(time.perf_counter() - start, 2)

@@ -240,7 +240,7 @@ def add_evaluation(parser: argparse.ArgumentParser) -> None:
         help=f"Folder with the task files (arc/, piqa/, mathqa/, gsm8k/; default ${DATA_ENV}).",
     )  # fmt: skip
     group.add_argument("--limit", type=positive_int, default=None, help="Evaluate the first N examples of each task.")
-    group.add_argument("--num-fewshot", type=non_negative_int, default=0, help="GSM8K few-shot examples (from gsm8k/train.jsonl).")
+    group.add_argument("--num-fewshot", type=non_negative_int, default=0, help="GSM8K few-shot examples (from gsm8k/train.jsonl); the multiple-choice tasks are scored zero-shot.")
     group.add_argument("--max-new-tokens", type=positive_int, default=256, help="GSM8K: most tokens generated per answer.")
     group.add_argument(
         "--batch-size", type=positive_int, default=32, help="Multiple choice: continuations (question × choice) per forward pass."

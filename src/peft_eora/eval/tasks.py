@@ -100,10 +100,16 @@ def evaluate_task(
     >>> evaluate_task(model, tok, "gsm8k", data_dir="shared/data", limit=50, num_fewshot=5)
 
     Files: ``path``, else ``data_dir`` (or ``$PEFT_EORA_TASK_DATA``) / ``TASK_FILES[task]``; the
-    GSM8K few-shot pool is ``fewshot_path``, else ``data_dir / gsm8k/train.jsonl``.
+    GSM8K few-shot pool is ``fewshot_path``, else ``data_dir / gsm8k/train.jsonl``. Multiple-choice
+    tasks are scored zero-shot (``num_fewshot`` must be 0 for them).
     """
     if task not in TASK_NAMES:
         raise TaskDataError(f"Unknown task {task!r}; choose from {list(TASK_NAMES)}.")
+    if num_fewshot and task not in GENERATION_TASKS:
+        raise TaskDataError(
+            f"num_fewshot={num_fewshot} applies to {', '.join(GENERATION_TASKS)} only: {task} is scored zero-shot "
+            "(no few-shot pool ships for it). Pass num_fewshot=0 for this task."
+        )
     examples = load_examples(task, data_dir, path, limit)
     file = str(task_file(task, data_dir, path))
     if task in GENERATION_TASKS:
@@ -121,6 +127,7 @@ def evaluate_task(
         result = evaluate_multiple_choice(
             model, tokenizer, examples, batch_size=batch_size, progress=progress, details=details
         )
+        result = {**result, "num_fewshot": 0}
     logger.info("%s: %s", task, {k: round(v, 4) for k, v in result.items() if isinstance(v, float)})
     return {"task": task, "data": file, **result}
 
