@@ -153,6 +153,24 @@ def test_second_push_updates_adapter_and_revision_pins_the_first(hub, client, co
     assert [c.title for c in client.list_repo_commits(repo)][0] == "Halve the update"
 
 
+def test_a_push_replaces_the_adapter_files_an_earlier_push_left(hub, client, computed):
+    """A repo must hold what was saved: a removed named adapter's subfolder, an old pickle file or a stale sidecar
+    left on the Hub would otherwise load beside (or instead of) the pushed adapter. Other files stay."""
+    quantized, model = computed
+    repo = "test-user/eora-replaced"
+    client.create_repo(repo)
+    for path in ("adapter_model.bin", "gone/adapter_config.json", "gone/adapter_model.safetensors",
+                 "gone/eora_config.json", "notes.txt", "data/eval.json"):
+        client.upload_file(path_or_fileobj=b"{}", path_in_repo=path, repo_id=repo)
+    model.push_to_hub(repo)
+    assert set(hub.files(repo)) == {
+        ".gitattributes", "README.md", "adapter_config.json", "eora_config.json", "adapter_model.safetensors",
+        "notes.txt", "data/eval.json",
+    }  # fmt: skip
+    loaded = pull(quantized, repo)
+    assert (logits(loaded) - logits(model)).abs().max().item() <= 1e-5
+
+
 def test_push_to_a_branch_leaves_main_alone(hub, client, computed):
     quantized, model = computed
     repo = "test-user/eora-branch"
@@ -162,6 +180,24 @@ def test_push_to_a_branch_leaves_main_alone(hub, client, computed):
     assert "adapter_model.safetensors" in hub.files(repo, revision="dev")
     loaded = pull(quantized, repo, revision="dev")
     assert (logits(loaded) - logits(model)).abs().max().item() <= 1e-5
+
+
+def test_an_original_on_the_hub_is_read_without_mistrals_second_copy_of_the_weights(hub, client, tmp_path):
+    """``original_model="org/name"``: the snapshot holds the checkpoint's shards and configs, never the
+    ``consolidated.safetensors`` copy Mistral's repos also carry (as large again as the model)."""
+    from peft_eora.original import OriginalWeights
+
+    original, _ = tiny_llama_pair(seed=0)
+    original.save_pretrained(tmp_path / "orig")
+    repo = "test-user/tiny-original"
+    client.create_repo(repo)
+    client.upload_folder(folder_path=tmp_path / "orig", repo_id=repo)
+    client.upload_file(path_or_fileobj=b"a second copy", path_in_repo="consolidated.safetensors", repo_id=repo)
+    weights = OriginalWeights.open(repo)
+    name = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(weights.get(name), original.state_dict()[f"{name}.weight"])
+    cached = {p.name for p in (tmp_path / "hf-cache").rglob("*.safetensors")}
+    assert "consolidated.safetensors" not in cached and "model.safetensors" in cached, cached
 
 
 def test_damaged_or_pickle_adapters_on_the_hub_are_refused(client, computed, tmp_path):

@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 from huggingface_hub import ModelCard
 from torch import nn
 
-from .safe_files import README_NAME
+from .safe_files import CONFIG_NAME, EORA_CONFIG_NAME, README_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from .saving import save_pretrained
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,9 @@ def push_to_hub(
 
     ``model.push_to_hub(repo_id, ...)`` runs this once ``peft_eora`` is imported. An existing
     README on the Hub keeps its text; only its peft-eora section and metadata are updated. Pushing
-    to a ``revision`` creates that branch if needed. ``card``: the card to start from where the repo has
+    to a ``revision`` creates that branch if needed. Adapter files an earlier push left that this save does
+    not write (a removed named adapter, an old sidecar or ``adapter_model.bin``) are deleted in the same
+    commit; other files stay. ``card``: the card to start from where the repo has
     none yet (e.g. the saved adapter folder's ``README.md``: ``ModelCard.load(path)``; ``peft-eora push``
     passes it). Returns ``huggingface_hub.CommitInfo``.
     """
@@ -84,9 +86,19 @@ def push_to_hub(
             token=token,
             revision=revision,
             create_pr=create_pr,
+            # the adapter files an earlier push left (an adapter since removed, a sidecar a plain-LoRA push has
+            # no more, an old adapter_model.bin) go in the same commit: the repo then holds what was saved
+            delete_patterns=list(_ADAPTER_FILES),
         )
     logger.info("Pushed EoRA adapter to %s (commit %s)", repo_id, commit.oid)
     return commit
+
+
+#: The files a save writes per adapter, at the top and in named adapters' subfolders; a push replaces them all.
+_ADAPTER_FILES = tuple(
+    f"{prefix}{name}" for prefix in ("", "*/")
+    for name in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, EORA_CONFIG_NAME)
+)
 
 
 # Names that lived in this module before it was split (peft-eora 0.1.0): still importable from here.

@@ -52,6 +52,20 @@ def _quantized_original(source: str, found: list[str]) -> ModelMismatchError:
     )
 
 
+def hub_snapshot(repo_id: str, revision: Optional[str] = None, tokenizer: bool = False) -> Path:
+    """The local snapshot (cached, else downloaded) of a Hub checkpoint's safetensors weights and JSON configs.
+
+        >>> hub_snapshot("meta-llama/Llama-3.1-8B")      # ~/.cache/huggingface/hub/models--…/snapshots/<sha>
+
+    ``tokenizer=True`` adds the tokenizer files. The second copy of the weights Mistral's repos hold
+    (``consolidated*.safetensors``) is skipped.
+    """
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.safetensors", "*.json"] + (["*.model", "*.txt", "*.jinja"] if tokenizer else [])
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=["consolidated*"]))
+
+
 class OriginalWeights:
     """Name → weight lookup over a safetensors checkpoint or a module (``name`` without ``.weight``)."""
 
@@ -89,10 +103,8 @@ class OriginalWeights:
             return cls.from_module(source)
         path = Path(str(source)).expanduser()
         if not path.is_dir():
-            from huggingface_hub import snapshot_download
-
             try:
-                path = Path(snapshot_download(str(source), revision=revision, allow_patterns=["*.safetensors", "*.json"]))
+                path = hub_snapshot(str(source), revision=revision)
             except Exception as exc:
                 raise ModelMismatchError(
                     f"Could not open the original model {source!r}: not a local folder and not available from the "

@@ -189,12 +189,9 @@ def compute_adapter(args: argparse.Namespace, compressed: Union[Path, str], conf
 
 def _local(spec: Union[Path, str]) -> Path:
     """A model folder: a Hub id's cached (or downloaded) snapshot, its weights, configs and tokenizer files."""
-    if isinstance(spec, Path):
-        return spec
-    from huggingface_hub import snapshot_download
+    from ..original import hub_snapshot
 
-    return Path(snapshot_download(spec, allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"],
-                                  ignore_patterns=["consolidated*"]))  # Mistral's second copy of the weights
+    return spec if isinstance(spec, Path) else hub_snapshot(spec, tokenizer=True)
 
 
 def residual_original(original: Union[Path, str], compressed: Union[Path, str]) -> Union[Path, str]:
