@@ -268,6 +268,35 @@ def test_walker_moves_each_blocks_inputs_to_that_blocks_device(tiny_llama, calib
     assert seen == [(i, torch.device("cuda", i % 2)) for i in range(len(blocks))]
 
 
+def test_blocks_the_capture_does_not_reach_take_the_last_reached_blocks_arguments():
+    """A model whose loop fails on what the recorders hand on (here after block 1) leaves the later blocks'
+    arguments unread: they take block 1's, as a walk from block 0 would hand on, so that a walk resumed at
+    block 2 computes with the same arguments as an uninterrupted one (block 0's before)."""
+    from peft_eora.walker import capture_inputs
+
+    class Block(torch.nn.Module):
+        def forward(self, hidden, mask=None):
+            return (hidden + mask,)
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(Block() for _ in range(4))
+
+        def forward(self, input_ids, use_cache=False):
+            h = input_ids.float()[..., None]
+            for i, block in enumerate(self.layers):
+                out = block(h, mask=torch.full((1,), float(i)))
+                h = out[0] if i == 0 else out.hidden  # fails on the tensor a recorder hands on from block 1
+            return h
+
+    model = Toy()
+    inputs, kwargs_of = capture_inputs(model, model.layers, [{"input_ids": torch.ones(1, 3)}])
+    assert len(inputs) == 1
+    masks = [row[0]["mask"].item() for row in kwargs_of]
+    assert masks == [0.0, 1.0, 1.0, 1.0]
+
+
 def test_device_of_reads_accelerate_execution_devices():
     class Hook:
         def __init__(self, dev):

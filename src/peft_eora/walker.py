@@ -415,8 +415,8 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list
     return capture_inputs(model, None, batches, first_block)[0]
 
 
-#: Per block, per calibration batch: the keyword arguments the model calls the block with (None where
-#: the capture did not reach the block: the walk keeps the arguments it has).
+#: Per block, per calibration batch: the keyword arguments the model calls the block with (where the
+#: capture did not reach a block: those of the last block it reached, which a walk would hand on too).
 BlockKwargs = list[list[Optional[dict[str, Any]]]]
 
 
@@ -429,8 +429,9 @@ def capture_inputs(model: nn.Module, blocks: Optional[nn.ModuleList], batches: l
     per-layer input), computed before the loop over the blocks. To read them without computing
     the blocks, each block is stood in for by a recorder that hands its hidden states straight on, and
     the last one stops the forward. Arguments that depend on earlier blocks' outputs cannot be read
-    this way (where a model's loop fails on what the recorders hand on, the blocks not reached keep
-    block 0's arguments, as before); tensors equal to the block before's are shared, not copied.
+    this way (where a model's loop fails on what the recorders hand on, the blocks not reached take
+    the arguments of the last block reached, whether the walk starts at block 0 or resumes later);
+    tensors equal to the block before's are shared, not copied.
     """
     blocks_ = list(blocks) if blocks is not None else [first_block]
     calls = {id(b): _BlockCall(b) for b in blocks_}
@@ -477,6 +478,8 @@ def capture_inputs(model: nn.Module, blocks: Optional[nn.ModuleList], batches: l
                 del block.forward
             else:
                 block.forward = forward
+    for i in range(1, len(blocks_)):  # blocks not reached: the last reached block's arguments
+        kwargs_of[i] = [kw if kw is not None else before for kw, before in zip(kwargs_of[i], kwargs_of[i - 1])]
     return inputs, kwargs_of
 
 
