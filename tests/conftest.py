@@ -86,8 +86,8 @@ def tokenizer(tiny_original_dir: Path):
 def _tiny_gptq(tiny_original_dir: Path, bits: int) -> Path:
     from peft_eora.quantize import quantize_gptq
 
-    # Cached in cache_dir()/models/smollm2-135m-instruct-float32-2l-gptq-w{bits}g128-n8x64:
-    # keyed on the source (dtype, layers), bits, group size and calibration size.
+    # Cached in cache_dir()/models/smollm2-135m-instruct-float32-2l-<path hash>-gptq-w{bits}g128-n8x64:
+    # keyed on the source (its folder: dtype, layers), bits, group size and calibration size.
     return quantize_gptq(
         tiny_original_dir,
         bits=bits,
@@ -118,7 +118,7 @@ TINY_AWQ_GROUP_SIZE = 64
 @pytest.fixture(scope="session")
 def tiny_awq4_dir(tiny_original_dir: Path) -> Path:
     """AWQ w4 g64 checkpoint of the tiny model (gptqmodel, GEMM layout, zero point; ~3 min once on
-    2 cores, then cached as ...-float32-2l-awq-w4g64-n8x64), with its recorded smoothing scales."""
+    2 cores, then cached as ...-float32-2l-<path hash>-awq-w4g64-n8x64), with its recorded smoothing scales."""
     _require_gptqmodel()
     from peft_eora.quantize import quantize_awq
 

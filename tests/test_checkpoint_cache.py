@@ -1,7 +1,8 @@
 """Cached compressed checkpoints are handed back only for the settings they were made with.
 
 A complete folder under the cache (or an explicit ``out_dir``) is returned without recomputing. Its name holds
-the method, bits, group size and calibration size only, so every other setting a call asks for (the quantizer's
+the source folder (name and a hash of its path), method, bits, group size and calibration size only, so the
+source recorded and every other setting a call asks for (the quantizer's
 overrides, ``dtype``, SparseGPT's ``damp``) is compared with the recorded metadata; and the AWQ-smoothed
 original is keyed on the AWQ checkpoint's path and scales and on the original's path.
 """
@@ -47,6 +48,30 @@ def test_cached_checkpoints_made_with_other_settings_are_refused(tmp_path, monke
                                                         "calibration": calibration})
     with pytest.raises(ValueError, match=r"damp: 0.01 → 0.1"):
         prune(source, "sparsegpt", "2:4", damp=0.1)
+    # a run whose calibration text ran out (fewer windows than asked for) is handed back for the same request
+    _published(gptq_dir(source, 3, 128), {"method": "gptq", "bits": 3, "group_size": 128, "user_overrides": {},
+                                          "quantize_dtype": "float32",
+                                          "calibration": {**calibration, "windows": 33}})
+    assert quantize_gptq(source, 3, 128) == gptq_dir(source, 3, 128)
+
+
+def test_two_models_in_folders_of_one_name_get_two_cached_checkpoints(tmp_path, monkeypatch):
+    """The cache folder was named after the source folder's name alone: model b got model a's checkpoint back."""
+    from peft_eora.quantize import quantize_gptq
+
+    monkeypatch.setenv("PEFT_EORA_CACHE", str(tmp_path / "cache"))
+    a, b = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    assert gptq_dir(a, 4, 128) != gptq_dir(b, 4, 128)
+    assert gptq_dir(a, 4, 128).name.startswith("model-")
+    meta = {"method": "gptq", "bits": 4, "group_size": 128, "user_overrides": {}, "quantize_dtype": "float32",
+            "calibration": {"num_samples": 128, "seq_len": 512}, "source_model": str(a.resolve())}
+    _published(gptq_dir(a, 4, 128), meta)
+    assert quantize_gptq(a, 4, 128) == gptq_dir(a, 4, 128)
+    # an explicit out_dir holding a's checkpoint is refused for b
+    with pytest.raises(ValueError, match=r"made with other settings \(source_model: .*a/model → .*b/model\)"):
+        quantize_gptq(b, 4, 128, out_dir=gptq_dir(a, 4, 128))
 
 
 def test_smoothed_originals_of_two_awq_checkpoints_stay_apart(tmp_path, monkeypatch):

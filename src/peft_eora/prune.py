@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .embedded import atomic_publish, cache_dir, dtype_name, is_complete, make_temp_dir, remove_stale_temps
 from .quantize import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, META_FILE, _versions, calibration_metadata, gptq_calibration
-from .quantize.checkpoints import machine_metadata, recorded_differences
+from .quantize.checkpoints import machine_metadata, recorded_differences, source_label, source_setting
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def pruned_dir(
 ) -> Path:
     """Default output folder of :func:`prune` for these settings."""
     nm, ratio = parse_pattern(pattern, sparsity)
-    name = f"{Path(model_dir).name}-{method}-{pattern_label(nm, ratio)}"
+    name = f"{source_label(model_dir)}-{method}-{pattern_label(nm, ratio)}"
     if (num_samples, seq_len) != (DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN):
         name += f"-n{num_samples}x{seq_len}"
     return cache_dir() / "models" / name
@@ -311,7 +311,8 @@ def prune(
         if (meta.get("method"), meta.get("pattern")) != (method, label):
             raise ValueError(f"{final} holds a {meta.get('method')} {meta.get('pattern')} model, not {method} {label}: "
                              "pass another out_dir or delete it")
-        requested = {"num_samples": num_samples, "seq_len": seq_len, **({"damp": damp} if method == "sparsegpt" else {})}
+        requested = {**source_setting(model_dir), "num_samples": num_samples, "seq_len": seq_len,
+                     **({"damp": damp} if method == "sparsegpt" else {})}
         differ = recorded_differences(meta, requested)
         if differ:
             raise ValueError(f"{final} holds a {method} {label} model made with other settings ({'; '.join(differ)}): "
@@ -353,7 +354,7 @@ def prune(
             "compute_dtype": "float32",
             "saved_dtype": dtype_name(source_dtype),
             "source_model": str(model_dir.resolve()),
-            "calibration": calibration_metadata(len(examples), seq_len, n_tokens, batch_size),
+            "calibration": calibration_metadata(num_samples, len(examples), seq_len, n_tokens, batch_size),
             "versions": _versions(),
             "device": device,
             "machine": machine_metadata(),

@@ -20,7 +20,7 @@ import torch
 
 from ..embedded import atomic_publish, cache_dir, is_complete, make_temp_dir, remove_stale_temps
 from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
-from .checkpoints import META_FILE, _cached, awq_dir
+from .checkpoints import META_FILE, _cached, awq_dir, source_setting
 from .gptqmodel_run import _quantize_with_gptqmodel
 
 logger = logging.getLogger("peft_eora.quantize")
@@ -69,7 +69,8 @@ def quantize_awq(
         raise ValueError(f"AWQ quantization needs dtype float16 or bfloat16 (gptqmodel's AWQ kernels), got {dtype}.")
     model_dir = Path(model_dir)
     final = Path(out_dir) if out_dir is not None else awq_dir(model_dir, bits, group_size, num_samples, seq_len)
-    if _cached(final, "awq", bits, group_size, {"num_samples": num_samples, "seq_len": seq_len, "dtype": dtype, **kw}):
+    if _cached(final, "awq", bits, group_size, {**source_setting(model_dir), "num_samples": num_samples,
+                                                "seq_len": seq_len, "dtype": dtype, **kw}):
         return final
     config_file = model_dir / "config.json"
     if group_size > 0 and config_file.is_file():  # AWQ stores one zero/scale row per whole group

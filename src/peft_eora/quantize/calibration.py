@@ -63,12 +63,15 @@ def gptq_calibration(
     return [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
 
 
-def calibration_metadata(num_samples: int, seq_len: int, tokens: int, batch_size: int) -> dict[str, Any]:
-    """How :func:`gptq_calibration` windows were made, for a compressed checkpoint's metadata file."""
+def calibration_metadata(num_samples: int, windows: int, seq_len: int, tokens: int, batch_size: int) -> dict[str, Any]:
+    """How :func:`gptq_calibration` windows were made, for a compressed checkpoint's metadata file:
+    ``num_samples`` asked for (what a later call is compared with), ``windows`` obtained (fewer where the
+    text ran out)."""
     return {
         "data": f"peft_eora/data/{C4_SAMPLE.name}",
         "recipe": "docs in file order, no special tokens, EOS-joined, consecutive windows",
         "num_samples": num_samples,
+        "windows": windows,
         "seq_len": seq_len,
         "tokens": tokens,
         "batch_size": batch_size,

@@ -24,8 +24,20 @@ from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
 META_FILE = "peft_eora_quantize.json"
 
 
+def source_label(model_dir: str | Path) -> str:
+    """``<folder name>-<8 hex digits of its resolved path>``: two models in folders of one name get two cache
+    folders (the name alone once handed one model's checkpoint back for the other)."""
+    path = Path(model_dir).expanduser().resolve()
+    return f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
+def source_setting(model_dir: str | Path) -> dict[str, str]:
+    """The ``source_model`` a cached checkpoint must record to be handed back (see :func:`_cached`)."""
+    return {"source_model": str(Path(model_dir).expanduser().resolve())}
+
+
 def _checkpoint_dir(model_dir: str | Path, method: str, bits: int, group_size: int, num_samples: int, seq_len: int) -> Path:
-    name = f"{Path(model_dir).name}-{method}-w{bits}g{group_size}"
+    name = f"{source_label(model_dir)}-{method}-w{bits}g{group_size}"
     if (num_samples, seq_len) != (DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN):
         name += f"-n{num_samples}x{seq_len}"
     return cache_dir() / "models" / name
@@ -56,8 +68,8 @@ def awq_dir(
 def _cached(final: Path, method: str, bits: int, group_size: int, requested: Optional[dict[str, Any]] = None) -> bool:
     """True if ``final`` is a complete checkpoint of these settings; ``ValueError`` if it holds others.
 
-    ``requested``: the other settings of this call (``num_samples``, ``seq_len``, ``dtype``, the quantizer's
-    keyword overrides): each is compared with what the checkpoint recorded, and the overrides it was made with
+    ``requested``: the other settings of this call (``source_model``, ``num_samples``, ``seq_len``, ``dtype``, the
+    quantizer's keyword overrides): each is compared with what the checkpoint recorded, and the overrides it was made with
     must all be asked for again, so a cached checkpoint made otherwise is never handed back in silence.
     """
     if not is_complete(final):

@@ -16,7 +16,7 @@ import torch
 
 from ..embedded import atomic_publish, make_temp_dir, remove_stale_temps
 from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
-from .checkpoints import META_FILE, _cached, _checkpoint_dir, _versions
+from .checkpoints import META_FILE, _cached, _checkpoint_dir, _versions, source_setting
 
 logger = logging.getLogger("peft_eora.quantize")
 
@@ -58,7 +58,7 @@ def quantize_compressed_tensors(
             raise ValueError(f"group_size={group_size} must divide every linear's input size; {model_dir.name} has {bad}.")
     final = Path(out_dir) if out_dir is not None else _checkpoint_dir(
         model_dir, "ct", bits, group_size, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN)
-    if _cached(final, "compressed-tensors", bits, group_size):
+    if _cached(final, "compressed-tensors", bits, group_size, source_setting(model_dir)):
         return final
 
     import compressed_tensors

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
-from .checkpoints import _cached, gptq_dir
+from .checkpoints import _cached, gptq_dir, source_setting
 from .gptqmodel_run import _quantize_with_gptqmodel
 
 
@@ -41,7 +41,8 @@ def quantize_gptq(
     """
     model_dir = Path(model_dir)
     final = Path(out_dir) if out_dir is not None else gptq_dir(model_dir, bits, group_size, num_samples, seq_len)
-    if _cached(final, "gptq", bits, group_size, {"num_samples": num_samples, "seq_len": seq_len, "dtype": dtype, **kw}):
+    if _cached(final, "gptq", bits, group_size, {**source_setting(model_dir), "num_samples": num_samples,
+                                                 "seq_len": seq_len, "dtype": dtype, **kw}):
         return final
 
     def describe(qcfg: Any) -> dict[str, Any]:

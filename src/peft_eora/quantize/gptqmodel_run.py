@@ -147,7 +147,7 @@ def _quantize_with_gptqmodel(
             "user_overrides": {k: repr(v) for k, v in user_kw.items()},
             "quantize_dtype": dtype_name(dtype),
             "source_model": str(model_dir.resolve()),
-            "calibration": calibration_metadata(len(examples), seq_len, n_tokens, batch_size),
+            "calibration": calibration_metadata(num_samples, len(examples), seq_len, n_tokens, batch_size),
             **extra,
             "versions": _versions(gptqmodel=getattr(gptqmodel, "__version__", "unknown")),
             "device": device,
