@@ -264,13 +264,13 @@ def test_the_check_reads_offloaded_norms(tiny_awq4_dir, tiny_original_dir):
 
     from peft_eora.original import ModelMismatchError, OriginalWeights
     from peft_eora.quantize import load_quantized
-    from peft_eora.residual.awq import check_awq_coordinates
+    from peft_eora.residual.awq import check_original_norms
 
     model = load_quantized(tiny_awq4_dir, compute_dtype=torch.float32)
     cpu_offload(model, execution_device=torch.device("cpu"))
     assert model.model.layers[0].input_layernorm.weight.device.type == "meta"
     with pytest.raises(ModelMismatchError, match="AWQ divided the norms"):
-        check_awq_coordinates(model, OriginalWeights.open(str(tiny_original_dir)))
+        check_original_norms(model, OriginalWeights.open(str(tiny_original_dir)))
 
 
 def test_norm_gap_sees_a_few_strongly_scaled_small_channels():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -146,6 +147,40 @@ def test_the_same_model_as_original_and_compressed_is_said(tiny_llama, calib_ids
         pm, stats = _eora(original, original, calib_ids, damping="auto")
     assert all(m.error_before == 0 for m in stats.modules)
     assert all(float(m.lora_B["default"].weight.abs().max()) == 0 for m in pm.modules() if isinstance(m, LoraLayer))
+
+
+def test_an_original_with_other_norms_is_refused_before_any_work(tiny_llama, calib_ids):
+    """Norms are never compressed: an original whose norms differ (another fine-tune, or a smoothed compressed model
+    given a raw original) is refused up front for every format, not only gptqmodel's AWQ layers (a review made a
+    compressed-tensors checkpoint of an AWQ-smoothed model and got no error)."""
+    original, quantized = tiny_llama
+    other = copy.deepcopy(original)
+    with torch.no_grad():
+        other.model.layers[1].post_attention_layernorm.weight.mul_(1.5)
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, damping=0.01))
+    with pytest.raises(ModelMismatchError, match=r"post_attention_layernorm differs from the compressed model's "
+                                                 r"by up to 33% per channel\. Norms are never compressed"):
+        initialize_eora_weights(pm, original_model=other, calibration=calib_ids, progress=False)
+    assert all(float(m.lora_B["default"].weight.abs().max()) == 0 for m in pm.modules() if isinstance(m, LoraLayer))
+
+
+def test_an_original_further_from_the_compressed_weights_than_zeros_is_said(tiny_llama, calib_ids):
+    """Another model of the same shapes and norms (random init: all ones) passes every structural check; a residual
+    larger than the weights themselves, which no compression leaves, is told."""
+    from tiny_models import tiny_llama_pair
+
+    _, quantized = tiny_llama
+    stranger, _ = tiny_llama_pair(seed=1)
+    with pytest.warns(UserWarning, match=r"In 14 of 14 adapted layers the compressed weight is further from the "
+                                         r"original than zero weights would be \(.* up to 1\.\d\d"):
+        _, stats = _eora(quantized, stranger, calib_ids)
+    assert all(m.weight_error > 1 for m in stats.modules)
+    original, _ = tiny_llama
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _, stats = _eora(quantized, original, calib_ids)
+    assert not [w for w in seen if "further from the original" in str(w.message)]
+    assert all(0 < m.weight_error < 1 for m in stats.modules)
 
 
 def test_an_in_memory_original_with_offloaded_weights_is_refused_up_front(tiny_llama, calib_ids):

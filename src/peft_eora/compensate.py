@@ -140,6 +140,7 @@ class ModuleStats:
     kept_eigen: int
     damping: Optional[float] = None  # the ridge used (chosen per layer by damping="auto"); None for SVD
     heldout_errors: Optional[dict[float, float]] = None  # damping="auto": held-out error per candidate δ
+    weight_error: Optional[float] = None  # ‖ΔW‖_F / ‖W_original‖_F (above 1: further from the original than zeros)
 
 
 @dataclass
@@ -700,6 +701,15 @@ def compensate(
             "uncompressed checkpoint, and the model the compressed one?",
             UserWarning, stacklevel=3,
         )
+    far = sorted((m for m in stats.modules if (m.weight_error or 0.0) > 1.0), key=lambda m: -(m.weight_error or 0.0))
+    if far:
+        warnings.warn(
+            f"In {len(far)} of {len(stats.modules)} adapted layers the compressed weight is further from the original "
+            f"than zero weights would be (‖W_original − W_compressed‖ / ‖W_original‖ up to {far[0].weight_error:.2f}, "
+            f"{far[0].name}): no compression does that. Is original_model the checkpoint the compressed model was made "
+            "from (not another fine-tune, or the base model of an instruct one)?",
+            UserWarning, stacklevel=3,
+        )
     return stats
 
 
@@ -1132,6 +1142,7 @@ def _install(
     device = device if device is not None else device_of(t.base)
     w_fp, w_q = _weights(t, original, device, times)
     delta = w_fp - w_q
+    weight_error = float(delta.norm()) / max(float(w_fp.norm()), 1e-30)
     del w_fp
     if merged is None or not merged.enabled:
         w_q = None
@@ -1198,7 +1209,7 @@ def _install(
     logger.debug("%s: error %.4g -> %.4g (r=%d)", t.name, before, after, t.rank)
     return ModuleStats(
         t.name, t.rank, before, after, factors.energy_retained, factors.kept_eigen,
-        damping=None if method == "svd" else damping, heldout_errors=heldout_errors,
+        damping=None if method == "svd" else damping, heldout_errors=heldout_errors, weight_error=weight_error,
     )
 
 

@@ -40,7 +40,7 @@ from .kernels.gptq_linear import GPTQLinear, register_gptq_linear
 from .layer import with_mixed_batch
 from .original import OriginalWeights
 from .residual import backend_for, is_supported, prepare_model, registered
-from .residual.awq import check_awq_coordinates
+from .residual.awq import check_original_norms
 from .residual.probe import repacks_on_first_forward
 
 logger = logging.getLogger(__name__)
@@ -376,7 +376,7 @@ def _compute(
     times: Any = None,
 ) -> CompensationStats:
     original = OriginalWeights.open(original_model)
-    check_awq_coordinates(model, original)  # a raw original of an AWQ model: one error before any work
+    check_original_norms(model, original)  # another model, or a raw original of a smoothed one: refused before any work
     base = compute_fingerprint(model)  # before any forward: gptqmodel's CPU kernels repack on their first one
     if config.method == "svd":  # the plain-SVD baseline reads weights only
         batches = []

@@ -125,15 +125,16 @@ def _multiplies_one_plus(module: nn.Module, weight: torch.Tensor) -> bool:
     return bool(torch.allclose(y, 1 + w, rtol=1e-2, atol=1e-2)) and not bool(torch.allclose(y, w, rtol=1e-2, atol=1e-2))
 
 
-def check_awq_coordinates(model: nn.Module, original: object) -> None:
-    """Refuse a raw original for a model holding AWQ layers: AWQ divided its norms (and scaled its linears' columns)
-    by per-channel smoothing scales, so ``W_original − W_awq`` is only the compression residual once the original is
-    in the AWQ model's coordinates (:func:`peft_eora.quantize.awq_smoothed_original`). Told by the norms, which AWQ
-    stores rescaled; a smoothed original's match to rounding. ``original``: an :class:`~peft_eora.original.OriginalWeights`."""
-    if not any(has_gptqmodel_base(m, "AWQuantLinear") for m in model.modules()):
-        return
+def check_original_norms(model: nn.Module, original: object) -> None:
+    """Refuse an original whose norm weights differ from the compressed model's. No compression format quantizes
+    norms, so they match to rounding unless the original is another model (another fine-tune, the base model of an
+    instruct one) or the compressed model was smoothed: AWQ (gptqmodel's, llm-compressor's) and SmoothQuant divide
+    the norms (and scale the linears' columns) by per-channel scales, so ``W_original − W_compressed`` is only the
+    compression residual once the original is in the compressed model's coordinates
+    (:func:`peft_eora.quantize.awq_smoothed_original`). ``original``: an :class:`~peft_eora.original.OriginalWeights`."""
     from ..original import ModelMismatchError
 
+    awq = any(has_gptqmodel_base(m, "AWQuantLinear") for m in model.modules())
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if ("norm" not in type(module).__name__.lower() or not isinstance(weight, torch.Tensor) or weight.dim() != 1
@@ -152,7 +153,9 @@ def check_awq_coordinates(model: nn.Module, original: object) -> None:
         else:
             plus_one = _multiplies_one_plus(module, weight)
         gap = norm_gap(weight, original.get(name), plus_one)
-        if gap > norm_tolerance(weight.dtype):
+        if gap <= norm_tolerance(weight.dtype):
+            continue
+        if awq:
             raise ModelMismatchError(
                 f"The original's {original.resolve(name)} differs from the AWQ model's by up to {gap:.0%} per channel: "
                 "AWQ divided the norms by its smoothing scales, so the residual against this original would be wrong. "
@@ -160,3 +163,11 @@ def check_awq_coordinates(model: nn.Module, original: object) -> None:
                 "awq_smoothed_original(awq_checkpoint, original)) (it recovers the scales of checkpoints made "
                 "elsewhere; the CLI does this itself)."
             )
+        raise ModelMismatchError(
+            f"The original's {original.resolve(name)} differs from the compressed model's by up to {gap:.0%} per "
+            "channel. Norms are never compressed, so the residual against this original would be wrong: either it is "
+            "not the checkpoint the compressed model was made from (another fine-tune, or the base model of an "
+            "instruct one), or the compressed model was smoothed (AWQ, SmoothQuant: its norms divided by per-channel "
+            "scales). Pass the uncompressed checkpoint it was made from, in the compressed model's coordinates where "
+            "it was smoothed (for AWQ: peft_eora.quantize.awq_smoothed_original)."
+        )
