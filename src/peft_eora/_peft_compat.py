@@ -276,6 +276,76 @@ def adapters_off(layers: list[nn.Module]) -> Iterator[None]:
             layer._disable_adapters = state
 
 
+def unmerge_first(model: nn.Module, what: str) -> None:
+    """Unmerge every merged LoRA layer of ``model`` (with PEFT's kind of warning) before ``what`` reads base weights:
+    a merged product in them would be taken for part of the base (a wrong residual, a false base mismatch)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and m.merged]
+    if merged:
+        import warnings
+
+        warnings.warn(f"{what} needs the base weights without merged adapters: unmerging the model first.",
+                      stacklevel=3)
+        for layer in merged:
+            layer.unmerge()
+
+
+@contextlib.contextmanager
+def kept_on_failure(model: nn.Module, config: Any, adapter_name: str) -> Iterator[None]:
+    """If the block fails, ``adapter_name``'s layers and the ``config`` fields a computation writes are put back as
+    they were: factors computed or loaded earlier survive a recompute that fails half-way (it zeroes them as it
+    goes), and the statistics never describe other weights. Nothing is kept where the adapter held no factors yet
+    (a failure then leaves the zero update computing starts from)."""
+    import copy
+    import dataclasses
+
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_B]
+    held = any(m.lora_B[adapter_name].weight.device.type != "meta" and bool(m.lora_B[adapter_name].weight.detach().any())
+               for m in layers)
+    if not held:
+        yield
+        return
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+              if f.name not in ("original_model", "calibration")}
+    fields = {k: copy.deepcopy(v) if isinstance(v, (dict, list, set)) else v for k, v in fields.items()}
+    with torch.no_grad():
+        saved = [(m, m.lora_A[adapter_name], m.lora_B[adapter_name], m.lora_A[adapter_name].weight.detach().cpu().clone(),
+                  m.lora_B[adapter_name].weight.detach().cpu().clone(), m.r[adapter_name], m.lora_alpha[adapter_name],
+                  m.scaling[adapter_name]) for m in layers]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for m, mod_a, mod_b, a, b, r, alpha, scaling in saved:
+                m.lora_A[adapter_name], m.lora_B[adapter_name] = mod_a, mod_b  # a rank allocation replaces them
+                mod_a.weight.copy_(a)
+                mod_b.weight.copy_(b)
+                m.r[adapter_name], m.lora_alpha[adapter_name], m.scaling[adapter_name] = r, alpha, scaling
+        for key, value in fields.items():
+            setattr(config, key, value)
+        logger.warning("computing adapter %r failed: its earlier factors are kept", adapter_name)
+        raise
+
+
+def remove_adapter_layers(model: nn.Module, adapter_name: str) -> None:
+    """Undo PEFT's injection of ``adapter_name`` (its computation failed): layers holding other adapters drop it, the
+    others give their base layer back to their parent, so the model is as it was before."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+            continue
+        if any(a != adapter_name for a in module.lora_A):
+            module.delete_adapter(adapter_name)
+        else:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+
+
 # --------------------------------------------------------------------------------------------
 # Wiring once PEFT is imported
 # --------------------------------------------------------------------------------------------

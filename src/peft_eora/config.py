@@ -18,6 +18,7 @@ original models and calibration batches go through the Python API instead
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -341,6 +342,22 @@ class EoRAConfig(LoraConfig):
         self.peft_type = _extend_peft_type()
         if isinstance(self.calibration, dict):
             self.calibration = CalibrationConfig(**self.calibration)
+        # the config is saved with the adapter (and PEFT deep-copies it): in-memory models and data go to the API
+        if self.original_model is not None and not isinstance(self.original_model, (str, os.PathLike)):
+            raise TypeError(
+                f"EoRAConfig.original_model takes the uncompressed checkpoint's path or Hub id (saved with the adapter), "
+                f"not a {type(self.original_model).__name__}. For an in-memory model: get_peft_model(model, "
+                "EoRAConfig(...)) without it, then peft_eora.initialize_eora_weights(peft_model, original_model=..., "
+                "calibration=...)."
+            )
+        if isinstance(self.original_model, os.PathLike):
+            self.original_model = os.fspath(self.original_model)
+        if self.calibration is not None and not isinstance(self.calibration, CalibrationConfig):
+            raise TypeError(
+                f"EoRAConfig.calibration takes a CalibrationConfig (or its dict), not a {type(self.calibration).__name__}."
+                " Token tensors, datasets and DataLoaders go to peft_eora.initialize_eora_weights(peft_model, "
+                "original_model=..., calibration=...)."
+            )
         if self.method not in METHODS:
             raise ValueError(f"EoRAConfig.method must be one of {METHODS}, got {self.method!r}.")
         self._check_damping_and_allocation()

@@ -19,6 +19,8 @@ is computed, it is the only active adapter, so the others never shape its calibr
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import math
 import re
@@ -30,7 +32,7 @@ import torch
 from peft.tuners.lora import LoraLayer, LoraModel
 from torch import nn
 
-from ._peft_compat import only_active
+from ._peft_compat import kept_on_failure, only_active, remove_adapter_layers, unmerge_first
 from .adapter_quant import is_packed, pack_adapter_state_dict, quantize_adapter_, unpack_adapter_state_dict
 from .calibration import CalibrationData, as_batches, check_vocabulary, is_token_mapping
 from .compensate import CompensationStats, RankPlan, compensate, find_targets, index_pattern, plan_ranks
@@ -169,7 +171,11 @@ class EoRAModel(LoraModel):
                 "(after import peft_eora) rather than transformers' model.load_adapter, or export a float LoRA with "
                 "peft_eora.export_lora."
             )
-        super().__init__(model, config, adapter_name, **kwargs)
+        try:
+            super().__init__(model, config, adapter_name, **kwargs)
+        except BaseException:
+            remove_adapter_layers(model, adapter_name)  # a failed computation hands the caller's model back as it was
+            raise
         self._eora_initialised = True  # from now on inject_adapter runs the hooks itself (add/load_adapter)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
@@ -179,15 +185,22 @@ class EoRAModel(LoraModel):
         without this a second EoRA adapter would be neither checked against the base nor computed.
         """
         later = getattr(self, "_eora_initialised", False)
-        config = self.peft_config[adapter_name]
         if later:
-            self._pre_injection_hook(model, config, adapter_name)
+            self._pre_injection_hook(model, self.peft_config[adapter_name], adapter_name)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         if later:
-            self._post_injection_hook(model, config, adapter_name)
+            try:
+                self._post_injection_hook(model, self.peft_config[adapter_name], adapter_name)
+            except BaseException:
+                remove_adapter_layers(model, adapter_name)  # PEFT's add_adapter drops only the config
+                raise
 
     def _pre_injection_hook(self, model: nn.Module, config: EoRAConfig, adapter_name: str) -> None:
         super()._pre_injection_hook(model, config, adapter_name)
+        if isinstance(config, EoRAConfig) and config.init_eora:
+            # computing writes into the config (init_eora=False, stats, fingerprint, targets): into the model's
+            # own copy, so that the caller's config computes again when reused (it gave a zero adapter)
+            config = self.peft_config[adapter_name] = own_copy(config)
         prepare_for_eora(model, config, adapter_name)
 
     @staticmethod
@@ -225,6 +238,17 @@ class EoRAModel(LoraModel):
         _initialize(model, config, adapter_name, config.original_model, config.calibration)
 
 
+def own_copy(config: EoRAConfig) -> EoRAConfig:
+    """A copy of ``config`` whose fields can be written without touching the caller's: containers are copied, the
+    original model and calibration data (possibly a model or a large dataset, only read) are shared."""
+    new = copy.copy(config)
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name not in ("original_model", "calibration") and isinstance(value, (dict, list, set)):
+            setattr(new, f.name, copy.deepcopy(value))
+    return new
+
+
 #: Base-layer residual back-ends whose modules move between devices with ``.to()`` unchanged
 #: (execution_device="auto" offloads only such models; others compute where they are).
 MOVABLE_BACKENDS = ("dense", "gptq")
@@ -239,6 +263,7 @@ def prepare_for_eora(model: nn.Module, config: Any, adapter_name: str) -> None:
     prepare_model(model)  # e.g. decompress a compressed-tensors model, as its first forward would
     if isinstance(config, EoRAConfig):
         if not getattr(config, "init_eora", False):  # loading computed factors: same base?
+            unmerge_first(model, "Checking an EoRA adapter's base")  # PEFT unmerges on injecting anyway
             verify_fingerprint(model, config, adapter_name)
         if config.target_modules is None and not config.target_parameters:
             config.target_modules = default_target_modules(model, config.layers_to_transform)
@@ -359,7 +384,9 @@ def _initialize(
     progress: bool = True,
     times: Any = None,
 ) -> CompensationStats:
-    with only_active(model, adapter_name):  # other adapters on the model must not feed the calibration passes
+    unmerge_first(model, "Computing EoRA factors")
+    # other adapters on the model must not feed the calibration passes; a failure keeps earlier factors
+    with only_active(model, adapter_name), kept_on_failure(model, config, adapter_name):
         return _compute(model, config, adapter_name, original_model, calibration, tokenizer, batch_size, progress,
                         times)
 

@@ -1,0 +1,124 @@
+"""What a PEFT user's model and configs look like after EoRA runs: a reused config, a failed computation, a merged
+adapter. Tiny random Llamas (``tests/tiny_models.py``), dense fake-quantized base."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+from peft_eora import CalibrationConfig, EoRAConfig, initialize_eora_weights
+from peft_eora.original import ModelMismatchError
+
+INPUT = torch.randint(0, 49152, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(INPUT).logits
+
+
+def _factors(model: torch.nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if f"lora_A.{adapter}." in k or
+            f"lora_B.{adapter}." in k}
+
+
+def _lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+CALIBRATION = CalibrationConfig(dataset="builtin:c4", num_samples=2, seq_len=32)
+
+
+def test_a_reused_config_computes_every_time_and_stays_the_callers(tiny_llama, tmp_path, tiny_tokenizer_dir):
+    """Computing wrote init_eora=False (and the stats) into the caller's config: reused, it gave a zero adapter."""
+    original, quantized = tiny_llama
+    original.save_pretrained(tmp_path / "orig")
+    cfg = EoRAConfig(r=8, damping=0.01, original_model=str(tmp_path / "orig"),
+                     calibration=dataclasses.replace(CALIBRATION, tokenizer=tiny_tokenizer_dir))
+    first = get_peft_model(copy.deepcopy(quantized), cfg)
+    second = get_peft_model(copy.deepcopy(quantized), cfg)
+    a, b = _factors(first), _factors(second)
+    assert a and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(float(v.abs().max()) > 0 for k, v in b.items() if "lora_B" in k)
+    assert cfg.init_eora is True and cfg.eora_stats is None and cfg.base_fingerprint is None
+    assert second.peft_config["default"] is not cfg and second.peft_config["default"].init_eora is False
+    second.add_adapter("again", cfg)  # an adapter added later computes too
+    c = _factors(second, "again")
+    assert all(torch.equal(a[k.replace(".again.", ".default.")], c[k]) for k in c)
+
+
+def test_a_failed_recompute_keeps_the_earlier_factors_and_their_statistics(tiny_llama, calib_ids):
+    original, quantized = tiny_llama
+    model = get_peft_model(copy.deepcopy(quantized),
+                           EoRAConfig(r=8, damping=0.01, rank_allocation="spectrum", rank_budget=None))
+    initialize_eora_weights(model, original_model=original, calibration=calib_ids[:4], progress=False)
+    before, stats = _logits(model), copy.deepcopy(model.peft_config["default"].eora_stats)
+    ranks = {id(m): m.r["default"] for m in _lora_layers(model)}
+    bad = copy.deepcopy(original)
+    with torch.no_grad():
+        bad.model.layers[1].mlp.down_proj.weight[0, 0] = math.nan
+    with pytest.raises(ModelMismatchError, match="NaN"):
+        initialize_eora_weights(model, original_model=bad, calibration=calib_ids[:4], progress=False)
+    assert torch.equal(_logits(model), before)
+    assert model.peft_config["default"].eora_stats == stats
+    assert {id(m): m.r["default"] for m in _lora_layers(model)} == ranks
+
+
+def test_computing_or_loading_onto_a_merged_adapter_unmerges_first(tiny_llama, calib_ids, tmp_path):
+    """A merged product in the base weights was taken for part of the base: the residual, the fingerprint."""
+    original, quantized = tiny_llama
+    model = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, damping=0.01))
+    initialize_eora_weights(model, original_model=original, calibration=calib_ids[:4], progress=False)
+    expected = _factors(model)
+    model.merge_adapter()
+    with pytest.warns(UserWarning, match="unmerging the model first"):
+        initialize_eora_weights(model, original_model=original, calibration=calib_ids[:4], progress=False)
+    got = _factors(model)
+    assert all(torch.allclose(expected[k], got[k], atol=1e-6) for k in expected)
+    with model.disable_adapter():
+        assert torch.allclose(_logits(model), _logits(quantized), atol=1e-6)  # the base is the base again
+    model.save_pretrained(tmp_path / "a")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(quantized), tmp_path / "a")
+    loaded.merge_adapter()
+    loaded.load_adapter(tmp_path / "a", adapter_name="again")  # was a BaseMismatchError
+    assert "again" in loaded.peft_config
+
+
+def test_in_memory_models_and_data_in_the_config_are_refused_with_the_api_to_use(tiny_llama, calib_ids):
+    """The config is saved with the adapter: a module or a token tensor in it computed, then failed at save_pretrained
+    ("Tensor is not JSON serializable")."""
+    original, _ = tiny_llama
+    with pytest.raises(TypeError, match=r"original_model takes .* not a LlamaForCausalLM\. .*initialize_eora_weights"):
+        EoRAConfig(r=8, original_model=original)
+    with pytest.raises(TypeError, match=r"calibration takes a CalibrationConfig .* not a Tensor\. .*initialize_eora"):
+        EoRAConfig(r=8, calibration=calib_ids)
+
+
+def test_a_failed_computation_leaves_no_adapter_layers_behind(tiny_llama, calib_ids, tmp_path):
+    """PEFT drops only the config of an adapter whose add_adapter failed: its layers stayed, could not be deleted and
+    were saved into the other adapter's file. A failed get_peft_model hands the caller's model back unwrapped."""
+    original, quantized = tiny_llama
+    model = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, damping=0.01))
+    initialize_eora_weights(model, original_model=original, calibration=calib_ids[:4], progress=False)
+    trainable = model.get_nb_trainable_parameters()
+    with pytest.raises(ModelMismatchError):
+        model.add_adapter("c", EoRAConfig(r=8, original_model=str(tmp_path / "nowhere"), calibration=CALIBRATION))
+    assert list(model.peft_config) == ["default"]
+    assert not [m for m in _lora_layers(model) if "c" in m.lora_A]
+    assert model.get_nb_trainable_parameters() == trainable
+    model.save_pretrained(tmp_path / "saved")
+    from safetensors.torch import load_file
+
+    assert len(load_file(str(tmp_path / "saved" / "adapter_model.safetensors"))) == 2 * 14
+
+    base = copy.deepcopy(quantized)
+    with pytest.raises(ModelMismatchError):
+        get_peft_model(base, EoRAConfig(r=8, original_model=str(tmp_path / "nowhere"), calibration=CALIBRATION))
+    assert not _lora_layers(base)
+    assert torch.equal(_logits(base), _logits(quantized))
