@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -22,6 +23,29 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+
+
+class Terminated(BaseException):
+    """SIGTERM during a measurement (a time limit, as ``gpu_check.sh``'s ``timeout`` sends): the figures so far are
+    reported. A BaseException, so the library's ``except Exception`` blocks (probes, fallbacks) let it by."""
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` in the main thread for the block's duration (no-op when called from
+    another thread: only the main thread may set signal handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def write_json_atomic(path: str | os.PathLike, text: str) -> None:

@@ -197,16 +197,21 @@ def _anchor_int4(k: int, n: int, copies: int, device: torch.device, gen: torch.G
 # layer benchmark
 
 
-def bench_layers(args: argparse.Namespace, device: torch.device) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def bench_layers(args: argparse.Namespace, device: torch.device,
+                 rows: Optional[list[dict[str, Any]]] = None, meta: Optional[dict[str, Any]] = None,
+                 on_row: Optional[Callable[[], None]] = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Time every shape × bits × rank × batch; ``rows``/``meta`` (filled in place) and ``on_row`` (called after each
+    row) let the caller write what is measured so far (a run cut by a time limit keeps its rows)."""
     from peft_eora.kernels import ops
     from peft_eora.kernels.triton_gptq_lora import ENV_AUTOTUNE, interpreter_active, tuning_report
 
     cuda = device.type == "cuda"
     dtype = torch.float16 if cuda else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)
-    rows: list[dict[str, Any]] = []
+    rows = rows if rows is not None else []
+    meta = meta if meta is not None else {}
     l2 = torch.cuda.get_device_properties(device).L2_cache_size if cuda else 0
-    meta: dict[str, Any] = {"l2_bytes": l2}
+    meta["l2_bytes"] = l2
     if cuda:
         meta["copy_gbs"] = copy_bandwidth_gbs(device)
     base_backend = "cuda" if cuda else "torch"
@@ -319,6 +324,8 @@ def bench_layers(args: argparse.Namespace, device: torch.device) -> tuple[list[d
                         row["achieved_gbs_fused"] = row["bytes_fused"] / (us["fused"] * 1e3)
                         row["bandwidth_fraction_fused"] = row["achieved_gbs_fused"] / meta["copy_gbs"]
                     rows.append(row)
+                    if on_row is not None:
+                        on_row()
                     logger.info("%s b%d r=%d M=%d: %s", row["shape"], bits, r, m,
                                 {k2: round(v, 2) for k2, v in us.items() if v})
                 del layers
@@ -442,25 +449,39 @@ def _run(argv: Optional[list[str]]) -> str:
         torch=torch.__version__,
         smoke=bool(args.smoke),
     )
+    from bench_common import Terminated, sigterm_raises, write_json_atomic
+
+    def save(status: str) -> str:
+        result["status"] = status
+        result["goals"] = goals(result["layers"])
+        result["layers_seconds"] = round(time.perf_counter() - t0, 1)
+        text = json.dumps(result, indent=2)
+        if args.out:
+            write_json_atomic(args.out, text)
+        return text
+
     t0 = time.perf_counter()
-    result["layers"], result["device_figures"] = bench_layers(args, device)
-    result["goals"] = goals(result["layers"])
-    result["layers_seconds"] = round(time.perf_counter() - t0, 1)
-    if args.e2e:
-        import decode
-
+    result["layers"], result["device_figures"] = [], {}
+    with sigterm_raises():  # a time limit's SIGTERM: the rows so far are kept (they are also written after each)
         try:
-            e2e_argv = (["--smoke"] if args.smoke else []) + [a for a in args.e2e_args.split() if a]
-            result["e2e"] = decode.run(e2e_argv)
-        except Exception as exc:
-            logger.warning("end-to-end benchmark failed", exc_info=True)
-            result["e2e"] = dict(error=f"{type(exc).__name__}: {exc}")
-    text = json.dumps(result, indent=2)
-    if args.out:
-        from bench_common import write_json_atomic
+            bench_layers(args, device, result["layers"], result["device_figures"], on_row=lambda: save("partial"))
+        except Terminated:
+            logger.warning("SIGTERM after %d rows: writing them", len(result["layers"]))
+            return save("timed_out")
+        save("partial")
+        if args.e2e:
+            import decode
 
-        write_json_atomic(args.out, text)
-    return text
+            try:
+                e2e_argv = (["--smoke"] if args.smoke else []) + [a for a in args.e2e_args.split() if a]
+                result["e2e"] = decode.run(e2e_argv)
+            except Terminated:
+                result["e2e"] = dict(error="timed out (SIGTERM)")
+                return save("timed_out")
+            except Exception as exc:
+                logger.warning("end-to-end benchmark failed", exc_info=True)
+                result["e2e"] = dict(error=f"{type(exc).__name__}: {exc}")
+    return save("ok")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import logging
 import os
 import platform
 import resource
-import signal
 import sys
 import threading
 import time
@@ -39,7 +38,7 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import LiveTensorPeak, PeakRSS, default_dtype, json_main  # noqa: E402
+from bench_common import LiveTensorPeak, PeakRSS, Terminated, default_dtype, json_main, sigterm_raises  # noqa: E402
 
 logger = logging.getLogger("peft_eora.benchmarks.scale")
 
@@ -263,29 +262,6 @@ class EigenCalls:
                 for k, v in sorted(self.rows.items())}
 
 
-class _Terminated(BaseException):
-    """SIGTERM during the EoRA step (a time limit): the figures so far are reported. A
-    BaseException, so the library's ``except Exception`` blocks (probes, ridge attempts) let it by."""
-
-
-@contextlib.contextmanager
-def _sigterm_raises() -> Any:
-    """Turn SIGTERM into :class:`_Terminated` in the main thread for the block's duration (no-op
-    when called from another thread: only the main thread may set signal handlers)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise _Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _profiler(cuda: bool) -> Any:
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     return torch.profiler.profile(activities=activities)
@@ -458,7 +434,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     rss = PeakRSS() if Path("/proc/self/clear_refs").exists() else None
     eig_calls = EigenCalls(cuda)
     profiler = _profiler(cuda) if args.profile else None
-    with _sigterm_raises():  # SIGTERM from here on raises _Terminated: the report holds what was measured so far
+    with sigterm_raises():  # SIGTERM from here on raises Terminated: the report holds what was measured so far
         t0 = time.perf_counter()
         stats = None
         try:
@@ -472,7 +448,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 )
                 if cuda:
                     torch.cuda.synchronize()
-        except _Terminated:
+        except Terminated:
             logger.warning("SIGTERM after %.1f s: reporting the phases measured so far", time.perf_counter() - t0)
         seconds = time.perf_counter() - t0
         summary = stats.summary() if stats is not None else {}
@@ -515,7 +491,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if profiler is not None:
             try:
                 res["profile"] = _top_operators(profiler, cuda)
-            except _Terminated:  # the profile's own parsing ran out of time: the rest still goes out
+            except Terminated:  # the profile's own parsing ran out of time: the rest still goes out
                 res["profile"] = {"status": "timed_out"}
                 res["status"] = "timed_out"
         if cuda:

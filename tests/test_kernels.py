@@ -616,6 +616,52 @@ def test_backend_selection_on_cpu(monkeypatch):
         torch.ops.peft_eora.gptq_lora_linear(*_op_args(), bits=5)
 
 
+def test_auto_backend_never_picks_a_triton_kernel_that_would_refuse_the_call(monkeypatch):
+    """On a GPU, a call the CUDA kernel declines went to Triton under 'auto', which refuses in_features % 32 != 0
+    (a fused layer of in_features 4304 crashed at its forward): such calls take the torch path."""
+
+    class OnGPU:  # what select_backend reads of an activation on a GPU (none is needed to check the choice)
+        device, dtype = torch.device("cuda"), torch.float16
+
+        def __init__(self, k: int) -> None:
+            self.shape = (1, k)
+
+        def numel(self) -> int:
+            return self.shape[-1]
+
+    monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
+    monkeypatch.setattr(ops, "triton_available", lambda device: True)
+
+    def no_extension():
+        raise ops.cuda_ext.CudaExtensionUnavailable("not built here")
+
+    monkeypatch.setattr(ops.cuda_ext, "load_extension", no_extension)
+    assert ops.select_backend(OnGPU(64), 4, None, 16) == "triton"
+    assert ops.select_backend(OnGPU(48), 4, None, 16) == "torch"
+    assert ops.select_backend(OnGPU(48), 4, None, 16, "triton") == "triton"  # asked for: its own error says why
+
+
+def test_ranks_beyond_the_gpus_shared_memory_are_declined_by_the_cuda_kernel(monkeypatch):
+    """sm_86/89 allow 99 KB per block: the 16-row launch at rank 2032 needs 151.5 KB and failed at launch (not a
+    fallback) before; the H100's 227 KB take it."""
+    assert ops.cuda_smem_bytes(16, 2032, 16) == 8192 + 64 * 2032 + 32 * (512 + 16)
+    assert ops.cuda_smem_bytes(1, 128, 16) == 4096 + 4 * 128 + 32 * (256 + 16)
+    assert ops.cuda_smem_bytes(4, 0, 16) == 4096  # no adapter: no t, no stage
+
+    class OnGPU:
+        device, dtype, shape = torch.device("cuda"), torch.float16, (16, 4096)
+
+        def numel(self) -> int:
+            return 16 * 4096
+
+    a = torch.empty(2032, 4096)
+    monkeypatch.setattr(ops, "_smem_optin", lambda device: 99 * 1024)
+    assert "needs 155136 bytes of shared memory, this GPU allows 101376" in ops.cuda_kernel_supports(OnGPU(), 4, a, 16)
+    assert ops.cuda_kernel_supports(OnGPU(), 4, a[:1024], 16) is None
+    monkeypatch.setattr(ops, "_smem_optin", lambda device: 227 * 1024)
+    assert ops.cuda_kernel_supports(OnGPU(), 4, a, 16) is None
+
+
 # ----------------------------------------------------------------------------------------------
 # CUDA extension: sources, toolchain errors, compile-only
 
@@ -980,6 +1026,15 @@ def test_cuda_kernel_plan_bounds_the_l2_prefetch(emu):
     assert p["prefetch_rows"] == l2 // 2 // (128 * 448) and p["prefetch_rows"] < 512
     p = _plan(emu, 1, 4096, 4096, 128, cap, l2_bytes=l2)  # 512 units of 1024 / 32 x 4 = 128 rows: all of it
     assert p["prefetch_rows"] >= 128
+
+
+def test_the_shared_memory_the_dispatch_predicts_is_the_kernels_own(emu):
+    """``ops.cuda_smem_bytes`` (what auto dispatch compares with the GPU's limit) against the C++ planner's."""
+    for m in (1, 3, 8, 9, 16):
+        for r in (0, 1, 8, 24, 33, 128, 512, 2032):
+            for lora_bits in (16, 8, 4):
+                got = _plan(emu, m, 4096, 4096, r, 132, lora_bits)["smem"]
+                assert ops.cuda_smem_bytes(m, r, lora_bits) == got, (m, r, lora_bits)
 
 
 def test_cuda_kernel_workspace_shared_across_shapes(emu):

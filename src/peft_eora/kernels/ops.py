@@ -25,6 +25,7 @@ An explicitly requested backend that cannot run raises ``RuntimeError`` with the
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -134,7 +135,32 @@ def cuda_kernel_supports(
         return f"the CUDA kernel handles ranks 1..{CUDA_MAX_RANK}, got {lora_a.shape[0]}"
     if lora_bits not in (16, 8, 4):
         return f"unsupported lora_bits={lora_bits}"
+    rank = lora_a.shape[0] if lora_a is not None else 0
+    need, limit = cuda_smem_bytes(rows, rank, lora_bits), _smem_optin(x.device)
+    if limit and need > limit:  # sm_86/89 (99 KB) at ranks above ~1190: the launch would fail
+        return f"rank {rank} at {rows} rows needs {need} bytes of shared memory, this GPU allows {limit}"
     return None
+
+
+def cuda_smem_bytes(rows: int, rank: int, lora_bits: int) -> int:
+    """Dynamic shared memory of the CUDA kernel's launch for ``rows`` rows at ``rank`` (mirrors ``smem_bytes`` in
+    ``cuda/gptq_lora_kernel.cuh``: per-warp sums of the 8- or 16-row variant, the rows' ``t = A·x``, the B stage)."""
+    maxm = 8 if rows <= 8 else 16
+    t_floats = (rows * max(rank, 0) + 3) & ~3
+    row_bytes = 2 * rank if lora_bits == 16 else (rank if lora_bits == 8 else (rank + 1) // 2)
+    stage = 0
+    if rank > 0 and rank % 8 == 0 and row_bytes % 16 == 0:
+        stage = 32 * (min(row_bytes, 16384 // 32) + 16)
+    return (4 * maxm * 32 + t_floats) * 4 + stage
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_optin(device: torch.device) -> int:
+    """The opt-in shared memory per block of a CUDA ``device`` (0 where unknown)."""
+    try:
+        return int(getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0))
+    except Exception:  # noqa: BLE001 - no CUDA here: no limit to apply
+        return 0
 
 
 def select_backend(
@@ -160,6 +186,9 @@ def select_backend(
             raise RuntimeError(f"backend='cuda' requested but unusable: {reason}")
         logger.debug("CUDA kernel not used: %s", reason)
     if requested in ("auto", "triton"):
+        if requested == "auto" and x.shape[-1] % 32:  # the Triton kernel's K runs are 32 rows: it would refuse
+            logger.debug("Triton kernel not used: in_features %d is not a multiple of 32", x.shape[-1])
+            return "torch"
         if x.device.type == "cuda" or requested == "triton":
             if triton_available(x.device):
                 return "triton"

@@ -142,8 +142,10 @@ def _resolve_g_idx(
         if g_idx.numel() != in_features:
             raise ValueError(f"g_idx has {g_idx.numel()} entries, expected in_features={in_features}")
         g = g_idx.to(device=device, dtype=torch.long)
-    if g.numel() and (int(g.min()) < 0 or int(g.max()) >= groups):
-        raise ValueError(f"g_idx values must lie in [0, {groups}), got [{int(g.min())}, {int(g.max())}]")
+        # the range check reads the values on the host: not possible inside CUDA graph capture (checked eagerly)
+        capturing = g.is_cuda and torch.cuda.is_current_stream_capturing()
+        if g.numel() and not capturing and (int(g.min()) < 0 or int(g.max()) >= groups):
+            raise ValueError(f"g_idx values must lie in [0, {groups}), got [{int(g.min())}, {int(g.max())}]")
     return g
 
 
