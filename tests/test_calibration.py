@@ -53,6 +53,22 @@ def test_single_source_unchanged_by_mix_support(tmp_path):
     assert all(torch.equal(row, torch.arange(int(row[0]), int(row[0]) + 10)) for row in tokens)
 
 
+def test_a_text_files_rows_are_its_paragraphs_not_its_lines(tmp_path, tokenizer):
+    """Rows are shuffled and EOS-joined: a hard-wrapped .txt read line by line was cut into fragments of unrelated
+    documents with an EOS every 80 characters. Its blank-line separated paragraphs stay whole."""
+    words = [f"w{i}" for i in range(400)]
+    doc_a = "\n".join(" ".join(words[i:i + 10]) for i in range(0, 200, 10))  # 20 wrapped lines
+    doc_b = "\n".join(" ".join(words[i:i + 10]) for i in range(200, 400, 10))
+    path = tmp_path / "wrapped.txt"
+    path.write_text(doc_a + "\n\n" + doc_b + "\n")
+    n = len(tokenizer(doc_a + "\n" + doc_b, add_special_tokens=False)["input_ids"])
+    tokens = load_calibration_tokens(CalibrationConfig(str(path), num_samples=1, seq_len=n // 2), tokenizer)
+    assert int((tokens == tokenizer.eos_token_id).sum()) <= 1  # one document boundary at most, not one per line
+    text = tokenizer.decode(tokens[0])
+    first = int(text.split()[0][1:])
+    assert text.startswith(f"w{first} w{first + 1} w{first + 2}") and first in (0, 200)  # a paragraph's start
+
+
 def test_template_and_builtin_gsm8k(tokenizer):
     spec = CalibrationConfig("builtin:gsm8k", template="Q: {question}\nA: {answer}", num_samples=2, seq_len=256)
     text = tokenizer.decode(load_calibration_tokens(spec, tokenizer)[0])

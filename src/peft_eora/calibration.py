@@ -61,7 +61,10 @@ def load_documents(source: Union[CalibrationConfig, CalibrationSource]) -> list[
                     )
                 if path.stat().st_size == 0:
                     raise CalibrationError(f"Calibration file {path} is empty: it needs documents to calibrate on.")
-                ds = datasets.load_dataset(builder, data_files={source.split: str(path)}, split=source.split)
+                # a text file's rows are its paragraphs (blank-line separated), not its lines: the rows are
+                # shuffled and EOS-joined, which would cut hard-wrapped documents into unrelated fragments
+                extra = {"sample_by": "paragraph"} if builder == "text" else {}
+                ds = datasets.load_dataset(builder, data_files={source.split: str(path)}, split=source.split, **extra)
         elif name.startswith("builtin:"):
             raise CalibrationError(f"Unknown built-in calibration set {name!r}; choose one of {sorted(BUILTIN_DATASETS)}.")
         else:
