@@ -72,6 +72,20 @@ def test_gptq_residual_is_what_the_kernel_computes(tiny_gptq4_dir):
         assert torch.allclose(layer(x), x @ w.T, atol=1e-4, rtol=1e-4)
 
 
+def test_gptq_residual_of_a_bfloat16_model_is_the_weight_its_forward_multiplies_by(tiny_gptq4_dir):
+    """gptqmodel's kernel casts the float16 dequantized weight to the activations' dtype: read for bfloat16
+    activations, the residual holds that rounding too (1 % of a 4-bit residual; a third of an 8-bit one)."""
+    from peft_eora.quantize import load_quantized
+
+    qmodel = load_quantized(tiny_gptq4_dir, dtype=torch.bfloat16)
+    layer = qmodel.model.layers[0].mlp.down_proj
+    backend = backend_for(layer)
+    with torch.no_grad():
+        w_forward = layer(torch.eye(layer.in_features, dtype=torch.bfloat16)).float().T
+    assert torch.equal(backend.dequantize(layer, dtype=torch.bfloat16), w_forward)
+    assert not torch.equal(backend.dequantize(layer), w_forward)  # the float16 weight alone is not it
+
+
 @pytest.mark.parametrize("bits_fixture", ["tiny_gptq3_dir", "tiny_gptq4_dir"])
 def test_get_peft_model_compensates_gptq(request, bits_fixture, tiny_original_dir, original_model, heldout, c4_split, tmp_path):
     qdir = request.getfixturevalue(bits_fixture)

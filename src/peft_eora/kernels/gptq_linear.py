@@ -135,19 +135,24 @@ class GPTQLinear(nn.Module):
         self.__dict__.pop("_act_order_seen", None)
 
     @torch.no_grad()
-    def dequantize(self) -> torch.Tensor:
-        """The weight the kernels compute with, ``(out, in)`` float32."""
-        return dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+    def dequantize(self, activation_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The weight the kernels compute with, ``(out, in)`` float32; ``activation_dtype``: that of the inputs, whose
+        half dtype the scales are cast to on CUDA (as :meth:`forward` does: bfloat16 inputs, bfloat16 scales)."""
+        compute = self._compute_dtype(activation_dtype) if activation_dtype is not None else self.scales.dtype
+        return dequantize_gptq(self.qweight, self.qzeros, self.scales.to(compute), self.g_idx, self.bits,
                                in_features=self.in_features, group_size=self.group_size).T.contiguous()
+
+    def _compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        if self.qweight.device.type != "cuda":
+            return torch.float32
+        # the activations' half dtype (a bfloat16 x cast to float16 scales could overflow), as fuse() does
+        return dtype if dtype in (torch.float16, torch.bfloat16) else self.scales.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from . import ops
 
         dtype = x.dtype
-        if x.device.type != "cuda":
-            compute = torch.float32
-        else:  # the activations' half dtype (a bfloat16 x cast to float16 scales could overflow), as fuse() does
-            compute = dtype if dtype in (torch.float16, torch.bfloat16) else self.scales.dtype
+        compute = self._compute_dtype(dtype)
         y = ops.gptq_lora_linear_eager(
             x.to(compute), self.qweight, self.qzeros, self.scales.to(compute),
             self.g_idx if self.act_order else None, self.bias.to(compute) if self.bias is not None else None,

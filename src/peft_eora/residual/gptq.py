@@ -8,6 +8,8 @@ transposed here), called eagerly (see :func:`_eager_dequantize_weight`).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -58,6 +60,7 @@ def own_adapter(module: nn.Module) -> str | None:
 
 class GPTQBackend:
     name = "gptq"
+    reads_forward = True  # dequantize takes the activations' dtype (the forward rounds the weight to it)
     description = (f"gptqmodel GPTQ QuantLinear ({', '.join(sorted(GPTQ_KERNELS))}: load_quantized's CPU default "
                    "'gptq_torch', 'triton' on GPU) or peft_eora GPTQLinear")
 
@@ -70,12 +73,17 @@ class GPTQBackend:
                 and hasattr(module, "dequantize_weight") and forward_extras(module) is None)
 
     @torch.no_grad()
-    def dequantize(self, module: nn.Module) -> torch.Tensor:
+    def dequantize(self, module: nn.Module, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``(out, in)`` float32, as the forward computes with it on ``dtype`` activations: gptqmodel's kernels cast the
+        dequantized weight to the activations' dtype (a bfloat16 model's float16 weight is rounded again)."""
         from ..kernels.gptq_linear import GPTQLinear
 
         if isinstance(module, GPTQLinear):
-            return module.dequantize()
-        w = _eager_dequantize_weight(module).T  # gptqmodel returns (in, out)
+            return module.dequantize(dtype)
+        w = _eager_dequantize_weight(module)
+        if dtype is not None and dtype.is_floating_point and dtype != w.dtype and w.dtype != torch.float32:
+            w = w.to(dtype)
+        w = w.T  # gptqmodel returns (in, out)
         out_f, in_f = module.out_features, module.in_features
         if w.shape != (out_f, in_f):
             raise ValueError(
