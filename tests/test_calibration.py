@@ -161,6 +161,20 @@ def test_a_source_given_no_window_is_said(tmp_path, caplog):
     assert "gets no window of the 4" in caplog.text and "b.jsonl" in caplog.text
 
 
+def test_a_default_collated_dataloader_of_list_rows_is_said_for_what_it_is():
+    """Default collate turns rows that are Python lists into one tensor per position; the error blamed unequal row
+    lengths."""
+    from torch.utils.data import DataLoader
+
+    from peft_eora.calibration import as_batches
+
+    rows = [{"input_ids": list(range(i, i + 6))} for i in range(4)]
+    with pytest.raises(CalibrationError, match=r"list of 6 tensors \(of \(2,\)\): PyTorch's default collate"):
+        as_batches(DataLoader(rows, batch_size=2))
+    tensor_rows = [{"input_ids": torch.arange(i, i + 6)} for i in range(4)]
+    assert [b["input_ids"].shape for b in as_batches(DataLoader(tensor_rows, batch_size=2))] == [(2, 6), (2, 6)]
+
+
 def test_token_batches_accepted_and_checked():
     """A tokenizer's output passes as it is (one batch of rows, split by batch_size, its padding mask kept); ids
     that are not integers, negative or beyond the model's vocabulary are refused with one error."""

@@ -249,8 +249,17 @@ def as_batches(data: CalibrationData, tokenizer=None, batch_size: int = 8) -> li
                 "a mapping with 'input_ids' (and 'attention_mask'), or a one-tensor tuple as DataLoader(TensorDataset(ids)) "
                 "yields."
             )
+        value = item["input_ids"]
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            # PyTorch's default collate makes a batch of rows that are lists into one tensor per position
+            raise CalibrationError(
+                f"A calibration batch's input_ids is a list of {len(value)} tensors (of {tuple(value[0].shape)}): "
+                "PyTorch's default collate makes that of rows that are Python lists, one tensor per position. Give "
+                "the DataLoader tensor rows (dataset.with_format('torch'), or TensorDataset), or a collate_fn that "
+                "stacks rows (transformers.DataCollatorWithPadding)."
+            )
         try:
-            ids = torch.as_tensor(item["input_ids"])
+            ids = torch.as_tensor(value)
         except (ValueError, TypeError) as exc:
             raise CalibrationError(f"A calibration batch's input_ids could not be made one tensor ({exc}): pad its "
                                    "rows to one length and pass an attention mask.") from exc
