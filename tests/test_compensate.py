@@ -164,6 +164,18 @@ def test_an_original_with_other_norms_is_refused_before_any_work(tiny_llama, cal
     assert all(float(m.lora_B["default"].weight.abs().max()) == 0 for m in pm.modules() if isinstance(m, LoraLayer))
 
 
+def test_an_original_carrying_peft_adapters_is_refused_with_the_two_ways_out(tiny_llama, calib_ids):
+    """Its LoRA-wrapped linears were reported as missing ("the two models do not match")."""
+    from peft import LoraConfig
+
+    original, quantized = tiny_llama
+    adapted = get_peft_model(copy.deepcopy(original), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, damping=0.01))
+    with pytest.raises(ModelMismatchError, match=r"carries PEFT adapter layers.*merge_and_unload\(\).*unload\(\)"):
+        initialize_eora_weights(pm, original_model=adapted, calibration=calib_ids, progress=False)
+    initialize_eora_weights(pm, original_model=adapted.merge_and_unload(), calibration=calib_ids, progress=False)
+
+
 def test_an_original_further_from_the_compressed_weights_than_zeros_is_said(tiny_llama, calib_ids):
     """Another model of the same shapes and norms (random init: all ones) passes every structural check; a residual
     larger than the weights themselves, which no compression leaves, is told."""

@@ -192,6 +192,12 @@ class OriginalWeights:
         """Wrap an in-memory model: its ``*.weight`` parameters (a ``Conv1D``'s read as ``(out, in)``), and the
         experts that transformers keeps fused in 3-D parameters under the names of one linear per expert
         (:func:`fused_expert_weights`)."""
+        if any(hasattr(m, "lora_A") and hasattr(m, "get_base_layer") for m in module.modules()):
+            raise ModelMismatchError(
+                f"The original model ({type(module).__name__}) carries PEFT adapter layers, whose weights are not the "
+                "plain linears EoRA reads. Pass model.merge_and_unload() (the adapted model as the original) or "
+                "model.unload() (the model without its adapters)."
+            )
         weights: dict[str, Callable[[], torch.Tensor]] = fused_expert_weights(module)
         weights.update({n[: -len(".weight")]: p.detach for n, p in module.named_parameters() if n.endswith(".weight")})
         quantized = [f"{n} ({p.dtype})" for n, p in module.named_parameters()
