@@ -101,3 +101,33 @@ def test_smoothed_originals_of_two_awq_checkpoints_stay_apart(tmp_path, monkeypa
     assert awq_smoothed_original(tmp_path / "run1" / "q4") == first  # cached
     with pytest.raises(ValueError, match="holds the smoothed original of"):
         awq_smoothed_original(tmp_path / "run2" / "q4", out_dir=first)
+
+
+def test_a_mixtral_original_is_smoothed_under_the_names_its_checkpoint_stores(tmp_path, monkeypatch):
+    """AWQ records name the modules as the model ran (``mlp.experts.0.gate_proj``); a Mixtral checkpoint stores them
+    as ``block_sparse_moe.experts.0.w1``: smoothing looked the recorded names up as stored and refused the original."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from peft_eora.quantize.awq import AWQ_SCALES_FILE, awq_smoothed_original
+
+    monkeypatch.setenv("PEFT_EORA_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)
+    MixtralForCausalLM(cfg).save_pretrained(tmp_path / "orig")
+    stored = load_file(str(tmp_path / "orig" / "model.safetensors"))
+    assert "model.layers.0.block_sparse_moe.experts.1.w1.weight" in stored
+    awq = tmp_path / "awq"
+    awq.mkdir()
+    layers = [f"model.layers.0.mlp.experts.{e}.{p}" for e in range(2) for p in ("gate_proj", "up_proj")]
+    records = [{"prev": "model.layers.0.post_attention_layernorm", "kind": "norm", "layers": layers}]
+    save_file({"0": torch.full((32,), 2.0)}, str(awq / AWQ_SCALES_FILE), metadata={"records": json.dumps(records)})
+    smoothed = load_file(str(awq_smoothed_original(awq, tmp_path / "orig") / "model.safetensors"))
+    for e in range(2):
+        for w in ("w1", "w3"):
+            key = f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight"
+            assert torch.allclose(smoothed[key], stored[key] * 2.0)
+        key = f"model.layers.0.block_sparse_moe.experts.{e}.w2.weight"
+        assert torch.equal(smoothed[key], stored[key])
+    norm = "model.layers.0.post_attention_layernorm.weight"
+    assert torch.allclose(smoothed[norm], stored[norm] / 2.0)

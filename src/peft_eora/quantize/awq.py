@@ -270,6 +270,7 @@ def awq_smoothed_original(
         from .awq_recover import recover_awq_scales
 
         records = recover_awq_scales(awq_path, original_dir)
+    records = _stored_names(records, files)
     remove_stale_temps(final)
     tmp = make_temp_dir(final)
     try:
@@ -295,6 +296,24 @@ def awq_smoothed_original(
         raise
     logger.info("AWQ-smoothed original (%d scaling groups) written to %s", len(records), final)
     return final
+
+
+def _stored_names(records: list[dict[str, Any]], files: list[Path]) -> list[dict[str, Any]]:
+    """``records`` with the module names the AWQ run saw (transformers' runtime names: Mixtral's ``mlp.experts.0.
+    gate_proj``) turned into the names the original checkpoint stores them under (``block_sparse_moe.experts.0.w1``)."""
+    from safetensors import safe_open
+
+    from ..original import checkpoint_aliases
+
+    stored: list[str] = []
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            stored += [k[: -len(".weight")] for k in st.keys() if k.endswith(".weight")]
+    aliases = checkpoint_aliases(files[0].parent, stored)
+    if not aliases:
+        return records
+    return [{**r, "prev": aliases.get(r["prev"], r["prev"]), "layers": [aliases.get(n, n) for n in r["layers"]]}
+            for r in records]
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
