@@ -122,3 +122,27 @@ def test_a_failed_computation_leaves_no_adapter_layers_behind(tiny_llama, calib_
         get_peft_model(base, EoRAConfig(r=8, original_model=str(tmp_path / "nowhere"), calibration=CALIBRATION))
     assert not _lora_layers(base)
     assert torch.equal(_logits(base), _logits(quantized))
+
+
+@pytest.mark.parametrize("bits", [16, 8])
+def test_peft_hotswap_swaps_eora_adapters_and_checks_their_base(tiny_llama, calib_ids, tmp_path, bits):
+    """``peft.utils.hotswap.hotswap_adapter`` (swapping weights under torch.compile) refused EoRA adapters."""
+    from peft.utils.hotswap import hotswap_adapter
+
+    from peft_eora.fingerprint import BaseMismatchError
+    from tiny_models import tiny_llama_pair
+
+    original, quantized = tiny_llama
+    for i, name in enumerate("ab"):
+        model = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, damping=0.01, adapter_bits=bits))
+        initialize_eora_weights(model, original_model=original, calibration=calib_ids[2 * i:2 * i + 2], progress=False)
+        model.save_pretrained(tmp_path / name)
+    swapped = PeftModel.from_pretrained(copy.deepcopy(quantized), tmp_path / "a").eval()
+    direct = PeftModel.from_pretrained(copy.deepcopy(quantized), tmp_path / "b").eval()
+    assert not torch.equal(_logits(swapped), _logits(direct))
+    hotswap_adapter(swapped, str(tmp_path / "b"), adapter_name="default", torch_device="cpu")
+    assert torch.equal(_logits(swapped), _logits(direct))
+    _, other = tiny_llama_pair(seed=1)
+    elsewhere = PeftModel.from_pretrained(copy.deepcopy(other), tmp_path / "a", allow_base_mismatch=True)
+    with pytest.raises(BaseMismatchError):
+        hotswap_adapter(elsewhere, str(tmp_path / "b"), adapter_name="default", torch_device="cpu")

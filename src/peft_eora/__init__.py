@@ -57,7 +57,19 @@ def _install() -> Any:
     _peft_compat.patch_add_adapter(peft_type, _join_lora_model)
     # model.load_adapter(path, name, allow_base_mismatch=True) as PeftModel.from_pretrained takes it
     _peft_compat.patch_load_adapter(("allow_base_mismatch",))
+    # peft.utils.hotswap.hotswap_adapter: EoRA adapters swap in like LoRA ones, their base checked first
+    _peft_compat.patch_hotswap(peft_type, _hotswap_prepare)
     return peft_type
+
+
+def _hotswap_prepare(model: Any, config: Any, adapter_name: str, state_dict: dict) -> dict:
+    """An EoRA adapter about to be hot-swapped in: its base fingerprint checked against ``model``'s, its int8/int4
+    codes unpacked to the float factors PEFT copies in place."""
+    from .adapter_quant import is_packed, unpack_adapter_state_dict
+    from .fingerprint import verify_fingerprint
+
+    verify_fingerprint(model, config, adapter_name)
+    return unpack_adapter_state_dict(state_dict) if is_packed(state_dict) else state_dict
 
 
 def _join_lora_model(model: Any, adapter_name: str, config: Any) -> None:

@@ -208,6 +208,28 @@ def patch_load_adapter(keywords: tuple[str, ...]) -> None:
     PeftModel.load_adapter = load_adapter
 
 
+def patch_hotswap(peft_type: Any, prepare: Callable[[Any, Any, str, dict], dict]) -> None:
+    """Let PEFT's ``hotswap_adapter`` swap ``peft_type`` (EoRA) adapters as it swaps LoRA ones (the same config keys
+    must agree, and ``adapter_bits``); ``prepare(model, config, adapter_name, state_dict)`` runs first on such an
+    adapter and returns the state dict to swap in (EoRA: the base checked, int8/int4 codes unpacked). Idempotent."""
+    from peft.utils import PeftType, hotswap
+
+    hotswap.CONFIG_KEYS_TO_CHECK.setdefault(
+        peft_type, [*hotswap.CONFIG_KEYS_TO_CHECK.get(PeftType.LORA, []), "adapter_bits"])
+    current = hotswap.hotswap_adapter_from_state_dict
+    if getattr(current, "_peft_eora", False):
+        return
+
+    @functools.wraps(current)
+    def hotswap_adapter_from_state_dict(model, state_dict, adapter_name, config, *args, **kwargs):
+        if getattr(config, "peft_type", None) == peft_type:
+            state_dict = prepare(model, config, adapter_name, state_dict)
+        return current(model, state_dict, adapter_name, config, *args, **kwargs)
+
+    hotswap_adapter_from_state_dict._peft_eora = True  # type: ignore[attr-defined]
+    hotswap.hotswap_adapter_from_state_dict = hotswap_adapter_from_state_dict
+
+
 def patch_config_loading(config_cls: type, is_own_adapter: Callable[..., bool]) -> None:
     """Make ``PeftConfig.from_pretrained``/``LoraConfig.from_pretrained`` return ``config_cls.from_pretrained(...)``
     for adapters where ``is_own_adapter(model_id, subfolder, **kwargs)`` is true.
