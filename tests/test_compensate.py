@@ -121,7 +121,8 @@ def test_config_driven_run_from_checkpoint_dir(tiny_llama, tmp_path, tiny_tokeni
         calibration=CalibrationConfig(dataset="builtin:c4", num_samples=4, seq_len=64, tokenizer=tiny_tokenizer_dir),
     )
     pm = get_peft_model(copy.deepcopy(quantized), cfg)
-    assert cfg.init_eora is False and cfg.eora_stats["calibration_tokens"] == 256
+    computed = pm.peft_config["default"]
+    assert computed.init_eora is False and computed.eora_stats["calibration_tokens"] == 256
     b = pm.base_model.model.model.layers[1].mlp.down_proj.lora_B["default"].weight
     assert b.abs().sum() > 0
 

@@ -616,7 +616,7 @@ def test_backend_selection_on_cpu(monkeypatch):
         torch.ops.peft_eora.gptq_lora_linear(*_op_args(), bits=5)
 
 
-def test_auto_backend_never_picks_a_triton_kernel_that_would_refuse_the_call(monkeypatch):
+def test_auto_backend_never_picks_a_kernel_that_would_refuse_the_call(monkeypatch):
     """On a GPU, a call the CUDA kernel declines went to Triton under 'auto', which refuses in_features % 32 != 0
     (a fused layer of in_features 4304 crashed at its forward): such calls take the torch path."""
 
