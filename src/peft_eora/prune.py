@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .embedded import atomic_publish, cache_dir, dtype_name, is_complete, make_temp_dir, remove_stale_temps
 from .quantize import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, META_FILE, _versions, calibration_metadata, gptq_calibration
-from .quantize.checkpoints import machine_metadata, recorded_differences, source_label, source_setting
+from .quantize.checkpoints import adopt_legacy, machine_metadata, recorded_differences, source_label, source_setting
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +86,12 @@ def pruned_dir(
 ) -> Path:
     """Default output folder of :func:`prune` for these settings."""
     nm, ratio = parse_pattern(pattern, sparsity)
-    name = f"{source_label(model_dir)}-{method}-{pattern_label(nm, ratio)}"
+    suffix = f"-{method}-{pattern_label(nm, ratio)}"
     if (num_samples, seq_len) != (DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN):
-        name += f"-n{num_samples}x{seq_len}"
-    return cache_dir() / "models" / name
+        suffix += f"-n{num_samples}x{seq_len}"
+    models = cache_dir() / "models"
+    return adopt_legacy(models / f"{source_label(model_dir)}{suffix}", models / f"{Path(model_dir).name}{suffix}",
+                        model_dir)
 
 
 # --------------------------------------------------------------------------------------------

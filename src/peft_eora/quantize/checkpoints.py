@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 from pathlib import Path
@@ -22,6 +23,8 @@ from ..embedded import cache_dir, dtype_name, is_complete
 from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
 
 META_FILE = "peft_eora_quantize.json"
+
+logger = logging.getLogger(__name__)
 
 
 def source_label(model_dir: str | Path) -> str:
@@ -36,11 +39,31 @@ def source_setting(model_dir: str | Path) -> dict[str, str]:
     return {"source_model": str(Path(model_dir).expanduser().resolve())}
 
 
+def adopt_legacy(final: Path, legacy: Path, model_dir: str | Path) -> Path:
+    """``final``, after moving there a checkpoint cached under ``legacy`` (its name before folder names held the
+    source's path hash) that records this source: an upgrade does not quantize again."""
+    if final.exists() or not is_complete(legacy):
+        return final
+    try:
+        recorded = json.loads((legacy / META_FILE).read_text()).get("source_model")
+    except (OSError, ValueError):
+        return final
+    if recorded == source_setting(model_dir)["source_model"]:
+        try:
+            os.replace(legacy, final)
+            logger.info("cached checkpoint %s renamed to %s", legacy.name, final.name)
+        except OSError:  # a read-only cache: use it where it is
+            return legacy
+    return final
+
+
 def _checkpoint_dir(model_dir: str | Path, method: str, bits: int, group_size: int, num_samples: int, seq_len: int) -> Path:
-    name = f"{source_label(model_dir)}-{method}-w{bits}g{group_size}"
+    suffix = f"-{method}-w{bits}g{group_size}"
     if (num_samples, seq_len) != (DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN):
-        name += f"-n{num_samples}x{seq_len}"
-    return cache_dir() / "models" / name
+        suffix += f"-n{num_samples}x{seq_len}"
+    models = cache_dir() / "models"
+    return adopt_legacy(models / f"{source_label(model_dir)}{suffix}", models / f"{Path(model_dir).name}{suffix}",
+                        model_dir)
 
 
 def gptq_dir(
