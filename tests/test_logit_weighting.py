@@ -19,6 +19,7 @@ from peft_eora.logit_weighting import (
     output_weights,
     pair_energy,
     query_weights,
+    unmodelled,
 )
 
 
@@ -210,3 +211,29 @@ def test_query_and_key_originals_are_read_once(tiny_llama, calib_ids, monkeypatc
     comp2, _, factors2 = run(keep=False)
     assert all(comp2[k] == 2 for k in qk)  # without keeping: own residual + partner
     assert all(torch.equal(factors[n], factors2[n]) for n in factors)
+
+
+@pytest.mark.parametrize("model_type, extra, reason", [
+    ("llama", {}, None),
+    ("qwen3", {"head_dim": 16}, "q_norm/k_norm"),
+    ("phi", {"partial_rotary_factor": 0.5}, "covers 0.5 of each head"),
+    ("opt", {"ffn_dim": 128, "word_embed_proj_dim": 64}, "no rotary position embedding"),
+])
+def test_the_weighting_is_off_where_its_metric_does_not_describe_the_logits(model_type, extra, reason, caplog):
+    """The metric assumes rotary pairs (i, i + d/2) over whole heads and unnormalised queries/keys: QK-norm
+    (a 66× spread of per-channel sensitivities against 1.3× in the weights, measured by a review), partial and
+    absent rotary embeddings get unweighted query/key outputs, and say so."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peft_eora.compensate import _logit_setup
+
+    cfg = AutoConfig.for_model(model_type, vocab_size=128, hidden_size=64, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, **extra)
+    model = AutoModelForCausalLM.from_config(cfg)
+    assert (unmodelled(model) is None) == (reason is None)
+    with caplog.at_level("INFO", logger="peft_eora.compensate"):
+        weighting, shape = _logit_setup(model, "queries_and_keys")
+    if reason is None:
+        assert shape is not None
+    else:
+        assert shape is None and reason in unmodelled(model) and "logit weighting off" in caplog.text

@@ -72,7 +72,7 @@ from .decompose import (
     weighted_errors_known,
 )
 from .factor_quant import fit_lowbit_factors
-from .logit_weighting import AttentionShape, attention_shape, output_weights, partner
+from .logit_weighting import AttentionShape, attention_shape, output_weights, partner, unmodelled
 from .original import ModelMismatchError, OriginalWeights
 from .residual import UnsupportedModuleError, backend_for
 from .residual.base import is_conv1d
@@ -999,7 +999,13 @@ def _logit_setup(model: nn.Module, logit_weighting: str) -> tuple[str, Optional[
     """``(logit_weighting, the model's attention shape)`` after checking the value."""
     if logit_weighting not in LOGIT_WEIGHTINGS:
         raise ValueError(f"logit_weighting must be one of {LOGIT_WEIGHTINGS}, got {logit_weighting!r}.")
-    return logit_weighting, attention_shape(getattr(model, "config", None)) if logit_weighting != "none" else None
+    if logit_weighting == "none":
+        return logit_weighting, None
+    reason = unmodelled(model)
+    if reason is not None:
+        logger.info("logit weighting off for this model (query/key outputs unweighted): %s", reason)
+        return logit_weighting, None
+    return logit_weighting, attention_shape(getattr(model, "config", None))
 
 
 def _read_twice(group: list[Target], logits: tuple[str, Optional[AttentionShape]]) -> set[str]:

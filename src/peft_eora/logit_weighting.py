@@ -35,7 +35,8 @@ from .decompose import Covariance, covariance_parts
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOGIT_WEIGHTINGS", "AttentionShape", "attention_shape", "key_weights", "query_weights", "output_weights"]
+__all__ = ["LOGIT_WEIGHTINGS", "AttentionShape", "attention_shape", "key_weights", "query_weights", "output_weights",
+           "unmodelled"]
 
 #: Pair weights below this share of their mean are raised to it: a rotary pair no query uses still
 #: keeps a small weight, so ``G`` stays invertible and ``B = G^-½·B'`` finite.
@@ -72,6 +73,30 @@ def attention_shape(config: Any) -> Optional[AttentionShape]:
     if not isinstance(head_dim, int) or head_dim % 2 or heads % kv:
         return None
     return AttentionShape(heads, int(kv), head_dim)
+
+
+def unmodelled(model: Any) -> Optional[str]:
+    """Why the metric above does not describe ``model``'s attention logits, or None. It assumes rotary pairs
+    ``(i, i + d/2)`` over the whole head and queries/keys used as projected: QK-norm (Qwen3, OLMo2, Gemma 3: each
+    channel reaches the logits through its norm gain, a 66× spread of sensitivities a review measured), partial
+    or interleaved rotary embeddings (Phi, GPT-J) and no rotary embedding (OPT) break that."""
+    names = [n.rsplit(".", 1)[-1] for n, _ in model.named_modules()]
+    if "q_norm" in names or "k_norm" in names:
+        return "its queries and keys pass through q_norm/k_norm (QK-norm), whose gains the metric does not model"
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)()
+    if getattr(config, "model_type", None) in ("gptj", "codegen"):
+        return "its rotary embedding rotates interleaved channel pairs"
+    rope = getattr(config, "rope_parameters", None) or {}
+    partial = getattr(config, "partial_rotary_factor", None) or (rope.get("partial_rotary_factor")
+                                                                 if isinstance(rope, dict) else None)
+    if partial is not None and float(partial) < 1.0:
+        return f"its rotary embedding covers {float(partial):g} of each head"
+    if getattr(config, "rotary_dim", None) not in (None, getattr(config, "head_dim", None)):
+        return "its rotary embedding covers part of each head"
+    if not any("rotary" in type(m).__name__.lower() for m in model.modules()):
+        return "it has no rotary position embedding"
+    return None
 
 
 def pair_energy(W: torch.Tensor, H: Covariance, heads: int, head_dim: int) -> torch.Tensor:
