@@ -65,9 +65,11 @@ def _install() -> Any:
 def _hotswap_prepare(model: Any, config: Any, adapter_name: str, state_dict: dict) -> dict:
     """An EoRA adapter about to be hot-swapped in: its base fingerprint checked against ``model``'s, its int8/int4
     codes unpacked to the float factors PEFT copies in place."""
+    from ._peft_compat import refuse_merged
     from .adapter_quant import is_packed, unpack_adapter_state_dict
     from .fingerprint import verify_fingerprint
 
+    refuse_merged(getattr(model, "_orig_mod", model), "Hot-swapping an EoRA adapter")
     verify_fingerprint(model, config, adapter_name)
     return unpack_adapter_state_dict(state_dict) if is_packed(state_dict) else state_dict
 

@@ -298,74 +298,107 @@ def adapters_off(layers: list[nn.Module]) -> Iterator[None]:
             layer._disable_adapters = state
 
 
-def unmerge_first(model: nn.Module, what: str) -> None:
-    """Unmerge every merged LoRA layer of ``model`` (with PEFT's kind of warning) before ``what`` reads base weights:
-    a merged product in them would be taken for part of the base (a wrong residual, a false base mismatch)."""
+def refuse_merged(model: nn.Module, what: str) -> None:
+    """A clear error where ``model`` has merged LoRA layers: ``what`` reads the base weights, and a merged product
+    would be taken for part of the base (a wrong residual, a false base mismatch). Not unmerged here: in half
+    precision (or on a re-quantizing base) an unmerge does not give the base back exactly."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    merged = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and m.merged]
+    merged = sorted({a for m in model.modules() if isinstance(m, BaseTunerLayer) and m.merged
+                     for a in m.merged_adapters})
     if merged:
-        import warnings
+        raise ValueError(
+            f"{what} needs the base weights, but adapter(s) {', '.join(merged)} are merged into them. Call "
+            "model.unmerge_adapter() first (a float32 base comes back exactly; in half precision reload the base)."
+        )
 
-        warnings.warn(f"{what} needs the base weights without merged adapters: unmerging the model first.",
-                      stacklevel=3)
-        for layer in merged:
-            layer.unmerge()
+
+def writable_fields(config: Any) -> dict[str, Any]:
+    """The dataclass fields of ``config`` a computation may write, copied (containers deep-copied); the original
+    model and calibration data, only read, are left out."""
+    import copy
+    import dataclasses
+
+    return {f.name: copy.deepcopy(v) if isinstance(v := getattr(config, f.name), (dict, list, set)) else v
+            for f in dataclasses.fields(config) if f.name not in ("original_model", "calibration")}
 
 
 @contextlib.contextmanager
 def kept_on_failure(model: nn.Module, config: Any, adapter_name: str) -> Iterator[None]:
-    """If the block fails, ``adapter_name``'s layers and the ``config`` fields a computation writes are put back as
-    they were: factors computed or loaded earlier survive a recompute that fails half-way (it zeroes them as it
-    goes), and the statistics never describe other weights. Nothing is kept where the adapter held no factors yet
-    (a failure then leaves the zero update computing starts from)."""
-    import copy
-    import dataclasses
-
+    """If the block fails, ``adapter_name``'s layers (the modules a rank allocation replaces, ranks, scalings) and
+    the ``config`` fields a computation writes are put back as they were, and with them the factors where the
+    adapter held computed or loaded ones (a recompute zeroes them as it goes): the statistics never describe
+    other weights. A new adapter's factors are left as the zero update computing starts from."""
     import torch
     from peft.tuners.lora import LoraLayer
 
     layers = [m for m in model.modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_B]
     held = any(m.lora_B[adapter_name].weight.device.type != "meta" and bool(m.lora_B[adapter_name].weight.detach().any())
                for m in layers)
-    if not held:
-        yield
-        return
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-              if f.name not in ("original_model", "calibration")}
-    fields = {k: copy.deepcopy(v) if isinstance(v, (dict, list, set)) else v for k, v in fields.items()}
+    fields = writable_fields(config)
     with torch.no_grad():
-        saved = [(m, m.lora_A[adapter_name], m.lora_B[adapter_name], m.lora_A[adapter_name].weight.detach().cpu().clone(),
-                  m.lora_B[adapter_name].weight.detach().cpu().clone(), m.r[adapter_name], m.lora_alpha[adapter_name],
-                  m.scaling[adapter_name]) for m in layers]
+        saved = [(m, m.lora_A[adapter_name], m.lora_B[adapter_name], m.r[adapter_name], m.lora_alpha[adapter_name],
+                  m.scaling[adapter_name],
+                  (m.lora_A[adapter_name].weight.detach().cpu().clone(),
+                   m.lora_B[adapter_name].weight.detach().cpu().clone()) if held else None) for m in layers]
     try:
         yield
     except BaseException:
         with torch.no_grad():
-            for m, mod_a, mod_b, a, b, r, alpha, scaling in saved:
+            for m, mod_a, mod_b, r, alpha, scaling, weights in saved:
                 m.lora_A[adapter_name], m.lora_B[adapter_name] = mod_a, mod_b  # a rank allocation replaces them
-                mod_a.weight.copy_(a)
-                mod_b.weight.copy_(b)
                 m.r[adapter_name], m.lora_alpha[adapter_name], m.scaling[adapter_name] = r, alpha, scaling
+                if weights is not None:
+                    mod_a.weight.copy_(weights[0])
+                    mod_b.weight.copy_(weights[1])
+                elif mod_b.weight.device.type != "meta":
+                    mod_b.weight.zero_()
         for key, value in fields.items():
             setattr(config, key, value)
-        logger.warning("computing adapter %r failed: its earlier factors are kept", adapter_name)
+        if held:
+            logger.warning("computing adapter %r failed: its earlier factors are kept", adapter_name)
         raise
 
 
 def remove_adapter_layers(model: nn.Module, adapter_name: str) -> None:
-    """Undo PEFT's injection of ``adapter_name`` (its computation failed): layers holding other adapters drop it, the
-    others give their base layer back to their parent, so the model is as it was before."""
+    """Undo PEFT's injection of ``adapter_name`` (its computation failed): LoRA layers and ``modules_to_save`` /
+    trainable-token wrappers holding other adapters drop it, the others give the module they wrap back to their
+    parent, so the model is as it was before (``requires_grad`` aside: see :func:`kept_requires_grad`)."""
     from peft.tuners.lora import LoraLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
 
     for name, module in list(model.named_modules()):
-        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+        if isinstance(module, LoraLayer):
+            if adapter_name not in module.lora_A:
+                continue
+            others, inner = [a for a in module.lora_A if a != adapter_name], module.get_base_layer()
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            held = set(getattr(module, "modules_to_save", None) or {})
+            held |= set(getattr(getattr(module, "token_adapter", None), "trainable_tokens_delta", None) or {})
+            if adapter_name not in held:
+                continue
+            others, inner = [a for a in held if a != adapter_name], module.original_module
+        else:
             continue
-        if any(a != adapter_name for a in module.lora_A):
+        if others and isinstance(module, LoraLayer):
             module.delete_adapter(adapter_name)
+        elif others:  # not the active one of the wrapper (added, never activated): it stays as it is
+            module.delete_adapter(adapter_name, None)
         else:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+            setattr(model.get_submodule(parent) if parent else model, child, inner)
+
+
+@contextlib.contextmanager
+def kept_requires_grad(model: nn.Module) -> Iterator[None]:
+    """Every parameter's ``requires_grad`` put back if the block fails (PEFT freezes the base while injecting)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    except BaseException:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
 
 
 # --------------------------------------------------------------------------------------------

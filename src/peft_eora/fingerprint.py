@@ -98,10 +98,12 @@ class BaseFingerprint:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model under a ``PeftModel`` or a PEFT tuner (else ``model`` itself)."""
+    """The transformers model under a ``PeftModel`` or a PEFT tuner, ``torch.compile``'s wrapper included (else
+    ``model`` itself)."""
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTuner
 
+    model = getattr(model, "_orig_mod", model)
     if isinstance(model, PeftModel):
         model = model.get_base_model()
     if isinstance(model, BaseTuner):

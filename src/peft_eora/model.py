@@ -20,7 +20,6 @@ is computed, it is the only active adapter, so the others never shape its calibr
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import math
 import re
@@ -32,7 +31,14 @@ import torch
 from peft.tuners.lora import LoraLayer, LoraModel
 from torch import nn
 
-from ._peft_compat import kept_on_failure, only_active, remove_adapter_layers, unmerge_first
+from ._peft_compat import (
+    kept_on_failure,
+    kept_requires_grad,
+    only_active,
+    refuse_merged,
+    remove_adapter_layers,
+    writable_fields,
+)
 from .adapter_quant import is_packed, pack_adapter_state_dict, quantize_adapter_, unpack_adapter_state_dict
 from .calibration import CalibrationData, as_batches, check_vocabulary, is_token_mapping
 from .compensate import CompensationStats, RankPlan, compensate, find_targets, index_pattern, plan_ranks
@@ -172,7 +178,8 @@ class EoRAModel(LoraModel):
                 "peft_eora.export_lora."
             )
         try:
-            super().__init__(model, config, adapter_name, **kwargs)
+            with kept_requires_grad(model):  # PEFT freezes the base while injecting
+                super().__init__(model, config, adapter_name, **kwargs)
         except BaseException:
             remove_adapter_layers(model, adapter_name)  # a failed computation hands the caller's model back as it was
             raise
@@ -187,13 +194,14 @@ class EoRAModel(LoraModel):
         later = getattr(self, "_eora_initialised", False)
         if later:
             self._pre_injection_hook(model, self.peft_config[adapter_name], adapter_name)
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
-        if later:
-            try:
-                self._post_injection_hook(model, self.peft_config[adapter_name], adapter_name)
-            except BaseException:
-                remove_adapter_layers(model, adapter_name)  # PEFT's add_adapter drops only the config
-                raise
+        with kept_requires_grad(model):
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+            if later:
+                try:
+                    self._post_injection_hook(model, self.peft_config[adapter_name], adapter_name)
+                except BaseException:
+                    remove_adapter_layers(model, adapter_name)  # PEFT's add_adapter drops only the config
+                    raise
 
     def _pre_injection_hook(self, model: nn.Module, config: EoRAConfig, adapter_name: str) -> None:
         super()._pre_injection_hook(model, config, adapter_name)
@@ -239,13 +247,11 @@ class EoRAModel(LoraModel):
 
 
 def own_copy(config: EoRAConfig) -> EoRAConfig:
-    """A copy of ``config`` whose fields can be written without touching the caller's: containers are copied, the
-    original model and calibration data (possibly a model or a large dataset, only read) are shared."""
+    """A copy of ``config`` whose fields can be written without touching the caller's (containers copied; the
+    calibration spec, only read, shared)."""
     new = copy.copy(config)
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if f.name not in ("original_model", "calibration") and isinstance(value, (dict, list, set)):
-            setattr(new, f.name, copy.deepcopy(value))
+    for key, value in writable_fields(config).items():
+        setattr(new, key, value)
     return new
 
 
@@ -263,7 +269,7 @@ def prepare_for_eora(model: nn.Module, config: Any, adapter_name: str) -> None:
     prepare_model(model)  # e.g. decompress a compressed-tensors model, as its first forward would
     if isinstance(config, EoRAConfig):
         if not getattr(config, "init_eora", False):  # loading computed factors: same base?
-            unmerge_first(model, "Checking an EoRA adapter's base")  # PEFT unmerges on injecting anyway
+            refuse_merged(model, "Checking an EoRA adapter's base")
             verify_fingerprint(model, config, adapter_name)
         if config.target_modules is None and not config.target_parameters:
             config.target_modules = default_target_modules(model, config.layers_to_transform)
@@ -384,7 +390,7 @@ def _initialize(
     progress: bool = True,
     times: Any = None,
 ) -> CompensationStats:
-    unmerge_first(model, "Computing EoRA factors")
+    refuse_merged(model, "Computing EoRA factors")
     # other adapters on the model must not feed the calibration passes; a failure keeps earlier factors
     with only_active(model, adapter_name), kept_on_failure(model, config, adapter_name):
         return _compute(model, config, adapter_name, original_model, calibration, tokenizer, batch_size, progress,
