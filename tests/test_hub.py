@@ -154,18 +154,19 @@ def test_second_push_updates_adapter_and_revision_pins_the_first(hub, client, co
 
 
 def test_a_push_replaces_the_adapter_files_an_earlier_push_left(hub, client, computed):
-    """A repo must hold what was saved: a removed named adapter's subfolder, an old pickle file or a stale sidecar
-    left on the Hub would otherwise load beside (or instead of) the pushed adapter. Other files stay."""
+    """Where a push writes an adapter, an old pickle file or a stale sidecar left on the Hub would load beside (or
+    instead of) it: they go in the same commit. Other folders (another adapter, a Trainer checkpoint) and other
+    files stay."""
     quantized, model = computed
     repo = "test-user/eora-replaced"
     client.create_repo(repo)
-    for path in ("adapter_model.bin", "gone/adapter_config.json", "gone/adapter_model.safetensors",
-                 "gone/eora_config.json", "notes.txt", "data/eval.json"):
+    kept = ("other/adapter_config.json", "other/adapter_model.safetensors", "last-checkpoint/adapter_model.safetensors",
+            "runs/a/adapter_config.json", "notes.txt", "data/eval.json")
+    for path in ("adapter_model.bin", *kept):
         client.upload_file(path_or_fileobj=b"{}", path_in_repo=path, repo_id=repo)
     model.push_to_hub(repo)
     assert set(hub.files(repo)) == {
-        ".gitattributes", "README.md", "adapter_config.json", "eora_config.json", "adapter_model.safetensors",
-        "notes.txt", "data/eval.json",
+        ".gitattributes", "README.md", "adapter_config.json", "eora_config.json", "adapter_model.safetensors", *kept,
     }  # fmt: skip
     loaded = pull(quantized, repo)
     assert (logits(loaded) - logits(model)).abs().max().item() <= 1e-5

@@ -49,9 +49,9 @@ def push_to_hub(
 
     ``model.push_to_hub(repo_id, ...)`` runs this once ``peft_eora`` is imported. An existing
     README on the Hub keeps its text; only its peft-eora section and metadata are updated. Pushing
-    to a ``revision`` creates that branch if needed. Adapter files an earlier push left that this save does
-    not write (a removed named adapter, an old sidecar or ``adapter_model.bin``) are deleted in the same
-    commit; other files stay. ``card``: the card to start from where the repo has
+    to a ``revision`` creates that branch if needed. In each folder this save writes an adapter into, the
+    adapter files an earlier push left that it does not write (an old sidecar or ``adapter_model.bin``) are
+    deleted in the same commit; other files and folders stay. ``card``: the card to start from where the repo has
     none yet (e.g. the saved adapter folder's ``README.md``: ``ModelCard.load(path)``; ``peft-eora push``
     passes it). Returns ``huggingface_hub.CommitInfo``.
     """
@@ -86,19 +86,27 @@ def push_to_hub(
             token=token,
             revision=revision,
             create_pr=create_pr,
-            # the adapter files an earlier push left (an adapter since removed, a sidecar a plain-LoRA push has
-            # no more, an old adapter_model.bin) go in the same commit: the repo then holds what was saved
-            delete_patterns=list(_ADAPTER_FILES),
+            # in each folder this save writes an adapter into (the top, a named adapter's subfolder), the adapter
+            # files an earlier push left there and this one does not write (an old sidecar, adapter_model.bin) go
+            # in the same commit; other folders (other adapters, Trainer checkpoints) are left alone
+            delete_patterns=_stale_candidates(work),
         )
     logger.info("Pushed EoRA adapter to %s (commit %s)", repo_id, commit.oid)
     return commit
 
 
-#: The files a save writes per adapter, at the top and in named adapters' subfolders; a push replaces them all.
-_ADAPTER_FILES = tuple(
-    f"{prefix}{name}" for prefix in ("", "*/")
-    for name in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, EORA_CONFIG_NAME)
-)
+#: The files of one adapter folder.
+_ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, EORA_CONFIG_NAME)
+
+
+def _stale_candidates(folder: str) -> list[str]:
+    """The exact repo paths of every adapter file in each folder of ``folder`` (the save) holding an adapter: what
+    the push replaces (``upload_folder`` keeps those it uploads)."""
+    from pathlib import Path
+
+    root = Path(folder)
+    homes = sorted({p.parent.relative_to(root).as_posix() for p in root.rglob(CONFIG_NAME)})
+    return [name if home == "." else f"{home}/{name}" for home in homes for name in _ADAPTER_FILES]
 
 
 # Names that lived in this module before it was split (peft-eora 0.1.0): still importable from here.

@@ -355,7 +355,7 @@ def prune(
             "order": "block by block; all linears of a block from one pass; pruned outputs feed the next block",
             "compute_dtype": "float32",
             "saved_dtype": dtype_name(source_dtype),
-            "source_model": str(model_dir.resolve()),
+            **source_setting(model_dir),
             "calibration": calibration_metadata(num_samples, len(examples), seq_len, n_tokens, batch_size),
             "versions": _versions(),
             "device": device,

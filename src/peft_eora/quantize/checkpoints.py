@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import platform
 from pathlib import Path
@@ -23,8 +22,6 @@ from ..embedded import cache_dir, dtype_name, is_complete
 from .calibration import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
 
 META_FILE = "peft_eora_quantize.json"
-
-logger = logging.getLogger(__name__)
 
 
 def source_label(model_dir: str | Path) -> str:
@@ -40,21 +37,16 @@ def source_setting(model_dir: str | Path) -> dict[str, str]:
 
 
 def adopt_legacy(final: Path, legacy: Path, model_dir: str | Path) -> Path:
-    """``final``, after moving there a checkpoint cached under ``legacy`` (its name before folder names held the
-    source's path hash) that records this source: an upgrade does not quantize again."""
+    """``final``, or ``legacy`` (the name a checkpoint was cached under before folder names held the source's path
+    hash) where only that exists and it records this source: an upgrade does not quantize again. Used where it is,
+    not renamed: adapters and smoothed originals made from it record its path."""
     if final.exists() or not is_complete(legacy):
         return final
     try:
         recorded = json.loads((legacy / META_FILE).read_text()).get("source_model")
     except (OSError, ValueError):
         return final
-    if recorded == source_setting(model_dir)["source_model"]:
-        try:
-            os.replace(legacy, final)
-            logger.info("cached checkpoint %s renamed to %s", legacy.name, final.name)
-        except OSError:  # a read-only cache: use it where it is
-            return legacy
-    return final
+    return legacy if recorded == source_setting(model_dir)["source_model"] else final
 
 
 def _checkpoint_dir(model_dir: str | Path, method: str, bits: int, group_size: int, num_samples: int, seq_len: int) -> Path:

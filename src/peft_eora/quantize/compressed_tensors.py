@@ -113,7 +113,7 @@ def quantize_compressed_tensors(
                       "round to nearest (absmax scale)",
             "format": "pack-quantized",
             "quantized_linears": quantized,
-            "source_model": str(model_dir.resolve()),
+            **source_setting(model_dir),
             "versions": _versions(compressed_tensors=compressed_tensors.__version__),
             "wall_time_s": round(time.perf_counter() - start, 2),
         }

@@ -23,7 +23,7 @@ import torch
 
 from ..embedded import atomic_publish, dtype_name, make_temp_dir, remove_stale_temps
 from .calibration import calibration_metadata, gptq_calibration
-from .checkpoints import META_FILE, _versions, machine_metadata
+from .checkpoints import META_FILE, _versions, machine_metadata, source_setting
 
 logger = logging.getLogger("peft_eora.quantize")
 
@@ -146,7 +146,7 @@ def _quantize_with_gptqmodel(
             "lm_head_quantized": qcfg.lm_head,
             "user_overrides": {k: repr(v) for k, v in user_kw.items()},
             "quantize_dtype": dtype_name(dtype),
-            "source_model": str(model_dir.resolve()),
+            **source_setting(model_dir),
             "calibration": calibration_metadata(num_samples, len(examples), seq_len, n_tokens, batch_size),
             **extra,
             "versions": _versions(gptqmodel=getattr(gptqmodel, "__version__", "unknown")),
