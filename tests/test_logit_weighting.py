@@ -215,9 +215,10 @@ def test_query_and_key_originals_are_read_once(tiny_llama, calib_ids, monkeypatc
 
 @pytest.mark.parametrize("model_type, extra, reason", [
     ("llama", {}, None),
-    ("qwen3", {"head_dim": 16}, "q_norm/k_norm"),
+    ("qwen3", {"head_dim": 16}, "(QK-norm)"),
     ("phi", {"partial_rotary_factor": 0.5}, "covers 0.5 of each head"),
     ("opt", {"ffn_dim": 128, "word_embed_proj_dim": 64}, "no rotary position embedding"),
+    ("cohere", {}, "neighbouring channel pairs"),
 ])
 def test_the_weighting_is_off_where_its_metric_does_not_describe_the_logits(model_type, extra, reason, caplog):
     """The metric assumes rotary pairs (i, i + d/2) over whole heads and unnormalised queries/keys: QK-norm

@@ -42,6 +42,11 @@ __all__ = ["LOGIT_WEIGHTINGS", "AttentionShape", "attention_shape", "key_weights
 #: keeps a small weight, so ``G`` stays invertible and ``B = G^-½·B'`` finite.
 WEIGHT_FLOOR = 1e-3
 
+#: Model types whose rotary embedding pairs neighbouring channels (``x[..., ::2]``/``x[..., 1::2]``, or a complex
+#: view), not ``(i, i + d/2)``: the metric's pairs are not theirs (read off transformers' ``rotate_half``).
+NEIGHBOUR_PAIRED_ROTARY = frozenset({"gptj", "codegen", "cohere", "cohere2", "helium", "ernie4_5", "ernie4_5_moe",
+                                     "llama4", "llama4_text", "glm", "glm4"})
+
 #: Attribute names of the query and key projections inside an attention module.
 QUERY_NAME, KEY_NAME = "q_proj", "k_proj"
 
@@ -80,13 +85,13 @@ def unmodelled(model: Any) -> Optional[str]:
     ``(i, i + d/2)`` over the whole head and queries/keys used as projected: QK-norm (Qwen3, OLMo2, Gemma 3: each
     channel reaches the logits through its norm gain, a 66× spread of sensitivities a review measured), partial
     or interleaved rotary embeddings (Phi, GPT-J) and no rotary embedding (OPT) break that."""
-    names = [n.rsplit(".", 1)[-1] for n, _ in model.named_modules()]
-    if "q_norm" in names or "k_norm" in names:
-        return "its queries and keys pass through q_norm/k_norm (QK-norm), whose gains the metric does not model"
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if names & {"q_norm", "k_norm", "qk_norm", "q_layernorm", "k_layernorm"}:
+        return "its queries and keys pass through a norm (QK-norm), whose gains the metric does not model"
     config = getattr(model, "config", None)
     config = getattr(config, "get_text_config", lambda: config)()
-    if getattr(config, "model_type", None) in ("gptj", "codegen"):
-        return "its rotary embedding rotates interleaved channel pairs"
+    if getattr(config, "model_type", None) in NEIGHBOUR_PAIRED_ROTARY:
+        return "its rotary embedding rotates neighbouring channel pairs (2i, 2i + 1)"
     rope = getattr(config, "rope_parameters", None) or {}
     partial = getattr(config, "partial_rotary_factor", None) or (rope.get("partial_rotary_factor")
                                                                  if isinstance(rope, dict) else None)

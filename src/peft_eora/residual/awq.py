@@ -169,5 +169,7 @@ def check_original_norms(model: nn.Module, original: object) -> None:
             "not the checkpoint the compressed model was made from (another fine-tune, or the base model of an "
             "instruct one), or the compressed model was smoothed (AWQ, SmoothQuant: its norms divided by per-channel "
             "scales). Pass the uncompressed checkpoint it was made from, in the compressed model's coordinates where "
-            "it was smoothed (for AWQ: peft_eora.quantize.awq_smoothed_original)."
+            "it was smoothed: for gptqmodel/AutoAWQ checkpoints peft_eora.quantize.awq_smoothed_original makes it; "
+            "for llm-compressor's (compressed-tensors) AWQ or SmoothQuant, save the smoothed float model before "
+            "quantizing (peft-eora cannot recover those scales)."
         )
