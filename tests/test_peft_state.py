@@ -35,9 +35,13 @@ def _lora_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 CALIBRATION = CalibrationConfig(dataset="builtin:c4", num_samples=2, seq_len=32)
 
 
-def test_a_reused_config_computes_every_time_and_stays_the_callers(tiny_llama, tmp_path, tiny_tokenizer_dir):
+def test_a_reused_config_computes_every_time_and_stays_the_callers(tiny_llama, calib_ids, tmp_path,
+                                                                    tiny_tokenizer_dir):
     """Computing wrote init_eora=False (and the stats) into the caller's config: reused, it gave a zero adapter."""
+    from tiny_models import tiny_llama_pair
+
     original, quantized = tiny_llama
+    other_original, _ = tiny_llama_pair(seed=1)
     original.save_pretrained(tmp_path / "orig")
     cfg = EoRAConfig(r=8, damping=0.01, original_model=str(tmp_path / "orig"),
                      calibration=dataclasses.replace(CALIBRATION, tokenizer=tiny_tokenizer_dir))
@@ -51,6 +55,13 @@ def test_a_reused_config_computes_every_time_and_stays_the_callers(tiny_llama, t
     second.add_adapter("again", cfg)  # an adapter added later computes too
     c = _factors(second, "again")
     assert all(torch.equal(a[k.replace(".again.", ".default.")], c[k]) for k in c)
+    # deferred (init_eora=False, computed by initialize_eora_weights): the same
+    deferred = EoRAConfig(r=8, damping=0.01, init_eora=False)
+    _, other = tiny_llama_pair(seed=1)
+    for base, orig in ((quantized, original), (other, other_original)):
+        model = get_peft_model(copy.deepcopy(base), deferred)  # was checked against the first model's base
+        initialize_eora_weights(model, original_model=orig, calibration=calib_ids[:4], progress=False)
+    assert deferred.eora_stats is None and deferred.base_fingerprint is None
 
 
 def test_a_failed_recompute_keeps_the_earlier_factors_and_their_statistics(tiny_llama, calib_ids):

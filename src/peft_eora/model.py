@@ -205,9 +205,10 @@ class EoRAModel(LoraModel):
 
     def _pre_injection_hook(self, model: nn.Module, config: EoRAConfig, adapter_name: str) -> None:
         super()._pre_injection_hook(model, config, adapter_name)
-        if isinstance(config, EoRAConfig) and config.init_eora:
-            # computing writes into the config (init_eora=False, stats, fingerprint, targets): into the model's
-            # own copy, so that the caller's config computes again when reused (it gave a zero adapter)
+        if isinstance(config, EoRAConfig):
+            # computing writes into the config (init_eora=False, stats, fingerprint, targets; also when deferred
+            # to initialize_eora_weights): into the model's own copy, so that the caller's config, reused, computes
+            # again (it gave a zero adapter, or was checked against the first model's base)
             config = self.peft_config[adapter_name] = own_copy(config)
         prepare_for_eora(model, config, adapter_name)
 
