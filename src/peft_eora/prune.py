@@ -23,7 +23,7 @@ one forward pass gathers the statistics of all its linears, they are pruned, and
 block's outputs feed the next block. Calibration is :func:`peft_eora.quantize.gptq_calibration`
 (the shipped C4 sample, file order, consecutive windows) so pruned and quantized bases see the
 same tokens. Computation runs in float32; the result is saved in the source's dtype to
-``cache_dir()/models/<name>-<method>-<2of4|u50>[-n<N>x<L>]`` with ``peft_eora_quantize.json``
+``cache_dir()/models/<name>-<path hash>-<method>-<2of4|u50>[-n<N>x<L>]`` with ``peft_eora_quantize.json``
 (method, pattern, measured sparsity, calibration, versions, times), atomically.
 """
 
@@ -41,9 +41,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .embedded import atomic_publish, cache_dir, dtype_name, is_complete, make_temp_dir, remove_stale_temps
+from .embedded import atomic_publish, dtype_name, is_complete, make_temp_dir, remove_stale_temps
 from .quantize import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, META_FILE, _versions, calibration_metadata, gptq_calibration
-from .quantize.checkpoints import adopt_legacy, machine_metadata, recorded_differences, source_label, source_setting
+from .quantize.checkpoints import cached_model_dir, machine_metadata, recorded_differences, source_setting
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +86,7 @@ def pruned_dir(
 ) -> Path:
     """Default output folder of :func:`prune` for these settings."""
     nm, ratio = parse_pattern(pattern, sparsity)
-    suffix = f"-{method}-{pattern_label(nm, ratio)}"
-    if (num_samples, seq_len) != (DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN):
-        suffix += f"-n{num_samples}x{seq_len}"
-    models = cache_dir() / "models"
-    return adopt_legacy(models / f"{source_label(model_dir)}{suffix}", models / f"{Path(model_dir).name}{suffix}",
-                        model_dir)
+    return cached_model_dir(model_dir, f"{method}-{pattern_label(nm, ratio)}", num_samples, seq_len)
 
 
 # --------------------------------------------------------------------------------------------

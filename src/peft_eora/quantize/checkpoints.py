@@ -49,13 +49,19 @@ def adopt_legacy(final: Path, legacy: Path, model_dir: str | Path) -> Path:
     return legacy if recorded == source_setting(model_dir)["source_model"] else final
 
 
-def _checkpoint_dir(model_dir: str | Path, method: str, bits: int, group_size: int, num_samples: int, seq_len: int) -> Path:
-    suffix = f"-{method}-w{bits}g{group_size}"
+def cached_model_dir(model_dir: str | Path, settings: str, num_samples: int, seq_len: int) -> Path:
+    """``cache_dir()/models/<source label>-<settings>[-n<samples>x<seq_len>]`` for a checkpoint made from
+    ``model_dir`` (or the name it was cached under before, see :func:`adopt_legacy`)."""
+    suffix = f"-{settings}"
     if (num_samples, seq_len) != (DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN):
         suffix += f"-n{num_samples}x{seq_len}"
     models = cache_dir() / "models"
     return adopt_legacy(models / f"{source_label(model_dir)}{suffix}", models / f"{Path(model_dir).name}{suffix}",
                         model_dir)
+
+
+def _checkpoint_dir(model_dir: str | Path, method: str, bits: int, group_size: int, num_samples: int, seq_len: int) -> Path:
+    return cached_model_dir(model_dir, f"{method}-w{bits}g{group_size}", num_samples, seq_len)
 
 
 def gptq_dir(
