@@ -61,12 +61,17 @@ def test_a_text_files_rows_are_its_paragraphs_not_its_lines(tmp_path, tokenizer)
     doc_b = "\n".join(" ".join(words[i:i + 10]) for i in range(200, 400, 10))
     path = tmp_path / "wrapped.txt"
     path.write_text(doc_a + "\n\n" + doc_b + "\n")
+    folder = tmp_path / "corpus"  # a dataset folder of .txt files is read the same way
+    folder.mkdir()
+    (folder / "a.txt").write_text(doc_a + "\n")
+    (folder / "b.txt").write_text(doc_b + "\n")
     n = len(tokenizer(doc_a + "\n" + doc_b, add_special_tokens=False)["input_ids"])
-    tokens = load_calibration_tokens(CalibrationConfig(str(path), num_samples=1, seq_len=n // 2), tokenizer)
-    assert int((tokens == tokenizer.eos_token_id).sum()) <= 1  # one document boundary at most, not one per line
-    text = tokenizer.decode(tokens[0])
-    first = int(text.split()[0][1:])
-    assert text.startswith(f"w{first} w{first + 1} w{first + 2}") and first in (0, 200)  # a paragraph's start
+    for source in (path, folder):
+        tokens = load_calibration_tokens(CalibrationConfig(str(source), num_samples=1, seq_len=n // 2), tokenizer)
+        assert int((tokens == tokenizer.eos_token_id).sum()) <= 1  # one document boundary at most, not one per line
+        text = tokenizer.decode(tokens[0])
+        first = int(text.split()[0][1:])
+        assert text.startswith(f"w{first} w{first + 1} w{first + 2}") and first in (0, 200)  # a paragraph's start
 
 
 def test_template_and_builtin_gsm8k(tokenizer):

@@ -43,6 +43,17 @@ class CalibrationError(ValueError):
     """Calibration data is missing, empty or too short."""
 
 
+def _text_folder(path: Path) -> bool:
+    """Whether a dataset folder holds only ``.txt`` data files (read by paragraph, as a single ``.txt`` file is)."""
+    suffixes = {
+        f.suffix.lower()
+        for f in path.rglob("*")
+        if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
+        and f.suffix.lower() in _FILE_BUILDERS
+    }
+    return suffixes == {".txt"}
+
+
 def load_documents(source: Union[CalibrationConfig, CalibrationSource]) -> list[Any]:
     """Documents of one source: its ``column`` (text or token-id lists) or its ``template`` filled per row."""
     import datasets
@@ -52,7 +63,8 @@ def load_documents(source: Union[CalibrationConfig, CalibrationSource]) -> list[
     try:
         if path.exists():
             if path.is_dir():
-                ds = datasets.load_dataset(str(path), source.subset, split=source.split)
+                extra = {"sample_by": "paragraph"} if _text_folder(path) else {}
+                ds = datasets.load_dataset(str(path), source.subset, split=source.split, **extra)
             else:
                 builder = _FILE_BUILDERS.get(path.suffix.lower())
                 if builder is None:
