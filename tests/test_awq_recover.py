@@ -264,7 +264,7 @@ def test_the_check_reads_offloaded_norms(tiny_awq4_dir, tiny_original_dir):
 
     from peft_eora.original import ModelMismatchError, OriginalWeights
     from peft_eora.quantize import load_quantized
-    from peft_eora.residual.awq import check_original_norms
+    from peft_eora.residual.norms import check_original_norms
 
     model = load_quantized(tiny_awq4_dir, compute_dtype=torch.float32)
     cpu_offload(model, execution_device=torch.device("cpu"))
@@ -277,7 +277,7 @@ def test_norm_gap_sees_a_few_strongly_scaled_small_channels():
     """Relative to the largest weight alone, eight channels of γ = 0.005 divided by 10 read 0.2 %; per channel (floored
     at 1 % of the largest) they read 45 %. Rounding of a Gemma γ − 1 stays small read as γ (the check asks the norm
     module which reading applies)."""
-    from peft_eora.residual.awq import NORM_TOLERANCE, norm_gap, norm_tolerance
+    from peft_eora.residual.norms import NORM_TOLERANCE, norm_gap, norm_tolerance
 
     original = torch.ones(2048)
     original[:8] = 0.005
@@ -297,7 +297,7 @@ def test_the_check_tells_gemma_norms_by_their_output():
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from peft_eora.residual.awq import _multiplies_one_plus
+    from peft_eora.residual.norms import _multiplies_one_plus
 
     gemma, llama = GemmaRMSNorm(64), LlamaRMSNorm(64)
     with torch.no_grad():

@@ -48,7 +48,7 @@ from .kernels.gptq_linear import GPTQLinear, register_gptq_linear
 from .layer import with_mixed_batch
 from .original import OriginalWeights
 from .residual import backend_for, is_supported, prepare_model, registered
-from .residual.awq import check_original_norms
+from .residual.norms import check_original_norms
 from .residual.probe import repacks_on_first_forward
 
 logger = logging.getLogger(__name__)

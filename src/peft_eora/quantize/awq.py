@@ -397,7 +397,7 @@ def awq_original(awq_path: str | Path, original_dir: str | Path) -> Path:
 
         >>> EoRAConfig(original_model=str(awq_original("Llama-3-8B-AWQ", "Llama-3-8B")), ...)
     """
-    from ..residual.awq import norm_gap, norm_tolerance
+    from ..residual.norms import norm_gap, norm_tolerance
     from .awq_recover import CheckpointTensors
 
     def norms(folder: Path) -> dict[str, torch.Tensor]:
