@@ -372,18 +372,19 @@ def remove_adapter_layers(model: nn.Module, adapter_name: str) -> None:
             if adapter_name not in module.lora_A:
                 continue
             others, inner = [a for a in module.lora_A if a != adapter_name], module.get_base_layer()
+            drop = functools.partial(module.delete_adapter, adapter_name)
         elif isinstance(module, AuxiliaryTrainingWrapper):
             held = set(getattr(module, "modules_to_save", None) or {})
             held |= set(getattr(getattr(module, "token_adapter", None), "trainable_tokens_delta", None) or {})
             if adapter_name not in held:
                 continue
             others, inner = [a for a in held if a != adapter_name], module.original_module
+            # not the wrapper's active adapter (added, never activated): the active one stays as it is
+            drop = functools.partial(module.delete_adapter, adapter_name, None)
         else:
             continue
-        if others and isinstance(module, LoraLayer):
-            module.delete_adapter(adapter_name)
-        elif others:  # not the active one of the wrapper (added, never activated): it stays as it is
-            module.delete_adapter(adapter_name, None)
+        if others:
+            drop()
         else:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, inner)
