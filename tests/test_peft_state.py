@@ -173,3 +173,31 @@ def test_peft_hotswap_swaps_eora_adapters_and_checks_their_base(tiny_llama, cali
     elsewhere = PeftModel.from_pretrained(copy.deepcopy(other), tmp_path / "a", allow_base_mismatch=True)
     with pytest.raises(BaseMismatchError):
         hotswap_adapter(elsewhere, str(tmp_path / "b"), adapter_name="default", torch_device="cpu")
+
+
+def test_autocast_adapter_dtype_false_keeps_computed_factors_in_the_base_dtype(tiny_llama, tmp_path,
+                                                                              tiny_tokenizer_dir):
+    """EoRA computes before PEFT's own cast and upcast the factors itself: ``autocast_adapter_dtype=False`` (keep the
+    adapter in the base layer's dtype) was ignored."""
+    original, quantized = tiny_llama
+    original.save_pretrained(tmp_path / "orig")
+    half = copy.deepcopy(quantized).to(torch.bfloat16)
+    cfg = EoRAConfig(r=8, damping=0.01, original_model=str(tmp_path / "orig"),
+                     calibration=dataclasses.replace(CALIBRATION, tokenizer=tiny_tokenizer_dir))
+    kept = get_peft_model(copy.deepcopy(half), cfg, autocast_adapter_dtype=False)
+    upcast = get_peft_model(copy.deepcopy(half), cfg)
+    kept.add_adapter("later", cfg, autocast_adapter_dtype=False)
+    upcast.add_adapter("later", cfg)
+    for model, dtype in ((kept, torch.bfloat16), (upcast, torch.float32)):
+        for adapter in ("default", "later"):
+            factors = _factors(model, adapter)
+            assert factors and {v.dtype for v in factors.values()} == {dtype}
+            assert any(float(v.abs().max()) > 0 for k, v in factors.items() if "lora_B" in k)
+    a, b = _factors(kept), _factors(upcast)
+    first = [k for k in a if ".layers.0.self_attn.q_proj." in k]  # the same inputs: the same factors, rounded
+    assert first and all(torch.equal(a[k], b[k].to(torch.bfloat16)) for k in first)
+    # later layers see the rounded adapters' outputs: their products B·A close, not equal
+    for k in (k for k in a if "lora_A" in k):
+        kb = k.replace("lora_A", "lora_B")
+        ours, ref = a[kb].float() @ a[k].float(), b[kb] @ b[k]
+        assert float((ours - ref).norm() / ref.norm()) < 0.05, k

@@ -59,6 +59,8 @@ def _install() -> Any:
     _peft_compat.patch_load_adapter(("allow_base_mismatch",))
     # peft.utils.hotswap.hotswap_adapter: EoRA adapters swap in like LoRA ones, their base checked first
     _peft_compat.patch_hotswap(peft_type, _hotswap_prepare)
+    # get_peft_model(..., autocast_adapter_dtype=False): computed factors stay in the base layer's dtype
+    _peft_compat.patch_autocast_flag()
     return peft_type
 
 

@@ -181,6 +181,39 @@ def patch_add_adapter(peft_type: Any, join_lora_model: Callable[[Any, str, Any],
     PeftModel.add_adapter = add_adapter
 
 
+#: the ``autocast_adapter_dtype`` of the ``PeftModel(...)`` / ``add_adapter`` call running now (PEFT hands the tuner
+#: no such argument; EoRA's tuner computes factors before PEFT's own cast and reads it here)
+AUTOCAST_ADAPTER_DTYPE: contextvars.ContextVar[bool] = contextvars.ContextVar("peft_eora_autocast", default=True)
+
+
+def patch_autocast_flag() -> None:
+    """Make ``autocast_adapter_dtype`` of ``get_peft_model``/``PeftModel(...)``/``add_adapter`` visible to the tuner
+    (:data:`AUTOCAST_ADAPTER_DTYPE`). Idempotent."""
+    from peft import PeftModel
+
+    def flagged(current: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(current)
+
+        @functools.wraps(current)
+        def wrapped(self, *args, **kwargs):
+            try:
+                flag = signature.bind(self, *args, **kwargs).arguments.get("autocast_adapter_dtype", True)
+            except TypeError:  # a wrong call: PEFT's own error follows
+                flag = True
+            token = AUTOCAST_ADAPTER_DTYPE.set(bool(flag))
+            try:
+                return current(self, *args, **kwargs)
+            finally:
+                AUTOCAST_ADAPTER_DTYPE.reset(token)
+
+        wrapped._peft_eora_autocast = True  # type: ignore[attr-defined]
+        return wrapped
+
+    for attr in ("__init__", "add_adapter"):
+        if not getattr(getattr(PeftModel, attr), "_peft_eora_autocast", False):
+            setattr(PeftModel, attr, flagged(getattr(PeftModel, attr)))
+
+
 #: config fields given to the ``load_adapter`` call running now, set on the config it loads
 _LOAD_OVERRIDES: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("peft_eora_load_overrides", default={})
 

@@ -32,6 +32,7 @@ from peft.tuners.lora import LoraLayer, LoraModel
 from torch import nn
 
 from ._peft_compat import (
+    AUTOCAST_ADAPTER_DTYPE,
     kept_on_failure,
     kept_requires_grad,
     only_active,
@@ -243,7 +244,8 @@ class EoRAModel(LoraModel):
             return
         # PEFT creates the factors in the base layer's dtype (float16 on GPTQ layers) and upcasts them only
         # after this hook: upcast first, so the factors are stored at the precision they were computed in
-        self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=True)
+        # (unless the caller asked for the base dtype: get_peft_model(..., autocast_adapter_dtype=False))
+        self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=AUTOCAST_ADAPTER_DTYPE.get())
         _initialize(model, config, adapter_name, config.original_model, config.calibration)
 
 
