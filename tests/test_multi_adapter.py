@@ -111,3 +111,29 @@ def test_an_adapter_loaded_later_is_checked_against_the_base_too(adapters, tiny_
     with pytest.raises(BaseMismatchError, match="gsm8k"):
         model.load_adapter(root / "gsm8k", adapter_name="gsm8k")  # the 3-bit adapter onto the 4-bit base
     assert list(model.peft_config) == ["c4"]
+
+
+def test_a_weighted_combination_is_described_as_one_not_as_its_first_adapter(base, adapters, tmp_path):
+    """PEFT's ``add_weighted_adapter`` copies the first adapter's config: saved, the combination carried the c4
+    adapter's statistics (and, its factors differing from the recorded ones, was called c4's adapter "fine-tuned")."""
+    root, alone = adapters
+    model = PeftModel.from_pretrained(copy.deepcopy(base), root / "c4", adapter_name="c4")
+    model.load_adapter(root / "gsm8k", adapter_name="gsm8k")
+    model.add_weighted_adapter(["c4", "gsm8k"], [0.5, 0.5], "mix", combination_type="cat")
+    config = model.peft_config["mix"]
+    assert isinstance(config, EoRAConfig) and not config.init_eora and not config.fine_tuned
+    assert config.eora_stats == {"combination": {"adapters": ["c4", "gsm8k"], "weights": [0.5, 0.5],
+                                                 "combination_type": "cat"}}
+    assert model.peft_config["c4"].eora_stats.get("factor_signature")  # the sources keep theirs
+    assert config.base_fingerprint == model.peft_config["c4"].base_fingerprint  # one base
+    model.set_adapter("mix")
+    model.eval()
+    mixed = _logits(model)
+    model.save_pretrained(tmp_path, selected_adapters=["mix"])
+    saved = EoRAConfig.from_pretrained(tmp_path / "mix")
+    assert saved.eora_stats == config.eora_stats and not saved.fine_tuned
+    card = (tmp_path / "mix" / "README.md").read_text()
+    assert "weighted combination (cat) of EoRA adapters `c4` ×0.5, `gsm8k` ×0.5" in card
+    assert "then fine-tuned" not in card
+    again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mix", adapter_name="mix").eval()
+    assert torch.allclose(_logits(again), mixed, rtol=1e-4, atol=1e-3)

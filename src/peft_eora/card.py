@@ -158,6 +158,11 @@ def _eora_section(
     else:
         damping_text = f" (damping {damping:g})" if damping is not None else ""
     fine_tuned = bool(getattr(config, "fine_tuned", False))
+    combination = stats.get("combination")  # add_weighted_adapter: the run's statistics are the sources' own
+    if combination:
+        parts = ", ".join(f"`{a}` ×{_fmt(w)}" for a, w in zip(combination["adapters"], combination["weights"]))
+        method, damping_text = f"weighted combination ({combination['combination_type']}) of EoRA adapters {parts}", ""
+        calib_text = "that of each combined adapter (their own configs)"
     rows = [
         ("Compressed base model", base_text if base_id else "not recorded"),
         ("Original (uncompressed) model", _original_text(original) if original else "not recorded"),
@@ -221,6 +226,10 @@ serving engines, export a float LoRA adapter: `peft_eora.export_lora(model, "lor
     intro = (f"A training-free [EoRA]({PAPER_URL}) adapter: low-rank factors that compensate the compression "
              f"error of {base_text}, computed by projecting the residual `W_original − W_compressed` into the "
              "eigenspace of the calibration activations")
+    if combination:
+        intro = (f"A weighted combination of [EoRA]({PAPER_URL}) adapters (low-rank factors that compensate the "
+                 f"compression error of {base_text}, each computed without training from the residual "
+                 "`W_original − W_compressed` in the eigenspace of its calibration activations)")
     if fine_tuned:
         intro = (f"An adapter initialised by [EoRA]({PAPER_URL}) (low-rank factors that compensate the compression "
                  f"error of {base_text}, computed without training from the residual `W_original − W_compressed` in "

@@ -204,6 +204,26 @@ class EoRAModel(LoraModel):
                     remove_adapter_layers(model, adapter_name)  # PEFT's add_adapter drops only the config
                     raise
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", *args: Any, **kwargs: Any) -> None:
+        """PEFT's weighted combination of adapters. PEFT copies the first adapter's config: an EoRA combination then
+        records what it combines in ``eora_stats["combination"]`` instead of that adapter's statistics, which would
+        describe (and, its factors differing, call "fine-tuned") factors it does not hold.
+
+            >>> model.add_weighted_adapter(["c4", "gsm8k"], [0.5, 0.5], "mix", combination_type="cat")
+        """
+        existed = adapter_name in self.peft_config
+        super().add_weighted_adapter(adapters, weights, adapter_name, combination_type, *args, **kwargs)
+        config = self.peft_config.get(adapter_name)
+        if existed or not isinstance(config, EoRAConfig):
+            return
+        config.eora_stats = {"combination": {
+            "adapters": list(adapters), "weights": [float(w) for w in weights],
+            "combination_type": "linear" if len(adapters) == 1 else combination_type,  # PEFT's rule
+        }}
+        config.fine_tuned = False
+        config.calibration = None  # each combined adapter's own: in their configs
+
     def _pre_injection_hook(self, model: nn.Module, config: EoRAConfig, adapter_name: str) -> None:
         super()._pre_injection_hook(model, config, adapter_name)
         if isinstance(config, EoRAConfig):
