@@ -173,6 +173,38 @@ def test_bad_inputs_are_refused_before_work(tiny_original_dir, tmp_path):
     assert torch.equal(model.model.layers[1].mlp.up_proj.weight, before)  # nothing was pruned
     with pytest.raises(FileNotFoundError, match="no config.json"):
         prune(tmp_path, "wanda", "2:4")
+    # an out_dir holding the user's files is refused before any work and left as it was (it was deleted)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"mine already exists and was not written by peft-eora"):
+        prune(tiny_original_dir, "wanda", "2:4", out_dir=mine)
+    assert [p.name for p in mine.iterdir()] == ["precious.txt"]
+
+
+def test_publishing_never_deletes_a_folder_it_did_not_write(tmp_path):
+    from peft_eora.embedded import COMPLETE_MARKER, atomic_publish, check_publishable, make_temp_dir
+
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="move that folder away"):
+        make_temp_dir(final)
+    tmp = tmp_path / ".out.tmp-x"
+    tmp.mkdir()
+    with pytest.raises(FileExistsError):
+        atomic_publish(tmp, final)  # a folder filled while the work ran
+    assert sorted(p.name for p in final.iterdir()) == ["precious.txt"]
+    (final / "precious.txt").unlink()  # empty: published into
+    assert atomic_publish(tmp, final) == final and (final / COMPLETE_MARKER).is_file()
+    check_publishable(final)  # complete: ours
+
+
+def test_unstructured_sparsities_name_their_own_folders():
+    from peft_eora.prune import pattern_label
+
+    assert [pattern_label(None, s) for s in (0.5, 0.504, 0.495, 0.7)] == ["u50", "u50.4", "u49.5", "u70"]
+    assert pattern_label((2, 4), 0.5) == "2of4"
 
 
 # ---------------------------------------------------------------------------------------------

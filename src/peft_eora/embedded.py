@@ -85,9 +85,9 @@ def atomic_publish(tmp: Path, final: Path) -> Path:
     If another process published ``final`` first, its copy wins and ``tmp`` is removed.
     """
     (tmp / COMPLETE_MARKER).write_text(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-    if final.exists() and not is_complete(final):
-        logger.warning("Removing incomplete checkpoint folder %s", final)
-        shutil.rmtree(final)
+    check_publishable(final)
+    if final.is_dir() and not is_complete(final):
+        final.rmdir()  # empty (check_publishable): the rename needs it gone
     try:
         os.rename(tmp, final)
     except OSError:
@@ -98,8 +98,21 @@ def atomic_publish(tmp: Path, final: Path) -> Path:
     return final
 
 
+def check_publishable(final: Path) -> None:
+    """Refuse to publish over ``final`` when it holds anything this package did not write there (an ``out_dir``
+    pointing at a user's folder, or at the source model's): it is never deleted. Empty, missing or complete: fine."""
+    if not final.exists() or is_complete(final) or (final.is_dir() and not any(final.iterdir())):
+        return
+    raise FileExistsError(
+        f"{final} already exists and was not written by peft-eora (no {COMPLETE_MARKER} in it), so nothing is written "
+        "over it: pass an out_dir that does not exist yet (or is empty), or move that folder away."
+    )
+
+
 def make_temp_dir(final: Path, kind: str = "tmp") -> Path:
-    """A fresh hidden folder next to ``final`` (same file system, so a rename is atomic)."""
+    """A fresh hidden folder next to ``final`` (same file system, so a rename is atomic); ``final`` checked first
+    (:func:`check_publishable`), so a run that could not publish its result never starts."""
+    check_publishable(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{kind}-", dir=final.parent))
     os.chmod(tmp, 0o755)  # mkdtemp creates 0o700; the published folder should be readable

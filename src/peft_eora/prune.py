@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .embedded import atomic_publish, dtype_name, is_complete, make_temp_dir, remove_stale_temps
+from .embedded import atomic_publish, check_publishable, dtype_name, is_complete, make_temp_dir, remove_stale_temps
 from .quantize import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, META_FILE, _versions, calibration_metadata, gptq_calibration
 from .quantize.checkpoints import cached_model_dir, machine_metadata, recorded_differences, source_setting
 
@@ -72,8 +72,9 @@ def parse_pattern(pattern: Optional[str], sparsity: Optional[float]) -> tuple[Op
 
 
 def pattern_label(nm: Optional[tuple[int, int]], sparsity: float) -> str:
-    """``(2, 4)`` → ``"2of4"``; unstructured 0.5 → ``"u50"`` (folder-name friendly)."""
-    return f"{nm[0]}of{nm[1]}" if nm else f"u{round(sparsity * 100):d}"
+    """``(2, 4)`` → ``"2of4"``; unstructured 0.5 → ``"u50"``, 0.504 → ``"u50.4"`` (folder-name friendly, exact: nearby
+    sparsities are other models)."""
+    return f"{nm[0]}of{nm[1]}" if nm else f"u{sparsity * 100:.6g}"
 
 
 def pruned_dir(
@@ -308,13 +309,14 @@ def prune(
         if (meta.get("method"), meta.get("pattern")) != (method, label):
             raise ValueError(f"{final} holds a {meta.get('method')} {meta.get('pattern')} model, not {method} {label}: "
                              "pass another out_dir or delete it")
-        requested = {**source_setting(model_dir), "num_samples": num_samples, "seq_len": seq_len,
+        requested = {**source_setting(model_dir), "num_samples": num_samples, "seq_len": seq_len, "sparsity": ratio,
                      **({"damp": damp} if method == "sparsegpt" else {})}
         differ = recorded_differences(meta, requested)
         if differ:
             raise ValueError(f"{final} holds a {method} {label} model made with other settings ({'; '.join(differ)}): "
                              "pass another out_dir or delete it")
         return final
+    check_publishable(final)  # an out_dir holding other files: refused before the work, never written over
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} is not a checkpoint folder (no config.json)")
 
