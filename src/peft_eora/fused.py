@@ -29,7 +29,11 @@ adapters disabled, another adapter set active, or extra forward arguments (EoRA'
 PEFT's ``disable_adapter()``/``set_adapter()``/``set_scale()`` keep working on fused models, and hooks are
 shared with the original layer. The tensors the op reads are re-derived whenever their sources are
 replaced or changed in place (identity, storage, version) or the scaling changes; after writes through
-``.data`` (PEFT's ``hotswap_adapter``) call ``fuse(model)`` again.
+``.data`` (PEFT's ``hotswap_adapter``) call ``fuse(model)`` again. Under ``torch.compile`` only the scaling is
+checked (storage and version are not traceable): where the op reads copies of the factors (``adapter_bits``
+8/4, or activations in another dtype than the factors, the usual bf16 model with float32 adapters), a compiled
+model keeps the copies it was traced with after in-place changes to the adapter or the base; call
+``fuse(model)`` again after such changes, and the compiled model re-reads them.
 
 Tolerance: against the unfused PEFT model the fused output differs only by rounding: the
 kernels dequantize in float32 (gptqmodel's ``TorchLinear`` in the scales' float16) and the
@@ -293,8 +297,9 @@ class FusedGPTQLoraLinear(GPTQLoraLinear):
             return cached
         key = (x.dtype, x.device)
         scaling = float(self.scaling[self._fused_adapter])
-        if self._fused_cache:
-            object.__setattr__(self, "_fused_meta", _base_meta(self.get_base_layer()))  # g_idx may have changed
+        # g_idx may have changed since fuse(), before the first call too (an act-order checkpoint loaded into the
+        # skeleton): the layout is re-read on every miss
+        object.__setattr__(self, "_fused_meta", _base_meta(self.get_base_layer()))
         self._fused_cache.clear()  # one live copy: dtype/device or the layer's tensors changed
         meta = self._fused_meta
         base = self.get_base_layer()
