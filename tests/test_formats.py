@@ -162,6 +162,13 @@ def test_awq_dequantize_matches_forward(tiny_awq4_dir):
     # the float32 CPU emulation multiplies by exactly the same weights
     emulated = load_quantized(tiny_awq4_dir, compute_dtype=torch.float32)
     assert check_dequantize_matches_forward(emulated, "awq", rtol=1e-6) == 14
+    # its float32 copy follows in-place writes into the buffers (a load_state_dict): it was keyed on the storages
+    layer = emulated.model.layers[0].mlp.down_proj
+    x = torch.randn(2, layer.in_features)
+    with torch.no_grad():
+        before = layer(x)
+        layer.scales.mul_(2)
+        assert torch.allclose(layer(x), 2 * before, rtol=1e-5, atol=1e-5)
 
 
 def test_awq_unpacking_matches_gptqmodel(tiny_awq4_dir):
@@ -419,6 +426,16 @@ def test_eora_compensates_compressed_tensors(tiny_ct4_dir, tiny_original_dir, re
 
 # ---------------------------------------------------------------------------------------------
 # (d) errors and optional imports
+
+
+def test_on_the_fly_options_a_format_lacks_are_refused(tiny_original_dir):
+    """``double_quant`` for hqq/torchao and a bnb group size other than its blocksize were dropped silently."""
+    from peft_eora.quantize import load_and_quantize
+
+    with pytest.raises(ValueError, match="double_quant .* bitsandbytes option; hqq has none"):
+        load_and_quantize(tiny_original_dir, "hqq", double_quant=True)
+    with pytest.raises(ValueError, match="blocks of 64 weights, got group_size=128"):
+        load_and_quantize(tiny_original_dir, "bnb-nf4", group_size=128)
 
 
 def test_unknown_module_lists_every_format():

@@ -374,9 +374,11 @@ def awq_float32_forward_(model: torch.nn.Module) -> int:
 
 
 def _awq_forward_float32(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from ..kernels.gptq_linear import tensor_stamp
     from ..residual.awq import AWQBackend
 
-    key = (self.qweight.data_ptr(), self.qzeros.data_ptr(), self.scales.data_ptr(), self.scales.dtype)
+    # which tensors, storages and in-place versions: a load_state_dict into the buffers is seen
+    key = (*(tensor_stamp(t) for t in (self.qweight, self.qzeros, self.scales)), self.scales.dtype)
     cached = getattr(self, "_peft_eora_w32", None)
     if cached is None or cached[0] != key:
         cached = (key, AWQBackend().dequantize(self).T.contiguous())  # (in, out) float32

@@ -65,10 +65,14 @@ def load_and_quantize(
     library = {"bnb": "bitsandbytes", "hqq": "hqq", "torchao": "torchao"}[extra]
     if importlib.util.find_spec(library) is None:
         raise ImportError(f"{method} needs {library}: pip install 'peft-eora[{extra}]'")
+    if double_quant and not method.startswith("bnb-"):
+        raise ValueError(f"double_quant (quantizing the block scales) is a bitsandbytes option; {method} has none.")
     kwargs: dict[str, Any] = {"dtype": dtype, "device_map": str(device)}
     if method.startswith("bnb-"):
         if bits != 4:
             raise ValueError(f"bitsandbytes 4-bit formats have 4 bits, got bits={bits}.")
+        if group_size != 64:
+            raise ValueError(f"bitsandbytes 4-bit formats quantize blocks of 64 weights, got group_size={group_size}.")
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
