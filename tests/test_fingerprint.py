@@ -180,13 +180,47 @@ def test_wrapped_base_modules_read_as_the_modules_they_wrap(extra, tmp_path):
         assert torch.allclose(loaded(ids).logits, model.eval()(ids).logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_offloaded_base_fingerprints_as_the_same_base_not_as_any_base(tmp_path, dtype):
+    """accelerate's CPU/disk offload leaves ``meta`` tensors on the modules: the fingerprint read no weights there, so
+    two compressed models of one original (3- and 2-bit) had one digest (a resumed run accepted the other's blocks).
+    The values the hooks hold are sampled (memory, ``.dat`` memory maps, safetensors slices), as loaded ones are."""
+    from accelerate import dispatch_model
+
+    from tiny_models import fake_quantize_
+
+    original, _ = tiny_llama_pair(seed=0, layers=3)
+    bases = {bits: fake_quantize_(copy.deepcopy(original), bits=bits).to(dtype) for bits in (3, 2)}
+
+    def offloaded(model, tag):
+        device_map = {"model.embed_tokens": "cpu", "model.norm": "disk", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+        device_map.update({f"model.layers.{i}": ("disk" if i % 2 else "cpu") for i in range(3)})
+        return dispatch_model(copy.deepcopy(model), device_map=device_map, offload_dir=str(tmp_path / tag),
+                              main_device="cpu")
+
+    plain = {bits: compute_fingerprint(m) for bits, m in bases.items()}
+    moved = {bits: offloaded(m, f"off{bits}") for bits, m in bases.items()}
+    assert any(p.device.type == "meta" for p in moved[3].parameters())  # offloaded indeed
+    seen = {bits: compute_fingerprint(m) for bits, m in moved.items()}
+    assert seen[3].digest == plain[3].digest and seen[2].digest == plain[2].digest
+    assert seen[3].digest != seen[2].digest and seen[3].dense_weights is not None
+
+
 def test_packed_weights_are_compared_only_between_equal_kernels(computed):
     quantized, _, _ = computed
     fp = compute_fingerprint(quantized).to_dict()
     config = EoRAConfig(r=8, init_eora=False)
 
     config.base_fingerprint = {**fp, "packed_weights": "0" * 16, "kernels": ["MarlinQuantLinear"]}
-    with pytest.warns(BaseMismatchWarning, match="could not compare packed_weights"):
+    with pytest.warns(BaseMismatchWarning, match="on structure, quantization, dense weights, but could not compare "
+                                                 "packed_weights"):
+        verify_fingerprint(quantized, config)
+    config.base_fingerprint = {**fp, "dense_weights": None}  # what it compared is what it names (it said "dense")
+    with pytest.warns(BaseMismatchWarning, match=r"on structure, quantization, packed weights, but could not compare "
+                                                 r"dense_weights \(weights not materialised\)"):
+        verify_fingerprint(quantized, config)
+    config.base_fingerprint = {**fp, "dense_weights": "0" * 16}
+    with pytest.raises(BaseMismatchError, match="loaded in another dtype"):
         verify_fingerprint(quantized, config)
 
     config.base_fingerprint = {**fp, "packed_weights": "0" * 16}  # same kernels, other packed values

@@ -21,6 +21,9 @@ What is hashed (SHA-256 over canonical JSON / float64 bytes), per part:
 - ``dense_weights``: 8 evenly spaced values of every tensor of the non-quantized modules
   (embeddings, norms, dense linears), rounded to bfloat16 (version 2), so the same fp16 or bf16
   checkpoint loaded in fp16, bf16 or fp32 gives the same value.
+- Offloaded modules (accelerate's ``device_map`` with ``"cpu"``/``"disk"``: ``meta`` tensors, values in the hook)
+  are sampled from what their hooks hold (memory, memory-mapped ``.dat``, safetensors slices: only the sampled
+  values are read), so an offloaded base has the digest it has loaded.
 - ``packed_weights``: 8 evenly spaced values of every tensor of the quantized modules, as stored
   by the loaded kernel (``qweight``, ``scales``, ...), or in the canonical layout the back-end's
   optional ``fingerprint_tensors(module)`` gives for kernels that repack lazily (bitsandbytes on
@@ -42,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -199,12 +203,14 @@ def _quantization_summary(model: nn.Module) -> Optional[dict[str, Any]]:
     return summary
 
 
-def _sample(tensor: torch.Tensor, k: int, version: int = FINGERPRINT_VERSION) -> Optional[torch.Tensor]:
+def _sample(tensor: torch.Tensor, k: int, version: int = FINGERPRINT_VERSION,
+            offloaded: Optional[Any] = None) -> Optional[torch.Tensor]:
     """``k`` evenly spaced values of ``tensor`` (flat order) as float64, or None if unreadable. From version 2,
     floating-point values are rounded to bfloat16 first: a float16 or bfloat16 checkpoint then samples the same
     whatever dtype it was loaded in (float16 ↔ bfloat16 ↔ float32 casts of its values round to the same
-    bfloat16; a float32 checkpoint loaded in float16 may still differ, by double rounding)."""
-    if tensor.device.type == "meta":
+    bfloat16; a float32 checkpoint loaded in float16 may still differ, by double rounding). ``offloaded``: for a
+    ``meta`` tensor, a reader of the values accelerate's offload hook holds for it (:func:`_offloaded_reader`)."""
+    if tensor.device.type == "meta" and offloaded is None:
         return None
     if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
         # tensor subclasses (torchao quantized weights) cannot be indexed: sample their inner tensors
@@ -216,13 +222,61 @@ def _sample(tensor: torch.Tensor, k: int, version: int = FINGERPRINT_VERSION) ->
     flat_idx = torch.tensor(sorted({(i * (n - 1)) // max(k - 1, 1) for i in range(min(k, n))}), dtype=torch.long)
     coords = torch.unravel_index(flat_idx, tensor.shape) if tensor.dim() > 0 else ()
     with torch.no_grad():
-        values = tensor.detach()[coords] if coords else tensor.detach().reshape(1)
+        if offloaded is not None:
+            values = offloaded([tuple(int(c[i]) for c in coords) for i in range(len(flat_idx))] if coords else [()])
+            if values is None:
+                return None
+            if values.is_floating_point() and tensor.is_floating_point():  # as the hook sets it: in the model's dtype
+                values = values.to(tensor.dtype)
+        else:
+            values = tensor.detach()[coords] if coords else tensor.detach().reshape(1)
         if version >= 2 and values.is_floating_point() and values.dtype.itemsize >= 2:
             values = values.to(torch.bfloat16)
         try:
             return values.to(torch.float64).cpu()
         except (RuntimeError, TypeError):  # exotic packed dtypes: hash the raw bytes instead
             return values.contiguous().view(torch.uint8).to(torch.float64).cpu()
+
+
+def _offloaded_reader(module: nn.Module, t_name: str) -> Optional[Any]:
+    """For a tensor accelerate offloaded (``device_map`` with ``"cpu"``/``"disk"``: ``meta`` on the module, the values
+    in its hook's weights map), a function reading the values at given coordinates (a list of index tuples) as a 1-D
+    tensor: from memory, a ``.dat`` memory map or a safetensors slice, so only the sampled values are read from disk,
+    not the whole weight. None where the module holds no such hook."""
+    hook = getattr(module, "_hf_hook", None)
+    weights_map = next((getattr(h, "weights_map", None) for h in getattr(hook, "hooks", [hook])
+                        if getattr(h, "weights_map", None) is not None), None)
+    if weights_map is None:
+        return None
+    dataset, key = getattr(weights_map, "dataset", weights_map), getattr(weights_map, "prefix", "") + t_name
+    state = dataset if isinstance(dataset, dict) else getattr(dataset, "state_dict", {})
+    if key in state:  # "cpu" offload: in memory
+        held = state[key]
+        return lambda points: torch.stack([held[p] if p else held.reshape(-1)[0] for p in points]).reshape(-1)
+    info = getattr(dataset, "index", {}).get(key)
+    if info is None:
+        return None
+
+    def read(points: list[tuple[int, ...]]) -> Optional[torch.Tensor]:
+        if info.get("safetensors_file") is not None:
+            from safetensors import safe_open
+
+            with safe_open(info["safetensors_file"], framework="pt", device="cpu") as f:
+                part = f.get_slice(info.get("weight_name", key))
+                values = torch.stack([part[tuple(slice(c, c + 1) for c in p)].reshape(()) if p else
+                                      part[:].reshape(-1)[0] for p in points])
+            return values.to(getattr(torch, info["dtype"])) if "dtype" in info else values
+        import numpy as np
+
+        stored = info["dtype"]
+        shape = tuple(info["shape"]) or (1,)
+        as_np = {"bfloat16": "int16"}.get(stored, "int8" if stored.startswith("float8_") else stored)
+        path = os.path.join(dataset.save_folder, f"{key}.dat")
+        array = np.memmap(path, dtype=as_np, shape=shape, mode="r")  # only the sampled pages are read
+        values = torch.from_numpy(np.array([array[p] if p else array[0] for p in points]))
+        return values.view(getattr(torch, stored)) if as_np != stored else values
+
+    return read
 
 
 def _canonical_hash(obj: Any) -> str:
@@ -269,7 +323,9 @@ def compute_fingerprint(model: nn.Module, samples_per_tensor: int = SAMPLES_PER_
         if quantized and hasattr(backend, "fingerprint_tensors"):  # layouts that change after loading
             tensors = backend.fingerprint_tensors(module)
         for t_name, t in tensors:
-            values = _sample(t, samples_per_tensor, version)
+            # offloaded by accelerate (meta here): the values its hook holds, so an offloaded base is told apart
+            offloaded = _offloaded_reader(module, t_name) if t.device.type == "meta" else None
+            values = _sample(t, samples_per_tensor, version, offloaded)
             if values is None:
                 readable[key] = False
                 continue
@@ -348,9 +404,10 @@ def verify_fingerprint(model: nn.Module, config: Any, adapter_name: str = "defau
     differ, unchecked = differences(recorded, current)
     if not differ:
         if unchecked:
+            compared = [p.replace("_", " ") for p in _PARTS if not any(u.startswith(p) for u in unchecked)]
             warnings.warn(
-                f"EoRA adapter {adapter_name!r}: base matches {recorded.digest} on structure, quantization config and "
-                f"dense weights, but could not compare {', '.join(unchecked)}.",
+                f"EoRA adapter {adapter_name!r}: base matches {recorded.digest} on {', '.join(compared)}, but could "
+                f"not compare {', '.join(unchecked)}.",
                 BaseMismatchWarning,
                 stacklevel=3,
             )
@@ -361,6 +418,9 @@ def verify_fingerprint(model: nn.Module, config: Any, adapter_name: str = "defau
         f"it is being loaded onto is {_describe(current)} (differs in: {', '.join(differ)}). EoRA factors compensate "
         "one specific compressed checkpoint; load the adapter onto that base"
     )
+    if differ == ["dense_weights"]:  # the same checkpoint in another precision rounds its samples otherwise
+        message += (" (if it is that base, loaded in another dtype: a float32 checkpoint loaded in float16 or "
+                    "bfloat16 rounds differently; load it in the dtype the adapter was computed on)")
     if getattr(config, "allow_base_mismatch", False):
         warnings.warn(message + ". Loading anyway because allow_base_mismatch=True.", BaseMismatchWarning, stacklevel=3)
         return current
