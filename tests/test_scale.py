@@ -346,6 +346,10 @@ def test_checkpoint_refuses_other_runs_and_unrequested_resumes(tiny_llama, calib
     with pytest.raises(CheckpointMismatchError, match="adapter_bits"):
         _eora(quantized, original, calib_ids, checkpoint_dir=str(tmp_path / "run"), resume=True,
               config={"adapter_bits": 8})
+    # the same base in another precision (one fingerprint): its finished float32 blocks must not continue in bf16
+    with pytest.raises(CheckpointMismatchError, match="dtypes"):
+        _eora(copy.deepcopy(quantized).to(torch.bfloat16), original, calib_ids, checkpoint_dir=str(tmp_path / "run"),
+              resume=True)
     # a folder of the earlier checkpoint format (its signature did not cover the original): refused as such
     manifest = tmp_path / "run" / "manifest.json"
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "version": 1}))
@@ -363,6 +367,22 @@ def test_checkpoint_refuses_other_runs_and_unrequested_resumes(tiny_llama, calib
     with pytest.raises(CheckpointMismatchError, match="calibration"):
         _eora(quantized, original, calib_ids.reshape(-1, calib_ids.shape[1] // 2), checkpoint_dir=str(tmp_path / "run"),
               resume=True)
+
+
+def test_a_run_that_finished_no_block_does_not_block_its_folder(tiny_llama, calib_ids, tmp_path):
+    """A run failing before its first block was done (a rank too large, out of memory in block 0) left a manifest
+    whose signature refused the corrected run, with and without resume: nothing of it is kept now."""
+    original, quantized = tiny_llama
+    too_wide = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4096, damping=0.01))
+    with pytest.raises(ValueError, match="rank"):
+        initialize_eora_weights(too_wide, original_model=original, calibration=calib_ids, batch_size=4,
+                                progress=False, checkpoint_dir=str(tmp_path / "run"))
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["done"] == -1
+    fresh, _ = _eora(quantized, original, calib_ids, checkpoint_dir=str(tmp_path / "run"))  # r=8: starts afresh
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["done"] == len(quantized.model.layers) - 1
+    plain, _ = _eora(quantized, original, calib_ids)
+    a, b = _factors(plain), _factors(fresh)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_layer_called_twice_in_one_forward_is_collected_once_on_both_walks(calib_ids, monkeypatch):

@@ -72,8 +72,13 @@ class Checkpoint:
         self.signature = json.loads(json.dumps(signature, sort_keys=True))
         self.done = -1
         manifest = self.path / MANIFEST
-        if manifest.exists():
-            data = json.loads(manifest.read_text())
+        data = json.loads(manifest.read_text()) if manifest.exists() else None
+        if data is not None and int(data.get("done", -1)) < 0:
+            # a run that finished no block (it failed validation, or ran out of memory in block 0): nothing to keep,
+            # and its signature (the ranks or batch size it failed with) must not block the corrected run
+            logger.info("%s holds a run that finished no block: starting it afresh", self.path)
+            data = None
+        if data is not None:
             if not resume:
                 raise FileExistsError(
                     f"The checkpoint folder {self.path} already holds a run (done through block {data.get('done')}). "

@@ -397,6 +397,9 @@ def _run_signature(model: nn.Module, config: EoRAConfig, adapter_name: str, batc
         # adapter_bits decides how the factors are rounded: finished blocks restored at another are wrong
         "scalings": {t.name: float(t.layer.scaling[adapter_name]) for t in targets},
         "adapter_bits": int(getattr(config, "adapter_bits", 16)),
+        # the fingerprint ignores the precision (one checkpoint in float32 or bfloat16 is one base), the activations
+        # and factors do not: finished blocks of a float32 run must not continue in bfloat16
+        "dtypes": sorted({str(t.dtype) for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}),
         # a resumed run's forwards must keep the precision of the interrupted one's ("auto" as resolved here)
         **({"forward_dtype": str(forward_dtype)} if forward_dtype is not None else {}),
     }
