@@ -496,9 +496,37 @@ def test_out_of_memory_names_the_block_and_leaves_nothing_half_written(tiny_llam
         real(H, x)
 
     monkeypatch.setattr(comp, "accumulate_gram", oom_on_block_1)
-    with pytest.raises(comp.EoRAOutOfMemoryError, match=r"block 1 .*batch size.*calibration tokens.*CPU"):
+    with pytest.raises(comp.EoRAOutOfMemoryError, match=r"block 1 .*batch size.*calibration tokens.*CPU.*--offload"):
         initialize_eora_weights(pm, original_model=original, calibration=calib_ids, batch_size=4, progress=False)
     assert all(float(p.abs().sum()) == 0 for n, p in pm.named_parameters() if "lora_B" in n)
+    # the rank-allocation spectrum pass: the same one error (it was a bare OutOfMemoryError)
+    calls[0] = 0
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, damping=0.01, rank_allocation="spectrum"))
+    with pytest.raises(comp.EoRAOutOfMemoryError, match=r"block 1 \(rank-allocation spectrum pass\)"):
+        initialize_eora_weights(pm, original_model=original, calibration=calib_ids, batch_size=4, progress=False)
+    monkeypatch.setattr(comp, "accumulate_gram", real)
+    # a block that fails to move (offload) is named, not the block before it
+    from peft_eora.walker import BlockWalker
+
+    placed = BlockWalker._placed
+
+    def no_room_for_block_1(self, block):
+        if block is self.blocks[1]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return placed(self, block)
+
+    monkeypatch.setattr(BlockWalker, "_placed", no_room_for_block_1)
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, damping=0.01))
+    with pytest.raises(comp.EoRAOutOfMemoryError, match=r"decoder block 1 "):
+        initialize_eora_weights(pm, original_model=original, calibration=calib_ids, batch_size=4, progress=False)
+    monkeypatch.setattr(BlockWalker, "_placed", placed)
+    # each module's own train/eval mode is kept (model.train(flag) set one flag for all of them)
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, damping=0.01))
+    pm.eval()
+    pm.base_model.model.model.layers[0].mlp.train()
+    modes = {n: m.training for n, m in pm.named_modules()}
+    initialize_eora_weights(pm, original_model=original, calibration=calib_ids, batch_size=4, progress=False)
+    assert {n: m.training for n, m in pm.named_modules()} == modes
 
 
 def _save_sharded(model: torch.nn.Module, path: Path) -> None:

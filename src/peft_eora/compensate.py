@@ -659,8 +659,7 @@ def compensate(
     validate(targets, original)
     stats = CompensationStats(method=method, damping=damping, tokens=count_tokens(batches) if method != "svd" else 0)
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
+    modes = _eval_modes(model)
     materialize_adapters(targets, adapter_name)
     for t in targets:  # adapters not yet computed must contribute nothing
         t.layer.lora_B[adapter_name].weight.zero_()
@@ -680,15 +679,10 @@ def compensate(
         for t in targets:
             t.layer.lora_B[adapter_name].weight.zero_()
         if _is_oom(exc):
-            # the traceback's frames hold the visit's activations and covariances: let them go before the
-            # user retries with a smaller batch (a notebook keeps the last exception alive)
-            traceback.clear_frames(exc.__traceback__)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            raise _oom_error(exc, stats, device) from exc
+            _raise_oom(exc, stats.current_block, device, checkpointed=checkpoint is not None)
         raise
     finally:
-        model.train(was_training)
+        _restore_modes(modes)
     stats.seconds = time.perf_counter() - start
     logger.info(
         "EoRA (%s, damping %s): %d modules in %.1f s over %d tokens", method, stats.damping, len(stats.modules),
@@ -722,15 +716,45 @@ class EoRAOutOfMemoryError(RuntimeError):
     """The accelerator ran out of memory while computing EoRA factors (the message says what to lower)."""
 
 
-def _oom_error(exc: BaseException, stats: CompensationStats, device: Any) -> EoRAOutOfMemoryError:
-    where = stats.current_block if stats.current_block is not None else "before the first block"
+def _oom_error(exc: BaseException, block: Optional[int], device: Any, stage: str = "",
+               checkpointed: bool = False) -> EoRAOutOfMemoryError:
+    """The one error an out-of-memory becomes: where (``block``, ``stage``) and what to lower. ``device``: the
+    execution device the blocks visit one at a time (offload), or None (the model's own placement)."""
+    where = f"decoder block {block}" if block is not None else "before the first decoder block"
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    offload = ("the model already visits the GPU one block at a time" if device is not None else
+               "or keep the model on the CPU so that only one block at a time visits the GPU "
+               "(execution_device='cuda', CLI --offload)")
+    resume = (" The checkpoint folder's finished blocks were computed with the old batches: start a new folder with "
+              "the new ones." if checkpointed else "")
     return EoRAOutOfMemoryError(
-        f"Out of GPU memory in decoder block {where} ({first}). Lower the calibration batch size "
-        "(initialize_eora_weights(batch_size=...), CLI --calib-batch-size), the calibration tokens (num_samples × seq_len), "
-        "or keep the model on the CPU so that only one block at a time visits the GPU (execution_device='cuda'). "
-        "No adapter was changed."
+        f"Out of GPU memory in {where}{stage} ({first}). Lower the calibration batch size "
+        "(initialize_eora_weights(batch_size=...), CLI --calib-batch-size) or the calibration tokens "
+        f"(num_samples × seq_len); {offload}.{resume} No adapter was changed."
     )
+
+
+def _raise_oom(exc: BaseException, block: Optional[int], device: Any, stage: str = "",
+               checkpointed: bool = False) -> None:
+    """Raise :func:`_oom_error` for ``exc``, its traceback's frames cleared first: they hold the visit's activations
+    and covariances, which must go before the user retries (a notebook keeps the last exception alive)."""
+    traceback.clear_frames(exc.__traceback__)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    raise _oom_error(exc, block, device, stage, checkpointed) from exc
+
+
+def _eval_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """``model.eval()`` for a walk, returning every module's own ``training`` flag for :func:`_restore_modes`
+    (``model.train(flag)`` would set one flag for all: PEFT's new LoRA layers are in train mode in an eval model)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    return modes
+
+
+def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for module, flag in modes:
+        module.training = flag
 
 
 def _check_damping_arg(damping: Union[float, str]) -> None:
@@ -811,10 +835,9 @@ def _compensate_blocks(
     bar = tqdm(total=last + 1, initial=first, desc="EoRA", unit="block", disable=not progress)
     visits = walker.visits(last, first, inputs)
     del inputs  # the walk holds them (a resumed run's loaded ones) only until the first visit replaces them
-    with closing(visits), _read_ahead(original, by_block) as read_ahead:  # closed at once on an error: block home
-        read_ahead(first)
+    with closing(visits), _read_ahead(original, by_block) as read_ahead, _tracking(walker, stats):
+        read_ahead(first)  # (visits closed at once on an error: block home)
         for visit in visits:
-            stats.current_block = visit.index
             read_ahead(visit.index + 1)
             block_targets = by_block.get(visit.index, [])
             if block_targets:
@@ -830,6 +853,17 @@ def _compensate_blocks(
             bar.update(1)
     bar.close()
     stats.current_block = None
+
+
+@contextmanager
+def _tracking(walker: BlockWalker, stats: CompensationStats) -> Iterator[None]:
+    """On an error, ``stats.current_block`` is the block the walker was placing or visiting (a failed move of block
+    k + 1 to the GPU is block k + 1's, not block k's)."""
+    try:
+        yield
+    except BaseException:
+        stats.current_block = walker.current
+        raise
 
 
 @contextmanager
@@ -1319,12 +1353,12 @@ def collect_spectra(
     blocks, targets = find_targets(model, adapter_name)
     validate(targets, original, check_ranks=False)
     logits = _logit_setup(model, logit_weighting)
-    was_training = model.training
-    model.eval()
+    modes = _eval_modes(model)
     for t in targets:
         t.layer.lora_B[adapter_name].weight.zero_()
     spectra: dict[str, torch.Tensor] = {}
     energy: dict[str, float] = {}
+    walker: Optional[BlockWalker] = None
     try:
         if method == "svd":
             for t in tqdm(targets, desc="Spectra", unit="module", disable=not progress):
@@ -1373,8 +1407,12 @@ def collect_spectra(
                                 spectra[t.name] = projected_spectrum(delta, H, damping=damping, eig_rtol=eig_rtol).cpu()
                                 energy[t.name] = float(((w @ H.double()) * w).sum())
                     del H
+    except BaseException as exc:
+        if _is_oom(exc):
+            _raise_oom(exc, walker.current if walker is not None else None, device, " (rank-allocation spectrum pass)")
+        raise
     finally:
-        model.train(was_training)
+        _restore_modes(modes)
     return targets, spectra, energy
 
 

@@ -538,6 +538,7 @@ class BlockWalker:
         self.times = times
         self.checkpoint = checkpoint
         self.block_kwargs: Optional[BlockKwargs] = None  # every block's own arguments, from first_inputs()
+        self.current: Optional[int] = None  # the block being placed or visited (error messages)
 
     def offloading(self, block: nn.Module) -> bool:
         """Whether ``block`` is moved to :attr:`device` for its visit."""
@@ -575,6 +576,7 @@ class BlockWalker:
                 raise ValueError("inputs are needed to start a walk after block 0")
             inputs = self.first_inputs()
         for idx in range(start, last + 1):
+            self.current = idx
             block = self.blocks[idx]
             with self._placed(block) as device:
                 with self.times.phase("activation_moves", device):
