@@ -385,6 +385,39 @@ def test_a_run_that_finished_no_block_does_not_block_its_folder(tiny_llama, cali
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resumed_rank_allocated_run_reuses_its_plan(tiny_llama, calib_ids, tmp_path, monkeypatch):
+    """The spectrum pass (one more walk over every block) ran again on resume: the plan is now kept in the folder."""
+    from peft_eora import compensate as comp
+    from peft_eora.checkpoint import Checkpoint
+
+    original, quantized = tiny_llama
+    allocated = {"rank_allocation": "spectrum", "rank_budget": 3000}
+    straight, _ = _eora(quantized, original, calib_ids, config=allocated)
+    commit = Checkpoint.commit
+
+    def stop_after_block_0(self, index):
+        commit(self, index)
+        if index == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoint, "commit", stop_after_block_0)
+    with pytest.raises(KeyboardInterrupt):
+        _eora(quantized, original, calib_ids, config=allocated, checkpoint_dir=str(tmp_path / "run"))
+    monkeypatch.setattr(Checkpoint, "commit", commit)
+    assert (tmp_path / "run" / "rank_plan.json").is_file()
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the spectrum pass ran again")
+
+    monkeypatch.setattr(comp, "collect_spectra", no_second_pass)
+    resumed, _ = _eora(quantized, original, calib_ids, config=allocated, checkpoint_dir=str(tmp_path / "run"),
+                       resume=True)
+    a, b = _factors(straight), _factors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.peft_config["default"].rank_pattern == resumed.peft_config["default"].rank_pattern
+    assert len(set(straight.peft_config["default"].rank_pattern.values())) > 1  # allocated indeed
+
+
 def test_a_layer_called_twice_in_one_forward_is_collected_once_on_both_walks(calib_ids, monkeypatch):
     """A target layer run twice in one forward: its first input counts, and the parked walk (one forward per batch,
     paused per group: the CPU default) pauses once for it, as the per-group walk collects it once. Both give the

@@ -7,6 +7,7 @@
     >>> ckpt.commit(3)                   # block 3 now counts as done
 
 Layout: ``manifest.json`` (the commit point: format version, the run's signature, ``done``),
+``rank_plan.json`` (with rank allocation: the per-layer ranks of the spectrum pass, reused on resume),
 ``block_XXXX.safetensors`` (``<module>.lora_A`` / ``.lora_B`` float32 factors and their stats
 in the metadata) and ``inputs_XXXX.safetensors`` (hidden states entering block XXXX). Every
 file is written to a temporary name and renamed into place, and the manifest is rewritten
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: the signature covers the original and the batch shapes
 MANIFEST = "manifest.json"
+PLAN = "rank_plan.json"  # the rank allocation's plan (a spectrum pass over every block), kept for a resumed run
 
 
 class CheckpointMismatchError(ValueError):
@@ -72,10 +74,13 @@ class Checkpoint:
         self.signature = json.loads(json.dumps(signature, sort_keys=True))
         self.done = -1
         manifest = self.path / MANIFEST
+        self.plan: Optional[dict[str, Any]] = None  # the saved rank plan of a resumed run (see save_plan)
         data = json.loads(manifest.read_text()) if manifest.exists() else None
-        if data is not None and int(data.get("done", -1)) < 0:
-            # a run that finished no block (it failed validation, or ran out of memory in block 0): nothing to keep,
-            # and its signature (the ranks or batch size it failed with) must not block the corrected run
+        if data is not None and int(data.get("done", -1)) < 0 and not (
+                resume and data.get("version") == FORMAT_VERSION and data.get("signature") == self.signature):
+            # a run that finished no block (it failed validation, or ran out of memory in block 0): nothing to keep
+            # but the rank plan of the same run resumed, and its signature (the ranks or batch size it failed with)
+            # must not block the corrected run
             logger.info("%s holds a run that finished no block: starting it afresh", self.path)
             data = None
         if data is not None:
@@ -97,12 +102,15 @@ class Checkpoint:
                     "with the same model, calibration data and settings, or start a new folder."
                 )
             self.done = int(data["done"])
+            if (self.path / PLAN).exists():
+                self.plan = json.loads((self.path / PLAN).read_text())
             logger.info("resuming from %s: blocks 0..%d are done", self.path, self.done)
             self._drop_partial_writes()
         else:
             self.path.mkdir(parents=True, exist_ok=True)
             for stale in self.path.glob("block_*.safetensors"):  # an uncommitted first block of an earlier run
                 stale.unlink()
+            (self.path / PLAN).unlink(missing_ok=True)
             self._drop_partial_writes()
             self._write_manifest()
 
@@ -116,6 +124,11 @@ class Checkpoint:
     def _write_manifest(self) -> None:
         data = {"version": FORMAT_VERSION, "signature": self.signature, "done": self.done}
         _atomic_write_bytes(self.path / MANIFEST, json.dumps(data, indent=1, sort_keys=True).encode())
+
+    def save_plan(self, plan: dict[str, Any]) -> None:
+        """Keep the rank allocation's plan (JSON-serialisable), so that a resumed run skips its spectrum pass."""
+        self.plan = json.loads(json.dumps(plan))
+        _atomic_write_bytes(self.path / PLAN, json.dumps(self.plan, indent=1, sort_keys=True).encode())
 
     def save_block(self, index: int, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
                    stats: list[dict[str, Any]]) -> None:

@@ -20,6 +20,7 @@ is computed, it is the only active adapter, so the others never shape its calibr
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import re
@@ -392,7 +393,10 @@ def _run_signature(model: nn.Module, config: EoRAConfig, adapter_name: str, batc
         "sequential": config.sequential,
         "value_weighting": getattr(config, "value_weighting", "attention"),
         "logit_weighting": getattr(config, "logit_weighting", DEFAULT_LOGIT_WEIGHTING),
+        # the configured ranks and the allocation's settings (taken before the allocation, which follows from them)
         "ranks": {t.name: t.rank for t in targets},
+        "rank_allocation": [getattr(config, k, None) for k in ("rank_allocation", "rank_budget", "rank_min",
+                                                                 "rank_max")],
         # the stored lora_B is the factor over the layer's scaling (lora_alpha, alpha_pattern, use_rslora), and
         # adapter_bits decides how the factors are rounded: finished blocks restored at another are wrong
         "scalings": {t.name: float(t.layer.scaling[adapter_name]) for t in targets},
@@ -453,9 +457,23 @@ def _compute(
     logit_weighting = getattr(config, "logit_weighting", DEFAULT_LOGIT_WEIGHTING)
     if forward_dtype is not None:
         logger.info("calibration forwards under autocast to %s (covariances in float32)", forward_dtype)
-    plan: Optional[RankPlan] = None
     allocation = getattr(config, "rank_allocation", "uniform")
-    if allocation != "uniform":
+    checkpoint = None
+    if getattr(config, "checkpoint_dir", None) and config.method == "svd":
+        # the plain-SVD baseline walks no blocks (seconds, no activations): nothing worth resuming, and a
+        # manifest left behind would only block the next run in that folder
+        logger.info("method='svd' needs no block walk: checkpoint_dir %s is not used", config.checkpoint_dir)
+    elif getattr(config, "checkpoint_dir", None):
+        from .checkpoint import Checkpoint
+
+        # before the rank allocation: its plan follows from these (configured ranks and allocation settings)
+        run = _run_signature(model, config, adapter_name, batches, base.digest, original, forward_dtype)
+        checkpoint = Checkpoint(config.checkpoint_dir, run, resume=bool(getattr(config, "resume", False)))
+    plan: Optional[RankPlan] = None
+    if allocation != "uniform" and checkpoint is not None and checkpoint.plan is not None:
+        plan = RankPlan(**checkpoint.plan)  # the interrupted run's: its spectrum pass is not repeated
+        logger.info("rank allocation: the plan saved in %s (%d layers)", config.checkpoint_dir, len(plan.ranks))
+    elif allocation != "uniform":
         # statistics pass (uncompensated); "auto" damping is chosen later, per layer: rank with the default ridge
         spectrum_damping = FIXED_DAMPING if config.damping == "auto" else config.damping
         plan = plan_ranks(
@@ -465,18 +483,11 @@ def _compute(
             progress=progress, device=device, times=times, forward_dtype=forward_dtype,
             value_weighting=value_weighting, logit_weighting=logit_weighting,
         )
+        if checkpoint is not None:
+            checkpoint.save_plan(dataclasses.asdict(plan))
+    if plan is not None:
         apply_ranks(model, config, adapter_name, plan.ranks)
         config.rank_budget = plan.budget  # recorded: a recomputation keeps this budget, not the allocated ranks
-    checkpoint = None
-    if getattr(config, "checkpoint_dir", None) and config.method == "svd":
-        # the plain-SVD baseline walks no blocks (seconds, no activations): nothing worth resuming, and a
-        # manifest left behind would only block the next run in that folder
-        logger.info("method='svd' needs no block walk: checkpoint_dir %s is not used", config.checkpoint_dir)
-    elif getattr(config, "checkpoint_dir", None):
-        from .checkpoint import Checkpoint
-
-        run = _run_signature(model, config, adapter_name, batches, base.digest, original, forward_dtype)
-        checkpoint = Checkpoint(config.checkpoint_dir, run, resume=bool(getattr(config, "resume", False)))
     stats = compensate(
         model,
         adapter_name,
