@@ -396,6 +396,46 @@ def test_compute_checkpoint_and_resume(computed, model_opts, tmp_path):
     assert_one_error_line(code, out, err, 1, "--checkpoint-dir")
 
 
+def test_run_options_are_refused_before_any_model_is_made_or_loaded(model_opts, tmp_path, monkeypatch):
+    """--offload on a CPU device and --resume without a folder were refused only after the models were resolved (a
+    gptq-w* name quantizes for minutes first) and the compressed one loaded."""
+    from peft_eora.cli import compute
+
+    def resolved(*args, **kwargs):
+        raise AssertionError("a model was resolved before the options were checked")
+
+    monkeypatch.setattr(compute, "resolve_model", resolved)
+    code, out, err = run(["compute", *model_opts, "--rank", RANK, "--out", tmp_path / "a", "--offload", "--device",
+                          "cpu"])
+    assert_one_error_line(code, out, err, 1, "--offload moves decoder blocks to the GPU")
+    code, out, err = run(["compute", *model_opts, "--rank", RANK, "--out", tmp_path / "a", "--resume"])
+    assert_one_error_line(code, out, err, 1, "--checkpoint-dir")
+
+
+def test_offload_loads_the_model_in_the_gpus_dtype(monkeypatch):
+    """--offload keeps the model on the CPU but computes on the GPU: ``auto`` is the GPU's float16, not the CPU's
+    float32 (twice the host memory, and other factors than a run on the GPU)."""
+    import torch
+
+    from peft_eora.cli import models
+
+    assert models.pick_dtype("auto", "cpu") == torch.float32
+    seen = {}
+
+    class Loaded:
+        def eval(self):
+            return self
+
+    def from_pretrained(path, dtype):
+        seen["dtype"] = dtype
+        return type("M", (), {"to": lambda self, device: seen.setdefault("device", device) and Loaded()})()
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", from_pretrained)
+    monkeypatch.setattr(models, "_quant_method", lambda path: None)
+    models.load_model("dense", "cpu", "auto", dtype_device="cuda")
+    assert seen == {"dtype": torch.float16, "device": "cpu"}
+
+
 def test_weighting_choices_are_the_configs():
     """The CLI spells the weighting choices out (importing ``config`` would import PEFT and slow
     ``--help``): they must stay the ones ``EoRAConfig`` accepts."""

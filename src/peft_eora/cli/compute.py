@@ -154,18 +154,24 @@ def eora_config(args: argparse.Namespace, rank: int, method: str, original: Unio
     )
 
 
+def check_run_options(args: argparse.Namespace, device: str) -> None:
+    """``--offload`` and ``--resume`` against the device and ``--checkpoint-dir``: before any model is made or loaded."""
+    if getattr(args, "offload", False) and not device.startswith("cuda"):
+        raise CLIError("--offload moves decoder blocks to the GPU: it needs --device cuda (or auto on a GPU machine).")
+    if getattr(args, "resume", False) and not getattr(args, "checkpoint_dir", None):
+        raise CLIError("--resume continues the run in --checkpoint-dir: give the folder.")
+
+
 def compute_adapter(args: argparse.Namespace, compressed: Union[Path, str], config, device: str, tokenizer):
     """Load the compressed model, inject the adapter and compute its factors; (PeftModel, seconds)."""
     from peft import get_peft_model
 
     from ..model import initialize_eora_weights
 
+    check_run_options(args, device)
     offload = bool(getattr(args, "offload", False))
-    if offload and not device.startswith("cuda"):
-        raise CLIError("--offload moves decoder blocks to the GPU: it needs --device cuda (or auto on a GPU machine).")
-    qmodel = load_model(compressed, "cpu" if offload else device, args.dtype)
-    if getattr(args, "resume", False) and not getattr(args, "checkpoint_dir", None):
-        raise CLIError("--resume continues the run in --checkpoint-dir: give the folder.")
+    # offloaded, the model sits on the CPU but computes on the GPU: in the GPU's dtype (float16 for auto)
+    qmodel = load_model(compressed, "cpu" if offload else device, args.dtype, dtype_device=device)
     start = time.perf_counter()
     # Inject first (init_eora=False: a zero update), then compute with this command's batch size and
     # progress setting; initialize_eora_weights runs the same computation get_peft_model would.
@@ -178,7 +184,7 @@ def compute_adapter(args: argparse.Namespace, compressed: Union[Path, str], conf
         tokenizer=tokenizer,
         batch_size=args.calib_batch_size,
         progress=not args.no_progress,
-        execution_device=device if offload else "config",
+        execution_device=device if offload else None,  # else where --device put it (a CPU run stays on the CPU)
         checkpoint_dir=getattr(args, "checkpoint_dir", None),
         resume=bool(getattr(args, "resume", False)),
     )
@@ -209,6 +215,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     original_spec, compressed_spec = models_from_args(args)
     out = output_folder(args.out, "--out")
     calibration = calibration_from_args(args)
+    device = pick_device(args.device)  # these refuse before a model is quantized, smoothed or loaded
+    check_run_options(args, device)
     original = resolve_model(original_spec, "Original")
     compressed = resolve_model(compressed_spec, "Compressed")
     original = residual_original(original, compressed)
@@ -216,7 +224,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = load_tokenizer(original, compressed)
     if args.method == "eora":
         check_calibration(calibration, tokenizer)
-    device = pick_device(args.device)
     model, seconds = compute_adapter(args, compressed, config, device, tokenizer)
     model.save_pretrained(str(out))
     stats = model.peft_config["default"].eora_stats

@@ -159,8 +159,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     adapter = Path(args.adapter).expanduser() if args.adapter else None
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise CLIError(f"--adapter {adapter}: no adapter_config.json there (not a PEFT adapter folder).")
+    device = pick_device(args.device)  # before a model is quantized or loaded
     path = resolve_model(args.model, "The")
-    device = pick_device(args.device)
     tokenizer = load_tokenizer(path, adapter)
     model = load_model(path, device, args.dtype)
     if adapter is not None:

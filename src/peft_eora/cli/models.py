@@ -94,12 +94,13 @@ def _quant_method(path: Union[Path, str]) -> Optional[str]:
     return str(method).lower() if method else "unknown"
 
 
-def load_model(path: Union[Path, str], device: str, dtype_name: str = "auto"):
-    """Load a causal LM for EoRA/evaluation: GPTQ through ``load_quantized``, others through transformers."""
+def load_model(path: Union[Path, str], device: str, dtype_name: str = "auto", dtype_device: Optional[str] = None):
+    """Load a causal LM for EoRA/evaluation: GPTQ through ``load_quantized``, others through transformers.
+    ``dtype_device``: the device whose ``auto`` dtype applies (where it computes), if not ``device``."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = pick_dtype(dtype_name, device)
+    torch_dtype = pick_dtype(dtype_name, dtype_device or device)
     method = _quant_method(path)
     start = time.perf_counter()
     try:

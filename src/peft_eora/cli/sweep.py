@@ -19,6 +19,7 @@ from .compute import (
     calibration_from_args,
     calibration_summary,
     check_calibration,
+    check_run_options,
     compute_adapter,
     eora_config,
     models_from_args,
@@ -78,6 +79,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise CLIError(f"--plot-metric {args.plot_metric}: not measured by this sweep; choose from {expected}.")
     out_dir = output_folder(args.out_dir, "--out-dir")
     calibration = calibration_from_args(args)
+    device = pick_device(args.device)  # these refuse before a model is quantized, smoothed or loaded
+    check_run_options(args, device)
     original = resolve_model(original_spec, "Original")
     compressed = resolve_model(compressed_spec, "Compressed")
     # the adapters' residual reads this (an AWQ model's: the original in its coordinates); the "original" row
@@ -88,7 +91,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = load_tokenizer(original, compressed)
     if "eora" in args.methods:
         check_calibration(calibration, tokenizer)
-    device = pick_device(args.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_original = checkpoint_parameter_count(original)
     rows: list[dict[str, Any]] = []
