@@ -572,7 +572,7 @@ class _Covariances:
             x = inp.reshape(-1, inp.shape[-1])
             self.rows[g] += x.shape[0]
             mask = self.masks[batch]
-            H = self._matrices(g)
+            H = self._matrices(g, x.device)
             if mask is not None and (g in self.routed or x.shape[0] != mask.numel()):
                 if "padding" not in self.warned:  # gathered tokens, or another sequence (cross-attention)
                     self.warned.add("padding")
@@ -596,13 +596,16 @@ class _Covariances:
             for part, sel in ((0, keep & ~val), (1, keep & val)):
                 accumulate_gram(H[part], x[sel])
 
-    def _matrices(self, g: int) -> list[torch.Tensor]:
+    def _matrices(self, g: int, device: Optional[torch.device] = None) -> list[torch.Tensor]:
+        """Group ``g``'s matrices, allocated at its first input on that input's ``device`` (a block that a custom
+        ``device_map`` splits over two devices feeds its MLP on another device than its attention)."""
         H = self.H[g]
         assert H is not None, "covariance requested after its group was finished"
         if not H:
             n = self.groups[g][0].shape[1]
             parts = 1 if g in self.routed else self.parts  # known routed: no window is held out of it
-            H.extend(torch.zeros(n, n, dtype=torch.float32, device=self.device) for _ in range(parts))
+            where = device if device is not None else self.device
+            H.extend(torch.zeros(n, n, dtype=torch.float32, device=where) for _ in range(parts))
         return H
 
     def drop(self, g: int) -> None:
@@ -901,7 +904,7 @@ def _compensate_visit(
     merged = merged_forward.MergedForwards(adapter_name, [t.layer for t in block_targets],
                                            enabled=sequential and _merges(visit))
 
-    metric = _output_metric(original, logits, visit.device)
+    metric = _output_metric(original, logits)
 
     def plain_svd(members: list[Target]) -> None:
         """Experts no calibration token reaches: no statistics, so the plain SVD of the residual (warned)."""
@@ -932,23 +935,27 @@ def _compensate_visit(
                            "(eora_stats['damping_per_module'] lists them).", groups[g][0].name, FIXED_DAMPING)
         if holdout is not None and g not in cov.routed:
             # the pair and H_fit's eigh (made only if needed) go with the last member
-            held = _HeldOut(*cov.take(g), users=len(groups[g]), times=times, device=visit.device)
+            pair = cov.take(g)
+            dev = pair[0].device  # where the group's inputs arrived (the visit's device unless a map split the block)
+            held = _HeldOut(*pair, users=len(groups[g]), times=times, device=dev)
+            del pair
             with original.keeping(_read_twice(groups[g], logits)):
                 for t in groups[g]:
                     stats.modules.append(_install(t, adapter_name, original, None, "eora", eig_rtol,
-                                                  device=visit.device, times=times, adapter_bits=adapter_bits,
+                                                  device=dev, times=times, adapter_bits=adapter_bits,
                                                   out_weight=metric(t, held.pair), auto=held, merged=merged))
             return
         H = cov.take(g)[0]
+        dev = H.device
         with original.keeping(_read_twice(groups[g], logits)):
             out_weights = [metric(t, H) for t in groups[g]]  # the logit weighting reads H itself
             ridge = FIXED_DAMPING if holdout is not None else float(damping)
-            with times.phase("decomposition", visit.device):  # shared by the group's members
+            with times.phase("decomposition", dev):  # shared by the group's members
                 projection = _Shared(projection_and_root(H, ridge, eig_rtol), users=len(groups[g]))
             del H  # the statistics read the projection's root: the float32 H goes before any factor step
             for t, weight in zip(groups[g], out_weights):
                 stats.modules.append(_install(t, adapter_name, original, projection, "eora", eig_rtol,
-                                              device=visit.device, times=times, adapter_bits=adapter_bits,
+                                              device=dev, times=times, adapter_bits=adapter_bits,
                                               out_weight=weight, damping=ridge, merged=merged))
 
     with attached(taps), merged:
@@ -1052,16 +1059,18 @@ def _read_twice(group: list[Target], logits: tuple[str, Optional[AttentionShape]
     return {found[1] for t in group if (found := partner(t.name, weighting)) is not None and found[1] in names}
 
 
-def _output_metric(original: OriginalWeights, logits: tuple[str, Optional[AttentionShape]], device: torch.device
+def _output_metric(original: OriginalWeights, logits: tuple[str, Optional[AttentionShape]]
                    ) -> Callable[[Target, Covariance], Optional[torch.Tensor]]:
     """``metric(t, H)``: the logit weighting ``g`` of ``t``'s output channels (``None``: unweighted),
     from the original sibling projection and the group's covariance ``H`` (:mod:`peft_eora.logit_weighting`)."""
     weighting, shape = logits
 
-    def partner_weight(name: str) -> Optional[torch.Tensor]:
-        return original.get(name, device) if original.shape(name) is not None else None
-
     def metric(t: Target, H: Covariance) -> Optional[torch.Tensor]:
+        on = (H[0] if isinstance(H, (tuple, list)) else H).device  # the group's (the visit's unless a map split it)
+
+        def partner_weight(name: str) -> Optional[torch.Tensor]:
+            return original.get(name, on) if original.shape(name) is not None else None
+
         return output_weights(t.name, t.shape[0], weighting, shape, partner_weight, H)
 
     return metric
@@ -1384,7 +1393,7 @@ def collect_spectra(
                 groups, points, taps, routed, unreached = _visit_groups(visit.block, block_targets, visit.inputs,
                                                                         value_weighting, visit._precision)
                 cov = _Covariances(groups, visit.device, masks, None, times, visit.inputs, warned, routed)
-                metric = _output_metric(original, logits, visit.device)
+                metric = _output_metric(original, logits)
                 with attached(taps), adapters_off([t.layer for t in block_targets]):  # zero updates: not computed
                     visit.run(points, cov.collect, on_group=None, keep_outputs=visit.index < last)
                 empty = {g for g in cov.routed if cov.rows[g] == 0}  # reached by the probe only
