@@ -678,6 +678,20 @@ def test_cuda_source_dir_and_override(monkeypatch, tmp_path):
     assert cuda_ext.source_dir() == CUDA_DIR
 
 
+def test_the_wheel_ships_what_the_extension_build_reads():
+    """An installed wheel had no CUDA sources (only a source checkout could build the kernel): setup.py copies
+    ``cuda/`` into ``peft_eora/_cuda``, the folder :func:`cuda_ext.source_dir` looks in; its list must stay the
+    build's."""
+    import ast
+
+    tree = ast.parse((CUDA_DIR.parent / "setup.py").read_text())
+    shipped = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                   and getattr(node.targets[0], "id", None) == "SHIPPED")
+    assert set(shipped) == set(cuda_ext.SOURCES + cuda_ext.HEADERS)
+    assert any(d.name == "_cuda" and d.parent.name == "peft_eora" for d in cuda_ext._candidate_dirs())
+    assert "recursive-include cuda" in (CUDA_DIR.parent / "MANIFEST.in").read_text()  # the sdist carries them
+
+
 def test_cuda_toolchain_errors(monkeypatch):
     from torch.utils import cpp_extension
 
