@@ -198,6 +198,8 @@ def test_sweep_writes_json_table_and_plot(tmp_path, model_opts, eval_opts, evalu
     assert table[0].startswith("| model | rank | LoRA params | % of original | ppl/") and len(table) == 2 + 6
     assert table[5].startswith(f"| eora r=8 | 8 | {RANK * per_rank:,} |")
     assert (out_dir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # an ordinary file, as sweep.json is (it was left private, 0600)
+    assert (out_dir / "sweep.png").stat().st_mode & 0o777 == (out_dir / "sweep.json").stat().st_mode & 0o777
     assert json.loads(out)["files"]["plot"] == str(out_dir / "sweep.png")
 
 
@@ -236,6 +238,17 @@ def test_missing_paths_fail_before_loading_anything(tmp_path, tiny_gptq3_dir, ti
     assert_one_error_line(code, out, err, 1, "no adapter_config.json")
     code, out, err = run(["eval", "--model", tiny_gptq3_dir, "--tasks", "piqa", "--task-data", tmp_path])
     assert_one_error_line(code, out, err, 1, "Data file for piqa not found")
+    # PIQA's labels and a few-shot pool smaller than --num-fewshot: refused here too, not after the model and the
+    # other metrics were computed (they were lost)
+    (tmp_path / "piqa").mkdir()
+    (tmp_path / "piqa" / "valid.jsonl").write_text((DATA / "piqa" / "valid.jsonl").read_text())
+    code, out, err = run(["eval", "--model", missing, "--tasks", "piqa", "--task-data", tmp_path])
+    assert_one_error_line(code, out, err, 1, "PIQA labels file")
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text((DATA / "gsm8k" / "test.jsonl").read_text())
+    (tmp_path / "gsm8k" / "train.jsonl").write_text((DATA / "gsm8k" / "train.jsonl").read_text().splitlines()[0] + "\n")
+    code, out, err = run(["eval", "--model", missing, "--tasks", "gsm8k", "--task-data", tmp_path, "--num-fewshot", 3])
+    assert_one_error_line(code, out, err, 1, "has 1 examples; lower --num-fewshot")
     code, out, err = run(["eval", "--model", tiny_gptq3_dir, "--ppl", missing])
     assert_one_error_line(code, out, err, 1, f"--ppl {missing}: no such file")
     code, out, err = run(["compute", "--compressed", tiny_gptq3_dir, "--rank", 4, "--out", tmp_path / "a"])
@@ -445,6 +458,12 @@ def test_weighting_choices_are_the_configs():
     choices = {o: a.choices for a in compute._actions for o in a.option_strings}
     assert tuple(choices["--logit-weighting"]) == LOGIT_WEIGHTINGS
     assert tuple(choices["--value-weighting"]) == VALUE_WEIGHTINGS
+    import dataclasses
+
+    from peft_eora.cli.options import MIX_KEYS
+    from peft_eora.config import CalibrationSource
+
+    assert MIX_KEYS == tuple(f.name for f in dataclasses.fields(CalibrationSource))
 
 
 def test_exclude_modules_reaches_the_config():
@@ -460,3 +479,13 @@ def test_exclude_modules_reaches_the_config():
     args = compute.parse_args([*base, "--exclude-modules", r".*\.experts\.7\..*"])
     assert eora_config(args, 8, "eora", "orig", None).exclude_modules == r".*\.experts\.7\..*"
     assert eora_config(compute.parse_args(base), 8, "eora", "orig", None).exclude_modules is None
+
+
+def test_mix_options_are_checked_without_importing_the_library(tmp_path, model_opts):
+    """``--mix`` built a ``CalibrationSource`` while parsing (importing torch and PEFT before the terminal set-up
+    silenced them); its keys are checked there now, its values with the rest of the calibration options."""
+    code, out, err = run(["compute", *model_opts, "--rank", RANK, "--out", tmp_path / "a", "--mix", '{"bad": 1}'])
+    assert code == 2 and "unknown: bad" in err and "Traceback" not in err
+    code, out, err = run(["compute", *model_opts, "--rank", RANK, "--out", tmp_path / "a", "--mix",
+                          '{"dataset": "builtin:gsm8k", "weight": -1}'])
+    assert_one_error_line(code, out, err, 1, "weight")

@@ -205,16 +205,21 @@ def test_a_merge_into_an_existing_directory_that_fails_half_way_is_undone(tmp_pa
 def test_written_files_are_ordinary_files_not_private_temporaries(computed, tmp_path):
     """Temporary files are created 0600 (and safetensors writes its files so): what a save, or an atomic text
     write (sweep tables, configs), leaves behind gets the mode any new file gets under the umask."""
-    from peft_eora.safe_files import atomic_write_text
+    from peft_eora.safe_files import atomic_write, atomic_write_text
 
     old = os.umask(0o022)
     try:
         computed[1].save_pretrained(tmp_path / "adapter")
         atomic_write_text(tmp_path / "table.md", "| a |\n")
+        atomic_write(tmp_path / "plot.png", lambda tmp: Path(tmp).write_bytes(b"png"), suffix=".png")  # the sweep's
     finally:
         os.umask(old)
-    modes = {p.name: p.stat().st_mode & 0o777 for p in [*(tmp_path / "adapter").iterdir(), tmp_path / "table.md"]}
+    written = [*(tmp_path / "adapter").iterdir(), tmp_path / "table.md", tmp_path / "plot.png"]
+    modes = {p.name: p.stat().st_mode & 0o777 for p in written}
     assert set(modes.values()) == {0o644}, modes
+    with pytest.raises(UnicodeEncodeError):  # a failed write leaves no temporary file behind (it did)
+        atomic_write_text(tmp_path / "bad.json", "x\ud800")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "plot.png", "table.md"]
 
 
 def test_pickle_serialization_is_refused(computed, tmp_path):

@@ -20,7 +20,7 @@ import struct
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Optional, Union
 
@@ -329,20 +329,33 @@ def _chmod(path: str, mode: int) -> None:
 _UMASK_LOCK = threading.Lock()
 
 
-def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (a temporary file in the same folder, then a rename).
+def atomic_write(path: PathLike, write: Callable[[str], None], suffix: str = "") -> None:
+    """Write ``path`` atomically through ``write(temporary_path)``: a temporary file in the same folder, then a rename;
+    the result gets the umask's mode (a temporary file is private, 0600), and an error leaves nothing behind.
 
-        >>> atomic_write_text("results/sweep.md", table)
+        >>> atomic_write("sweep.png", lambda tmp: fig.savefig(tmp, format="png"), suffix=".png")
     """
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", delete=False, encoding="utf-8"
-    ) as f:
-        f.write(text)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=suffix)
+    os.close(fd)
     try:
-        _chmod(f.name, _file_mode())  # a temporary file is private (0600): the result is an ordinary file
-        os.replace(f.name, path)
+        write(tmp)
+        _chmod(tmp, _file_mode())
+        os.replace(tmp, path)
     except BaseException:
-        os.unlink(f.name)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`).
+
+        >>> atomic_write_text("results/sweep.md", table)
+    """
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    atomic_write(path, write)

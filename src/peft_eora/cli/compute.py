@@ -117,7 +117,7 @@ def calibration_from_args(args: argparse.Namespace):
             dataset=args.dataset, subset=args.subset, split=args.split, column=args.column, template=args.template,
             mix=args.mix, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
         )  # fmt: skip
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:  # a --mix value of the wrong type (its keys were checked when parsed)
         raise CLIError(str(exc)) from exc
 
 

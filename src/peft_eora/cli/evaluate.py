@@ -76,6 +76,11 @@ def check_eval_inputs(args: argparse.Namespace) -> None:
         pool = resolve_data_dir(args.task_data) / GSM8K_TRAIN_FILE
         if not pool.is_file():
             raise CLIError(f"--num-fewshot {args.num_fewshot}: the GSM8K few-shot pool {pool} is missing.")
+        with pool.open(encoding="utf-8") as fh:
+            rows = sum(1 for line in fh if line.strip())
+        if rows < args.num_fewshot:
+            raise CLIError(f"--num-fewshot {args.num_fewshot}: the GSM8K few-shot pool {pool} has {rows} examples; "
+                           "lower --num-fewshot or give a larger pool.")
     if not args.ppl and not args.tasks:
         raise CLIError("Nothing to evaluate: give --ppl TEXT… and/or --tasks TASK….")
 

@@ -9,12 +9,10 @@ import argparse
 import gc
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..safe_files import atomic_write_text
+from ..safe_files import atomic_write, atomic_write_text
 from .compute import (
     calibration_from_args,
     calibration_summary,
@@ -190,8 +188,7 @@ def sweep_plot(rows: Sequence[dict[str, Any]], metric: str, path: Path) -> None:
     axes[0].legend()
     fig.suptitle(f"EoRA sweep: {metric}")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".png", delete=False) as tmp:
-        fig.savefig(tmp.name, dpi=110)
-    plt.close(fig)
-    os.replace(tmp.name, path)
+    try:  # atomically, with the umask's mode as sweep.json gets (a temporary file is private)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), suffix=".png")
+    finally:
+        plt.close(fig)

@@ -168,6 +168,9 @@ def task_file(task: str, data_dir: Optional[PathLike] = None, path: Optional[Pat
     file = Path(path).expanduser() if path is not None else resolve_data_dir(data_dir) / TASK_FILES[task]
     if not file.is_file():
         raise TaskDataError(f"Data file for {task} not found: {file}.")
+    labels = file.with_name(f"{file.stem}-labels.lst")
+    if task == "piqa" and not labels.is_file():  # its answers are a file of their own (see load_piqa)
+        raise TaskDataError(f"PIQA labels file {labels} not found (one 0/1 label per line of {file.name}).")
     return file
 
 
