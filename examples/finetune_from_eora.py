@@ -32,6 +32,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_eora import CalibrationConfig, EoRAConfig
+from peft_eora.cli.options import damping as damping_option
 from peft_eora.embedded import export_original
 from peft_eora.finetune import gsm8k_calibration_source, gsm8k_sft_dataset, mean_loss, plot_losses, train_losses
 from peft_eora.quantize import load_and_quantize
@@ -52,7 +53,7 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=64, help="later GSM8K train rows used for the held-out loss")
     parser.add_argument("--calib-samples", type=int, default=16, help="EoRA calibration windows (half GSM8K, half C4)")
     parser.add_argument("--calib-seq-len", type=int, default=256)
-    parser.add_argument("--damping", default="auto",
+    parser.add_argument("--damping", default="auto", type=damping_option,
                         help="EoRA ridge: 'auto' (chosen per layer on held-out windows) or a number such as 0.01 "
                              "(~4x faster on a CPU at this scale)")
     parser.add_argument("--seed", type=int, default=0)
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     log = logging.getLogger("finetune")
 
     method, bits, group = FORMATS[args.format]
-    damping = args.damping if args.damping == "auto" else float(args.damping)
+    damping = args.damping
     original_dir = export_original(torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(original_dir)
     if args.train_examples > 512 - args.heldout:
