@@ -172,6 +172,37 @@ def test_a_push_replaces_the_adapter_files_an_earlier_push_left(hub, client, com
     assert (logits(loaded) - logits(model)).abs().max().item() <= 1e-5
 
 
+def test_a_push_keeps_the_text_of_every_card_it_updates(hub, client, computed):
+    """A push saved into an empty folder, so only the top README reached the save: a named adapter's card lost the
+    user's text, a user's own top card beside a plain-LoRA ``default`` was replaced by PEFT's template, and a card with
+    unparsable metadata aborted the push. They are read from the repo now, as a local save reads its folder."""
+    from peft import LoraConfig
+
+    _, model = computed
+    repo = "test-user/eora-cards"
+    named = copy.deepcopy(model)
+    named.add_adapter("b", copy.deepcopy(named.peft_config["default"]))  # a computed config: loaded as it is
+    named.push_to_hub(repo, selected_adapters=["b"])
+    card = hub.files(repo)["b/README.md"].decode()
+    client.upload_file(path_or_fileobj=(card + "\nB NOTES BY A HUMAN\n").encode(), path_in_repo="b/README.md",
+                       repo_id=repo)
+    client.upload_file(path_or_fileobj=b"# My own top card\n", path_in_repo="README.md", repo_id=repo)
+    named.push_to_hub(repo, selected_adapters=["b"])
+    files = hub.files(repo)
+    assert "B NOTES BY A HUMAN" in files["b/README.md"].decode() and files["b/README.md"].decode().count(CARD_BEGIN) == 1
+    assert files["README.md"] == b"# My own top card\n"  # named adapters only: the top card is not theirs
+    # a plain LoRA at the top beside the EoRA adapter: the user's own top card stays
+    mixed = get_peft_model(copy.deepcopy(computed[0]), LoraConfig(r=4, target_modules=["q_proj"]))
+    mixed.add_adapter("b", copy.deepcopy(named.peft_config["b"]))
+    mixed.load_state_dict({k: v for k, v in named.state_dict().items() if ".b." in k}, strict=False)
+    mixed.push_to_hub(repo)
+    assert hub.files(repo)["README.md"] == b"# My own top card\n"
+    # unparsable metadata in a card: left as it is (with a warning), the push goes on
+    client.upload_file(path_or_fileobj=b"---\nbad: [yaml\n---\ntext\n", path_in_repo="b/README.md", repo_id=repo)
+    named.push_to_hub(repo, selected_adapters=["b"])
+    assert hub.files(repo)["b/README.md"] == b"---\nbad: [yaml\n---\ntext\n"
+
+
 def test_push_to_a_branch_leaves_main_alone(hub, client, computed):
     quantized, model = computed
     repo = "test-user/eora-branch"

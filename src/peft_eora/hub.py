@@ -55,26 +55,18 @@ def push_to_hub(
     none yet (e.g. the saved adapter folder's ``README.md``: ``ModelCard.load(path)``; ``peft-eora push``
     passes it). Returns ``huggingface_hub.CommitInfo``.
     """
-    from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import HfApi
 
     save_kwargs.pop("max_shard_size", None)  # transformers' push_to_hub argument; adapters are one file
     api = HfApi()
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-    existing = None
-    for rev in dict.fromkeys([revision, None]):
-        try:
-            readme = hf_hub_download(repo_id, README_NAME, revision=rev, token=token, endpoint=api.endpoint)
-            existing = ModelCard.load(readme)
-            break
-        except (EntryNotFoundError, RevisionNotFoundError):
-            continue
-        except RepositoryNotFoundError:
-            break
-    existing = existing if existing is not None else card
     card_kwargs = {"base_model": base_model, "ppl_before": ppl_before, "ppl_after": ppl_after, "extra_tags": tags}
     with tempfile.TemporaryDirectory(prefix="peft-eora-push-") as tmp:
         work = os.path.join(tmp, "adapter")
+        # the repo's cards (its top README and each adapter folder's) where the save looks for them, so that a push
+        # treats them as a save treats a folder's: the user's text kept, a card of other adapters left alone
+        has_top_card = _fetch_cards(api, repo_id, revision, token, work)
+        existing = None if has_top_card else card
         save_pretrained(model, work, repo_id=repo_id, existing_card=existing, card_kwargs=card_kwargs, **save_kwargs)
         if revision is not None and not revision.startswith("refs/pr"):
             api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
@@ -93,6 +85,32 @@ def push_to_hub(
         )
     logger.info("Pushed EoRA adapter to %s (commit %s)", repo_id, commit.oid)
     return commit
+
+
+def _fetch_cards(api: Any, repo_id: str, revision: Optional[str], token: Optional[Union[bool, str]], work: str) -> bool:
+    """Copy the model cards of ``repo_id`` (at ``revision``, else its main branch: a new branch starts from it) into
+    ``work``: the top ``README.md`` and each first-level folder's. Returns whether the top one exists."""
+    import shutil
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    for rev in dict.fromkeys([revision, None]):
+        try:
+            files = api.list_repo_files(repo_id, revision=rev, token=token)
+            break
+        except RevisionNotFoundError:
+            continue
+        except RepositoryNotFoundError:
+            return False
+    else:
+        return False
+    cards = [f for f in files if f == README_NAME or (f.count("/") == 1 and f.endswith(f"/{README_NAME}"))]
+    for name in cards:
+        path = hf_hub_download(repo_id, name, revision=rev, token=token, endpoint=api.endpoint)
+        os.makedirs(os.path.dirname(os.path.join(work, name)), exist_ok=True)
+        shutil.copyfile(path, os.path.join(work, name))
+    return README_NAME in cards
 
 
 #: The files of one adapter folder.
