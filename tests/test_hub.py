@@ -255,6 +255,21 @@ def test_damaged_or_pickle_adapters_on_the_hub_are_refused(client, computed, tmp
         pull(quantized, "test-user/eora-pickle")
 
 
+def test_a_plain_svd_adapters_card_claims_no_activations_or_calibration(tmp_path):
+    """method="svd" reads weights only; its card described the eigenspace projection, a damping and the config's
+    calibration windows it never used."""
+    from peft_eora import CalibrationConfig
+
+    original, quantized = tiny_llama_pair(seed=0)
+    config = EoRAConfig(r=8, method="svd", calibration=CalibrationConfig("builtin:c4", num_samples=16, seq_len=64))
+    model = get_peft_model(copy.deepcopy(quantized), config)
+    peft_eora.initialize_eora_weights(model, original_model=original, calibration=CALIB, progress=False)
+    text = build_model_card(model).text
+    assert "| Method | svd |" in text and "damping" not in text.split("| Method |")[1].splitlines()[0]
+    assert "| Calibration data | none (plain SVD of the residual, no activations) |" in text
+    assert "plain truncated SVD" in text and "eigenspace of the calibration activations" not in text
+
+
 def test_model_card_compression_details_from_quantization_config(computed, tmp_path):
     _, model = computed
     with_quant = copy.deepcopy(model)

@@ -122,7 +122,8 @@ def _eora_section(
     load_id = base_id or "path/to/compressed-base"
     quant = quantization_info(base)
     calib = getattr(config, "calibration", None)
-    tokens = stats.get("calibration_tokens") or (calib.num_tokens if calib is not None else None)
+    recorded = stats.get("calibration_tokens")  # what the run used (0: none, the plain-SVD baseline)
+    tokens = recorded if recorded is not None else (calib.num_tokens if calib is not None else None)
     if calib is not None:
         sources = calib.sources
         whole = sum(s.weight for s in sources)
@@ -158,6 +159,8 @@ def _eora_section(
     else:
         damping_text = f" (damping {damping:g})" if damping is not None else ""
     fine_tuned = bool(getattr(config, "fine_tuned", False))
+    if method == "svd":  # reads the weights only: no activations, calibration data or ridge
+        damping_text, calib_text = "", "none (plain SVD of the residual, no activations)"
     combination = stats.get("combination")  # add_weighted_adapter: the run's statistics are the sources' own
     if combination:
         parts = ", ".join(f"`{a}` ×{_fmt(w)}" for a, w in zip(combination["adapters"], combination["weights"]))
@@ -226,6 +229,10 @@ serving engines, export a float LoRA adapter: `peft_eora.export_lora(model, "lor
     intro = (f"A training-free [EoRA]({PAPER_URL}) adapter: low-rank factors that compensate the compression "
              f"error of {base_text}, computed by projecting the residual `W_original − W_compressed` into the "
              "eigenspace of the calibration activations")
+    if method == "svd":
+        intro = (f"A low-rank adapter that compensates the compression error of {base_text} by a plain truncated SVD "
+                 f"of the residual `W_original − W_compressed` (the data-free baseline of [EoRA]({PAPER_URL}), which "
+                 "projects it into the eigenspace of calibration activations instead)")
     if combination:
         intro = (f"A weighted combination of [EoRA]({PAPER_URL}) adapters (low-rank factors that compensate the "
                  f"compression error of {base_text}, each computed without training from the residual "
