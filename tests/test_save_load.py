@@ -222,6 +222,19 @@ def test_written_files_are_ordinary_files_not_private_temporaries(computed, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "plot.png", "table.md"]
 
 
+def test_odd_local_paths_behave_as_with_plain_peft(computed, tmp_path):
+    """A symlink to an empty folder is saved into (the rename onto the link failed), and a folder that is not there
+    gets PEFT's own error (an ``HFValidationError`` about repo ids came out instead)."""
+    from peft import PeftConfig
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real", target_is_directory=True)
+    computed[1].save_pretrained(tmp_path / "link")
+    assert (tmp_path / "real" / "adapter_config.json").is_file() and (tmp_path / "link").is_symlink()
+    with pytest.raises(ValueError, match="Can't find 'adapter_config.json'"):
+        PeftConfig.from_pretrained(str(tmp_path / "missing" / "dir"))
+
+
 def test_pickle_serialization_is_refused(computed, tmp_path):
     with pytest.raises(ValueError, match="safetensors only"):
         computed[1].save_pretrained(tmp_path / "adapter", safe_serialization=False)

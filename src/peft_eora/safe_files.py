@@ -135,11 +135,18 @@ def resolve_file(model_id: PathLike, filename: str, subfolder: Optional[str] = N
         path = os.path.join(local, filename)
         return path if os.path.isfile(path) else None
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         return hf_hub_download(model_id, filename, subfolder=subfolder, **hub_download_kwargs(kwargs))
     except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError):
+        return None
+    except HFValidationError:  # a local path that is not there (a wrong folder or subfolder): PEFT says so itself
         return None
 
 
@@ -239,7 +246,8 @@ def atomic_directory(target: PathLike, stale: Iterable[str] = ()) -> Iterator[st
     (in the body, or a rename failing half-way) leaves ``target`` as it was. Only a process killed
     during the renames can leave old and new files side by side.
     """
-    target = os.path.abspath(os.fspath(target))
+    # a symlink to a folder is saved into the folder it names (a rename onto the link itself fails)
+    target = os.path.realpath(os.fspath(target))
     if os.path.exists(target) and not os.path.isdir(target):
         raise NotADirectoryError(f"Cannot save into {target}: it is a file, not a directory.")
     parent = os.path.dirname(target)
