@@ -201,6 +201,12 @@ def test_a_push_keeps_the_text_of_every_card_it_updates(hub, client, computed):
     client.upload_file(path_or_fileobj=b"---\nbad: [yaml\n---\ntext\n", path_in_repo="b/README.md", repo_id=repo)
     named.push_to_hub(repo, selected_adapters=["b"])
     assert hub.files(repo)["b/README.md"] == b"---\nbad: [yaml\n---\ntext\n"
+    # "b" pushed again as a plain LoRA adapter: its folder's EoRA card goes with its sidecar
+    client.upload_file(path_or_fileobj=card.encode(), path_in_repo="b/README.md", repo_id=repo)  # its EoRA card back
+    lora = copy.deepcopy(model)  # an EoRA model (its pushes are peft-eora's) now holding a plain LoRA "b"
+    lora.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj"]))
+    lora.push_to_hub(repo)
+    assert "b/README.md" not in hub.files(repo) and "b/eora_config.json" not in hub.files(repo)
 
 
 def test_push_to_a_branch_leaves_main_alone(hub, client, computed):

@@ -235,6 +235,25 @@ def test_odd_local_paths_behave_as_with_plain_peft(computed, tmp_path):
         PeftConfig.from_pretrained(str(tmp_path / "missing" / "dir"))
 
 
+def test_an_eora_card_does_not_outlive_its_adapter_in_a_named_folder(computed, tmp_path):
+    """Save EoRA adapter ``b``, then a plain LoRA under the same name: its folder kept the EoRA card (its sidecar
+    went), describing the LoRA adapter as EoRA."""
+    from peft import LoraConfig
+
+    quantized, model = computed
+    eora = copy.deepcopy(model)
+    eora.add_adapter("b", copy.deepcopy(eora.peft_config["default"]))
+    eora.save_pretrained(tmp_path, selected_adapters=["b"])
+    assert (tmp_path / "b" / "README.md").is_file()
+    lora = copy.deepcopy(model)  # an EoRA model (its saves are peft-eora's) now holding a plain LoRA "b"
+    lora.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj"]))
+    lora.save_pretrained(tmp_path)
+    assert not (tmp_path / "b" / "README.md").exists() and not (tmp_path / "b" / "eora_config.json").exists()
+    (tmp_path / "b" / "README.md").write_text("# my notes\n")  # a user's own card there stays
+    lora.save_pretrained(tmp_path)
+    assert (tmp_path / "b" / "README.md").read_text() == "# my notes\n"
+
+
 def test_pickle_serialization_is_refused(computed, tmp_path):
     with pytest.raises(ValueError, match="safetensors only"):
         computed[1].save_pretrained(tmp_path / "adapter", safe_serialization=False)

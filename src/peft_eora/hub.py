@@ -65,9 +65,11 @@ def push_to_hub(
         work = os.path.join(tmp, "adapter")
         # the repo's cards (its top README and each adapter folder's) where the save looks for them, so that a push
         # treats them as a save treats a folder's: the user's text kept, a card of other adapters left alone
-        has_top_card = _fetch_cards(api, repo_id, revision, token, work)
-        existing = None if has_top_card else card
+        fetched = _fetch_cards(api, repo_id, revision, token, work)
+        existing = None if README_NAME in fetched else card
         save_pretrained(model, work, repo_id=repo_id, existing_card=existing, card_kwargs=card_kwargs, **save_kwargs)
+        # cards the save removed (an EoRA card in the folder of what is now a plain-LoRA adapter) go on the Hub too
+        gone = [name for name in fetched if not os.path.exists(os.path.join(work, name))]
         if revision is not None and not revision.startswith("refs/pr"):
             api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
         commit = api.upload_folder(
@@ -81,15 +83,16 @@ def push_to_hub(
             # in each folder this save writes an adapter into (the top, a named adapter's subfolder), the adapter
             # files an earlier push left there and this one does not write (an old sidecar, adapter_model.bin) go
             # in the same commit; other folders (other adapters, Trainer checkpoints) are left alone
-            delete_patterns=_stale_candidates(work),
+            delete_patterns=_stale_candidates(work) + gone,
         )
     logger.info("Pushed EoRA adapter to %s (commit %s)", repo_id, commit.oid)
     return commit
 
 
-def _fetch_cards(api: Any, repo_id: str, revision: Optional[str], token: Optional[Union[bool, str]], work: str) -> bool:
+def _fetch_cards(api: Any, repo_id: str, revision: Optional[str], token: Optional[Union[bool, str]],
+                 work: str) -> list[str]:
     """Copy the model cards of ``repo_id`` (at ``revision``, else its main branch: a new branch starts from it) into
-    ``work``: the top ``README.md`` and each first-level folder's. Returns whether the top one exists."""
+    ``work``: the top ``README.md`` and each first-level folder's. Returns their repo paths."""
     import shutil
 
     from huggingface_hub import hf_hub_download
@@ -102,15 +105,15 @@ def _fetch_cards(api: Any, repo_id: str, revision: Optional[str], token: Optiona
         except RevisionNotFoundError:
             continue
         except RepositoryNotFoundError:
-            return False
+            return []
     else:
-        return False
+        return []
     cards = [f for f in files if f == README_NAME or (f.count("/") == 1 and f.endswith(f"/{README_NAME}"))]
     for name in cards:
         path = hf_hub_download(repo_id, name, revision=rev, token=token, endpoint=api.endpoint)
         os.makedirs(os.path.dirname(os.path.join(work, name)), exist_ok=True)
         shutil.copyfile(path, os.path.join(work, name))
-    return README_NAME in cards
+    return cards
 
 
 #: The files of one adapter folder.

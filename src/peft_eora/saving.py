@@ -76,6 +76,9 @@ def save_pretrained(
     # PEFT writes the default adapter at the top and every other one into a subfolder of its name; an
     # eora_config.json left there by an earlier save would pass a plain LoRA adapter off as EoRA
     stale = [os.path.join(_folder(n), EORA_CONFIG_NAME) for n in saved if not isinstance(configs[n], EoRAConfig)]
+    # a named plain-LoRA adapter's folder gets no card from PEFT: an EoRA card left there would describe it as EoRA
+    stale += [os.path.join(n, README_NAME) for n in saved if n != "default" and not isinstance(configs[n], EoRAConfig)
+              and _is_eora_card(os.path.join(save_directory, n, README_NAME))]
     with atomic_directory(save_directory, stale=stale) as tmp:
         _peft_save(
             model, tmp, safe_serialization=True, selected_adapters=selected_adapters, is_main_process=True, **kwargs
@@ -100,16 +103,23 @@ def save_pretrained(
     return save_directory
 
 
+def _is_eora_card(path: str) -> Optional[bool]:
+    """Whether the card at ``path`` is (or holds) an EoRA card; None if there is no readable card."""
+    from .card import CARD_BEGIN
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return CARD_BEGIN in f.read()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+
+
 def _keep_users_top_card(save_directory: str, tmp: str) -> None:
     """A plain-LoRA adapter saved at the top: the user's own card there stays; an EoRA card (which described an
     EoRA adapter saved there before) gives way to PEFT's card, written in ``tmp``."""
-    from .card import CARD_BEGIN
-
     top = os.path.join(save_directory, README_NAME)
-    try:
-        with open(top, encoding="utf-8") as f:
-            eora_card = CARD_BEGIN in f.read()
-    except (FileNotFoundError, UnicodeDecodeError):
+    eora_card = _is_eora_card(top)
+    if eora_card is None:
         return
     if eora_card:
         logger.info("%s described an EoRA adapter; the plain-LoRA adapter now at the top gets PEFT's card.", top)
