@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 
@@ -197,6 +198,26 @@ def test_export_dtype_and_errors(models, tmp_path):
     with pytest.raises(TypeError, match="PeftModel"):
         export_lora(models[0], tmp_path / "y")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_an_export_keeps_its_folders_card_text_and_states_the_exported_alpha(models, tmp_path):
+    """A second export dropped the user's text in the folder's card (a save keeps it); with rsLoRA the card stated
+    the EoRA config's lora_alpha, not the one the export wrote (without rsLoRA)."""
+    model = models[1]["uniform"]
+    export_lora(model, tmp_path / "out")
+    readme = tmp_path / "out" / "README.md"
+    readme.write_text(readme.read_text() + "\nMY NOTES\n")
+    export_lora(model, tmp_path / "out")
+    assert "MY NOTES" in readme.read_text() and readme.read_text().count("peft-eora:begin") == 1
+    rs = copy.deepcopy(model)
+    config = rs.peft_config["default"]
+    config.use_rslora = True
+    for layer in lora_layers(rs).values():
+        layer.scaling["default"] = config.lora_alpha / math.sqrt(config.r)
+    export_lora(rs, tmp_path / "rs")
+    written = json.loads((tmp_path / "rs" / "adapter_config.json").read_text())
+    card = (tmp_path / "rs" / "README.md").read_text()
+    assert f"(lora_alpha {written['lora_alpha']:.4g}, without rsLoRA)" in card and not written["use_rslora"]
 
 
 def test_export_targets_fall_back_to_full_names(models, tmp_path):

@@ -11,6 +11,7 @@ between the ``peft-eora`` markers is replaced).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import Any, Optional
@@ -159,6 +160,12 @@ def _eora_section(
     else:
         damping_text = f" (damping {damping:g})" if damping is not None else ""
     fine_tuned = bool(getattr(config, "fine_tuned", False))
+    alpha_text = _fmt(config.lora_alpha)
+    if exported:  # export_lora writes one scale alpha/r for every module, without rsLoRA
+        r = int(config.r)
+        rslora = bool(getattr(config, "use_rslora", False))
+        scale = config.lora_alpha / (math.sqrt(r) if rslora else r)
+        alpha_text = _fmt(float(scale * r)) + (", without rsLoRA" if rslora else "")
     if method == "svd":  # reads the weights only: no activations, calibration data or ridge
         damping_text, calib_text = "", "none (plain SVD of the residual, no activations)"
     combination = stats.get("combination")  # add_weighted_adapter: the run's statistics are the sources' own
@@ -171,7 +178,7 @@ def _eora_section(
         ("Original (uncompressed) model", _original_text(original) if original else "not recorded"),
         ("Compression", _describe_quant(quant)),
         ("Method", f"{method}{damping_text}" + (", then fine-tuned" if fine_tuned else "")),
-        ("Rank", f"{rank_text} (lora_alpha {_fmt(config.lora_alpha)})"),
+        ("Rank", f"{rank_text} (lora_alpha {alpha_text})"),
         ("Target modules", f"{len(layers)} linear layers ({', '.join(suffixes)})"),
         ("Calibration data", calib_text),
         ("Perplexity before → after" + (" (EoRA initialisation)" if fine_tuned else ""), ppl),

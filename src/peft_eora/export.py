@@ -21,9 +21,9 @@ import torch
 from peft import LoraConfig
 from torch import nn
 
-from .card import adapter_layers, build_model_card, peft_model_parts
+from .card import adapter_layers, peft_model_parts
 from .fingerprint import _base_modules
-from .safe_files import CONFIG_NAME, EORA_CONFIG_NAME, README_NAME, SAFETENSORS_WEIGHTS_NAME, PathLike, atomic_directory
+from .safe_files import CONFIG_NAME, EORA_CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, PathLike, atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +135,10 @@ def export_lora(
         lora_config.save_pretrained(tmp)
         _sort_json_lists(os.path.join(tmp, CONFIG_NAME), ("target_modules",))
         if model_card:
-            from .saving import mark_fine_tuned
+            from .saving import write_card, mark_fine_tuned
 
             mark_fine_tuned(model, [adapter_name])  # the card then says the factors were trained further
-            build_model_card(model, adapter_name, exported=True).save(os.path.join(tmp, README_NAME))
+            # the folder's card keeps the user's text (only its peft-eora section is rewritten), as a save does
+            write_card(model, adapter_name, tmp, os.fspath(save_directory), None, {"exported": True})
     logger.info("Exported adapter %r as plain LoRA (%d modules) to %s", adapter_name, len(layers), save_directory)
     return os.fspath(save_directory)

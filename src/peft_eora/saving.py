@@ -88,14 +88,14 @@ def save_pretrained(
         # each EoRA adapter gets its card beside its files
         for name in names:
             if name != "default":
-                _write_card(model, name, os.path.join(tmp, name), os.path.join(save_directory, name), None,
+                write_card(model, name, os.path.join(tmp, name), os.path.join(save_directory, name), None,
                             dict(card_kwargs, subfolder=name))
         if "default" in names:
-            _write_card(model, "default", tmp, save_directory, existing_card, card_kwargs)
+            write_card(model, "default", tmp, save_directory, existing_card, card_kwargs)
         elif "default" in saved:  # a plain LoRA at the top
             _keep_users_top_card(save_directory, tmp)
         elif not os.path.isfile(os.path.join(save_directory, README_NAME)):  # named ones only, no card yet
-            _write_card(model, names[0], tmp, save_directory, existing_card, dict(card_kwargs, subfolder=names[0]))
+            write_card(model, names[0], tmp, save_directory, existing_card, dict(card_kwargs, subfolder=names[0]))
         else:  # named adapters only: the card at the top stays as it is
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(tmp, README_NAME))
@@ -152,7 +152,7 @@ def mark_fine_tuned(model: nn.Module, names: list[str]) -> None:
             config.eora_stats["factor_signature"] = now
 
 
-def _write_card(
+def write_card(
     model: nn.Module,
     adapter_name: str,
     folder: str,
