@@ -363,3 +363,19 @@ def test_fine_tuned_adapters_are_saved_as_such(computed, saved, tmp_path):
     again = load(quantized, tmp_path / "tuned")
     assert again.peft_config["default"].fine_tuned is True
     assert torch.allclose(logits(again), logits(trained.eval()), atol=1e-5)
+
+
+def test_a_trained_modules_to_save_copy_marks_the_adapter_fine_tuned(tmp_path):
+    """Only the LoRA factors were compared: training a ``modules_to_save`` copy (an ``lm_head``) left the adapter
+    described as training-free."""
+    original, quantized = tiny_llama_pair(seed=0)
+    model = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, modules_to_save=["lm_head"]))
+    peft_eora.initialize_eora_weights(model, original_model=original, calibration=CALIB, progress=False)
+    assert model.peft_config["default"].eora_stats["copies_signature"][3] > 0
+    model.save_pretrained(tmp_path / "as-computed")
+    assert json.loads((tmp_path / "as-computed" / "eora_config.json").read_text())["fine_tuned"] is False
+    head = model.base_model.model.lm_head.modules_to_save["default"]
+    with torch.no_grad():
+        head.weight[0].add_(0.1)  # a step on the copy alone; the factors stay as computed
+    model.save_pretrained(tmp_path / "tuned")
+    assert json.loads((tmp_path / "tuned" / "eora_config.json").read_text())["fine_tuned"] is True

@@ -453,21 +453,43 @@ def factor_signature(model: nn.Module, adapter_name: str) -> list[float]:
     """
     from peft.tuners.lora import LoraLayer
 
-    sums = torch.zeros(5, dtype=torch.float64)
-    roundoff = 0.0
     layers = sorted((n, m) for n, m in _unwrap(model).named_modules()
                     if isinstance(m, LoraLayer) and adapter_name in getattr(m, "lora_A", {}))
-    for _, layer in layers:
-        for t in (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight):
-            if t.device.type == "meta":  # not materialised (offloaded): no signature
-                return []
-            if t.is_floating_point():
-                roundoff = max(roundoff, torch.finfo(t.dtype).eps / 2)
-            x = t.detach().reshape(-1).to(torch.float64)
-            i = torch.arange(x.numel(), device=x.device, dtype=torch.int64)
-            signs = [1.0 - 2.0 * (((i * 2654435761 + k * 40503) >> 17) & 1).to(torch.float64) for k in (1, 2)]
-            sums += torch.stack([x.sum(), (x * signs[0]).sum(), (x * signs[1]).sum(), x.abs().sum(), x.square().sum()]
-                                ).cpu()
+    return _signature(t for _, layer in layers
+                      for t in (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight))
+
+
+def copies_signature(model: nn.Module, adapter_name: str) -> list[float]:
+    """:func:`factor_signature`'s sums over the adapter's trainable copies (``modules_to_save``, trainable-token
+    deltas), in name order; empty where it has none. Fine-tuning may train those too (an ``lm_head``)."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    tensors = []
+    for _, wrapper in sorted((n, m) for n, m in _unwrap(model).named_modules()
+                             if isinstance(m, AuxiliaryTrainingWrapper)):
+        copies = getattr(wrapper, "modules_to_save", None) or {}
+        if adapter_name in copies:
+            tensors += [p for _, p in sorted(copies[adapter_name].named_parameters())]
+        deltas = getattr(getattr(wrapper, "token_adapter", None), "trainable_tokens_delta", None) or {}
+        if adapter_name in deltas:
+            tensors.append(deltas[adapter_name])
+    return _signature(tensors) if tensors else []
+
+
+def _signature(tensors: Any) -> list[float]:
+    """The sums of :func:`factor_signature` over ``tensors`` (empty if one is not materialised)."""
+    sums = torch.zeros(5, dtype=torch.float64)
+    roundoff = 0.0
+    for t in tensors:
+        if t.device.type == "meta":  # not materialised (offloaded): no signature
+            return []
+        if t.is_floating_point():
+            roundoff = max(roundoff, torch.finfo(t.dtype).eps / 2)
+        x = t.detach().reshape(-1).to(torch.float64)
+        i = torch.arange(x.numel(), device=x.device, dtype=torch.int64)
+        signs = [1.0 - 2.0 * (((i * 2654435761 + k * 40503) >> 17) & 1).to(torch.float64) for k in (1, 2)]
+        sums += torch.stack([x.sum(), (x * signs[0]).sum(), (x * signs[1]).sum(), x.abs().sum(), x.square().sum()]
+                            ).cpu()
     return [float(v) for v in sums] + [roundoff]
 
 

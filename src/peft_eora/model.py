@@ -45,7 +45,13 @@ from .adapter_quant import is_packed, pack_adapter_state_dict, quantize_adapter_
 from .calibration import CalibrationData, as_batches, check_vocabulary, is_token_mapping
 from .compensate import CompensationStats, RankPlan, compensate, find_targets, index_pattern, plan_ranks
 from .config import DEFAULT_LOGIT_WEIGHTING, FIXED_DAMPING, EoRAConfig
-from .fingerprint import compute_fingerprint, factor_signature, record_fingerprint, verify_fingerprint
+from .fingerprint import (
+    compute_fingerprint,
+    copies_signature,
+    factor_signature,
+    record_fingerprint,
+    verify_fingerprint,
+)
 from .kernels.gptq_linear import GPTQLinear, register_gptq_linear
 from .layer import with_mixed_batch
 from .original import OriginalWeights
@@ -514,6 +520,9 @@ def _compute(
     signature = factor_signature(model, adapter_name)  # tells a fine-tuned copy apart when saved
     if signature:
         config.eora_stats["factor_signature"] = signature
+    copies = copies_signature(model, adapter_name)  # modules_to_save copies: fine-tuning may train them too
+    if copies:
+        config.eora_stats["copies_signature"] = copies
     record_fingerprint(model, config, base)
     return stats
 

@@ -22,7 +22,7 @@ from torch import nn
 from .adapter_format import record_weights_digest
 from .card import build_model_card
 from .config import EoRAConfig
-from .fingerprint import factor_signature, signature_moved
+from .fingerprint import copies_signature, factor_signature, signature_moved
 from .safe_files import EORA_CONFIG_NAME, README_NAME, PathLike, atomic_directory
 
 logger = logging.getLogger(__name__)
@@ -139,17 +139,21 @@ def mark_fine_tuned(model: nn.Module, names: list[str]) -> None:
     configs = getattr(model, "peft_config", {}) or {}
     for name in names:
         config = configs.get(name)
-        recorded = (getattr(config, "eora_stats", None) or {}).get("factor_signature")
-        if not recorded or getattr(config, "fine_tuned", True):
+        stats = getattr(config, "eora_stats", None) or {}
+        if getattr(config, "fine_tuned", True):
             continue
-        now = factor_signature(model, name)
-        if not now:  # factors not materialised here: nothing to compare
-            continue
-        if signature_moved(recorded, now):
-            config.fine_tuned = True
-            logger.info("Adapter %r was fine-tuned since EoRA computed it: saved with fine_tuned=True.", name)
-        elif now[5] > recorded[5]:  # cast to a coarser dtype since: its rounding is now part of the factors
-            config.eora_stats["factor_signature"] = now
+        # the factors, and the trainable copies (modules_to_save) where they were recorded: either may be trained
+        for key, signature in (("factor_signature", factor_signature), ("copies_signature", copies_signature)):
+            recorded = stats.get(key)
+            now = signature(model, name) if recorded else None
+            if not now:  # not recorded, or not materialised here: nothing to compare
+                continue
+            if signature_moved(recorded, now):
+                config.fine_tuned = True
+                logger.info("Adapter %r was fine-tuned since EoRA computed it: saved with fine_tuned=True.", name)
+                break
+            if now[5] > recorded[5]:  # cast to a coarser dtype since: its rounding is now part of the values
+                stats[key] = now
 
 
 def write_card(
