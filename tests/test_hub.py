@@ -274,6 +274,10 @@ def test_a_plain_svd_adapters_card_claims_no_activations_or_calibration(tmp_path
     assert "| Method | svd |" in text and "damping" not in text.split("| Method |")[1].splitlines()[0]
     assert "| Calibration data | none (plain SVD of the residual, no activations) |" in text
     assert "plain truncated SVD" in text and "eigenspace of the calibration activations" not in text
+    model.peft_config["default"].fine_tuned = True  # trained since: the intro still says what it started from
+    text = build_model_card(model).text
+    assert "initialised as a low-rank adapter" in text and "plain truncated SVD" in text and "then fine-tuned" in text
+    assert "eigenspace of the calibration activations" not in text
 
 
 def test_model_card_compression_details_from_quantization_config(computed, tmp_path):

@@ -122,8 +122,9 @@ def test_a_weighted_combination_is_described_as_one_not_as_its_first_adapter(bas
     model.add_weighted_adapter(["c4", "gsm8k"], [0.5, 0.5], "mix", combination_type="cat")
     config = model.peft_config["mix"]
     assert isinstance(config, EoRAConfig) and not config.init_eora and not config.fine_tuned
-    assert config.eora_stats == {"combination": {"adapters": ["c4", "gsm8k"], "weights": [0.5, 0.5],
-                                                 "combination_type": "cat"}}
+    assert config.eora_stats["combination"] == {"adapters": ["c4", "gsm8k"], "weights": [0.5, 0.5],
+                                                "combination_type": "cat"}
+    assert set(config.eora_stats) == {"combination", "factor_signature"}  # not c4's statistics
     assert model.peft_config["c4"].eora_stats.get("factor_signature")  # the sources keep theirs
     assert config.base_fingerprint == model.peft_config["c4"].base_fingerprint  # one base
     model.set_adapter("mix")
@@ -137,3 +138,18 @@ def test_a_weighted_combination_is_described_as_one_not_as_its_first_adapter(bas
     assert "then fine-tuned" not in card
     again = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mix", adapter_name="mix").eval()
     assert torch.allclose(_logits(again), mixed, rtol=1e-4, atol=1e-3)
+    # trained afterwards, the combination is saved as fine-tuned (its own factors' signature is recorded)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B.mix" in n).add_(0.01)
+    model.save_pretrained(tmp_path / "tuned", selected_adapters=["mix"])
+    assert EoRAConfig.from_pretrained(tmp_path / "tuned" / "mix").fine_tuned
+    # EoRA adapters that joined a plain LoRA model (PEFT's LoraModel tuner): combined the same way
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraModel
+
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q_proj"]))
+    lora.load_adapter(root / "c4", adapter_name="c4")
+    lora.load_adapter(root / "gsm8k", adapter_name="gsm8k")
+    assert type(lora.base_model) is LoraModel
+    lora.add_weighted_adapter(["c4", "gsm8k"], [0.5, 0.5], "mix", combination_type="cat")
+    assert lora.peft_config["mix"].eora_stats["combination"] == config.eora_stats["combination"]

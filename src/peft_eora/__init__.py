@@ -45,7 +45,7 @@ def _install() -> Any:
     from .adapter_format import QUANTIZED_PEFT_TYPE, is_eora_adapter
     from .config import EoRAConfig
     from .hub import push_to_hub
-    from .model import EoRAModel
+    from .model import EoRAModel, record_combination
     from .saving import eora_adapter_names, save_pretrained
 
     peft_type = _peft_compat.register(EoRAConfig, EoRAModel, config_aliases=(QUANTIZED_PEFT_TYPE,))
@@ -61,6 +61,8 @@ def _install() -> Any:
     _peft_compat.patch_hotswap(peft_type, _hotswap_prepare)
     # get_peft_model(..., autocast_adapter_dtype=False): computed factors stay in the base layer's dtype
     _peft_compat.patch_autocast_flag()
+    # add_weighted_adapter of EoRA adapters: the combination records what it combines, not its first source's stats
+    _peft_compat.patch_weighted_adapter(record_combination)
     return peft_type
 
 

@@ -214,6 +214,33 @@ def patch_autocast_flag() -> None:
             setattr(PeftModel, attr, flagged(getattr(PeftModel, attr)))
 
 
+def patch_weighted_adapter(after: Callable[[Any, list, list, str, str], None]) -> None:
+    """Run ``after(tuner, adapters, weights, adapter_name, combination_type)`` once PEFT's
+    ``LoraModel.add_weighted_adapter`` made a new adapter (EoRA's tuner is a ``LoraModel``, and EoRA adapters join
+    LoRA models: one patch serves both). Idempotent."""
+    from peft.tuners.lora import LoraModel
+
+    current = LoraModel.add_weighted_adapter
+    if getattr(current, "_peft_eora", False):
+        return
+    signature = inspect.signature(current)
+
+    @functools.wraps(current)
+    def add_weighted_adapter(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        name = bound.arguments["adapter_name"]
+        existed = name in self.peft_config  # PEFT returns without a word then
+        result = current(self, *args, **kwargs)
+        if not existed and name in self.peft_config:
+            after(self, list(bound.arguments["adapters"]), list(bound.arguments["weights"]), name,
+                  bound.arguments["combination_type"])
+        return result
+
+    add_weighted_adapter._peft_eora = True  # type: ignore[attr-defined]
+    LoraModel.add_weighted_adapter = add_weighted_adapter
+
+
 #: config fields given to the ``load_adapter`` call running now, set on the config it loads
 _LOAD_OVERRIDES: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("peft_eora_load_overrides", default={})
 

@@ -244,11 +244,10 @@ serving engines, export a float LoRA adapter: `peft_eora.export_lora(model, "lor
         intro = (f"A weighted combination of [EoRA]({PAPER_URL}) adapters (low-rank factors that compensate the "
                  f"compression error of {base_text}, each computed without training from the residual "
                  "`W_original − W_compressed` in the eigenspace of its calibration activations)")
-    if fine_tuned:
-        intro = (f"An adapter initialised by [EoRA]({PAPER_URL}) (low-rank factors that compensate the compression "
-                 f"error of {base_text}, computed without training from the residual `W_original − W_compressed` in "
-                 "the eigenspace of the calibration activations) and then fine-tuned. The statistics below describe "
-                 "the EoRA initialisation, not the fine-tuned factors")
+    if fine_tuned:  # the initialisation as above, then trained
+        start = intro[0].lower() + intro[1:]
+        intro = (f"An adapter initialised as {start}, and then fine-tuned. The statistics below describe the "
+                 "initialisation, not the fine-tuned factors")
     return f"""{CARD_BEGIN}
 ## EoRA adapter
 

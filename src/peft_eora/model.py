@@ -211,26 +211,6 @@ class EoRAModel(LoraModel):
                     remove_adapter_layers(model, adapter_name)  # PEFT's add_adapter drops only the config
                     raise
 
-    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", *args: Any, **kwargs: Any) -> None:
-        """PEFT's weighted combination of adapters. PEFT copies the first adapter's config: an EoRA combination then
-        records what it combines in ``eora_stats["combination"]`` instead of that adapter's statistics, which would
-        describe (and, its factors differing, call "fine-tuned") factors it does not hold.
-
-            >>> model.add_weighted_adapter(["c4", "gsm8k"], [0.5, 0.5], "mix", combination_type="cat")
-        """
-        existed = adapter_name in self.peft_config
-        super().add_weighted_adapter(adapters, weights, adapter_name, combination_type, *args, **kwargs)
-        config = self.peft_config.get(adapter_name)
-        if existed or not isinstance(config, EoRAConfig):
-            return
-        config.eora_stats = {"combination": {
-            "adapters": list(adapters), "weights": [float(w) for w in weights],
-            "combination_type": "linear" if len(adapters) == 1 else combination_type,  # PEFT's rule
-        }}
-        config.fine_tuned = False
-        config.calibration = None  # each combined adapter's own: in their configs
-
     def _pre_injection_hook(self, model: nn.Module, config: EoRAConfig, adapter_name: str) -> None:
         super()._pre_injection_hook(model, config, adapter_name)
         if isinstance(config, EoRAConfig):
@@ -274,6 +254,31 @@ class EoRAModel(LoraModel):
         # (unless the caller asked for the base dtype: get_peft_model(..., autocast_adapter_dtype=False))
         self._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=AUTOCAST_ADAPTER_DTYPE.get())
         _initialize(model, config, adapter_name, config.original_model, config.calibration)
+
+
+def record_combination(tuner: Any, adapters: list[str], weights: list[float], adapter_name: str,
+                       combination_type: str) -> None:
+    """After PEFT's ``add_weighted_adapter`` (on EoRA's tuner, or a LoRA model an EoRA adapter joined): PEFT copies the
+    first adapter's config, so an EoRA combination would carry that adapter's statistics (and, its factors differing
+    from the recorded ones, be saved as that adapter "fine-tuned"). It records what it combines instead, and its own
+    factors' signature (trained later, it is saved as fine-tuned).
+
+        >>> model.add_weighted_adapter(["c4", "gsm8k"], [0.5, 0.5], "mix", combination_type="cat")
+        >>> model.peft_config["mix"].eora_stats["combination"]["adapters"]     # ['c4', 'gsm8k']
+    """
+    config = tuner.peft_config.get(adapter_name)
+    if not isinstance(config, EoRAConfig):
+        return
+    config.eora_stats = {"combination": {
+        "adapters": list(adapters), "weights": [float(w) for w in weights],
+        "combination_type": "linear" if len(adapters) == 1 else combination_type,  # PEFT's rule
+    }}
+    for key, signature in (("factor_signature", factor_signature), ("copies_signature", copies_signature)):
+        values = signature(tuner, adapter_name)
+        if values:
+            config.eora_stats[key] = values
+    config.fine_tuned = False
+    config.calibration = None  # each combined adapter's own: in their configs
 
 
 def own_copy(config: EoRAConfig) -> EoRAConfig:
