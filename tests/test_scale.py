@@ -383,6 +383,17 @@ def test_a_run_that_finished_no_block_does_not_block_its_folder(tiny_llama, cali
     plain, _ = _eora(quantized, original, calib_ids)
     a, b = _factors(plain), _factors(fresh)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # starting afresh is for a run that is over: a live one (its block 0 or spectrum pass running, nothing committed
+    # yet) holds the folder's lock, and a second run there is refused rather than taking its files over
+    from peft_eora.checkpoint import Checkpoint
+
+    live = Checkpoint(tmp_path / "live", {"run": "a"}, resume=False)
+    live.save_plan({"ranks": {}})
+    with pytest.raises(FileExistsError, match="Another run is using the checkpoint folder"):
+        Checkpoint(tmp_path / "live", {"run": "b"}, resume=False)
+    assert (tmp_path / "live" / "rank_plan.json").is_file()
+    live.close()
+    Checkpoint(tmp_path / "live", {"run": "b"}, resume=False).close()  # over: the folder is free
 
 
 def test_a_resumed_rank_allocated_run_reuses_its_plan(tiny_llama, calib_ids, tmp_path, monkeypatch):
@@ -416,6 +427,12 @@ def test_a_resumed_rank_allocated_run_reuses_its_plan(tiny_llama, calib_ids, tmp
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert straight.peft_config["default"].rank_pattern == resumed.peft_config["default"].rank_pattern
     assert len(set(straight.peft_config["default"].rank_pattern.values())) > 1  # allocated indeed
+    # recomputed against its finished folder, on the model whose layers now hold the allocated ranks (the signature
+    # read those ranks, and refused it)
+    initialize_eora_weights(resumed, original_model=original, calibration=calib_ids, batch_size=4, progress=False,
+                            checkpoint_dir=str(tmp_path / "run"), resume=True)
+    c = _factors(resumed)
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_a_layer_called_twice_in_one_forward_is_collected_once_on_both_walks(calib_ids, monkeypatch):

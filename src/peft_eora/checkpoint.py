@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: the signature covers the original and the batch shapes
 MANIFEST = "manifest.json"
 PLAN = "rank_plan.json"  # the rank allocation's plan (a spectrum pass over every block), kept for a resumed run
+LOCK = ".lock"  # held (flock) by the run using the folder, released when it ends or dies
 
 
 class CheckpointMismatchError(ValueError):
@@ -75,6 +76,7 @@ class Checkpoint:
         self.done = -1
         manifest = self.path / MANIFEST
         self.plan: Optional[dict[str, Any]] = None  # the saved rank plan of a resumed run (see save_plan)
+        self._lock = self._acquire()  # before anything is read or removed: one run per folder
         data = json.loads(manifest.read_text()) if manifest.exists() else None
         if data is not None and int(data.get("done", -1)) < 0 and not (
                 resume and data.get("version") == FORMAT_VERSION and data.get("signature") == self.signature):
@@ -114,9 +116,39 @@ class Checkpoint:
             self._drop_partial_writes()
             self._write_manifest()
 
+    def _acquire(self) -> Any:
+        """Hold the folder's lock for this run (an advisory ``flock``, released by :meth:`close` or when the process
+        dies, SIGKILL included), so that a second run in the folder (a duplicated job) is refused instead of taking
+        over a live run's files. None where ``fcntl`` does not exist (Windows): no lock."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return None
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / LOCK, "a+")  # noqa: SIM115 - held for the run's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise FileExistsError(
+                f"Another run is using the checkpoint folder {self.path} (it holds the folder's lock): let it finish, "
+                "or pass another folder."
+            ) from None
+        return handle
+
+    def close(self) -> None:
+        """Release the folder's lock (the run is over)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __del__(self) -> None:
+        self.close()
+
     def _drop_partial_writes(self) -> None:
         """Remove the temporary files of writes a killed run left unfinished: only once this run owns the folder
-        (resuming it, or starting it), so that a mistaken second run never deletes a live run's files."""
+        (its lock held, resuming it or starting it), so that a mistaken second run never deletes a live run's
+        files."""
         for partial in self.path.glob(".*.tmp"):
             partial.unlink(missing_ok=True)
 

@@ -392,6 +392,7 @@ def _run_signature(model: nn.Module, config: EoRAConfig, adapter_name: str, batc
                 h.update(f"{key}{tuple(b[key].shape)}".encode())
                 h.update(b[key].detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
     _, targets = find_targets(model, adapter_name)
+    allocation = getattr(config, "rank_allocation", "uniform")
     return {
         "peft_eora_version": __version__,
         "base": base,
@@ -404,10 +405,14 @@ def _run_signature(model: nn.Module, config: EoRAConfig, adapter_name: str, batc
         "sequential": config.sequential,
         "value_weighting": getattr(config, "value_weighting", "attention"),
         "logit_weighting": getattr(config, "logit_weighting", DEFAULT_LOGIT_WEIGHTING),
-        # the configured ranks and the allocation's settings (taken before the allocation, which follows from them)
-        "ranks": {t.name: t.rank for t in targets},
-        "rank_allocation": [getattr(config, k, None) for k in ("rank_allocation", "rank_budget", "rank_min",
-                                                                 "rank_max")],
+        # uniform: the ranks; allocated: what the allocation follows from (taken before it runs), its settings and
+        # budget: the configured ranks' parameters on a first run, recorded in rank_budget by it (so a finished run,
+        # whose layers hold the allocated ranks, is recomputed against its folder too)
+        "ranks": ({t.name: t.rank for t in targets} if allocation == "uniform" else sorted(t.name for t in targets)),
+        "rank_allocation": [allocation, getattr(config, "rank_min", None), getattr(config, "rank_max", None),
+                            None if allocation == "uniform" else (
+                                config.rank_budget if getattr(config, "rank_budget", None) is not None
+                                else sum(t.rank * sum(t.shape) for t in targets))],
         # the stored lora_B is the factor over the layer's scaling (lora_alpha, alpha_pattern, use_rslora), and
         # adapter_bits decides how the factors are rounded: finished blocks restored at another are wrong
         "scalings": {t.name: float(t.layer.scaling[adapter_name]) for t in targets},
@@ -480,6 +485,19 @@ def _compute(
         # before the rank allocation: its plan follows from these (configured ranks and allocation settings)
         run = _run_signature(model, config, adapter_name, batches, base.digest, original, forward_dtype)
         checkpoint = Checkpoint(config.checkpoint_dir, run, resume=bool(getattr(config, "resume", False)))
+    try:
+        return _compute_with(model, config, adapter_name, original, batches, base, device, forward_dtype,
+                             value_weighting, logit_weighting, allocation, checkpoint, progress, times)
+    finally:
+        if checkpoint is not None:
+            checkpoint.close()  # the folder's lock: the run is over
+
+
+def _compute_with(model: nn.Module, config: EoRAConfig, adapter_name: str, original: OriginalWeights, batches: list,
+                  base: Any, device: Any, forward_dtype: Optional[torch.dtype], value_weighting: str,
+                  logit_weighting: str, allocation: str, checkpoint: Any, progress: bool, times: Any
+                  ) -> CompensationStats:
+    """The rank plan (if any) and the compensation of :func:`_compute`, its checkpoint held."""
     plan: Optional[RankPlan] = None
     if allocation != "uniform" and checkpoint is not None and checkpoint.plan is not None:
         plan = RankPlan(**checkpoint.plan)  # the interrupted run's: its spectrum pass is not repeated
