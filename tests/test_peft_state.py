@@ -201,3 +201,17 @@ def test_autocast_adapter_dtype_false_keeps_computed_factors_in_the_base_dtype(t
         kb = k.replace("lora_A", "lora_B")
         ours, ref = a[kb].float() @ a[k].float(), b[kb] @ b[k]
         assert float((ours - ref).norm() / ref.norm()) < 0.05, k
+
+
+def test_a_named_tokenizer_that_does_not_load_is_an_error_not_a_silent_switch(tiny_llama, tmp_path,
+                                                                              tiny_tokenizer_dir):
+    """CalibrationConfig(tokenizer=...) that failed to load fell back to the original's tokenizer, silently: the
+    calibration text was then tokenized otherwise than asked."""
+    original, quantized = tiny_llama
+    original.save_pretrained(tmp_path / "orig")
+    cfg = EoRAConfig(r=8, damping=0.01, init_eora=False)
+    model = get_peft_model(copy.deepcopy(quantized), cfg)
+    missing = str(tmp_path / "no-such-tokenizer")
+    with pytest.raises(ValueError, match=r"CalibrationConfig\(tokenizer=.*no-such-tokenizer.*could not be loaded"):
+        initialize_eora_weights(model, original_model=str(tmp_path / "orig"), progress=False,
+                                calibration=dataclasses.replace(CALIBRATION, tokenizer=missing))

@@ -623,15 +623,22 @@ def _is_token_data(calibration: CalibrationData) -> bool:
 def _load_tokenizer(calibration: Any, original_model: Any, model: nn.Module):
     from transformers import AutoTokenizer
 
-    candidates = [calibration.get("tokenizer") if isinstance(calibration, dict) else getattr(calibration, "tokenizer", None)]
-    if isinstance(original_model, str):
-        candidates.append(original_model)
+    named = calibration.get("tokenizer") if isinstance(calibration, dict) else getattr(calibration, "tokenizer", None)
+    if named:  # the user's choice: its failure is an error, never a silent switch to another tokenizer
+        try:
+            return AutoTokenizer.from_pretrained(named)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many types here
+            raise ValueError(f"CalibrationConfig(tokenizer={named!r}) could not be loaded: {exc}") from exc
+    candidates = [original_model] if isinstance(original_model, str) else []
     candidates.append(getattr(getattr(model, "config", None), "_name_or_path", None))
     for name in [c for c in candidates if c]:
         try:
-            return AutoTokenizer.from_pretrained(name)
-        except Exception as exc:  # try the next candidate
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except Exception as exc:  # noqa: BLE001 - try the next candidate
             logger.debug("no tokenizer at %s: %s", name, exc)
+            continue
+        logger.info("calibration text tokenized with the tokenizer of %s", name)
+        return tokenizer
     raise ValueError("Calibration text needs a tokenizer: set CalibrationConfig(tokenizer=...) or pass tokenizer=.")
 
 
