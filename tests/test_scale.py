@@ -604,6 +604,9 @@ def test_sharded_original_with_a_missing_shard_or_tensor_is_refused_before_compu
     (missing_shard / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(ModelMismatchError, match=r"missing shard.*model-00002-of-00002"):
         OriginalWeights.open(missing_shard)
+    # a shard passed for its folder: said so (it was a Hub repo-id validation error)
+    with pytest.raises(ModelMismatchError, match=r"is a file, not a checkpoint folder\. Pass its folder"):
+        OriginalWeights.open(good / "model-00001-of-00002.safetensors")
     lying_index = tmp_path / "lying_index"
     _save_sharded(original, lying_index)
     index = json.loads((lying_index / "model.safetensors.index.json").read_text())

@@ -102,6 +102,10 @@ class OriginalWeights:
         if isinstance(source, nn.Module):
             return cls.from_module(source)
         path = Path(str(source)).expanduser()
+        if path.is_file():  # a shard or a single weights file: the folder holds the index, config and the rest
+            hint = (" GGUF files are quantized (not an original); pass the folder of the float checkpoint."
+                    if path.suffix.lower() == ".gguf" else f" Pass its folder, {path.parent}.")
+            raise ModelMismatchError(f"The original model {source!r} is a file, not a checkpoint folder.{hint}")
         if not path.is_dir():
             try:
                 path = hub_snapshot(str(source), revision=revision)
