@@ -22,7 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_eora import CalibrationConfig, EoRAConfig
 from peft_eora.embedded import export_original
-from peft_eora.eval import load_text, perplexity
+from peft_eora.eval import load_text
+from peft_eora.eval.perplexity import make_windows, perplexity_on_windows
 from peft_eora.quantize import load_quantized, quantize_gptq
 
 PROMPT = "The capital of France is"
@@ -52,9 +53,12 @@ def main() -> None:
     quantized_dir = quantize_gptq(original_dir, bits=args.bits, group_size=128)
     tokenizer = AutoTokenizer.from_pretrained(original_dir)
     text = load_text("wikitext2")
+    # the windows measured (the text may hold fewer than asked for)
+    windows = make_windows(torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"]), args.seq_len,
+                           args.eval_windows)
 
     def ppl(model) -> float:
-        return perplexity(model, tokenizer, text, seq_len=args.seq_len, max_windows=args.eval_windows)
+        return perplexity_on_windows(model, windows)
 
     # CPU: fp32 compute (bf16 matmuls are ~30x slower without bf16 units); the GPTQ layers keep their
     # fp16 scales and dequantize exactly as their kernel does. On a GPU, use dtype=torch.float16.
@@ -83,8 +87,9 @@ def main() -> None:
     tokens = config.calibration.num_tokens
     log.info("saved the adapter to %s", args.out)
     print(f"\nSmolLM2-135M-Instruct, GPTQ {args.bits}-bit g128, {args.method} r={args.rank}")
-    print(f"calibration: {tokens} C4 tokens; {args.method} computed in {seconds:.1f} s")
-    print(f"WikiText-2 perplexity ({args.eval_windows}×{args.seq_len} tokens, held out):")
+    used = f"calibration: {tokens} C4 tokens; " if args.method == "eora" else "no calibration data (plain SVD); "
+    print(f"{used}{args.method} computed in {seconds:.1f} s")
+    print(f"WikiText-2 perplexity ({windows.shape[0]}×{windows.shape[1]} tokens, held out):")
     print(f"  original (fp16 weights)   {ppl_fp:8.3f}")
     print(f"  GPTQ {args.bits}-bit               {ppl_q:8.3f}")
     print(f"  GPTQ {args.bits}-bit + {args.method:<4} r={args.rank:<4} {ppl_e:8.3f}")

@@ -157,6 +157,7 @@ def export_original(dtype: torch.dtype = torch.float16, num_layers: int | None =
         return final
     if num_layers is not None and num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    check_publishable(final)  # a cache folder holding other files: refused before the ~20 s load, not after
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
