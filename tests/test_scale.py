@@ -604,6 +604,21 @@ def test_sharded_original_with_a_missing_shard_or_tensor_is_refused_before_compu
     (missing_shard / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(ModelMismatchError, match=r"missing shard.*model-00002-of-00002"):
         OriginalWeights.open(missing_shard)
+    # a checkpoint storing fused projections (transformers splits them when loading some models): said so, with the
+    # way that works (the original in memory), not "the two models do not match"
+    from safetensors.torch import load_file as load_tensors, save_file as save_tensors
+
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    state = {k: v.contiguous() for k, v in original.state_dict().items()}
+    prefix = "model.layers.0.mlp."
+    state[prefix + "gate_up_proj.weight"] = torch.cat([state.pop(prefix + "gate_proj.weight"),
+                                                       state.pop(prefix + "up_proj.weight")])
+    save_tensors(state, str(fused / "model.safetensors"))
+    assert load_tensors(str(fused / "model.safetensors")).keys() == state.keys()
+    shape = tuple(original.model.layers[0].mlp.gate_proj.weight.shape)
+    with pytest.raises(ModelMismatchError, match=r"stores model\.layers\.0\.mlp\.gate_up_proj.*loaded in memory"):
+        OriginalWeights.open(fused).check(prefix + "gate_proj", shape)
     # a shard passed for its folder: said so (it was a Hub repo-id validation error)
     with pytest.raises(ModelMismatchError, match=r"is a file, not a checkpoint folder\. Pass its folder"):
         OriginalWeights.open(good / "model-00001-of-00002.safetensors")

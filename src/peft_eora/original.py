@@ -321,6 +321,20 @@ class OriginalWeights:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
+    def _fused_sibling(self, name: str) -> Optional[str]:
+        """A stored weight of ``name``'s parent module whose name holds ``name``'s projection among others
+        (``mlp.gate_up_proj`` for ``mlp.gate_proj``, ``attn.qkv_proj``/``Wqkv`` for ``attn.q_proj``), if any."""
+        parent, _, leaf = name.rpartition(".")
+        stem = leaf.lower().removesuffix("_proj")
+        for other in self._shapes:
+            o_parent, _, o_leaf = other.rpartition(".")
+            if o_parent != parent or o_leaf == leaf:
+                continue
+            parts = o_leaf.lower().removesuffix("_proj")
+            if (stem in parts.split("_") and "_" in parts) or (len(stem) == 1 and "qkv" in parts and len(parts) <= 5):
+                return other
+        return None
+
     def check(self, name: str, expected: tuple[int, int]) -> None:
         """Raise :class:`ModelMismatchError` unless the original has ``name`` with shape ``expected``."""
         if self.resolve(name) in self._unreadable:
@@ -339,6 +353,10 @@ class OriginalWeights:
             elif ".experts." in name:
                 hint = (" Fused expert parameters are read as experts.gate_up_proj (experts × 2·inter × hidden, gate "
                         "rows first) and experts.down_proj (experts × hidden × inter); other layouts are not.")
+            elif self.reads_from_disk and (fused := self._fused_sibling(name)) is not None:
+                hint = (f" The checkpoint stores {fused}, which looks like this projection fused with its siblings "
+                        "(transformers splits it when loading this model): pass the original loaded in memory "
+                        "(original_model=AutoModelForCausalLM.from_pretrained(...)), which holds the split weights.")
             raise ModelMismatchError(
                 f"The original model ({self.source}) has no weight for module {name} of the compressed model: the "
                 f"two models do not match. Pass the uncompressed checkpoint the compressed model was made from.{hint}"
