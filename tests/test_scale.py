@@ -394,6 +394,16 @@ def test_a_run_that_finished_no_block_does_not_block_its_folder(tiny_llama, cali
     assert (tmp_path / "live" / "rank_plan.json").is_file()
     live.close()
     Checkpoint(tmp_path / "live", {"run": "b"}, resume=False).close()  # over: the folder is free
+    # a refused run lets the lock go at once, though its exception (and so the object) is kept, as a notebook keeps
+    # the last one: the resume that follows is not refused as "another run"
+    done = Checkpoint(tmp_path / "done", {"run": "a"}, resume=False)
+    done.commit(0)
+    done.close()
+    with pytest.raises(FileExistsError, match="Resume it") as kept:
+        Checkpoint(tmp_path / "done", {"run": "a"}, resume=False)
+    resumed = Checkpoint(tmp_path / "done", {"run": "a"}, resume=True)
+    assert resumed.done == 0 and kept.value is not None
+    resumed.close()
 
 
 def test_a_resumed_rank_allocated_run_reuses_its_plan(tiny_llama, calib_ids, tmp_path, monkeypatch):

@@ -77,6 +77,14 @@ class Checkpoint:
         manifest = self.path / MANIFEST
         self.plan: Optional[dict[str, Any]] = None  # the saved rank plan of a resumed run (see save_plan)
         self._lock = self._acquire()  # before anything is read or removed: one run per folder
+        try:
+            self._open(manifest, resume)
+        except BaseException:  # refused: the lock goes now, not when a kept traceback lets this object go
+            self.close()
+            raise
+
+    def _open(self, manifest: Path, resume: bool) -> None:
+        """Resume the folder's run, or start this one there (see ``__init__``)."""
         data = json.loads(manifest.read_text()) if manifest.exists() else None
         if data is not None and int(data.get("done", -1)) < 0 and not (
                 resume and data.get("version") == FORMAT_VERSION and data.get("signature") == self.signature):
