@@ -326,12 +326,13 @@ class OriginalWeights:
         (``mlp.gate_up_proj`` for ``mlp.gate_proj``, ``attn.qkv_proj``/``Wqkv`` for ``attn.q_proj``), if any."""
         parent, _, leaf = name.rpartition(".")
         stem = leaf.lower().removesuffix("_proj")
-        for other in self._shapes:
+        for other, shape in self._shapes.items():
             o_parent, _, o_leaf = other.rpartition(".")
-            if o_parent != parent or o_leaf == leaf:
+            if o_parent != parent or o_leaf == leaf or len(shape) != 2:  # a sibling matrix, not a norm's vector
                 continue
-            parts = o_leaf.lower().removesuffix("_proj")
-            if (stem in parts.split("_") and "_" in parts) or (len(stem) == 1 and "qkv" in parts and len(parts) <= 5):
+            fused_projection = o_leaf.lower().endswith("_proj") and stem in o_leaf.lower()[: -len("_proj")].split("_")
+            fused_qkv = len(stem) == 1 and stem in "qkv" and "qkv" in o_leaf.lower()
+            if (fused_projection and o_leaf.count("_") > 1) or fused_qkv:
                 return other
         return None
 
