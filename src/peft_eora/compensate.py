@@ -855,7 +855,6 @@ def _compensate_blocks(
                                               [asdict(m) for m in done])
             bar.update(1)
     bar.close()
-    stats.current_block = None
 
 
 @contextmanager
