@@ -420,6 +420,18 @@ def kept_on_failure(model: nn.Module, config: Any, adapter_name: str) -> Iterato
         raise
 
 
+def auxiliary_copies(wrapper: nn.Module) -> dict[str, list[Any]]:
+    """What a ``modules_to_save`` / trainable-token wrapper (PEFT's ``AuxiliaryTrainingWrapper``) holds per adapter:
+    name → its tensors (a module copy's parameters in name order, or the token delta)."""
+    held: dict[str, list[Any]] = {}
+    for name, copy in (getattr(wrapper, "modules_to_save", None) or {}).items():
+        held.setdefault(name, []).extend(p for _, p in sorted(copy.named_parameters()))
+    deltas = getattr(getattr(wrapper, "token_adapter", None), "trainable_tokens_delta", None) or {}
+    for name, delta in deltas.items():
+        held.setdefault(name, []).append(delta)
+    return held
+
+
 def remove_adapter_layers(model: nn.Module, adapter_name: str) -> None:
     """Undo PEFT's injection of ``adapter_name`` (its computation failed): LoRA layers and ``modules_to_save`` /
     trainable-token wrappers holding other adapters drop it, the others give the module they wrap back to their
@@ -434,8 +446,7 @@ def remove_adapter_layers(model: nn.Module, adapter_name: str) -> None:
             others, inner = [a for a in module.lora_A if a != adapter_name], module.get_base_layer()
             drop = functools.partial(module.delete_adapter, adapter_name)
         elif isinstance(module, AuxiliaryTrainingWrapper):
-            held = set(getattr(module, "modules_to_save", None) or {})
-            held |= set(getattr(getattr(module, "token_adapter", None), "trainable_tokens_delta", None) or {})
+            held = auxiliary_copies(module)
             if adapter_name not in held:
                 continue
             others, inner = [a for a in held if a != adapter_name], module.original_module

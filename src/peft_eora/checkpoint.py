@@ -150,6 +150,12 @@ class Checkpoint:
             self._lock.close()
             self._lock = None
 
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def __del__(self) -> None:
         self.close()
 

@@ -464,16 +464,25 @@ def copies_signature(model: nn.Module, adapter_name: str) -> list[float]:
     deltas), in name order; empty where it has none. Fine-tuning may train those too (an ``lm_head``)."""
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    tensors = []
-    for _, wrapper in sorted((n, m) for n, m in _unwrap(model).named_modules()
-                             if isinstance(m, AuxiliaryTrainingWrapper)):
-        copies = getattr(wrapper, "modules_to_save", None) or {}
-        if adapter_name in copies:
-            tensors += [p for _, p in sorted(copies[adapter_name].named_parameters())]
-        deltas = getattr(getattr(wrapper, "token_adapter", None), "trainable_tokens_delta", None) or {}
-        if adapter_name in deltas:
-            tensors.append(deltas[adapter_name])
+    from ._peft_compat import auxiliary_copies
+
+    tensors = [t for _, wrapper in sorted((n, m) for n, m in _unwrap(model).named_modules()
+                                          if isinstance(m, AuxiliaryTrainingWrapper))
+               for t in auxiliary_copies(wrapper).get(adapter_name, [])]
     return _signature(tensors) if tensors else []
+
+
+#: what a saved adapter's ``eora_stats`` records of its weights, by key: the LoRA factors and the trainable copies
+SIGNATURES = (("factor_signature", factor_signature), ("copies_signature", copies_signature))
+
+
+def record_signatures(model: nn.Module, adapter_name: str, stats: dict[str, Any]) -> None:
+    """Record :data:`SIGNATURES` of ``adapter_name``'s weights in ``stats`` (its ``eora_stats``), those that exist:
+    compared on save (:func:`peft_eora.saving.mark_fine_tuned`), they tell a fine-tuned copy apart."""
+    for key, signature in SIGNATURES:
+        values = signature(model, adapter_name)
+        if values:
+            stats[key] = values
 
 
 def _signature(tensors: Any) -> list[float]:

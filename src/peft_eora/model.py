@@ -19,6 +19,7 @@ is computed, it is the only active adapter, so the others never shape its calibr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -45,13 +46,7 @@ from .adapter_quant import is_packed, pack_adapter_state_dict, quantize_adapter_
 from .calibration import CalibrationData, as_batches, check_vocabulary, is_token_mapping
 from .compensate import CompensationStats, RankPlan, compensate, find_targets, index_pattern, plan_ranks
 from .config import DEFAULT_LOGIT_WEIGHTING, FIXED_DAMPING, EoRAConfig
-from .fingerprint import (
-    compute_fingerprint,
-    copies_signature,
-    factor_signature,
-    record_fingerprint,
-    verify_fingerprint,
-)
+from .fingerprint import compute_fingerprint, record_fingerprint, record_signatures, verify_fingerprint
 from .kernels.gptq_linear import GPTQLinear, register_gptq_linear
 from .layer import with_mixed_batch
 from .original import OriginalWeights
@@ -273,10 +268,7 @@ def record_combination(tuner: Any, adapters: list[str], weights: list[float], ad
         "adapters": list(adapters), "weights": [float(w) for w in weights],
         "combination_type": "linear" if len(adapters) == 1 else combination_type,  # PEFT's rule
     }}
-    for key, signature in (("factor_signature", factor_signature), ("copies_signature", copies_signature)):
-        values = signature(tuner, adapter_name)
-        if values:
-            config.eora_stats[key] = values
+    record_signatures(tuner, adapter_name, config.eora_stats)
     config.fine_tuned = False
     config.calibration = None  # each combined adapter's own: in their configs
 
@@ -485,67 +477,50 @@ def _compute(
         # before the rank allocation: its plan follows from these (configured ranks and allocation settings)
         run = _run_signature(model, config, adapter_name, batches, base.digest, original, forward_dtype)
         checkpoint = Checkpoint(config.checkpoint_dir, run, resume=bool(getattr(config, "resume", False)))
-    try:
-        return _compute_with(model, config, adapter_name, original, batches, base, device, forward_dtype,
-                             value_weighting, logit_weighting, allocation, checkpoint, progress, times)
-    finally:
-        if checkpoint is not None:
-            checkpoint.close()  # the folder's lock: the run is over
-
-
-def _compute_with(model: nn.Module, config: EoRAConfig, adapter_name: str, original: OriginalWeights, batches: list,
-                  base: Any, device: Any, forward_dtype: Optional[torch.dtype], value_weighting: str,
-                  logit_weighting: str, allocation: str, checkpoint: Any, progress: bool, times: Any
-                  ) -> CompensationStats:
-    """The rank plan (if any) and the compensation of :func:`_compute`, its checkpoint held."""
-    plan: Optional[RankPlan] = None
-    if allocation != "uniform" and checkpoint is not None and checkpoint.plan is not None:
-        plan = RankPlan(**checkpoint.plan)  # the interrupted run's: its spectrum pass is not repeated
-        logger.info("rank allocation: the plan saved in %s (%d layers)", config.checkpoint_dir, len(plan.ranks))
-    elif allocation != "uniform":
-        # statistics pass (uncompensated); "auto" damping is chosen later, per layer: rank with the default ridge
-        spectrum_damping = FIXED_DAMPING if config.damping == "auto" else config.damping
-        plan = plan_ranks(
-            model, adapter_name, original, batches, method=config.method, damping=spectrum_damping,
-            eig_rtol=config.eig_rtol, budget=config.rank_budget, min_rank=config.rank_min or 1,
-            max_rank=config.rank_max, gain="absolute" if allocation == "spectrum_absolute" else "relative",
-            progress=progress, device=device, times=times, forward_dtype=forward_dtype,
-            value_weighting=value_weighting, logit_weighting=logit_weighting,
+    with checkpoint if checkpoint is not None else contextlib.nullcontext():  # its lock held until the run ends
+        plan: Optional[RankPlan] = None
+        if allocation != "uniform" and checkpoint is not None and checkpoint.plan is not None:
+            plan = RankPlan(**checkpoint.plan)  # the interrupted run's: its spectrum pass is not repeated
+            logger.info("rank allocation: the plan saved in %s (%d layers)", config.checkpoint_dir, len(plan.ranks))
+        elif allocation != "uniform":
+            # statistics pass (uncompensated); "auto" damping is chosen later, per layer: rank with the default ridge
+            spectrum_damping = FIXED_DAMPING if config.damping == "auto" else config.damping
+            plan = plan_ranks(
+                model, adapter_name, original, batches, method=config.method, damping=spectrum_damping,
+                eig_rtol=config.eig_rtol, budget=config.rank_budget, min_rank=config.rank_min or 1,
+                max_rank=config.rank_max, gain="absolute" if allocation == "spectrum_absolute" else "relative",
+                progress=progress, device=device, times=times, forward_dtype=forward_dtype,
+                value_weighting=value_weighting, logit_weighting=logit_weighting,
+            )
+            if checkpoint is not None:
+                checkpoint.save_plan(dataclasses.asdict(plan))
+        if plan is not None:
+            apply_ranks(model, config, adapter_name, plan.ranks)
+            config.rank_budget = plan.budget  # recorded: a recomputation keeps this budget, not the allocated ranks
+        stats = compensate(
+            model,
+            adapter_name,
+            original,
+            batches,
+            method=config.method,
+            damping=config.damping,
+            eig_rtol=config.eig_rtol,
+            sequential=config.sequential,
+            progress=progress,
+            device=device,
+            checkpoint=checkpoint,
+            times=times,
+            adapter_bits=config.adapter_bits,
+            forward_dtype=forward_dtype,
+            value_weighting=value_weighting,
+            logit_weighting=logit_weighting,
         )
-        if checkpoint is not None:
-            checkpoint.save_plan(dataclasses.asdict(plan))
-    if plan is not None:
-        apply_ranks(model, config, adapter_name, plan.ranks)
-        config.rank_budget = plan.budget  # recorded: a recomputation keeps this budget, not the allocated ranks
-    stats = compensate(
-        model,
-        adapter_name,
-        original,
-        batches,
-        method=config.method,
-        damping=config.damping,
-        eig_rtol=config.eig_rtol,
-        sequential=config.sequential,
-        progress=progress,
-        device=device,
-        checkpoint=checkpoint,
-        times=times,
-        adapter_bits=config.adapter_bits,
-        forward_dtype=forward_dtype,
-        value_weighting=value_weighting,
-        logit_weighting=logit_weighting,
-    )
     if plan is not None:
         stats.allocation = plan.summary()
     quantize_adapter_(model, adapter_name, config.adapter_bits)  # no-op for adapter_bits=16
     config.init_eora = False  # the weights now hold the factors; loading must not recompute
     config.eora_stats = stats.summary()
-    signature = factor_signature(model, adapter_name)  # tells a fine-tuned copy apart when saved
-    if signature:
-        config.eora_stats["factor_signature"] = signature
-    copies = copies_signature(model, adapter_name)  # modules_to_save copies: fine-tuning may train them too
-    if copies:
-        config.eora_stats["copies_signature"] = copies
+    record_signatures(model, adapter_name, config.eora_stats)  # tells a fine-tuned copy apart when saved
     record_fingerprint(model, config, base)
     return stats
 

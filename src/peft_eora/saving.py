@@ -22,7 +22,7 @@ from torch import nn
 from .adapter_format import record_weights_digest
 from .card import build_model_card
 from .config import EoRAConfig
-from .fingerprint import copies_signature, factor_signature, signature_moved
+from .fingerprint import SIGNATURES, signature_moved
 from .safe_files import EORA_CONFIG_NAME, README_NAME, PathLike, atomic_directory
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def mark_fine_tuned(model: nn.Module, names: list[str]) -> None:
         if getattr(config, "fine_tuned", True):
             continue
         # the factors, and the trainable copies (modules_to_save) where they were recorded: either may be trained
-        for key, signature in (("factor_signature", factor_signature), ("copies_signature", copies_signature)):
+        for key, signature in SIGNATURES:
             recorded = stats.get(key)
             now = signature(model, name) if recorded else None
             if not now:  # not recorded, or not materialised here: nothing to compare
