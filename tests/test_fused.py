@@ -38,10 +38,10 @@ def _triton_cpu() -> bool:
     if torch.cuda.is_available():
         return False
     try:
-        from peft_eora.kernels.triton_gptq_lora import interpreter_active
+        from peft_eora.kernels.triton_gptq_lora import interpreter_active, interpreter_problem
     except Exception:
         return False
-    return interpreter_active()
+    return interpreter_active() and interpreter_problem() is None
 
 
 def gptq_layer(k: int, n: int, bits: int, group_size: int, act_order: bool, bias: bool, seed: int) -> TorchLinear:
@@ -174,8 +174,8 @@ TRITON_CPU = _triton_cpu()
 
 @pytest.mark.skipif(
     not TRITON_CPU,
-    reason="Triton interpreter inactive in this process (TRITON_INTERPRET=1 must precede Triton's import); "
-    "covered by test_triton_fused_in_subprocess",
+    reason="Triton interpreter inactive here (TRITON_INTERPRET=1 must precede Triton's import; covered by "
+    "test_triton_fused_in_subprocess) or unable to run the kernels (interpreter_problem() says why)",
 )
 def test_fused_matches_unfused_triton_interpreter():
     pm = peft_model(r=16, seed=3)
@@ -197,7 +197,12 @@ def test_fused_matches_unfused_triton_interpreter():
 )
 def test_triton_fused_in_subprocess():
     """Re-run the Triton fused test with TRITON_INTERPRET=1 set before anything imports Triton."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PEFT_EORA_TRITON_SUBPROCESS="1")
+    from triton_cpu import interpreter_env, subprocess_problem
+
+    problem = subprocess_problem()
+    if problem:
+        pytest.skip(problem)
+    env = interpreter_env()
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", __file__, "-k",
          "test_fused_matches_unfused_triton_interpreter"],

@@ -51,20 +51,21 @@ IN_SUBPROCESS = os.environ.get("PEFT_EORA_TRITON_SUBPROCESS") == "1"
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")]
 
 
-def _triton_interpreter_ready() -> bool:
+def _triton_interpreter_problem() -> str | None:
+    """None when Triton's interpreter runs our kernels in this process, else why not."""
     try:
         from peft_eora.kernels import triton_gptq_lora
-    except Exception:
-        return False
-    return triton_gptq_lora.interpreter_active()
+    except Exception as exc:
+        return f"triton unavailable ({exc})"
+    if not triton_gptq_lora.interpreter_active():
+        return ("Triton interpreter inactive in this process (Triton imported before TRITON_INTERPRET=1); "
+                "covered by test_triton_suite_in_subprocess")
+    return triton_gptq_lora.interpreter_problem()
 
 
-TRITON_CPU = (not HAS_GPU) and _triton_interpreter_ready()
-needs_triton_cpu = pytest.mark.skipif(
-    not TRITON_CPU,
-    reason="Triton interpreter inactive in this process (Triton imported before TRITON_INTERPRET=1); "
-    "covered by test_triton_suite_in_subprocess",
-)
+TRITON_CPU_PROBLEM = "a GPU is present" if HAS_GPU else _triton_interpreter_problem()
+TRITON_CPU = TRITON_CPU_PROBLEM is None
+needs_triton_cpu = pytest.mark.skipif(not TRITON_CPU, reason=str(TRITON_CPU_PROBLEM))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,7 +552,12 @@ def test_cuda_launch_variant_tuned_per_shape_unless_forced(monkeypatch):
 
 @pytest.mark.skipif(HAS_GPU or TRITON_CPU or IN_SUBPROCESS, reason="Triton tests already run in this process")
 def test_triton_suite_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1", PEFT_EORA_TRITON_SUBPROCESS="1")
+    from triton_cpu import interpreter_env, subprocess_problem
+
+    problem = subprocess_problem()
+    if problem:
+        pytest.skip(problem)
+    env = interpreter_env()
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", __file__, "-k", "triton"],
         env=env, capture_output=True, text=True, timeout=600,
@@ -690,6 +696,39 @@ def test_the_wheel_ships_what_the_extension_build_reads():
     assert set(shipped) == set(cuda_ext.SOURCES + cuda_ext.HEADERS)
     assert any(d.name == "_cuda" and d.parent.name == "peft_eora" for d in cuda_ext._candidate_dirs())
     assert "recursive-include cuda" in (CUDA_DIR.parent / "MANIFEST.in").read_text()  # the sdist carries them
+
+
+def test_build_folder_per_torch_and_a_killed_builds_lock_removed(monkeypatch, tmp_path, caplog):
+    """One cached build per torch/CUDA/Python (a build for another torch does not load), and torch's ``lock``
+    file left by a killed build no longer makes every later build wait forever."""
+    import types
+
+    from torch.utils import cpp_extension
+
+    src = cuda_ext.source_dir()
+    first = cuda_ext._source_hash(src)
+    monkeypatch.setattr(torch, "__version__", "2.0.0+other")
+    assert cuda_ext._source_hash(src) != first
+    monkeypatch.undo()
+    assert cuda_ext._source_hash(src) == first
+
+    name = f"peft_eora_gptq_lora_{first}"
+    stale = tmp_path / name / "lock"
+    stale.parent.mkdir()
+    stale.touch()  # what a SIGKILLed torch build leaves behind
+    seen = {}
+
+    def fake_load(name, build_directory, **kw):
+        seen["dir"], seen["stale_gone"] = build_directory, not os.path.exists(os.path.join(build_directory, "lock"))
+        return types.SimpleNamespace(__name__=name, ABI_VERSION=cuda_ext._ABI_VERSION)
+
+    monkeypatch.setattr(cuda_ext, "check_toolchain", lambda: None)
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setenv(cuda_ext.ENV_BUILD_DIR, str(tmp_path))
+    with caplog.at_level("WARNING", logger="peft_eora.kernels.cuda_ext"):
+        assert cuda_ext.build_extension().__name__ == name
+    assert seen == {"dir": str(stale.parent), "stale_gone": True}
+    assert "did not finish" in caplog.text
 
 
 def test_cuda_toolchain_errors(monkeypatch):

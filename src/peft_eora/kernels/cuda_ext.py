@@ -3,8 +3,10 @@
 Nothing is compiled at install time: the first CUDA call builds ``cuda/gptq_lora*.cu`` and
 ``cuda/bindings.cpp`` with ninja + nvcc (the four per-bit-width units in parallel) for the
 visible GPU (or ``TORCH_CUDA_ARCH_LIST``) and caches the result (``TORCH_EXTENSIONS_DIR``,
-default ``~/.cache/torch_extensions``; override with ``PEFT_EORA_BUILD_DIR``). The extension name carries a hash of the sources, so edited
-sources rebuild and unchanged ones load in milliseconds.
+default ``~/.cache/torch_extensions``; override with ``PEFT_EORA_BUILD_DIR``). The extension name carries a hash
+of the sources and of the torch, CUDA and Python versions, so edited sources (or another torch) rebuild and
+unchanged ones load in milliseconds. Builders of one extension take turns (a file lock that dies with its
+process), and the ``lock`` file of a build that was killed is removed instead of blocking later builds.
 
 Sources are looked up in ``$PEFT_EORA_CUDA_SRC`` (for wheels / custom installs), then in the
 repository's top-level ``cuda/`` directory (``src/peft_eora/../../cuda``), then in
@@ -20,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import contextlib
 import shutil
+import sys
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -123,11 +127,37 @@ def nvcc_flags() -> list[str]:
 
 
 def _source_hash(src: Path) -> str:
-    h = hashlib.sha256(f"abi{_ABI_VERSION}".encode())
+    # the torch, CUDA and Python versions too: a build for one torch does not load into another (undefined
+    # symbols), and two environments sharing one cache folder must not take each other's build
+    runtime = f"abi{_ABI_VERSION} torch{torch.__version__} cuda{torch.version.cuda} py{sys.version_info[:2]}"
+    h = hashlib.sha256(runtime.encode())
     for name in SOURCES + HEADERS:
         h.update(name.encode())
         h.update((src / name).read_bytes())
     return h.hexdigest()[:10]
+
+
+@contextlib.contextmanager
+def _builder_lock(build_dir: str):
+    """Hold ``build_dir``'s builder lock (an advisory ``flock``, released when the process ends or dies).
+
+    torch's own ``lock`` file there outlives a build that was killed (SIGKILL, a timeout), and every later
+    build then waits on it forever. A process holding this lock is the only builder, so a ``lock`` file
+    found by it belongs to a dead one and is removed.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: torch's file lock alone
+        yield
+        return
+    with open(os.path.join(build_dir, "peft_eora_builder.lock"), "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # another process building this extension: wait for it
+        stale = os.path.join(build_dir, "lock")
+        if os.path.exists(stale):
+            logger.warning("removing %s, left by a build that did not finish (killed or interrupted)", stale)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stale)
+        yield
 
 
 def build_extension(verbose: bool = False) -> ModuleType:
@@ -145,17 +175,26 @@ def build_extension(verbose: bool = False) -> ModuleType:
     build_dir = os.environ.get(ENV_BUILD_DIR)
     if build_dir:
         build_dir = os.path.join(os.path.expanduser(build_dir), name)
+    else:
+        try:
+            from torch.utils.cpp_extension import _get_build_directory  # torch's default folder for `name`
+
+            build_dir = _get_build_directory(name, verbose)
+        except ImportError:  # pragma: no cover - a torch without it: its own folder, unguarded
+            build_dir = None
+    if build_dir:
         os.makedirs(build_dir, exist_ok=True)
     logger.info("building/loading CUDA extension %s from %s (first build takes a few minutes)", name, src)
-    module = load(
-        name=name,
-        sources=[str(src / f) for f in SOURCES],
-        extra_include_paths=[str(src)],
-        extra_cflags=["-O3", "-std=c++20"],
-        extra_cuda_cflags=nvcc_flags(),
-        build_directory=build_dir,
-        verbose=verbose,
-    )
+    with _builder_lock(build_dir) if build_dir else contextlib.nullcontext():
+        module = load(
+            name=name,
+            sources=[str(src / f) for f in SOURCES],
+            extra_include_paths=[str(src)],
+            extra_cflags=["-O3", "-std=c++20"],
+            extra_cuda_cflags=nvcc_flags(),
+            build_directory=build_dir,
+            verbose=verbose,
+        )
     if getattr(module, "ABI_VERSION", None) != _ABI_VERSION:
         raise CudaExtensionUnavailable(f"extension ABI {getattr(module, 'ABI_VERSION', None)} != {_ABI_VERSION}")
     return module

@@ -102,6 +102,16 @@ _ws_lock = threading.Lock()
 _WS_MIN_INTS = 256 + 4096 + 16 * 256 * 32 + 1024 * 16 * 32
 
 
+@functools.lru_cache(maxsize=1)
+def _cpu_triton_usable() -> bool:
+    from . import triton_gptq_lora
+
+    problem = triton_gptq_lora.interpreter_problem()
+    if problem is not None:  # said once per process
+        logger.warning("Triton on CPU is off, the torch path runs instead: %s", problem)
+    return problem is None
+
+
 def triton_available(device: torch.device) -> bool:
     """Whether the Triton kernel can run on ``device`` (GPU build, or the interpreter on CPU)."""
     try:
@@ -110,7 +120,7 @@ def triton_available(device: torch.device) -> bool:
         logger.debug("Triton unavailable: %s", exc)
         return False
     if device.type == "cpu":
-        return triton_gptq_lora.interpreter_active()
+        return triton_gptq_lora.interpreter_active() and _cpu_triton_usable()
     return device.type == "cuda"
 
 

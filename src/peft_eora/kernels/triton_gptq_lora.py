@@ -56,6 +56,7 @@ __all__ = [
     "dequantize_gptq_triton",
     "gptq_lora_linear_triton",
     "interpreter_active",
+    "interpreter_problem",
     "plan",
     "TUNER",
     "select_config",
@@ -334,6 +335,38 @@ def interpreter_active() -> bool:
     return isinstance(tl.zeros, InterpretedFunction) and isinstance(_partials_kernel, InterpretedFunction)
 
 
+@triton.jit
+def _range_probe_kernel(out_ptr, n):
+    pid = tl.program_id(0)
+    for i in range(pid * 2, n, 2):  # loop bounds from a program id, as the K slices of the kernels above
+        tl.store(out_ptr + i, i)
+
+
+@functools.lru_cache(maxsize=1)
+def interpreter_problem() -> Optional[str]:
+    """None when the active Triton interpreter runs these kernels, else why not (checked once).
+
+    Triton 3.6's interpreter turns a loop bound derived from ``tl.program_id`` into a one-element array
+    and NumPy ≥ 2.4 refuses to convert such an array to an index, so every kernel here fails inside Triton.
+
+        >>> interpreter_problem() is None  # doctest: +SKIP
+        True
+    """
+    if not interpreter_active():
+        return "Triton's interpreter is inactive (TRITON_INTERPRET=1 must be set before triton is first imported)"
+    out = torch.zeros(6, dtype=torch.int32)
+    try:
+        _range_probe_kernel[(1,)](out, 6)
+    except Exception as exc:  # noqa: BLE001 - any failure inside the interpreter means it cannot run ours
+        import numpy
+
+        return (f"Triton {triton.__version__}'s interpreter cannot run these kernels with NumPy {numpy.__version__} "
+                f"({type(exc).__name__}: {exc}); a newer triton (3.8 works) or numpy < 2.4 does")
+    if out.tolist() != [0, 0, 2, 0, 4, 0]:
+        return f"Triton {triton.__version__}'s interpreter computed a wrong probe loop ({out.tolist()})"
+    return None
+
+
 @functools.lru_cache(maxsize=16)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -517,10 +550,8 @@ def gptq_lora_linear_triton(
     out = torch.empty((m, out_features), dtype=x2.dtype, device=x.device)
     if m == 0:
         return out.to(orig_dtype).reshape(*x.shape[:-1], out_features)
-    if interpret and not interpreter_active():
-        raise RuntimeError(
-            "Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is first imported"
-        )
+    if interpret and interpreter_problem() is not None:
+        raise RuntimeError(f"Triton kernels on CPU tensors cannot run here: {interpreter_problem()}")
     has_lora = lora_a is not None
     rank = lora_a.shape[0] if has_lora else 0
     a_group = 0
