@@ -68,6 +68,7 @@ def test_tiny_gptq_cached_and_recorded(request, tiny_original_dir, bits):
 
 @pytest.mark.parametrize("bits", [4, 3])
 def test_tiny_gptq_layout(request, bits):
+    pytest.importorskip("gptqmodel", reason="gptqmodel made the GPTQ fixture (pip install 'peft-eora[gptq]')")
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
 
     model = _quantized(_gptq_dir(request, bits), torch.float32)

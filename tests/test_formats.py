@@ -429,13 +429,16 @@ def test_eora_compensates_compressed_tensors(tiny_ct4_dir, tiny_original_dir, re
 
 
 def test_on_the_fly_options_a_format_lacks_are_refused(tiny_original_dir):
-    """``double_quant`` for hqq/torchao and a bnb group size other than its blocksize were dropped silently."""
+    """``double_quant`` for hqq/torchao and a bnb group size other than its blocksize were dropped silently; they
+    are refused before the library is looked for (the same error with or without the extra installed)."""
     from peft_eora.quantize import load_and_quantize
 
     with pytest.raises(ValueError, match="double_quant .* bitsandbytes option; hqq has none"):
         load_and_quantize(tiny_original_dir, "hqq", double_quant=True)
     with pytest.raises(ValueError, match="blocks of 64 weights, got group_size=128"):
         load_and_quantize(tiny_original_dir, "bnb-nf4", group_size=128)
+    with pytest.raises(ValueError, match="1-8 bits, got bits=9"):
+        load_and_quantize(tiny_original_dir, "torchao", bits=9)
 
 
 def test_unknown_module_lists_every_format():

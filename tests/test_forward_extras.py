@@ -99,6 +99,7 @@ def test_gptq_kernels_that_repack_in_place_are_read_through_their_forward():
 def test_probe_reads_a_kernel_in_the_dtype_it_was_set_up_for():
     """A kernel a bfloat16 forward already repacked (o_proj under forward_dtype autocast) refuses float32 inputs: the
     probe reads it in bfloat16 whatever dtype it is asked for, and a failing forward is one error naming the layer."""
+    pytest.importorskip("gptqmodel", reason="gptqmodel provides the GPTQ layers")
     aten = _torch_linear("TorchAtenLinear")
     aten.post_init()
     aten(torch.randn(2, 128, dtype=torch.bfloat16))

@@ -468,7 +468,7 @@ def checkpoint_aliases(path: Path, names: list[str], skeleton: Optional[nn.Modul
     try:
         model_type = json.loads((path / "config.json").read_text())["model_type"]
         from transformers import conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_converters, apply_renamings
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
 
         get = getattr(conversion_mapping, "orig_get_checkpoint_conversion_mapping",  # before defuser's patch
                       conversion_mapping.get_checkpoint_conversion_mapping)
@@ -483,13 +483,31 @@ def checkpoint_aliases(path: Path, names: list[str], skeleton: Optional[nn.Modul
     for mapping in mappings:
         try:
             found = _aliases(names, [m for m in mapping if isinstance(m, WeightRenaming)],
-                             [m for m in mapping if isinstance(m, WeightConverter)], apply_renamings, apply_converters)
+                             [m for m in mapping if isinstance(m, WeightConverter)], _apply_renamings, _apply_converter)
         except Exception:  # noqa: BLE001 - a transformers whose transforms behave otherwise: names as stored
             logger.debug("checkpoint names of %s kept as stored", path, exc_info=True)
             continue
         for alias, name in found.items():
             out.setdefault(alias, name)
     return out
+
+
+def _apply_renamings(key: str, renamings: list) -> str:
+    """``key`` through every renaming in turn, as transformers loads a checkpoint (each transform's own
+    ``rename_source_key``: the module-level helpers around it changed names between transformers 5 releases)."""
+    for renaming in renamings:
+        key, _ = renaming.rename_source_key(key)
+    return key
+
+
+def _apply_converter(key: str, converters: list) -> tuple[str, Optional[str]]:
+    """``key`` through the first converter that matches it: ``(new key, the source pattern matched)``, else
+    ``(key, None)``."""
+    for converter in converters:
+        renamed, pattern = converter.rename_source_key(key)
+        if pattern is not None:
+            return renamed, pattern
+    return key, None
 
 
 #: The operations of a converter that only stacks per-expert tensors (and concatenates gate and up).

@@ -61,18 +61,24 @@ def load_and_quantize(
         raise ValueError(f"Unknown on-the-fly method {method!r}; choose one of {sorted(ON_THE_FLY)}.")
     if bits is None:
         bits = 8 if method == "torchao-fp8" else 4
-    extra = _ON_THE_FLY_INSTALL[method]
-    library = {"bnb": "bitsandbytes", "hqq": "hqq", "torchao": "torchao"}[extra]
-    if importlib.util.find_spec(library) is None:
-        raise ImportError(f"{method} needs {library}: pip install 'peft-eora[{extra}]'")
+    # the options first: a wrong one is refused whether or not the library is installed
     if double_quant and not method.startswith("bnb-"):
         raise ValueError(f"double_quant (quantizing the block scales) is a bitsandbytes option; {method} has none.")
-    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": str(device)}
     if method.startswith("bnb-"):
         if bits != 4:
             raise ValueError(f"bitsandbytes 4-bit formats have 4 bits, got bits={bits}.")
         if group_size != 64:
             raise ValueError(f"bitsandbytes 4-bit formats quantize blocks of 64 weights, got group_size={group_size}.")
+    elif method == "torchao-fp8" and bits != 8:
+        raise ValueError(f"torchao-fp8 stores 8-bit float weights, got bits={bits}; pass bits=8.")
+    elif method == "torchao" and not 1 <= bits <= 8:
+        raise ValueError(f"torchao weight-only quantization has 1-8 bits, got bits={bits}.")
+    extra = _ON_THE_FLY_INSTALL[method]
+    library = {"bnb": "bitsandbytes", "hqq": "hqq", "torchao": "torchao"}[extra]
+    if importlib.util.find_spec(library) is None:
+        raise ImportError(f"{method} needs {library}: pip install 'peft-eora[{extra}]'")
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": str(device)}
+    if method.startswith("bnb-"):
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -80,8 +86,6 @@ def load_and_quantize(
             bnb_4bit_use_double_quant=double_quant,
         )
     elif method == "torchao-fp8":
-        if bits != 8:
-            raise ValueError(f"torchao-fp8 stores 8-bit float weights, got bits={bits}; pass bits=8.")
         from torchao.quantization import Float8WeightOnlyConfig
         from transformers import TorchAoConfig
 
@@ -90,8 +94,6 @@ def load_and_quantize(
         from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup
         from transformers import TorchAoConfig
 
-        if not 1 <= bits <= 8:
-            raise ValueError(f"torchao weight-only quantization has 1-8 bits, got bits={bits}.")
         quant = Int8WeightOnlyConfig() if bits == 8 else IntxWeightOnlyConfig(
             weight_dtype=getattr(torch, f"int{bits}"), granularity=PerGroup(group_size))
         kwargs["quantization_config"] = TorchAoConfig(quant_type=quant)
