@@ -180,6 +180,25 @@ def test_a_default_collated_dataloader_of_list_rows_is_said_for_what_it_is():
     assert [b["input_ids"].shape for b in as_batches(DataLoader(tensor_rows, batch_size=2))] == [(2, 6), (2, 6)]
 
 
+def test_a_dataloader_of_return_tensors_rows_gives_two_d_batches():
+    """``DataLoader`` over ``tokenizer(text, return_tensors="pt")`` items stacks (1, seq_len) rows into (batch, 1,
+    seq_len): it went into the forward as it was (worse factors, a misleading value-weighting warning)."""
+    from torch.utils.data import DataLoader
+
+    from peft_eora.calibration import as_batches
+
+    items = [{"input_ids": torch.arange(i, i + 8)[None], "attention_mask": torch.ones(1, 8, dtype=torch.long)}
+             for i in range(4)]
+    items[3]["attention_mask"][0, 6:] = 0
+    batches = as_batches(DataLoader(items, batch_size=2))
+    assert [tuple(b["input_ids"].shape) for b in batches] == [(2, 8), (2, 8)]
+    assert "attention_mask" not in batches[0] and tuple(batches[1]["attention_mask"].shape) == (2, 8)
+    with pytest.raises(CalibrationError, match=r"must be \(batch, seq_len\), got \(2, 2, 4\)"):
+        as_batches([{"input_ids": torch.zeros(2, 2, 4, dtype=torch.long)}])
+    with pytest.raises(CalibrationError, match=r"attention_mask \(2, 3\) does not match its input_ids \(2, 8\)"):
+        as_batches([{"input_ids": torch.zeros(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 3)}])
+
+
 def test_token_batches_accepted_and_checked():
     """A tokenizer's output passes as it is (one batch of rows, split by batch_size, its padding mask kept); ids
     that are not integers, negative or beyond the model's vocabulary are refused with one error."""

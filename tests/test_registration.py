@@ -59,7 +59,13 @@ def test_config_round_trip_is_json(tmp_path):
     [({"method": "qr"}, "method must be one of"), ({"damping": -1.0}, "damping must be"), ({"use_dora": True}, "DoRA"),
      # initialisations that compute their own factors, and (but EVA) rewrite the base EoRA compensates
      *[({"init_lora_weights": init}, "rewrite the base weights") for init in ("pissa", "pissa_niter_4", "olora", "corda",
-                                                                            "loftq", "eva")]],
+                                                                            "loftq", "eva", "orthogonal", "mica",
+                                                                            "lora_ga")],
+     ({"init_lora_weights": False}, "starts lora_B random"),
+     # LoRA variants with another layer than x + s·B·A·x: the factors fit none of them (aLoRA's did nothing while its
+     # statistics said they worked; QA-LoRA failed mid-walk with a shape error)
+     *[({key: value}, "makes another layer") for key, value in (("alora_invocation_tokens", [3, 4]), ("use_qalora", True),
+                                                              ("layer_replication", [[0, 2]]))]],
 )
 def test_config_rejects_bad_values(kwargs, phrase):
     with pytest.raises(ValueError, match=phrase):

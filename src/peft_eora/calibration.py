@@ -276,11 +276,26 @@ def as_batches(data: CalibrationData, tokenizer=None, batch_size: int = 8) -> li
             raise CalibrationError(f"A calibration batch's input_ids could not be made one tensor ({exc}): pad its "
                                    "rows to one length and pass an attention mask.") from exc
         ids = _token_ids(ids)
+        given = tuple(ids.shape)
         if ids.ndim == 1:
             ids = ids[None]
+        elif ids.ndim == 3 and ids.shape[1] == 1:  # a DataLoader over tokenizer(text, return_tensors="pt") items
+            ids = ids[:, 0]
+        if ids.ndim != 2:
+            raise CalibrationError(
+                f"A calibration batch's input_ids must be (batch, seq_len), got {given}. Batches of "
+                "tokenizer(..., return_tensors='pt') outputs stack a (1, seq_len) tensor per row: tokenize without "
+                "return_tensors (or squeeze each row) before the DataLoader."
+            )
         batch: Batch = {"input_ids": ids}
         if item.get("attention_mask") is not None:
-            mask = torch.as_tensor(item["attention_mask"]).reshape(ids.shape)
+            mask = torch.as_tensor(item["attention_mask"])
+            if mask.numel() != ids.numel():
+                raise CalibrationError(
+                    f"A calibration batch's attention_mask {tuple(mask.shape)} does not match its input_ids {given}: "
+                    "give one mask entry per token."
+                )
+            mask = mask.reshape(ids.shape)
             if not bool(mask.all()):
                 batch["attention_mask"] = mask.long()
         if ids.numel():

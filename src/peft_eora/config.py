@@ -159,7 +159,14 @@ DEFAULT_LOGIT_WEIGHTING = "queries_and_keys"
 
 #: ``init_lora_weights`` values that compute their own factors (from the base or from data) and, all but EVA,
 #: rewrite the base weights: they cannot be combined with EoRA's factors.
-_OTHER_INITS = ("pissa", "olora", "corda", "loftq", "eva")
+_OTHER_INITS = ("pissa", "olora", "corda", "loftq", "eva", "orthogonal", "mica", "lora_ga")
+#: LoRA variants whose layers compute something else than ``x + s·B·A·x`` (or run another forward), with the value
+#: that leaves each off: EoRA's factors fit only the plain form (DoRA is refused on its own, below)
+_VARIANTS = {
+    "alora_invocation_tokens": None, "use_qalora": False, "use_bdlora": None, "velora_config": None,
+    "kasa_config": None, "monteclora_config": None, "arrow_config": None, "layer_replication": None,
+    "megatron_config": None,
+}
 
 
 @dataclass
@@ -329,6 +336,12 @@ class EoRAConfig(LoraConfig):
         if self.lora_alpha is None:
             self.lora_alpha = self.r
         init = self.init_lora_weights
+        if init is False:
+            raise ValueError(
+                "EoRAConfig(init_lora_weights=False) is not supported: it starts lora_B random, so an adapter not yet "
+                "computed would change the model's outputs. EoRA computes lora_A/lora_B itself: leave "
+                "init_lora_weights at its default."
+            )
         if isinstance(init, str) and init.lower().startswith(_OTHER_INITS):
             raise ValueError(
                 f"EoRAConfig(init_lora_weights={init!r}) is not supported: EoRA computes lora_A/lora_B itself, and "
@@ -368,6 +381,13 @@ class EoRAConfig(LoraConfig):
             raise ValueError(f"EoRAConfig.logit_weighting must be one of {LOGIT_WEIGHTINGS}, got {self.logit_weighting!r}.")
         if self.use_dora:
             raise ValueError("EoRA initialises plain LoRA factors; DoRA (use_dora=True) is not supported.")
+        variants = [f"{k}={getattr(self, k)!r}" for k, off in _VARIANTS.items() if getattr(self, k, off) not in (off, [], {})]
+        if variants:
+            raise ValueError(
+                f"EoRA computes plain LoRA factors (x + s·B·A·x on every token); {', '.join(variants)} makes another "
+                "layer, which those factors do not fit (the adapter would do nothing or fail mid-computation). Leave "
+                "it unset; fine-tune from the EoRA init with a LoRA variant afterwards if you wish."
+            )
         from .adapter_quant import check_bits
 
         self.adapter_bits = check_bits(self.adapter_bits)
