@@ -58,6 +58,52 @@ def test_gptq_round_is_on_the_stored_grid_and_beats_round_to_nearest(bits, group
     assert _weighted(W - W_hat, H_val) < 0.85 * _weighted(W - rtn, H_val)  # held-out inputs
 
 
+def test_gptq_round_leaves_the_callers_tensor_alone():
+    """A float32 transposed view was its own contiguous copy's storage, so the in-place updates (between blocks of
+    columns: more than one block) wrote into it."""
+    n = 256
+    X = _inputs(n, 512, 5)
+    M = torch.randn(n, 16, generator=torch.Generator().manual_seed(6))
+    before = M.clone()
+    gptq_round(M.T, X.T @ X, 4, 16)
+    assert torch.equal(M, before)
+
+
+def test_svd_baseline_quantized_adapters_are_fitted_not_rounded_entrywise():
+    """``method="svd"`` with ``adapter_bits=4`` was rounded entry by entry after computing (what EoRA's int4
+    adapters are compared against); its factors are fitted towards the residual as every other layer's are."""
+    import copy
+
+    from peft import get_peft_model
+    from tiny_models import tiny_llama_pair
+
+    import peft_eora
+    from peft_eora.kernels.lowbit import factor_group_size, grid_values
+
+    original, quantized = tiny_llama_pair()
+    calib = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def run(bits):
+        pm = get_peft_model(copy.deepcopy(quantized), peft_eora.EoRAConfig(r=8, adapter_bits=bits, method="svd"))
+        peft_eora.initialize_eora_weights(pm, original_model=original, calibration=calib, progress=False)
+        return pm
+
+    floats, fitted = run(16), run(4)
+    weights = dict(original.named_parameters())
+    err = {"fitted": 0.0, "entrywise": 0.0}
+    for name, mod in fitted.named_modules():
+        if not (hasattr(mod, "lora_A") and "default" in mod.lora_A):
+            continue
+        ref = floats.get_submodule(name)
+        dW = weights[name.replace("base_model.model.", "") + ".weight"].detach() - mod.base_layer.weight.detach()
+        A, B = ref.lora_A["default"].weight.detach(), ref.lora_B["default"].weight.detach() * ref.scaling["default"]
+        A4, B4 = mod.lora_A["default"].weight.detach(), mod.lora_B["default"].weight.detach() * mod.scaling["default"]
+        entry_A, entry_B = grid_values(A, 4, factor_group_size("lora_A", 4, A.shape[1])), grid_values(B, 4, 0)
+        err["fitted"] += float((dW - B4 @ A4).norm() ** 2)
+        err["entrywise"] += float((dW - entry_B @ entry_A).norm() ** 2)
+    assert err["fitted"] < err["entrywise"]
+
+
 def test_gptq_round_handles_dead_inputs_and_zero_rows():
     n = 64
     X = _inputs(n, 512, 3)

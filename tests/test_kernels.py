@@ -731,6 +731,34 @@ def test_build_folder_per_torch_and_a_killed_builds_lock_removed(monkeypatch, tm
     assert "did not finish" in caplog.text
 
 
+def test_arch_list_keeps_ampere_and_newer():
+    """The kernel needs sm_80+ (mma.m16n8k16, cp.async): one older entry in TORCH_CUDA_ARCH_LIST failed the whole
+    build (on an H100 too); they are left out, and a list of only older ones is one clear error."""
+    f = cuda_ext._arch_list_for_build
+    assert f("7.5;8.0;9.0") == "8.0;9.0" and f("7.5 8.6+PTX") == "8.6+PTX" and f("9.0a") == "9.0a"
+    assert f("Turing;Ampere") == "Ampere" and f(None) is None and f("10.0") == "10.0"
+    with pytest.raises(cuda_ext.CudaExtensionUnavailable, match="8.0 or newer"):
+        f("7.0;7.5")
+
+
+def test_factor_shapes_checked_before_any_backend():
+    """The kernels read lora_a/lora_b extents unchecked: an A of another width read past its storage (Triton), a
+    wider B was cut silently (torch). Each is one error now, int4's packed halves included."""
+    layer = make_gptq(64, 32, 32, 4, False)
+    x = torch.randn(2, 64)
+    args = (x, layer["qweight"], layer["qzeros"], layer["scales"], None, None)
+    with pytest.raises(ValueError, match=r"lora_a is \(8, 48\), expected \(rank, in_features\) = \(8, 64\)"):
+        ops.gptq_lora_linear_eager(*args, torch.randn(8, 48), torch.randn(32, 8), None, None, 4, 32, backend="torch")
+    with pytest.raises(ValueError, match=r"lora_b is \(32, 12\), expected \(out_features, rank\) = \(32, 8\)"):
+        ops.gptq_lora_linear_eager(*args, torch.randn(8, 64), torch.randn(32, 12), None, None, 4, 32, backend="torch")
+    qa, qb = quantize_per_channel(torch.randn(8, 64), 4), quantize_per_channel(torch.randn(32, 8), 4)
+    out = ops.gptq_lora_linear_eager(*args, qa.data, qb.data, qa.scale, qb.scale, 4, 32, lora_bits=4, backend="torch")
+    assert out.shape == (2, 32)
+    with pytest.raises(ValueError, match=r"expected \(rank, in_features/2\) = \(8, 32\)"):
+        ops.gptq_lora_linear_eager(*args, torch.cat([qa.data, qa.data], 1), qb.data, qa.scale, qb.scale, 4, 32,
+                                   lora_bits=4, backend="torch")
+
+
 def test_cuda_toolchain_errors(monkeypatch):
     from torch.utils import cpp_extension
 

@@ -68,6 +68,7 @@ from .decompose import (
     projection_and_root,
     refit_auto,
     select_damping,
+    weighted_error,
     weighted_errors,
     weighted_errors_known,
 )
@@ -672,7 +673,7 @@ def compensate(
             for t in tqdm(targets, desc="SVD", unit="module", disable=not progress):
                 dev = torch.device(device) if device is not None else device_of(t.base)
                 stats.modules.append(_install(t, adapter_name, original, None, method, eig_rtol, device=dev,
-                                              times=times))
+                                              times=times, adapter_bits=adapter_bits))
         else:
             _compensate_blocks(model, blocks, targets, adapter_name, original, batches, stats, damping, eig_rtol,
                                sequential, progress, device, checkpoint, times, adapter_bits, forward_dtype,
@@ -1413,7 +1414,7 @@ def collect_spectra(
                                     root = out_weight.to(H.device).sqrt()[:, None]
                                     delta, w = delta.double() * root, w * root
                                 spectra[t.name] = projected_spectrum(delta, H, damping=damping, eig_rtol=eig_rtol).cpu()
-                                energy[t.name] = float(((w @ H.double()) * w).sum())
+                                energy[t.name] = weighted_error(w, H) ** 2  # row blocks: no float64 copy of H
                     del H
     except BaseException as exc:
         if _is_oom(exc):

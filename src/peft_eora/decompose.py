@@ -479,7 +479,7 @@ def _score_tol() -> float:
 #: Stopping bound of the iterative route (:func:`peft_eora.topeig.top_eigh`'s ``tol``) for the
 #: truncated SVDs that only score a ridge candidate of ``damping="auto"``; the final factors keep
 #: :data:`peft_eora.topeig.DEFAULT_TOL`. A held-out error scored this way is good to about this
-#: much (relative; up to ~1.2e-6 at 1e-6 on flat spectra), so candidates closer than that are told
+#: much (relative; ~1.2e-6 at 1e-6 on flat spectra, ~2e-6 seen with a dead channel), so candidates closer than that are told
 #: apart by the iteration rather than by :data:`AUTO_DAMPING_TIE_RTOL` (their errors then differ by
 #: less than it). Only Gram matrices of :data:`ITERATIVE_MIN_DIM` and wider are iterated; below,
 #: ``eigh`` scores exactly. ``PEFT_EORA_SCORE_TOL`` overrides it.

@@ -130,7 +130,7 @@ def gptq_round(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 0,
     g = group_size if group_size else cols
     # float32 like the stored grid (and GPTQ). The loop is one small update per column, so it runs on
     # the transpose: each input column is one contiguous row, updated in place with few kernel calls.
-    Wt = W.detach().to(torch.float32).T.contiguous()
+    Wt = W.detach().T.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # updated in place below
     U = _plan(H.to(Wt.device), percdamp) if plan is None else plan
     u_diag = torch.diagonal(U).tolist()
     weight = torch.diagonal(H).to(Wt.device, torch.float32).clamp_min(0.0)

@@ -168,7 +168,8 @@ def mean_attention(query: torch.Tensor, key: torch.Tensor, attention_mask: Optio
     ``query`` ``(batch, heads, q_len, d)``, ``key`` ``(batch, kv_heads, k_len, d)`` (grouped-query
     heads share a key head, as ``repeat_kv``); ``attention_mask`` additive (float) or keep (bool),
     broadcastable to ``(batch, heads, q_len, k_len)``, or a ``(batch, k_len)`` padding mask; the
-    causal mask is applied too when ``causal``. Fully masked rows (padding) are zeros. ``chunk``: queries per score buffer (default :data:`QUERY_CHUNK`).
+    causal mask is applied too when ``causal``. Fully masked query rows (padding) are zeros with a keep (bool) mask
+    and uniform with an additive one (the covariance drops padded rows either way). ``chunk``: queries per score buffer (default :data:`QUERY_CHUNK`).
     """
     b, _, lq, _ = query.shape
     out = torch.zeros(b, lq, key.shape[2], dtype=torch.float32, device=query.device)

@@ -138,6 +138,23 @@ def _source_hash(src: Path) -> str:
 
 
 @contextlib.contextmanager
+def _environ(name: str, value: Optional[str]):
+    """``os.environ[name] = value`` while the block runs (nothing changed for None)."""
+    if value is None:
+        yield
+        return
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+@contextlib.contextmanager
 def _builder_lock(build_dir: str):
     """Hold ``build_dir``'s builder lock (an advisory ``flock``, released when the process ends or dies).
 
@@ -158,6 +175,34 @@ def _builder_lock(build_dir: str):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(stale)
         yield
+
+
+_OLD_ARCH_NAMES = ("kepler", "maxwell", "pascal", "volta", "turing")
+
+
+def _arch_list_for_build(value: Optional[str]) -> Optional[str]:
+    """``TORCH_CUDA_ARCH_LIST`` without the architectures older than 8.0 (the kernel's ``mma.m16n8k16`` and
+    ``cp.async`` need Ampere+, and one such entry fails the whole build); None when it is unset."""
+    if value is None or not value.strip():
+        return None
+    kept = []
+    for entry in value.replace(",", ";").replace(" ", ";").split(";"):
+        if not entry:
+            continue
+        number = entry.split("+")[0].rstrip("af")
+        try:
+            if float(number) < 8.0:
+                continue
+        except ValueError:
+            if entry.lower() in _OLD_ARCH_NAMES:
+                continue
+        kept.append(entry)
+    if not kept:
+        raise CudaExtensionUnavailable(
+            f"TORCH_CUDA_ARCH_LIST={value!r} names no architecture the kernel runs on: it needs compute capability 8.0 "
+            "or newer (Ampere+); name one (e.g. 8.0 or 9.0) or leave the variable unset"
+        )
+    return ";".join(kept)
 
 
 def build_extension(verbose: bool = False) -> ModuleType:
@@ -185,7 +230,8 @@ def build_extension(verbose: bool = False) -> ModuleType:
     if build_dir:
         os.makedirs(build_dir, exist_ok=True)
     logger.info("building/loading CUDA extension %s from %s (first build takes a few minutes)", name, src)
-    with _builder_lock(build_dir) if build_dir else contextlib.nullcontext():
+    arch_list = _arch_list_for_build(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+    with _builder_lock(build_dir) if build_dir else contextlib.nullcontext(), _environ("TORCH_CUDA_ARCH_LIST", arch_list):
         module = load(
             name=name,
             sources=[str(src / f) for f in SOURCES],

@@ -132,6 +132,9 @@ def cuda_kernel_supports(
         return "x is not on a CUDA device"
     if x.dtype not in (torch.float16, torch.bfloat16):
         return f"the CUDA kernel takes float16/bfloat16 activations, got {x.dtype}"
+    capability = _capability(x.device)
+    if capability < (8, 0):  # mma.m16n8k16 and cp.async: Ampere and newer
+        return f"the CUDA kernel needs compute capability 8.0 or newer (Ampere+), this GPU has {capability[0]}.{capability[1]}"
     rows = x.numel() // max(1, x.shape[-1])
     if rows < 1 or rows > CUDA_MAX_M:
         return f"the CUDA kernel handles 1..{CUDA_MAX_M} rows (decode), got {rows}"
@@ -165,6 +168,16 @@ def cuda_smem_bytes(rows: int, rank: int, lora_bits: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=16)
+def _capability_of(index: Optional[int]) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))  # type: ignore[return-value]
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of a CUDA ``device``."""
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _smem_optin(device: torch.device) -> int:
     """The opt-in shared memory per block of a CUDA ``device`` (0 where unknown)."""
     try:
@@ -309,6 +322,16 @@ def _check_args(
         raise ValueError("lora_a and lora_b must both be given or both be None")
     if lora_b is not None and lora_b.shape[0] != scales.shape[1]:
         raise ValueError(f"lora_b has {lora_b.shape[0]} rows, expected out_features={scales.shape[1]}")
+    if lora_a is not None:  # the kernels read these extents without bounds (a wrong one reads past the storage)
+        rank, k = lora_a.shape[0], x.shape[-1]
+        packed = lora_bits == 4  # two int4 codes per byte along the last dimension
+        want_a, want_b = (rank, (k + 1) // 2 if packed else k), (scales.shape[1], (rank + 1) // 2 if packed else rank)
+        if lora_a.dim() != 2 or tuple(lora_a.shape) != want_a:
+            raise ValueError(f"lora_a is {tuple(lora_a.shape)}, expected (rank, in_features{'/2' if packed else ''}) = "
+                             f"{want_a}")
+        if lora_b.dim() != 2 or tuple(lora_b.shape) != want_b:
+            raise ValueError(f"lora_b is {tuple(lora_b.shape)}, expected (out_features, rank{'/2' if packed else ''}) = "
+                             f"{want_b}")
 
 
 def gptq_lora_linear_eager(
