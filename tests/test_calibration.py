@@ -117,7 +117,7 @@ def test_mixed_spec_json_round_trip(tmp_path):
     saved = json.loads((tmp_path / "eora_config.json").read_text())["calibration"]
     assert saved["mix"] == [
         {"dataset": "builtin:gsm8k", "subset": None, "split": "train", "column": "text",
-         "template": "{question}\n{answer}", "weight": 0.5}
+         "template": "{question}\n{answer}", "weight": 0.5, "data_files": None}
     ]  # fmt: skip
     again = EoRAConfig(r=4, calibration=saved).calibration  # what loading the adapter config does
     assert again == spec and isinstance(again.mix[0], CalibrationSource)
@@ -197,6 +197,32 @@ def test_a_dataloader_of_return_tensors_rows_gives_two_d_batches():
         as_batches([{"input_ids": torch.zeros(2, 2, 4, dtype=torch.long)}])
     with pytest.raises(CalibrationError, match=r"attention_mask \(2, 3\) does not match its input_ids \(2, 8\)"):
         as_batches([{"input_ids": torch.zeros(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 3)}])
+
+
+def test_hub_data_files_reach_load_dataset(monkeypatch):
+    """``data_files`` names the files of a Hub dataset to read: without it, allenai/c4's validation split downloads
+    every shard (the json builder prepares all splits' files). It reaches ``load_dataset``, and the CLI's
+    ``--data-files`` becomes it."""
+    import datasets
+
+    from peft_eora.calibration import load_documents
+    from peft_eora.cli import build_parser
+    from peft_eora.cli.compute import calibration_from_args
+
+    seen = []
+
+    def fake_load(name, subset=None, split=None, **kw):
+        seen.append((name, subset, split, kw))
+        return datasets.Dataset.from_dict({"text": ["a document"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    shard = {"validation": "en/c4-validation.00000-of-00008.json.gz"}
+    assert load_documents(CalibrationConfig("allenai/c4", split="validation", data_files=shard)) == ["a document"]
+    load_documents(CalibrationConfig("allenai/c4", subset="en", split="validation"))
+    assert seen == [("allenai/c4", None, "validation", {"data_files": shard}), ("allenai/c4", "en", "validation", {})]
+    args = build_parser().parse_args(["compute", "--embedded", "--dataset", "allenai/c4", "--split", "validation",
+                                      "--data-files", shard["validation"], "--rank", "8", "--out", "x"])
+    assert calibration_from_args(args).data_files == {"validation": [shard["validation"]]}
 
 
 def test_token_batches_accepted_and_checked():

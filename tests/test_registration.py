@@ -77,6 +77,26 @@ def test_calibration_config_rejects_empty():
         CalibrationConfig(num_samples=0)
 
 
+def test_calibration_config_fields_checked_when_made(tmp_path):
+    """A Path was kept as it was, so save_pretrained failed after the computation (not JSON); other types, sizes
+    that are not integers and a lone source of weight 0 failed later with bare errors (a ZeroDivisionError)."""
+    import numpy as np
+
+    cfg = CalibrationConfig(dataset=tmp_path / "docs.txt", tokenizer=tmp_path / "tok", num_samples=np.int64(4),
+                            mix=[{"dataset": tmp_path / "more.txt"}])
+    assert (cfg.dataset, cfg.tokenizer, cfg.mix[0].dataset) == (str(tmp_path / "docs.txt"), str(tmp_path / "tok"),
+                                                                 str(tmp_path / "more.txt"))
+    assert type(cfg.num_samples) is int
+    json.dumps(EoRAConfig(r=4, calibration=cfg).to_dict())
+    with pytest.raises(TypeError, match="CalibrationConfig.dataset takes a path or Hub id .* not a list"):
+        CalibrationConfig(dataset=["some text"])
+    for bad in ({"seq_len": 64.5}, {"num_samples": True}, {"num_samples": "128"}):
+        with pytest.raises(ValueError, match="must be an integer"):
+            CalibrationConfig(**bad)
+    with pytest.raises(ValueError, match="the only source needs a positive weight"):
+        CalibrationConfig(weight=0)
+
+
 def test_get_peft_model_and_reload_through_peft(tiny_llama, tmp_path):
     """get_peft_model, save_pretrained and PeftModel.from_pretrained all go through the registration."""
     model, _ = tiny_llama

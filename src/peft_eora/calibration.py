@@ -80,7 +80,8 @@ def load_documents(source: Union[CalibrationConfig, CalibrationSource]) -> list[
         elif name.startswith("builtin:"):
             raise CalibrationError(f"Unknown built-in calibration set {name!r}; choose one of {sorted(BUILTIN_DATASETS)}.")
         else:
-            ds = datasets.load_dataset(name, source.subset, split=source.split)
+            files = {"data_files": source.data_files} if source.data_files is not None else {}
+            ds = datasets.load_dataset(name, source.subset, split=source.split, **files)
     except CalibrationError:
         raise
     except Exception as exc:  # datasets raises many types; give one actionable message

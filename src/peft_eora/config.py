@@ -18,6 +18,7 @@ original models and calibration batches go through the Python API instead
 
 from __future__ import annotations
 
+import operator
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
@@ -37,7 +38,7 @@ DEFAULT_DAMPING = "auto"
 FIXED_DAMPING = 0.01
 
 
-_SOURCE_KEYS = ("dataset", "subset", "split", "column", "template", "weight")
+_SOURCE_KEYS = ("dataset", "subset", "split", "column", "template", "weight", "data_files")
 
 
 @dataclass
@@ -54,9 +55,24 @@ class CalibrationSource:
     column: str = "text"
     template: Optional[str] = None
     weight: float = 1.0
+    data_files: Optional[Union[str, list[str], dict[str, Any]]] = None
 
     def __post_init__(self) -> None:
+        self.dataset = _as_path_or_id(self.dataset, "CalibrationSource.dataset")
         _check_weight(self.weight, self.dataset)
+
+
+def _as_path_or_id(value: Any, field_name: str) -> Any:
+    """A ``str``/``os.PathLike`` field as the ``str`` saved in the adapter's JSON; anything else one error."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(
+        f"{field_name} takes a path or Hub id (it is saved with the adapter), not a {type(value).__name__}. In-memory "
+        "data and tokenizers go to peft_eora.initialize_eora_weights(peft_model, original_model=..., "
+        "calibration=<tokens, batches or DataLoader>, tokenizer=...)."
+    )
 
 
 def _check_weight(weight: float, dataset: str) -> None:
@@ -73,8 +89,10 @@ class CalibrationConfig:
     package: ``"builtin:c4"`` (256 C4 documents) or ``"builtin:gsm8k"`` (512 GSM8K training
     problems, each ``"{question}\\n{answer}"``). ``column`` holds text or lists of token ids;
     ``template`` (e.g. ``"Question: {question}\\nAnswer: {answer}"``) builds the text from
-    several columns instead. Documents are shuffled with ``seed``, tokenised, joined with the
-    EOS token and cut into ``num_samples`` windows of ``seq_len`` tokens.
+    several columns instead. ``data_files`` names the files of a Hub dataset to read (only those are
+    downloaded: ``allenai/c4``'s ``validation`` split alone would download every shard of the corpus).
+    Documents are shuffled with ``seed``, tokenised, joined with the EOS token and cut into ``num_samples``
+    windows of ``seq_len`` tokens.
 
     ``mix`` adds sources (:class:`CalibrationSource` or dicts with the same keys); the windows
     are shared out by ``weight`` (largest remainder), each window cut from one source, and the
@@ -100,17 +118,34 @@ class CalibrationConfig:
         default=None, metadata={"help": "Format string over a row's columns, e.g. '{question}\\n{answer}'."}
     )
     weight: float = field(default=1.0, metadata={"help": "Share of the windows from this source when mixing."})
+    data_files: Optional[Union[str, list[str], dict[str, Any]]] = field(
+        default=None,
+        metadata={"help": "Files of a Hub dataset to read (datasets.load_dataset's data_files): only those are "
+                          "downloaded, e.g. one C4 shard instead of the whole corpus."},
+    )
     mix: Optional[list[Union[CalibrationSource, dict[str, Any]]]] = field(
         default=None, metadata={"help": "Further sources (dataset, subset, split, column, template, weight)."}
     )
 
     def __post_init__(self) -> None:
+        self.dataset = _as_path_or_id(self.dataset, "CalibrationConfig.dataset")
+        self.tokenizer = _as_path_or_id(self.tokenizer, "CalibrationConfig.tokenizer")
+        for name in ("num_samples", "seq_len", "seed"):
+            value = getattr(self, name)
+            try:
+                if isinstance(value, bool):
+                    raise TypeError
+                setattr(self, name, operator.index(value))  # numpy integers too, saved as plain ints
+            except TypeError:
+                raise ValueError(f"CalibrationConfig.{name} must be an integer, got {value!r}.") from None
         if self.num_samples <= 0 or self.seq_len <= 1:
             raise ValueError(
                 f"Calibration needs num_samples ≥ 1 and seq_len ≥ 2, got num_samples={self.num_samples}, "
                 f"seq_len={self.seq_len}."
             )
         _check_weight(self.weight, self.dataset)
+        if not self.mix and self.weight <= 0:
+            raise ValueError(f"CalibrationConfig.weight is {self.weight}: the only source needs a positive weight.")
         if self.mix:
             sources = []
             for entry in self.mix:
@@ -138,7 +173,7 @@ class CalibrationConfig:
         """The main source followed by the ``mix`` sources."""
         main = CalibrationSource(
             dataset=self.dataset, subset=self.subset, split=self.split, column=self.column,
-            template=self.template, weight=self.weight,
+            template=self.template, weight=self.weight, data_files=self.data_files,
         )  # fmt: skip
         return [main, *(self.mix or [])]
 

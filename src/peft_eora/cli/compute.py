@@ -115,6 +115,7 @@ def calibration_from_args(args: argparse.Namespace):
     try:
         return CalibrationConfig(
             dataset=args.dataset, subset=args.subset, split=args.split, column=args.column, template=args.template,
+            data_files={args.split: args.data_files} if getattr(args, "data_files", None) else None,
             mix=args.mix, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
         )  # fmt: skip
     except (TypeError, ValueError) as exc:  # a --mix value of the wrong type (its keys were checked when parsed)

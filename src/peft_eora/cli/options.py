@@ -161,6 +161,9 @@ def add_calibration(parser: argparse.ArgumentParser) -> None:
         "folder, or a cached Hub dataset id.",
     )
     group.add_argument("--subset", default=None, help="Dataset configuration name (Hub datasets), e.g. 'en'.")
+    group.add_argument("--data-files", nargs="+", default=None, metavar="FILE",
+                       help="Files of a Hub dataset to read for --split (only those are downloaded), e.g. "
+                            "en/c4-validation.00000-of-00008.json.gz for allenai/c4.")
     group.add_argument("--split", default="train", help="Dataset split to read (local files accept any name).")
     group.add_argument("--column", default="text", help="Column holding the text (or lists of token ids).")
     group.add_argument(
