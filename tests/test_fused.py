@@ -315,6 +315,26 @@ def test_auto_backend_on_cpu_keeps_peft_forward(monkeypatch):
     assert not pm.base_model.model.q._fused_cache  # the op was not used on CPU
 
 
+def test_auto_backend_sends_only_decode_sized_calls_to_the_op(monkeypatch):
+    """Backend "auto" sends calls of at most FUSED_MAX_ROWS rows (decode) to the fused op; a prefill went to Triton
+    16 rows at a time, each chunk streaming the whole weight. A backend the caller chose takes every call."""
+    from peft_eora import fused as fused_module
+
+    monkeypatch.delenv("PEFT_EORA_BACKEND", raising=False)
+    pm = peft_model()
+    fuse(pm)
+    layer = pm.base_model.model.q
+    limit = fused_module.FUSED_MAX_ROWS
+    on_gpu = lambda rows: torch.empty(rows, 128, device="meta")  # noqa: E731 - any non-CPU device
+    with torch.no_grad():  # trainable factors under autograd take PEFT's forward whatever the rows
+        assert layer._can_fuse_call(on_gpu(limit)) and layer._can_fuse_call(torch.empty(2, limit // 2, 128, device="meta"))
+        assert not layer._can_fuse_call(on_gpu(limit + 1)) and not layer._can_fuse_call(torch.empty(2, limit, 128,
+                                                                                                      device="meta"))
+        assert not layer._can_fuse_call(torch.empty(1, 128))  # CPU: PEFT's forward
+        fuse(pm, backend="torch")
+        assert layer._can_fuse_call(on_gpu(4 * limit)) and layer._can_fuse_call(torch.empty(4 * limit, 128))
+
+
 def test_skips_with_reasons():
     pm = peft_model()
     pm.base_model.model.q.get_base_layer().bits = 5  # pretend an unsupported width

@@ -86,6 +86,10 @@ _MODULE_INTERNALS = (
     "_non_persistent_buffers_set",
     "_modules",
 )
+#: The most rows (tokens) a call of a fused layer with backend "auto" sends to the fused op: the decode regime the
+#: kernels are built for (the CUDA kernel's own limit). Larger calls, prefill, take PEFT's forward.
+FUSED_MAX_ROWS = _ops.CUDA_MAX_M
+
 _FUSED_ATTRS = ("_fused_original", "_fused_adapter", "_fused_backend", "_fused_adapter_bits", "_fused_meta",
                 "_fused_cache", "_capture_warned")
 
@@ -264,10 +268,12 @@ class FusedGPTQLoraLinear(GPTQLoraLinear):
             return False
         if x.shape[-1] != self._fused_meta.in_features:
             return False
+        if self._fused_backend != "auto" or os.environ.get(_ops.ENV_BACKEND, "auto") not in ("", "auto"):
+            return True  # a backend chosen by the caller is used for every call
         # On CPU the fused op only has the float32 reference path, slower than gptqmodel's own
-        # CPU kernel: with backend "auto" keep PEFT's forward there (same result).
-        return not (x.device.type == "cpu" and self._fused_backend == "auto"
-                    and os.environ.get(_ops.ENV_BACKEND, "auto") in ("", "auto"))
+        # CPU kernel; above FUSED_MAX_ROWS rows (prefill) the CUDA kernel does not apply and the Triton one would
+        # stream the whole weight once per 16 rows: PEFT's forward there (the base's own kernel, same result).
+        return x.device.type != "cpu" and x.numel() // x.shape[-1] <= FUSED_MAX_ROWS
 
     def _sources(self) -> tuple[Optional[torch.Tensor], ...]:
         """The tensors the cached copies are made from (read off the modules' own dicts: this runs every call)."""
