@@ -19,7 +19,7 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from peft_eora import EoRAConfig, initialize_eora_weights
+from peft_eora import CalibrationConfig, EoRAConfig, initialize_eora_weights
 from peft_eora.checkpoint import CheckpointMismatchError
 from peft_eora.original import ModelMismatchError, OriginalWeights
 from peft_eora.walker import BlockWalker, PausingRunner, device_of
@@ -981,3 +981,22 @@ def test_kernel_benchmark_smoke_and_goals(benchmark_module):
     assert g["batch4_16_r128"]["4096x4096_b4_M16"]["fused_over_batch1"] == pytest.approx(1.4)
     tri = g["triton"]["4096x4096_b4_M1"]
     assert tri["met"] and tri["default_tiling_over_tuned"] == pytest.approx(1.5)
+
+
+def test_run_choices_hold_for_their_call_and_the_sources_are_recorded(tiny_llama, calib_ids, tokenizer, tmp_path):
+    """checkpoint_dir/resume/execution_device/forward_dtype given to initialize_eora_weights stayed in the config: a
+    second call with other data was refused as a resume of the first's folder, with no argument to clear it. And a
+    path and a CalibrationConfig given to the call were not recorded (the card said "token batches")."""
+    original, quantized = tiny_llama
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=8, damping=0.01))
+    initialize_eora_weights(pm, original_model=original, calibration=calib_ids, batch_size=4, progress=False,
+                            checkpoint_dir=str(tmp_path / "run"), forward_dtype="bfloat16")
+    config = pm.peft_config["default"]
+    assert config.checkpoint_dir is None and config.forward_dtype is None and config.resume is False
+    initialize_eora_weights(pm, original_model=original, calibration=calib_ids[:, :-1], batch_size=4, progress=False)
+    original.save_pretrained(tmp_path / "orig")
+    calibration = CalibrationConfig("builtin:c4", num_samples=2, seq_len=16)
+    initialize_eora_weights(pm, original_model=tmp_path / "orig", calibration=calibration, tokenizer=tokenizer,
+                            batch_size=4, progress=False)
+    assert config.original_model == str(tmp_path / "orig") and config.calibration == calibration
+

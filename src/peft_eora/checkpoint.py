@@ -146,7 +146,7 @@ class Checkpoint:
 
     def close(self) -> None:
         """Release the folder's lock (the run is over)."""
-        if self._lock is not None:
+        if getattr(self, "_lock", None) is not None:  # absent when __init__ was refused the lock
             self._lock.close()
             self._lock = None
 

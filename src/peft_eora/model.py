@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 import re
 import warnings
 from collections.abc import Mapping
@@ -45,7 +46,7 @@ from ._peft_compat import (
 from .adapter_quant import is_packed, pack_adapter_state_dict, quantize_adapter_, unpack_adapter_state_dict
 from .calibration import CalibrationData, as_batches, check_vocabulary, is_token_mapping
 from .compensate import CompensationStats, RankPlan, compensate, find_targets, index_pattern, plan_ranks
-from .config import DEFAULT_LOGIT_WEIGHTING, FIXED_DAMPING, EoRAConfig
+from .config import DEFAULT_LOGIT_WEIGHTING, FIXED_DAMPING, CalibrationConfig, EoRAConfig
 from .fingerprint import compute_fingerprint, record_fingerprint, record_signatures, verify_fingerprint
 from .kernels.gptq_linear import GPTQLinear, register_gptq_linear
 from .layer import with_mixed_batch
@@ -590,8 +591,6 @@ def _vocabulary_size(model: nn.Module) -> Optional[int]:
 
 
 def _is_token_data(calibration: CalibrationData) -> bool:
-    from .config import CalibrationConfig
-
     return is_token_mapping(calibration) or not isinstance(calibration, (CalibrationConfig, Mapping))
 
 
@@ -662,14 +661,29 @@ def initialize_eora_weights(
     calibration = calibration if calibration is not None else config.calibration
     if original_model is None or (calibration is None and config.method != "svd"):
         raise ValueError("initialize_eora_weights needs original_model and calibration (in the call or the config).")
+    # the run choices given here hold for this call only (a later call without them reads the config's again)
+    overrides = {}
     if execution_device != "config":
-        config.execution_device = execution_device
+        overrides["execution_device"] = execution_device
     if checkpoint_dir is not None:
-        config.checkpoint_dir = str(checkpoint_dir)
+        overrides["checkpoint_dir"] = str(checkpoint_dir)
     if resume is not None:
-        config.resume = bool(resume)
+        overrides["resume"] = bool(resume)
     if forward_dtype != "config":
-        config.forward_dtype = forward_dtype
+        overrides["forward_dtype"] = forward_dtype
+    kept = {key: getattr(config, key) for key in overrides}
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    try:
         config._check_forward_dtype()
-    return _initialize(tuner.model, config, adapter_name, original_model, calibration, tokenizer, batch_size, progress,
-                       times=times)
+        stats = _initialize(tuner.model, config, adapter_name, original_model, calibration, tokenizer, batch_size,
+                            progress, times=times)
+    finally:
+        for key, value in kept.items():
+            setattr(config, key, value)
+    # what the adapter was computed from, where it can be saved with it (its card and eora_config.json say so)
+    if config.original_model is None and isinstance(original_model, (str, os.PathLike)):
+        config.original_model = os.fspath(original_model)
+    if config.calibration is None and isinstance(calibration, CalibrationConfig):
+        config.calibration = calibration
+    return stats

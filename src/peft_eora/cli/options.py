@@ -91,7 +91,7 @@ def damping(text: str) -> Union[float, str]:
 
 #: the fields of :class:`peft_eora.config.CalibrationSource` (spelled out: importing ``config`` imports torch and PEFT,
 #: which ``--help`` and argument errors must not wait for or print the warnings of); its values are checked later
-MIX_KEYS = ("dataset", "subset", "split", "column", "template", "weight")
+MIX_KEYS = ("dataset", "subset", "split", "column", "template", "weight", "data_files")
 
 
 def mix_source(text: str) -> dict[str, Any]:
