@@ -225,6 +225,24 @@ def test_hub_data_files_reach_load_dataset(monkeypatch):
     assert calibration_from_args(args).data_files == {"validation": [shard["validation"]]}
 
 
+def test_documents_are_joined_with_a_separator_when_the_tokenizer_has_no_eos(tokenizer, tmp_path, caplog):
+    """Without EOS the documents ran into each other ('...starts.Third one.'); BOS (or SEP) joins them then."""
+    import copy
+
+    from peft_eora.calibration import load_calibration_tokens
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"document number {i} ends here."}) + "\n" for i in range(8)))
+    spec = CalibrationConfig(str(docs), num_samples=2, seq_len=16)
+    no_eos = copy.deepcopy(tokenizer)
+    no_eos.eos_token = None
+    assert no_eos.eos_token_id is None and no_eos.bos_token_id is not None
+    with caplog.at_level("INFO", logger="peft_eora.calibration"):
+        ids = load_calibration_tokens(spec, no_eos)
+    assert int((ids == no_eos.bos_token_id).sum()) >= 2 and "joined with its BOS" in caplog.text
+    assert int((load_calibration_tokens(spec, tokenizer) == tokenizer.eos_token_id).sum()) >= 2
+
+
 def test_token_batches_accepted_and_checked():
     """A tokenizer's output passes as it is (one batch of rows, split by batch_size, its padding mask kept); ids
     that are not integers, negative or beyond the model's vocabulary are refused with one error."""

@@ -187,7 +187,7 @@ def _windows(source: CalibrationSource, count: int, seq_len: int, seed: int, tok
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     need = count * seq_len
-    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    eos = _separator(tokenizer)
     ids: list[int] = []
     for i in order:
         row = rows[i]
@@ -208,6 +208,22 @@ def _windows(source: CalibrationSource, count: int, seq_len: int, seed: int, tok
             f"{count}×{seq_len} = {need} are needed; lower num_samples or seq_len, or add data."
         )
     return torch.tensor(ids[:need], dtype=torch.long).view(count, seq_len)
+
+
+def _separator(tokenizer: Any) -> Optional[int]:
+    """The token joining two documents: EOS, else SEP or BOS (said once), else none (said: documents then run into
+    each other)."""
+    if tokenizer is None:
+        return None
+    for name in ("eos_token_id", "sep_token_id", "bos_token_id"):
+        token = getattr(tokenizer, name, None)
+        if isinstance(token, int):
+            if name != "eos_token_id":
+                logger.info("the tokenizer has no EOS token: calibration documents are joined with its %s",
+                            name[: -len("_token_id")].upper())
+            return token
+    logger.warning("the tokenizer has no EOS, SEP or BOS token: calibration documents are joined with no separator")
+    return None
 
 
 def is_token_mapping(data: Any) -> bool:
