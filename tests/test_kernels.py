@@ -666,6 +666,9 @@ def test_ranks_beyond_the_gpus_shared_memory_are_declined_by_the_cuda_kernel(mon
     assert ops.cuda_kernel_supports(OnGPU(), 4, a[:1024], 16) is None
     monkeypatch.setattr(ops, "_smem_optin", lambda device: 227 * 1024)
     assert ops.cuda_kernel_supports(OnGPU(), 4, a, 16) is None
+    # a T4/V100 (no mma.m16n8k16, no cp.async): declined with the reason instead of a doomed build
+    monkeypatch.setattr(ops, "_capability", lambda device: (7, 5))
+    assert "compute capability 8.0 or newer (Ampere+), this GPU has 7.5" in ops.cuda_kernel_supports(OnGPU(), 4, a, 16)
 
 
 # ----------------------------------------------------------------------------------------------
