@@ -1000,3 +1000,20 @@ def test_run_choices_hold_for_their_call_and_the_sources_are_recorded(tiny_llama
                             batch_size=4, progress=False)
     assert config.original_model == str(tmp_path / "orig") and config.calibration == calibration
 
+
+
+def test_a_token_id_column_needs_no_tokenizer_and_text_says_what_to_pass(tiny_llama, tmp_path):
+    """A CalibrationConfig over a column of token-id lists with an in-memory original asked for a tokenizer it never
+    used; text with no tokenizer to be found is one error naming both ways to give one."""
+    from peft_eora.calibration import CalibrationError
+
+    original, quantized = tiny_llama
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text("".join(json.dumps({"ids": [(7 * i + j) % 900 + 3 for j in range(40)]}) + "\n" for i in range(8)))
+    pm, stats = _eora(quantized, original, CalibrationConfig(str(ids), column="ids", num_samples=4, seq_len=16))
+    assert stats.tokens == 64 and len(stats.modules) > 0
+    text = tmp_path / "docs.jsonl"
+    text.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(8)))
+    with pytest.raises(CalibrationError, match=r"holds text but no tokenizer was given or found: set "
+                                               r"CalibrationConfig\(tokenizer=\.\.\.\), or pass tokenizer="):
+        _eora(quantized, original, CalibrationConfig(str(text), num_samples=2, seq_len=8))

@@ -193,7 +193,11 @@ def _windows(source: CalibrationSource, count: int, seq_len: int, seed: int, tok
         row = rows[i]
         if isinstance(row, str):
             if tokenizer is None:
-                raise CalibrationError("Calibration rows are text but no tokenizer was given.")
+                raise CalibrationError(
+                    f"Calibration data {source.dataset!r} holds text but no tokenizer was given or found: set "
+                    "CalibrationConfig(tokenizer=...), or pass tokenizer= to peft_eora.initialize_eora_weights (a column "
+                    "of token-id lists needs none)."
+                )
             ids.extend(tokenizer(row, add_special_tokens=False)["input_ids"])
         else:
             ids.extend(int(t) for t in row)
