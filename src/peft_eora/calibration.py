@@ -215,7 +215,7 @@ def _windows(source: CalibrationSource, count: int, seq_len: int, seed: int, tok
 
 
 def _separator(tokenizer: Any) -> Optional[int]:
-    """The token joining two documents: EOS, else SEP or BOS (said once), else none (said: documents then run into
+    """The token joining two documents: EOS, else SEP or BOS (logged), else none (a warning: documents then run into
     each other)."""
     if tokenizer is None:
         return None

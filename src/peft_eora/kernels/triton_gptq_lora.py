@@ -550,8 +550,9 @@ def gptq_lora_linear_triton(
     out = torch.empty((m, out_features), dtype=x2.dtype, device=x.device)
     if m == 0:
         return out.to(orig_dtype).reshape(*x.shape[:-1], out_features)
-    if interpret and interpreter_problem() is not None:
-        raise RuntimeError(f"Triton kernels on CPU tensors cannot run here: {interpreter_problem()}")
+    problem = interpreter_problem() if interpret else None
+    if problem is not None:
+        raise RuntimeError(f"Triton kernels on CPU tensors cannot run here: {problem}")
     has_lora = lora_a is not None
     rank = lora_a.shape[0] if has_lora else 0
     a_group = 0
