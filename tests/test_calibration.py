@@ -269,6 +269,25 @@ def test_token_batches_accepted_and_checked():
     assert torch.equal(torch.cat([b["input_ids"] for b in loaded]), ids)
     with pytest.raises(CalibrationError, match="a token-id tensor, a mapping with 'input_ids'"):
         as_batches([ids.tolist()])
-    check_vocabulary(batches, 100)
+    assert check_vocabulary(batches, 100) == batches
     with pytest.raises(CalibrationError, match="outside the model's vocabulary \\(50 tokens\\)"):
         check_vocabulary(batches, 50)
+
+
+def test_padding_outside_the_vocabulary_is_not_blamed_on_the_tokenizer():
+    """A pad token added to the tokenizer but not to the model (Llama 3's ``[PAD]``, id = vocabulary
+    size) sits only where the attention mask hides it: those positions get id 0 in a copy; a real
+    token outside the vocabulary is still one error naming it."""
+    from peft_eora.calibration import as_batches, check_vocabulary
+
+    ids = torch.randint(3, 100, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    ids[1, :2], mask[1, :2] = 100, 0  # left padding with the added pad id
+    given = ids.clone()
+    (batch,) = check_vocabulary(as_batches({"input_ids": ids, "attention_mask": mask}), 100)
+    assert torch.equal(ids, given)  # the caller's tensor untouched
+    assert torch.equal(batch["input_ids"][1, :2], torch.zeros(2, dtype=torch.long))
+    assert torch.equal(batch["input_ids"][:, 2:], ids[:, 2:]) and torch.equal(batch["input_ids"][0], ids[0])
+    ids[0, 3] = 120  # a real token outside it
+    with pytest.raises(CalibrationError, match="token id 120 is outside the model's vocabulary \\(100 tokens\\)"):
+        check_vocabulary(as_batches({"input_ids": ids, "attention_mask": mask}), 100)

@@ -249,6 +249,52 @@ def test_empty_calibration(tiny_llama, data):
         initialize_eora_weights(pm, original_model=original, calibration=data, progress=False)
 
 
+def test_calibration_longer_than_the_context(tiny_llama):
+    """Sequences past ``max_position_embeddings`` (256 here): one error naming the limit and the fix,
+    before any compute; at the limit they run."""
+    original, quantized = tiny_llama
+    pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, init_eora=False))
+    with pytest.raises(CalibrationError, match=r"sequences of 300 tokens are longer than the model's context \(256 "
+                       r"positions.*seq_len=\.\.\.\) to at most 256"):
+        initialize_eora_weights(pm, original_model=original, calibration=torch.randint(3, 1000, (1, 300)), progress=False)
+    assert pm.peft_config["default"].eora_stats is None
+    from peft_eora.calibration import check_context
+
+    check_context([{"input_ids": torch.zeros(1, 256, dtype=torch.long)}], 256)
+    check_context([{"input_ids": torch.zeros(1, 9999, dtype=torch.long)}], None)
+
+
+def test_calibration_texts_are_one_sample_each(tiny_llama, tokenizer):
+    """A list of texts (GPTQ quantizers' calibration form) or a ``datasets.Dataset`` with a text
+    column: each text one sample, tokenized with the model's tokenizer and right-padded under an
+    attention mask; the same factors as those token batches given directly."""
+    from peft_eora.calibration import as_batches
+
+    original, quantized = tiny_llama
+    texts = ["The tower is 330 metres tall.", "   ", "def add(a, b):\n    return a + b",
+             "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen."]
+    batches = as_batches(texts, tokenizer, batch_size=2)
+    lengths = [len(tokenizer(t)["input_ids"]) for t in texts if t.strip()]
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 1]  # the blank text dropped
+    assert batches[0]["attention_mask"].sum(1).tolist() == lengths[:2] and "attention_mask" not in batches[1]
+    assert batches[0]["input_ids"][1, :lengths[1]].tolist() == tokenizer(texts[2])["input_ids"]
+
+    def factors(calibration, **kw):
+        pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, init_eora=False))
+        initialize_eora_weights(pm, original_model=original, calibration=calibration, progress=False, **kw)
+        return [m.lora_B["default"].weight for m in pm.modules() if isinstance(m, LoraLayer)]
+
+    datasets = pytest.importorskip("datasets")
+    expected = factors(batches)
+    for given in (texts, datasets.Dataset.from_dict({"text": texts, "source": ["a", "b", "c", "d"]})):
+        for got, want in zip(factors(given, tokenizer=tokenizer, batch_size=2), expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(CalibrationError, match="Calibration text needs a tokenizer.*tokenizer= to peft_eora"):
+        factors(texts)  # the tiny model was built from a config: no tokenizer to be found
+    with pytest.raises(CalibrationError, match="every text given is blank"):
+        as_batches(["", " \n"], tokenizer)
+
+
 def test_too_short_calibration_text(tiny_llama, tmp_path, tiny_tokenizer_dir):
     original, quantized = tiny_llama
     (tmp_path / "c.jsonl").write_text('{"text": "only a few words"}\n')

@@ -235,12 +235,61 @@ def is_token_mapping(data: Any) -> bool:
     return isinstance(data, Mapping) and not isinstance(data, CalibrationConfig) and "input_ids" in data
 
 
+def text_rows(data: Any) -> Optional[list[str]]:
+    """The texts of ``data`` when it is calibration text, else ``None``: a list or tuple of strings,
+    of mappings with a ``"text"`` field (and no ``"input_ids"``), or a ``datasets.Dataset`` with a
+    ``"text"`` column and no ``"input_ids"`` one."""
+    columns = getattr(data, "column_names", None)
+    if isinstance(columns, list) and "text" in columns and "input_ids" not in columns:
+        return [str(t) for t in data["text"]]
+    if not isinstance(data, (list, tuple)) or not data:
+        return None
+    if all(isinstance(t, str) for t in data):
+        return list(data)
+    if all(isinstance(t, Mapping) and "text" in t and "input_ids" not in t for t in data):
+        return [str(t["text"]) for t in data]
+    return None
+
+
+def _text_batches(texts: list[str], tokenizer: Any, batch_size: int) -> list[Batch]:
+    """Each non-blank text one sample (tokenized with the tokenizer's special tokens, as a model
+    reads it), ``batch_size`` per batch, right-padded with an attention mask."""
+    if tokenizer is None:
+        raise CalibrationError(
+            "Calibration text needs a tokenizer and none was given or found: pass tokenizer= to "
+            "peft_eora.initialize_eora_weights, or tokenize the texts yourself."
+        )
+    rows = [ids for ids in (list(tokenizer(t)["input_ids"]) for t in texts if t.strip()) if ids]
+    pad = getattr(tokenizer, "pad_token_id", None)
+    batches: list[Batch] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), width), int(pad) if pad is not None else 0, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for k, r in enumerate(chunk):
+            ids[k, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[k, :len(r)] = 1
+        batches.append({"input_ids": ids} if bool(mask.all()) else {"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
 def as_batches(data: CalibrationData, tokenizer=None, batch_size: int = 8) -> list[Batch]:
     """Normalise any accepted calibration input to a list of ``{"input_ids", "attention_mask"?}``.
 
     A mapping with ``input_ids`` (a tokenizer's output) is one batch of rows, split by ``batch_size``;
-    any other mapping holds the fields of a :class:`CalibrationConfig`.
+    any other mapping holds the fields of a :class:`CalibrationConfig`. Texts (:func:`text_rows`: a
+    list of strings, or a ``datasets.Dataset`` with a ``"text"`` column) are one sample each, as
+    GPTQ quantizers take them, tokenized with ``tokenizer``::
+
+        >>> as_batches(["The capital of France is Paris.", "def f(x): return x"], tokenizer)  # doctest: +SKIP
     """
+    texts = text_rows(data)
+    if texts is not None:
+        batches = _text_batches(texts, tokenizer, batch_size)
+        if not batches:
+            raise CalibrationError("The calibration data is empty: every text given is blank.")
+        return batches
     if is_token_mapping(data):
         try:
             ids = torch.as_tensor(data["input_ids"])
@@ -337,15 +386,50 @@ def _token_ids(ids: torch.Tensor) -> torch.Tensor:
     return ids.long()
 
 
-def check_vocabulary(batches: list[Batch], vocab_size: Optional[int]) -> None:
-    """One clear error if a token id is outside the model's vocabulary (else an index error deep in a forward)."""
+def check_vocabulary(batches: list[Batch], vocab_size: Optional[int]) -> list[Batch]:
+    """``batches`` with every token id inside the model's vocabulary: one clear error if a real token
+    is outside it (else an index error deep in a forward), and padding (positions the attention mask
+    hides) whose id is outside it set to id 0 in a copy (a pad token added to the tokenizer but not
+    to the model's embeddings; what a hidden position holds changes nothing the covariances see).
+
+        >>> batches = check_vocabulary(batches, model.config.vocab_size)  # doctest: +SKIP
+    """
     if not vocab_size:
+        return batches
+    out = []
+    for b in batches:
+        ids, mask = b["input_ids"], b.get("attention_mask")
+        outside = ids >= vocab_size
+        if not bool(outside.any()):
+            out.append(b)
+            continue
+        real = outside if mask is None else outside & mask.to(torch.bool)
+        if bool(real.any()):
+            raise CalibrationError(
+                f"Calibration token id {int(ids[real].max())} is outside the model's vocabulary ({vocab_size} tokens): "
+                "the ids come from another tokenizer. Tokenize with the model's own tokenizer."
+            )
+        logger.info("Calibration padding id %d is outside the model's %d-token vocabulary (a pad token the model has "
+                    "no embedding for); the hidden positions are given id 0.", int(ids[outside].max()), vocab_size)
+        out.append({**b, "input_ids": ids.masked_fill(outside, 0)})
+    return out
+
+
+def check_context(batches: list[Batch], context: Optional[int]) -> None:
+    """One clear error if a calibration sequence is longer than the model's context (``context``
+    positions; ``None``: the model names none): past it a learned position table ends in an index
+    error deep in a forward, and rotary models see positions they were never trained on.
+
+        >>> check_context(batches, model.config.max_position_embeddings)  # doctest: +SKIP
+    """
+    if not context:
         return
-    top = max(int(b["input_ids"].max()) for b in batches if b["input_ids"].numel())
-    if top >= vocab_size:
+    longest = max((int(b["input_ids"].shape[-1]) for b in batches), default=0)
+    if longest > context:
         raise CalibrationError(
-            f"Calibration token id {top} is outside the model's vocabulary ({vocab_size} tokens): the ids come from "
-            "another tokenizer. Tokenize with the model's own tokenizer."
+            f"Calibration sequences of {longest} tokens are longer than the model's context ({context} positions, "
+            f"config.max_position_embeddings): lower CalibrationConfig(seq_len=...) to at most {context}, or pass "
+            "shorter texts or batches."
         )
 
 

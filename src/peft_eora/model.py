@@ -44,7 +44,14 @@ from ._peft_compat import (
     writable_fields,
 )
 from .adapter_quant import is_packed, pack_adapter_state_dict, quantize_adapter_, unpack_adapter_state_dict
-from .calibration import CalibrationData, as_batches, check_vocabulary, is_token_mapping
+from .calibration import (
+    CalibrationData,
+    as_batches,
+    check_context,
+    check_vocabulary,
+    is_token_mapping,
+    text_rows,
+)
 from .compensate import CompensationStats, RankPlan, compensate, find_targets, index_pattern, plan_ranks
 from .config import DEFAULT_LOGIT_WEIGHTING, FIXED_DAMPING, CalibrationConfig, EoRAConfig
 from .fingerprint import compute_fingerprint, record_fingerprint, record_signatures, verify_fingerprint
@@ -456,7 +463,8 @@ def _compute(
         if tokenizer is None and not _is_token_data(calibration):
             tokenizer = _load_tokenizer(calibration, original_model, model)
         batches = as_batches(calibration, tokenizer, batch_size=batch_size)
-        check_vocabulary(batches, _vocabulary_size(model))
+        batches = check_vocabulary(batches, _vocabulary_size(model))
+        check_context(batches, _context_length(model))
     _, targets = find_targets(model, adapter_name)
     device = resolve_execution_device(model, targets, getattr(config, "execution_device", "auto"))
     if device is not None:
@@ -590,7 +598,20 @@ def _vocabulary_size(model: nn.Module) -> Optional[int]:
         return None
 
 
+def _context_length(model: nn.Module) -> Optional[int]:
+    """Positions the model's config says it takes (None where it names none)."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _is_token_data(calibration: CalibrationData) -> bool:
+    """Token ids (no tokenizer needed), not a :class:`CalibrationConfig`, its fields or texts."""
+    if text_rows(calibration) is not None:
+        return False
     return is_token_mapping(calibration) or not isinstance(calibration, (CalibrationConfig, Mapping))
 
 
@@ -635,8 +656,10 @@ def initialize_eora_weights(
     """Compute EoRA factors for ``adapter_name`` of an existing PEFT model, in place.
 
     ``original_model`` is a checkpoint path/Hub id or an in-memory uncompressed model;
-    ``calibration`` is a :class:`CalibrationConfig`, an ``(n, seq_len)`` token tensor, or an
-    iterable/``DataLoader`` of ``input_ids`` batches. Both default to the adapter's config.
+    ``calibration`` is a :class:`CalibrationConfig`, an ``(n, seq_len)`` token tensor, an
+    iterable/``DataLoader`` of ``input_ids`` batches, or texts (a list of strings or a
+    ``datasets.Dataset`` with a ``"text"`` column: one sample each, padded under a mask). Both
+    default to the adapter's config.
     ``execution_device``, ``checkpoint_dir``, ``resume`` and ``forward_dtype`` override the config's
     run choices::
 
