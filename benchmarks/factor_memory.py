@@ -15,7 +15,11 @@ bytes alive at once (``tensor_peak_over_inputs_gib``, :class:`bench_common.LiveT
 pages, no LAPACK workspaces); CUDA: ``torch.cuda.max_memory_allocated``. ``--dead-channels k``: the
 first ``k`` input channels never fire, so ``H`` is singular and the routes that decompose it run.
 Inputs: ``H_fit``, ``H_val`` (float32) and the residual; at a fixed ridge the step also builds
-``H_fit + H_val`` (float32), as a single covariance would be.
+``H_fit + H_val`` (float32), as a single covariance would be. ``--adapter-bits 8`` (or 4) then
+rounds the factors as ``EoRAConfig(adapter_bits=8)`` does (``fit_lowbit_factors`` against the
+pair at the chosen ridge), the peak of each phase reported apart::
+
+    python benchmarks/factor_memory.py --adapter-bits 8 --damping 0.01
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damping", default="auto", help="'auto' or a fixed ridge")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dead-channels", type=int, default=0, help="input channels that never fire (H singular)")
+    p.add_argument("--adapter-bits", type=int, default=16, choices=(16, 8, 4),
+                   help="then round the factors as EoRAConfig(adapter_bits=...) does: fit_lowbit_factors "
+                        "against the covariance at the chosen ridge, aimed at the residual")
     p.add_argument("--out", default=None)
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -67,6 +74,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     from peft_eora import decompose
     from peft_eora.decompose import eora_factors, eora_factors_auto
+    from peft_eora.factor_quant import fit_lowbit_factors
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -85,8 +93,10 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     live = None
     if device.type == "cpu":
         decompose.DAMPING_WORKERS = 1  # the ridges scored in this thread, where LiveTensorPeak sees them
-        live = LiveTensorPeak()
+        live = LiveTensorPeak(label=lambda: phase)
+    phase = "factors"
     start = time.perf_counter()
+    round_seconds = None
     with rss, live if live is not None else contextlib.nullcontext():
         if args.damping == "auto":
             factors, choice = eora_factors_auto(delta, H_fit, H_val, args.rank)
@@ -94,9 +104,23 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         else:
             chosen = float(args.damping)
             factors = eora_factors(delta, H_fit + H_val, args.rank, damping=chosen)
+        rounded: tuple[torch.Tensor, ...] = ()
+        cuda_phases: dict[str, float] = {}
+        if args.adapter_bits != 16:  # as compensate does: against the pair at the chosen ridge (none: plain SVD)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                cuda_phases["factors"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+                torch.cuda.reset_peak_memory_stats(device)
+            phase, t0 = "round", time.perf_counter()
+            svd = chosen == float("inf")
+            rounded = fit_lowbit_factors(factors.A, factors.B, None if svd else (H_fit, H_val), args.adapter_bits,
+                                         target=delta, damping=0.0 if svd else chosen)
+            round_seconds = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        over = torch.cuda.max_memory_allocated(device) - base
+        if cuda_phases:  # the rounding's peak over the inputs (the factors, a few MiB, included)
+            cuda_phases["round"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+        over = max([torch.cuda.max_memory_allocated(device) - base] + [v * 2**30 for v in cuda_phases.values()])
     else:
         over = rss.rise_mib * 2**20
     seconds = time.perf_counter() - start
@@ -110,11 +134,16 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "chosen_damping": chosen if chosen != float("inf") else "inf (plain SVD)",
         "seconds": round(seconds, 1),
         "dead_channels": args.dead_channels,
+        "adapter_bits": args.adapter_bits,
+        "round_seconds": None if round_seconds is None else round(round_seconds, 1),
         "peak_over_inputs_gib": round(over / 2**30, 3),
         "tensor_peak_over_inputs_gib": round(live.peak_bytes / 2**30, 4) if live is not None else None,
         "tensor_in_x_in_float64_units": round(live.peak_bytes / (n * n * 8), 2) if live is not None else None,
         "in_x_in_float64_units": round(over / (n * n * 8), 2),
-        "finite": bool(torch.isfinite(factors.A).all() and torch.isfinite(factors.B).all()),
+        # the most tensor bytes alive in each phase (CPU) or each phase's peak (CUDA, with --adapter-bits)
+        "peak_by_phase_gib": ({k: round(v / 2**30, 4) for k, v in live.by_label.items()} if live is not None
+                              else {k: round(v, 3) for k, v in cuda_phases.items()} or None),
+        "finite": all(bool(torch.isfinite(t).all()) for t in (factors.A, factors.B, *rounded)),
     }
     return result
 

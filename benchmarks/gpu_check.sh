@@ -117,13 +117,14 @@ fi
 # ahead from safetensors shards it has just written (the read path of a real checkpoint; the page cache is warm)
 step offload 180 60 "$PY" benchmarks/scale.py --offload --hidden 2048 --intermediate 5632 --layers 16 --heads 16 \
   --kv-heads 16 --vocab 32000 --samples 64 --seq-len 1024 --original-dir /tmp/pe_orig_1b --out "$OUT_DIR/scale_offload.json"
-# the factor step of the 8B down_proj alone: GPU memory it adds over its inputs. The dead-channel case
+# the factor step of the 8B down_proj alone: GPU memory it adds over its inputs (the fixed ridge then
+# rounds the factors to int8 as adapter_bits=8 does: that phase's peak apart). The dead-channel case
 # first (it alone runs the in-place eigh routes on cuSOLVER), each run on its own (one failing or cut
 # short does not lose the others)
 step factor_memory 120 30 bash -c "r=0; \"$PY\" benchmarks/factor_memory.py --device cuda --dead-channels 16 \
 --out \"$OUT_DIR/factor_memory_auto_dead16.json\" || r=1; \"$PY\" benchmarks/factor_memory.py --device cuda \
 --out \"$OUT_DIR/factor_memory_auto.json\" || r=1; \"$PY\" benchmarks/factor_memory.py --device cuda --damping 0.01 \
---out \"$OUT_DIR/factor_memory_fixed.json\" || r=1; exit \$r"
+--adapter-bits 8 --out \"$OUT_DIR/factor_memory_fixed.json\" || r=1; exit \$r"
 # four blocks of a Qwen3-30B-A3B shape (128 routed experts, top 8, one linear each as gptqmodel makes them) at
 # damping="auto": seconds per block of the staged expert collection and of ~390 small factor steps per block
 step moe 150 60 "$PY" benchmarks/scale.py --hidden 2048 --intermediate 6144 --layers 4 --heads 32 --kv-heads 4 \

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "hidden and intermediate, e.g. 64 for the default SmolLM2-135M shape's 576)")
     p.add_argument("--format", choices=("dense", "gptq"), default="dense")
     p.add_argument("--damping", default="0.01", help="a number or 'auto'")
+    p.add_argument("--adapter-bits", type=int, choices=(16, 8, 4), default=16,
+                   help="EoRAConfig.adapter_bits (8/4: factors rounded as fitted, factor_quant.fit_lowbit_factors)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: float32 on CPU, bfloat16 on GPU")
     p.add_argument("--forward-dtype", choices=("auto", "model", "bfloat16", "float16"), default=None,
                    help="EoRAConfig.forward_dtype (autocast of the calibration forwards; default: the model's dtype)")
@@ -414,7 +416,7 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
     calib = torch.randint(0, args.vocab, (args.samples, args.seq_len), generator=gen)
     params_b = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
     pm = get_peft_model(model, EoRAConfig(r=args.rank, target_modules=list(LINEARS), damping=damping,
-                                          forward_dtype=args.forward_dtype))
+                                          forward_dtype=args.forward_dtype, adapter_bits=args.adapter_bits))
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -463,7 +465,8 @@ def run(argv: Optional[list[str]] = None) -> dict[str, Any]:
             stage_bytes=compensate.STAGE_BYTES, modules=len(stats.modules) if stats is not None else None,
             params_b=params_b,
             dtype=str(dtype).replace("torch.", ""), format=args.format, bits=args.bits, group_size=args.group_size,
-            rank=args.rank, damping=damping, forward_dtype=args.forward_dtype, calibration_tokens=args.samples * args.seq_len, batch_size=args.batch_size,
+            rank=args.rank, damping=damping, adapter_bits=args.adapter_bits, forward_dtype=args.forward_dtype,
+            calibration_tokens=args.samples * args.seq_len, batch_size=args.batch_size,
             offload=bool(args.offload and cuda), build_seconds=round(build_seconds, 1),
             seconds=round(seconds, 2), phases=times.summary(),
             phase_counts=dict(sorted(times.counts.items())),  # e.g. block forwards done, on a timed-out run

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft_eora.adapter_quant import factor_rounder
 from peft_eora.decompose import eora_factors
-from peft_eora.factor_quant import _balanced, fit_lowbit_factors, gptq_round, rank_rotation
+from peft_eora.factor_quant import _balanced, _plan, fit_lowbit_factors, gptq_round, rank_rotation
 from peft_eora.kernels.lowbit import quantize_per_channel
 
 
@@ -212,3 +212,71 @@ def test_aiming_at_the_residual():
         assert torch.equal(factor_rounder(4)(w, w)[i], w)
     with pytest.raises(ValueError, match="target shape"):
         fit_lowbit_factors(f.A, f.B, H_fit, 4, target=T[:, :-1])
+
+
+@pytest.mark.parametrize("case", ["plain", "dead", "indefinite"])
+def test_plan_is_the_damped_inverse_cholesky(case):
+    """``_plan``: the upper triangular ``U`` with ``Uᵀ·U = (H + ridge·I)⁻¹`` (float64 reference),
+    dead inputs set to 1; an indefinite ``H`` gets a ridge ten times larger until it factorises."""
+    n = 48
+    X = _inputs(n, 256, 30)
+    if case == "dead":
+        X[:, [3, 40]] = 0.0
+    H = (X.T @ X).double()
+    if case == "indefinite":
+        # unit diagonal, eigenvalues 1 + 4·cos(kπ/(n+1)) down to about −3: factorises at a ridge of 10
+        H = torch.eye(n, dtype=torch.float64) + 2.0 * (torch.diag(torch.ones(n - 1), 1) + torch.diag(torch.ones(n - 1), -1)).double()
+    U = _plan(H.float(), 0.01).double()
+    assert torch.equal(U, torch.triu(U)) and torch.isfinite(U).all()
+    ref = H.float().double()
+    dead = ref.diagonal() <= 0
+    ref[dead, :], ref[:, dead] = 0.0, 0.0
+    ref[dead, dead] = 1.0
+    ridge = 0.01 * float(ref.diagonal().mean())
+    eye = torch.eye(n, dtype=torch.float64)
+    while not bool(torch.linalg.cholesky_ex(ref + ridge * eye).info == 0):
+        ridge *= 10.0
+    if case == "indefinite":
+        assert ridge > 0.01 * float(ref.diagonal().mean())  # the retries did run
+    expected = torch.linalg.inv(ref + ridge * eye)
+    assert torch.allclose(U.T @ U, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_no_covariance_rounds_each_group_without_feedback(benchmark_module):
+    """``H=None`` (identity): each entry rounded on its group's clipped scale, the same values as
+    the column-by-column loop against the identity, and no ``in × in`` matrix is made for it."""
+    n, g = 1024, 32
+    W = torch.randn(40, n, generator=torch.Generator().manual_seed(31))
+    assert torch.equal(gptq_round(W, None, 4, g), gptq_round(W, torch.eye(n), 4, g))
+    assert torch.equal(gptq_round(W, None, 8, 0), gptq_round(W, torch.eye(n), 8, 0))
+    gen = torch.Generator().manual_seed(32)
+    A, B = torch.randn(16, n, generator=gen), torch.randn(24, 16, generator=gen)
+    with benchmark_module("bench_common").LiveTensorPeak(inventory_bytes=n * n * 4) as live:
+        A_hat, B_hat = fit_lowbit_factors(A, B, None, 4, target=torch.randn(24, n, generator=gen))
+    assert torch.isfinite(A_hat).all() and torch.isfinite(B_hat).all()
+    assert live.at_peak == [] and live.peak_bytes < n * n * 2, live.at_peak  # measured 0.16·n²·8
+
+
+def test_fit_memory_is_two_float64_covariances(benchmark_module, monkeypatch):
+    """The fit's peak beyond its inputs: the plan's two ``in × in`` float64 matrices (the reversed
+    covariance and its Cholesky factor; before: 7.6 of them, 11.6 GiB at a 14336-input layer), also
+    when it is given float32 parts and a ridge, as compensation fits (the damped float64 matrix made
+    after the plan, not before it). The tiles of the block loops shrunk to this small ``n`` (at 14336
+    inputs they are 0.04 of a matrix)."""
+    from peft_eora import decompose
+
+    n = 512
+    monkeypatch.setattr(decompose, "_SYM_TILE", 64)
+    monkeypatch.setattr(decompose, "_PROJECT_BLOCK_BYTES", 64 * n * 8)
+    X, X_val = _inputs(n, 1024, 33), _inputs(n, 1024, 35)
+    H, H_val = X.T @ X, X_val.T @ X_val
+    gen = torch.Generator().manual_seed(34)
+    A, B, T = torch.randn(16, n, generator=gen), torch.randn(64, 16, generator=gen), torch.randn(64, n, generator=gen)
+    LiveTensorPeak = benchmark_module("bench_common").LiveTensorPeak
+    for given, damping in ((H, 0.0), ((H, H_val), 0.01)):
+        with LiveTensorPeak(inventory_bytes=n * n * 4) as live:
+            A_hat, B_hat = fit_lowbit_factors(A, B, given, 8, target=T, damping=damping)
+        assert live.peak_bytes <= 2.2 * n * n * 8, (live.peak_bytes / (n * n * 8), live.at_peak)
+    # the parts and the ridge are the damped sum's fit, bit for bit
+    A_ref, B_ref = fit_lowbit_factors(A, B, decompose.damped((H, H_val), 0.01), 8, target=T)
+    assert torch.equal(A_hat, A_ref) and torch.equal(B_hat, B_ref)

@@ -879,18 +879,21 @@ def test_linalg_benchmark_saves_each_size_as_it_finishes(benchmark_module):
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the CPU high-water mark needs Linux /proc")
-@pytest.mark.parametrize("damping,dead", [("auto", 0), ("0.01", 0), ("auto", 4)])
-def test_factor_memory_benchmark_runs(damping, dead):
-    """``benchmarks/factor_memory.py`` (the factor step's peak memory over its inputs) on a small layer."""
+@pytest.mark.parametrize("damping,dead,bits", [("auto", 0, 16), ("0.01", 0, 8), ("auto", 4, 4)])
+def test_factor_memory_benchmark_runs(damping, dead, bits):
+    """``benchmarks/factor_memory.py`` (the factor step's peak memory over its inputs) on a small layer;
+    with ``--adapter-bits`` the rounding's peak too."""
     proc, res = _run_benchmark("factor_memory.py", "--out-features", "96", "--in-features", "384", "--rank", "8",
-                               "--damping", damping, "--dead-channels", str(dead))
+                               "--damping", damping, "--dead-channels", str(dead), "--adapter-bits", str(bits))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert res["status"] == "ok" and res["finite"] and res["shape"] == [96, 384]
     assert res["peak_over_inputs_gib"] >= 0 and res["in_x_in_float64_units"] >= 0
     # at least the float64 copy the factor step factorises (384² × 8 bytes) is counted, never more than
     # a few such matrices and the residual's float64 copies
     assert 1 <= res["tensor_in_x_in_float64_units"] <= 8
-    assert res["dead_channels"] == dead
+    assert res["dead_channels"] == dead and res["adapter_bits"] == bits
+    phases = res["peak_by_phase_gib"]
+    assert phases["factors"] > 0 and (bits == 16) == ("round" not in phases) == (res["round_seconds"] is None)
 
 
 # ---------------------------------------------------------------------------------------------

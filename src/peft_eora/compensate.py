@@ -59,7 +59,6 @@ from .decompose import (
     allocate_ranks,
     captured_energy,
     check_rank,
-    damped,
     eigen,
     eora_factors,
     gram_refit,
@@ -1231,11 +1230,11 @@ def _install(
             factors = eora_factors(fitted, None, t.rank, method=method, eig_rtol=eig_rtol, name=t.name)
         if adapter_bits != 16:  # rounded against the activations the factors were fitted to (δ-damped)
             plain_svd = method == "svd" or H is None or damping is None or damping == math.inf
-            H_round = None if plain_svd else damped(H, float(damping))
-            # aimed at the residual itself, not at the float pair: the rounded pair's error is the layer's
-            A_hat, B_hat = fit_lowbit_factors(factors.A, factors.B, H_round, adapter_bits, target=fitted)
+            # aimed at the residual itself, not at the float pair: the rounded pair's error is the layer's;
+            # H as it is, damped in there (one float64 in × in matrix fewer at once than a damped copy)
+            A_hat, B_hat = fit_lowbit_factors(factors.A, factors.B, None if plain_svd else H, adapter_bits,
+                                              target=fitted, damping=0.0 if plain_svd else float(damping))
             factors = replace(factors, A=A_hat.float(), B=B_hat.float())
-            del H_round
         if root is not None:  # back from the weighted problem (rounded in it: B's per-row scales absorb G^-½)
             factors = replace(factors, B=(factors.B.double() / root).to(factors.B.dtype))
     with times.phase("install", device):

@@ -47,6 +47,7 @@ import math
 
 import torch
 
+from .decompose import Covariance, CovarianceRoot, _block_rows, _symmetrize_, covariance_parts, damped
 from .kernels.lowbit import factor_group_size, grid_values
 
 __all__ = ["gptq_round", "fit_lowbit_factors", "rank_rotation", "GPTQ_PERCDAMP", "CLIP_GRID", "FIT_ROUNDS", "BALANCE"]
@@ -76,33 +77,76 @@ FIT_ROUNDS = 3
 BALANCE = 0.2
 
 
-def _plan(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+def _plan(H: Covariance, percdamp: float, damping: float = 0.0) -> torch.Tensor:
     """GPTQ's float32 upper triangular ``U`` with ``Uᵀ·U = (H + percdamp·mean(diag H)·I)⁻¹``
     (computed in float64; dead inputs get 1): from one Cholesky factorisation of the reversed
     matrix, ``J·H·J = L·Lᵀ`` gives ``U = J·L⁻¹·J`` (``J`` reverses the order), with no explicit
-    inverse of ``H``."""
-    H = H.to(torch.float64)
-    H = 0.5 * (H + H.T)
-    dead = torch.diagonal(H) <= 0
+    inverse of ``H``. ``H`` may be given as the parts it is the sum of, and ``damping`` adds
+    ``damping·mean(diag H)·I`` first (:func:`~peft_eora.decompose.damped`'s values, bit for bit).
+
+    Memory: two ``n × n`` float64 matrices at most (the reversed, symmetrised ``H`` and ``L``; the
+    identity that ``L⁻¹`` is solved into reuses the first), then ``U``; every reversal, sum and type
+    change goes a block of rows at a time. At 14336² (a Llama-3-8B ``down_proj``) each avoided
+    float64 temporary is 1.5 GiB. The values are bit for bit those of the plain expressions.
+    """
+    first, *rest = covariance_parts(H)
+    Hr = _reversed(first, torch.float64)
+    for part in rest:
+        _reversed(part, torch.float64, add_to=Hr)
+    _symmetrize_(Hr)  # J·½(H + Hᵀ)·J = ½(Hr + Hrᵀ), the same sums
+    if damping > 0:
+        mean = float(torch.diagonal(Hr).flip(0).mean())  # summed in H's order, as damped() sums it
+        if mean > 0:
+            torch.diagonal(Hr).add_(damping * mean)
+    dead = torch.diagonal(Hr) <= 0
     if bool(dead.any()):
-        H[dead, :] = 0.0
-        H[:, dead] = 0.0
-        H[dead, dead] = 1.0
-    mean = float(torch.diagonal(H).mean())
+        Hr[dead, :] = 0.0
+        Hr[:, dead] = 0.0
+        Hr[dead, dead] = 1.0
+    L = _ridged_cholesky(Hr, percdamp)
+    eye = Hr.zero_()
+    torch.diagonal(eye).fill_(1.0)
+    # solved in place into the identity's storage, column-major as LAPACK writes it (row-major
+    # storage would be solved by another route that differs in the last bits)
+    Linv = torch.linalg.solve_triangular(L, eye.T, upper=False, out=eye.T)
+    del L
+    return _reversed(Linv, torch.float32)
+
+
+def _ridged_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """The Cholesky factor of ``H + ridge·I``, ``ridge = percdamp·mean(diag H)``, ten times larger
+    until ``H`` factorises (at most five times); the ridge is added to ``H``'s diagonal in place."""
+    diag = torch.diagonal(H).clone()
+    mean = float(diag.flip(0).mean())  # summed in the order of the matrix before its reversal
     ridge = percdamp * (mean if mean > 0 else 1.0)
-    n = H.shape[0]
-    eye = torch.eye(n, dtype=H.dtype, device=H.device)
-    Hr = H.flip(0, 1)
     for _ in range(6):
-        L, info = torch.linalg.cholesky_ex(Hr + ridge * eye)
+        torch.diagonal(H).copy_(diag + ridge)
+        L, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
-            Linv = torch.linalg.solve_triangular(L, eye, upper=False)
-            return Linv.flip(0, 1).to(torch.float32)
+            return L
+        del L
         ridge *= 10.0
     raise ValueError("the covariance is not positive definite even with a large ridge; check the calibration inputs")
 
 
-def gptq_round(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 0,
+def _reversed(M: torch.Tensor, dtype: torch.dtype, add_to: torch.Tensor | None = None) -> torch.Tensor:
+    """``J·M·J`` (rows and columns in reverse order) as a new row-major ``dtype`` matrix, or added
+    to ``add_to``, a block of rows at a time (a whole-matrix ``flip`` and ``to`` would each make a
+    full copy)."""
+    rows, cols = M.shape
+    out = torch.empty((rows, cols), dtype=dtype, device=M.device) if add_to is None else add_to
+    step = _block_rows(out)
+    for i in range(0, rows, step):
+        j = min(i + step, rows)
+        block = M[rows - j:rows - i].flip(0, 1)
+        if add_to is None:
+            out[i:j] = block
+        else:
+            out[i:j].add_(block.to(out))
+    return out
+
+
+def gptq_round(W: torch.Tensor, H: torch.Tensor | None, bits: int, group_size: int = 0,
                percdamp: float = GPTQ_PERCDAMP, plan: torch.Tensor | None = None,
                clip: tuple[float, ...] = CLIP_GRID) -> torch.Tensor:
     """``W`` (``(rows, cols)``, inputs along the columns) rounded onto the symmetric ``bits`` grid of
@@ -114,6 +158,8 @@ def gptq_round(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 0,
     largest entries buys a finer step for the rest). Each group's largest entry keeps its top code,
     so re-quantizing the result (float32 grid values) gives back the same codes and scales.
     ``plan`` (``_plan(H, percdamp)``) shares the factorisation between matrices with one input.
+    ``H=None`` stands for the identity: nothing to feed back, each entry rounded to the nearest
+    code of its group's clipped scale (no ``n × n`` matrix is made).
 
         >>> W_hat = gptq_round(W, X.T @ X, bits=4, group_size=32)  # doctest: +SKIP
 
@@ -122,7 +168,7 @@ def gptq_round(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 0,
     51.50 / 8.184 in this order, 4-bit 38.57 / 6.381 against 38.66 / 6.376; not adopted.)
     """
     rows, cols = W.shape
-    if H.shape != (cols, cols):
+    if H is not None and H.shape != (cols, cols):
         raise ValueError(f"covariance shape {tuple(H.shape)} does not match the {cols} input columns")
     if group_size and cols % group_size:
         raise ValueError(f"group_size={group_size} must divide the {cols} columns")
@@ -131,6 +177,16 @@ def gptq_round(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 0,
     # float32 like the stored grid (and GPTQ). The loop is one small update per column, so it runs on
     # the transpose: each input column is one contiguous row, updated in place with few kernel calls.
     Wt = W.detach().T.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # updated in place below
+    if H is None:
+        weight = torch.ones(cols, dtype=torch.float32, device=Wt.device)
+        for c in range(0, cols, g):
+            cur = Wt[c:c + g]
+            scale, lo, hi = _group_grid(cur.T, qmax, weight[c:c + g], clip)
+            q = cur.div_(scale).round_()
+            torch.maximum(q, lo, out=q)
+            torch.minimum(q, hi, out=q)
+            q.mul_(scale)
+        return _on_grid(Wt.T.contiguous(), bits, group_size)
     U = _plan(H.to(Wt.device), percdamp) if plan is None else plan
     u_diag = torch.diagonal(U).tolist()
     weight = torch.diagonal(H).to(Wt.device, torch.float32).clamp_min(0.0)
@@ -146,13 +202,7 @@ def gptq_round(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 0,
             if c % g == 0:  # a new group: its scale from the entries as updated so far
                 end = min(c + g, cols)
                 cur = (W1[i:i + end - c] if end <= i2 else torch.cat([W1[i:], Wt[i2:end]])).T
-                amax, arg = cur.abs().max(dim=1)
-                scale = _clip_scale(cur, amax, qmax, weight[c:end], clip)
-                # the group's largest entry keeps the top code (its sign as the group starts), so the
-                # scale re-derives exactly: per-entry code bounds, equal for that entry
-                top = (torch.nn.functional.one_hot(arg, end - c).bool() & (amax > 0)[:, None]).T
-                sign = torch.where(cur.T >= 0, qmax, -qmax)
-                lo, hi = torch.where(top, sign, -qmax), torch.where(top, sign, qmax)
+                scale, lo, hi = _group_grid(cur, qmax, weight[c:end], clip)
             w = W1[i]
             q = torch.div(w, scale, out=out[c]).round_()
             torch.maximum(q, lo[c % g], out=q)
@@ -163,6 +213,19 @@ def gptq_round(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int = 0,
         if i2 < cols:
             Wt[i2:].addmm_(U[i1:i2, i2:].T, Err, alpha=-1.0)
     return _on_grid(out.T.contiguous(), bits, group_size)
+
+
+def _group_grid(cur: torch.Tensor, qmax: float, weight: torch.Tensor,
+                clip: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For one group (``cur``: ``(rows, group)``, its entries as the group starts): the per-row
+    scale of :func:`_clip_scale` and per-entry code bounds ``(lo, hi)`` (``(group, rows)``). The
+    group's largest entry keeps the top code (its sign as the group starts), so the scale
+    re-derives exactly: its bounds are equal."""
+    amax, arg = cur.abs().max(dim=1)
+    scale = _clip_scale(cur, amax, qmax, weight, clip)
+    top = (torch.nn.functional.one_hot(arg, cur.shape[1]).bool() & (amax > 0)[:, None]).T
+    sign = torch.where(cur.T >= 0, qmax, -qmax)
+    return scale, torch.where(top, sign, -qmax), torch.where(top, sign, qmax)
 
 
 def _clip_scale(cur: torch.Tensor, amax: torch.Tensor, qmax: float, weight: torch.Tensor,
@@ -212,10 +275,10 @@ def rank_rotation(r: int, dtype: torch.dtype = torch.float64, device: torch.devi
     return R.to(device=device, dtype=dtype)
 
 
-def fit_lowbit_factors(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None, bits: int,
+def fit_lowbit_factors(A: torch.Tensor, B: torch.Tensor, H: Covariance | CovarianceRoot | None, bits: int,
                        percdamp: float = GPTQ_PERCDAMP, rounds: int = FIT_ROUNDS, balance: float = BALANCE,
                        clip: tuple[float, ...] = CLIP_GRID,
-                       target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       target: torch.Tensor | None = None, damping: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Â, B̂)`` on the ``bits`` grid that :func:`~peft_eora.adapter_quant.pack_adapter_state_dict`
     stores, fitted so that ``B̂·Â·x`` stays close to ``B·A·x`` for inputs with covariance ``H``
     (``None``: identity). ``A`` is ``(r, in)``, ``B`` ``(out, r)``.
@@ -233,25 +296,48 @@ def fit_lowbit_factors(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None,
     ``‖(target − B̂·Â)·Xᵀ‖``, the layer's error itself; the rounded pair may then pick up some
     of what the rank-r truncation left out, where aiming at ``B·A`` only chases the float pair.
 
+    ``H`` may also be the parts it is the sum of (or a :class:`~peft_eora.decompose.CovarianceRoot`),
+    and ``damping`` fits to ``H + damping·mean(diag H)·I`` (the ridge the factors were fitted with),
+    made here: from float32 parts the peak is two ``in × in`` float64 matrices, one fewer than when
+    the damped matrix is passed in.
+
         >>> A_hat, B_hat = fit_lowbit_factors(A, B, X.T @ X, bits=4)  # doctest: +SKIP
         >>> A_hat, B_hat = fit_lowbit_factors(A, B, X.T @ X, bits=4, target=dW)  # doctest: +SKIP
+        >>> A_hat, B_hat = fit_lowbit_factors(A, B, (H_fit, H_val), bits=8, damping=0.01)  # doctest: +SKIP
     """
     r, n = A.shape
     if B.shape[1] != r:
         raise ValueError(f"incompatible shapes A={tuple(A.shape)}, B={tuple(B.shape)}")
     if rounds < 1:
         raise ValueError(f"rounds={rounds} must be at least 1")
-    dev = A.device
-    Hd = torch.eye(n, dtype=torch.float64, device=dev) if H is None else H.to(dev, torch.float64)
-    A64, B64 = _balanced(A.to(torch.float64), B.to(dev, torch.float64), Hd, balance)
-    plan = _plan(Hd, percdamp)  # shared by every A rounding
-    a_group, b_group = factor_group_size("lora_A", bits, n), factor_group_size("lora_B", bits, r)
     if target is not None and tuple(target.shape) != (B.shape[0], n):
         raise ValueError(f"target shape {tuple(target.shape)} does not match B·A's {(B.shape[0], n)}")
+    width = None if H is None else (H.S.shape[0] if isinstance(H, CovarianceRoot) else covariance_parts(H)[0].shape[0])
+    if H is not None and width != n:
+        raise ValueError(f"covariance of {width} inputs does not match A's {n} input columns")
+    dev = A.device
+    # no H: the identity, never built. Else the plan first, from the parts as given (its two float64
+    # n × n scratch matrices gone before the float64 H is made); a root has no parts to start from
+    if isinstance(H, CovarianceRoot):
+        Hd = damped(H, damping).to(dev)
+        plan = _plan(Hd, percdamp)
+    elif H is None:
+        Hd = plan = None
+    else:
+        H = tuple(part.to(dev) for part in covariance_parts(H))
+        plan = _plan(H, percdamp, damping)  # shared by every A rounding
+        Hd = damped(H, damping)  # float64, symmetrised
+
+    def times_h(M: torch.Tensor) -> torch.Tensor:
+        """``M·H``."""
+        return M if Hd is None else M @ Hd.to(M.dtype)
+
+    A64, B64 = _balanced(A.to(torch.float64), B.to(dev, torch.float64), Hd, balance)
+    a_group, b_group = factor_group_size("lora_A", bits, n), factor_group_size("lora_B", bits, r)
     # the target in float32 like the layer's weights ((out, in) is the one large matrix here), and T·H
     T32 = None if target is None else target.to(dev, torch.float32)
-    TH = None if T32 is None else T32 @ Hd.to(torch.float32)
-    AH = A64 @ Hd
+    TH = None if T32 is None else times_h(T32)
+    AH = times_h(A64)
 
     def aimed(A_hat: torch.Tensor) -> torch.Tensor:
         """``T·H·Âᵀ`` (``(out, r)``) for the target ``T`` (``B·A`` when none is given)."""
@@ -264,7 +350,7 @@ def fit_lowbit_factors(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None,
     def finish(A_hat: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
         """Refit ``B`` to the rounded ``A_hat`` (towards the target), round it; the pair's squared
         error under ``H`` towards the target, up to a constant: ``‖B̂·Â‖²_H − 2·⟨B̂, T·H·Âᵀ⟩``."""
-        G = A_hat @ Hd @ A_hat.T  # the covariance of Â·x, which B multiplies
+        G = times_h(A_hat) @ A_hat.T  # the covariance of Â·x, which B multiplies
         G = 0.5 * (G + G.T)
         M = aimed(A_hat)
         B_fit = _ridge_solve(G, M.T).T  # argmin ‖(T − B'·Â)·X‖
@@ -291,11 +377,11 @@ def fit_lowbit_factors(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None,
     return best[1].float(), best[2].float()
 
 
-def _balanced(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor, balance: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _balanced(A: torch.Tensor, B: torch.Tensor, H: torch.Tensor | None, balance: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(D⁻¹·A, B·D)`` with ``D`` diagonal so that direction ``j`` has ``‖b_j‖ = σ_j^balance``,
-    ``σ_j = ‖b_j‖·‖a_j‖_H`` (the same product; zero directions untouched)."""
+    ``σ_j = ‖b_j‖·‖a_j‖_H`` (the same product; zero directions untouched; ``H=None``: identity)."""
     b = B.norm(dim=0)
-    a = torch.einsum("ij,jk,ik->i", A, H, A).clamp_min(0.0).sqrt()
+    a = (A.square().sum(1) if H is None else torch.einsum("ij,jk,ik->i", A, H, A)).clamp_min(0.0).sqrt()
     sigma = a * b
     ok = (b > 0) & (sigma > 0)
     d = torch.where(ok, sigma.clamp_min(1e-300) ** balance / b.clamp_min(1e-300), torch.ones_like(b))
