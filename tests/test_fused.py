@@ -169,6 +169,42 @@ def test_a_layer_first_called_inside_graph_capture_keeps_peft_forward_there(monk
         ops.gptq_lora_linear_eager(*args, **kw, backend="cuda")
 
 
+def test_copies_a_captured_graph_reads_outlive_a_later_miss(monkeypatch):
+    """A CUDA graph replays the addresses it captured: the prepared copies a capture used stay alive when
+    a later eager call (the adapter changed) replaces them in the cache; unfuse lets them go. Capture is
+    mimicked on the CPU."""
+    import gc
+    import weakref
+
+    import peft_eora.fused as fused_mod
+    from peft_eora.fused import unfuse
+
+    pm = peft_model()
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        fuse(pm, backend="torch")
+        q = pm.base_model.model.q
+        pm(x)  # the eager warm-up prepares the copies
+        monkeypatch.setattr(fused_mod, "_capturing", lambda t: True)
+        pm(x)  # captured fused, with those copies
+        monkeypatch.setattr(fused_mod, "_capturing", lambda t: False)
+        captured = next(iter(q._fused_cache.values()))
+        lora_b = weakref.ref(captured["lora_b"])
+        del captured
+        q.lora_B["default"].weight.mul_(2.0)  # a training step: the next eager call prepares new copies
+        pm(x)
+        assert next(iter(q._fused_cache.values()))["lora_b"] is not lora_b()
+        gc.collect()
+        assert lora_b() is not None and list(q._fused_captured.values())[0]["lora_b"] is lora_b()
+        fuse(pm, backend="torch")  # bound again: a graph captured before may still replay
+        gc.collect()
+        assert lora_b() is not None
+        unfuse(pm)
+        del q
+        gc.collect()
+        assert lora_b() is None
+
+
 TRITON_CPU = _triton_cpu()
 
 

@@ -91,7 +91,7 @@ _MODULE_INTERNALS = (
 FUSED_MAX_ROWS = _ops.CUDA_MAX_M
 
 _FUSED_ATTRS = ("_fused_original", "_fused_adapter", "_fused_backend", "_fused_adapter_bits", "_fused_meta",
-                "_fused_cache", "_capture_warned")
+                "_fused_cache", "_capture_warned", "_fused_captured")
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -233,6 +233,8 @@ class FusedGPTQLoraLinear(GPTQLoraLinear):
         object.__setattr__(self, "_fused_meta", _base_meta(self.get_base_layer()))
         object.__setattr__(self, "_fused_cache", {})
         object.__setattr__(self, "_capture_warned", False)
+        if "_fused_captured" not in self.__dict__:  # kept across re-binds: a graph captured before may still replay
+            object.__setattr__(self, "_fused_captured", {})
 
     @property
     def original(self) -> GPTQLoraLinear:
@@ -346,7 +348,8 @@ class FusedGPTQLoraLinear(GPTQLoraLinear):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args or kwargs or not self._can_fuse_call(x):
             return super().forward(x, *args, **kwargs)
-        if _capturing(x) and self._cached(x) is None:
+        capturing = _capturing(x)
+        if capturing and self._cached(x) is None:
             # copies made (and a kernel workspace zeroed) inside CUDA graph capture only exist once the graph
             # replays: later eager calls would read them unset. This graph keeps PEFT's forward; a layer called
             # eagerly once before capture (the usual warm-up) is captured fused.
@@ -356,6 +359,8 @@ class FusedGPTQLoraLinear(GPTQLoraLinear):
                                "run one eager forward before capturing to capture the fused kernel")
             return super().forward(x, *args, **kwargs)
         p = self._prepared(x)
+        if capturing:  # the graph holds p's addresses: p outlives a later miss that replaces it in the cache
+            self._fused_captured[id(p)] = p
         meta = self._fused_meta
         # eager: call the op body directly (no dispatcher round trip); traced: the custom op
         op = torch.ops.peft_eora.gptq_lora_linear if torch.compiler.is_compiling() else _ops.gptq_lora_linear_eager
