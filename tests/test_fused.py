@@ -167,6 +167,9 @@ def test_a_layer_first_called_inside_graph_capture_keeps_peft_forward_there(monk
     assert "captured with the torch backend" in caplog.text
     with pytest.raises(ops.WorkspaceNotReady):
         ops.gptq_lora_linear_eager(*args, **kw, backend="cuda")
+    monkeypatch.setenv(ops.ENV_BACKEND, "cuda")  # forced through the environment: the same error, no fallback
+    with pytest.raises(ops.WorkspaceNotReady):
+        ops.gptq_lora_linear_eager(*args, **kw, backend="auto")
 
 
 def test_copies_a_captured_graph_reads_outlive_a_later_miss(monkeypatch):

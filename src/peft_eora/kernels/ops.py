@@ -370,8 +370,9 @@ def gptq_lora_linear_eager(
             return _run_cuda(*args, **kwargs)
         except WorkspaceNotReady:
             # first CUDA call of this device/rank inside a capture (an eager prefill of more than 16 rows ran
-            # another backend): "auto" captures the next backend instead; "cuda" was asked for, so it is an error
-            if backend != "auto":
+            # another backend): "auto" captures the next backend instead; "cuda" was asked for (here or by
+            # $PEFT_EORA_BACKEND), so it is an error
+            if backend != "auto" or (os.environ.get(ENV_BACKEND, "auto") or "auto") != "auto":
                 raise
             global _warned_capture_fallback
             if not _warned_capture_fallback:
