@@ -252,43 +252,60 @@ def test_empty_calibration(tiny_llama, data):
 def test_calibration_longer_than_the_context(tiny_llama):
     """Sequences past ``max_position_embeddings`` (256 here): one error naming the limit and the fix,
     before any compute; at the limit they run."""
+    from peft_eora.calibration import check_context
+
     original, quantized = tiny_llama
     pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, init_eora=False))
     with pytest.raises(CalibrationError, match=r"sequences of 300 tokens are longer than the model's context \(256 "
-                       r"positions.*seq_len=\.\.\.\) to at most 256"):
+                       r"positions.*truncate the calibration sequences to at most 256 tokens"):
         initialize_eora_weights(pm, original_model=original, calibration=torch.randint(3, 1000, (1, 300)), progress=False)
+    with pytest.raises(CalibrationError, match=r"lower CalibrationConfig\(seq_len=\.\.\.\) to at most 256"):
+        check_context([{"input_ids": torch.zeros(1, 300, dtype=torch.long)}], 256, windows=True)
     assert pm.peft_config["default"].eora_stats is None
-    from peft_eora.calibration import check_context
-
     check_context([{"input_ids": torch.zeros(1, 256, dtype=torch.long)}], 256)
     check_context([{"input_ids": torch.zeros(1, 9999, dtype=torch.long)}], None)
 
 
-def test_calibration_texts_are_one_sample_each(tiny_llama, tokenizer):
-    """A list of texts (GPTQ quantizers' calibration form) or a ``datasets.Dataset`` with a text
-    column: each text one sample, tokenized with the model's tokenizer and right-padded under an
-    attention mask; the same factors as those token batches given directly."""
+def test_calibration_texts_are_one_sample_each(tiny_llama, tokenizer, caplog):
+    """A list of texts (GPTQ quantizers' calibration form), a ``{"text": [...]}`` mapping or a
+    ``datasets.Dataset`` with a text column: each text one sample, tokenized with the model's
+    tokenizer, right-padded under an attention mask. The padding changes nothing: two texts per batch
+    (padded) give the factors of one per batch (no padding), whatever id the padding holds."""
     from peft_eora.calibration import as_batches
 
     original, quantized = tiny_llama
-    texts = ["The tower is 330 metres tall.", "   ", "def add(a, b):\n    return a + b",
+    texts = ["The tower is 330 metres tall.", "   ", None, "def add(a, b):\n    return a + b",
              "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen."]
+    real = [t for t in texts if t and t.strip()]
     batches = as_batches(texts, tokenizer, batch_size=2)
-    lengths = [len(tokenizer(t)["input_ids"]) for t in texts if t.strip()]
-    assert [b["input_ids"].shape[0] for b in batches] == [2, 1]  # the blank text dropped
+    lengths = [len(tokenizer(t)["input_ids"]) for t in real]
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 1]  # the blank and missing texts dropped
     assert batches[0]["attention_mask"].sum(1).tolist() == lengths[:2] and "attention_mask" not in batches[1]
-    assert batches[0]["input_ids"][1, :lengths[1]].tolist() == tokenizer(texts[2])["input_ids"]
+    assert batches[0]["input_ids"][1, :lengths[1]].tolist() == tokenizer(real[1])["input_ids"]
 
     def factors(calibration, **kw):
         pm = get_peft_model(copy.deepcopy(quantized), EoRAConfig(r=4, init_eora=False))
         initialize_eora_weights(pm, original_model=original, calibration=calibration, progress=False, **kw)
         return [m.lora_B["default"].weight for m in pm.modules() if isinstance(m, LoraLayer)]
 
+    unpadded = factors(texts, tokenizer=tokenizer, batch_size=1)
+    padded = factors(texts, tokenizer=tokenizer, batch_size=2)
+    for got, want in zip(padded, unpadded):  # padded rows: the same statistics up to float32 summation order
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+    # the padding's id outside the vocabulary (a pad token added to the tokenizer only): set to 0, same factors
+    odd = [{**b, "input_ids": b["input_ids"].masked_fill(b["attention_mask"] == 0, 49152)} if "attention_mask" in b
+           else b for b in batches]
+    assert int(odd[0]["input_ids"].max()) == 49152
+    for got, want in zip(factors(odd), padded):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
     datasets = pytest.importorskip("datasets")
-    expected = factors(batches)
-    for given in (texts, datasets.Dataset.from_dict({"text": texts, "source": ["a", "b", "c", "d"]})):
-        for got, want in zip(factors(given, tokenizer=tokenizer, batch_size=2), expected):
+    for given in ({"text": texts}, datasets.Dataset.from_dict({"text": texts, "source": list("abcde")})):
+        for got, want in zip(factors(given, tokenizer=tokenizer, batch_size=2), padded):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # texts past the model's context (256 positions) are cut to it, with one warning
+    with caplog.at_level("WARNING", logger="peft_eora.calibration"):
+        long = as_batches([" ".join(["word"] * 400), real[0]], tokenizer, max_text_tokens=256)
+    assert long[0]["input_ids"].shape[1] == 256 and "1 of 2 calibration texts are longer" in caplog.text
     with pytest.raises(CalibrationError, match="Calibration text needs a tokenizer.*tokenizer= to peft_eora"):
         factors(texts)  # the tiny model was built from a config: no tokenizer to be found
     with pytest.raises(CalibrationError, match="every text given is blank"):

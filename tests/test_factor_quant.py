@@ -214,10 +214,11 @@ def test_aiming_at_the_residual():
         fit_lowbit_factors(f.A, f.B, H_fit, 4, target=T[:, :-1])
 
 
-@pytest.mark.parametrize("case", ["plain", "dead", "indefinite"])
+@pytest.mark.parametrize("case", ["plain", "dead", "indefinite", "parts"])
 def test_plan_is_the_damped_inverse_cholesky(case):
     """``_plan``: the upper triangular ``U`` with ``Uᵀ·U = (H + ridge·I)⁻¹`` (float64 reference),
-    dead inputs set to 1; an indefinite ``H`` gets a ridge ten times larger until it factorises."""
+    dead inputs set to 1; an indefinite ``H`` gets a ridge ten times larger until it factorises;
+    ``H`` given as float32 parts with a ``damping`` is their damped sum's plan."""
     n = 48
     X = _inputs(n, 256, 30)
     if case == "dead":
@@ -226,9 +227,16 @@ def test_plan_is_the_damped_inverse_cholesky(case):
     if case == "indefinite":
         # unit diagonal, eigenvalues 1 + 4·cos(kπ/(n+1)) down to about −3: factorises at a ridge of 10
         H = torch.eye(n, dtype=torch.float64) + 2.0 * (torch.diag(torch.ones(n - 1), 1) + torch.diag(torch.ones(n - 1), -1)).double()
-    U = _plan(H.float(), 0.01).double()
+    if case == "parts":
+        X2 = _inputs(n, 128, 31)
+        parts = ((X.T @ X).float(), (X2.T @ X2).float())
+        U = _plan(parts, 0.01, damping=0.3).double()
+        H = parts[0].double() + parts[1].double()
+        H = H + 0.3 * float(H.diagonal().mean()) * torch.eye(n, dtype=torch.float64)
+    else:
+        U = _plan(H.float(), 0.01).double()
     assert torch.equal(U, torch.triu(U)) and torch.isfinite(U).all()
-    ref = H.float().double()
+    ref = H if case == "parts" else H.float().double()
     dead = ref.diagonal() <= 0
     ref[dead, :], ref[:, dead] = 0.0, 0.0
     ref[dead, dead] = 1.0

@@ -235,58 +235,75 @@ def is_token_mapping(data: Any) -> bool:
     return isinstance(data, Mapping) and not isinstance(data, CalibrationConfig) and "input_ids" in data
 
 
-def text_rows(data: Any) -> Optional[list[str]]:
+def text_rows(data: Any) -> Optional[list[Optional[str]]]:
     """The texts of ``data`` when it is calibration text, else ``None``: a list or tuple of strings,
-    of mappings with a ``"text"`` field (and no ``"input_ids"``), or a ``datasets.Dataset`` with a
-    ``"text"`` column and no ``"input_ids"`` one."""
+    of mappings with a ``"text"`` field (and no ``"input_ids"``), a mapping ``{"text": [...]}``, or a
+    ``datasets.Dataset`` with a ``"text"`` column and no ``"input_ids"`` one. Missing texts
+    (``None``) stay ``None`` (dropped as blank)."""
     columns = getattr(data, "column_names", None)
     if isinstance(columns, list) and "text" in columns and "input_ids" not in columns:
-        return [str(t) for t in data["text"]]
+        return list(data["text"])
+    if isinstance(data, Mapping) and not isinstance(data, CalibrationConfig) and "text" in data \
+            and "input_ids" not in data and isinstance(data["text"], (list, tuple, str)):
+        return [data["text"]] if isinstance(data["text"], str) else list(data["text"])
     if not isinstance(data, (list, tuple)) or not data:
         return None
-    if all(isinstance(t, str) for t in data):
+    if all(isinstance(t, str) or t is None for t in data) and any(isinstance(t, str) for t in data):
         return list(data)
     if all(isinstance(t, Mapping) and "text" in t and "input_ids" not in t for t in data):
-        return [str(t["text"]) for t in data]
+        return [t["text"] for t in data]
     return None
 
 
-def _text_batches(texts: list[str], tokenizer: Any, batch_size: int) -> list[Batch]:
+def _text_batches(texts: list[Optional[str]], tokenizer: Any, batch_size: int,
+                  max_tokens: Optional[int] = None) -> list[Batch]:
     """Each non-blank text one sample (tokenized with the tokenizer's special tokens, as a model
-    reads it), ``batch_size`` per batch, right-padded with an attention mask."""
+    reads it; its first ``max_tokens`` tokens), ``batch_size`` per batch, right-padded with id 0
+    under an attention mask (what a hidden position holds changes nothing the covariances see)."""
     if tokenizer is None:
         raise CalibrationError(
             "Calibration text needs a tokenizer and none was given or found: pass tokenizer= to "
             "peft_eora.initialize_eora_weights, or tokenize the texts yourself."
         )
-    rows = [ids for ids in (list(tokenizer(t)["input_ids"]) for t in texts if t.strip()) if ids]
-    pad = getattr(tokenizer, "pad_token_id", None)
+    rows = []
+    for t in texts:
+        if t is None or not str(t).strip():
+            continue
+        ids = torch.as_tensor(tokenizer(str(t))["input_ids"]).reshape(-1)  # lists, or (1, L) tensors
+        if ids.numel():
+            rows.append(_token_ids(ids))
+    long = sum(len(r) > max_tokens for r in rows) if max_tokens else 0
+    if long:
+        logger.warning("%d of %d calibration texts are longer than the model's context: their first %d tokens "
+                       "are used", long, len(rows), max_tokens)
+        rows = [r[:max_tokens] for r in rows]
     batches: list[Batch] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         width = max(len(r) for r in chunk)
-        ids = torch.full((len(chunk), width), int(pad) if pad is not None else 0, dtype=torch.long)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for k, r in enumerate(chunk):
-            ids[k, :len(r)] = torch.tensor(r, dtype=torch.long)
+            ids[k, :len(r)] = r
             mask[k, :len(r)] = 1
         batches.append({"input_ids": ids} if bool(mask.all()) else {"input_ids": ids, "attention_mask": mask})
     return batches
 
 
-def as_batches(data: CalibrationData, tokenizer=None, batch_size: int = 8) -> list[Batch]:
+def as_batches(data: CalibrationData, tokenizer=None, batch_size: int = 8,
+               max_text_tokens: Optional[int] = None) -> list[Batch]:
     """Normalise any accepted calibration input to a list of ``{"input_ids", "attention_mask"?}``.
 
     A mapping with ``input_ids`` (a tokenizer's output) is one batch of rows, split by ``batch_size``;
     any other mapping holds the fields of a :class:`CalibrationConfig`. Texts (:func:`text_rows`: a
     list of strings, or a ``datasets.Dataset`` with a ``"text"`` column) are one sample each, as
-    GPTQ quantizers take them, tokenized with ``tokenizer``::
+    GPTQ quantizers take them, tokenized with ``tokenizer`` (at most ``max_text_tokens`` each)::
 
         >>> as_batches(["The capital of France is Paris.", "def f(x): return x"], tokenizer)  # doctest: +SKIP
     """
     texts = text_rows(data)
     if texts is not None:
-        batches = _text_batches(texts, tokenizer, batch_size)
+        batches = _text_batches(texts, tokenizer, batch_size, max_text_tokens)
         if not batches:
             raise CalibrationError("The calibration data is empty: every text given is blank.")
         return batches
@@ -415,10 +432,21 @@ def check_vocabulary(batches: list[Batch], vocab_size: Optional[int]) -> list[Ba
     return out
 
 
-def check_context(batches: list[Batch], context: Optional[int]) -> None:
+def context_length(model: torch.nn.Module) -> Optional[int]:
+    """The model's context length as its config names it (``None`` where it names none)."""
+    config = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(batches: list[Batch], context: Optional[int], windows: bool = False) -> None:
     """One clear error if a calibration sequence is longer than the model's context (``context``
     positions; ``None``: the model names none): past it a learned position table ends in an index
     error deep in a forward, and rotary models see positions they were never trained on.
+    ``windows``: the batches are a :class:`CalibrationConfig`'s windows (the fix is its ``seq_len``).
 
         >>> check_context(batches, model.config.max_position_embeddings)  # doctest: +SKIP
     """
@@ -426,10 +454,11 @@ def check_context(batches: list[Batch], context: Optional[int]) -> None:
         return
     longest = max((int(b["input_ids"].shape[-1]) for b in batches), default=0)
     if longest > context:
+        fix = (f"lower CalibrationConfig(seq_len=...) to at most {context}" if windows
+               else f"truncate the calibration sequences to at most {context} tokens")
         raise CalibrationError(
             f"Calibration sequences of {longest} tokens are longer than the model's context ({context} positions, "
-            f"config.max_position_embeddings): lower CalibrationConfig(seq_len=...) to at most {context}, or pass "
-            "shorter texts or batches."
+            f"config.max_position_embeddings): {fix}."
         )
 
 

@@ -87,7 +87,8 @@ def _plan(H: Covariance, percdamp: float, damping: float = 0.0) -> torch.Tensor:
     Memory: two ``n × n`` float64 matrices at most (the reversed, symmetrised ``H`` and ``L``; the
     identity that ``L⁻¹`` is solved into reuses the first), then ``U``; every reversal, sum and type
     change goes a block of rows at a time. At 14336² (a Llama-3-8B ``down_proj``) each avoided
-    float64 temporary is 1.5 GiB. The values are bit for bit those of the plain expressions.
+    float64 temporary is 1.5 GiB. The values are those of the plain expressions (bit for bit in
+    every case compared; a mean's summation order may differ in its last bit).
     """
     first, *rest = covariance_parts(H)
     Hr = _reversed(first, torch.float64)
@@ -327,6 +328,7 @@ def fit_lowbit_factors(A: torch.Tensor, B: torch.Tensor, H: Covariance | Covaria
         H = tuple(part.to(dev) for part in covariance_parts(H))
         plan = _plan(H, percdamp, damping)  # shared by every A rounding
         Hd = damped(H, damping)  # float64, symmetrised
+        del H  # the parts moved to dev (a GPU's copies of a CPU covariance) go now
 
     def times_h(M: torch.Tensor) -> torch.Tensor:
         """``M·H``."""

@@ -49,6 +49,7 @@ from .calibration import (
     as_batches,
     check_context,
     check_vocabulary,
+    context_length,
     is_token_mapping,
     text_rows,
 )
@@ -462,9 +463,11 @@ def _compute(
     else:
         if tokenizer is None and not _is_token_data(calibration):
             tokenizer = _load_tokenizer(calibration, original_model, model)
-        batches = as_batches(calibration, tokenizer, batch_size=batch_size)
+        context = context_length(model)
+        batches = as_batches(calibration, tokenizer, batch_size=batch_size, max_text_tokens=context)
         batches = check_vocabulary(batches, _vocabulary_size(model))
-        check_context(batches, _context_length(model))
+        check_context(batches, context, windows=isinstance(calibration, (CalibrationConfig, Mapping))
+                      and not is_token_mapping(calibration) and text_rows(calibration) is None)
     _, targets = find_targets(model, adapter_name)
     device = resolve_execution_device(model, targets, getattr(config, "execution_device", "auto"))
     if device is not None:
@@ -596,16 +599,6 @@ def _vocabulary_size(model: nn.Module) -> Optional[int]:
         return int(model.get_input_embeddings().num_embeddings)
     except (AttributeError, NotImplementedError, TypeError):
         return None
-
-
-def _context_length(model: nn.Module) -> Optional[int]:
-    """Positions the model's config says it takes (None where it names none)."""
-    config = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def _is_token_data(calibration: CalibrationData) -> bool:

@@ -13,6 +13,8 @@ from typing import Any, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..calibration import context_length
+
 
 def encode(tokenizer: Any, text: str) -> list[int]:
     """Token ids of ``text`` with the tokenizer's defaults (BOS only if it adds one)."""
@@ -26,12 +28,7 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def max_length(model: torch.nn.Module) -> int:
     """The model's context length from its config (2048 if it names none)."""
-    config = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048
+    return context_length(model) or 2048
 
 
 def pad_id(tokenizer: Any) -> int:
