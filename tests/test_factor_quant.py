@@ -288,3 +288,17 @@ def test_fit_memory_is_two_float64_covariances(benchmark_module, monkeypatch):
     # the parts and the ridge are the damped sum's fit, bit for bit
     A_ref, B_ref = fit_lowbit_factors(A, B, decompose.damped((H, H_val), 0.01), 8, target=T)
     assert torch.equal(A_hat, A_ref) and torch.equal(B_hat, B_ref)
+    # a root of H (what compensation keeps at a fixed ridge: the Cholesky factor of H + δ·m·I, less
+    # the shift; or eigenvectors with their scales): the plan is made from its rows, no third matrix
+    Hs = (H + H_val).double()
+    shift = 0.01 * float(Hs.diagonal().mean())
+    lam, Q = torch.linalg.eigh(Hs)
+    roots = (decompose.CovarianceRoot(torch.linalg.cholesky(Hs + shift * torch.eye(n, dtype=torch.float64)), shift),
+             decompose.CovarianceRoot(Q, 0.0, lam.clamp_min(0).sqrt()))
+    for root in roots:
+        torch.testing.assert_close(root.matrix(), Hs, rtol=1e-9, atol=1e-9 * float(Hs.abs().max()))
+        with LiveTensorPeak(inventory_bytes=n * n * 4) as live:
+            A_root, B_root = fit_lowbit_factors(A, B, root, 8, target=T, damping=0.01)
+        assert live.peak_bytes <= 2.2 * n * n * 8, (live.peak_bytes / (n * n * 8), live.at_peak)
+        err = lambda a, b: _weighted(T - b @ a, Hs)  # noqa: E731
+        assert err(A_root, B_root) == pytest.approx(err(A_ref, B_ref), rel=1e-3)

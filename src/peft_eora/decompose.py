@@ -140,12 +140,24 @@ class CovarianceRoot:
     shift: float = 0.0
     scale: torch.Tensor | None = None
 
-    def matrix(self) -> torch.Tensor:
-        """``H`` as a new float64 matrix (symmetrised)."""
+    def row_blocks(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(start, stop, rows)``: ``S·Sᵀ`` (``H`` before the shift) in float64, a block of rows at
+        a time; no ``n × n`` matrix is made besides ``S`` (in float64, as it is kept)."""
         S = self.S.to(torch.float64)
-        if self.scale is not None:
-            S = S * self.scale.to(S)
-        H = _symmetrize_(S @ S.T)
+        w = None if self.scale is None else self.scale.to(S).square()
+        n = S.shape[0]
+        step = _block_len(n, 8)
+        for i in range(0, n, step):
+            block = S[i:i + step] if w is None else S[i:i + step] * w
+            yield i, min(i + step, n), block @ S.T
+
+    def matrix(self) -> torch.Tensor:
+        """``H`` as a new float64 matrix (symmetrised), made a block of rows at a time."""
+        n = self.S.shape[0]
+        H = torch.empty((n, n), dtype=torch.float64, device=self.S.device)
+        for i, j, rows in self.row_blocks():
+            H[i:j] = rows
+        _symmetrize_(H)
         if self.shift:
             H.diagonal().sub_(self.shift)
         return H

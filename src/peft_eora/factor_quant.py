@@ -77,12 +77,13 @@ FIT_ROUNDS = 3
 BALANCE = 0.2
 
 
-def _plan(H: Covariance, percdamp: float, damping: float = 0.0) -> torch.Tensor:
+def _plan(H: Covariance | CovarianceRoot, percdamp: float, damping: float = 0.0) -> torch.Tensor:
     """GPTQ's float32 upper triangular ``U`` with ``Uᵀ·U = (H + percdamp·mean(diag H)·I)⁻¹``
     (computed in float64; dead inputs get 1): from one Cholesky factorisation of the reversed
     matrix, ``J·H·J = L·Lᵀ`` gives ``U = J·L⁻¹·J`` (``J`` reverses the order), with no explicit
-    inverse of ``H``. ``H`` may be given as the parts it is the sum of, and ``damping`` adds
-    ``damping·mean(diag H)·I`` first (:func:`~peft_eora.decompose.damped`'s values, bit for bit).
+    inverse of ``H``. ``H`` may be given as the parts it is the sum of or as a
+    :class:`~peft_eora.decompose.CovarianceRoot`, and ``damping`` adds ``damping·mean(diag H)·I``
+    first (:func:`~peft_eora.decompose.damped`'s values).
 
     Memory: two ``n × n`` float64 matrices at most (the reversed, symmetrised ``H`` and ``L``; the
     identity that ``L⁻¹`` is solved into reuses the first), then ``U``; every reversal, sum and type
@@ -90,11 +91,20 @@ def _plan(H: Covariance, percdamp: float, damping: float = 0.0) -> torch.Tensor:
     float64 temporary is 1.5 GiB. The values are those of the plain expressions (bit for bit in
     every case compared; a mean's summation order may differ in its last bit).
     """
-    first, *rest = covariance_parts(H)
-    Hr = _reversed(first, torch.float64)
-    for part in rest:
-        _reversed(part, torch.float64, add_to=Hr)
-    _symmetrize_(Hr)  # J·½(H + Hᵀ)·J = ½(Hr + Hrᵀ), the same sums
+    if isinstance(H, CovarianceRoot):  # S·Sᵀ − shift·I, reversed a block of rows at a time
+        n = H.S.shape[0]
+        Hr = torch.empty((n, n), dtype=torch.float64, device=H.S.device)
+        for i, j, rows in H.row_blocks():
+            Hr[n - j:n - i] = rows.flip(0, 1)
+        _symmetrize_(Hr)
+        if H.shift:
+            torch.diagonal(Hr).sub_(H.shift)
+    else:
+        first, *rest = covariance_parts(H)
+        Hr = _reversed(first, torch.float64)
+        for part in rest:
+            _reversed(part, torch.float64, add_to=Hr)
+        _symmetrize_(Hr)  # J·½(H + Hᵀ)·J = ½(Hr + Hrᵀ), the same sums
     if damping > 0:
         mean = float(torch.diagonal(Hr).flip(0).mean())  # summed in H's order, as damped() sums it
         if mean > 0:
@@ -319,9 +329,11 @@ def fit_lowbit_factors(A: torch.Tensor, B: torch.Tensor, H: Covariance | Covaria
     dev = A.device
     # no H: the identity, never built. Else the plan first, from the parts as given (its two float64
     # n × n scratch matrices gone before the float64 H is made); a root has no parts to start from
-    if isinstance(H, CovarianceRoot):
-        Hd = damped(H, damping).to(dev)
-        plan = _plan(Hd, percdamp)
+    if isinstance(H, CovarianceRoot):  # the plan from the root's rows, then the float64 H
+        H = CovarianceRoot(H.S.to(dev), H.shift, None if H.scale is None else H.scale.to(dev))
+        plan = _plan(H, percdamp, damping)
+        Hd = damped(H, damping)
+        del H
     elif H is None:
         Hd = plan = None
     else:
