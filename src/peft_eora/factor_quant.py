@@ -47,7 +47,7 @@ import math
 
 import torch
 
-from .decompose import Covariance, CovarianceRoot, _block_rows, _symmetrize_, covariance_parts, damped
+from .decompose import Covariance, CovarianceRoot, _block_len, _block_rows, _symmetrize_, covariance_parts, damped
 from .kernels.lowbit import factor_group_size, grid_values
 
 __all__ = ["gptq_round", "fit_lowbit_factors", "rank_rotation", "GPTQ_PERCDAMP", "CLIP_GRID", "FIT_ROUNDS", "BALANCE"]
@@ -343,8 +343,15 @@ def fit_lowbit_factors(A: torch.Tensor, B: torch.Tensor, H: Covariance | Covaria
         del H  # the parts moved to dev (a GPU's copies of a CPU covariance) go now
 
     def times_h(M: torch.Tensor) -> torch.Tensor:
-        """``M·H``."""
-        return M if Hd is None else M @ Hd.to(M.dtype)
+        """``M·H`` (float32 ``M``: with ``H``'s columns in float32 a block at a time, the same values
+        as one float32 copy of ``H``, which would be half an ``in × in`` float64 matrix more)."""
+        if Hd is None or M.dtype == Hd.dtype:
+            return M if Hd is None else M @ Hd
+        out = M.new_empty((M.shape[0], n))
+        step = _block_len(n, M.element_size())
+        for j in range(0, n, step):
+            out[:, j:j + step] = M @ Hd[:, j:j + step].to(M.dtype)
+        return out
 
     A64, B64 = _balanced(A.to(torch.float64), B.to(dev, torch.float64), Hd, balance)
     a_group, b_group = factor_group_size("lora_A", bits, n), factor_group_size("lora_B", bits, r)
