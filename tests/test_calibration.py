@@ -276,8 +276,8 @@ def test_token_batches_accepted_and_checked():
 
 def test_padding_outside_the_vocabulary_is_not_blamed_on_the_tokenizer():
     """A pad token added to the tokenizer but not to the model (Llama 3's ``[PAD]``, id = vocabulary
-    size) sits only where the attention mask hides it: those positions get id 0 in a copy; a real
-    token outside the vocabulary is still one error naming it."""
+    size), or a negative pad id, sits only where the attention mask hides it: those positions get
+    id 0 in a copy; a real token outside the vocabulary is still one error naming it."""
     from peft_eora.calibration import as_batches, check_vocabulary
 
     ids = torch.randint(3, 100, (2, 6))
@@ -291,3 +291,10 @@ def test_padding_outside_the_vocabulary_is_not_blamed_on_the_tokenizer():
     ids[0, 3] = 120  # a real token outside it
     with pytest.raises(CalibrationError, match="token id 120 is outside the model's vocabulary \\(100 tokens\\)"):
         check_vocabulary(as_batches({"input_ids": ids, "attention_mask": mask}), 100)
+    # padding written as a negative id (-1, -100) is hidden the same way; a negative real token is refused
+    ids[0, 3], ids[1, :2] = 7, -100
+    (batch,) = as_batches({"input_ids": ids, "attention_mask": mask})
+    assert torch.equal(batch["input_ids"][1, :2], torch.zeros(2, dtype=torch.long)) and int(ids[1, 0]) == -100
+    ids[0, 1] = -1
+    with pytest.raises(CalibrationError, match="must be ≥ 0, got -1"):
+        as_batches({"input_ids": ids, "attention_mask": mask})

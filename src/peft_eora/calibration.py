@@ -362,19 +362,19 @@ def as_batches(data: CalibrationData, tokenizer=None, batch_size: int = 8,
         except (ValueError, TypeError) as exc:
             raise CalibrationError(f"A calibration batch's input_ids could not be made one tensor ({exc}): pad its "
                                    "rows to one length and pass an attention mask.") from exc
-        ids = _token_ids(ids)
         given = tuple(ids.shape)
         if ids.ndim == 1:
             ids = ids[None]
         elif ids.ndim == 3 and ids.shape[1] == 1:  # a DataLoader over tokenizer(text, return_tensors="pt") items
             ids = ids[:, 0]
         if ids.ndim != 2:
+            _token_ids(ids)  # a float or negative tensor is said first
             raise CalibrationError(
                 f"A calibration batch's input_ids must be (batch, seq_len), got {given}. Batches of "
                 "tokenizer(..., return_tensors='pt') outputs stack a (1, seq_len) tensor per row: tokenize without "
                 "return_tensors (or squeeze each row) before the DataLoader."
             )
-        batch: Batch = {"input_ids": ids}
+        mask = None
         if item.get("attention_mask") is not None:
             mask = torch.as_tensor(item["attention_mask"])
             if mask.numel() != ids.numel():
@@ -383,8 +383,10 @@ def as_batches(data: CalibrationData, tokenizer=None, batch_size: int = 8,
                     "give one mask entry per token."
                 )
             mask = mask.reshape(ids.shape)
-            if not bool(mask.all()):
-                batch["attention_mask"] = mask.long()
+        ids = _token_ids(ids, None if mask is None else mask == 0)  # negative padding ids (hidden) become 0
+        batch: Batch = {"input_ids": ids}
+        if mask is not None and not bool(mask.all()):
+            batch["attention_mask"] = mask.long()
         if ids.numel():
             batches.append(batch)
     if not batches:
@@ -392,14 +394,19 @@ def as_batches(data: CalibrationData, tokenizer=None, batch_size: int = 8,
     return batches
 
 
-def _token_ids(ids: torch.Tensor) -> torch.Tensor:
-    """``ids`` as int64 token ids; float or boolean tensors (not token ids) and negative ids are refused."""
+def _token_ids(ids: torch.Tensor, hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``ids`` as int64 token ids; float or boolean tensors (not token ids) and negative ids are
+    refused, except where ``hidden`` (a boolean mask of padding) hides them: those become id 0."""
     if ids.numel() == 0:  # nothing to check (empty data is said where batches are counted)
         return ids.long()
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise CalibrationError(f"Calibration token ids must be an integer tensor, got dtype {ids.dtype}.")
-    if ids.numel() and int(ids.min()) < 0:
-        raise CalibrationError(f"Calibration token ids must be ≥ 0, got {int(ids.min())}.")
+    negative = ids < 0
+    if bool(negative.any()):
+        real = negative if hidden is None else negative & ~hidden
+        if bool(real.any()):
+            raise CalibrationError(f"Calibration token ids must be ≥ 0, got {int(ids[real].min())}.")
+        ids = ids.masked_fill(negative, 0)
     return ids.long()
 
 
