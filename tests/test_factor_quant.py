@@ -265,17 +265,18 @@ def test_no_covariance_rounds_each_group_without_feedback(benchmark_module):
     assert live.at_peak == [] and live.peak_bytes < n * n * 2, live.at_peak  # measured 0.16·n²·8
 
 
-def test_fit_memory_is_two_float64_covariances(benchmark_module, monkeypatch):
-    """The fit's peak beyond its inputs: the plan's two ``in × in`` float64 matrices (the reversed
-    covariance and its Cholesky factor; before: 7.6 of them, 11.6 GiB at a 14336-input layer), also
-    when it is given float32 parts and a ridge, as compensation fits (the damped float64 matrix made
-    after the plan, not before it). The tiles of the block loops shrunk to this small ``n`` (at 14336
-    inputs they are 0.04 of a matrix)."""
+def test_fit_memory_is_one_and_a_half_float64_covariances(benchmark_module, monkeypatch):
+    """The fit's peak beyond its inputs: one ``in × in`` float64 matrix and GPTQ's float32 plan (the
+    plan factorised and inverted in place in the matrix it is built in, and made before the float64
+    ``H``; before: 7.6 float64 matrices, 11.6 GiB at a 14336-input layer), also when it is given
+    float32 parts and a ridge, or a root, as compensation fits. The tiles of the block loops shrunk
+    to this small ``n`` (at 14336 inputs they are 0.04 of a matrix); what grows with ``n × r`` adds
+    ~0.2 here."""
     from peft_eora import decompose
 
-    n = 512
+    n = 1024
     monkeypatch.setattr(decompose, "_SYM_TILE", 64)
-    monkeypatch.setattr(decompose, "_PROJECT_BLOCK_BYTES", 64 * n * 8)
+    monkeypatch.setattr(decompose, "_PROJECT_BLOCK_BYTES", 16 * n * 8)
     X, X_val = _inputs(n, 1024, 33), _inputs(n, 1024, 35)
     H, H_val = X.T @ X, X_val.T @ X_val
     gen = torch.Generator().manual_seed(34)
@@ -284,7 +285,7 @@ def test_fit_memory_is_two_float64_covariances(benchmark_module, monkeypatch):
     for given, damping in ((H, 0.0), ((H, H_val), 0.01)):
         with LiveTensorPeak(inventory_bytes=n * n * 4) as live:
             A_hat, B_hat = fit_lowbit_factors(A, B, given, 8, target=T, damping=damping)
-        assert live.peak_bytes <= 2.2 * n * n * 8, (live.peak_bytes / (n * n * 8), live.at_peak)
+        assert live.peak_bytes <= 1.8 * n * n * 8, (live.peak_bytes / (n * n * 8), live.at_peak)
     # the parts and the ridge are the damped sum's fit, bit for bit
     A_ref, B_ref = fit_lowbit_factors(A, B, decompose.damped((H, H_val), 0.01), 8, target=T)
     assert torch.equal(A_hat, A_ref) and torch.equal(B_hat, B_ref)
@@ -299,6 +300,6 @@ def test_fit_memory_is_two_float64_covariances(benchmark_module, monkeypatch):
         torch.testing.assert_close(root.matrix(), Hs, rtol=1e-9, atol=1e-9 * float(Hs.abs().max()))
         with LiveTensorPeak(inventory_bytes=n * n * 4) as live:
             A_root, B_root = fit_lowbit_factors(A, B, root, 8, target=T, damping=0.01)
-        assert live.peak_bytes <= 2.2 * n * n * 8, (live.peak_bytes / (n * n * 8), live.at_peak)
+        assert live.peak_bytes <= 1.8 * n * n * 8, (live.peak_bytes / (n * n * 8), live.at_peak)
         err = lambda a, b: _weighted(T - b @ a, Hs)  # noqa: E731
         assert err(A_root, B_root) == pytest.approx(err(A_ref, B_ref), rel=1e-3)

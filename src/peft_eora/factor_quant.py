@@ -47,7 +47,16 @@ import math
 
 import torch
 
-from .decompose import Covariance, CovarianceRoot, _block_len, _block_rows, _symmetrize_, covariance_parts, damped
+from .decompose import (
+    Covariance,
+    CovarianceRoot,
+    _block_len,
+    _block_rows,
+    _cholesky_,
+    _symmetrize_,
+    covariance_parts,
+    damped,
+)
 from .kernels.lowbit import factor_group_size, grid_values
 
 __all__ = ["gptq_round", "fit_lowbit_factors", "rank_rotation", "GPTQ_PERCDAMP", "CLIP_GRID", "FIT_ROUNDS", "BALANCE"]
@@ -83,15 +92,33 @@ def _plan(H: Covariance | CovarianceRoot, percdamp: float, damping: float = 0.0)
     matrix, ``J·H·J = L·Lᵀ`` gives ``U = J·L⁻¹·J`` (``J`` reverses the order), with no explicit
     inverse of ``H``. ``H`` may be given as the parts it is the sum of or as a
     :class:`~peft_eora.decompose.CovarianceRoot`, and ``damping`` adds ``damping·mean(diag H)·I``
-    first (:func:`~peft_eora.decompose.damped`'s values).
+    first (:func:`~peft_eora.decompose.damped`'s values). A ridge too small to factorise is made
+    ten times larger (at most five times).
 
-    Memory: two ``n × n`` float64 matrices at most (the reversed, symmetrised ``H`` and ``L``; the
-    identity that ``L⁻¹`` is solved into reuses the first), then ``U``; every reversal, sum and type
-    change goes a block of rows at a time. At 14336² (a Llama-3-8B ``down_proj``) each avoided
-    float64 temporary is 1.5 GiB. The values are those of the plain expressions (bit for bit in
-    every case compared; a mean's summation order may differ in its last bit).
+    Memory: one ``n × n`` float64 matrix, then ``U``: the reversed covariance is built a block of
+    rows at a time, factorised in place and inverted in place (:func:`_tril_inverse_`). At 14336²
+    (a Llama-3-8B ``down_proj``) each avoided float64 temporary is 1.5 GiB.
     """
-    if isinstance(H, CovarianceRoot):  # S·Sᵀ − shift·I, reversed a block of rows at a time
+    Hr = _reversed_covariance(H, damping)
+    diag = torch.diagonal(Hr).clone()
+    mean = float(diag.flip(0).mean())  # summed in the order of the matrix before its reversal
+    ridge = percdamp * (mean if mean > 0 else 1.0)
+    for _ in range(6):
+        torch.diagonal(Hr).copy_(diag + ridge)
+        if _cholesky_(Hr):  # L over Hr's lower triangle (its strict upper one zeroed)
+            break
+        ridge *= 10.0
+        del Hr  # a failed factorisation leaves a partial one: built again
+        Hr = _reversed_covariance(H, damping)
+    else:
+        raise ValueError("the covariance is not positive definite even with a large ridge; check the calibration inputs")
+    return _reversed(_tril_inverse_(Hr), torch.float32)
+
+
+def _reversed_covariance(H: Covariance | CovarianceRoot, damping: float) -> torch.Tensor:
+    """``J·(H + damping·mean(diag H)·I)·J`` as a new float64 matrix (symmetrised; dead inputs, a
+    diagonal entry ≤ 0, get a unit row and column), a block of rows at a time."""
+    if isinstance(H, CovarianceRoot):  # S·Sᵀ − shift·I
         n = H.S.shape[0]
         Hr = torch.empty((n, n), dtype=torch.float64, device=H.S.device)
         for i, j, rows in H.row_blocks():
@@ -114,30 +141,28 @@ def _plan(H: Covariance | CovarianceRoot, percdamp: float, damping: float = 0.0)
         Hr[dead, :] = 0.0
         Hr[:, dead] = 0.0
         Hr[dead, dead] = 1.0
-    L = _ridged_cholesky(Hr, percdamp)
-    eye = Hr.zero_()
-    torch.diagonal(eye).fill_(1.0)
-    # solved in place into the identity's storage, column-major as LAPACK writes it (row-major
-    # storage would be solved by another route that differs in the last bits)
-    Linv = torch.linalg.solve_triangular(L, eye.T, upper=False, out=eye.T)
-    del L
-    return _reversed(Linv, torch.float32)
+    return Hr
 
 
-def _ridged_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """The Cholesky factor of ``H + ridge·I``, ``ridge = percdamp·mean(diag H)``, ten times larger
-    until ``H`` factorises (at most five times); the ridge is added to ``H``'s diagonal in place."""
-    diag = torch.diagonal(H).clone()
-    mean = float(diag.flip(0).mean())  # summed in the order of the matrix before its reversal
-    ridge = percdamp * (mean if mean > 0 else 1.0)
-    for _ in range(6):
-        torch.diagonal(H).copy_(diag + ridge)
-        L, info = torch.linalg.cholesky_ex(H)
-        if int(info) == 0:
-            return L
-        del L
-        ridge *= 10.0
-    raise ValueError("the covariance is not positive definite even with a large ridge; check the calibration inputs")
+#: Columns per step of :func:`_tril_inverse_`.
+_INVERSE_BLOCK = 256
+
+
+def _tril_inverse_(L: torch.Tensor) -> torch.Tensor:
+    """``L⁻¹`` written over the lower triangular ``L`` (its strict upper triangle zero), a block of
+    columns at a time from the last: with ``L = [[D, 0], [X, L₂]]`` and ``L₂`` already inverted in
+    place, ``L⁻¹ = [[D⁻¹, 0], [−L₂⁻¹·X·D⁻¹, L₂⁻¹]]`` (LAPACK's ``trtri``, which torch does not
+    expose). Scratch: a block column."""
+    n = L.shape[0]
+    for j in reversed(range(0, n, _INVERSE_BLOCK)):
+        k = min(j + _INVERSE_BLOCK, n)
+        D = L[j:k, j:k]
+        D_inv = torch.linalg.solve_triangular(D, torch.eye(k - j, dtype=L.dtype, device=L.device), upper=False)
+        if k < n:
+            X = L[k:, j:k]
+            X.copy_((L[k:, k:] @ X) @ D_inv).neg_()
+        D.copy_(D_inv)
+    return L
 
 
 def _reversed(M: torch.Tensor, dtype: torch.dtype, add_to: torch.Tensor | None = None) -> torch.Tensor:
