@@ -167,7 +167,6 @@ def cuda_smem_bytes(rows: int, rank: int, lora_bits: int) -> int:
     return (4 * maxm * 32 + t_floats) * 4 + stage
 
 
-@functools.lru_cache(maxsize=None)
 @functools.lru_cache(maxsize=16)
 def _capability_of(index: Optional[int]) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(index))  # type: ignore[return-value]
@@ -181,6 +180,7 @@ def _capability(device: torch.device) -> Optional[tuple[int, int]]:
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def _smem_optin(device: torch.device) -> int:
     """The opt-in shared memory per block of a CUDA ``device`` (0 where unknown)."""
     try:
