@@ -46,7 +46,6 @@ Asserted on CPU (``tests/test_fused.py``): max error ≤ 1e-3·max|y| for float3
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
@@ -270,7 +269,7 @@ class FusedGPTQLoraLinear(GPTQLoraLinear):
             return False
         if x.shape[-1] != self._fused_meta.in_features:
             return False
-        if self._fused_backend != "auto" or os.environ.get(_ops.ENV_BACKEND, "auto") not in ("", "auto"):
+        if _ops.requested_backend(self._fused_backend) != "auto":
             return True  # a backend chosen by the caller is used for every call
         # On CPU the fused op only has the float32 reference path, slower than gptqmodel's own
         # CPU kernel; above FUSED_MAX_ROWS rows (prefill) the CUDA kernel does not apply and the Triton one would

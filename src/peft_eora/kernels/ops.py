@@ -50,6 +50,7 @@ __all__ = [
     "ENV_TWO_PASS",
     "gptq_lora_linear",
     "gptq_lora_linear_eager",
+    "requested_backend",
     "select_backend",
     "triton_available",
     "cuda_kernel_supports",
@@ -189,13 +190,18 @@ def _smem_optin(device: torch.device) -> int:
         return 0
 
 
+def requested_backend(backend: str = "auto") -> str:
+    """The backend asked for: ``backend``, or for ``"auto"`` the one ``$PEFT_EORA_BACKEND`` names (``"auto"``
+    when it is unset or empty)."""
+    return backend if backend != "auto" else (os.environ.get(ENV_BACKEND, "auto") or "auto")
+
+
 def select_backend(
     x: Tensor, bits: int, lora_a: Optional[Tensor], lora_bits: int, requested: str = "auto",
     out_features: Optional[int] = None,
 ) -> str:
     """Resolve ``requested`` (or ``$PEFT_EORA_BACKEND``) to ``"cuda"``, ``"triton"`` or ``"torch"``."""
-    if requested == "auto":
-        requested = os.environ.get(ENV_BACKEND, "auto") or "auto"
+    requested = requested_backend(requested)
     if requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r}: expected one of {BACKENDS}")
     if requested == "torch":
@@ -372,7 +378,7 @@ def gptq_lora_linear_eager(
             # first CUDA call of this device/rank inside a capture (an eager prefill of more than 16 rows ran
             # another backend): "auto" captures the next backend instead; "cuda" was asked for (here or by
             # $PEFT_EORA_BACKEND), so it is an error
-            if backend != "auto" or (os.environ.get(ENV_BACKEND, "auto") or "auto") != "auto":
+            if requested_backend(backend) != "auto":
                 raise
             global _warned_capture_fallback
             if not _warned_capture_fallback:
