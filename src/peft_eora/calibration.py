@@ -265,13 +265,15 @@ def _text_batches(texts: list[Optional[str]], tokenizer: Any, batch_size: int,
             "Calibration text needs a tokenizer and none was given or found: pass tokenizer= to "
             "peft_eora.initialize_eora_weights, or tokenize the texts yourself."
         )
+    from .eval.batching import right_pad  # eval reads this module's context_length: imported on use
+
     rows = []
     for t in texts:
         if t is None or not str(t).strip():
             continue
         ids = torch.as_tensor(tokenizer(str(t))["input_ids"]).reshape(-1)  # lists, or (1, L) tensors
         if ids.numel():
-            rows.append(_token_ids(ids))
+            rows.append(_token_ids(ids).tolist())
     long = sum(len(r) > max_tokens for r in rows) if max_tokens else 0
     if long:
         logger.warning("%d of %d calibration texts are longer than the model's context: their first %d tokens "
@@ -279,13 +281,7 @@ def _text_batches(texts: list[Optional[str]], tokenizer: Any, batch_size: int,
         rows = [r[:max_tokens] for r in rows]
     batches: list[Batch] = []
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        width = max(len(r) for r in chunk)
-        ids = torch.zeros((len(chunk), width), dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for k, r in enumerate(chunk):
-            ids[k, :len(r)] = r
-            mask[k, :len(r)] = 1
+        ids, mask = right_pad(rows[start:start + batch_size], 0, torch.device("cpu"))
         batches.append({"input_ids": ids} if bool(mask.all()) else {"input_ids": ids, "attention_mask": mask})
     return batches
 
