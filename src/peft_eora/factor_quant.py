@@ -334,8 +334,8 @@ def fit_lowbit_factors(A: torch.Tensor, B: torch.Tensor, H: Covariance | Covaria
 
     ``H`` may also be the parts it is the sum of (or a :class:`~peft_eora.decompose.CovarianceRoot`),
     and ``damping`` fits to ``H + damping·mean(diag H)·I`` (the ridge the factors were fitted with),
-    made here: from float32 parts the peak is two ``in × in`` float64 matrices, one fewer than when
-    the damped matrix is passed in.
+    made here: beyond its inputs the fit holds one ``in × in`` float64 matrix and GPTQ's float32
+    plan (the plan made first, in place; a damped matrix passed in would be one float64 matrix more).
 
         >>> A_hat, B_hat = fit_lowbit_factors(A, B, X.T @ X, bits=4)  # doctest: +SKIP
         >>> A_hat, B_hat = fit_lowbit_factors(A, B, X.T @ X, bits=4, target=dW)  # doctest: +SKIP
@@ -352,20 +352,17 @@ def fit_lowbit_factors(A: torch.Tensor, B: torch.Tensor, H: Covariance | Covaria
     if H is not None and width != n:
         raise ValueError(f"covariance of {width} inputs does not match A's {n} input columns")
     dev = A.device
-    # no H: the identity, never built. Else the plan first, from the parts as given (its two float64
-    # n × n scratch matrices gone before the float64 H is made); a root has no parts to start from
-    if isinstance(H, CovarianceRoot):  # the plan from the root's rows, then the float64 H
-        H = CovarianceRoot(H.S.to(dev), H.shift, None if H.scale is None else H.scale.to(dev))
-        plan = _plan(H, percdamp, damping)
-        Hd = damped(H, damping)
-        del H
-    elif H is None:
-        Hd = plan = None
-    else:
-        H = tuple(part.to(dev) for part in covariance_parts(H))
+    # no H: the identity, never built. Else the plan first, from the parts or the root's rows as given
+    # (its float64 n × n matrix gone before the float64 H is made)
+    plan = Hd = None
+    if H is not None:
+        if isinstance(H, CovarianceRoot):
+            H = CovarianceRoot(H.S.to(dev), H.shift, None if H.scale is None else H.scale.to(dev))
+        else:
+            H = tuple(part.to(dev) for part in covariance_parts(H))
         plan = _plan(H, percdamp, damping)  # shared by every A rounding
         Hd = damped(H, damping)  # float64, symmetrised
-        del H  # the parts moved to dev (a GPU's copies of a CPU covariance) go now
+        del H  # copies moved to dev (a GPU's copies of a CPU covariance) go now
 
     def times_h(M: torch.Tensor) -> torch.Tensor:
         """``M·H`` (float32 ``M``: with ``H``'s columns in float32 a block at a time, the same values
